@@ -1,0 +1,1 @@
+//! Host agent: the only crate that touches udev, sysfs and libvirt. (Built in issue 3.)

@@ -1,0 +1,329 @@
+//! The JetStream client every usbpt process uses.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use async_nats::jetstream::{self, stream::Stream};
+use bytes::Bytes;
+use thiserror::Error;
+use tracing::debug;
+use usbpt_schemas::{codec, subjects, Envelope};
+
+use crate::stream::{StreamError, StreamSettings};
+
+/// A connection to the bus with the stream ensured.
+#[derive(Debug, Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: Stream,
+}
+
+/// Where a publish landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// The stream sequence of the stored event (of the first copy, for a duplicate).
+    pub sequence: u64,
+    /// True when the event id was already stored within the duplicate window: nothing new.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot read NATS credentials {path}: {source}")]
+    Creds {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("JetStream is not available on this server (start nats-server with -js): {0}")]
+    NoJetStream(String),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("stream request failed: {0}")]
+    StreamRequest(String),
+    /// Another writer appended to `subject` since sequence `expected`: re-read and decide again.
+    #[error("conflict on {subject}: expected last subject sequence {expected}, but the subject has moved on")]
+    Conflict { subject: String, expected: u64 },
+    #[error("publish to {subject} failed: {message}")]
+    Publish { subject: String, message: String },
+    #[error("cannot encode event: {0}")]
+    Encode(#[from] codec::EncodeError),
+    #[error("consumer {name}: {message}")]
+    Consumer { name: String, message: String },
+}
+
+impl BusError {
+    /// True when retrying the same operation later may succeed (server away, timeouts).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BusError::Connect { .. })
+            || matches!(self, BusError::Publish { message, .. } if message.contains("timed out") || message.contains("broken pipe") || message.contains("no stream"))
+    }
+}
+
+impl Bus {
+    /// Connects to `url` (with a credentials file if given) and ensures the stream.
+    pub async fn connect(
+        url: &str,
+        creds: Option<&std::path::Path>,
+        settings: &StreamSettings,
+    ) -> Result<Self, BusError> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name("usbpt")
+            .connection_timeout(Duration::from_secs(5));
+        if let Some(path) = creds {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|source| BusError::Creds {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+        }
+        let client = options
+            .connect(url)
+            .await
+            .map_err(|source| BusError::Connect {
+                url: url.to_owned(),
+                source,
+            })?;
+        let js = jetstream::new(client.clone());
+        let stream = ensure_stream(&js, settings).await?;
+        Ok(Self { client, js, stream })
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+    pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    /// Publishes an envelope on its subject with `Nats-Msg-Id` = event id, and awaits the ack.
+    /// Publishing the same envelope twice stores it once.
+    pub async fn publish(&self, envelope: &Envelope) -> Result<Published, BusError> {
+        self.send(envelope, None).await
+    }
+
+    /// Publishes only if the envelope's subject's last stored sequence is `expected` (0: the
+    /// subject is empty). Another writer's append in between gives [`BusError::Conflict`].
+    pub async fn publish_fenced(
+        &self,
+        envelope: &Envelope,
+        expected: u64,
+    ) -> Result<Published, BusError> {
+        self.send(envelope, Some(expected)).await
+    }
+
+    async fn send(
+        &self,
+        envelope: &Envelope,
+        expected: Option<u64>,
+    ) -> Result<Published, BusError> {
+        let subject = subjects::for_event(envelope);
+        let payload = Bytes::from(codec::encode(envelope)?);
+        let mut message = PublishMessage::build()
+            .payload(payload)
+            .message_id(envelope.event_id.to_string());
+        if let Some(seq) = expected {
+            message = message.expected_last_subject_sequence(seq);
+        }
+        let publish_error = |message: String| BusError::Publish {
+            subject: subject.clone(),
+            message,
+        };
+        let sent = self
+            .js
+            .send_publish(subject.clone(), message)
+            .await
+            .map_err(|e| publish_error(e.to_string()))?
+            .await
+            .map_err(|e| match (e.kind(), expected) {
+                (PublishErrorKind::WrongLastSequence, Some(expected)) => BusError::Conflict {
+                    subject: subject.clone(),
+                    expected,
+                },
+                _ => publish_error(e.to_string()),
+            });
+        let ack = match sent {
+            Ok(ack) => ack,
+            // The server checks the expected sequence before deduplicating, so a retry of a
+            // fenced publish whose ack was lost looks like a conflict. If the subject's last
+            // event is ours, it is a duplicate.
+            Err(BusError::Conflict { subject, expected }) => {
+                return match self.last_on_subject(&subject).await? {
+                    Some((sequence, id)) if id == envelope.event_id.to_string() => Ok(Published {
+                        sequence,
+                        duplicate: true,
+                    }),
+                    _ => Err(BusError::Conflict { subject, expected }),
+                };
+            }
+            Err(e) => return Err(e),
+        };
+        debug!(%subject, seq = ack.sequence, duplicate = ack.duplicate, kind = envelope.body.kind(), "published");
+        Ok(Published {
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// The stream sequence of the last event on `subject`, or 0 when there is none: the value
+    /// a fenced publish on that subject expects.
+    pub async fn last_subject_sequence(&self, subject: &str) -> Result<u64, BusError> {
+        Ok(self
+            .last_on_subject(subject)
+            .await?
+            .map_or(0, |(seq, _)| seq))
+    }
+
+    /// The last event on `subject`: its sequence and `Nats-Msg-Id`.
+    async fn last_on_subject(&self, subject: &str) -> Result<Option<(u64, String)>, BusError> {
+        match self.stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => {
+                let id = m
+                    .headers
+                    .get(async_nats::header::NATS_MESSAGE_ID)
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default();
+                Ok(Some((m.sequence, id)))
+            }
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(e) => Err(BusError::StreamRequest(e.to_string())),
+        }
+    }
+
+    /// The stream's last sequence now (0 when empty).
+    pub async fn last_sequence(&self) -> Result<u64, BusError> {
+        let mut stream = self.stream.clone();
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| BusError::StreamRequest(e.to_string()))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// Opens (creating if needed) a durable pull consumer. Deliveries start at stream sequence
+    /// `start_after + 1` when the consumer is new; an existing consumer resumes where it is.
+    pub async fn pull_consumer(
+        &self,
+        name: &str,
+        filter: Option<String>,
+        start_after: u64,
+    ) -> Result<jetstream::consumer::PullConsumer, BusError> {
+        let deliver_policy = if start_after == 0 {
+            DeliverPolicy::All
+        } else {
+            DeliverPolicy::ByStartSequence {
+                start_sequence: start_after + 1,
+            }
+        };
+        let config = pull::Config {
+            durable_name: Some(name.to_owned()),
+            name: Some(name.to_owned()),
+            ack_policy: AckPolicy::All,
+            deliver_policy,
+            filter_subject: filter.unwrap_or_default(),
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 100_000,
+            max_batch: 10_000,
+            ..Default::default()
+        };
+        self.stream
+            .get_or_create_consumer(name, config)
+            .await
+            .map_err(|e| BusError::Consumer {
+                name: name.to_owned(),
+                message: e.to_string(),
+            })
+    }
+}
+
+/// Where an ordered read starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// Stream sequence 1: the whole history.
+    Beginning,
+    /// The given stream sequence.
+    Sequence(u64),
+    /// Only events stored from now on.
+    New,
+}
+
+impl Bus {
+    /// An ordered, ephemeral, flow-controlled read of the stream (for tails, replays and
+    /// dashboards). It re-creates itself on gaps, so the items arrive in stream order.
+    pub async fn ordered(
+        &self,
+        start: StartAt,
+        filter: Option<String>,
+    ) -> Result<pull::Ordered, BusError> {
+        let deliver_policy = match start {
+            StartAt::Beginning => DeliverPolicy::All,
+            StartAt::Sequence(s) => DeliverPolicy::ByStartSequence {
+                start_sequence: s.max(1),
+            },
+            StartAt::New => DeliverPolicy::New,
+        };
+        let consumer = self
+            .stream
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy,
+                filter_subject: filter.unwrap_or_default(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::Consumer {
+                name: "ordered".into(),
+                message: e.to_string(),
+            })?;
+        consumer.messages().await.map_err(|e| BusError::Consumer {
+            name: "ordered".into(),
+            message: e.to_string(),
+        })
+    }
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<Stream, BusError> {
+    match js.get_stream(subjects::STREAM).await {
+        Ok(mut stream) => {
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| BusError::StreamRequest(e.to_string()))?;
+            if let Some(err) = settings.incompatibility(&info.config) {
+                return Err(err.into());
+            }
+            Ok(stream)
+        }
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(inner)
+                if inner.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                js.create_stream(settings.config())
+                    .await
+                    .map_err(|e| match e.kind() {
+                        CreateStreamErrorKind::JetStreamUnavailable => {
+                            BusError::NoJetStream(e.to_string())
+                        }
+                        _ => BusError::StreamRequest(e.to_string()),
+                    })
+            }
+            GetStreamErrorKind::Request => Err(BusError::NoJetStream(e.to_string())),
+            _ => Err(BusError::StreamRequest(e.to_string())),
+        },
+    }
+}

@@ -1,0 +1,15 @@
+//! usbpt's bus: the `USBPT_EVENTS` JetStream stream, idempotent and fenced publishes of typed
+//! envelopes, durable pull consumers, and a private `nats-server` process for `usbpt up`,
+//! `usbpt demo` and tests.
+//!
+//! Subject names come from [`usbpt_schemas::subjects`]; this crate never formats one.
+
+mod client;
+pub mod server;
+mod stream;
+
+pub use client::{Bus, BusError, Published, StartAt};
+pub use stream::{StreamError, StreamSettings};
+
+/// Re-exported so callers name consumer and message types without depending on async-nats.
+pub use async_nats;

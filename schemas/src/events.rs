@@ -1,0 +1,470 @@
+//! Event bodies: facts, named in the past tense. Applying one never fails and has no logic of its
+//! own; deciding whether it may happen is the command side's job.
+//!
+//! Wire rule: postcard encodes variants by index and fields by position. Never reorder or remove
+//! a variant or a field; add new variants at the end of an enum. `tests/golden.rs` fails on any
+//! change to the bytes of an existing variant.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::*;
+
+/// How many variants [`Event`] has; the codec refuses higher indexes as unknown. Keep in step
+/// with the enum (the golden tests check every index below it has a sample).
+pub const EVENT_VARIANTS: u32 = 19;
+
+/// Every event usbpt records. The variant order is the wire format.
+// DeviceDiscovered is the largest by far; events are built once and moved rarely, so plain
+// variants (easy to match and construct) beat boxing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    HostAgentStarted(HostAgentStarted),
+    DeviceDiscovered(DeviceDiscovered),
+    DeviceInvalidated(DeviceInvalidated),
+    FlavorCreated(FlavorCreated),
+    FlavorDeleted(FlavorDeleted),
+    ServerBootRequested(ServerBootRequested),
+    ServerScheduled(ServerScheduled),
+    ServerScheduleFailed(ServerScheduleFailed),
+    DeviceClaimed(DeviceClaimed),
+    DeviceAttached(DeviceAttached),
+    DeviceReattached(DeviceReattached),
+    DeviceReleased(DeviceReleased),
+    ServerStateChanged(ServerStateChanged),
+    ServerResized(ServerResized),
+    ServerMigrationRefused(ServerMigrationRefused),
+    ServerDeleted(ServerDeleted),
+    ServerActionRequested(ServerActionRequested),
+    DeviceAttachFailed(DeviceAttachFailed),
+    DeviceClashDetected(DeviceClashDetected),
+}
+
+impl Event {
+    /// The variant's name, as in `docs/events.md` and the JSON the API serves.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::HostAgentStarted(_) => "HostAgentStarted",
+            Event::DeviceDiscovered(_) => "DeviceDiscovered",
+            Event::DeviceInvalidated(_) => "DeviceInvalidated",
+            Event::FlavorCreated(_) => "FlavorCreated",
+            Event::FlavorDeleted(_) => "FlavorDeleted",
+            Event::ServerBootRequested(_) => "ServerBootRequested",
+            Event::ServerScheduled(_) => "ServerScheduled",
+            Event::ServerScheduleFailed(_) => "ServerScheduleFailed",
+            Event::DeviceClaimed(_) => "DeviceClaimed",
+            Event::DeviceAttached(_) => "DeviceAttached",
+            Event::DeviceReattached(_) => "DeviceReattached",
+            Event::DeviceReleased(_) => "DeviceReleased",
+            Event::ServerStateChanged(_) => "ServerStateChanged",
+            Event::ServerResized(_) => "ServerResized",
+            Event::ServerMigrationRefused(_) => "ServerMigrationRefused",
+            Event::ServerDeleted(_) => "ServerDeleted",
+            Event::ServerActionRequested(_) => "ServerActionRequested",
+            Event::DeviceAttachFailed(_) => "DeviceAttachFailed",
+            Event::DeviceClashDetected(_) => "DeviceClashDetected",
+        }
+    }
+
+    /// The host this event is about, when it is published by (or addressed to) a host agent.
+    /// An event with a host lives under that host's subjects (see [`crate::subjects`]).
+    pub fn agent_host(&self) -> Option<&HostName> {
+        match self {
+            Event::HostAgentStarted(e) => Some(&e.host),
+            Event::DeviceDiscovered(e) => Some(&e.host),
+            Event::DeviceInvalidated(e) => Some(&e.host),
+            Event::DeviceAttached(e) => Some(&e.host),
+            Event::DeviceReattached(e) => Some(&e.host),
+            Event::DeviceAttachFailed(e) => Some(&e.host),
+            Event::DeviceClashDetected(e) => Some(&e.host),
+            Event::ServerStateChanged(e) if e.reported_by_agent => e.host.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+/// An agent came up (or came back) on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostAgentStarted {
+    pub host: HostName,
+    /// The kernel's boot id; a change means the host rebooted.
+    pub boot_id: String,
+    pub agent_version: String,
+    pub hypervisor_uri: String,
+}
+
+/// A device appeared at an address: a new enumeration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceDiscovered {
+    pub device_id: DeviceId,
+    pub lineage_id: LineageId,
+    pub lineage_kind: LineageKind,
+    pub host: HostName,
+    pub boot_id: String,
+    pub address: UsbAddress,
+    pub port_path: PortPath,
+    pub vendor_id: VendorId,
+    pub product_id: ProductId,
+    pub serial: Option<String>,
+    /// `bDeviceClass`.
+    pub device_class: u8,
+    /// `bInterfaceClass` of each interface of the active configuration, in interface order.
+    pub interface_classes: Vec<u8>,
+    pub manufacturer: Option<String>,
+    pub product: Option<String>,
+    /// hwdb's `ID_VENDOR_FROM_DATABASE`.
+    pub vendor_db: Option<String>,
+    /// hwdb's `ID_MODEL_FROM_DATABASE`.
+    pub model_db: Option<String>,
+    /// sysfs `speed` in Mbit/s as the kernel prints it (`1.5`, `12`, `480`, `5000` …).
+    pub speed: Option<String>,
+    /// sysfs `version` (bcdUSB), e.g. `2.00`.
+    pub usb_version: Option<String>,
+    pub syspath: String,
+    /// The previous enumeration of the same lineage, when there was one.
+    pub supersedes: Option<DeviceId>,
+}
+
+/// Why an enumeration ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum InvalidationReason {
+    /// Removed from the host while the agent watched.
+    Unplugged,
+    /// The host's boot id changed: every enumeration of the previous boot is gone.
+    HostRebooted,
+    /// Gone when the agent came back; it left while the agent was down.
+    VanishedWhileAgentDown,
+    /// Reset or re-enumerated in place (same port, new devnum).
+    Reenumerated,
+    /// Excluded by the host's filter after it had been published.
+    Filtered,
+}
+
+/// An enumeration is over. Terminal for that `device_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInvalidated {
+    pub device_id: DeviceId,
+    pub lineage_id: LineageId,
+    pub host: HostName,
+    pub reason: InvalidationReason,
+    /// The enumeration that replaces it, when the agent already knows one.
+    pub superseded_by: Option<DeviceId>,
+}
+
+/// USB host controller models a flavor can ask for (blueprint option 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControllerModel {
+    Uhci,
+    Ehci,
+    Xhci,
+}
+
+impl ControllerModel {
+    /// Ports one controller of this model offers (libvirt/QEMU: piix3-uhci 2, ich9-ehci1 6,
+    /// qemu-xhci up to 15 with `ports=`).
+    pub fn ports(self) -> u8 {
+        match self {
+            ControllerModel::Uhci => 2,
+            ControllerModel::Ehci => 6,
+            ControllerModel::Xhci => 15,
+        }
+    }
+    /// The libvirt `<controller type='usb' model=…>` value.
+    pub fn libvirt_model(self) -> &'static str {
+        match self {
+            ControllerModel::Uhci => "piix3-uhci",
+            ControllerModel::Ehci => "ich9-ehci1",
+            ControllerModel::Xhci => "qemu-xhci",
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControllerModel::Uhci => "uhci",
+            ControllerModel::Ehci => "ehci",
+            ControllerModel::Xhci => "xhci",
+        }
+    }
+}
+
+/// What a binding does when its device re-enumerates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FollowPolicy {
+    /// Follow the lineage to its current enumeration (the default).
+    #[default]
+    Lineage,
+    /// The blueprint's behaviour: the invalid device is dropped (`startupPolicy='optional'`) and
+    /// the user resizes to a flavor with the new device.
+    Strict,
+}
+
+/// Which device(s) a USB request wants.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceSelector {
+    /// One enumeration (the blueprint's `{"usb_devices":[{"id":5}]}`).
+    Enumeration(DeviceId),
+    /// Whatever enumeration the lineage currently has.
+    Lineage(LineageId),
+    /// `count` free devices with these ids (and serial, when given).
+    Match {
+        vendor_id: VendorId,
+        product_id: ProductId,
+        serial: Option<String>,
+        count: u8,
+    },
+}
+
+/// One USB request of a flavor.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UsbRequest {
+    pub selector: DeviceSelector,
+    pub controller: ControllerModel,
+    pub follow: FollowPolicy,
+}
+
+impl UsbRequest {
+    /// How many devices this request needs.
+    pub fn device_count(&self) -> u16 {
+        match &self.selector {
+            DeviceSelector::Match { count, .. } => u16::from(*count),
+            _ => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlavorCreated {
+    pub flavor_id: FlavorId,
+    pub name: FlavorName,
+    pub usb: Vec<UsbRequest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlavorDeleted {
+    pub flavor_id: FlavorId,
+    pub name: FlavorName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerBootRequested {
+    pub server_id: ServerId,
+    pub name: ServerName,
+    pub flavor_id: FlavorId,
+    /// An operator's forced host (`--host`), if any.
+    pub requested_host: Option<HostName>,
+}
+
+/// One device assigned to a server, with the request it satisfies.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AssignedDevice {
+    /// Index into the flavor's `usb` requests.
+    pub request_index: u16,
+    pub device_id: DeviceId,
+    pub lineage_id: LineageId,
+    pub controller: ControllerModel,
+    pub follow: FollowPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerScheduled {
+    pub server_id: ServerId,
+    pub host: HostName,
+    pub flavor_id: FlavorId,
+    pub devices: Vec<AssignedDevice>,
+}
+
+/// Why one host could not take a server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRejection {
+    pub host: HostName,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerScheduleFailed {
+    pub server_id: ServerId,
+    pub reason: String,
+    pub host_rejections: Vec<HostRejection>,
+}
+
+/// A device was claimed for a server. Published on the lineage's claim subject with
+/// `Nats-Expected-Last-Subject-Sequence`, so two handlers can never both win it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceClaimed {
+    pub device_id: DeviceId,
+    pub lineage_id: LineageId,
+    pub host: HostName,
+    pub server_id: ServerId,
+    pub request_index: u16,
+    pub controller: ControllerModel,
+    pub follow: FollowPolicy,
+}
+
+/// How the agent got a device into a domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AttachMethod {
+    /// Part of the domain definition when it was defined and started.
+    DomainDefinition,
+    /// Hot-plugged into a running domain.
+    HotPlug,
+    /// The hypervisor cannot hot-plug (libvirt's test driver): the domain was redefined.
+    Redefined,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceAttached {
+    pub device_id: DeviceId,
+    pub lineage_id: LineageId,
+    pub host: HostName,
+    pub server_id: ServerId,
+    pub address: UsbAddress,
+    pub method: AttachMethod,
+    /// Free text from the executor (e.g. "test driver has no hot attach; domain redefined").
+    pub detail: String,
+}
+
+/// A held device re-enumerated and the new enumeration was attached to the same server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceReattached {
+    pub server_id: ServerId,
+    pub host: HostName,
+    pub lineage_id: LineageId,
+    pub old_device_id: DeviceId,
+    pub new_device_id: DeviceId,
+    pub address: UsbAddress,
+    pub method: AttachMethod,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ReleaseReason {
+    ServerDeleted,
+    Resized,
+    Migrated,
+    /// The enumeration was invalidated and no successor came within the grace window.
+    GraceExpired,
+    /// A `strict` binding's device was invalidated.
+    Invalidated,
+    /// The server could not be scheduled or started after the claim.
+    BootFailed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceReleased {
+    pub device_id: DeviceId,
+    pub lineage_id: LineageId,
+    pub host: HostName,
+    pub server_id: ServerId,
+    pub reason: ReleaseReason,
+}
+
+/// Nova's power and task states, as far as usbpt tracks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ServerState {
+    Building,
+    Active,
+    Shutoff,
+    Paused,
+    Suspended,
+    Rebooting,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerStateChanged {
+    pub server_id: ServerId,
+    pub host: Option<HostName>,
+    pub state: ServerState,
+    /// True when a host agent observed it (then it lives under the host's subjects).
+    pub reported_by_agent: bool,
+    /// Why, in words: the libvirt error text on failure, or the action that caused it.
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerResized {
+    pub server_id: ServerId,
+    pub from_flavor: FlavorId,
+    pub to_flavor: FlavorId,
+    /// Where the server ran before; when it differs from `host`, that agent tears it down.
+    pub from_host: HostName,
+    /// Where the server runs now.
+    pub host: HostName,
+    pub devices: Vec<AssignedDevice>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerMigrationRefused {
+    pub server_id: ServerId,
+    pub live: bool,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerDeleted {
+    pub server_id: ServerId,
+    /// The host it ran on, if it was ever scheduled (that agent destroys the domain).
+    pub host: Option<HostName>,
+}
+
+/// Power and lifecycle actions that keep a server's claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerAction {
+    Stop,
+    Start,
+    Reboot,
+    Pause,
+    Unpause,
+    Suspend,
+    Resume,
+    Rebuild,
+    /// Destroy and undefine the domain on this host (after a resize or cold migration away).
+    Teardown,
+}
+
+impl ServerAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerAction::Stop => "stop",
+            ServerAction::Start => "start",
+            ServerAction::Reboot => "reboot",
+            ServerAction::Pause => "pause",
+            ServerAction::Unpause => "unpause",
+            ServerAction::Suspend => "suspend",
+            ServerAction::Resume => "resume",
+            ServerAction::Rebuild => "rebuild",
+            ServerAction::Teardown => "teardown",
+        }
+    }
+}
+
+/// The control plane asks the server's host agent to carry out an action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerActionRequested {
+    pub server_id: ServerId,
+    pub host: HostName,
+    pub action: ServerAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceAttachFailed {
+    pub device_id: DeviceId,
+    pub host: HostName,
+    pub server_id: ServerId,
+    /// The hypervisor's error text.
+    pub error: String,
+}
+
+/// Two devices on one host share a serial: both fall back to port lineages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceClashDetected {
+    pub host: HostName,
+    pub vendor_id: VendorId,
+    pub product_id: ProductId,
+    pub serial: String,
+    pub port_paths: Vec<PortPath>,
+}

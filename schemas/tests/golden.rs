@@ -1,0 +1,88 @@
+//! Golden byte vectors: the wire format of every event variant, checked in. A change that alters
+//! the bytes of an existing variant fails here. To add a variant's vector, run
+//! `USBPT_BLESS=1 cargo test -p usbpt-schemas --test golden` and commit the new file; never
+//! re-bless an existing one.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use usbpt_schemas::{decode, encode};
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (i, chunk) in bytes.chunks(32).enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        for b in chunk {
+            out.push_str(&format!("{b:02x}"));
+        }
+    }
+    out.push('\n');
+    out
+}
+
+fn from_hex(text: &str) -> Vec<u8> {
+    let digits: String = text.split_whitespace().collect();
+    (0..digits.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+#[test]
+fn every_variant_has_a_sample() {
+    let seen: BTreeSet<usize> = common::sample_bodies()
+        .iter()
+        .map(common::variant_index)
+        .collect();
+    assert_eq!(seen, (0..common::VARIANTS).collect::<BTreeSet<_>>());
+}
+
+#[test]
+fn wire_format_matches_golden_vectors() {
+    let bless = std::env::var_os("USBPT_BLESS").is_some();
+    let mut missing = Vec::new();
+    for env in common::sample_envelopes() {
+        let kind = env.body.kind();
+        let path = golden_dir().join(format!("{kind}.hex"));
+        let bytes = encode(&env).expect("encode");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let golden = from_hex(&text);
+                assert_eq!(
+                    to_hex(&bytes),
+                    to_hex(&golden),
+                    "{kind}: encoding changed; the wire format is frozen (add new variants at the end instead)"
+                );
+                assert_eq!(decode(&golden).expect("golden decodes"), env, "{kind}");
+            }
+            Err(_) if bless => std::fs::write(&path, to_hex(&bytes)).expect("write golden"),
+            Err(_) => missing.push(kind),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "no golden vector for {missing:?}; run with USBPT_BLESS=1 once and commit the files"
+    );
+}
+
+#[test]
+fn postcard_is_much_smaller_than_json() {
+    for env in common::sample_envelopes() {
+        let bin = encode(&env).expect("encode").len();
+        let json = serde_json::to_vec(&env).expect("json").len();
+        assert!(
+            bin * 2 < json,
+            "{}: {bin} B postcard vs {json} B JSON",
+            env.body.kind()
+        );
+    }
+}

@@ -1,0 +1,48 @@
+//! `usbpt events tail`.
+
+use std::io::Write;
+
+use anyhow::{anyhow, Result};
+use futures::StreamExt;
+use serde_json::json;
+use usbpt_bus::{Bus, StartAt};
+use usbpt_schemas::codec;
+
+pub async fn tail(bus: &Bus, from_start: bool, as_json: bool, limit: Option<u64>) -> Result<()> {
+    let start = if from_start {
+        StartAt::Beginning
+    } else {
+        StartAt::New
+    };
+    let mut messages = bus.ordered(start, None).await?;
+    let mut seen = 0u64;
+    let stdout = std::io::stdout();
+    while limit.is_none_or(|l| seen < l) {
+        let Some(msg) = messages.next().await else {
+            break;
+        };
+        let msg = msg.map_err(|e| anyhow!("reading the stream: {e}"))?;
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
+        let line = match codec::decode(&msg.payload) {
+            Ok(env) if as_json => {
+                json!({"seq": seq, "subject": msg.subject.as_str(), "event": env}).to_string()
+            }
+            Ok(env) => format!(
+                "{seq:>8}  {}  {:<22}  {}",
+                env.occurred_at,
+                env.body.kind(),
+                msg.subject
+            ),
+            Err(e) if as_json => {
+                json!({"seq": seq, "subject": msg.subject.as_str(), "undecodable": e.to_string()})
+                    .to_string()
+            }
+            Err(e) => format!("{seq:>8}  undecodable on {}: {e}", msg.subject),
+        };
+        let mut out = stdout.lock();
+        writeln!(out, "{line}")?;
+        out.flush()?;
+        seen += 1;
+    }
+    Ok(())
+}
