@@ -11,7 +11,7 @@ use crate::ids::*;
 
 /// How many variants [`Event`] has; the codec refuses higher indexes as unknown. Keep in step
 /// with the enum (the golden tests check every index below it has a sample).
-pub const EVENT_VARIANTS: u32 = 19;
+pub const EVENT_VARIANTS: u32 = 20;
 
 /// Every event usbpt records. The variant order is the wire format.
 // DeviceDiscovered is the largest by far; events are built once and moved rarely, so plain
@@ -38,6 +38,7 @@ pub enum Event {
     ServerActionRequested(ServerActionRequested),
     DeviceAttachFailed(DeviceAttachFailed),
     DeviceClashDetected(DeviceClashDetected),
+    ServerMigrated(ServerMigrated),
 }
 
 impl Event {
@@ -63,6 +64,7 @@ impl Event {
             Event::ServerActionRequested(_) => "ServerActionRequested",
             Event::DeviceAttachFailed(_) => "DeviceAttachFailed",
             Event::DeviceClashDetected(_) => "DeviceClashDetected",
+            Event::ServerMigrated(_) => "ServerMigrated",
         }
     }
 
@@ -467,4 +469,14 @@ pub struct DeviceClashDetected {
     pub product_id: ProductId,
     pub serial: String,
     pub port_paths: Vec<PortPath>,
+}
+
+/// A cold migration moved a server to another host: its serial-lineage devices were moved there
+/// physically (or it holds none). The old host's agent tears the domain down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerMigrated {
+    pub server_id: ServerId,
+    pub from_host: HostName,
+    pub host: HostName,
+    pub devices: Vec<AssignedDevice>,
 }

@@ -10,7 +10,7 @@
 //! | `usbpt.evt.host.{host}.server.{server_id}` | host agent | DeviceAttached, DeviceReattached, DeviceAttachFailed, ServerStateChanged (observed) |
 //! | `usbpt.evt.claim.{lineage_id}` | control plane, fenced | DeviceClaimed, DeviceReleased |
 //! | `usbpt.evt.flavor.{name}` | control plane, fenced | FlavorCreated, FlavorDeleted |
-//! | `usbpt.evt.ctl.{host}.server.{server_id}` | control plane, work for that host | ServerScheduled, ServerResized, ServerActionRequested, ServerDeleted (scheduled) |
+//! | `usbpt.evt.ctl.{host}.server.{server_id}` | control plane, work for that host | ServerScheduled, ServerResized, ServerMigrated, ServerActionRequested, ServerDeleted (scheduled) |
 //! | `usbpt.evt.server.{server_id}` | control plane | ServerBootRequested, ServerScheduleFailed, ServerMigrationRefused, ServerStateChanged (requested), ServerDeleted (never scheduled) |
 //!
 //! So an agent's credentials need publish on `usbpt.evt.host.{host}.>` and a consumer on
@@ -90,6 +90,7 @@ pub fn for_event(envelope: &Envelope) -> String {
         Event::FlavorDeleted(e) => flavor(&e.name),
         Event::ServerScheduled(e) => control_for_host(&e.host, &e.server_id),
         Event::ServerResized(e) => control_for_host(&e.host, &e.server_id),
+        Event::ServerMigrated(e) => control_for_host(&e.host, &e.server_id),
         Event::ServerActionRequested(e) => control_for_host(&e.host, &e.server_id),
         Event::ServerDeleted(e) => match &e.host {
             Some(h) => control_for_host(h, &e.server_id),

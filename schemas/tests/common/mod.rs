@@ -48,6 +48,7 @@ pub fn variant_index(e: &Event) -> usize {
         Event::ServerActionRequested(_) => 16,
         Event::DeviceAttachFailed(_) => 17,
         Event::DeviceClashDetected(_) => 18,
+        Event::ServerMigrated(_) => 19,
     }
 }
 
@@ -220,6 +221,12 @@ pub fn sample_bodies() -> Vec<Event> {
             product_id: ProductId(0x5170),
             serial: "0123456789ABCDEF".into(),
             port_paths: vec![port("1-1.5.2.4"), port("1-1.6")],
+        }),
+        Event::ServerMigrated(ServerMigrated {
+            server_id: srv,
+            from_host: host("host-a"),
+            host: host("host-c"),
+            devices: vec![assigned()],
         }),
     ]
 }
