@@ -1,1 +1,14 @@
-//! Command side: pure decisions (`decide(&view, command)`), scheduling and fenced claims. (Built in issue 5.)
+//! The command side. Commands are validated against a consistent snapshot of the view and turned
+//! into events by pure functions ([`decide`]); the [`handler`] does the I/O: it publishes the
+//! events, fencing claims on their lineage subject, and retries a lost race against a fresher
+//! view.
+//!
+//! **Decisions are pure**: no clock, no randomness, no I/O; ids come in through [`decide::Ctx`].
+
+pub mod decide;
+pub mod handler;
+pub mod schedule;
+pub mod view;
+
+pub use decide::{decide, Ctx, Decision, Fence, Rejection, Step};
+pub use view::{ClaimInfo, DeviceInfo, DeviceStatus, FlavorInfo, ServerInfo, ViewError, ViewRead};

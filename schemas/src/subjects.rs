@@ -72,7 +72,12 @@ pub fn command(kind: &str) -> String {
 
 /// The subject an event is published on. Total: every event has exactly one.
 pub fn for_event(envelope: &Envelope) -> String {
-    match &envelope.body {
+    for_body(&envelope.body)
+}
+
+/// The subject an event body is published on (see [`for_event`]).
+pub fn for_body(body: &Event) -> String {
+    match body {
         Event::HostAgentStarted(e) => host_agent(&e.host),
         Event::DeviceDiscovered(e) => host_device(&e.host, &e.device_id),
         Event::DeviceInvalidated(e) => host_device(&e.host, &e.device_id),

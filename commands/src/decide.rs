@@ -1,0 +1,571 @@
+//! `decide(&view, &command, &ctx) -> Result<Decision, Rejection>`: pure. Given a consistent
+//! snapshot of the view, a command and the ids the handler drew, it returns the events to append
+//! (each with its fence) and the reply, or a rejection that names its reason. No clock, no
+//! randomness, no I/O.
+
+use usbpt_schemas::commands::Command;
+use usbpt_schemas::{
+    subjects, DeviceClaimed, DeviceReleased, DeviceSelector, Event, FlavorCreated, FlavorDeleted,
+    FlavorId, FlavorName, HostName, LineageKind, ReleaseReason, ServerAction,
+    ServerActionRequested, ServerBootRequested, ServerDeleted, ServerId, ServerMigrated,
+    ServerMigrationRefused, ServerName, ServerResized, ServerScheduleFailed, ServerScheduled,
+    ServerState,
+};
+
+use crate::schedule::{self, check_ports, Weigh};
+use crate::view::{DeviceInfo, DeviceStatus, ServerInfo, ViewError, ViewRead};
+
+/// Ids and knobs the handler supplies, so decisions stay pure.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// The id a new server gets (boot).
+    pub server_id: ServerId,
+    /// The id a new flavor gets.
+    pub flavor_id: FlavorId,
+    pub weigh: Weigh,
+}
+
+/// How an event must be appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    /// Plain idempotent publish.
+    None,
+    /// Only if the event's subject's last stored sequence is this (0: empty). The handler uses
+    /// the sequence it just wrote when a decision appends twice to one subject.
+    Expect(u64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub event: Event,
+    pub fence: Fence,
+}
+
+/// What the command's caller is told once the steps are appended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Accepted(String),
+    /// Recorded (the steps are history, e.g. a refused migration) but not done.
+    Refused {
+        code: u16,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub steps: Vec<Step>,
+    pub reply: Reply,
+}
+
+/// A command that changes nothing. `code` is HTTP-style: 400 invalid, 404 unknown,
+/// 409 conflict with the current state, 503 the view could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Rejection {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl Rejection {
+    fn new(code: u16, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<ViewError> for Rejection {
+    fn from(e: ViewError) -> Self {
+        Rejection::new(503, e.to_string())
+    }
+}
+
+fn plain(event: Event) -> Step {
+    Step {
+        event,
+        fence: Fence::None,
+    }
+}
+
+/// A step fenced on its own subject at the sequence the view last saw there.
+fn fenced(view: &dyn ViewRead, event: Event) -> Result<Step, Rejection> {
+    let subject = subjects::for_body(&event);
+    Ok(Step {
+        fence: Fence::Expect(view.subject_seq(&subject)?),
+        event,
+    })
+}
+
+pub fn decide(view: &dyn ViewRead, cmd: &Command, ctx: &Ctx) -> Result<Decision, Rejection> {
+    match cmd {
+        Command::CreateFlavor { name, usb } => create_flavor(view, name, usb, ctx),
+        Command::DeleteFlavor { name } => {
+            let f = view
+                .flavor_by_name(name)?
+                .ok_or_else(|| Rejection::new(404, format!("flavor {name} does not exist")))?;
+            Ok(Decision {
+                steps: vec![fenced(
+                    view,
+                    Event::FlavorDeleted(FlavorDeleted {
+                        flavor_id: f.flavor_id,
+                        name: f.name,
+                    }),
+                )?],
+                reply: Reply::Accepted(format!("flavor {name} deleted")),
+            })
+        }
+        Command::Boot { name, flavor, host } => boot(view, name, flavor, host.as_ref(), ctx),
+        Command::Resize { name, flavor } => resize(view, name, flavor, ctx),
+        Command::Migrate { name, live, host } => migrate(view, name, *live, host.as_ref()),
+        Command::Act { name, action } => act(view, name, *action),
+        Command::Delete { name } => delete(view, name),
+    }
+}
+
+fn create_flavor(
+    view: &dyn ViewRead,
+    name: &FlavorName,
+    usb: &[usbpt_schemas::UsbRequest],
+    ctx: &Ctx,
+) -> Result<Decision, Rejection> {
+    if view.flavor_by_name(name)?.is_some() {
+        return Err(Rejection::new(409, format!("flavor {name} already exists")));
+    }
+    if let Err((model, ports, need)) = check_ports(usb) {
+        return Err(Rejection::new(
+            400,
+            format!(
+                "controller {} has {ports} ports and the flavor needs {need}",
+                model.as_str()
+            ),
+        ));
+    }
+    for (i, r) in usb.iter().enumerate() {
+        match &r.selector {
+            DeviceSelector::Enumeration(d) if view.device(d)?.is_none() => {
+                return Err(Rejection::new(
+                    404,
+                    format!("request {i}: device {d} is unknown"),
+                ))
+            }
+            DeviceSelector::Lineage(l) if view.current_enumeration(l)?.is_none() => {
+                return Err(Rejection::new(
+                    404,
+                    format!("request {i}: lineage {l} is unknown"),
+                ))
+            }
+            DeviceSelector::Match { count: 0, .. } => {
+                return Err(Rejection::new(
+                    400,
+                    format!("request {i}: count must be at least 1"),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(Decision {
+        steps: vec![fenced(
+            view,
+            Event::FlavorCreated(FlavorCreated {
+                flavor_id: ctx.flavor_id,
+                name: name.clone(),
+                usb: usb.to_vec(),
+            }),
+        )?],
+        reply: Reply::Accepted(format!("flavor {name} created ({})", ctx.flavor_id)),
+    })
+}
+
+fn live_server(view: &dyn ViewRead, name: &ServerName) -> Result<ServerInfo, Rejection> {
+    view.server_by_name(name)?
+        .ok_or_else(|| Rejection::new(404, format!("server {name} does not exist")))
+}
+
+fn scheduled_host(s: &ServerInfo) -> Result<HostName, Rejection> {
+    s.host.clone().ok_or_else(|| {
+        Rejection::new(
+            409,
+            format!(
+                "server {} is not scheduled on any host (state {:?})",
+                s.name, s.state
+            ),
+        )
+    })
+}
+
+fn claim_step(
+    view: &dyn ViewRead,
+    server: ServerId,
+    host: &HostName,
+    d: &usbpt_schemas::AssignedDevice,
+) -> Result<Step, Rejection> {
+    fenced(
+        view,
+        Event::DeviceClaimed(DeviceClaimed {
+            device_id: d.device_id,
+            lineage_id: d.lineage_id,
+            host: host.clone(),
+            server_id: server,
+            request_index: d.request_index,
+            controller: d.controller,
+            follow: d.follow,
+        }),
+    )
+}
+
+fn boot(
+    view: &dyn ViewRead,
+    name: &ServerName,
+    flavor: &FlavorName,
+    host: Option<&HostName>,
+    ctx: &Ctx,
+) -> Result<Decision, Rejection> {
+    let f = view
+        .flavor_by_name(flavor)?
+        .ok_or_else(|| Rejection::new(404, format!("flavor {flavor} does not exist")))?;
+    let mut steps = Vec::new();
+    match view.server_by_name(name)? {
+        // A retry of our own boot after a lost race: the request is already recorded.
+        Some(s) if s.server_id == ctx.server_id => {}
+        Some(s) => {
+            return Err(Rejection::new(
+                409,
+                format!("server name {name} is in use by {}", s.server_id),
+            ))
+        }
+        None => steps.push(plain(Event::ServerBootRequested(ServerBootRequested {
+            server_id: ctx.server_id,
+            name: name.clone(),
+            flavor_id: f.flavor_id,
+            requested_host: host.cloned(),
+        }))),
+    }
+    if let Some(h) = host {
+        if !view.host_known(h)? {
+            return Err(Rejection::new(
+                404,
+                format!("host {h} is unknown (no agent has announced it)"),
+            ));
+        }
+    }
+    let req = schedule::Request {
+        usb: &f.usb,
+        host,
+        server: Some(ctx.server_id),
+        weigh: ctx.weigh,
+    };
+    match schedule::schedule(&req, &[], view)? {
+        Ok(p) => {
+            for d in &p.devices {
+                steps.push(claim_step(view, ctx.server_id, &p.host, d)?);
+            }
+            let n = p.devices.len();
+            let host = p.host.clone();
+            steps.push(plain(Event::ServerScheduled(ServerScheduled {
+                server_id: ctx.server_id,
+                host: p.host,
+                flavor_id: f.flavor_id,
+                devices: p.devices,
+            })));
+            Ok(Decision {
+                steps,
+                reply: Reply::Accepted(format!(
+                    "server {name} ({}) scheduled on {host} with {n} USB device(s)",
+                    ctx.server_id
+                )),
+            })
+        }
+        Err(no) => {
+            let mut reason = no.reason.clone();
+            for r in &no.host_rejections {
+                reason.push_str(&format!("; {}: {}", r.host, r.reason));
+            }
+            steps.push(plain(Event::ServerScheduleFailed(ServerScheduleFailed {
+                server_id: ctx.server_id,
+                reason: no.reason,
+                host_rejections: no.host_rejections,
+            })));
+            Ok(Decision {
+                steps,
+                reply: Reply::Refused { code: 409, reason },
+            })
+        }
+    }
+}
+
+/// The devices a server holds now, as the view sees them.
+fn held_devices(view: &dyn ViewRead, s: &ServerInfo) -> Result<Vec<DeviceInfo>, Rejection> {
+    let mut out = Vec::new();
+    for a in &s.devices {
+        if let Some(c) = view.claim(&a.lineage_id)? {
+            if c.server_id == s.server_id {
+                if let Some(d) = view.device(&c.device_id)? {
+                    out.push(d);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn release_step(
+    view: &dyn ViewRead,
+    s: &ServerInfo,
+    d: &DeviceInfo,
+    reason: ReleaseReason,
+) -> Result<Step, Rejection> {
+    fenced(
+        view,
+        Event::DeviceReleased(DeviceReleased {
+            device_id: d.device_id,
+            lineage_id: d.lineage_id,
+            host: d.host.clone(),
+            server_id: s.server_id,
+            reason,
+        }),
+    )
+}
+
+fn resize(
+    view: &dyn ViewRead,
+    name: &ServerName,
+    flavor: &FlavorName,
+    ctx: &Ctx,
+) -> Result<Decision, Rejection> {
+    let s = live_server(view, name)?;
+    let from_host = scheduled_host(&s)?;
+    let f = view
+        .flavor_by_name(flavor)?
+        .ok_or_else(|| Rejection::new(404, format!("flavor {flavor} does not exist")))?;
+    if f.flavor_id == s.flavor_id {
+        return Err(Rejection::new(
+            409,
+            format!("server {name} already has flavor {flavor}"),
+        ));
+    }
+    let held = held_devices(view, &s)?;
+    let req = schedule::Request {
+        usb: &f.usb,
+        host: None,
+        server: Some(s.server_id),
+        weigh: ctx.weigh,
+    };
+    let p = match schedule::schedule(&req, &held, view)? {
+        Ok(p) => p,
+        Err(no) => {
+            let mut reason = format!("cannot resize {name} to {flavor}: {}", no.reason);
+            for r in &no.host_rejections {
+                reason.push_str(&format!("; {}: {}", r.host, r.reason));
+            }
+            return Err(Rejection::new(409, reason));
+        }
+    };
+    let mut steps = Vec::new();
+    for d in &p.devices {
+        let already = held
+            .iter()
+            .any(|h| h.lineage_id == d.lineage_id && h.device_id == d.device_id);
+        if !already {
+            steps.push(claim_step(view, s.server_id, &p.host, d)?);
+        }
+    }
+    steps.push(plain(Event::ServerResized(ServerResized {
+        server_id: s.server_id,
+        from_flavor: s.flavor_id,
+        to_flavor: f.flavor_id,
+        from_host: from_host.clone(),
+        host: p.host.clone(),
+        devices: p.devices.clone(),
+    })));
+    for h in &held {
+        if !p.devices.iter().any(|d| d.lineage_id == h.lineage_id) {
+            steps.push(release_step(view, &s, h, ReleaseReason::Resized)?);
+        }
+    }
+    if p.host != from_host {
+        steps.push(plain(Event::ServerActionRequested(ServerActionRequested {
+            server_id: s.server_id,
+            host: from_host,
+            action: ServerAction::Teardown,
+        })));
+    }
+    Ok(Decision {
+        steps,
+        reply: Reply::Accepted(format!(
+            "server {name} resized to {flavor} on {} with {} USB device(s)",
+            p.host,
+            p.devices.len()
+        )),
+    })
+}
+
+fn migrate(
+    view: &dyn ViewRead,
+    name: &ServerName,
+    live: bool,
+    target: Option<&HostName>,
+) -> Result<Decision, Rejection> {
+    let s = live_server(view, name)?;
+    let from_host = scheduled_host(&s)?;
+    let held = held_devices(view, &s)?;
+    let refuse = |reason: String| -> Decision {
+        Decision {
+            steps: vec![plain(Event::ServerMigrationRefused(
+                ServerMigrationRefused {
+                    server_id: s.server_id,
+                    live,
+                    reason: reason.clone(),
+                },
+            ))],
+            reply: Reply::Refused { code: 409, reason },
+        }
+    };
+    if live && !held.is_empty() {
+        return Ok(refuse(format!(
+            "live migration of {name} is impossible: it holds {} host USB device(s) on {from_host} that cannot be in two hosts at once; stop it and cold-migrate after moving a serial-identified device, or resize to a flavor without them",
+            held.len()
+        )));
+    }
+    // Cold (or live without devices): every held device must be a serial lineage whose current
+    // enumeration is present on one other host.
+    let mut dest: Option<HostName> = None;
+    let mut devices = Vec::new();
+    let mut steps = Vec::new();
+    for a in &s.devices {
+        let Some(cur) = view.current_enumeration(&a.lineage_id)? else {
+            continue;
+        };
+        if cur.lineage_kind != LineageKind::Serial {
+            return Ok(refuse(format!(
+                "device {} is identified by its port on {}: it cannot follow {name} to another host",
+                cur.device_id, cur.host
+            )));
+        }
+        if cur.status == DeviceStatus::Invalidated || cur.host == from_host {
+            return Ok(refuse(format!(
+                "device {} (serial lineage {}) is still on {from_host}: move it to the destination host first",
+                cur.device_id, cur.lineage_id
+            )));
+        }
+        if dest.as_ref().is_some_and(|d| d != &cur.host) {
+            return Ok(refuse(format!(
+                "{name}'s devices are now on different hosts"
+            )));
+        }
+        dest = Some(cur.host.clone());
+        let moved = usbpt_schemas::AssignedDevice {
+            device_id: cur.device_id,
+            ..a.clone()
+        };
+        steps.push(claim_step(view, s.server_id, &cur.host, &moved)?);
+        devices.push(moved);
+    }
+    let host = match (dest, target) {
+        (Some(d), Some(t)) if &d != t => {
+            return Ok(refuse(format!("{name}'s devices are on {d}, not on {t}")))
+        }
+        (Some(d), _) => d,
+        (None, Some(t)) if t != &from_host => {
+            if !view.host_known(t)? {
+                return Err(Rejection::new(404, format!("host {t} is unknown")));
+            }
+            t.clone()
+        }
+        _ => {
+            return Ok(refuse(format!(
+                "no destination for {name}: give --host (it holds no USB device that moved)"
+            )))
+        }
+    };
+    steps.push(plain(Event::ServerMigrated(ServerMigrated {
+        server_id: s.server_id,
+        from_host: from_host.clone(),
+        host: host.clone(),
+        devices,
+    })));
+    steps.push(plain(Event::ServerActionRequested(ServerActionRequested {
+        server_id: s.server_id,
+        host: from_host.clone(),
+        action: ServerAction::Teardown,
+    })));
+    Ok(Decision {
+        steps,
+        reply: Reply::Accepted(format!("server {name} migrated from {from_host} to {host}")),
+    })
+}
+
+/// Which states an action may start from.
+fn allowed(action: ServerAction, state: ServerState) -> bool {
+    use ServerAction as A;
+    use ServerState as S;
+    match action {
+        A::Stop => matches!(
+            state,
+            S::Active | S::Paused | S::Suspended | S::Rebooting | S::Error
+        ),
+        A::Start => matches!(state, S::Shutoff),
+        A::Reboot => matches!(state, S::Active),
+        A::Pause | A::Suspend => matches!(state, S::Active),
+        A::Unpause => matches!(state, S::Paused),
+        A::Resume => matches!(state, S::Suspended),
+        A::Rebuild => matches!(state, S::Active | S::Shutoff | S::Error),
+        A::Teardown => false,
+    }
+}
+
+fn act(
+    view: &dyn ViewRead,
+    name: &ServerName,
+    action: ServerAction,
+) -> Result<Decision, Rejection> {
+    if action == ServerAction::Teardown {
+        return Err(Rejection::new(
+            400,
+            "teardown is internal; use delete, resize or migrate",
+        ));
+    }
+    let s = live_server(view, name)?;
+    let host = scheduled_host(&s)?;
+    if !allowed(action, s.state) {
+        return Err(Rejection::new(
+            409,
+            format!(
+                "cannot {} server {name} while it is {:?}",
+                action.as_str(),
+                s.state
+            ),
+        ));
+    }
+    Ok(Decision {
+        steps: vec![plain(Event::ServerActionRequested(ServerActionRequested {
+            server_id: s.server_id,
+            host: host.clone(),
+            action,
+        }))],
+        reply: Reply::Accepted(format!(
+            "{} requested for {name} on {host}; its USB claims are kept",
+            action.as_str()
+        )),
+    })
+}
+
+fn delete(view: &dyn ViewRead, name: &ServerName) -> Result<Decision, Rejection> {
+    let s = live_server(view, name)?;
+    let held = held_devices(view, &s)?;
+    let mut steps = vec![plain(Event::ServerDeleted(ServerDeleted {
+        server_id: s.server_id,
+        host: s.host.clone(),
+    }))];
+    for d in &held {
+        steps.push(release_step(view, &s, d, ReleaseReason::ServerDeleted)?);
+    }
+    Ok(Decision {
+        steps,
+        reply: Reply::Accepted(format!(
+            "server {name} deleted; {} USB device(s) released",
+            held.len()
+        )),
+    })
+}

@@ -1,0 +1,296 @@
+//! The scheduler: pure. Filters the hosts that can satisfy every USB request of a flavor with
+//! free devices and controller ports, records why each rejected host was rejected, and weighs
+//! the survivors. It reads the view only through index-backed queries (devices matching a
+//! vendor:product, one device, one lineage), never a scan of every host.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use usbpt_schemas::{
+    AssignedDevice, ControllerModel, DeviceId, DeviceSelector, FollowPolicy, HostName,
+    HostRejection, LineageId, ServerId, UsbRequest,
+};
+
+use crate::view::{DeviceInfo, DeviceStatus, ViewError, ViewRead};
+
+/// How to choose among hosts that can all take the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Weigh {
+    /// Fill hosts with the fewest free matching devices first, keeping large pools intact.
+    #[default]
+    Pack,
+    /// Prefer the host with the most free matching devices.
+    Spread,
+}
+
+/// What to schedule.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub usb: &'a [UsbRequest],
+    /// The operator's forced host, if any.
+    pub host: Option<&'a HostName>,
+    /// The server being (re)scheduled: lineages it already holds count as free for it (resize).
+    pub server: Option<ServerId>,
+    pub weigh: Weigh,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub host: HostName,
+    pub devices: Vec<AssignedDevice>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoHost {
+    pub reason: String,
+    pub host_rejections: Vec<HostRejection>,
+}
+
+/// The flavor-level check: one controller per model, so the devices on a model must fit its
+/// ports. Returns the offending model, its ports and what the flavor needs.
+pub fn check_ports(usb: &[UsbRequest]) -> Result<(), (ControllerModel, u8, u16)> {
+    let mut need: BTreeMap<ControllerModel, u16> = BTreeMap::new();
+    for r in usb {
+        *need.entry(r.controller).or_default() += r.device_count();
+    }
+    for (model, n) in need {
+        if n > u16::from(model.ports()) {
+            return Err((model, model.ports(), n));
+        }
+    }
+    Ok(())
+}
+
+/// Candidate devices of one request, per host.
+type Candidates = BTreeMap<HostName, Vec<DeviceInfo>>;
+
+fn usable(
+    d: &DeviceInfo,
+    server: Option<ServerId>,
+    view: &dyn ViewRead,
+) -> Result<bool, ViewError> {
+    if d.status == DeviceStatus::Invalidated {
+        return Ok(false);
+    }
+    Ok(match view.claim(&d.lineage_id)? {
+        None => true,
+        Some(c) => Some(c.server_id) == server,
+    })
+}
+
+fn describe(r: &UsbRequest) -> String {
+    match &r.selector {
+        DeviceSelector::Enumeration(d) => format!("device {d}"),
+        DeviceSelector::Lineage(l) => format!("lineage {l}"),
+        DeviceSelector::Match {
+            vendor_id,
+            product_id,
+            serial,
+            count,
+        } => {
+            let s = serial
+                .as_ref()
+                .map(|s| format!(" serial {s}"))
+                .unwrap_or_default();
+            format!("{count} × {vendor_id}:{product_id}{s}")
+        }
+    }
+}
+
+/// The devices that could serve request `r`, per host, or why none can anywhere.
+fn candidates(
+    r: &UsbRequest,
+    req: &Request<'_>,
+    view: &dyn ViewRead,
+) -> Result<Result<Candidates, String>, ViewError> {
+    let one = |d: DeviceInfo| -> Candidates { BTreeMap::from([(d.host.clone(), vec![d])]) };
+    let by_lineage =
+        |lineage: &LineageId, what: String| -> Result<Result<Candidates, String>, ViewError> {
+            let Some(cur) = view.current_enumeration(lineage)? else {
+                return Ok(Err(format!("{what} is unknown")));
+            };
+            if cur.status == DeviceStatus::Invalidated {
+                return Ok(Err(format!(
+                    "{what} has no present enumeration (its last, {} on {}, was invalidated)",
+                    cur.device_id, cur.host
+                )));
+            }
+            if !usable(&cur, req.server, view)? {
+                let holder = cur.holder.map(|s| s.to_string()).unwrap_or_default();
+                return Ok(Err(format!(
+                    "{what} (now {} on {}) is already claimed by server {holder}",
+                    cur.device_id, cur.host
+                )));
+            }
+            Ok(Ok(one(cur)))
+        };
+    match &r.selector {
+        DeviceSelector::Enumeration(id) => {
+            let Some(d) = view.device(id)? else {
+                return Ok(Err(format!("device {id} is unknown")));
+            };
+            match r.follow {
+                // Bound to enumeration N, following its lineage to the current enumeration.
+                FollowPolicy::Lineage => {
+                    by_lineage(&d.lineage_id, format!("device {id}'s lineage"))
+                }
+                FollowPolicy::Strict => {
+                    if d.status == DeviceStatus::Invalidated {
+                        return Ok(Err(format!(
+                            "device {id} was invalidated and the request is strict (resize to a flavor with its new enumeration)"
+                        )));
+                    }
+                    if !usable(&d, req.server, view)? {
+                        return Ok(Err(format!("device {id} is already claimed")));
+                    }
+                    Ok(Ok(one(d)))
+                }
+            }
+        }
+        DeviceSelector::Lineage(l) => by_lineage(l, format!("lineage {l}")),
+        DeviceSelector::Match {
+            vendor_id,
+            product_id,
+            serial,
+            ..
+        } => {
+            let mut map = view.free_devices_matching(*vendor_id, *product_id, serial.as_deref())?;
+            for list in map.values_mut() {
+                list.sort_by_key(|d| d.device_id);
+            }
+            map.retain(|_, v| !v.is_empty());
+            if map.is_empty() {
+                return Ok(Err(format!("no free {vendor_id}:{product_id} on any host")));
+            }
+            Ok(Ok(map))
+        }
+    }
+}
+
+/// Adds the devices `server` already holds to the candidates of the requests they match.
+fn add_held(held: &[DeviceInfo], r: &UsbRequest, cands: &mut Candidates) {
+    if let DeviceSelector::Match {
+        vendor_id,
+        product_id,
+        serial,
+        ..
+    } = &r.selector
+    {
+        for d in held {
+            let fits = d.vendor_id == *vendor_id
+                && d.product_id == *product_id
+                && serial.as_ref().is_none_or(|s| d.serial.as_ref() == Some(s));
+            if fits && d.status != DeviceStatus::Invalidated {
+                let list = cands.entry(d.host.clone()).or_default();
+                if !list.iter().any(|x| x.device_id == d.device_id) {
+                    list.push(d.clone());
+                    list.sort_by_key(|d| d.device_id);
+                }
+            }
+        }
+    }
+}
+
+/// Places a server: a host and a device for every requested device, or why not.
+pub fn schedule(
+    req: &Request<'_>,
+    held: &[DeviceInfo],
+    view: &dyn ViewRead,
+) -> Result<Result<Placement, NoHost>, ViewError> {
+    if let Err((model, ports, need)) = check_ports(req.usb) {
+        return Ok(Err(NoHost {
+            reason: format!(
+                "controller {} has {ports} ports and the flavor needs {need}",
+                model.as_str()
+            ),
+            host_rejections: Vec::new(),
+        }));
+    }
+    let mut per_request = Vec::with_capacity(req.usb.len());
+    for (i, r) in req.usb.iter().enumerate() {
+        let (mut c, why) = match candidates(r, req, view)? {
+            Ok(c) => (c, None),
+            Err(why) => (BTreeMap::new(), Some(why)),
+        };
+        add_held(held, r, &mut c);
+        if c.is_empty() {
+            let why = why.unwrap_or_else(|| "no free device".to_owned());
+            return Ok(Err(NoHost {
+                reason: format!("no host can satisfy request {i} ({}): {why}", describe(r)),
+                host_rejections: Vec::new(),
+            }));
+        }
+        per_request.push(c);
+    }
+
+    // Every host that can serve at least one request is a candidate; a flavor with no USB
+    // requests can only be placed where it is asked to be.
+    let mut hosts: BTreeSet<HostName> =
+        per_request.iter().flat_map(|c| c.keys().cloned()).collect();
+    if let Some(forced) = req.host {
+        hosts = BTreeSet::from([forced.clone()]);
+    }
+    if hosts.is_empty() {
+        return Ok(Err(NoHost {
+            reason: "the flavor requests no USB device and no --host was given".to_owned(),
+            host_rejections: Vec::new(),
+        }));
+    }
+
+    let mut rejections = Vec::new();
+    let mut feasible: Vec<(usize, Placement)> = Vec::new();
+    'hosts: for host in hosts {
+        let mut taken: BTreeSet<DeviceId> = BTreeSet::new();
+        let mut devices = Vec::new();
+        let mut pool = 0usize;
+        for (i, (r, cands)) in req.usb.iter().zip(&per_request).enumerate() {
+            let list = cands.get(&host).map(Vec::as_slice).unwrap_or(&[]);
+            pool += list.len();
+            let need = usize::from(r.device_count());
+            let picked: Vec<&DeviceInfo> = list
+                .iter()
+                .filter(|d| !taken.contains(&d.device_id))
+                .take(need)
+                .collect();
+            if picked.len() < need {
+                rejections.push(HostRejection {
+                    host: host.clone(),
+                    reason: format!(
+                        "request {i} ({}): needs {need} free, host has {}",
+                        describe(r),
+                        picked.len()
+                    ),
+                });
+                continue 'hosts;
+            }
+            for d in picked {
+                taken.insert(d.device_id);
+                devices.push(AssignedDevice {
+                    request_index: u16::try_from(i).unwrap_or(u16::MAX),
+                    device_id: d.device_id,
+                    lineage_id: d.lineage_id,
+                    controller: r.controller,
+                    follow: r.follow,
+                });
+            }
+        }
+        feasible.push((pool, Placement { host, devices }));
+    }
+    let best = match req.weigh {
+        Weigh::Pack => feasible
+            .into_iter()
+            .min_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.host.cmp(&b.1.host))),
+        Weigh::Spread => feasible
+            .into_iter()
+            .min_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.host.cmp(&b.1.host))),
+    };
+    Ok(match best {
+        Some((_, p)) => Ok(p),
+        None => Err(NoHost {
+            reason: format!(
+                "no host can satisfy every request ({} host(s) considered)",
+                rejections.len()
+            ),
+            host_rejections: rejections,
+        }),
+    })
+}

@@ -1,0 +1,87 @@
+//! What the command side reads of the view. The projector's redb snapshot implements
+//! [`ViewRead`]; unit tests use a small in-memory one. Records carry only what decisions need.
+
+use std::collections::BTreeMap;
+
+use usbpt_schemas::{
+    AssignedDevice, DeviceId, FlavorId, FlavorName, HostName, LineageId, LineageKind, ProductId,
+    ServerId, ServerName, ServerState, UsbAddress, UsbRequest, VendorId,
+};
+
+#[derive(Debug, thiserror::Error)]
+#[error("reading the view: {0}")]
+pub struct ViewError(pub String);
+
+/// An enumeration's status (DESIGN §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceStatus {
+    Available,
+    Claimed,
+    Attached,
+    Invalidated,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub device_id: DeviceId,
+    pub lineage_id: LineageId,
+    pub lineage_kind: LineageKind,
+    pub host: HostName,
+    pub vendor_id: VendorId,
+    pub product_id: ProductId,
+    pub serial: Option<String>,
+    pub address: UsbAddress,
+    pub status: DeviceStatus,
+    /// The server holding it (claimed or attached).
+    pub holder: Option<ServerId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlavorInfo {
+    pub flavor_id: FlavorId,
+    pub name: FlavorName,
+    pub usb: Vec<UsbRequest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    pub server_id: ServerId,
+    pub name: ServerName,
+    pub flavor_id: FlavorId,
+    /// `None` until scheduled (or when scheduling failed).
+    pub host: Option<HostName>,
+    pub state: ServerState,
+    pub devices: Vec<AssignedDevice>,
+}
+
+/// An active claim on a lineage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimInfo {
+    pub lineage_id: LineageId,
+    pub device_id: DeviceId,
+    pub server_id: ServerId,
+    pub host: HostName,
+}
+
+/// One consistent snapshot of the view.
+pub trait ViewRead {
+    fn flavor_by_name(&self, name: &FlavorName) -> Result<Option<FlavorInfo>, ViewError>;
+    fn flavor_by_id(&self, id: &FlavorId) -> Result<Option<FlavorInfo>, ViewError>;
+    /// A live (not deleted) server of that name.
+    fn server_by_name(&self, name: &ServerName) -> Result<Option<ServerInfo>, ViewError>;
+    fn device(&self, id: &DeviceId) -> Result<Option<DeviceInfo>, ViewError>;
+    /// The lineage's newest enumeration (which may be invalidated).
+    fn current_enumeration(&self, lineage: &LineageId) -> Result<Option<DeviceInfo>, ViewError>;
+    /// Available devices with these ids (and serial), grouped by host. Index-backed.
+    fn free_devices_matching(
+        &self,
+        vendor: VendorId,
+        product: ProductId,
+        serial: Option<&str>,
+    ) -> Result<BTreeMap<HostName, Vec<DeviceInfo>>, ViewError>;
+    fn claim(&self, lineage: &LineageId) -> Result<Option<ClaimInfo>, ViewError>;
+    /// The last stream sequence stored on `subject` (0: none): what a fenced publish expects.
+    fn subject_seq(&self, subject: &str) -> Result<u64, ViewError>;
+    /// Whether the host has an agent that announced itself.
+    fn host_known(&self, host: &HostName) -> Result<bool, ViewError>;
+}

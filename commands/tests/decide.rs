@@ -1,0 +1,519 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Given a view / when a command / then events or a rejection. The in-memory view here exists
+//! only for these pure unit tests of decision logic; the handler's tests use the real projector.
+
+use std::collections::BTreeMap;
+
+use usbpt_commands::decide::Reply;
+use usbpt_commands::schedule::Weigh;
+use usbpt_commands::*;
+use usbpt_schemas::commands::Command;
+use usbpt_schemas::*;
+
+#[derive(Default)]
+struct MemView {
+    flavors: Vec<FlavorInfo>,
+    servers: Vec<ServerInfo>,
+    devices: Vec<DeviceInfo>,
+    claims: Vec<ClaimInfo>,
+    seqs: BTreeMap<String, u64>,
+}
+
+impl ViewRead for MemView {
+    fn flavor_by_name(&self, name: &FlavorName) -> Result<Option<FlavorInfo>, ViewError> {
+        Ok(self.flavors.iter().find(|f| &f.name == name).cloned())
+    }
+    fn flavor_by_id(&self, id: &FlavorId) -> Result<Option<FlavorInfo>, ViewError> {
+        Ok(self.flavors.iter().find(|f| &f.flavor_id == id).cloned())
+    }
+    fn server_by_name(&self, name: &ServerName) -> Result<Option<ServerInfo>, ViewError> {
+        Ok(self.servers.iter().find(|s| &s.name == name).cloned())
+    }
+    fn device(&self, id: &DeviceId) -> Result<Option<DeviceInfo>, ViewError> {
+        Ok(self.devices.iter().find(|d| &d.device_id == id).cloned())
+    }
+    fn current_enumeration(&self, l: &LineageId) -> Result<Option<DeviceInfo>, ViewError> {
+        Ok(self
+            .devices
+            .iter()
+            .filter(|d| &d.lineage_id == l)
+            .max_by_key(|d| d.device_id)
+            .cloned())
+    }
+    fn free_devices_matching(
+        &self,
+        v: VendorId,
+        p: ProductId,
+        serial: Option<&str>,
+    ) -> Result<BTreeMap<HostName, Vec<DeviceInfo>>, ViewError> {
+        let mut out: BTreeMap<HostName, Vec<DeviceInfo>> = BTreeMap::new();
+        for d in &self.devices {
+            if d.vendor_id == v
+                && d.product_id == p
+                && d.status == DeviceStatus::Available
+                && serial.is_none_or(|s| d.serial.as_deref() == Some(s))
+            {
+                out.entry(d.host.clone()).or_default().push(d.clone());
+            }
+        }
+        Ok(out)
+    }
+    fn claim(&self, l: &LineageId) -> Result<Option<ClaimInfo>, ViewError> {
+        Ok(self.claims.iter().find(|c| &c.lineage_id == l).cloned())
+    }
+    fn subject_seq(&self, subject: &str) -> Result<u64, ViewError> {
+        Ok(self.seqs.get(subject).copied().unwrap_or(0))
+    }
+    fn host_known(&self, host: &HostName) -> Result<bool, ViewError> {
+        Ok(self.devices.iter().any(|d| &d.host == host))
+    }
+}
+
+fn h(s: &str) -> HostName {
+    HostName::new(s).unwrap()
+}
+fn dev(n: u128, host: &str, vp: (u16, u16), serial: Option<&str>) -> DeviceInfo {
+    DeviceInfo {
+        device_id: DeviceId(uuid::Uuid::from_u128(n)),
+        lineage_id: LineageId(uuid::Uuid::from_u128(1000 + n)),
+        lineage_kind: if serial.is_some() {
+            LineageKind::Serial
+        } else {
+            LineageKind::Port
+        },
+        host: h(host),
+        vendor_id: VendorId(vp.0),
+        product_id: ProductId(vp.1),
+        serial: serial.map(str::to_owned),
+        address: UsbAddress::new(2, u16::try_from(n % 100 + 1).unwrap()).unwrap(),
+        status: DeviceStatus::Available,
+        holder: None,
+    }
+}
+fn ctx() -> Ctx {
+    Ctx {
+        server_id: ServerId(uuid::Uuid::from_u128(7)),
+        flavor_id: FlavorId(uuid::Uuid::from_u128(8)),
+        weigh: Weigh::Pack,
+    }
+}
+fn usb(spec: &str) -> Vec<UsbRequest> {
+    spec.split(';').map(|s| s.parse().unwrap()).collect()
+}
+fn flavor(name: &str, spec: &str) -> FlavorInfo {
+    FlavorInfo {
+        flavor_id: FlavorId(uuid::Uuid::from_u128(name.len() as u128 + 500)),
+        name: FlavorName::new(name).unwrap(),
+        usb: usb(spec),
+    }
+}
+fn kinds(d: &Decision) -> Vec<&'static str> {
+    d.steps.iter().map(|s| s.event.kind()).collect()
+}
+fn boot(name: &str, f: &str) -> Command {
+    Command::Boot {
+        name: ServerName::new(name).unwrap(),
+        flavor: FlavorName::new(f).unwrap(),
+        host: None,
+    }
+}
+
+const KEY: (u16, u16) = (0x136b, 0x0003);
+
+#[test]
+fn flavor_create_validates_ports_ids_and_names() {
+    let mut v = MemView::default();
+    v.devices.push(dev(1, "host-b", KEY, Some("S1")));
+    let ok = decide(
+        &v,
+        &Command::CreateFlavor {
+            name: FlavorName::new("key").unwrap(),
+            usb: usb("vendor=136b,product=0003"),
+        },
+        &ctx(),
+    )
+    .unwrap();
+    assert_eq!(kinds(&ok), ["FlavorCreated"]);
+    assert_eq!(ok.steps[0].fence, Fence::Expect(0));
+
+    v.flavors.push(flavor("key", "vendor=136b,product=0003"));
+    let dup = decide(
+        &v,
+        &Command::CreateFlavor {
+            name: FlavorName::new("key").unwrap(),
+            usb: vec![],
+        },
+        &ctx(),
+    )
+    .unwrap_err();
+    assert_eq!(dup.code, 409);
+
+    // Two requests on one uhci controller: 3 devices > 2 ports.
+    let ports = decide(
+        &v,
+        &Command::CreateFlavor {
+            name: FlavorName::new("big").unwrap(),
+            usb: usb("vendor=136b,product=0003,count=2,controller=uhci;vendor=1050,product=0120,controller=uhci"),
+        },
+        &ctx(),
+    )
+    .unwrap_err();
+    assert_eq!(ports.code, 400);
+    assert!(
+        ports
+            .reason
+            .contains("uhci has 2 ports and the flavor needs 3"),
+        "{}",
+        ports.reason
+    );
+
+    let unknown = decide(
+        &v,
+        &Command::CreateFlavor {
+            name: FlavorName::new("ghost").unwrap(),
+            usb: usb(&format!("id={}", DeviceId(uuid::Uuid::from_u128(99)))),
+        },
+        &ctx(),
+    )
+    .unwrap_err();
+    assert_eq!(unknown.code, 404);
+}
+
+#[test]
+fn boot_goes_to_the_host_that_holds_the_device_and_fences_the_claim() {
+    let mut v = MemView::default();
+    v.devices.push(dev(1, "host-a", (0x1050, 0x0120), None));
+    v.devices.push(dev(2, "host-b", KEY, Some("S1")));
+    v.flavors.push(flavor("key", "vendor=136b,product=0003"));
+    let claim_subject = subjects::claim(&v.devices[1].lineage_id);
+    v.seqs.insert(claim_subject, 41);
+
+    let d = decide(&v, &boot("erp", "key"), &ctx()).unwrap();
+    assert_eq!(
+        kinds(&d),
+        ["ServerBootRequested", "DeviceClaimed", "ServerScheduled"]
+    );
+    assert_eq!(d.steps[1].fence, Fence::Expect(41));
+    match &d.steps[2].event {
+        Event::ServerScheduled(s) => {
+            assert_eq!(s.host, h("host-b"));
+            assert_eq!(s.devices[0].device_id, v.devices[1].device_id);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(d.reply, Reply::Accepted(_)));
+}
+
+#[test]
+fn a_claimed_device_cannot_be_booted_twice_and_each_host_says_why() {
+    let mut v = MemView::default();
+    v.devices.push(dev(1, "host-a", KEY, None));
+    v.devices.push(dev(2, "host-b", KEY, None));
+    v.flavors
+        .push(flavor("two", "vendor=136b,product=0003,count=2"));
+    let d = decide(&v, &boot("erp", "two"), &ctx()).unwrap();
+    assert_eq!(kinds(&d), ["ServerBootRequested", "ServerScheduleFailed"]);
+    let Event::ServerScheduleFailed(f) = &d.steps[1].event else {
+        panic!()
+    };
+    assert_eq!(f.host_rejections.len(), 2);
+    assert!(
+        f.host_rejections[0]
+            .reason
+            .contains("needs 2 free, host has 1"),
+        "{:?}",
+        f.host_rejections
+    );
+    let Reply::Refused { code, reason } = &d.reply else {
+        panic!()
+    };
+    assert_eq!(*code, 409);
+    assert!(
+        reason.contains("host-a") && reason.contains("host-b"),
+        "{reason}"
+    );
+
+    // Claimed elsewhere: the lineage is held.
+    let mut v = MemView::default();
+    let d1 = dev(1, "host-b", KEY, Some("S"));
+    v.claims.push(ClaimInfo {
+        lineage_id: d1.lineage_id,
+        device_id: d1.device_id,
+        server_id: ServerId(uuid::Uuid::from_u128(99)),
+        host: h("host-b"),
+    });
+    v.devices.push(DeviceInfo {
+        status: DeviceStatus::Claimed,
+        ..d1.clone()
+    });
+    v.flavors
+        .push(flavor("lin", &format!("lineage={}", d1.lineage_id)));
+    let d = decide(&v, &boot("erp", "lin"), &ctx()).unwrap();
+    let Reply::Refused { reason, .. } = &d.reply else {
+        panic!()
+    };
+    assert!(reason.contains("already claimed"), "{reason}");
+}
+
+#[test]
+fn pack_and_spread_choose_differently() {
+    let mut v = MemView::default();
+    v.devices.push(dev(1, "host-a", KEY, None));
+    v.devices.push(dev(2, "host-b", KEY, None));
+    v.devices.push(dev(3, "host-b", KEY, None));
+    v.flavors.push(flavor("key", "vendor=136b,product=0003"));
+    let host_of = |d: &Decision| match &d.steps.last().unwrap().event {
+        Event::ServerScheduled(s) => s.host.clone(),
+        e => panic!("{e:?}"),
+    };
+    let pack = decide(&v, &boot("a", "key"), &ctx()).unwrap();
+    assert_eq!(host_of(&pack), h("host-a"));
+    let spread = decide(
+        &v,
+        &boot("a", "key"),
+        &Ctx {
+            weigh: Weigh::Spread,
+            ..ctx()
+        },
+    )
+    .unwrap();
+    assert_eq!(host_of(&spread), h("host-b"));
+}
+
+#[test]
+fn an_enumeration_binding_follows_its_lineage_unless_strict() {
+    let mut v = MemView::default();
+    let old = DeviceInfo {
+        status: DeviceStatus::Invalidated,
+        ..dev(1, "host-b", KEY, None)
+    };
+    let new = DeviceInfo {
+        device_id: DeviceId(uuid::Uuid::from_u128(2)),
+        ..dev(1, "host-b", KEY, None)
+    };
+    v.devices.push(old.clone());
+    v.devices.push(new.clone());
+    v.flavors
+        .push(flavor("f", &format!("id={}", old.device_id)));
+    v.flavors.push(flavor(
+        "strict",
+        &format!("id={},follow=strict", old.device_id),
+    ));
+    let d = decide(&v, &boot("a", "f"), &ctx()).unwrap();
+    let Event::DeviceClaimed(c) = &d.steps[1].event else {
+        panic!("{:?}", kinds(&d))
+    };
+    assert_eq!(c.device_id, new.device_id);
+    let d = decide(&v, &boot("a", "strict"), &ctx()).unwrap();
+    let Reply::Refused { reason, .. } = &d.reply else {
+        panic!()
+    };
+    assert!(
+        reason.contains("invalidated") && reason.contains("strict"),
+        "{reason}"
+    );
+}
+
+fn running(v: &mut MemView, d: &DeviceInfo, f: &FlavorInfo) -> ServerInfo {
+    let s = ServerInfo {
+        server_id: ServerId(uuid::Uuid::from_u128(7)),
+        name: ServerName::new("erp").unwrap(),
+        flavor_id: f.flavor_id,
+        host: Some(d.host.clone()),
+        state: ServerState::Active,
+        devices: vec![AssignedDevice {
+            request_index: 0,
+            device_id: d.device_id,
+            lineage_id: d.lineage_id,
+            controller: ControllerModel::Ehci,
+            follow: FollowPolicy::Lineage,
+        }],
+    };
+    v.claims.push(ClaimInfo {
+        lineage_id: d.lineage_id,
+        device_id: d.device_id,
+        server_id: s.server_id,
+        host: d.host.clone(),
+    });
+    v.servers.push(s.clone());
+    s
+}
+
+#[test]
+fn resize_claims_the_new_device_and_releases_the_old() {
+    let mut v = MemView::default();
+    let a = DeviceInfo {
+        status: DeviceStatus::Attached,
+        ..dev(1, "host-b", KEY, Some("A"))
+    };
+    let b = dev(2, "host-b", (0x1050, 0x0120), Some("B"));
+    v.devices.extend([a.clone(), b.clone()]);
+    let fa = flavor("fa", "vendor=136b,product=0003");
+    let fb = flavor("flavor-b", "vendor=1050,product=0120");
+    v.flavors.extend([fa.clone(), fb]);
+    running(&mut v, &a, &fa);
+    let d = decide(
+        &v,
+        &Command::Resize {
+            name: ServerName::new("erp").unwrap(),
+            flavor: FlavorName::new("flavor-b").unwrap(),
+        },
+        &ctx(),
+    )
+    .unwrap();
+    assert_eq!(
+        kinds(&d),
+        ["DeviceClaimed", "ServerResized", "DeviceReleased"]
+    );
+    let Event::DeviceReleased(r) = &d.steps[2].event else {
+        panic!()
+    };
+    assert_eq!(
+        (r.device_id, r.reason),
+        (a.device_id, ReleaseReason::Resized)
+    );
+}
+
+#[test]
+fn live_migration_with_usb_is_refused_and_cold_follows_a_moved_serial_lineage() {
+    let mut v = MemView::default();
+    let a = DeviceInfo {
+        status: DeviceStatus::Attached,
+        ..dev(1, "host-b", KEY, Some("A"))
+    };
+    v.devices.push(a.clone());
+    let fa = flavor("fa", "vendor=136b,product=0003");
+    v.flavors.push(fa.clone());
+    running(&mut v, &a, &fa);
+    let name = ServerName::new("erp").unwrap();
+    let live = decide(
+        &v,
+        &Command::Migrate {
+            name: name.clone(),
+            live: true,
+            host: None,
+        },
+        &ctx(),
+    )
+    .unwrap();
+    assert_eq!(kinds(&live), ["ServerMigrationRefused"]);
+    let Reply::Refused { reason, .. } = &live.reply else {
+        panic!()
+    };
+    assert!(
+        reason.contains("live migration") && reason.contains("USB"),
+        "{reason}"
+    );
+
+    // Cold, device still on host-b: refused.
+    let cold = decide(
+        &v,
+        &Command::Migrate {
+            name: name.clone(),
+            live: false,
+            host: None,
+        },
+        &ctx(),
+    )
+    .unwrap();
+    assert_eq!(kinds(&cold), ["ServerMigrationRefused"]);
+
+    // The key was moved to host-c: a new enumeration of the same serial lineage.
+    v.devices[0].status = DeviceStatus::Invalidated;
+    let moved = DeviceInfo {
+        device_id: DeviceId(uuid::Uuid::from_u128(50)),
+        host: h("host-c"),
+        status: DeviceStatus::Claimed,
+        ..a.clone()
+    };
+    v.devices.push(moved.clone());
+    let cold = decide(
+        &v,
+        &Command::Migrate {
+            name,
+            live: false,
+            host: None,
+        },
+        &ctx(),
+    )
+    .unwrap();
+    assert_eq!(
+        kinds(&cold),
+        ["DeviceClaimed", "ServerMigrated", "ServerActionRequested"]
+    );
+    let Event::ServerMigrated(m) = &cold.steps[1].event else {
+        panic!()
+    };
+    assert_eq!(
+        (m.from_host.as_str(), m.host.as_str()),
+        ("host-b", "host-c")
+    );
+    assert_eq!(m.devices[0].device_id, moved.device_id);
+}
+
+#[test]
+fn actions_keep_claims_and_respect_state() {
+    let mut v = MemView::default();
+    let a = dev(1, "host-b", KEY, Some("A"));
+    v.devices.push(a.clone());
+    let fa = flavor("fa", "vendor=136b,product=0003");
+    v.flavors.push(fa.clone());
+    running(&mut v, &a, &fa);
+    let name = ServerName::new("erp").unwrap();
+    let pause = decide(
+        &v,
+        &Command::Act {
+            name: name.clone(),
+            action: ServerAction::Pause,
+        },
+        &ctx(),
+    )
+    .unwrap();
+    assert_eq!(kinds(&pause), ["ServerActionRequested"]);
+    let unpause = decide(
+        &v,
+        &Command::Act {
+            name: name.clone(),
+            action: ServerAction::Unpause,
+        },
+        &ctx(),
+    )
+    .unwrap_err();
+    assert_eq!(unpause.code, 409);
+    assert!(
+        unpause.reason.contains("unpause") && unpause.reason.contains("Active"),
+        "{}",
+        unpause.reason
+    );
+    let gone = decide(
+        &v,
+        &Command::Act {
+            name: ServerName::new("nope").unwrap(),
+            action: ServerAction::Stop,
+        },
+        &ctx(),
+    )
+    .unwrap_err();
+    assert_eq!(gone.code, 404);
+}
+
+#[test]
+fn delete_releases_every_held_device() {
+    let mut v = MemView::default();
+    let a = dev(1, "host-b", KEY, Some("A"));
+    v.devices.push(a.clone());
+    let fa = flavor("fa", "vendor=136b,product=0003");
+    v.flavors.push(fa.clone());
+    running(&mut v, &a, &fa);
+    v.seqs.insert(subjects::claim(&a.lineage_id), 12);
+    let d = decide(
+        &v,
+        &Command::Delete {
+            name: ServerName::new("erp").unwrap(),
+        },
+        &ctx(),
+    )
+    .unwrap();
+    assert_eq!(kinds(&d), ["ServerDeleted", "DeviceReleased"]);
+    assert_eq!(d.steps[1].fence, Fence::Expect(12));
+}
