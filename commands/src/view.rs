@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use usbpt_schemas::{
-    AssignedDevice, DeviceId, FlavorId, FlavorName, HostName, LineageId, LineageKind, ProductId,
-    ServerId, ServerName, ServerState, UsbAddress, UsbRequest, VendorId,
+    AssignedDevice, DeviceId, FlavorId, FlavorName, FollowPolicy, HostName, LineageId, LineageKind,
+    ProductId, ServerId, ServerName, ServerState, UsbAddress, UsbRequest, VendorId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,7 @@ pub struct ClaimInfo {
     pub device_id: DeviceId,
     pub server_id: ServerId,
     pub host: HostName,
+    pub follow: FollowPolicy,
 }
 
 /// One consistent snapshot of the view.

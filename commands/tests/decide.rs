@@ -241,6 +241,7 @@ fn a_claimed_device_cannot_be_booted_twice_and_each_host_says_why() {
         device_id: d1.device_id,
         server_id: ServerId(uuid::Uuid::from_u128(99)),
         host: h("host-b"),
+        follow: FollowPolicy::Lineage,
     });
     v.devices.push(DeviceInfo {
         status: DeviceStatus::Claimed,
@@ -334,6 +335,7 @@ fn running(v: &mut MemView, d: &DeviceInfo, f: &FlavorInfo) -> ServerInfo {
         device_id: d.device_id,
         server_id: s.server_id,
         host: d.host.clone(),
+        follow: FollowPolicy::Lineage,
     });
     v.servers.push(s.clone());
     s
@@ -516,4 +518,52 @@ fn delete_releases_every_held_device() {
     .unwrap();
     assert_eq!(kinds(&d), ["ServerDeleted", "DeviceReleased"]);
     assert_eq!(d.steps[1].fence, Fence::Expect(12));
+}
+
+#[test]
+fn reactor_releases_strict_claims_at_once_and_lineage_claims_after_grace() {
+    use usbpt_commands::reactor::{grace_expired, on_invalidated, Reaction};
+    let mut v = MemView::default();
+    let a = DeviceInfo {
+        status: DeviceStatus::Invalidated,
+        ..dev(1, "host-b", KEY, Some("A"))
+    };
+    v.devices.push(a.clone());
+    let fa = flavor("fa", "vendor=136b,product=0003");
+    v.flavors.push(fa.clone());
+    running(&mut v, &a, &fa);
+    let inv = DeviceInvalidated {
+        device_id: a.device_id,
+        lineage_id: a.lineage_id,
+        host: a.host.clone(),
+        reason: InvalidationReason::HostRebooted,
+        superseded_by: None,
+    };
+    assert_eq!(on_invalidated(&v, &inv).unwrap(), Reaction::WaitGrace);
+    // Nothing came back within the grace window: released.
+    let step = grace_expired(&v, a.device_id, a.lineage_id)
+        .unwrap()
+        .unwrap();
+    let Event::DeviceReleased(r) = &step.event else {
+        panic!()
+    };
+    assert_eq!(r.reason, ReleaseReason::GraceExpired);
+    // A new enumeration of the lineage came: the claim stays.
+    v.devices.push(DeviceInfo {
+        device_id: DeviceId(uuid::Uuid::from_u128(2)),
+        status: DeviceStatus::Claimed,
+        ..a.clone()
+    });
+    assert_eq!(grace_expired(&v, a.device_id, a.lineage_id).unwrap(), None);
+
+    v.claims[0].follow = FollowPolicy::Strict;
+    match on_invalidated(&v, &inv).unwrap() {
+        Reaction::Release(step) => {
+            let Event::DeviceReleased(r) = &step.event else {
+                panic!()
+            };
+            assert_eq!(r.reason, ReleaseReason::Invalidated);
+        }
+        other => panic!("{other:?}"),
+    }
 }

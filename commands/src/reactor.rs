@@ -1,0 +1,155 @@
+//! Reactions to what hosts report, decided purely and appended by [`run`]:
+//!
+//! - a claimed enumeration is invalidated and its claim is `follow=strict`: the claim is released
+//!   at once (the blueprint: the server runs or boots without it; a resize binds the new one);
+//! - a claimed enumeration is invalidated and its claim follows the lineage: if no new
+//!   enumeration of the lineage has come within the grace window, the claim is released
+//!   (`GraceExpired`); if one came, the agent re-attaches it and the claim stays.
+//!
+//! Every command process may run the reactor; the releases are fenced, so one wins.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tracing::{info, warn};
+use usbpt_bus::{Bus, BusError, StartAt};
+use usbpt_schemas::{
+    codec, subjects, DeviceId, DeviceInvalidated, DeviceReleased, Envelope, Event, FollowPolicy,
+    LineageId, ReleaseReason,
+};
+
+use crate::decide::{Fence, Step};
+use crate::handler::ViewSource;
+use crate::view::{DeviceStatus, ViewError, ViewRead};
+
+/// The default grace window (DESIGN §4, issue 5).
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(120);
+
+/// What to do about an invalidated enumeration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reaction {
+    Nothing,
+    /// Release now (strict claims).
+    Release(Box<Step>),
+    /// Re-check after the grace window with [`grace_expired`].
+    WaitGrace,
+}
+
+fn release(
+    view: &dyn ViewRead,
+    inv_device: DeviceId,
+    lineage: LineageId,
+    reason: ReleaseReason,
+) -> Result<Option<Step>, ViewError> {
+    let Some(claim) = view.claim(&lineage)? else {
+        return Ok(None);
+    };
+    if claim.device_id != inv_device {
+        return Ok(None);
+    }
+    let event = Event::DeviceReleased(DeviceReleased {
+        device_id: claim.device_id,
+        lineage_id: lineage,
+        host: claim.host,
+        server_id: claim.server_id,
+        reason,
+    });
+    let fence = Fence::Expect(view.subject_seq(&subjects::for_body(&event))?);
+    Ok(Some(Step { event, fence }))
+}
+
+pub fn on_invalidated(view: &dyn ViewRead, inv: &DeviceInvalidated) -> Result<Reaction, ViewError> {
+    let Some(claim) = view.claim(&inv.lineage_id)? else {
+        return Ok(Reaction::Nothing);
+    };
+    if claim.device_id != inv.device_id {
+        return Ok(Reaction::Nothing);
+    }
+    Ok(match claim.follow {
+        FollowPolicy::Strict => release(
+            view,
+            inv.device_id,
+            inv.lineage_id,
+            ReleaseReason::Invalidated,
+        )?
+        .map_or(Reaction::Nothing, |s| Reaction::Release(Box::new(s))),
+        FollowPolicy::Lineage => Reaction::WaitGrace,
+    })
+}
+
+/// After the grace window: release the claim if it still points at the invalidated enumeration
+/// and the lineage has no present enumeration.
+pub fn grace_expired(
+    view: &dyn ViewRead,
+    device: DeviceId,
+    lineage: LineageId,
+) -> Result<Option<Step>, ViewError> {
+    if let Some(cur) = view.current_enumeration(&lineage)? {
+        if cur.status != DeviceStatus::Invalidated {
+            return Ok(None);
+        }
+    }
+    release(view, device, lineage, ReleaseReason::GraceExpired)
+}
+
+async fn append(bus: &Bus, step: Step, cause: &Envelope) {
+    let env = Envelope::new(step.event).caused_by(cause);
+    let r = match step.fence {
+        Fence::Expect(seq) => bus.publish_fenced(&env, seq).await,
+        Fence::None => bus.publish(&env).await,
+    };
+    match r {
+        Ok(_) => info!(kind = env.body.kind(), "reactor released a claim"),
+        // Another command process released it first (or the claim moved): nothing to do.
+        Err(BusError::Conflict { .. }) => {}
+        Err(e) => warn!("reactor could not publish: {e}"),
+    }
+}
+
+/// Watches invalidations from now on and reacts. Runs until the stream ends.
+pub async fn run<V: ViewSource>(bus: Bus, view: Arc<V>, grace: Duration) -> Result<(), BusError> {
+    let mut events = bus.ordered(StartAt::New, None).await?;
+    while let Some(msg) = events.next().await {
+        let Ok(msg) = msg else { continue };
+        let Ok(env) = codec::decode(&msg.payload) else {
+            continue;
+        };
+        let Event::DeviceInvalidated(inv) = &env.body else {
+            continue;
+        };
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
+        // Decide against a view that has applied this invalidation.
+        view.wait_applied(seq, Duration::from_secs(10)).await;
+        let reaction = match view.snapshot().and_then(|s| on_invalidated(&s, inv)) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("reactor: {e}");
+                continue;
+            }
+        };
+        match reaction {
+            Reaction::Nothing => {}
+            Reaction::Release(step) => append(&bus, *step, &env).await,
+            Reaction::WaitGrace => {
+                let (bus, view, inv, env) =
+                    (bus.clone(), Arc::clone(&view), inv.clone(), env.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    if let Ok(head) = bus.last_sequence().await {
+                        view.wait_applied(head, Duration::from_secs(10)).await;
+                    }
+                    match view
+                        .snapshot()
+                        .and_then(|s| grace_expired(&s, inv.device_id, inv.lineage_id))
+                    {
+                        Ok(Some(step)) => append(&bus, step, &env).await,
+                        Ok(None) => {}
+                        Err(e) => warn!("reactor: {e}"),
+                    }
+                });
+            }
+        }
+    }
+    Ok(())
+}
