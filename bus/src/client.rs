@@ -87,8 +87,20 @@ impl Bus {
                     source,
                 })?;
         }
+        // NATS_URL may list several servers, comma-separated, as other NATS tools accept.
+        let addrs = url
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| BusError::Connect {
+                url: url.to_owned(),
+                source: async_nats::ConnectError::with_source(
+                    async_nats::ConnectErrorKind::ServerParse,
+                    e,
+                ),
+            })?;
         let client = options
-            .connect(url)
+            .connect(addrs)
             .await
             .map_err(|source| BusError::Connect {
                 url: url.to_owned(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tempfile::TempDir;
-use usbpt_bus::server::{NatsServer, ServerConfig};
+use usbpt_bus::server::{ClusterConfig, NatsServer, ServerConfig};
 use usbpt_bus::{Bus, StreamSettings};
 
 /// A private nats-server for one test.
@@ -65,6 +65,77 @@ impl TestNats {
     /// Restart on the same store and port.
     pub async fn restart(&mut self) -> Result<()> {
         Ok(self.server.restart().await?)
+    }
+}
+
+/// A 3-node (or n-node) JetStream cluster on loopback, each node with its own temp store.
+#[derive(Debug)]
+pub struct TestCluster {
+    pub nodes: Vec<NatsServer>,
+    _dirs: Vec<TempDir>,
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released; the window for a clash is tiny).
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+impl TestCluster {
+    pub async fn start(n: usize) -> Result<Self> {
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
+        let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
+        let mut dirs = Vec::new();
+        let mut starting = Vec::new();
+        for i in 0..n {
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("usbpt-cluster-{i}-"))
+                .tempdir()?;
+            let mut config = ServerConfig::new(dir.path());
+            config.name = format!("n{i}");
+            config.port = Some(client_ports[i]);
+            config.cluster = Some(ClusterConfig {
+                name: "usbpt-test".into(),
+                port: cluster_ports[i],
+                routes: cluster_ports
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, p)| *p)
+                    .collect(),
+            });
+            dirs.push(dir);
+            // Nodes only report ready once they can reach a JetStream quorum: start them together.
+            starting.push(tokio::spawn(NatsServer::start(config)));
+        }
+        let mut nodes = Vec::new();
+        for s in starting {
+            nodes.push(
+                s.await
+                    .context("join node start")?
+                    .context("start cluster node")?,
+            );
+        }
+        // "Server is ready" comes before the JetStream meta leader is elected; the server
+        // offers no notification for that, so ask until the JetStream API answers.
+        let client = usbpt_bus::async_nats::connect(nodes[0].url()).await?;
+        let js = usbpt_bus::async_nats::jetstream::new(client);
+        eventually(Duration::from_secs(30), || {
+            let js = js.clone();
+            async move { js.query_account().await.ok() }
+        })
+        .await
+        .context("JetStream cluster never became ready")?;
+        Ok(Self { nodes, _dirs: dirs })
+    }
+
+    /// A URL listing every node, so a client fails over.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
