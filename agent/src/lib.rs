@@ -1,1 +1,25 @@
-//! Host agent: the only crate that touches udev, sysfs and libvirt. (Built in issue 3.)
+//! Host agent: the only crate that touches udev, sysfs and libvirt.
+//!
+//! - [`source`]: udev enumeration and monitor (the only udev code), behind the [`DeviceSource`]
+//!   boundary; [`source::simulated`] feeds code-made devices through the same path.
+//! - [`resolver`]: pure identity decisions (enumerations, lineages, clashes, reconciliation).
+//! - [`filter`]: which devices are passthrough candidates (built-in rules, TOML, blueprint JSON).
+//! - [`store`]: the redb state and outbox; [`publisher`]: drains the outbox into JetStream.
+//! - [`run()`]: the agent process.
+
+pub mod filter;
+pub mod libvirt;
+pub mod observation;
+pub mod progress;
+pub mod publisher;
+pub mod resolver;
+pub mod run;
+pub mod source;
+pub mod store;
+
+pub use filter::{Decision, Filter, FilterError};
+pub use observation::{Action, Interface, Observation, UsbDevice};
+pub use progress::{Progress, ProgressSink};
+pub use publisher::BusTarget;
+pub use run::{read_boot_id, run, AgentConfig, AgentError, AGENT_VERSION};
+pub use source::{DeviceSource, SourceError, SourceEvent, UdevSource};

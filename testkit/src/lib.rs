@@ -9,6 +9,10 @@ use tempfile::TempDir;
 use usbpt_bus::server::{ClusterConfig, NatsServer, ServerConfig};
 use usbpt_bus::{Bus, StreamSettings};
 
+/// umockdev testbeds for agent tests (feature `umockdev`: links libumockdev).
+#[cfg(feature = "umockdev")]
+pub mod umockdev;
+
 /// A private nats-server for one test.
 #[derive(Debug)]
 pub struct TestNats {

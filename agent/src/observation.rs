@@ -1,0 +1,121 @@
+//! What a device source reports: USB devices as the host sees them, and what happened to them.
+//! Plain data with no udev in it, so a simulated source (the demo) feeds the same resolver and
+//! outbox as the real udev monitor.
+
+use serde::{Deserialize, Serialize};
+use usbpt_schemas::{PortPath, ProductId, UsbAddress, VendorId};
+
+/// One interface of the active configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Interface {
+    /// `bInterfaceClass`.
+    pub class: u8,
+    /// `bInterfaceSubClass`.
+    pub subclass: u8,
+    /// `bInterfaceProtocol`.
+    pub protocol: u8,
+}
+
+impl Interface {
+    pub const fn new(class: u8, subclass: u8, protocol: u8) -> Self {
+        Self {
+            class,
+            subclass,
+            protocol,
+        }
+    }
+}
+
+/// One USB device (udev `usb`/`usb_device`) present on the host now: one enumeration's raw
+/// descriptors, read from sysfs and udev's properties.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsbDevice {
+    /// `/sys/devices/…/1-2.3`: where the kernel put it; the key of the agent's local state.
+    pub syspath: String,
+    /// The kernel name (`1-2.3`): bus and hub ports.
+    pub port_path: PortPath,
+    /// `busnum` and `devnum`: change on every re-enumeration.
+    pub address: UsbAddress,
+    pub vendor_id: VendorId,
+    pub product_id: ProductId,
+    /// The `serial` attribute, trimmed; `None` when absent or blank.
+    pub serial: Option<String>,
+    /// `bDeviceClass`.
+    pub device_class: u8,
+    /// The active configuration's interfaces, in interface order.
+    pub interfaces: Vec<Interface>,
+    pub manufacturer: Option<String>,
+    pub product: Option<String>,
+    /// hwdb's `ID_VENDOR_FROM_DATABASE`.
+    pub vendor_db: Option<String>,
+    /// hwdb's `ID_MODEL_FROM_DATABASE`.
+    pub model_db: Option<String>,
+    /// sysfs `speed` (Mbit/s as the kernel prints it).
+    pub speed: Option<String>,
+    /// sysfs `version` (bcdUSB), trimmed: `2.00`.
+    pub usb_version: Option<String>,
+}
+
+impl UsbDevice {
+    /// True when `other` is the same enumeration: same address and the same identity
+    /// descriptors. A different devnum at the same syspath is a re-enumeration.
+    pub fn same_enumeration(&self, other: &UsbDevice) -> bool {
+        self.address == other.address
+            && self.port_path == other.port_path
+            && self.vendor_id == other.vendor_id
+            && self.product_id == other.product_id
+            && self.serial == other.serial
+    }
+
+    /// `vvvv:pppp` for logs.
+    pub fn ids(&self) -> String {
+        format!("{}:{}", self.vendor_id, self.product_id)
+    }
+}
+
+/// The udev action behind a [`Observation::Present`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Action {
+    Add,
+    Change,
+    Bind,
+    /// A driver let go of the device; it is still there.
+    Unbind,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Add => "add",
+            Action::Change => "change",
+            Action::Bind => "bind",
+            Action::Unbind => "unbind",
+        }
+    }
+}
+
+/// One thing a source saw happen.
+// Observations live for one resolver step; plain variants are easier to build and match than a
+// boxed device.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Observation {
+    /// The device is present with these descriptors (`add`, `change`, `bind`, `unbind`).
+    Present { action: Action, device: UsbDevice },
+    /// The device at `syspath` is gone (`remove`). `address` is the enumeration the event was
+    /// about, when it said: a stale `remove` of an older enumeration at the same syspath (queued
+    /// while the agent rescanned) must not end the current one.
+    Removed {
+        syspath: String,
+        address: Option<UsbAddress>,
+    },
+}
+
+impl Observation {
+    pub fn syspath(&self) -> &str {
+        match self {
+            Observation::Present { device, .. } => &device.syspath,
+            Observation::Removed { syspath, .. } => syspath,
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! The agent process: open the state, enumerate once, reconcile, queue `HostAgentStarted`, then
+//! resolve observations as they come, each batch committed (state + outbox) in one redb
+//! transaction before the publisher is woken. No polling: the loop sleeps until the source or
+//! the shutdown signal wakes it; the publisher sleeps until it is woken or retries an outage.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tracing::{error, info, info_span, warn, Instrument};
+use usbpt_schemas::{Envelope, Event, HostAgentStarted, HostName};
+
+use crate::filter::Filter;
+use crate::observation::Observation;
+use crate::progress::{Progress, ProgressSink};
+use crate::publisher::{BusTarget, Publisher};
+use crate::resolver::{self, Context, Reconcile, State, V7Ids};
+use crate::source::{DeviceSource, SourceError, SourceEvent};
+use crate::store::{self, Store, StoreError};
+
+/// The agent's version, as published in `HostAgentStarted`.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Everything the agent needs to run.
+#[derive(Clone)]
+pub struct AgentConfig {
+    pub host: HostName,
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`).
+    pub boot_id: String,
+    pub hypervisor_uri: String,
+    /// Holds `agent-{host}.redb`.
+    pub data_dir: PathBuf,
+    pub filter: Filter,
+    pub bus: BusTarget,
+    pub progress: ProgressSink,
+    /// How long a stopping agent keeps publishing what is queued (the rest waits in the outbox).
+    pub drain_on_stop: Duration,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("host", &self.host)
+            .field("boot_id", &self.boot_id)
+            .field("hypervisor_uri", &self.hypervisor_uri)
+            .field("data_dir", &self.data_dir)
+            .field("bus", &self.bus)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error("cannot create the data dir {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("the publisher task failed: {0}")]
+    Publisher(String),
+}
+
+/// Reads a boot id file (trimmed); an empty file is an error naming it.
+pub fn read_boot_id(path: &std::path::Path) -> Result<String, std::io::Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot read boot id file {}: {e}", path.display()),
+        )
+    })?;
+    let id = text.trim();
+    if id.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("boot id file {} is empty", path.display()),
+        ));
+    }
+    Ok(id.to_owned())
+}
+
+struct Agent {
+    config: AgentConfig,
+    store: Arc<Store>,
+    state: State,
+    wake: Arc<Notify>,
+    filtered_total: u64,
+}
+
+impl Agent {
+    fn ctx(&self) -> Context<'_> {
+        Context {
+            host: &self.config.host,
+            boot_id: &self.config.boot_id,
+        }
+    }
+
+    /// Commits `events` with the state change from `before`, logs them and wakes the publisher.
+    fn commit(&mut self, before: &State, events: Vec<Event>) -> Result<u64, StoreError> {
+        self.log_filtered(before);
+        if events.is_empty() && *before == self.state {
+            return self.store.outbox_len();
+        }
+        for e in &events {
+            log_event(e);
+        }
+        let envelopes: Vec<Envelope> = events.into_iter().map(Envelope::new).collect();
+        self.store.commit(before, &self.state, &envelopes)?;
+        if !envelopes.is_empty() {
+            self.wake.notify_one();
+        }
+        self.store.outbox_len()
+    }
+
+    fn log_filtered(&mut self, before: &State) {
+        for (path, k) in &self.state.devices {
+            if let Some(reason) = &k.filtered {
+                let new = before
+                    .devices
+                    .get(path)
+                    .is_none_or(|b| b.device_id != k.device_id || b.filtered.is_none());
+                if new {
+                    self.filtered_total += 1;
+                    info!(
+                        port = %k.device.port_path,
+                        ids = %k.device.ids(),
+                        address = %k.device.address,
+                        %reason,
+                        filtered_total = self.filtered_total,
+                        "not a passthrough candidate"
+                    );
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, snapshot: Vec<crate::observation::UsbDevice>) -> Result<u64, StoreError> {
+        let before = self.state.clone();
+        let previous_boot = before.boot_id.clone();
+        let ctx = self.ctx();
+        let mut state = self.state.clone();
+        let mut events = resolver::reconcile(
+            &mut state,
+            ctx,
+            &self.config.filter,
+            snapshot,
+            Reconcile::Start,
+            &mut V7Ids,
+        );
+        self.state = state;
+        info!(
+            previous_boot = previous_boot.as_deref().unwrap_or("none"),
+            boot = %self.config.boot_id,
+            events = events.len(),
+            "reconciled with the devices present at start"
+        );
+        events.push(Event::HostAgentStarted(HostAgentStarted {
+            host: self.config.host.clone(),
+            boot_id: self.config.boot_id.clone(),
+            agent_version: AGENT_VERSION.to_owned(),
+            hypervisor_uri: self.config.hypervisor_uri.clone(),
+        }));
+        self.commit(&before, events)
+    }
+
+    fn observed(&mut self, observations: Vec<Observation>) -> Result<(), StoreError> {
+        let before = self.state.clone();
+        let mut state = self.state.clone();
+        let mut events = Vec::new();
+        let mut causes = Vec::new();
+        for o in observations {
+            causes.push(describe(&o));
+            let ctx = self.ctx();
+            events.extend(resolver::observe(
+                &mut state,
+                ctx,
+                &self.config.filter,
+                o,
+                &mut V7Ids,
+            ));
+        }
+        self.state = state;
+        let count = events.len();
+        let outbox = self.commit(&before, events)?;
+        if count > 0 {
+            const SHOWN: usize = 8;
+            let mut cause = causes
+                .iter()
+                .take(SHOWN)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
+            if causes.len() > SHOWN {
+                cause.push_str(&format!(" (+{} more)", causes.len() - SHOWN));
+            }
+            (self.config.progress)(&Progress::Queued {
+                events: count,
+                outbox,
+                cause,
+            });
+        }
+        Ok(())
+    }
+
+    fn rescan(
+        &mut self,
+        reason: String,
+        snapshot: Vec<crate::observation::UsbDevice>,
+    ) -> Result<(), StoreError> {
+        let before = self.state.clone();
+        let mut state = self.state.clone();
+        let ctx = self.ctx();
+        let events = resolver::reconcile(
+            &mut state,
+            ctx,
+            &self.config.filter,
+            snapshot,
+            Reconcile::Rescan,
+            &mut V7Ids,
+        );
+        self.state = state;
+        let count = events.len();
+        warn!(%reason, events = count, "rescanned after possible event loss");
+        let outbox = self.commit(&before, events)?;
+        (self.config.progress)(&Progress::Rescanned {
+            reason,
+            events: count,
+            outbox,
+        });
+        Ok(())
+    }
+}
+
+fn describe(o: &Observation) -> String {
+    match o {
+        Observation::Present { action, device } => {
+            format!("{} {}", action.as_str(), device.port_path)
+        }
+        Observation::Removed { syspath, .. } => {
+            let name = syspath.rsplit('/').next().unwrap_or(syspath);
+            format!("remove {name}")
+        }
+    }
+}
+
+fn log_event(e: &Event) {
+    match e {
+        Event::DeviceDiscovered(d) => info!(
+            device_id = %d.device_id,
+            lineage_id = %d.lineage_id,
+            lineage = ?d.lineage_kind,
+            port = %d.port_path,
+            address = %d.address,
+            ids = %format!("{}:{}", d.vendor_id, d.product_id),
+            supersedes = ?d.supersedes.map(|s| s.to_string()),
+            "device discovered"
+        ),
+        Event::DeviceInvalidated(d) => info!(
+            device_id = %d.device_id,
+            reason = ?d.reason,
+            superseded_by = ?d.superseded_by.map(|s| s.to_string()),
+            "device invalidated"
+        ),
+        Event::DeviceClashDetected(c) => warn!(
+            ids = %format!("{}:{}", c.vendor_id, c.product_id),
+            serial = %c.serial,
+            ports = ?c.port_paths.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "devices share a serial: they get port lineages"
+        ),
+        other => info!(kind = other.kind(), "event"),
+    }
+}
+
+/// Runs the agent until `shutdown` completes (or a fatal error). The source must already be
+/// listening, so that nothing between the enumeration and the first `next()` is missed.
+pub async fn run<S: DeviceSource>(
+    config: AgentConfig,
+    mut source: S,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    let span = info_span!("agent", host = %config.host);
+    async move {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
+        let path = config.data_dir.join(store::file_name(&config.host));
+        let (store, state) = Store::open(&path)?;
+        info!(state = %path.display(), known = state.devices.len(), "opened agent state");
+        let mut agent = Agent {
+            store: Arc::new(store),
+            state,
+            wake: Arc::new(Notify::new()),
+            filtered_total: 0,
+            config,
+        };
+        let snapshot = source.snapshot()?;
+        let outbox = agent.start(snapshot)?;
+        (agent.config.progress)(&Progress::Ready {
+            host: agent.config.host.to_string(),
+            boot_id: agent.config.boot_id.clone(),
+            candidates: agent.state.candidates().count(),
+            filtered: agent.state.filtered_count(),
+            outbox,
+        });
+        info!(
+            candidates = agent.state.candidates().count(),
+            filtered = agent.state.filtered_count(),
+            outbox,
+            "watching for hotplug"
+        );
+
+        let (stop_tx, stop_rx) = watch::channel(None);
+        let publisher = Publisher {
+            store: agent.store.clone(),
+            target: agent.config.bus.clone(),
+            wake: agent.wake.clone(),
+            progress: agent.config.progress.clone(),
+        };
+        let mut publishing = tokio::spawn(publisher.run(stop_rx).in_current_span());
+
+        tokio::pin!(shutdown);
+        let result: Result<(), AgentError> = loop {
+            tokio::select! {
+                _ = &mut shutdown => break Ok(()),
+                done = &mut publishing => {
+                    break Err(match done {
+                        Ok(Ok(_)) => AgentError::Publisher("stopped unexpectedly".into()),
+                        Ok(Err(e)) => AgentError::Store(e),
+                        Err(e) => AgentError::Publisher(e.to_string()),
+                    });
+                }
+                next = source.next() => {
+                    let step = match next {
+                        Ok(SourceEvent::Observed(obs)) => agent.observed(obs).map_err(AgentError::from),
+                        Ok(SourceEvent::Lost(reason)) => match source.snapshot() {
+                            Ok(snapshot) => agent.rescan(reason, snapshot).map_err(AgentError::from),
+                            Err(e) => Err(e.into()),
+                        },
+                        Err(e) => Err(e.into()),
+                    };
+                    if let Err(e) = step {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+
+        let _ = stop_tx.send(Some(Instant::now() + agent.config.drain_on_stop));
+        if !publishing.is_finished() {
+            match publishing.await {
+                Ok(Ok(n)) => info!(published = n, "publisher stopped"),
+                Ok(Err(e)) => error!(error = %e, "publisher failed"),
+                Err(e) => error!(error = %e, "publisher task failed"),
+            }
+        }
+        let outbox = agent.store.outbox_len().unwrap_or(0);
+        info!(outbox, "agent stopped");
+        (agent.config.progress)(&Progress::Stopped { outbox });
+        result
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,438 @@
+//! The agent's local state and outbox, in one redb file (`agent-{host}.redb` in the data dir).
+//!
+//! Every event the resolver decides is written to the outbox in the same transaction as the
+//! state it leads to, before anything is published; the publisher removes an entry only after
+//! JetStream acknowledged it. A crash at any point loses nothing: at worst an event that was
+//! stored in the stream is published again, and `Nats-Msg-Id` (plus the publisher's check of
+//! the subject's last message) keeps it out of the stream the second time.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use thiserror::Error;
+use usbpt_schemas::{codec, DeviceId, Envelope, LineageId, PortPath, ProductId, VendorId};
+
+use crate::resolver::{ClashKey, Known, State};
+
+/// `meta`: `format` (u32, little endian) and `boot_id` (UTF-8).
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Present enumerations by syspath: postcard of [`Known`].
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+/// Lineage id → its latest published enumeration's device id (both as u128).
+const LINEAGES: TableDefinition<u128, u128> = TableDefinition::new("lineages");
+/// Clashing serials: postcard of (vendor, product, serial) → postcard of the reported ports.
+const CLASHES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("clashes");
+/// The outbox: a sequence number (publishing order) → the encoded envelope.
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+
+/// The layout version of this file. A different one is refused, never guessed at.
+const FORMAT: u32 = 1;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("agent state {path}: {source}")]
+    Redb {
+        path: String,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("agent state {path} has layout version {found}, this agent writes version {FORMAT}; move the file away to start afresh (its outbox may hold unpublished events)")]
+    Format { path: String, found: u32 },
+    #[error("agent state {path}: cannot decode {what}: {message}")]
+    Decode {
+        path: String,
+        what: String,
+        message: String,
+    },
+    #[error("agent state {path}: cannot encode: {message}")]
+    Encode { path: String, message: String },
+}
+
+/// The opened redb file.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+/// The file name of `host`'s state in a data dir.
+pub fn file_name(host: &usbpt_schemas::HostName) -> String {
+    format!("agent-{host}.redb")
+}
+
+impl Store {
+    /// Opens (creating if needed) the state file and loads what it knows. Fails with a clear
+    /// error when another agent holds the file.
+    pub fn open(path: &Path) -> Result<(Self, State), StoreError> {
+        let shown = path.display().to_string();
+        let redb_err = |e: redb::Error| StoreError::Redb {
+            path: shown.clone(),
+            source: e,
+        };
+        let db = Database::create(path).map_err(|e| redb_err(e.into()))?;
+        let store = Self {
+            db,
+            path: path.to_owned(),
+        };
+        store.init()?;
+        let state = store.load()?;
+        Ok((store, state))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self) -> impl Fn(redb::Error) -> StoreError + '_ {
+        |source| StoreError::Redb {
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+    fn decode_err(&self, what: &str, message: impl ToString) -> StoreError {
+        StoreError::Decode {
+            path: self.path.display().to_string(),
+            what: what.to_owned(),
+            message: message.to_string(),
+        }
+    }
+    fn encode_err(&self, message: impl ToString) -> StoreError {
+        StoreError::Encode {
+            path: self.path.display().to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    fn init(&self) -> Result<(), StoreError> {
+        let e = self.err();
+        let tx = self.db.begin_write().map_err(|x| e(x.into()))?;
+        {
+            let mut meta = tx.open_table(META).map_err(|x| e(x.into()))?;
+            let found = meta
+                .get("format")
+                .map_err(|x| e(x.into()))?
+                .map(|v| v.value().to_vec());
+            match found {
+                None => {
+                    meta.insert("format", FORMAT.to_le_bytes().as_slice())
+                        .map_err(|x| e(x.into()))?;
+                }
+                Some(bytes) => {
+                    let found = <[u8; 4]>::try_from(bytes.as_slice())
+                        .map(u32::from_le_bytes)
+                        .unwrap_or(u32::MAX);
+                    if found != FORMAT {
+                        return Err(StoreError::Format {
+                            path: self.path.display().to_string(),
+                            found,
+                        });
+                    }
+                }
+            }
+            tx.open_table(DEVICES).map_err(|x| e(x.into()))?;
+            tx.open_table(LINEAGES).map_err(|x| e(x.into()))?;
+            tx.open_table(CLASHES).map_err(|x| e(x.into()))?;
+            tx.open_table(OUTBOX).map_err(|x| e(x.into()))?;
+        }
+        tx.commit().map_err(|x| e(x.into()))
+    }
+
+    fn load(&self) -> Result<State, StoreError> {
+        let e = self.err();
+        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let mut state = State::default();
+        let meta = tx.open_table(META).map_err(|x| e(x.into()))?;
+        if let Some(v) = meta.get("boot_id").map_err(|x| e(x.into()))? {
+            let boot =
+                String::from_utf8(v.value().to_vec()).map_err(|x| self.decode_err("boot id", x))?;
+            state.boot_id = Some(boot);
+        }
+        let devices = tx.open_table(DEVICES).map_err(|x| e(x.into()))?;
+        for row in devices.iter().map_err(|x| e(x.into()))? {
+            let (k, v) = row.map_err(|x| e(x.into()))?;
+            let known: Known = postcard::from_bytes(v.value())
+                .map_err(|x| self.decode_err(&format!("device {}", k.value()), x))?;
+            state.devices.insert(k.value().to_owned(), known);
+        }
+        let lineages = tx.open_table(LINEAGES).map_err(|x| e(x.into()))?;
+        for row in lineages.iter().map_err(|x| e(x.into()))? {
+            let (k, v) = row.map_err(|x| e(x.into()))?;
+            state.lineages.insert(
+                LineageId::from_uuid(uuid_of(k.value())),
+                DeviceId::from_uuid(uuid_of(v.value())),
+            );
+        }
+        let clashes = tx.open_table(CLASHES).map_err(|x| e(x.into()))?;
+        for row in clashes.iter().map_err(|x| e(x.into()))? {
+            let (k, v) = row.map_err(|x| e(x.into()))?;
+            let key: (VendorId, ProductId, String) =
+                postcard::from_bytes(k.value()).map_err(|x| self.decode_err("clash key", x))?;
+            let ports: Vec<PortPath> =
+                postcard::from_bytes(v.value()).map_err(|x| self.decode_err("clash ports", x))?;
+            state.clashes.insert(key, ports.into_iter().collect());
+        }
+        Ok(state)
+    }
+
+    /// Writes the state change from `before` to `after` and appends `events` to the outbox, in
+    /// one durable transaction.
+    pub fn commit(
+        &self,
+        before: &State,
+        after: &State,
+        events: &[Envelope],
+    ) -> Result<(), StoreError> {
+        let e = self.err();
+        let tx = self.db.begin_write().map_err(|x| e(x.into()))?;
+        {
+            if before.boot_id != after.boot_id {
+                let mut meta = tx.open_table(META).map_err(|x| e(x.into()))?;
+                match &after.boot_id {
+                    Some(b) => meta.insert("boot_id", b.as_bytes()).map(|_| ()),
+                    None => meta.remove("boot_id").map(|_| ()),
+                }
+                .map_err(|x| e(x.into()))?;
+            }
+            let mut devices = tx.open_table(DEVICES).map_err(|x| e(x.into()))?;
+            for (path, known) in changed(&before.devices, &after.devices) {
+                match known {
+                    Some(k) => {
+                        let bytes = postcard::to_allocvec(k).map_err(|x| self.encode_err(x))?;
+                        devices.insert(path.as_str(), bytes.as_slice()).map(|_| ())
+                    }
+                    None => devices.remove(path.as_str()).map(|_| ()),
+                }
+                .map_err(|x| e(x.into()))?;
+            }
+            let mut lineages = tx.open_table(LINEAGES).map_err(|x| e(x.into()))?;
+            for (lineage, device) in changed(&before.lineages, &after.lineages) {
+                let key = lineage.as_uuid().as_u128();
+                match device {
+                    Some(d) => lineages.insert(key, d.as_uuid().as_u128()).map(|_| ()),
+                    None => lineages.remove(key).map(|_| ()),
+                }
+                .map_err(|x| e(x.into()))?;
+            }
+            let mut clashes = tx.open_table(CLASHES).map_err(|x| e(x.into()))?;
+            for (key, ports) in changed(&before.clashes, &after.clashes) {
+                let k = clash_bytes(key).map_err(|x| self.encode_err(x))?;
+                match ports {
+                    Some(p) => {
+                        let v: Vec<&PortPath> = p.iter().collect();
+                        let v = postcard::to_allocvec(&v).map_err(|x| self.encode_err(x))?;
+                        clashes.insert(k.as_slice(), v.as_slice()).map(|_| ())
+                    }
+                    None => clashes.remove(k.as_slice()).map(|_| ()),
+                }
+                .map_err(|x| e(x.into()))?;
+            }
+            let mut outbox = tx.open_table(OUTBOX).map_err(|x| e(x.into()))?;
+            let first = outbox
+                .last()
+                .map_err(|x| e(x.into()))?
+                .map_or(1, |(k, _)| k.value() + 1);
+            for (seq, env) in (first..).zip(events) {
+                let bytes = codec::encode(env).map_err(|x| self.encode_err(x))?;
+                outbox
+                    .insert(seq, bytes.as_slice())
+                    .map_err(|x| e(x.into()))?;
+            }
+        }
+        tx.commit().map_err(|x| e(x.into()))
+    }
+
+    /// The oldest unpublished event, with its outbox sequence.
+    pub fn outbox_first(&self) -> Result<Option<(u64, Envelope)>, StoreError> {
+        Ok(self.outbox_head(1)?.into_iter().next())
+    }
+
+    /// Up to `limit` unpublished events, oldest first.
+    pub fn outbox_head(&self, limit: usize) -> Result<Vec<(u64, Envelope)>, StoreError> {
+        let e = self.err();
+        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let outbox = tx.open_table(OUTBOX).map_err(|x| e(x.into()))?;
+        let mut out = Vec::new();
+        for row in outbox.iter().map_err(|x| e(x.into()))?.take(limit) {
+            let (k, v) = row.map_err(|x| e(x.into()))?;
+            let env = codec::decode(v.value())
+                .map_err(|x| self.decode_err(&format!("outbox entry {}", k.value()), x))?;
+            out.push((k.value(), env));
+        }
+        Ok(out)
+    }
+
+    /// Removes a published event (after its ack).
+    pub fn outbox_remove(&self, seq: u64) -> Result<(), StoreError> {
+        let e = self.err();
+        let tx = self.db.begin_write().map_err(|x| e(x.into()))?;
+        {
+            let mut outbox = tx.open_table(OUTBOX).map_err(|x| e(x.into()))?;
+            outbox.remove(seq).map_err(|x| e(x.into()))?;
+        }
+        tx.commit().map_err(|x| e(x.into()))
+    }
+
+    /// How many events wait to be published.
+    pub fn outbox_len(&self) -> Result<u64, StoreError> {
+        let e = self.err();
+        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let outbox = tx.open_table(OUTBOX).map_err(|x| e(x.into()))?;
+        outbox.len().map_err(|x| e(x.into()))
+    }
+}
+
+fn uuid_of(v: u128) -> uuid::Uuid {
+    uuid::Uuid::from_u128(v)
+}
+
+fn clash_bytes(key: &ClashKey) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_allocvec(key)
+}
+
+/// Entries that differ between two maps: `Some(new value)` for inserted or changed keys,
+/// `None` for removed ones.
+fn changed<'a, K: Ord, V: PartialEq>(
+    before: &'a BTreeMap<K, V>,
+    after: &'a BTreeMap<K, V>,
+) -> Vec<(&'a K, Option<&'a V>)> {
+    let mut out: Vec<(&K, Option<&V>)> = after
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .map(|(k, v)| (k, Some(v)))
+        .collect();
+    out.extend(
+        before
+            .keys()
+            .filter(|k| !after.contains_key(*k))
+            .map(|k| (k, None)),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::filter::Filter;
+    use crate::observation::{Interface, UsbDevice};
+    use crate::resolver::{reconcile, Context, Reconcile, V7Ids};
+    use usbpt_schemas::{Event, HostAgentStarted, HostName, UsbAddress};
+
+    fn device(port: &str, devnum: u16, serial: &str) -> UsbDevice {
+        UsbDevice {
+            syspath: format!("/sys/devices/pci0000:00/usb1/{port}"),
+            port_path: port.parse().expect("port"),
+            address: UsbAddress::new(1, devnum).expect("address"),
+            vendor_id: VendorId(0x04a9),
+            product_id: ProductId(0x31c0),
+            serial: Some(serial.into()),
+            device_class: 0,
+            interfaces: vec![Interface::new(6, 1, 1)],
+            manufacturer: Some("Canon Inc.".into()),
+            product: None,
+            vendor_db: None,
+            model_db: None,
+            speed: Some("480".into()),
+            usb_version: Some("2.00".into()),
+        }
+    }
+
+    fn started(host: &HostName) -> Envelope {
+        Envelope::new(Event::HostAgentStarted(HostAgentStarted {
+            host: host.clone(),
+            boot_id: "b".into(),
+            agent_version: "0".into(),
+            hypervisor_uri: "test:///default".into(),
+        }))
+    }
+
+    #[test]
+    fn state_and_outbox_survive_reopening_and_drain_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = HostName::new("h1").expect("host");
+        let path = dir.path().join(file_name(&host));
+        let (store, empty) = Store::open(&path).expect("open");
+        assert_eq!(empty, State::default());
+
+        let mut state = empty.clone();
+        let ctx = Context {
+            host: &host,
+            boot_id: "boot-1",
+        };
+        let snapshot = vec![
+            device("1-1", 3, "AAA"),
+            device("1-2", 4, "BBB"),
+            device("1-3", 5, "BBB"),
+        ];
+        let events = reconcile(
+            &mut state,
+            ctx,
+            &Filter::default(),
+            snapshot,
+            Reconcile::Start,
+            &mut V7Ids,
+        );
+        assert_eq!(events.len(), 4, "3 discovered + 1 clash");
+        let mut envs: Vec<Envelope> = events.into_iter().map(Envelope::new).collect();
+        envs.push(started(&host));
+        store.commit(&empty, &state, &envs).expect("commit");
+        drop(store);
+
+        let (store, loaded) = Store::open(&path).expect("reopen");
+        assert_eq!(loaded, state);
+        assert_eq!(store.outbox_len().expect("len"), 5);
+        let head = store.outbox_head(10).expect("head");
+        let ids: Vec<_> = head.iter().map(|(_, e)| e.event_id).collect();
+        assert_eq!(ids, envs.iter().map(|e| e.event_id).collect::<Vec<_>>());
+        assert_eq!(head[0].1, envs[0]);
+        store.outbox_remove(head[0].0).expect("remove");
+        assert_eq!(
+            store
+                .outbox_first()
+                .expect("first")
+                .map(|(_, e)| e.event_id),
+            Some(envs[1].event_id)
+        );
+
+        // A change: one device leaves; the diff is written, the outbox keeps counting up.
+        let mut next = loaded.clone();
+        next.devices.remove("/sys/devices/pci0000:00/usb1/1-3");
+        next.clashes.clear();
+        next.boot_id = Some("boot-2".into());
+        store
+            .commit(&loaded, &next, &[started(&host)])
+            .expect("commit");
+        let seqs: Vec<u64> = store
+            .outbox_head(10)
+            .expect("head")
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(seqs, [2, 3, 4, 5, 6]);
+        drop(store);
+        let (_, reloaded) = Store::open(&path).expect("reopen");
+        assert_eq!(reloaded, next);
+    }
+
+    #[test]
+    fn a_second_agent_on_the_same_file_is_refused_and_a_foreign_format_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent-h.redb");
+        let (store, _) = Store::open(&path).expect("open");
+        let err = Store::open(&path).expect_err("locked").to_string();
+        assert!(err.contains("agent-h.redb"), "{err}");
+        drop(store);
+
+        let db = Database::create(&path).expect("db");
+        let tx = db.begin_write().expect("tx");
+        {
+            let mut meta = tx.open_table(META).expect("meta");
+            meta.insert("format", 7u32.to_le_bytes().as_slice())
+                .expect("insert");
+        }
+        tx.commit().expect("commit");
+        drop(db);
+        let err = Store::open(&path).expect_err("format").to_string();
+        assert!(err.contains("layout version 7"), "{err}");
+    }
+}

@@ -1,0 +1,93 @@
+//! `usbpt agent --host NAME [--hypervisor URI] [--filter FILE] [--boot-id-file PATH]`: the
+//! udev-driven host agent. Progress goes to stdout as JSON lines, logs to stderr.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use usbpt_agent::{progress, read_boot_id, AgentConfig, BusTarget, Filter, UdevSource};
+use usbpt_bus::StreamSettings;
+use usbpt_schemas::HostName;
+
+use crate::cli::Global;
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// This hypervisor host's name (a subject token: letters, digits, '_' and '-').
+    #[arg(long)]
+    pub host: HostName,
+    /// The libvirt URI the agent drives, as reported in HostAgentStarted.
+    #[arg(long, default_value = "qemu:///system")]
+    pub hypervisor: String,
+    /// Passthrough filter: TOML rules, or the blueprint's usb_passthrough_blacklist as a .json
+    /// file. Without it: root hubs, hubs and HID boot keyboards/mice are not candidates.
+    #[arg(long)]
+    pub filter: Option<PathBuf>,
+    /// Where the kernel's boot id is read; a change means the host rebooted.
+    #[arg(long, default_value = "/proc/sys/kernel/random/boot_id")]
+    pub boot_id_file: PathBuf,
+}
+
+/// The data dir when `--data-dir`/`USBPT_DATA_DIR` is not given: `/var/lib/usbpt` for root (a
+/// host agent normally runs as root), else `$XDG_STATE_HOME/usbpt` or `~/.local/state/usbpt`.
+pub fn default_data_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the process's effective user.
+    if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+        return Ok(PathBuf::from("/var/lib/usbpt"));
+    }
+    if let Some(state) = std::env::var_os("XDG_STATE_HOME").filter(|s| !s.is_empty()) {
+        return Ok(PathBuf::from(state).join("usbpt"));
+    }
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).context(
+        "no --data-dir, USBPT_DATA_DIR, XDG_STATE_HOME or HOME to keep the agent's state in",
+    )?;
+    Ok(PathBuf::from(home).join(".local/state/usbpt"))
+}
+
+pub async fn run(global: &Global, args: AgentArgs) -> Result<()> {
+    let data_dir = match &global.data_dir {
+        Some(d) => d.clone(),
+        None => default_data_dir()?,
+    };
+    let boot_id = read_boot_id(&args.boot_id_file)?;
+    let filter = match &args.filter {
+        Some(path) => Filter::load(path)?,
+        None => Filter::default(),
+    };
+    let config = AgentConfig {
+        host: args.host,
+        boot_id,
+        hypervisor_uri: args.hypervisor,
+        data_dir,
+        filter,
+        bus: BusTarget {
+            url: global.nats.clone(),
+            creds: global.creds.clone(),
+            settings: StreamSettings::default(),
+        },
+        progress: progress::stdout(),
+        drain_on_stop: Duration::from_secs(2),
+    };
+    tracing::info!(?config, "starting the host agent");
+    let source = UdevSource::open()?;
+    usbpt_agent::run(config, source, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still dies on the default action.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}
