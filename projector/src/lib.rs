@@ -1,1 +1,37 @@
-//! Projector: folds the event stream, exactly once, into a redb view. (Built in issue 4.)
+//! The read side of usbpt: folds the `USBPT_EVENTS` stream, exactly once, into a redb view
+//! that scheduling, flavor binding, operators and auditors read.
+//!
+//! - [`View`]: the redb file. [`View::apply_batch`] folds a batch in one write transaction that
+//!   also stores the last applied stream sequence; [`View::snapshot`] gives a consistent
+//!   [`Snapshot`] with the read API (devices, lineages and their history, free devices by
+//!   vendor:product or host through indexes, hosts, flavors, servers, claims, the last sequence
+//!   per control-plane subject for fenced publishes, the quarantine, counters).
+//! - [`fold::apply`]: how one event changes the view — a pure function of (view, sequence,
+//!   subject, envelope): **no clock, no randomness, no I/O**, so a replay gives the same bytes.
+//!   Bad input (garbage, unknown versions or events, forged hosts, events about unknown
+//!   devices, contradictions) is quarantined with a counted reason; it never stops the fold.
+//! - [`Projector`]: the durable pull consumer with explicit fetch loops, acking each batch
+//!   after its commit; resumes from the view's last applied sequence.
+//! - [`replay::rebuild`] (audit replay into a fresh file) and [`digest`] (canonical digests
+//!   and the first differing key between two views).
+//! - [`workload`]: a deterministic synthetic history for tests and benchmarks.
+
+pub mod digest;
+mod error;
+pub mod fold;
+pub mod metrics;
+mod model;
+pub mod replay;
+mod runner;
+pub mod tables;
+mod view;
+pub mod workload;
+
+pub use error::ViewError;
+pub use metrics::ProjectorMetrics;
+pub use model::*;
+pub use runner::{Folded, Projector, ProjectorConfig, ProjectorError};
+pub use view::{BatchOptions, BatchReport, DeviceFilter, RawEvent, Snapshot, View, VIEW_FORMAT};
+
+/// The view file's name inside the data directory.
+pub const VIEW_FILE: &str = "view.redb";

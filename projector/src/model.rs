@@ -1,0 +1,364 @@
+//! The records the view stores. Values are postcard-encoded (append-only like the wire types: a
+//! change to a record is a new [`crate::VIEW_FORMAT`], and the view is rebuilt by replay).
+//!
+//! Nothing here uses `#[serde(skip_serializing_if)]` or `flatten`: postcard needs every field.
+
+use serde::{Deserialize, Serialize};
+use usbpt_schemas::{
+    AssignedDevice, AttachMethod, ControllerModel, DeviceDiscovered, DeviceId, FlavorId,
+    FlavorName, FollowPolicy, HostName, HostRejection, InvalidationReason, LineageId, LineageKind,
+    PortPath, ProductId, ReleaseReason, ServerAction, ServerId, ServerName, ServerState, Timestamp,
+    UsbAddress, UsbRequest, VendorId,
+};
+
+/// When something happened: the stream sequence of the event and the time the event carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    pub seq: u64,
+    pub at: Timestamp,
+}
+
+/// An enumeration's status (DESIGN §4): `available → claimed → attached → (released)
+/// available`; `invalidated` is terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceStatus {
+    Available,
+    Claimed,
+    Attached,
+    Invalidated,
+}
+
+impl DeviceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceStatus::Available => "available",
+            DeviceStatus::Claimed => "claimed",
+            DeviceStatus::Attached => "attached",
+            DeviceStatus::Invalidated => "invalidated",
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "available" => Ok(Self::Available),
+            "claimed" => Ok(Self::Claimed),
+            "attached" => Ok(Self::Attached),
+            "invalidated" => Ok(Self::Invalidated),
+            other => Err(format!(
+                "unknown device status {other:?} (available, claimed, attached, invalidated)"
+            )),
+        }
+    }
+}
+
+/// How an enumeration ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invalidation {
+    pub stamp: Stamp,
+    /// `None` while only a newer enumeration of the lineage is known (the agent's
+    /// `DeviceInvalidated` has not arrived yet); filled in when it does.
+    pub reason: Option<InvalidationReason>,
+    pub superseded_by: Option<DeviceId>,
+}
+
+/// The device is in a server's domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub server_id: ServerId,
+    pub address: UsbAddress,
+    pub method: AttachMethod,
+    pub detail: String,
+    pub stamp: Stamp,
+}
+
+/// How a server came to hold an enumeration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldKind {
+    /// `DeviceClaimed` named this enumeration.
+    Claimed,
+    /// A `lineage`-follow claim moved to this new enumeration when it was discovered.
+    Followed,
+    /// The agent re-attached this new enumeration (`DeviceReattached`).
+    Reattached,
+    /// The agent attached it without a claim the view knew of.
+    Attached,
+}
+
+/// Why a hold ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldEnd {
+    Released(ReleaseReason),
+    /// The claim moved on to a newer enumeration of the lineage.
+    MovedTo(DeviceId),
+}
+
+/// One server's hold on one enumeration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holding {
+    pub server_id: ServerId,
+    pub how: HoldKind,
+    pub from: Stamp,
+    pub attached: Option<Stamp>,
+    pub ended: Option<(Stamp, HoldEnd)>,
+}
+
+/// The last time the hypervisor refused this device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachError {
+    pub server_id: ServerId,
+    pub error: String,
+    pub stamp: Stamp,
+}
+
+/// One enumeration of a device (a `DeviceId`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    /// Everything the agent reported.
+    pub discovery: DeviceDiscovered,
+    pub status: DeviceStatus,
+    /// The server it is claimed for or attached to.
+    pub holder: Option<ServerId>,
+    /// Whether this is its lineage's newest enumeration.
+    pub current: bool,
+    pub discovered: Stamp,
+    pub invalidation: Option<Invalidation>,
+    pub attachment: Option<Attachment>,
+    /// Every server that held this enumeration, in order.
+    pub holders: Vec<Holding>,
+    pub attach_error: Option<AttachError>,
+    pub last_change_seq: u64,
+}
+
+impl Device {
+    pub fn id(&self) -> DeviceId {
+        self.discovery.device_id
+    }
+    pub fn lineage_id(&self) -> LineageId {
+        self.discovery.lineage_id
+    }
+    pub fn host(&self) -> &HostName {
+        &self.discovery.host
+    }
+    pub fn vendor_id(&self) -> VendorId {
+        self.discovery.vendor_id
+    }
+    pub fn product_id(&self) -> ProductId {
+        self.discovery.product_id
+    }
+    pub fn serial(&self) -> Option<&str> {
+        self.discovery.serial.as_deref()
+    }
+    pub fn address(&self) -> UsbAddress {
+        self.discovery.address
+    }
+    pub fn port_path(&self) -> &PortPath {
+        &self.discovery.port_path
+    }
+    /// Free for a new claim: available (which implies current).
+    pub fn is_free(&self) -> bool {
+        self.status == DeviceStatus::Available && self.current
+    }
+}
+
+/// The physical device across enumerations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lineage {
+    pub id: LineageId,
+    pub kind: LineageKind,
+    pub vendor_id: VendorId,
+    pub product_id: ProductId,
+    pub serial: Option<String>,
+    /// The newest enumeration.
+    pub current: DeviceId,
+    pub current_host: HostName,
+    /// How many enumerations it has had (its history's length).
+    pub enumerations: u32,
+    pub first_seen: Stamp,
+}
+
+/// An active claim on a lineage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub lineage_id: LineageId,
+    /// The enumeration the claim holds (possibly invalidated, until released or re-attached).
+    pub device_id: DeviceId,
+    pub host: HostName,
+    pub server_id: ServerId,
+    pub request_index: u16,
+    pub controller: ControllerModel,
+    pub follow: FollowPolicy,
+    pub claimed: Stamp,
+    /// A newer enumeration, claimed for the server (follow `lineage`), awaiting re-attach.
+    pub awaiting: Option<DeviceId>,
+}
+
+/// Two devices on a host share a serial (`DeviceClashDetected`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Clash {
+    pub vendor_id: VendorId,
+    pub product_id: ProductId,
+    pub serial: String,
+    pub port_paths: Vec<PortPath>,
+    pub stamp: Stamp,
+}
+
+/// A hypervisor host, as its agent (and its devices) reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub name: HostName,
+    pub boot_id: Option<String>,
+    pub agent_version: Option<String>,
+    pub hypervisor_uri: Option<String>,
+    /// The last `HostAgentStarted`.
+    pub agent_started: Option<Stamp>,
+    /// The last event published by this host's agent.
+    pub last_seen: Stamp,
+    pub clashes: Vec<Clash>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flavor {
+    pub id: FlavorId,
+    pub name: FlavorName,
+    pub usb: Vec<UsbRequest>,
+    pub created: Stamp,
+    pub deleted: Option<Stamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleFailure {
+    pub stamp: Stamp,
+    pub reason: String,
+    pub host_rejections: Vec<HostRejection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRefusal {
+    pub stamp: Stamp,
+    pub live: bool,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionRecord {
+    pub stamp: Stamp,
+    pub action: ServerAction,
+    pub host: HostName,
+}
+
+/// A resize or a cold migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    pub stamp: Stamp,
+    pub from_host: HostName,
+    pub host: HostName,
+    pub from_flavor: FlavorId,
+    pub to_flavor: FlavorId,
+    /// True for `ServerMigrated`, false for `ServerResized`.
+    pub migration: bool,
+}
+
+/// How many schedule failures, migration refusals and moves a server record keeps (the newest);
+/// the totals count them all.
+pub const SERVER_HISTORY_KEEP: usize = 32;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Server {
+    pub id: ServerId,
+    pub name: ServerName,
+    pub flavor_id: FlavorId,
+    pub requested_host: Option<HostName>,
+    /// Where it runs; `None` until scheduled.
+    pub host: Option<HostName>,
+    pub state: ServerState,
+    pub state_detail: String,
+    pub state_changed: Stamp,
+    /// The devices the last schedule, resize or migration assigned (device ids follow
+    /// re-attached lineages).
+    pub devices: Vec<AssignedDevice>,
+    pub created: Stamp,
+    pub scheduled: Option<Stamp>,
+    pub schedule_failures: Vec<ScheduleFailure>,
+    pub schedule_failures_total: u32,
+    pub migration_refusals: Vec<MigrationRefusal>,
+    pub migration_refusals_total: u32,
+    pub moves: Vec<Move>,
+    pub last_action: Option<ActionRecord>,
+    pub deleted: Option<Stamp>,
+    pub last_change_seq: u64,
+}
+
+/// Why an event was set aside instead of applied. The names are stable: they are metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuarantineReason {
+    /// Not a valid envelope (empty, truncated, trailing bytes, invalid field).
+    Undecodable,
+    /// An envelope of a schema version this build does not read.
+    UnknownSchemaVersion,
+    /// An event variant this build does not know (a newer writer).
+    UnknownEvent,
+    /// The envelope names a host other than the one in its subject (a forgery or a bug).
+    HostMismatch,
+    /// A valid event on a subject it does not belong on.
+    WrongSubject,
+    /// About a device id the view never saw discovered.
+    UnknownDevice,
+    /// About a server id the view never saw requested.
+    UnknownServer,
+    /// About a flavor id the view never saw created.
+    UnknownFlavor,
+    /// Contradicts the view: a claim on a lineage held by another server, a release of a claim
+    /// that is not held, a name in use, a device on another lineage or host …
+    Conflict,
+    /// The same fact again (a device discovered twice, a server deleted twice).
+    Duplicate,
+}
+
+impl QuarantineReason {
+    pub const ALL: [QuarantineReason; 10] = [
+        QuarantineReason::Undecodable,
+        QuarantineReason::UnknownSchemaVersion,
+        QuarantineReason::UnknownEvent,
+        QuarantineReason::HostMismatch,
+        QuarantineReason::WrongSubject,
+        QuarantineReason::UnknownDevice,
+        QuarantineReason::UnknownServer,
+        QuarantineReason::UnknownFlavor,
+        QuarantineReason::Conflict,
+        QuarantineReason::Duplicate,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuarantineReason::Undecodable => "undecodable",
+            QuarantineReason::UnknownSchemaVersion => "unknown_schema_version",
+            QuarantineReason::UnknownEvent => "unknown_event",
+            QuarantineReason::HostMismatch => "host_mismatch",
+            QuarantineReason::WrongSubject => "wrong_subject",
+            QuarantineReason::UnknownDevice => "unknown_device",
+            QuarantineReason::UnknownServer => "unknown_server",
+            QuarantineReason::UnknownFlavor => "unknown_flavor",
+            QuarantineReason::Conflict => "conflict",
+            QuarantineReason::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// An event the projector set aside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineEntry {
+    pub seq: u64,
+    pub subject: String,
+    pub reason: QuarantineReason,
+    /// What exactly was wrong, naming the offending value.
+    pub detail: String,
+    /// The event's kind, when it could be decoded.
+    pub kind: Option<String>,
+}

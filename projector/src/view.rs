@@ -1,0 +1,551 @@
+//! The redb file that holds the view: opening it, folding a batch in one write transaction, and
+//! consistent read snapshots.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use redb::{
+    ConcurrencyMode, Database, Durability, ReadOnlyDatabase, ReadTransaction, ReadableDatabase,
+    ReadableTable, ReadableTableMetadata,
+};
+use tokio::sync::watch;
+use usbpt_schemas::{
+    DeviceId, FlavorId, FlavorName, HostName, LineageId, ProductId, ServerId, ServerName, VendorId,
+};
+
+use crate::error::ViewError;
+use crate::fold::{FoldTxn, Outcome};
+use crate::model::*;
+use crate::tables::{self as t, decode, get_by_id, get_by_str, show_id, Id};
+
+/// The record format this build reads and writes. A view of another format is rebuilt by
+/// replaying the stream (the view is a pure fold: nothing in it is lost).
+pub const VIEW_FORMAT: u64 = 1;
+
+/// One stored message: its stream sequence, subject and raw payload.
+#[derive(Debug, Clone)]
+pub struct RawEvent {
+    pub seq: u64,
+    pub subject: String,
+    pub payload: Bytes,
+}
+
+/// How a batch is committed.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchOptions {
+    /// `Immediate` for the live projector (it acks only what is durable); a replay into a
+    /// scratch file may use `None` for all but its last batch.
+    pub durability: Durability,
+    /// Accept a jump in sequence before the first new event (a consumer just created at the
+    /// resume point: the missing sequences do not exist). Otherwise a gap stops the batch.
+    pub gap_at_start_ok: bool,
+    /// Accept any increasing sequence (an ordered replay, which cannot skip).
+    pub gaps_ok: bool,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Immediate,
+            gap_at_start_ok: false,
+            gaps_ok: false,
+        }
+    }
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    pub applied: u64,
+    pub quarantined: u64,
+    /// Redelivered events at or below the last applied sequence, not folded again.
+    pub skipped: u64,
+    /// The last applied sequence after the batch (committed).
+    pub last_applied: u64,
+    /// `(expected, found)`: the batch stopped at a sequence gap; the events from `found` on
+    /// were not folded.
+    pub gap: Option<(u64, u64)>,
+}
+
+enum Db {
+    ReadWrite(Database),
+    ReadOnly(ReadOnlyDatabase),
+}
+
+/// The view: a redb file, written by one projector and read by any number of snapshots (in this
+/// process, or in others that open it read-only).
+pub struct View {
+    db: Db,
+    path: PathBuf,
+    applied: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for View {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("View")
+            .field("path", &self.path)
+            .field("last_applied", &*self.applied.borrow())
+            .finish()
+    }
+}
+
+fn builder(mode: ConcurrencyMode) -> redb::Builder {
+    let mut b = redb::Builder::new();
+    b.set_concurrency_mode(mode);
+    b
+}
+
+impl View {
+    /// Opens the view at `path` for folding, creating it (and its tables) when missing. One
+    /// process writes; others may open it read-only ([`View::open_read_only`]) meanwhile.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, ViewError> {
+        Self::open_with(path.as_ref(), ConcurrencyMode::SingleWriter)
+    }
+
+    /// Opens a view no other process will read while it is written (a replay's scratch file):
+    /// it may commit without fsync ([`BatchOptions::durability`] `None`).
+    pub fn open_private(path: impl AsRef<Path>) -> Result<Self, ViewError> {
+        Self::open_with(path.as_ref(), ConcurrencyMode::ExclusiveWriter)
+    }
+
+    fn open_with(path: &Path, mode: ConcurrencyMode) -> Result<Self, ViewError> {
+        let path = path.to_path_buf();
+        let db = builder(mode).create(&path).map_err(|e| ViewError::Open {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let txn = db.begin_write()?;
+        let last = {
+            let mut meta = txn.open_table(t::META)?;
+            let found = meta.get(t::META_FORMAT)?.map(|g| g.value());
+            match found {
+                None => {
+                    meta.insert(t::META_FORMAT, VIEW_FORMAT)?;
+                }
+                Some(f) if f != VIEW_FORMAT => {
+                    return Err(ViewError::Format {
+                        path: path.display().to_string(),
+                        found: f,
+                        expected: VIEW_FORMAT,
+                    })
+                }
+                Some(_) => {}
+            }
+            drop(meta);
+            // Creates every table, so read snapshots never miss one.
+            FoldTxn::open(&txn)?.last_applied()
+        };
+        txn.commit()?;
+        Ok(Self {
+            db: Db::ReadWrite(db),
+            path,
+            applied: watch::Sender::new(last),
+        })
+    }
+
+    /// Opens a view another process writes (or wrote), read-only.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self, ViewError> {
+        let path = path.as_ref().to_path_buf();
+        let db = builder(ConcurrencyMode::SingleWriter)
+            .open_read_only(&path)
+            .map_err(|e| ViewError::Open {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        let view = Self {
+            db: Db::ReadOnly(db),
+            path,
+            applied: watch::Sender::new(0),
+        };
+        let snap = view.snapshot()?;
+        let found = snap.meta(t::META_FORMAT)?;
+        if found != VIEW_FORMAT {
+            return Err(ViewError::Format {
+                path: view.path.display().to_string(),
+                found,
+                expected: VIEW_FORMAT,
+            });
+        }
+        view.applied.send_replace(snap.last_applied_seq()?);
+        Ok(view)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// One consistent snapshot: every read on it sees the view as of one committed batch.
+    pub fn snapshot(&self) -> Result<Snapshot, ViewError> {
+        let txn = match &self.db {
+            Db::ReadWrite(db) => db.begin_read()?,
+            Db::ReadOnly(db) => db.begin_read()?,
+        };
+        Ok(Snapshot { txn })
+    }
+
+    /// The last stream sequence folded (applied or quarantined), as committed.
+    pub fn last_applied(&self) -> Result<u64, ViewError> {
+        self.snapshot()?.last_applied_seq()
+    }
+
+    /// Follows the last applied sequence as batches commit (in this process).
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    /// Resolves once the view has applied stream sequence `seq` (true), or after `limit` (false).
+    pub async fn wait_applied(&self, seq: u64, limit: Duration) -> bool {
+        let mut rx = self.applied.subscribe();
+        let reached = tokio::time::timeout(limit, rx.wait_for(|applied| *applied >= seq))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        reached
+    }
+
+    /// Folds `events` (in stream order) in one write transaction that also stores the last
+    /// applied sequence. Events at or below it are skipped (redeliveries); a gap in sequence
+    /// stops the batch (see [`BatchOptions`]). A storage error aborts the whole batch.
+    pub fn apply_batch(
+        &self,
+        events: &[RawEvent],
+        options: &BatchOptions,
+    ) -> Result<BatchReport, ViewError> {
+        let Db::ReadWrite(db) = &self.db else {
+            return Err(ViewError::Open {
+                path: self.path.display().to_string(),
+                message: "opened read-only".into(),
+            });
+        };
+        let mut txn = db.begin_write()?;
+        txn.set_durability(options.durability)?;
+        let mut report = BatchReport::default();
+        {
+            let mut fold = FoldTxn::open(&txn)?;
+            let mut first_new = true;
+            for ev in events {
+                let last = fold.last_applied();
+                if ev.seq <= last {
+                    report.skipped += 1;
+                    continue;
+                }
+                let gap_ok = options.gaps_ok || (first_new && options.gap_at_start_ok);
+                if ev.seq != last + 1 && !gap_ok {
+                    report.gap = Some((last + 1, ev.seq));
+                    break;
+                }
+                first_new = false;
+                match fold.fold(ev.seq, &ev.subject, &ev.payload)? {
+                    Outcome::Applied(_) => report.applied += 1,
+                    Outcome::Quarantined(_) => report.quarantined += 1,
+                    Outcome::Skipped => report.skipped += 1,
+                }
+            }
+            report.last_applied = fold.finish()?;
+        }
+        if report.applied + report.quarantined > 0 {
+            txn.commit()?;
+            self.applied.send_replace(report.last_applied);
+        } else {
+            txn.abort()?;
+        }
+        Ok(report)
+    }
+}
+
+/// Which devices a listing wants.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceFilter {
+    pub host: Option<HostName>,
+    pub status: Option<DeviceStatus>,
+    /// Include superseded enumerations (history), not only each lineage's current one.
+    pub all: bool,
+}
+
+/// A consistent read-only view of one committed state. Cheap to take; hold it for one decision
+/// or one response.
+pub struct Snapshot {
+    txn: ReadTransaction,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot").finish_non_exhaustive()
+    }
+}
+
+impl Snapshot {
+    pub(crate) fn txn(&self) -> &ReadTransaction {
+        &self.txn
+    }
+
+    fn meta(&self, key: &str) -> Result<u64, ViewError> {
+        let table = match self.txn.open_table(t::META) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(table.get(key)?.map_or(0, |g| g.value()))
+    }
+
+    /// The last stream sequence folded (applied or quarantined); 0 for an empty view.
+    pub fn last_applied_seq(&self) -> Result<u64, ViewError> {
+        self.meta(t::META_LAST_APPLIED)
+    }
+
+    /// One enumeration.
+    pub fn device(&self, id: &DeviceId) -> Result<Option<Device>, ViewError> {
+        let table = self.txn.open_table(t::DEVICES)?;
+        get_by_id(&table, "devices", &id.to_bytes())
+    }
+
+    fn devices_by_ids(&self, ids: impl IntoIterator<Item = Id>) -> Result<Vec<Device>, ViewError> {
+        let table = self.txn.open_table(t::DEVICES)?;
+        let mut out = Vec::new();
+        for id in ids {
+            match get_by_id(&table, "devices", &id)? {
+                Some(d) => out.push(d),
+                None => {
+                    return Err(ViewError::Corrupt {
+                        table: "devices",
+                        key: show_id(&id),
+                        message: "indexed but missing".into(),
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn lineage(&self, id: &LineageId) -> Result<Option<Lineage>, ViewError> {
+        let table = self.txn.open_table(t::LINEAGES)?;
+        get_by_id(&table, "lineages", &id.to_bytes())
+    }
+
+    /// The lineage's newest enumeration (which may be invalidated).
+    pub fn current_enumeration(&self, lineage: &LineageId) -> Result<Option<Device>, ViewError> {
+        match self.lineage(lineage)? {
+            Some(l) => self.device(&l.current),
+            None => Ok(None),
+        }
+    }
+
+    /// Every enumeration of the lineage, oldest first.
+    pub fn lineage_history(&self, lineage: &LineageId) -> Result<Vec<Device>, ViewError> {
+        let table = self.txn.open_table(t::LINEAGE_HISTORY)?;
+        let id = lineage.to_bytes();
+        let mut ids = Vec::new();
+        for entry in table.range((id, 0u32)..=(id, u32::MAX))? {
+            ids.push(entry?.1.value());
+        }
+        self.devices_by_ids(ids)
+    }
+
+    /// Available devices with these ids (and this serial, when given), grouped by host. Reads
+    /// only the matching index entries, whatever the number of hosts and devices.
+    pub fn free_devices_matching(
+        &self,
+        vendor: VendorId,
+        product: ProductId,
+        serial: Option<&str>,
+    ) -> Result<BTreeMap<HostName, Vec<Device>>, ViewError> {
+        let table = self.txn.open_table(t::FREE_BY_MATCH)?;
+        let vp = t::vp_key(vendor, product);
+        let mut ids = Vec::new();
+        for entry in table.range((vp, "", [0u8; 16])..(vp + 1, "", [0u8; 16]))? {
+            ids.push(entry?.0.value().2);
+        }
+        let mut out: BTreeMap<HostName, Vec<Device>> = BTreeMap::new();
+        for d in self.devices_by_ids(ids)? {
+            if serial.is_none_or(|s| d.serial() == Some(s)) {
+                out.entry(d.host().clone()).or_default().push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Available devices on one host.
+    pub fn free_devices_on_host(&self, host: &HostName) -> Result<Vec<Device>, ViewError> {
+        self.host_index(t::FREE_BY_HOST, host)
+    }
+
+    /// The current enumeration of every lineage last seen on this host, in any status (what
+    /// the Nova hypervisor document lists).
+    pub fn host_devices(&self, host: &HostName) -> Result<Vec<Device>, ViewError> {
+        self.host_index(t::HOST_DEVICES, host)
+    }
+
+    fn host_index(
+        &self,
+        def: redb::TableDefinition<(&'static str, Id), ()>,
+        host: &HostName,
+    ) -> Result<Vec<Device>, ViewError> {
+        let table = self.txn.open_table(def)?;
+        let h = host.as_str();
+        let mut ids = Vec::new();
+        for entry in table.range((h, [0u8; 16])..=(h, [0xffu8; 16]))? {
+            ids.push(entry?.0.value().1);
+        }
+        self.devices_by_ids(ids)
+    }
+
+    /// Devices for listings, ordered by host then device id (time of discovery).
+    pub fn devices(&self, filter: &DeviceFilter) -> Result<Vec<Device>, ViewError> {
+        let mut out = if filter.all {
+            let table = self.txn.open_table(t::DEVICES)?;
+            let mut all = Vec::new();
+            for entry in table.iter()? {
+                let (k, v) = entry?;
+                let id = k.value();
+                let d: Device = decode("devices", || show_id(&id), v.value())?;
+                if filter.host.as_ref().is_none_or(|h| d.host() == h) {
+                    all.push(d);
+                }
+            }
+            all.sort_by(|a, b| (a.host(), a.id()).cmp(&(b.host(), b.id())));
+            all
+        } else if let Some(h) = &filter.host {
+            self.host_devices(h)?
+        } else {
+            let table = self.txn.open_table(t::HOST_DEVICES)?;
+            let mut ids = Vec::new();
+            for entry in table.iter()? {
+                ids.push(entry?.0.value().1);
+            }
+            self.devices_by_ids(ids)?
+        };
+        if let Some(s) = filter.status {
+            out.retain(|d| d.status == s);
+        }
+        Ok(out)
+    }
+
+    pub fn host(&self, name: &HostName) -> Result<Option<Host>, ViewError> {
+        let table = self.txn.open_table(t::HOSTS)?;
+        get_by_str(&table, "hosts", name.as_str())
+    }
+
+    /// Every host seen, by name.
+    pub fn hosts(&self) -> Result<Vec<Host>, ViewError> {
+        let table = self.txn.open_table(t::HOSTS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            let name = k.value().to_owned();
+            out.push(decode("hosts", || name, v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The active claim on a lineage.
+    pub fn claim(&self, lineage: &LineageId) -> Result<Option<Claim>, ViewError> {
+        let table = self.txn.open_table(t::CLAIMS)?;
+        get_by_id(&table, "claims", &lineage.to_bytes())
+    }
+
+    /// Every active claim, by lineage id.
+    pub fn claims(&self) -> Result<Vec<Claim>, ViewError> {
+        let table = self.txn.open_table(t::CLAIMS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            let id = k.value();
+            out.push(decode("claims", || show_id(&id), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The last stream sequence stored on a control-plane subject (claim, flavor, server), 0
+    /// when none: the expected sequence of a fenced publish on it.
+    pub fn subject_seq(&self, subject: &str) -> Result<u64, ViewError> {
+        let table = self.txn.open_table(t::SUBJECT_SEQS)?;
+        Ok(table.get(subject)?.map_or(0, |g| g.value()))
+    }
+
+    pub fn flavor_by_id(&self, id: &FlavorId) -> Result<Option<Flavor>, ViewError> {
+        let table = self.txn.open_table(t::FLAVORS)?;
+        get_by_id(&table, "flavors", &id.to_bytes())
+    }
+
+    /// The live (not deleted) flavor of that name.
+    pub fn flavor_by_name(&self, name: &FlavorName) -> Result<Option<Flavor>, ViewError> {
+        let names = self.txn.open_table(t::FLAVOR_NAMES)?;
+        let Some(id) = names.get(name.as_str())?.map(|g| g.value()) else {
+            return Ok(None);
+        };
+        self.flavor_by_id(&FlavorId::from_bytes(id))
+    }
+
+    /// Flavors by id; deleted ones only when asked.
+    pub fn flavors(&self, include_deleted: bool) -> Result<Vec<Flavor>, ViewError> {
+        let table = self.txn.open_table(t::FLAVORS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            let id = k.value();
+            let f: Flavor = decode("flavors", || show_id(&id), v.value())?;
+            if include_deleted || f.deleted.is_none() {
+                out.push(f);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn server_by_id(&self, id: &ServerId) -> Result<Option<Server>, ViewError> {
+        let table = self.txn.open_table(t::SERVERS)?;
+        get_by_id(&table, "servers", &id.to_bytes())
+    }
+
+    /// The live (not deleted) server of that name.
+    pub fn server_by_name(&self, name: &ServerName) -> Result<Option<Server>, ViewError> {
+        let names = self.txn.open_table(t::SERVER_NAMES)?;
+        let Some(id) = names.get(name.as_str())?.map(|g| g.value()) else {
+            return Ok(None);
+        };
+        self.server_by_id(&ServerId::from_bytes(id))
+    }
+
+    /// Servers by id; deleted ones only when asked.
+    pub fn servers(&self, include_deleted: bool) -> Result<Vec<Server>, ViewError> {
+        let table = self.txn.open_table(t::SERVERS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            let id = k.value();
+            let s: Server = decode("servers", || show_id(&id), v.value())?;
+            if include_deleted || s.deleted.is_none() {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Quarantined events with a sequence above `after`, oldest first, at most `limit`.
+    pub fn quarantine(&self, after: u64, limit: usize) -> Result<Vec<QuarantineEntry>, ViewError> {
+        let table = self.txn.open_table(t::QUARANTINE)?;
+        let mut out = Vec::new();
+        for entry in table.range((after.saturating_add(1))..)?.take(limit) {
+            let (k, v) = entry?;
+            let seq = k.value();
+            out.push(decode("quarantine", || seq.to_string(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// How many events are quarantined.
+    pub fn quarantine_len(&self) -> Result<u64, ViewError> {
+        Ok(self.txn.open_table(t::QUARANTINE)?.len()?)
+    }
+
+    /// `applied.{Kind}` and `quarantined.{reason}` totals over the whole folded history.
+    pub fn counters(&self) -> Result<BTreeMap<String, u64>, ViewError> {
+        let table = self.txn.open_table(t::COUNTERS)?;
+        let mut out = BTreeMap::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            out.insert(k.value().to_owned(), v.value());
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,365 @@
+//! `usbpt serve` (the projector and the HTTP API in one process; the command handler joins them
+//! here) and `usbpt projector` (the projector alone, optionally with the read API, for
+//! scale-out read replicas).
+//!
+//! Structure: [`ReadSide::open`] opens the view and the bus and builds the projector;
+//! [`ReadSide::api_state`] gives the HTTP state; [`Tasks`] runs named tasks until SIGINT/SIGTERM
+//! or until one fails, then stops them all. Another part of the process (the command handler)
+//! adds its routes to the router and its task to the [`Tasks`] in [`serve`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+use usbpt_api::ApiState;
+use usbpt_bus::Bus;
+use usbpt_commands::handler::Handler;
+use usbpt_commands::reactor;
+use usbpt_commands::schedule::Weigh;
+use usbpt_projector::{Projector, ProjectorConfig, View, ViewError, VIEW_FILE};
+
+use crate::cli::Global;
+
+#[derive(Debug, Args)]
+pub struct ProjectorArgs {
+    /// The durable consumer's name; every projector with its own view needs its own.
+    #[arg(long, default_value = "usbpt-projector")]
+    pub consumer: String,
+    /// Events per fetch and per redb transaction.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub batch: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where the HTTP API listens.
+    #[arg(long, default_value = "127.0.0.1:8774")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub projector: ProjectorArgs,
+    #[command(flatten)]
+    pub commands: CommandArgs,
+}
+
+/// The command handler's knobs.
+#[derive(Debug, Args)]
+pub struct CommandArgs {
+    /// How the scheduler chooses among hosts that can all take a server.
+    #[arg(long, value_enum, default_value = "pack")]
+    pub weigh: WeighArg,
+    /// Seconds a claimed device may be gone before its claim is released (`follow=lineage`).
+    #[arg(long, default_value_t = 120)]
+    pub grace: u64,
+    /// Commands handled at once by this process.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum WeighArg {
+    Pack,
+    Spread,
+}
+
+#[derive(Debug, Args)]
+pub struct CommandsCmdArgs {
+    #[command(flatten)]
+    pub projector: ProjectorArgs,
+    #[command(flatten)]
+    pub commands: CommandArgs,
+}
+
+impl CommandArgs {
+    fn handler(&self, side: &ReadSide) -> Arc<Handler<View>> {
+        let weigh = match self.weigh {
+            WeighArg::Pack => Weigh::Pack,
+            WeighArg::Spread => Weigh::Spread,
+        };
+        Arc::new(Handler::new(
+            side.bus.clone(),
+            Arc::clone(&side.view),
+            weigh,
+        ))
+    }
+
+    /// Adds the NATS command service and the reactor to `tasks`.
+    fn spawn(&self, tasks: &mut Tasks, side: &ReadSide, handler: Arc<Handler<View>>) {
+        let concurrency = self.concurrency.max(1);
+        let stopping = tasks.stopping();
+        tasks.spawn("commands", async move {
+            tokio::select! {
+                r = handler.serve_nats(concurrency) => r.context("command service"),
+                () = stopping => Ok(()),
+            }
+        });
+        let (bus, view, grace) = (
+            side.bus.clone(),
+            Arc::clone(&side.view),
+            Duration::from_secs(self.grace),
+        );
+        let stopping = tasks.stopping();
+        tasks.spawn("reactor", async move {
+            tokio::select! {
+                r = reactor::run(bus, view, grace) => r.context("reactor"),
+                () = stopping => Ok(()),
+            }
+        });
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ProjectorCmdArgs {
+    /// Also serve the read API and /metrics on this address.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub projector: ProjectorArgs,
+}
+
+/// The data directory: `--data-dir`/`USBPT_DATA_DIR`, else `$XDG_STATE_HOME/usbpt`, else
+/// `~/.local/state/usbpt`.
+pub fn data_dir(global: &Global) -> Result<PathBuf> {
+    if let Some(d) = &global.data_dir {
+        return Ok(d.clone());
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("usbpt"));
+    }
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".local/state/usbpt"))
+        .ok_or_else(|| anyhow!("no data directory: pass --data-dir or set USBPT_DATA_DIR"))
+}
+
+/// The live view's path, `<data-dir>/view.redb`.
+pub fn view_path(global: &Global) -> Result<PathBuf> {
+    Ok(data_dir(global)?.join(VIEW_FILE))
+}
+
+/// Opens (creating) the live view. A view of an older record format is moved aside and
+/// rebuilt from the stream: it is a pure fold, nothing is lost.
+pub fn open_view(global: &Global) -> Result<Arc<View>> {
+    let path = view_path(global)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the data directory {}", dir.display()))?;
+    }
+    match View::open(&path) {
+        Ok(v) => Ok(Arc::new(v)),
+        Err(ViewError::Format { found, .. }) => {
+            let aside = path.with_extension(format!("redb.format-{found}"));
+            warn!(path = %path.display(), aside = %aside.display(), "view of another format: rebuilding it from the stream");
+            std::fs::rename(&path, &aside)
+                .with_context(|| format!("moving {} aside", path.display()))?;
+            Ok(Arc::new(View::open(&path)?))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The read side of a process: the view, the bus and the projector folding into the view.
+#[derive(Debug)]
+pub struct ReadSide {
+    pub view: Arc<View>,
+    pub bus: Bus,
+    pub projector: Projector,
+}
+
+impl ReadSide {
+    pub async fn open(global: &Global, args: &ProjectorArgs) -> Result<Self> {
+        let bus = global.bus().await?;
+        let view = open_view(global)?;
+        let config = ProjectorConfig {
+            consumer: args.consumer.clone(),
+            batch_size: usize::try_from(args.batch).unwrap_or(1000),
+            ..ProjectorConfig::default()
+        };
+        let projector = Projector::new(bus.clone(), Arc::clone(&view), config);
+        Ok(Self {
+            view,
+            bus,
+            projector,
+        })
+    }
+
+    /// The HTTP API's state over this view, bus and projector.
+    pub fn api_state(&self, shutdown: watch::Receiver<bool>) -> ApiState {
+        ApiState::new(Arc::clone(&self.view))
+            .with_bus(self.bus.clone())
+            .with_metrics(self.projector.metrics())
+            .with_shutdown(shutdown)
+    }
+}
+
+type Task = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+/// Named tasks that run until a signal (SIGINT, SIGTERM) or until one of them ends; then the
+/// shutdown flag is raised and the others get 10 s to finish.
+#[derive(Debug)]
+pub struct Tasks {
+    set: JoinSet<(&'static str, Result<()>)>,
+    stop: watch::Sender<bool>,
+}
+
+impl Tasks {
+    pub fn new() -> Self {
+        Self {
+            set: JoinSet::new(),
+            stop: watch::Sender::new(false),
+        }
+    }
+
+    /// Resolves when the process is shutting down.
+    pub fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.stop.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    /// The shutdown flag, for things that watch it (the API's live streams).
+    pub fn shutdown_flag(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    pub fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl Future<Output = Result<()>> + Send + 'static,
+    ) {
+        let task: Task = Box::pin(task);
+        self.set.spawn(async move { (name, task.await) });
+    }
+
+    /// Runs until a signal or a task's end; returns the first task error.
+    pub async fn run(mut self) -> Result<()> {
+        let mut first_error = None;
+        tokio::select! {
+            s = shutdown_signal() => info!(signal = s, "shutting down"),
+            Some(done) = self.set.join_next() => {
+                match done {
+                    Ok((name, Ok(()))) => info!(task = name, "task ended; shutting down"),
+                    Ok((name, Err(e))) => {
+                        error!(task = name, error = %format!("{e:#}"), "task failed; shutting down");
+                        first_error = Some(e.context(format!("{name} failed")));
+                    }
+                    Err(e) => first_error = Some(anyhow!("a task panicked: {e}")),
+                }
+            }
+        }
+        self.stop.send_replace(true);
+        let drain = async {
+            while let Some(done) = self.set.join_next().await {
+                if let Ok((name, Err(e))) = done {
+                    warn!(task = name, error = %format!("{e:#}"), "task failed while stopping");
+                    first_error.get_or_insert(e.context(format!("{name} failed")));
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(10), drain)
+            .await
+            .is_err()
+        {
+            warn!("tasks did not stop within 10 s; leaving them");
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term => "SIGTERM",
+    }
+}
+
+/// Binds the API and announces it on stderr (one line: scripts and tests read the port).
+async fn bind(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    eprintln!(
+        "usbpt {what}: listening on http://{}",
+        listener.local_addr()?
+    );
+    Ok(listener)
+}
+
+/// `usbpt serve`.
+pub async fn serve(global: &Global, args: ServeArgs) -> Result<()> {
+    let side = ReadSide::open(global, &args.projector).await?;
+    let mut tasks = Tasks::new();
+    let handler = args.commands.handler(&side);
+    let router = usbpt_api::router(side.api_state(tasks.shutdown_flag())).merge(
+        usbpt_api::command_routes(Arc::clone(&handler), Arc::clone(&side.view)),
+    );
+    args.commands.spawn(&mut tasks, &side, handler);
+    let listener = bind("serve", args.listen).await?;
+    let stopping = tasks.stopping();
+    tasks.spawn("projector", async move {
+        Ok(side.projector.run(stopping).await?)
+    });
+    let stopping = tasks.stopping();
+    tasks.spawn("http", async move {
+        usbpt_api::serve(listener, router, stopping)
+            .await
+            .context("HTTP server")
+    });
+    tasks.run().await
+}
+
+/// `usbpt commands`: a projector into its own view plus the command handler and the reactor,
+/// without HTTP (scale-out: run several, each with its own data dir and consumer name).
+pub async fn commands(global: &Global, args: CommandsCmdArgs) -> Result<()> {
+    let side = ReadSide::open(global, &args.projector).await?;
+    let mut tasks = Tasks::new();
+    let handler = args.commands.handler(&side);
+    args.commands.spawn(&mut tasks, &side, handler);
+    let stopping = tasks.stopping();
+    let view = Arc::clone(&side.view);
+    let head = side.bus.last_sequence().await?;
+    tasks.spawn("projector", async move {
+        Ok(side.projector.run(stopping).await?)
+    });
+    // Ready once the view has caught up with the stream as it was at start.
+    view.wait_applied(head, Duration::from_secs(600)).await;
+    eprintln!("usbpt commands: ready");
+    tasks.run().await
+}
+
+/// `usbpt projector`.
+pub async fn projector(global: &Global, args: ProjectorCmdArgs) -> Result<()> {
+    let side = ReadSide::open(global, &args.projector).await?;
+    let mut tasks = Tasks::new();
+    if let Some(addr) = args.listen {
+        let router = usbpt_api::router(side.api_state(tasks.shutdown_flag()));
+        let listener = bind("projector", addr).await?;
+        let stopping = tasks.stopping();
+        tasks.spawn("http", async move {
+            usbpt_api::serve(listener, router, stopping)
+                .await
+                .context("HTTP server")
+        });
+    }
+    let stopping = tasks.stopping();
+    tasks.spawn("projector", async move {
+        Ok(side.projector.run(stopping).await?)
+    });
+    tasks.run().await
+}
