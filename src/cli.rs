@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use usbpt_bus::{Bus, StreamSettings};
+use usbpt_schemas::ServerAction;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -63,9 +64,80 @@ impl Global {
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
+    /// The host agent: watches udev and publishes this host's USB devices as events.
+    Agent(crate::cmd_agent::AgentArgs),
     /// The event stream.
     #[command(subcommand)]
     Events(EventsCmd),
+    /// Projector, command handler and HTTP API (Nova-shaped reads and commands, live events,
+    /// metrics) in one process.
+    Serve(crate::cmd_serve::ServeArgs),
+    /// A command handler alone (with its own projector and view), for scale-out.
+    Commands(crate::cmd_serve::CommandsCmdArgs),
+    /// The projector alone: folds the stream into the view (optionally serving reads).
+    Projector(crate::cmd_serve::ProjectorCmdArgs),
+    /// Rebuild the view from sequence 1 (audit): the world at a sequence, or --verify the live view.
+    Replay(crate::cmd_replay::ReplayArgs),
+    /// List devices (each device's current enumeration).
+    Devices(crate::cmd_query::DevicesArgs),
+    /// One device.
+    #[command(subcommand)]
+    Device(crate::cmd_query::DeviceCmd),
+    /// Every enumeration of a device's lineage, in order, with addresses, times, reasons, holders.
+    History(crate::cmd_query::HistoryArgs),
+    /// The Nova-shaped hypervisor document.
+    #[command(subcommand)]
+    Hypervisor(crate::cmd_query::HypervisorCmd),
+    /// Flavors.
+    #[command(subcommand)]
+    Flavor(FlavorCmd),
+    /// Servers.
+    #[command(subcommand)]
+    Server(ServerCmd),
+    /// Boot a server with a flavor; it is scheduled on a host that holds its USB devices.
+    Boot(crate::cmd_ctl::Boot),
+    /// Resize a server to another flavor (its USB devices follow the new flavor).
+    Resize(crate::cmd_ctl::Resize),
+    /// Migrate a server (live migration is refused while it holds host USB devices).
+    Migrate(crate::cmd_ctl::Migrate),
+    /// Stop a server (its USB claims are kept).
+    Stop(crate::cmd_ctl::Named),
+    /// Start a stopped server.
+    Start(crate::cmd_ctl::Named),
+    /// Reboot a server.
+    Reboot(crate::cmd_ctl::Named),
+    /// Pause a server.
+    Pause(crate::cmd_ctl::Named),
+    /// Unpause a paused server.
+    Unpause(crate::cmd_ctl::Named),
+    /// Suspend a server.
+    Suspend(crate::cmd_ctl::Named),
+    /// Resume a suspended server.
+    Resume(crate::cmd_ctl::Named),
+    /// Rebuild a server (its USB claims are kept).
+    Rebuild(crate::cmd_ctl::Named),
+    /// Delete a server and release its USB devices.
+    Delete(crate::cmd_ctl::Named),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FlavorCmd {
+    /// Create a flavor with USB requests.
+    Create(crate::cmd_ctl::FlavorCreate),
+    /// Delete a flavor.
+    Delete(crate::cmd_ctl::FlavorDelete),
+    /// List live flavors.
+    List(crate::cmd_query::ListArgs),
+    /// One flavor, by name or id.
+    Show(crate::cmd_query::ShowArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerCmd {
+    /// List servers.
+    List(crate::cmd_query::ListArgs),
+    /// One server, by name or id.
+    Show(crate::cmd_query::ShowArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,8 +156,16 @@ pub enum EventsCmd {
     },
 }
 
+async fn send(
+    global: &Global,
+    (cmd, json): (usbpt_schemas::commands::Command, bool),
+) -> Result<()> {
+    crate::cmd_ctl::send(global, cmd, json).await
+}
+
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Cmd::Agent(args) => crate::cmd_agent::run(&cli.global, args).await,
         Cmd::Events(EventsCmd::Tail {
             from_start,
             json,
@@ -94,5 +174,31 @@ pub async fn run(cli: Cli) -> Result<()> {
             let bus = cli.global.bus().await?;
             crate::tail::tail(&bus, from_start, json, limit).await
         }
+        Cmd::Serve(a) => crate::cmd_serve::serve(&cli.global, a).await,
+        Cmd::Commands(a) => crate::cmd_serve::commands(&cli.global, a).await,
+        Cmd::Projector(a) => crate::cmd_serve::projector(&cli.global, a).await,
+        Cmd::Replay(a) => crate::cmd_replay::replay(&cli.global, a).await,
+        Cmd::Devices(a) => crate::cmd_query::devices(&cli.global, a).await,
+        Cmd::Device(c) => crate::cmd_query::device(&cli.global, c).await,
+        Cmd::History(a) => crate::cmd_query::history(&cli.global, a).await,
+        Cmd::Hypervisor(c) => crate::cmd_query::hypervisor(&cli.global, c).await,
+        Cmd::Flavor(FlavorCmd::List(a)) => crate::cmd_query::flavor_list(&cli.global, a).await,
+        Cmd::Flavor(FlavorCmd::Show(a)) => crate::cmd_query::flavor_show(&cli.global, a).await,
+        Cmd::Server(ServerCmd::List(a)) => crate::cmd_query::server_list(&cli.global, a).await,
+        Cmd::Server(ServerCmd::Show(a)) => crate::cmd_query::server_show(&cli.global, a).await,
+        Cmd::Flavor(FlavorCmd::Create(a)) => send(&cli.global, a.command()).await,
+        Cmd::Flavor(FlavorCmd::Delete(a)) => send(&cli.global, a.command()).await,
+        Cmd::Boot(a) => send(&cli.global, a.command()).await,
+        Cmd::Resize(a) => send(&cli.global, a.command()).await,
+        Cmd::Migrate(a) => send(&cli.global, a.command()).await,
+        Cmd::Stop(a) => send(&cli.global, a.action(ServerAction::Stop)).await,
+        Cmd::Start(a) => send(&cli.global, a.action(ServerAction::Start)).await,
+        Cmd::Reboot(a) => send(&cli.global, a.action(ServerAction::Reboot)).await,
+        Cmd::Pause(a) => send(&cli.global, a.action(ServerAction::Pause)).await,
+        Cmd::Unpause(a) => send(&cli.global, a.action(ServerAction::Unpause)).await,
+        Cmd::Suspend(a) => send(&cli.global, a.action(ServerAction::Suspend)).await,
+        Cmd::Resume(a) => send(&cli.global, a.action(ServerAction::Resume)).await,
+        Cmd::Rebuild(a) => send(&cli.global, a.action(ServerAction::Rebuild)).await,
+        Cmd::Delete(a) => send(&cli.global, a.delete()).await,
     }
 }

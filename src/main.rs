@@ -2,6 +2,11 @@
 //! lists only what works.
 
 mod cli;
+mod cmd_agent;
+mod cmd_ctl;
+mod cmd_query;
+mod cmd_replay;
+mod cmd_serve;
 mod tail;
 
 use std::process::ExitCode;
@@ -34,5 +39,6 @@ fn init_tracing(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

@@ -199,6 +199,13 @@ impl Bus {
             .map_or(0, |(seq, _)| seq))
     }
 
+    /// The stream sequence and `Nats-Msg-Id` of the last event stored on `subject`, if any: lets
+    /// a publisher that lost an ack (or crashed before recording it) see whether its event is
+    /// already stored, beyond the duplicate window.
+    pub async fn last_message_id(&self, subject: &str) -> Result<Option<(u64, String)>, BusError> {
+        self.last_on_subject(subject).await
+    }
+
     /// The last event on `subject`: its sequence and `Nats-Msg-Id`.
     async fn last_on_subject(&self, subject: &str) -> Result<Option<(u64, String)>, BusError> {
         match self.stream.get_last_raw_message_by_subject(subject).await {
@@ -233,6 +240,19 @@ impl Bus {
         filter: Option<String>,
         start_after: u64,
     ) -> Result<jetstream::consumer::PullConsumer, BusError> {
+        self.pull_consumer_with_ack_wait(name, filter, start_after, Duration::from_secs(30))
+            .await
+    }
+
+    /// [`Bus::pull_consumer`] with the time after which an unacknowledged delivery is sent
+    /// again (30 s there).
+    pub async fn pull_consumer_with_ack_wait(
+        &self,
+        name: &str,
+        filter: Option<String>,
+        start_after: u64,
+        ack_wait: Duration,
+    ) -> Result<jetstream::consumer::PullConsumer, BusError> {
         let deliver_policy = if start_after == 0 {
             DeliverPolicy::All
         } else {
@@ -246,7 +266,7 @@ impl Bus {
             ack_policy: AckPolicy::All,
             deliver_policy,
             filter_subject: filter.unwrap_or_default(),
-            ack_wait: Duration::from_secs(30),
+            ack_wait,
             max_ack_pending: 100_000,
             max_batch: 10_000,
             ..Default::default()

@@ -33,7 +33,7 @@ pub trait ViewSource: Send + Sync + 'static {
 }
 
 /// How many times a decision is retried after losing a race for a fenced subject.
-const MAX_ATTEMPTS: usize = 8;
+const MAX_ATTEMPTS: usize = 16;
 /// How long a reply waits for the view to show what the command appended.
 const READ_YOUR_WRITES: Duration = Duration::from_secs(10);
 
@@ -42,6 +42,9 @@ pub struct Handler<V> {
     bus: Bus,
     view: Arc<V>,
     weigh: Weigh,
+    /// One decision at a time in this process: commands here never race each other, only
+    /// other processes (whom the fences stop).
+    deciding: Arc<tokio::sync::Mutex<()>>,
 }
 
 enum AppendError {
@@ -55,7 +58,12 @@ enum AppendError {
 
 impl<V: ViewSource> Handler<V> {
     pub fn new(bus: Bus, view: Arc<V>, weigh: Weigh) -> Self {
-        Self { bus, view, weigh }
+        Self {
+            bus,
+            view,
+            weigh,
+            deciding: Arc::new(tokio::sync::Mutex::new(())),
+        }
     }
 
     /// Executes one command end to end.
@@ -71,6 +79,20 @@ impl<V: ViewSource> Handler<V> {
             flavor_id: FlavorId::new_v7(),
             weigh: self.weigh,
         };
+        let mut turn = Some(self.deciding.lock().await);
+        // Decide on a view at least as fresh as the stream was when the command arrived, so a
+        // command sees what any handler appended before it (read-your-writes across processes).
+        match self.bus.last_sequence().await {
+            Ok(head) => {
+                if !self.view.wait_applied(head, READ_YOUR_WRITES).await {
+                    return rejected(
+                        503,
+                        format!("the view is behind the stream (sequence {head}); try again"),
+                    );
+                }
+            }
+            Err(e) => return rejected(503, e.to_string()),
+        }
         for attempt in 1..=MAX_ATTEMPTS {
             let decision = match self.view.snapshot() {
                 Ok(snap) => decide(&snap, cmd, &ctx),
@@ -82,6 +104,7 @@ impl<V: ViewSource> Handler<V> {
             };
             match self.append(&decision.steps, correlation).await {
                 Ok((ids, last)) => {
+                    turn.take();
                     if last > 0 && !self.view.wait_applied(last, READ_YOUR_WRITES).await {
                         warn!(seq = last, "view did not catch up before the reply");
                     }
@@ -102,6 +125,10 @@ impl<V: ViewSource> Handler<V> {
                     let Ok(head) = self.bus.last_sequence().await else {
                         return rejected(503, "cannot read the stream's head".into());
                     };
+                    // Let the other process's writes land, with a jitter drawn from the
+                    // server id so racing handlers do not retry in lockstep.
+                    let jitter = (ctx.server_id.0.as_u128() % 7) as u64 + 1;
+                    tokio::time::sleep(Duration::from_millis(jitter * attempt as u64)).await;
                     self.view.wait_applied(head, READ_YOUR_WRITES).await;
                 }
             }

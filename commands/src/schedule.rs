@@ -246,8 +246,14 @@ pub fn schedule(
             let list = cands.get(&host).map(Vec::as_slice).unwrap_or(&[]);
             pool += list.len();
             let need = usize::from(r.device_count());
-            let picked: Vec<&DeviceInfo> = list
+            // Start at an offset drawn from the server id: concurrent boots in other
+            // processes then mostly pick different devices instead of all racing for one.
+            let offset = req
+                .server
+                .map_or(0, |s| (s.0.as_u128() % list.len().max(1) as u128) as usize);
+            let picked: Vec<&DeviceInfo> = list[offset..]
                 .iter()
+                .chain(&list[..offset])
                 .filter(|d| !taken.contains(&d.device_id))
                 .take(need)
                 .collect();

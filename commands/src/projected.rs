@@ -1,0 +1,125 @@
+//! The command side reading the projector's redb view: [`ViewRead`] for a projector snapshot
+//! and [`ViewSource`] for the view itself.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use usbpt_projector as p;
+use usbpt_schemas::{
+    DeviceId, FlavorId, FlavorName, HostName, LineageId, ProductId, ServerName, VendorId,
+};
+
+use crate::handler::ViewSource;
+use crate::view::{
+    ClaimInfo, DeviceInfo, DeviceStatus, FlavorInfo, ServerInfo, ViewError, ViewRead,
+};
+
+fn err(e: p::ViewError) -> ViewError {
+    ViewError(e.to_string())
+}
+
+fn device(d: p::Device) -> DeviceInfo {
+    DeviceInfo {
+        device_id: d.id(),
+        lineage_id: d.lineage_id(),
+        lineage_kind: d.discovery.lineage_kind,
+        host: d.host().clone(),
+        vendor_id: d.vendor_id(),
+        product_id: d.product_id(),
+        serial: d.serial().map(str::to_owned),
+        address: d.address(),
+        status: match d.status {
+            p::DeviceStatus::Available => DeviceStatus::Available,
+            p::DeviceStatus::Claimed => DeviceStatus::Claimed,
+            p::DeviceStatus::Attached => DeviceStatus::Attached,
+            p::DeviceStatus::Invalidated => DeviceStatus::Invalidated,
+        },
+        holder: d.holder,
+    }
+}
+
+fn flavor(f: p::Flavor) -> Option<FlavorInfo> {
+    f.deleted.is_none().then_some(FlavorInfo {
+        flavor_id: f.id,
+        name: f.name,
+        usb: f.usb,
+    })
+}
+
+fn server(s: p::Server) -> Option<ServerInfo> {
+    s.deleted.is_none().then_some(ServerInfo {
+        server_id: s.id,
+        name: s.name,
+        flavor_id: s.flavor_id,
+        host: s.host,
+        state: s.state,
+        devices: s.devices,
+    })
+}
+
+impl ViewRead for p::Snapshot {
+    fn flavor_by_name(&self, name: &FlavorName) -> Result<Option<FlavorInfo>, ViewError> {
+        Ok(p::Snapshot::flavor_by_name(self, name)
+            .map_err(err)?
+            .and_then(flavor))
+    }
+    fn flavor_by_id(&self, id: &FlavorId) -> Result<Option<FlavorInfo>, ViewError> {
+        Ok(p::Snapshot::flavor_by_id(self, id)
+            .map_err(err)?
+            .and_then(flavor))
+    }
+    fn server_by_name(&self, name: &ServerName) -> Result<Option<ServerInfo>, ViewError> {
+        Ok(p::Snapshot::server_by_name(self, name)
+            .map_err(err)?
+            .and_then(server))
+    }
+    fn device(&self, id: &DeviceId) -> Result<Option<DeviceInfo>, ViewError> {
+        Ok(p::Snapshot::device(self, id).map_err(err)?.map(device))
+    }
+    fn current_enumeration(&self, lineage: &LineageId) -> Result<Option<DeviceInfo>, ViewError> {
+        Ok(p::Snapshot::current_enumeration(self, lineage)
+            .map_err(err)?
+            .map(device))
+    }
+    fn free_devices_matching(
+        &self,
+        vendor: VendorId,
+        product: ProductId,
+        serial: Option<&str>,
+    ) -> Result<BTreeMap<HostName, Vec<DeviceInfo>>, ViewError> {
+        Ok(
+            p::Snapshot::free_devices_matching(self, vendor, product, serial)
+                .map_err(err)?
+                .into_iter()
+                .map(|(h, v)| (h, v.into_iter().map(device).collect()))
+                .collect(),
+        )
+    }
+    fn claim(&self, lineage: &LineageId) -> Result<Option<ClaimInfo>, ViewError> {
+        Ok(p::Snapshot::claim(self, lineage)
+            .map_err(err)?
+            .map(|c| ClaimInfo {
+                lineage_id: c.lineage_id,
+                device_id: c.device_id,
+                server_id: c.server_id,
+                host: c.host,
+                follow: c.follow,
+            }))
+    }
+    fn subject_seq(&self, subject: &str) -> Result<u64, ViewError> {
+        p::Snapshot::subject_seq(self, subject).map_err(err)
+    }
+    fn host_known(&self, host: &HostName) -> Result<bool, ViewError> {
+        Ok(p::Snapshot::host(self, host).map_err(err)?.is_some())
+    }
+}
+
+impl ViewSource for p::View {
+    type Snapshot<'a> = p::Snapshot;
+    fn snapshot(&self) -> Result<p::Snapshot, ViewError> {
+        p::View::snapshot(self).map_err(err)
+    }
+    async fn wait_applied(&self, seq: u64, limit: Duration) -> bool {
+        p::View::wait_applied(self, seq, limit).await
+    }
+}

@@ -1,0 +1,160 @@
+//! Operator commands (`flavor create|delete`, `boot`, `resize`, `migrate`, power actions,
+//! `delete`): sent to the command handlers over NATS request/reply.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use usbpt_commands::handler::request;
+use usbpt_schemas::commands::{Command, CommandReply};
+use usbpt_schemas::{FlavorName, HostName, ServerAction, ServerName, UsbRequest};
+
+use crate::cli::Global;
+
+/// How long the CLI waits for a command handler's reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Args)]
+pub struct FlavorCreate {
+    pub name: FlavorName,
+    /// `id=DEVICE_ID`, `lineage=LINEAGE_ID` or `vendor=136b,product=0003[,serial=S][,count=N]`,
+    /// each optionally with `,controller=uhci|ehci|xhci,follow=lineage|strict`. Repeatable.
+    #[arg(long = "usb", value_name = "SPEC")]
+    pub usb: Vec<UsbRequest>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FlavorDelete {
+    pub name: FlavorName,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl FlavorDelete {
+    pub fn command(self) -> (Command, bool) {
+        (Command::DeleteFlavor { name: self.name }, self.json)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct Boot {
+    pub name: ServerName,
+    #[arg(long)]
+    pub flavor: FlavorName,
+    /// Force the host (the scheduler still checks it can satisfy the flavor).
+    #[arg(long)]
+    pub host: Option<HostName>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct Resize {
+    pub name: ServerName,
+    #[arg(long)]
+    pub flavor: FlavorName,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct Migrate {
+    pub name: ServerName,
+    /// Live migration (refused for servers holding host USB devices).
+    #[arg(long)]
+    pub live: bool,
+    #[arg(long)]
+    pub host: Option<HostName>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct Named {
+    pub name: ServerName,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Sends `cmd`; prints the reply (a line, or JSON with `json`); a rejection is an error.
+pub async fn send(global: &Global, cmd: Command, json: bool) -> Result<()> {
+    let bus = global.bus().await?;
+    let reply = request(bus.client(), &cmd, REPLY_TIMEOUT)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if json {
+        println!("{}", serde_json::to_string(&reply)?);
+    }
+    match reply {
+        CommandReply::Accepted { message, .. } => {
+            if !json {
+                println!("{message}");
+            }
+            Ok(())
+        }
+        CommandReply::Rejected { code, reason } => bail!("rejected ({code}): {reason}"),
+    }
+}
+
+impl FlavorCreate {
+    pub fn command(self) -> (Command, bool) {
+        (
+            Command::CreateFlavor {
+                name: self.name,
+                usb: self.usb,
+            },
+            self.json,
+        )
+    }
+}
+impl Boot {
+    pub fn command(self) -> (Command, bool) {
+        (
+            Command::Boot {
+                name: self.name,
+                flavor: self.flavor,
+                host: self.host,
+            },
+            self.json,
+        )
+    }
+}
+impl Resize {
+    pub fn command(self) -> (Command, bool) {
+        (
+            Command::Resize {
+                name: self.name,
+                flavor: self.flavor,
+            },
+            self.json,
+        )
+    }
+}
+impl Migrate {
+    pub fn command(self) -> (Command, bool) {
+        (
+            Command::Migrate {
+                name: self.name,
+                live: self.live,
+                host: self.host,
+            },
+            self.json,
+        )
+    }
+}
+impl Named {
+    pub fn action(self, action: ServerAction) -> (Command, bool) {
+        (
+            Command::Act {
+                name: self.name,
+                action,
+            },
+            self.json,
+        )
+    }
+    pub fn delete(self) -> (Command, bool) {
+        (Command::Delete { name: self.name }, self.json)
+    }
+}
