@@ -72,6 +72,10 @@ pub enum Cmd {
     /// Projector, command handler and HTTP API (Nova-shaped reads and commands, live events,
     /// metrics) in one process.
     Serve(crate::cmd_serve::ServeArgs),
+    /// Everything on one machine: a private nats-server, serve, and an agent for this host.
+    Up(crate::cmd_up::UpArgs),
+    /// The whole stack with two simulated hosts, playing the blueprint's story.
+    Demo(crate::demo::DemoArgs),
     /// A command handler alone (with its own projector and view), for scale-out.
     Commands(crate::cmd_serve::CommandsCmdArgs),
     /// The projector alone: folds the stream into the view (optionally serving reads).
@@ -176,6 +180,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Serve(a) => crate::cmd_serve::serve(&cli.global, a).await,
         Cmd::Commands(a) => crate::cmd_serve::commands(&cli.global, a).await,
+        Cmd::Demo(a) => crate::demo::run(&cli.global, a).await,
+        Cmd::Up(a) => crate::cmd_up::run(&cli.global, a).await,
         Cmd::Projector(a) => crate::cmd_serve::projector(&cli.global, a).await,
         Cmd::Replay(a) => crate::cmd_replay::replay(&cli.global, a).await,
         Cmd::Devices(a) => crate::cmd_query::devices(&cli.global, a).await,

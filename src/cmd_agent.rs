@@ -72,7 +72,8 @@ pub async fn run(global: &Global, args: AgentArgs) -> Result<()> {
     };
     tracing::info!(?config, "starting the host agent");
     let source = UdevSource::open()?;
-    usbpt_agent::run(config, source, shutdown_signal()).await?;
+    let executor = connect_hypervisor(&config.host, &config.hypervisor_uri).await;
+    usbpt_agent::run_with_executor(config, source, executor, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -89,5 +90,27 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}
+
+/// Connects the libvirt executor. Without a hypervisor the agent still publishes its devices
+/// (they can be seen and claimed) but cannot start servers; it says so once.
+pub async fn connect_hypervisor(
+    host: &HostName,
+    uri: &str,
+) -> Option<std::sync::Arc<usbpt_agent::libvirt::Executor>> {
+    use usbpt_agent::libvirt::{Executor, ExecutorConfig};
+    match Executor::connect(ExecutorConfig::new(host.clone(), uri)).await {
+        Ok(e) => {
+            tracing::info!(
+                uri,
+                "hypervisor connected: this agent carries out server work"
+            );
+            Some(std::sync::Arc::new(e))
+        }
+        Err(e) => {
+            tracing::warn!(uri, error = %e, "no hypervisor: devices are published, but servers cannot be started on this host");
+            None
+        }
     }
 }

@@ -78,7 +78,7 @@ pub struct CommandsCmdArgs {
 }
 
 impl CommandArgs {
-    fn handler(&self, side: &ReadSide) -> Arc<Handler<View>> {
+    pub fn handler(&self, side: &ReadSide) -> Arc<Handler<View>> {
         let weigh = match self.weigh {
             WeighArg::Pack => Weigh::Pack,
             WeighArg::Spread => Weigh::Spread,
@@ -91,7 +91,7 @@ impl CommandArgs {
     }
 
     /// Adds the NATS command service and the reactor to `tasks`.
-    fn spawn(&self, tasks: &mut Tasks, side: &ReadSide, handler: Arc<Handler<View>>) {
+    pub fn spawn(&self, tasks: &mut Tasks, side: &ReadSide, handler: Arc<Handler<View>>) {
         let concurrency = self.concurrency.max(1);
         let stopping = tasks.stopping();
         tasks.spawn("commands", async move {
@@ -290,7 +290,7 @@ async fn shutdown_signal() -> &'static str {
 }
 
 /// Binds the API and announces it on stderr (one line: scripts and tests read the port).
-async fn bind(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+pub async fn bind(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr}"))?;

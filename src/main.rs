@@ -7,6 +7,8 @@ mod cmd_ctl;
 mod cmd_query;
 mod cmd_replay;
 mod cmd_serve;
+mod cmd_up;
+mod demo;
 mod tail;
 
 use std::process::ExitCode;

@@ -5,8 +5,10 @@
 //! - [`resolver`]: pure identity decisions (enumerations, lineages, clashes, reconciliation).
 //! - [`filter`]: which devices are passthrough candidates (built-in rules, TOML, blueprint JSON).
 //! - [`store`]: the redb state and outbox; [`publisher`]: drains the outbox into JetStream.
-//! - [`run()`]: the agent process.
+//! - [`run()`]: the agent process; [`run_with_executor`] also carries out the control plane's
+//!   work for the host through [`libvirt`] ([`control`]).
 
+pub mod control;
 pub mod filter;
 pub mod libvirt;
 pub mod observation;
@@ -21,5 +23,5 @@ pub use filter::{Decision, Filter, FilterError};
 pub use observation::{Action, Interface, Observation, UsbDevice};
 pub use progress::{Progress, ProgressSink};
 pub use publisher::BusTarget;
-pub use run::{read_boot_id, run, AgentConfig, AgentError, AGENT_VERSION};
+pub use run::{read_boot_id, run, run_with_executor, AgentConfig, AgentError, AGENT_VERSION};
 pub use source::{DeviceSource, SourceError, SourceEvent, UdevSource};

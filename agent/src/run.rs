@@ -8,11 +8,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
 use thiserror::Error;
-use tokio::sync::{watch, Notify};
+
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tracing::{error, info, info_span, warn, Instrument};
-use usbpt_schemas::{Envelope, Event, HostAgentStarted, HostName};
+use usbpt_schemas::{DeviceId, Envelope, Event, HostAgentStarted, HostName};
+
+use crate::control::{Control, Devices, Reenumerated};
+use crate::libvirt::{DeviceInfo, Executor};
 
 use crate::filter::Filter;
 use crate::observation::Observation;
@@ -92,7 +97,15 @@ struct Agent {
     state: State,
     wake: Arc<Notify>,
     filtered_total: u64,
+    /// The executor's view of this host's devices (present, and recently ended).
+    devices: HashMap<DeviceId, DeviceInfo>,
+    devices_tx: watch::Sender<Devices>,
+    /// Re-enumerated lineages for the executor to re-attach (when there is one).
+    reenumerated: Option<mpsc::UnboundedSender<Reenumerated>>,
 }
+
+/// How many ended enumerations the executor's device map remembers.
+const ENDED_KEPT: usize = 1024;
 
 impl Agent {
     fn ctx(&self) -> Context<'_> {
@@ -116,7 +129,53 @@ impl Agent {
         if !envelopes.is_empty() {
             self.wake.notify_one();
         }
+        self.track(&envelopes);
         self.store.outbox_len()
+    }
+
+    /// Keeps the executor's device map in step and hands re-enumerated lineages to it, after
+    /// the events are safely in the outbox.
+    fn track(&mut self, envelopes: &[Envelope]) {
+        let mut changed = false;
+        for env in envelopes {
+            match &env.body {
+                Event::DeviceDiscovered(d) => {
+                    let info = DeviceInfo {
+                        vendor: d.vendor_id,
+                        product: d.product_id,
+                        address: d.address,
+                        present: true,
+                    };
+                    self.devices.insert(d.device_id, info);
+                    changed = true;
+                    if d.supersedes.is_some() {
+                        if let Some(tx) = &self.reenumerated {
+                            let _ = tx.send(Reenumerated {
+                                lineage: d.lineage_id,
+                                device: d.device_id,
+                                info,
+                            });
+                        }
+                    }
+                }
+                Event::DeviceInvalidated(d) => {
+                    if let Some(info) = self.devices.get_mut(&d.device_id) {
+                        info.present = false;
+                        changed = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if self.devices.len() > ENDED_KEPT + self.state.devices.len() {
+            let present: Vec<DeviceId> = self.state.candidates().map(|k| k.device_id).collect();
+            self.devices
+                .retain(|id, info| info.present || present.contains(id));
+            changed = true;
+        }
+        if changed {
+            self.devices_tx.send_replace(Arc::new(self.devices.clone()));
+        }
     }
 
     fn log_filtered(&mut self, before: &State) {
@@ -282,7 +341,18 @@ fn log_event(e: &Event) {
 /// listening, so that nothing between the enumeration and the first `next()` is missed.
 pub async fn run<S: DeviceSource>(
     config: AgentConfig,
+    source: S,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    run_with_executor(config, source, None, shutdown).await
+}
+
+/// [`run`], also carrying out the control plane's work for this host through `executor`
+/// (define and start domains, re-attach re-enumerated devices, power actions, teardown).
+pub async fn run_with_executor<S: DeviceSource>(
+    config: AgentConfig,
     mut source: S,
+    executor: Option<Arc<Executor>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let span = info_span!("agent", host = %config.host);
@@ -294,15 +364,51 @@ pub async fn run<S: DeviceSource>(
         let path = config.data_dir.join(store::file_name(&config.host));
         let (store, state) = Store::open(&path)?;
         info!(state = %path.display(), known = state.devices.len(), "opened agent state");
+        let (devices_tx, devices_rx) = watch::channel(Devices::default());
+        let (reenum_tx, reenum_rx) = mpsc::unbounded_channel();
         let mut agent = Agent {
             store: Arc::new(store),
             state,
             wake: Arc::new(Notify::new()),
             filtered_total: 0,
+            devices: HashMap::new(),
+            devices_tx,
+            reenumerated: executor.is_some().then_some(reenum_tx),
             config,
         };
         let snapshot = source.snapshot()?;
         let outbox = agent.start(snapshot)?;
+        // Devices that kept their ids across the restart produced no event: seed them.
+        let present: Vec<(DeviceId, DeviceInfo)> = agent
+            .state
+            .candidates()
+            .map(|k| {
+                (
+                    k.device_id,
+                    DeviceInfo {
+                        vendor: k.device.vendor_id,
+                        product: k.device.product_id,
+                        address: k.device.address,
+                        present: true,
+                    },
+                )
+            })
+            .collect();
+        agent.devices.extend(present);
+        agent
+            .devices_tx
+            .send_replace(Arc::new(agent.devices.clone()));
+        let mut controlling = executor.map(|executor| {
+            let control = Control {
+                executor,
+                store: agent.store.clone(),
+                wake: agent.wake.clone(),
+                target: agent.config.bus.clone(),
+                devices: devices_rx,
+                reenumerated: reenum_rx,
+            };
+            tokio::spawn(control.run().in_current_span())
+        });
         (agent.config.progress)(&Progress::Ready {
             host: agent.config.host.to_string(),
             boot_id: agent.config.boot_id.clone(),
@@ -330,6 +436,14 @@ pub async fn run<S: DeviceSource>(
         let result: Result<(), AgentError> = loop {
             tokio::select! {
                 _ = &mut shutdown => break Ok(()),
+                Some(done) = async { match controlling.as_mut() { Some(c) => Some(c.await), None => std::future::pending().await } } => {
+                    controlling = None;
+                    break Err(match done {
+                        Ok(Ok(())) => AgentError::Publisher("the control task stopped unexpectedly".into()),
+                        Ok(Err(e)) => AgentError::Store(e),
+                        Err(e) => AgentError::Publisher(e.to_string()),
+                    });
+                }
                 done = &mut publishing => {
                     break Err(match done {
                         Ok(Ok(_)) => AgentError::Publisher("stopped unexpectedly".into()),
@@ -353,6 +467,11 @@ pub async fn run<S: DeviceSource>(
             }
         };
 
+        if let Some(c) = controlling {
+            // Wait until it is gone: it shares the state file, which a restart reopens.
+            c.abort();
+            let _ = c.await;
+        }
         let _ = stop_tx.send(Some(Instant::now() + agent.config.drain_on_stop));
         if !publishing.is_finished() {
             match publishing.await {

@@ -242,6 +242,12 @@ impl Store {
         tx.commit().map_err(|x| e(x.into()))
     }
 
+    /// Appends `events` to the outbox alone (no state change), durably.
+    pub fn enqueue(&self, events: &[Envelope]) -> Result<(), StoreError> {
+        let none = State::default();
+        self.commit(&none, &none, events)
+    }
+
     /// The oldest unpublished event, with its outbox sequence.
     pub fn outbox_first(&self) -> Result<Option<(u64, Envelope)>, StoreError> {
         Ok(self.outbox_head(1)?.into_iter().next())

@@ -1,0 +1,137 @@
+//! The agent's hands: work the control plane addresses to this host
+//! (`usbpt.evt.ctl.{host}.>`: boot, resize, actions, delete, teardown) is carried out through
+//! the libvirt [`Executor`], and a held lineage that re-enumerates is re-attached. Every outcome
+//! is an event that goes through the same outbox as the device events, so it is published once,
+//! in order, even across NATS outages and agent restarts. A control message is acknowledged only
+//! after its outcome is in the outbox.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{info, warn};
+use usbpt_bus::Bus;
+use usbpt_schemas::{codec, subjects, DeviceId, Envelope, Event, LineageId};
+
+use crate::libvirt::{DeviceInfo, Executor};
+use crate::publisher::BusTarget;
+use crate::store::{Store, StoreError};
+
+/// What the agent knows of its devices, for the executor: present ones and recently ended ones.
+pub type Devices = Arc<HashMap<DeviceId, DeviceInfo>>;
+
+/// A held lineage came back as a new enumeration.
+#[derive(Debug, Clone, Copy)]
+pub struct Reenumerated {
+    pub lineage: LineageId,
+    pub device: DeviceId,
+    pub info: DeviceInfo,
+}
+
+pub(crate) struct Control {
+    pub executor: Arc<Executor>,
+    pub store: Arc<Store>,
+    pub wake: Arc<Notify>,
+    pub target: BusTarget,
+    pub devices: watch::Receiver<Devices>,
+    pub reenumerated: mpsc::UnboundedReceiver<Reenumerated>,
+}
+
+const RETRY: Duration = Duration::from_secs(1);
+
+impl Control {
+    fn enqueue(&self, events: Vec<Event>, cause: Option<&Envelope>) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let envelopes: Vec<Envelope> = events
+            .into_iter()
+            .map(|e| {
+                let env = Envelope::new(e);
+                match cause {
+                    Some(c) => env.caused_by(c),
+                    None => env,
+                }
+            })
+            .collect();
+        for e in &envelopes {
+            info!(kind = e.body.kind(), "executor outcome queued");
+        }
+        self.store.enqueue(&envelopes)?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    async fn reattach(&self, r: Reenumerated) -> Result<(), StoreError> {
+        let events = self
+            .executor
+            .reattach_lineage(r.lineage, r.device, r.info)
+            .await;
+        self.enqueue(events, None)
+    }
+
+    /// Runs until the store fails (fatal) or the task is dropped. NATS outages are waited out;
+    /// re-attachments go on meanwhile.
+    pub async fn run(mut self) -> Result<(), StoreError> {
+        let host = self.executor.host().clone();
+        let durable = format!("agent-{host}");
+        loop {
+            let bus = tokio::select! {
+                b = Bus::connect(&self.target.url, self.target.creds.as_deref(), &self.target.settings) => b,
+                Some(r) = self.reenumerated.recv() => { self.reattach(r).await?; continue; }
+            };
+            let bus = match bus {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(error = %e, "control: bus unreachable; retrying");
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            };
+            let consumer = match bus
+                .pull_consumer(&durable, Some(subjects::control_for_host_all(&host)), 0)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "control: cannot open the consumer; retrying");
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            };
+            let mut messages = match consumer.messages().await {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(error = %e, "control: cannot read the consumer; retrying");
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            };
+            info!(consumer = %durable, "control: listening for work");
+            loop {
+                tokio::select! {
+                    Some(r) = self.reenumerated.recv() => self.reattach(r).await?,
+                    next = messages.next() => {
+                        let Some(Ok(msg)) = next else {
+                            warn!("control: consumer interrupted; reconnecting");
+                            break;
+                        };
+                        match codec::decode(&msg.payload) {
+                            Ok(env) => {
+                                let devices = self.devices.borrow().clone();
+                                let events = self.executor.handle(&env, &*devices).await;
+                                self.enqueue(events, Some(&env))?;
+                            }
+                            Err(e) => warn!(subject = %msg.subject, error = %e, "control: undecodable work skipped"),
+                        }
+                        if let Err(e) = msg.ack().await {
+                            warn!(error = %e, "control: ack failed; the work may be redelivered");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! `usbpt demo`: the whole stack on one machine — a private nats-server, the projector, the
+//! command handler and the HTTP API, and two simulated hypervisor hosts whose agents run the real
+//! agent loop (simulated device source → identity resolver → redb outbox → JetStream) and the
+//! real libvirt executor (libvirt's test driver) — playing the blueprint's story step by step.
+
+mod hosts;
+mod story;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use usbpt_bus::server::{NatsServer, ServerConfig};
+
+use crate::cli::Global;
+use crate::cmd_serve::{CommandArgs, ProjectorArgs, ReadSide, Tasks, WeighArg};
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Exit 0 when the story completes (non-zero, naming the step, if one fails) instead of
+    /// serving the dashboard until Ctrl-C.
+    #[arg(long)]
+    pub exit_when_done: bool,
+    /// Where the HTTP API and dashboard listen (a free port is taken if this one is busy).
+    #[arg(long, default_value = "127.0.0.1:8774")]
+    pub listen: SocketAddr,
+}
+
+/// Whether the operator named a bus (`--nats` or `NATS_URL`); else a private server is run.
+pub fn nats_given() -> bool {
+    std::env::var_os("NATS_URL").is_some()
+        || std::env::args().any(|a| a == "--nats" || a.starts_with("--nats="))
+}
+
+/// The bus to use: the operator's, or a private nats-server under `dir` (returned to keep it
+/// alive).
+pub async fn bus_url(
+    global: &Global,
+    dir: PathBuf,
+    sync_always: bool,
+) -> Result<(String, Option<NatsServer>)> {
+    if nats_given() {
+        return Ok((global.nats.clone(), None));
+    }
+    let mut config = ServerConfig::new(dir);
+    config.sync_always = sync_always;
+    let server = NatsServer::start(config)
+        .await
+        .context("starting a private nats-server")?;
+    Ok((server.url(), Some(server)))
+}
+
+/// Binds `addr`, or a free loopback port when it is taken.
+pub async fn bind_or_free(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    match crate::cmd_serve::bind(what, addr).await {
+        Ok(l) => Ok(l),
+        Err(_) => crate::cmd_serve::bind(what, SocketAddr::from(([127, 0, 0, 1], 0))).await,
+    }
+}
+
+pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let (root, _temp) = match &global.data_dir {
+        Some(d) => (d.clone(), None),
+        None => {
+            let t = tempfile::Builder::new().prefix("usbpt-demo-").tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let (url, server) = bus_url(global, root.join("nats"), false).await?;
+    let control = Global {
+        nats: url.clone(),
+        creds: global.creds.clone(),
+        data_dir: Some(root.join("control")),
+        api: global.api.clone(),
+        verbose: global.verbose,
+    };
+    let side = ReadSide::open(
+        &control,
+        &ProjectorArgs {
+            consumer: "usbpt-projector".into(),
+            batch: 1000,
+        },
+    )
+    .await?;
+    let mut tasks = Tasks::new();
+    let commands = CommandArgs {
+        weigh: WeighArg::Pack,
+        grace: 120,
+        concurrency: 32,
+    };
+    let handler = commands.handler(&side);
+    let router = usbpt_api::router(side.api_state(tasks.shutdown_flag())).merge(
+        usbpt_api::command_routes(Arc::clone(&handler), Arc::clone(&side.view)),
+    );
+    commands.spawn(&mut tasks, &side, handler);
+    let listener = bind_or_free("demo", args.listen).await?;
+    let dashboard = format!("http://{}/", listener.local_addr()?);
+    let stopping = tasks.stopping();
+    tasks.spawn("http", async move {
+        usbpt_api::serve(listener, router, stopping)
+            .await
+            .context("HTTP server")
+    });
+    let view = Arc::clone(&side.view);
+    let bus = side.bus.clone();
+    let stopping = tasks.stopping();
+    tasks.spawn("projector", async move {
+        Ok(side.projector.run(stopping).await?)
+    });
+
+    println!(
+        "usbpt demo: the blueprint's story on a private bus and two simulated hypervisor hosts"
+    );
+    match &server {
+        Some(s) => println!(
+            "  bus        {url}  (private nats-server, store in {})",
+            s.dir().display()
+        ),
+        None => println!("  bus        {url}"),
+    }
+    println!("  dashboard  {dashboard}");
+    println!("  data       {}", root.display());
+    println!();
+
+    let exit = args.exit_when_done;
+    let stopping = tasks.stopping();
+    let story = story::Story::new(bus, view, url, root.clone());
+    tasks.spawn("story", async move {
+        story.play().await?;
+        println!();
+        println!(
+            "usbpt demo: the story is complete ({:.1} s). Dashboard: {dashboard}",
+            started.elapsed().as_secs_f64()
+        );
+        if !exit {
+            println!("usbpt demo: serving until Ctrl-C");
+            stopping.await;
+        }
+        Ok(())
+    });
+    let result = tasks.run().await;
+    drop(server);
+    result
+}
