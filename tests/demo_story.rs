@@ -27,9 +27,9 @@ async fn demo_tells_the_whole_story_and_exits_zero() -> Result<()> {
     let stdout = String::from_utf8(out.stdout)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
-    for n in 1..=10 {
+    for n in 1..=12 {
         assert!(
-            stdout.contains(&format!("[{n}/10]")),
+            stdout.contains(&format!("[{n}/12]")),
             "step {n} missing:\n{stdout}"
         );
     }
@@ -40,6 +40,8 @@ async fn demo_tells_the_whole_story_and_exits_zero() -> Result<()> {
         "erp-1 holds device",
         "resized to erp-token",
         "refused: 409: live migration",
+        "follow=strict",
+        "is available; host-b's agent tears",
         "views identical",
         "the story is complete",
     ] {

@@ -18,7 +18,7 @@ use usbpt_schemas::{
 use super::hosts::{usb_device, SimHost};
 
 const STEP_LIMIT: Duration = Duration::from_secs(30);
-const STEPS: usize = 10;
+const STEPS: usize = 12;
 
 pub struct Story {
     bus: Bus,
@@ -339,6 +339,93 @@ impl Story {
         .await
         .context("step 9 (refusal recorded)")?;
 
+        step("a strict binding (the blueprint's own behaviour): a scanner is re-plugged under server scan-1");
+        let scanner = (0x04a9, 0x1909);
+        host_b.devices.plug(usb_device(
+            "2-3",
+            11,
+            scanner,
+            Some("SC-88"),
+            0xff,
+            ("Canon", "Document scanner"),
+        )?);
+        let sc = self
+            .until("the scanner in the view", |s| {
+                Self::present_on(s, &b, scanner)
+            })
+            .await
+            .context("step 10 (scanner discovered)")?;
+        let strict = FlavorName::new("scan-strict")?;
+        self.accepted(Command::CreateFlavor {
+            name: strict.clone(),
+            usb: vec![format!("id={},follow=strict", sc.id()).parse()?],
+        })
+        .await
+        .context("step 10 (flavor create)")?;
+        let scan = ServerName::new("scan-1")?;
+        self.accepted(Command::Boot {
+            name: scan.clone(),
+            flavor: strict,
+            host: None,
+        })
+        .await
+        .context("step 10 (boot)")?;
+        let sc_id = sc.id();
+        self.until("the scanner attached to scan-1", |s| {
+            Ok(s.device(&sc_id)?
+                .filter(|d| d.status == DeviceStatus::Attached)
+                .map(|_| ()))
+        })
+        .await
+        .context("step 10 (scanner attached)")?;
+        let syspath = sc.discovery.syspath.clone();
+        host_b.devices.unplug(&syspath);
+        host_b.devices.plug(usb_device(
+            "2-3",
+            12,
+            scanner,
+            Some("SC-88"),
+            0xff,
+            ("Canon", "Document scanner"),
+        )?);
+        let replugged = self
+            .until(
+                "the scanner's new enumeration, free, and scan-1 still active",
+                |s| {
+                    let new = Self::present_on(s, &b, scanner)?
+                        .filter(|d| d.id() != sc_id && d.status == DeviceStatus::Available);
+                    let active = s
+                        .server_by_name(&scan)?
+                        .is_some_and(|srv| srv.state == ServerState::Active);
+                    let claim_gone = s.claim(&sc.lineage_id())?.is_none();
+                    Ok(new.filter(|_| active && claim_gone))
+                },
+            )
+            .await
+            .context("step 10 (strict: released, not followed)")?;
+        say(format!(
+            "device {} invalidated; its claim was released at once (follow=strict); the new enumeration {} is available",
+            sc_id,
+            replugged.id()
+        ));
+        say("scan-1 keeps running without it (startupPolicy='optional'); a resize to a flavor with the new device binds it".into());
+
+        step("erp-1 is deleted: its token is released");
+        say(self
+            .accepted(Command::Delete { name: erp.clone() })
+            .await
+            .context("step 11 (delete)")?);
+        self.until("the token available again", |s| {
+            Ok(s.device(&tok_id)?
+                .filter(|d| d.status == DeviceStatus::Available)
+                .map(|_| ()))
+        })
+        .await
+        .context("step 11 (token released)")?;
+        say(format!(
+            "token {tok_id} is available; host-b's agent tears erp-1's domain down"
+        ));
+
         step(
             "audit: replay the whole history into a fresh view and verify it against the live one",
         );
@@ -354,7 +441,7 @@ impl Story {
         )?;
         if let Some(d) = diff {
             bail!(
-                "step 10: the replayed view differs from the live one at {} {}",
+                "step 12: the replayed view differs from the live one at {} {}",
                 d.table,
                 d.key
             );
