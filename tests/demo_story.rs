@@ -76,3 +76,54 @@ async fn a_failing_step_is_named_and_exits_nonzero() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_load_scenario_ends_with_the_view_matching_every_host() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let scenario = dir.path().join("load.toml");
+    std::fs::write(
+        &scenario,
+        "[load]\nhosts = 3\ndevices_per_host = 4\nchurn_per_second = 40\nduration_seconds = 1\n",
+    )?;
+    let out = tokio::time::timeout(
+        Duration::from_secs(180),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_usbpt"))
+            .args([
+                "demo",
+                "--exit-when-done",
+                "--listen",
+                "127.0.0.1:0",
+                "--scenario",
+            ])
+            .arg(&scenario)
+            .env_remove("NATS_URL")
+            .env("USBPT_DATA_DIR", dir.path().join("data"))
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await??;
+    let stdout = String::from_utf8(out.stdout)?;
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("12 devices in the view"), "{stdout}");
+    assert!(stdout.contains("40 re-plugs"), "{stdout}");
+    assert!(stdout.contains("views identical"), "{stdout}");
+
+    // A bad scenario is refused before anything starts, naming the file and the field.
+    std::fs::write(&scenario, "[load]\nhosts = 3\ndevices = 4\n")?;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_usbpt"))
+        .args(["demo", "--exit-when-done", "--scenario"])
+        .arg(&scenario)
+        .output()
+        .await?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("load.toml") && err.contains("devices"),
+        "{err}"
+    );
+    Ok(())
+}

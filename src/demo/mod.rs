@@ -4,6 +4,7 @@
 //! real libvirt executor (libvirt's test driver) — playing the blueprint's story step by step.
 
 mod hosts;
+mod load;
 mod story;
 
 use std::net::SocketAddr;
@@ -26,6 +27,10 @@ pub struct DemoArgs {
     /// Where the HTTP API and dashboard listen (a free port is taken if this one is busy).
     #[arg(long, default_value = "127.0.0.1:8774")]
     pub listen: SocketAddr,
+    /// Play a load scenario (TOML: `[load] hosts, devices_per_host, churn_per_second,
+    /// duration_seconds`) instead of the blueprint's story.
+    #[arg(long)]
+    pub scenario: Option<PathBuf>,
 }
 
 /// Whether the operator named a bus (`--nats` or `NATS_URL`); else a private server is run.
@@ -62,6 +67,11 @@ pub async fn bind_or_free(what: &str, addr: SocketAddr) -> Result<tokio::net::Tc
 
 pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
     let started = std::time::Instant::now();
+    let scenario = args
+        .scenario
+        .as_deref()
+        .map(load::Scenario::load)
+        .transpose()?;
     let (root, _temp) = match &global.data_dir {
         Some(d) => (d.clone(), None),
         None => {
@@ -127,9 +137,12 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
 
     let exit = args.exit_when_done;
     let stopping = tasks.stopping();
-    let story = story::Story::new(bus, view, url, root.clone());
+    let story = story::Story::new(bus.clone(), Arc::clone(&view), url.clone(), root.clone());
     tasks.spawn("story", async move {
-        story.play().await?;
+        match scenario {
+            Some(s) => load::play(s, bus, view, url, root).await?,
+            None => story.play().await?,
+        }
         println!();
         println!(
             "usbpt demo: the story is complete ({:.1} s). Dashboard: {dashboard}",
