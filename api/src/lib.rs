@@ -1,6 +1,7 @@
 //! usbpt's HTTP API (axum), the read side: the Nova-shaped hypervisor document, devices and
 //! their lineage history, flavors and servers, live events as Server-Sent Events, Prometheus
 //! metrics. Errors are JSON, `{"error": {"code": 404, "message": "…"}}`, with the status code.
+//! `GET /` is the live dashboard ([`dashboard`]).
 //!
 //! [`router`] builds the routes over an [`ApiState`]; other parts of the process (the command
 //! side's `POST`s) add theirs with `Router::merge` or `Router::route` on the same paths (axum
@@ -10,6 +11,7 @@
 //! Every handler reads one consistent [`Snapshot`] of the view, on a blocking thread.
 
 mod commands;
+pub mod dashboard;
 pub mod docs;
 mod sse;
 
@@ -159,6 +161,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v2.1/servers/detail", get(servers_detail))
         .route("/v2.1/servers/{id}", get(server))
         .route("/metrics", get(metrics))
+        .merge(dashboard::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
