@@ -76,6 +76,8 @@ pub enum Cmd {
     Up(crate::cmd_up::UpArgs),
     /// The whole stack with two simulated hosts, playing the blueprint's story.
     Demo(crate::demo::DemoArgs),
+    /// Benchmarks: usbpt's figures beside the raw limits of NATS JetStream and redb.
+    Bench(crate::cmd_bench::BenchArgs),
     /// A command handler alone (with its own projector and view), for scale-out.
     Commands(crate::cmd_serve::CommandsCmdArgs),
     /// The projector alone: folds the stream into the view (optionally serving reads).
@@ -182,6 +184,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Commands(a) => crate::cmd_serve::commands(&cli.global, a).await,
         Cmd::Demo(a) => crate::demo::run(&cli.global, a).await,
         Cmd::Up(a) => crate::cmd_up::run(&cli.global, a).await,
+        Cmd::Bench(a) => crate::cmd_bench::run(&cli.global, a).await,
         Cmd::Projector(a) => crate::cmd_serve::projector(&cli.global, a).await,
         Cmd::Replay(a) => crate::cmd_replay::replay(&cli.global, a).await,
         Cmd::Devices(a) => crate::cmd_query::devices(&cli.global, a).await,

@@ -3,6 +3,7 @@
 
 mod cli;
 mod cmd_agent;
+mod cmd_bench;
 mod cmd_ctl;
 mod cmd_query;
 mod cmd_replay;

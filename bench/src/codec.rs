@@ -7,9 +7,14 @@ use usbpt_schemas::*;
 
 use crate::report::Figure;
 
-/// A realistic `DeviceDiscovered` envelope (a YubiKey behind a hub).
+/// A realistic `DeviceDiscovered` envelope (a YubiKey behind a hub) from `host-b`.
 pub fn sample_discovered() -> Envelope {
-    let host = HostName::new("host-b").unwrap_or_else(|_| unreachable_host());
+    sample_discovered_on(HostName::new("host-b").unwrap_or_else(|_| unreachable_host()))
+}
+
+/// A realistic `DeviceDiscovered` envelope (a YubiKey behind a hub) from `host`, with fresh
+/// event and device ids.
+pub fn sample_discovered_on(host: HostName) -> Envelope {
     let port: PortPath = "1-2.3".parse().unwrap_or_else(|_| unreachable_port());
     let vendor = VendorId(0x1050);
     let product = ProductId(0x0120);
@@ -76,10 +81,34 @@ pub fn figures(iterations: usize) -> anyhow::Result<Vec<Figure>> {
     }
     let json_ns = t.elapsed().as_nanos() as f64 / iterations as f64;
     Ok(vec![
-        Figure::new("envelope size: DeviceDiscovered, postcard", 1).value(bin.len() as f64, "B"),
-        Figure::new("envelope size: DeviceDiscovered, API JSON", 1).value(json.len() as f64, "B"),
-        Figure::new("codec: postcard encode", iterations as u64).value(enc_ns, "ns"),
-        Figure::new("codec: postcard decode (validating)", iterations as u64).value(dec_ns, "ns"),
-        Figure::new("codec: JSON encode", iterations as u64).value(json_ns, "ns"),
+        Figure::new(
+            "size_postcard",
+            "envelope size: DeviceDiscovered, postcard (the wire)",
+            1,
+        )
+        .value(bin.len() as f64, "B"),
+        Figure::new(
+            "size_json",
+            "envelope size: DeviceDiscovered, JSON (/v1/events, events tail)",
+            1,
+        )
+        .value(json.len() as f64, "B")
+        .note(format!(
+            "postcard is {:.0}% of the JSON",
+            100.0 * bin.len() as f64 / json.len().max(1) as f64
+        )),
+        Figure::new("codec_encode", "codec: postcard encode", iterations as u64)
+            .rate(1e9 / enc_ns.max(1e-3))
+            .value(enc_ns, "ns"),
+        Figure::new(
+            "codec_decode",
+            "codec: postcard decode (validating)",
+            iterations as u64,
+        )
+        .rate(1e9 / dec_ns.max(1e-3))
+        .value(dec_ns, "ns"),
+        Figure::new("codec_json_encode", "codec: JSON encode", iterations as u64)
+            .rate(1e9 / json_ns.max(1e-3))
+            .value(json_ns, "ns"),
     ])
 }

@@ -1,32 +1,44 @@
-//! The engines' own limits, measured with their plain clients: JetStream publish (awaiting each
-//! ack, and with many acks in flight), an ordered read of the stream, batched redb inserts, and
-//! the codec.
+//! The engines' own limits, measured with their plain clients in the same run as usbpt's
+//! figures: JetStream publish (awaiting each ack, with many acks in flight, fenced), an ordered
+//! read of a stream, batched redb inserts, both together, and the bare engine path under a
+//! hotplug (redb commit → publish → pull fetch → redb commit).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use futures::StreamExt;
-use redb::{Database, TableDefinition};
+use redb::{Database, Durability, TableDefinition};
+use tokio::sync::{mpsc, watch};
+use usbpt_bus::async_nats;
+use usbpt_bus::async_nats::jetstream::consumer::{pull, AckPolicy};
 use usbpt_bus::async_nats::jetstream::stream::{Config, StorageType};
 use usbpt_bus::async_nats::jetstream::{self, message::PublishMessage};
 
 use crate::report::Figure;
 use crate::stats::Samples;
 
-const RAW_STREAM: &str = "BENCH_RAW";
+/// The raw stream: file storage like usbpt's, its own subjects.
+pub const RAW_STREAM: &str = "USBPT_BENCH_RAW";
+const RAW_SUBJECTS: &str = "usbpt.bench.raw.>";
 const RAW_TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("raw");
 
-/// A fresh raw stream (file storage, like usbpt's) on `url`.
+fn subject(i: usize) -> String {
+    format!("usbpt.bench.raw.{}", i % 64)
+}
+
+/// A fresh raw stream (file storage, a duplicate window, like usbpt's) on `url`.
 async fn raw_stream(url: &str) -> Result<jetstream::Context> {
-    let client = usbpt_bus::async_nats::connect(url).await?;
+    let client = async_nats::connect(url).await?;
     let js = jetstream::new(client);
     let _ = js.delete_stream(RAW_STREAM).await;
     js.create_stream(Config {
         name: RAW_STREAM.into(),
-        subjects: vec!["bench.raw.>".into()],
+        subjects: vec![RAW_SUBJECTS.into()],
         storage: StorageType::File,
         duplicate_window: Duration::from_secs(120),
+        allow_direct: true,
         ..Default::default()
     })
     .await
@@ -34,7 +46,7 @@ async fn raw_stream(url: &str) -> Result<jetstream::Context> {
     Ok(js)
 }
 
-/// JetStream publish awaiting each ack, `n` messages of `size` bytes.
+/// JetStream publish awaiting each ack, `n` messages of `size` bytes with `Nats-Msg-Id`.
 pub async fn publish_each_ack(url: &str, n: usize, size: usize) -> Result<Figure> {
     let js = raw_stream(url).await?;
     let payload = Bytes::from(vec![0x5a; size]);
@@ -43,7 +55,7 @@ pub async fn publish_each_ack(url: &str, n: usize, size: usize) -> Result<Figure
     for i in 0..n {
         let t = Instant::now();
         js.send_publish(
-            format!("bench.raw.{}", i % 64),
+            subject(i),
             PublishMessage::build()
                 .payload(payload.clone())
                 .message_id(format!("e{i}")),
@@ -53,12 +65,14 @@ pub async fn publish_each_ack(url: &str, n: usize, size: usize) -> Result<Figure
         lat.push(t.elapsed());
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
-    Ok(
-        Figure::new("raw: JetStream publish, await each ack", n as u64)
-            .rate(rate)
-            .latency(lat.summary())
-            .note(format!("{size} B payloads with Nats-Msg-Id")),
+    Ok(Figure::new(
+        "raw_publish_each_ack",
+        "raw: JetStream publish, await each ack",
+        n as u64,
     )
+    .rate(rate)
+    .latency(lat.summary())
+    .note(format!("{size} B payloads with Nats-Msg-Id")))
 }
 
 /// JetStream publish with up to `inflight` acks outstanding.
@@ -70,7 +84,7 @@ pub async fn publish_async(url: &str, n: usize, size: usize, inflight: usize) ->
     for i in 0..n {
         let ack = js
             .send_publish(
-                format!("bench.raw.{}", i % 64),
+                subject(i),
                 PublishMessage::build()
                     .payload(payload.clone())
                     .message_id(format!("e{i}")),
@@ -88,6 +102,7 @@ pub async fn publish_async(url: &str, n: usize, size: usize, inflight: usize) ->
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
     Ok(Figure::new(
+        "raw_publish_inflight",
         format!("raw: JetStream publish, {inflight} acks in flight"),
         n as u64,
     )
@@ -95,56 +110,312 @@ pub async fn publish_async(url: &str, n: usize, size: usize, inflight: usize) ->
     .note(format!("{size} B payloads with Nats-Msg-Id")))
 }
 
-/// Reads `n` stored messages with an ordered consumer (after `publish_async` filled the stream).
-pub async fn ordered_read(url: &str, n: usize) -> Result<Figure> {
-    let client = usbpt_bus::async_nats::connect(url).await?;
+/// Fenced publishes (`Nats-Expected-Last-Subject-Sequence`) awaiting each ack, round-robin
+/// over 64 subjects: what a claim costs the server.
+pub async fn fenced_publish(url: &str, n: usize, size: usize) -> Result<Figure> {
+    let js = raw_stream(url).await?;
+    let payload = Bytes::from(vec![0x5a; size]);
+    let mut last = [0u64; 64];
+    let mut lat = Samples::with_capacity(n);
+    let start = Instant::now();
+    for i in 0..n {
+        let t = Instant::now();
+        let ack = js
+            .send_publish(
+                subject(i),
+                PublishMessage::build()
+                    .payload(payload.clone())
+                    .message_id(format!("f{i}"))
+                    .expected_last_subject_sequence(last[i % 64]),
+            )
+            .await?
+            .await?;
+        last[i % 64] = ack.sequence;
+        lat.push(t.elapsed());
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    Ok(Figure::new(
+        "raw_fenced_publish",
+        "raw: fenced JetStream publish, await each ack",
+        n as u64,
+    )
+    .rate(rate)
+    .latency(lat.summary())
+    .note(format!(
+        "{size} B, Nats-Expected-Last-Subject-Sequence, 64 subjects"
+    )))
+}
+
+/// Reads `n` stored messages of `stream` with an ordered consumer.
+pub async fn ordered_read(url: &str, stream: &str, n: u64) -> Result<Figure> {
+    let client = async_nats::connect(url).await?;
     let js = jetstream::new(client);
-    let stream = js.get_stream(RAW_STREAM).await?;
+    let stream = js.get_stream(stream).await?;
     let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .create_consumer(pull::OrderedConfig::default())
         .await?;
     let mut messages = consumer.messages().await?;
     let start = Instant::now();
-    let mut got = 0;
+    let mut got = 0u64;
     while got < n {
-        match messages.next().await {
-            Some(m) => {
+        match tokio::time::timeout(Duration::from_secs(30), messages.next()).await {
+            Ok(Some(m)) => {
                 m?;
                 got += 1;
             }
-            None => break,
+            Ok(None) => break,
+            Err(_) => bail!("ordered read stalled after {got} of {n} messages"),
         }
     }
     let rate = got as f64 / start.elapsed().as_secs_f64();
-    Ok(Figure::new("raw: ordered consumer read", got as u64).rate(rate))
+    Ok(Figure::new("raw_ordered_read", "raw: ordered consumer read", got).rate(rate))
 }
 
-/// redb inserts of `n` records of `size` bytes, `batch` per write transaction.
-pub fn redb_batched_insert(n: usize, size: usize, batch: usize) -> Result<Figure> {
+fn durability_name(d: Durability) -> &'static str {
+    if matches!(d, Durability::None) {
+        "no fsync"
+    } else {
+        "fsync"
+    }
+}
+
+/// redb inserts of `records` (key: their index), `batch` per write transaction.
+pub fn redb_batched_insert(
+    records: &[Bytes],
+    batch: usize,
+    durability: Durability,
+    key: &str,
+) -> Result<Figure> {
     let dir = tempfile::tempdir()?;
     let db = Database::create(dir.path().join("raw.redb"))?;
-    let value = vec![0xa5u8; size];
-    let mut lat = Samples::with_capacity(n / batch + 1);
+    let mut lat = Samples::with_capacity(records.len() / batch + 1);
     let start = Instant::now();
-    let mut key = 0u64;
-    while (key as usize) < n {
+    for (c, chunk) in records.chunks(batch.max(1)).enumerate() {
         let t = Instant::now();
-        let txn = db.begin_write()?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(durability)?;
         {
             let mut table = txn.open_table(RAW_TABLE)?;
-            for _ in 0..batch.min(n - key as usize) {
-                table.insert(key, value.as_slice())?;
-                key += 1;
+            for (i, r) in chunk.iter().enumerate() {
+                table.insert((c * batch + i) as u64 + 1, r.as_ref())?;
             }
         }
         txn.commit()?;
         lat.push(t.elapsed());
     }
+    let n = records.len();
     let rate = n as f64 / start.elapsed().as_secs_f64();
-    Ok(
-        Figure::new(format!("raw: redb insert, {batch} per commit"), n as u64)
-            .rate(rate)
-            .latency(lat.summary())
-            .note("latency is per commit (durable)"),
+    Ok(Figure::new(
+        key,
+        format!(
+            "raw: redb insert, {batch}/commit, {}",
+            durability_name(durability)
+        ),
+        n as u64,
     )
+    .rate(rate)
+    .latency(lat.summary())
+    .note("latency per commit"))
+}
+
+/// Reads `n` messages of `stream` with an ordered consumer while a blocking thread inserts
+/// them into redb, `batch` per write transaction (the last one fsynced): the engines' limit for
+/// "read the stream and store every record". Returns the figure and the payloads read.
+pub async fn read_insert(
+    url: &str,
+    stream: &str,
+    n: u64,
+    batch: usize,
+    durability: Durability,
+    key: &str,
+) -> Result<(Figure, Vec<Bytes>)> {
+    let client = async_nats::connect(url).await?;
+    let js = jetstream::new(client);
+    let stream = js.get_stream(stream).await?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig::default())
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let db = Arc::new(Database::create(dir.path().join("raw.redb"))?);
+    let (tx, mut rx) = mpsc::channel::<Vec<(u64, Bytes)>>(4);
+    let start = Instant::now();
+    let mut messages = consumer.messages().await?;
+    let reader = tokio::spawn(async move {
+        let mut got = 0u64;
+        let mut chunk = Vec::with_capacity(batch);
+        while got < n {
+            let m = match tokio::time::timeout(Duration::from_secs(30), messages.next()).await {
+                Ok(Some(m)) => m.map_err(|e| anyhow::anyhow!("read: {e}"))?,
+                Ok(None) => break,
+                Err(_) => bail!("ordered read stalled after {got} of {n} messages"),
+            };
+            let seq = m
+                .info()
+                .map_err(|e| anyhow::anyhow!("metadata: {e}"))?
+                .stream_sequence;
+            chunk.push((seq, m.payload.clone()));
+            got += 1;
+            if chunk.len() >= batch || got == n {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(batch));
+                if tx.send(full).await.is_err() {
+                    break;
+                }
+            }
+        }
+        Ok::<u64, anyhow::Error>(got)
+    });
+    let mut payloads = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    let mut lat = Samples::default();
+    while let Some(chunk) = rx.recv().await {
+        let last = chunk.last().map_or(0, |(s, _)| *s) >= n;
+        let d = if last {
+            Durability::Immediate
+        } else {
+            durability
+        };
+        let db = Arc::clone(&db);
+        let t = Instant::now();
+        let chunk = tokio::task::spawn_blocking(move || -> Result<Vec<(u64, Bytes)>> {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(d)?;
+            {
+                let mut table = txn.open_table(RAW_TABLE)?;
+                for (seq, p) in &chunk {
+                    table.insert(*seq, p.as_ref())?;
+                }
+            }
+            txn.commit()?;
+            Ok(chunk)
+        })
+        .await??;
+        lat.push(t.elapsed());
+        payloads.extend(chunk.into_iter().map(|(_, p)| p));
+    }
+    let got = reader.await??;
+    let rate = got as f64 / start.elapsed().as_secs_f64();
+    Ok((
+        Figure::new(
+            key,
+            format!(
+                "raw: ordered read + redb insert, {batch}/commit, {}",
+                durability_name(durability)
+            ),
+            got,
+        )
+        .rate(rate)
+        .latency(lat.summary())
+        .note("reader and inserter overlap; latency per commit"),
+        payloads,
+    ))
+}
+
+/// The bare engines under one hotplug, `n` times in sequence: a durable redb commit of one
+/// record (the agent's outbox), a JetStream publish awaiting its ack, a durable pull
+/// consumer's fetch receiving it, a durable redb commit of it (the view) and a wake-up of the
+/// waiting reader.
+pub async fn hotplug_path(url: &str, n: usize, size: usize) -> Result<Figure> {
+    let js = raw_stream(url).await?;
+    let stream = js.get_stream(RAW_STREAM).await?;
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("raw-hotplug".into()),
+            ack_policy: AckPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let outbox = Database::create(dir.path().join("outbox.redb"))?;
+    let view = Arc::new(Database::create(dir.path().join("view.redb"))?);
+    let (applied_tx, mut applied) = watch::channel(0u64);
+    let (stop_tx, mut stop) = watch::channel(false);
+    let folder = tokio::spawn(async move {
+        loop {
+            // One fetch (long poll, returning as soon as messages are there), stoppable.
+            let fetch = async {
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(1000)
+                    .expires(Duration::from_secs(5))
+                    .messages()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("fetch: {e}"))?;
+                let mut got = Vec::new();
+                while let Some(m) = batch.next().await {
+                    got.push(m.map_err(|e| anyhow::anyhow!("fetch: {e}"))?);
+                }
+                Ok::<_, anyhow::Error>(got)
+            };
+            let got = tokio::select! {
+                r = fetch => r?,
+                _ = stop.changed() => return Ok::<(), anyhow::Error>(()),
+            };
+            let Some(last) = got.last() else { continue };
+            let seq = last
+                .info()
+                .map_err(|e| anyhow::anyhow!("metadata: {e}"))?
+                .stream_sequence;
+            let rows: Vec<(u64, Bytes)> = got
+                .iter()
+                .filter_map(|m| {
+                    m.info()
+                        .ok()
+                        .map(|i| (i.stream_sequence, m.payload.clone()))
+                })
+                .collect();
+            let db = Arc::clone(&view);
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                let txn = db.begin_write()?;
+                {
+                    let mut table = txn.open_table(RAW_TABLE)?;
+                    for (s, p) in &rows {
+                        table.insert(*s, p.as_ref())?;
+                    }
+                }
+                txn.commit()?;
+                Ok(())
+            })
+            .await??;
+            applied_tx.send_replace(seq);
+            last.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+        }
+    });
+    let payload = vec![0x5a; size];
+    let mut lat = Samples::with_capacity(n);
+    let start = Instant::now();
+    for i in 0..n {
+        let t = Instant::now();
+        let txn = outbox.begin_write()?;
+        {
+            let mut table = txn.open_table(RAW_TABLE)?;
+            table.insert(i as u64, payload.as_slice())?;
+        }
+        txn.commit()?;
+        let ack = js
+            .send_publish(
+                subject(i),
+                PublishMessage::build()
+                    .payload(Bytes::from(payload.clone()))
+                    .message_id(format!("h{i}")),
+            )
+            .await?
+            .await?;
+        let seq = ack.sequence;
+        tokio::time::timeout(Duration::from_secs(30), applied.wait_for(|a| *a >= seq))
+            .await
+            .context("the raw consumer did not receive a message within 30 s")??;
+        lat.push(t.elapsed());
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let _ = stop_tx.send(true);
+    folder.await??;
+    Ok(Figure::new(
+        "raw_hotplug_path",
+        "raw: redb commit → publish → pull fetch → redb commit",
+        n as u64,
+    )
+    .rate(rate)
+    .latency(lat.summary())
+    .note(format!(
+        "{size} B, one at a time: the engines under a hotplug"
+    )))
 }

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +46,18 @@ pub struct Handler<V> {
     /// One decision at a time in this process: commands here never race each other, only
     /// other processes (whom the fences stop).
     deciding: Arc<tokio::sync::Mutex<()>>,
+    stats: Arc<HandlerStats>,
+}
+
+/// What a handler has done since it was made (`usbpt bench` reports the conflict rate).
+#[derive(Debug, Default)]
+pub struct HandlerStats {
+    /// Commands executed.
+    pub commands: AtomicU64,
+    /// Decisions made: one per command, plus one per retry after a lost race.
+    pub decisions: AtomicU64,
+    /// Fenced appends that lost their race to another writer (each is followed by a retry).
+    pub conflicts: AtomicU64,
 }
 
 enum AppendError {
@@ -63,7 +76,13 @@ impl<V: ViewSource> Handler<V> {
             view,
             weigh,
             deciding: Arc::new(tokio::sync::Mutex::new(())),
+            stats: Arc::default(),
         }
+    }
+
+    /// Counters of commands, decisions and lost races.
+    pub fn stats(&self) -> &HandlerStats {
+        &self.stats
     }
 
     /// Executes one command end to end.
@@ -79,6 +98,7 @@ impl<V: ViewSource> Handler<V> {
             flavor_id: FlavorId::new_v7(),
             weigh: self.weigh,
         };
+        self.stats.commands.fetch_add(1, Relaxed);
         let mut turn = Some(self.deciding.lock().await);
         // Decide on a view at least as fresh as the stream was when the command arrived, so a
         // command sees what any handler appended before it (read-your-writes across processes).
@@ -94,6 +114,7 @@ impl<V: ViewSource> Handler<V> {
             Err(e) => return rejected(503, e.to_string()),
         }
         for attempt in 1..=MAX_ATTEMPTS {
+            self.stats.decisions.fetch_add(1, Relaxed);
             let decision = match self.view.snapshot() {
                 Ok(snap) => decide(&snap, cmd, &ctx),
                 Err(e) => return rejected(503, e.to_string()),
@@ -118,6 +139,7 @@ impl<V: ViewSource> Handler<V> {
                 }
                 Err(AppendError::Bus(e)) => return rejected(503, e.to_string()),
                 Err(AppendError::Conflict { subject, claimed }) => {
+                    self.stats.conflicts.fetch_add(1, Relaxed);
                     info!(attempt, %subject, "lost a race; releasing and deciding again");
                     if let Err(e) = self.compensate(claimed, correlation).await {
                         return rejected(503, e.to_string());

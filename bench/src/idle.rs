@@ -1,0 +1,148 @@
+//! An idle `usbpt agent` (the real binary, real udev monitor, connected to the bus with its
+//! control-plane consumer): on-CPU time over a measured window and resident memory, read from
+//! `/proc/PID` (every thread's `schedstat`, and `status`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::report::Figure;
+use crate::target::Target;
+
+/// Per thread: nanoseconds on CPU (`schedstat`) and context switches.
+fn threads(pid: u32) -> Result<BTreeMap<String, (u64, u64)>> {
+    let mut out = BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?;
+        let path = task.path();
+        let ns = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let switches = std::fs::read_to_string(path.join("status"))
+            .map(|s| {
+                s.lines()
+                    .filter(|l| l.contains("ctxt_switches"))
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum::<u64>()
+            })
+            .unwrap_or(0);
+        out.insert(
+            task.file_name().to_string_lossy().into_owned(),
+            (ns, switches),
+        );
+    }
+    Ok(out)
+}
+
+/// CPU nanoseconds and context switches between two per-thread readings: threads present at
+/// both count their difference, threads born in between their whole total (a thread that
+/// ended in between loses its share: the figure is a lower bound by at most that).
+fn delta(
+    before: &BTreeMap<String, (u64, u64)>,
+    after: &BTreeMap<String, (u64, u64)>,
+) -> (u64, u64) {
+    after.iter().fold((0, 0), |(ns, sw), (tid, (a_ns, a_sw))| {
+        let (b_ns, b_sw) = before.get(tid).copied().unwrap_or((0, 0));
+        (
+            ns + a_ns.saturating_sub(b_ns),
+            sw + a_sw.saturating_sub(b_sw),
+        )
+    })
+}
+
+/// `VmRSS` and `VmHWM` in KiB, and the thread count.
+fn memory(pid: u32) -> Result<(u64, u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("VmRSS:"), field("VmHWM:"), field("Threads:")))
+}
+
+pub async fn agent_idle(target: &Target, usbpt: &Path, window: Duration) -> Result<Vec<Figure>> {
+    let _bus = target.fresh_bus().await?;
+    let dir = tempfile::Builder::new().prefix("usbpt-bench-").tempdir()?;
+    let boot = dir.path().join("boot_id");
+    std::fs::write(&boot, "bench-boot\n")?;
+    let mut child = Command::new(usbpt)
+        .args([
+            "agent",
+            "--host",
+            "bench-idle",
+            "--hypervisor",
+            "test:///default",
+        ])
+        .arg("--boot-id-file")
+        .arg(&boot)
+        .arg("--nats")
+        .arg(target.url())
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("USBPT_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawn {} agent", usbpt.display()))?;
+    let pid = child.id().context("the agent exited at once")?;
+    let mut lines = BufReader::new(child.stdout.take().context("agent stdout")?).lines();
+    // Idle means: started, reconciled and everything it queued is in the stream.
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains(r#""progress":"drained""#) {
+                return Ok(());
+            }
+        }
+        bail!("usbpt agent exited before it drained its outbox")
+    })
+    .await
+    .context("usbpt agent did not drain its outbox within 60 s")??;
+    let drain = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Ok(Some(_)) = lines.next_line().await {
+            n += 1;
+        }
+        n
+    });
+
+    let before = threads(pid)?;
+    let t0 = Instant::now();
+    // A measured window: the time itself is what is measured.
+    tokio::time::sleep(window).await;
+    let (ns, switches) = delta(&before, &threads(pid)?);
+    let secs = t0.elapsed().as_secs_f64();
+    let (rss, hwm, threads) = memory(pid)?;
+    if let Some(status) = child.try_wait()? {
+        bail!("usbpt agent exited during the idle window: {status}");
+    }
+    child.kill().await?;
+    let _ = drain.await;
+
+    let on_cpu_ms = ns as f64 / 1e6;
+    Ok(vec![
+        Figure::new(
+            "agent_idle_cpu",
+            format!("agent idle: CPU over {:.0} s (usbpt agent)", secs),
+            1,
+        )
+        .value(100.0 * on_cpu_ms / 1000.0 / secs, "% core")
+        .note(format!(
+            "real udev monitor, bus connection and control consumer; {on_cpu_ms:.1} ms on CPU in {secs:.1} s; {:.2} context switches/s; {threads} threads",
+            switches as f64 / secs
+        )),
+        Figure::new("agent_rss", "agent idle: resident memory (VmRSS)", 1)
+            .value(rss as f64 / 1024.0, "MiB")
+            .note(format!("peak (VmHWM) {:.1} MiB", hwm as f64 / 1024.0)),
+    ])
+}

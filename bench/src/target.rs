@@ -1,0 +1,143 @@
+//! The nats-server a bench runs against: a private one in a temp dir (default fsync, or
+//! `sync_interval: always`), or the operator's (`--nats`).
+//!
+//! usbpt's figures need the real `USBPT_EVENTS` stream (its subjects are fixed), so each phase
+//! starts from an empty one. On the operator's server the bench refuses to run when that stream
+//! (or its raw stream) already exists — it never writes synthetic events into a real history —
+//! and deletes the streams it made when it ends.
+
+use anyhow::{bail, Context, Result};
+use tempfile::TempDir;
+use usbpt_bus::async_nats;
+use usbpt_bus::async_nats::jetstream;
+use usbpt_bus::server::{NatsServer, ServerConfig};
+use usbpt_bus::{Bus, StreamSettings};
+use usbpt_schemas::subjects;
+
+use crate::raw::RAW_STREAM;
+
+/// One server under test.
+#[derive(Debug)]
+pub struct Target {
+    url: String,
+    /// Key suffix for this server's figures: `""` (default fsync or the operator's server) or
+    /// `"sync_always"`.
+    pub suffix: &'static str,
+    /// Human label: `"default fsync"`, `"sync_interval: always"`, `"the given server"`.
+    pub label: &'static str,
+    /// `nats-server 2.15.1 (default fsync)`.
+    pub description: String,
+    server: Option<NatsServer>,
+    _dir: Option<TempDir>,
+}
+
+impl Target {
+    /// Starts a private nats-server with JetStream in a temp dir on a free loopback port.
+    pub async fn private(sync_always: bool) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("usbpt-bench-nats-")
+            .tempdir()
+            .context("temp dir for the private nats-server")?;
+        let mut config = ServerConfig::new(dir.path());
+        config.sync_always = sync_always;
+        config.name = "usbpt-bench".into();
+        let server = NatsServer::start(config)
+            .await
+            .context("starting a private nats-server (pass --nats URL to use yours)")?;
+        let (suffix, label) = if sync_always {
+            ("sync_always", "sync_interval: always")
+        } else {
+            ("", "default fsync")
+        };
+        let mut t = Self {
+            url: server.url(),
+            suffix,
+            label,
+            description: String::new(),
+            server: Some(server),
+            _dir: Some(dir),
+        };
+        t.description = format!("{} ({label}, private, {})", t.version().await?, t.url);
+        Ok(t)
+    }
+
+    /// The operator's server. Refuses one that already holds usbpt's streams.
+    pub async fn external(url: &str) -> Result<Self> {
+        let mut t = Self {
+            url: url.to_owned(),
+            suffix: "",
+            label: "the given server",
+            description: String::new(),
+            server: None,
+            _dir: None,
+        };
+        let js = t.jetstream().await?;
+        for name in [subjects::STREAM, RAW_STREAM] {
+            if js.get_stream(name).await.is_ok() {
+                bail!(
+                    "{url} already has a stream {name}: usbpt bench publishes synthetic events and deletes its streams afterwards, so it only runs against a server without them (a scratch server, or another account)"
+                );
+            }
+        }
+        t.description = format!(
+            "{} (the given server {url}, its own fsync setting)",
+            t.version().await?
+        );
+        Ok(t)
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn is_private(&self) -> bool {
+        self.server.is_some()
+    }
+
+    async fn client(&self) -> Result<async_nats::Client> {
+        async_nats::connect(&self.url)
+            .await
+            .with_context(|| format!("connecting to {}", self.url))
+    }
+
+    async fn jetstream(&self) -> Result<jetstream::Context> {
+        Ok(jetstream::new(self.client().await?))
+    }
+
+    async fn version(&self) -> Result<String> {
+        let client = self.client().await?;
+        Ok(format!("nats-server {}", client.server_info().version))
+    }
+
+    /// Deletes `USBPT_EVENTS` (and its consumers) if present and connects a bus, which creates
+    /// it empty.
+    pub async fn fresh_bus(&self) -> Result<Bus> {
+        let js = self.jetstream().await?;
+        match js.delete_stream(subjects::STREAM).await {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("not found") => {}
+            Err(e) => bail!("cannot delete {} on {}: {e}", subjects::STREAM, self.url),
+        }
+        Bus::connect(&self.url, None, &StreamSettings::default())
+            .await
+            .with_context(|| format!("connecting the bus at {}", self.url))
+    }
+
+    /// Removes the streams the bench made (on the operator's server; a private one is removed
+    /// whole when dropped).
+    pub async fn cleanup(&self) -> Result<()> {
+        let js = self.jetstream().await?;
+        for name in [subjects::STREAM, RAW_STREAM] {
+            let _ = js.delete_stream(name).await;
+        }
+        Ok(())
+    }
+
+    /// Stops a private server (it is killed on drop otherwise).
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(s) = self.server.as_mut() {
+            s.stop().await?;
+        }
+        Ok(())
+    }
+}
