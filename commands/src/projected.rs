@@ -95,6 +95,29 @@ impl ViewRead for p::Snapshot {
                 .collect(),
         )
     }
+    fn next_host_with_free(
+        &self,
+        vendor: VendorId,
+        product: ProductId,
+        after: Option<&HostName>,
+    ) -> Result<Option<HostName>, ViewError> {
+        p::Snapshot::next_host_with_free(self, vendor, product, after).map_err(err)
+    }
+    fn free_on_host_matching(
+        &self,
+        host: &HostName,
+        vendor: VendorId,
+        product: ProductId,
+        serial: Option<&str>,
+    ) -> Result<Vec<DeviceInfo>, ViewError> {
+        Ok(
+            p::Snapshot::free_on_host_matching(self, host, vendor, product, serial)
+                .map_err(err)?
+                .into_iter()
+                .map(device)
+                .collect(),
+        )
+    }
     fn claim(&self, lineage: &LineageId) -> Result<Option<ClaimInfo>, ViewError> {
         Ok(p::Snapshot::claim(self, lineage)
             .map_err(err)?

@@ -15,7 +15,10 @@ use crate::view::{DeviceInfo, DeviceStatus, ViewError, ViewRead};
 /// How to choose among hosts that can all take the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Weigh {
-    /// Fill hosts with the fewest free matching devices first, keeping large pools intact.
+    /// Fill hosts in name order (first fit): the first host that can take the server does,
+    /// so hosts fill up one after another. Reads only the hosts it tries. (With a forced host,
+    /// a held device or an enumeration/lineage request, the host with the fewest free matching
+    /// devices.)
     #[default]
     Pack,
     /// Prefer the host with the most free matching devices.
@@ -190,6 +193,127 @@ fn add_held(held: &[DeviceInfo], r: &UsbRequest, cands: &mut Candidates) {
     }
 }
 
+/// Picks distinct devices on `host` for every request from `lists` (one candidate list per
+/// request), starting each at an offset drawn from the server id so that concurrent boots in
+/// other processes mostly pick different devices instead of all racing for one.
+fn assign(
+    host: &HostName,
+    req: &Request<'_>,
+    lists: &[&[DeviceInfo]],
+) -> Result<Vec<AssignedDevice>, HostRejection> {
+    let mut taken: BTreeSet<DeviceId> = BTreeSet::new();
+    let mut devices = Vec::new();
+    for (i, (r, list)) in req.usb.iter().zip(lists).enumerate() {
+        let need = usize::from(r.device_count());
+        let offset = req
+            .server
+            .map_or(0, |s| (s.0.as_u128() % list.len().max(1) as u128) as usize);
+        let picked: Vec<&DeviceInfo> = list[offset..]
+            .iter()
+            .chain(&list[..offset])
+            .filter(|d| !taken.contains(&d.device_id))
+            .take(need)
+            .collect();
+        if picked.len() < need {
+            return Err(HostRejection {
+                host: host.clone(),
+                reason: format!(
+                    "request {i} ({}): needs {need} free, host has {}",
+                    describe(r),
+                    picked.len()
+                ),
+            });
+        }
+        for d in picked {
+            taken.insert(d.device_id);
+            devices.push(AssignedDevice {
+                request_index: u16::try_from(i).unwrap_or(u16::MAX),
+                device_id: d.device_id,
+                lineage_id: d.lineage_id,
+                controller: r.controller,
+                follow: r.follow,
+            });
+        }
+    }
+    Ok(devices)
+}
+
+/// Hosts whose rejection reasons are recorded one by one; beyond them, a count.
+const REJECTIONS_SHOWN: usize = 32;
+
+/// Pack, first fit: walk the hosts that have a free device for the first request, in name
+/// order, one index key at a time, and take the first that satisfies every request. Reads
+/// only the hosts it tries, whatever the number of hosts. (Only for flavors whose requests
+/// are all vendor/product matches, with no forced host and nothing already held.)
+fn first_fit(
+    req: &Request<'_>,
+    view: &dyn ViewRead,
+) -> Result<Result<Placement, NoHost>, ViewError> {
+    let Some(DeviceSelector::Match {
+        vendor_id,
+        product_id,
+        ..
+    }) = req.usb.first().map(|r| &r.selector)
+    else {
+        return Ok(Err(NoHost {
+            reason: "first fit needs a vendor/product request".into(),
+            host_rejections: Vec::new(),
+        }));
+    };
+    let mut rejections = Vec::new();
+    let mut tried = 0usize;
+    let mut after: Option<HostName> = None;
+    while let Some(host) = view.next_host_with_free(*vendor_id, *product_id, after.as_ref())? {
+        tried += 1;
+        let mut lists = Vec::with_capacity(req.usb.len());
+        for r in req.usb {
+            let DeviceSelector::Match {
+                vendor_id,
+                product_id,
+                serial,
+                ..
+            } = &r.selector
+            else {
+                return Ok(Err(NoHost {
+                    reason: "first fit needs vendor/product requests".into(),
+                    host_rejections: Vec::new(),
+                }));
+            };
+            let mut list =
+                view.free_on_host_matching(&host, *vendor_id, *product_id, serial.as_deref())?;
+            list.sort_by_key(|d| d.device_id);
+            lists.push(list);
+        }
+        let slices: Vec<&[DeviceInfo]> = lists.iter().map(Vec::as_slice).collect();
+        match assign(&host, req, &slices) {
+            Ok(devices) => return Ok(Ok(Placement { host, devices })),
+            Err(r) => {
+                if rejections.len() < REJECTIONS_SHOWN {
+                    rejections.push(r);
+                }
+            }
+        }
+        after = Some(host);
+    }
+    let reason = if tried == 0 {
+        format!(
+            "no host can satisfy request 0 ({}): no free {vendor_id}:{product_id} on any host",
+            describe(&req.usb[0])
+        )
+    } else if tried > rejections.len() {
+        format!(
+            "no host can satisfy every request ({tried} host(s) considered; the first {} are listed)",
+            rejections.len()
+        )
+    } else {
+        format!("no host can satisfy every request ({tried} host(s) considered)")
+    };
+    Ok(Err(NoHost {
+        reason,
+        host_rejections: rejections,
+    }))
+}
+
 /// Places a server: a host and a device for every requested device, or why not.
 pub fn schedule(
     req: &Request<'_>,
@@ -204,6 +328,14 @@ pub fn schedule(
             ),
             host_rejections: Vec::new(),
         }));
+    }
+    let all_match = !req.usb.is_empty()
+        && req
+            .usb
+            .iter()
+            .all(|r| matches!(r.selector, DeviceSelector::Match { .. }));
+    if req.weigh == Weigh::Pack && req.host.is_none() && held.is_empty() && all_match {
+        return first_fit(req, view);
     }
     let mut per_request = Vec::with_capacity(req.usb.len());
     for (i, r) in req.usb.iter().enumerate() {
@@ -238,48 +370,16 @@ pub fn schedule(
 
     let mut rejections = Vec::new();
     let mut feasible: Vec<(usize, Placement)> = Vec::new();
-    'hosts: for host in hosts {
-        let mut taken: BTreeSet<DeviceId> = BTreeSet::new();
-        let mut devices = Vec::new();
-        let mut pool = 0usize;
-        for (i, (r, cands)) in req.usb.iter().zip(&per_request).enumerate() {
-            let list = cands.get(&host).map(Vec::as_slice).unwrap_or(&[]);
-            pool += list.len();
-            let need = usize::from(r.device_count());
-            // Start at an offset drawn from the server id: concurrent boots in other
-            // processes then mostly pick different devices instead of all racing for one.
-            let offset = req
-                .server
-                .map_or(0, |s| (s.0.as_u128() % list.len().max(1) as u128) as usize);
-            let picked: Vec<&DeviceInfo> = list[offset..]
-                .iter()
-                .chain(&list[..offset])
-                .filter(|d| !taken.contains(&d.device_id))
-                .take(need)
-                .collect();
-            if picked.len() < need {
-                rejections.push(HostRejection {
-                    host: host.clone(),
-                    reason: format!(
-                        "request {i} ({}): needs {need} free, host has {}",
-                        describe(r),
-                        picked.len()
-                    ),
-                });
-                continue 'hosts;
-            }
-            for d in picked {
-                taken.insert(d.device_id);
-                devices.push(AssignedDevice {
-                    request_index: u16::try_from(i).unwrap_or(u16::MAX),
-                    device_id: d.device_id,
-                    lineage_id: d.lineage_id,
-                    controller: r.controller,
-                    follow: r.follow,
-                });
-            }
+    for host in hosts {
+        let lists: Vec<&[DeviceInfo]> = per_request
+            .iter()
+            .map(|c| c.get(&host).map(Vec::as_slice).unwrap_or(&[]))
+            .collect();
+        let pool = lists.iter().map(|l| l.len()).sum();
+        match assign(&host, req, &lists) {
+            Ok(devices) => feasible.push((pool, Placement { host, devices })),
+            Err(r) => rejections.push(r),
         }
-        feasible.push((pool, Placement { host, devices }));
     }
     let best = match req.weigh {
         Weigh::Pack => feasible

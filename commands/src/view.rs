@@ -80,6 +80,32 @@ pub trait ViewRead {
         product: ProductId,
         serial: Option<&str>,
     ) -> Result<BTreeMap<HostName, Vec<DeviceInfo>>, ViewError>;
+    /// The first host after `after` (name order) with an available device of these ids.
+    /// Index-backed views read one key; this default reads every match.
+    fn next_host_with_free(
+        &self,
+        vendor: VendorId,
+        product: ProductId,
+        after: Option<&HostName>,
+    ) -> Result<Option<HostName>, ViewError> {
+        Ok(self
+            .free_devices_matching(vendor, product, None)?
+            .into_keys()
+            .find(|h| after.is_none_or(|a| h > a)))
+    }
+    /// Available devices of these ids (and serial) on one host.
+    fn free_on_host_matching(
+        &self,
+        host: &HostName,
+        vendor: VendorId,
+        product: ProductId,
+        serial: Option<&str>,
+    ) -> Result<Vec<DeviceInfo>, ViewError> {
+        Ok(self
+            .free_devices_matching(vendor, product, serial)?
+            .remove(host)
+            .unwrap_or_default())
+    }
     fn claim(&self, lineage: &LineageId) -> Result<Option<ClaimInfo>, ViewError>;
     /// The last stream sequence stored on `subject` (0: none): what a fenced publish expects.
     fn subject_seq(&self, subject: &str) -> Result<u64, ViewError>;

@@ -365,6 +365,62 @@ impl Snapshot {
         Ok(out)
     }
 
+    /// The first host after `after` (in name order; from the start when `None`) that has an
+    /// available device with these ids. Reads one index key: a first-fit scheduler walks hosts
+    /// with it and stops at the first that fits, whatever the number of hosts.
+    pub fn next_host_with_free(
+        &self,
+        vendor: VendorId,
+        product: ProductId,
+        after: Option<&HostName>,
+    ) -> Result<Option<HostName>, ViewError> {
+        let table = self.txn.open_table(t::FREE_BY_MATCH)?;
+        let vp = t::vp_key(vendor, product);
+        // Device ids are UUIDv7s, never all 0xff: this start is past every key of `after`.
+        let start = (vp, after.map_or("", HostName::as_str), [0xffu8; 16]);
+        let start = if after.is_some() {
+            start
+        } else {
+            (vp, "", [0u8; 16])
+        };
+        if let Some(entry) = table.range(start..(vp + 1, "", [0u8; 16]))?.next() {
+            let (key, _) = entry?;
+            let host = key.value().1.to_owned();
+            return HostName::new(host.clone())
+                .map(Some)
+                .map_err(|e| ViewError::Corrupt {
+                    table: "free_by_match",
+                    key: host,
+                    message: e.to_string(),
+                });
+        }
+        Ok(None)
+    }
+
+    /// Available devices on `host` with these ids (and serial, when given). Reads that host's
+    /// index entries only.
+    pub fn free_on_host_matching(
+        &self,
+        host: &HostName,
+        vendor: VendorId,
+        product: ProductId,
+        serial: Option<&str>,
+    ) -> Result<Vec<Device>, ViewError> {
+        let table = self.txn.open_table(t::FREE_BY_MATCH)?;
+        let vp = t::vp_key(vendor, product);
+        let mut ids = Vec::new();
+        for entry in
+            table.range((vp, host.as_str(), [0u8; 16])..=(vp, host.as_str(), [0xffu8; 16]))?
+        {
+            ids.push(entry?.0.value().2);
+        }
+        Ok(self
+            .devices_by_ids(ids)?
+            .into_iter()
+            .filter(|d| serial.is_none_or(|s| d.serial() == Some(s)))
+            .collect())
+    }
+
     /// Available devices on one host.
     pub fn free_devices_on_host(&self, host: &HostName) -> Result<Vec<Device>, ViewError> {
         self.host_index(t::FREE_BY_HOST, host)
