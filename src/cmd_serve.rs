@@ -303,14 +303,36 @@ pub async fn bind(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListene
 
 /// `usbpt serve`.
 pub async fn serve(global: &Global, args: ServeArgs) -> Result<()> {
-    let side = ReadSide::open(global, &args.projector).await?;
     let mut tasks = Tasks::new();
-    let handler = args.commands.handler(&side);
+    let listener = bind("serve", args.listen).await?;
+    control_plane(
+        global,
+        &mut tasks,
+        listener,
+        &args.projector,
+        &args.commands,
+    )
+    .await?;
+    tasks.run().await
+}
+
+/// The control plane of one process, added to `tasks`: the projector folding into the view, the
+/// command handler (NATS service) and its reactor, and the HTTP API on `listener` (reads,
+/// commands, dashboard). Used by `serve`, `up` and `demo`; returns the view and the bus.
+pub async fn control_plane(
+    global: &Global,
+    tasks: &mut Tasks,
+    listener: tokio::net::TcpListener,
+    projector: &ProjectorArgs,
+    commands: &CommandArgs,
+) -> Result<(Arc<View>, Bus)> {
+    let side = ReadSide::open(global, projector).await?;
+    let handler = commands.handler(&side);
     let router = usbpt_api::router(side.api_state(tasks.shutdown_flag())).merge(
         usbpt_api::command_routes(Arc::clone(&handler), Arc::clone(&side.view)),
     );
-    args.commands.spawn(&mut tasks, &side, handler);
-    let listener = bind("serve", args.listen).await?;
+    commands.spawn(tasks, &side, handler);
+    let (view, bus) = (Arc::clone(&side.view), side.bus.clone());
     let stopping = tasks.stopping();
     tasks.spawn("projector", async move {
         Ok(side.projector.run(stopping).await?)
@@ -321,7 +343,7 @@ pub async fn serve(global: &Global, args: ServeArgs) -> Result<()> {
             .await
             .context("HTTP server")
     });
-    tasks.run().await
+    Ok((view, bus))
 }
 
 /// `usbpt commands`: a projector into its own view plus the command handler and the reactor,

@@ -18,7 +18,7 @@ use usbpt_bus::StreamSettings;
 use usbpt_schemas::HostName;
 
 use crate::cli::Global;
-use crate::cmd_serve::{CommandArgs, ProjectorArgs, ReadSide, Tasks, WeighArg};
+use crate::cmd_serve::{control_plane, CommandArgs, ProjectorArgs, Tasks, WeighArg};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -145,40 +145,27 @@ pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
         api: global.api.clone(),
         verbose: global.verbose,
     };
-    let side = ReadSide::open(
-        &control,
-        &ProjectorArgs {
-            consumer: "usbpt-projector".into(),
-            batch: 1000,
-        },
-    )
-    .await?;
     let mut tasks = Tasks::new();
-    let commands = CommandArgs {
-        weigh: WeighArg::Pack,
-        grace: 120,
-        concurrency: 32,
-    };
-    let handler = commands.handler(&side);
-    let router = usbpt_api::router(side.api_state(tasks.shutdown_flag())).merge(
-        usbpt_api::command_routes(Arc::clone(&handler), Arc::clone(&side.view)),
-    );
-    commands.spawn(&mut tasks, &side, handler);
     let listener = crate::demo::bind_or_free("up", args.listen).await?;
     println!(
         "usbpt up: API and dashboard http://{}/",
         listener.local_addr()?
     );
-    let stopping = tasks.stopping();
-    tasks.spawn("http", async move {
-        usbpt_api::serve(listener, router, stopping)
-            .await
-            .context("HTTP server")
-    });
-    let stopping = tasks.stopping();
-    tasks.spawn("projector", async move {
-        Ok(side.projector.run(stopping).await?)
-    });
+    control_plane(
+        &control,
+        &mut tasks,
+        listener,
+        &ProjectorArgs {
+            consumer: "usbpt-projector".into(),
+            batch: 1000,
+        },
+        &CommandArgs {
+            weigh: WeighArg::Pack,
+            grace: 120,
+            concurrency: 32,
+        },
+    )
+    .await?;
 
     let host = match &args.host {
         Some(h) => h.clone(),

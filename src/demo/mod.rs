@@ -16,7 +16,7 @@ use clap::Args;
 use usbpt_bus::server::{NatsServer, ServerConfig};
 
 use crate::cli::Global;
-use crate::cmd_serve::{CommandArgs, ProjectorArgs, ReadSide, Tasks, WeighArg};
+use crate::cmd_serve::{control_plane, CommandArgs, ProjectorArgs, Tasks, WeighArg};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -87,39 +87,24 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
         api: global.api.clone(),
         verbose: global.verbose,
     };
-    let side = ReadSide::open(
+    let mut tasks = Tasks::new();
+    let listener = bind_or_free("demo", args.listen).await?;
+    let dashboard = format!("http://{}/", listener.local_addr()?);
+    let (view, bus) = control_plane(
         &control,
+        &mut tasks,
+        listener,
         &ProjectorArgs {
             consumer: "usbpt-projector".into(),
             batch: 1000,
         },
+        &CommandArgs {
+            weigh: WeighArg::Pack,
+            grace: 120,
+            concurrency: 32,
+        },
     )
     .await?;
-    let mut tasks = Tasks::new();
-    let commands = CommandArgs {
-        weigh: WeighArg::Pack,
-        grace: 120,
-        concurrency: 32,
-    };
-    let handler = commands.handler(&side);
-    let router = usbpt_api::router(side.api_state(tasks.shutdown_flag())).merge(
-        usbpt_api::command_routes(Arc::clone(&handler), Arc::clone(&side.view)),
-    );
-    commands.spawn(&mut tasks, &side, handler);
-    let listener = bind_or_free("demo", args.listen).await?;
-    let dashboard = format!("http://{}/", listener.local_addr()?);
-    let stopping = tasks.stopping();
-    tasks.spawn("http", async move {
-        usbpt_api::serve(listener, router, stopping)
-            .await
-            .context("HTTP server")
-    });
-    let view = Arc::clone(&side.view);
-    let bus = side.bus.clone();
-    let stopping = tasks.stopping();
-    tasks.spawn("projector", async move {
-        Ok(side.projector.run(stopping).await?)
-    });
 
     println!(
         "usbpt demo: the blueprint's story on a private bus and two simulated hypervisor hosts"
