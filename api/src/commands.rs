@@ -17,8 +17,8 @@ use usbpt_commands::handler::Handler;
 use usbpt_projector::View;
 use usbpt_schemas::commands::{Command, CommandReply};
 use usbpt_schemas::{
-    ControllerModel, DeviceId, DeviceSelector, FlavorId, FlavorName, FollowPolicy, HostName,
-    LineageId, ProductId, ServerAction, ServerId, ServerName, UsbRequest, VendorId,
+    ControllerModel, DeviceId, DeviceSelector, FlavorName, FollowPolicy, HostName, LineageId,
+    ProductId, ServerAction, ServerName, UsbRequest, VendorId,
 };
 
 use crate::ApiError;
@@ -157,26 +157,16 @@ async fn name_of<N: Send + 'static>(
         .ok_or_else(|| ApiError::not_found(format!("{what} {shown} does not exist")))
 }
 
+/// The live flavor `{id}` (an id or a name) names.
 fn flavor_name(s: &usbpt_projector::Snapshot, id: &str) -> Result<Option<FlavorName>, ApiError> {
-    if let Ok(fid) = id.parse::<FlavorId>() {
-        if let Some(f) = s.flavor_by_id(&fid)? {
-            return Ok(f.deleted.is_none().then_some(f.name));
-        }
-    }
-    let name = id.parse::<FlavorName>().map_err(bad)?;
-    Ok(s.flavor_by_name(&name)?
+    Ok(crate::find_flavor(s, id)?
         .filter(|f| f.deleted.is_none())
         .map(|f| f.name))
 }
 
+/// The live server `{id}` (an id or a name) names.
 fn server_name(s: &usbpt_projector::Snapshot, id: &str) -> Result<Option<ServerName>, ApiError> {
-    if let Ok(sid) = id.parse::<ServerId>() {
-        if let Some(srv) = s.server_by_id(&sid)? {
-            return Ok(srv.deleted.is_none().then_some(srv.name));
-        }
-    }
-    let name = id.parse::<ServerName>().map_err(bad)?;
-    Ok(s.server_by_name(&name)?
+    Ok(crate::find_server(s, id)?
         .filter(|srv| srv.deleted.is_none())
         .map(|srv| srv.name))
 }

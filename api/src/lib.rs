@@ -30,7 +30,9 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tracing::warn;
 use usbpt_bus::Bus;
-use usbpt_projector::{DeviceFilter, DeviceStatus, ProjectorMetrics, Snapshot, View, ViewError};
+use usbpt_projector::{
+    DeviceFilter, DeviceStatus, Flavor, ProjectorMetrics, Server, Snapshot, View, ViewError,
+};
 use usbpt_schemas::{DeviceId, FlavorId, FlavorName, HostName, LineageId, ServerId, ServerName};
 
 pub use commands::command_routes;
@@ -334,16 +336,26 @@ async fn flavors(State(st): State<ApiState>) -> ApiResult {
     .await
 }
 
+/// A flavor by id or by name (`{id}` in paths may be either).
+pub(crate) fn find_flavor(snap: &Snapshot, id: &str) -> Result<Option<Flavor>, ApiError> {
+    Ok(match id.parse::<FlavorId>() {
+        Ok(fid) => snap.flavor_by_id(&fid)?,
+        Err(_) => snap.flavor_by_name(&parse::<FlavorName>("flavor name", id)?)?,
+    })
+}
+
+/// A server by id or by name.
+pub(crate) fn find_server(snap: &Snapshot, id: &str) -> Result<Option<Server>, ApiError> {
+    Ok(match id.parse::<ServerId>() {
+        Ok(sid) => snap.server_by_id(&sid)?,
+        Err(_) => snap.server_by_name(&parse::<ServerName>("server name", id)?)?,
+    })
+}
+
 async fn flavor(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
-    read(&st, move |snap| {
-        let found = match id.parse::<FlavorId>() {
-            Ok(fid) => snap.flavor_by_id(&fid)?,
-            Err(_) => snap.flavor_by_name(&parse::<FlavorName>("flavor name", &id)?)?,
-        };
-        match found {
-            Some(f) => Ok(Json(json!({"flavor": docs::flavor(&f)}))),
-            None => Err(ApiError::not_found(format!("flavor {id} not found"))),
-        }
+    read(&st, move |snap| match find_flavor(snap, &id)? {
+        Some(f) => Ok(Json(json!({"flavor": docs::flavor(&f)}))),
+        None => Err(ApiError::not_found(format!("flavor {id} not found"))),
     })
     .await
 }
@@ -378,15 +390,9 @@ async fn servers_detail(
 }
 
 async fn server(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
-    read(&st, move |snap| {
-        let found = match id.parse::<ServerId>() {
-            Ok(sid) => snap.server_by_id(&sid)?,
-            Err(_) => snap.server_by_name(&parse::<ServerName>("server name", &id)?)?,
-        };
-        match found {
-            Some(s) => Ok(Json(json!({"server": docs::server(snap, &s)?}))),
-            None => Err(ApiError::not_found(format!("server {id} not found"))),
-        }
+    read(&st, move |snap| match find_server(snap, &id)? {
+        Some(s) => Ok(Json(json!({"server": docs::server(snap, &s)?}))),
+        None => Err(ApiError::not_found(format!("server {id} not found"))),
     })
     .await
 }
