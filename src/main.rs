@@ -1,6 +1,10 @@
 //! `usbpt`: the one binary. Subcommands are added as the parts behind them exist; `--help`
 //! lists only what works.
 
+/// See the workspace `Cargo.toml` for why.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod cli;
 mod cmd_agent;
 mod cmd_bench;

@@ -129,7 +129,7 @@ async fn verify_names_the_first_key_where_a_view_differs_from_a_clean_replay() -
     let err = String::from_utf8(out.stderr)?;
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(
-        err.contains(&format!("table devices, key {tampered}: values differ")),
+        err.contains(&format!("table device_info, key {tampered}: values differ")),
         "{err}"
     );
 

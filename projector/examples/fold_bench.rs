@@ -9,6 +9,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Instant;
 
 use anyhow::Result;
@@ -39,7 +43,7 @@ async fn main() -> Result<()> {
     );
 
     let live = Arc::new(View::open(dir.path().join("live.redb"))?);
-    let mut p = Projector::new(
+    let p = Projector::new(
         bus.clone(),
         Arc::clone(&live),
         ProjectorConfig {
@@ -47,22 +51,33 @@ async fn main() -> Result<()> {
             ..ProjectorConfig::default()
         },
     );
+    let metrics = p.metrics();
+    let cpu0 = cpu_seconds("self");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let t = Instant::now();
-    while live.last_applied()? < last {
-        if let Some(f) = p.step().await? {
-            f.ack().await?;
-        }
-    }
+    let running = tokio::spawn(p.run(async {
+        let _ = stopped.await;
+    }));
+    assert!(
+        live.wait_applied(last, std::time::Duration::from_secs(600))
+            .await
+    );
     let fold = t.elapsed();
-    let batches = p
-        .metrics()
-        .batches
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let cpu = cpu_seconds("self") - cpu0;
     println!(
-        "live projector (fetch {batch} growing to 10000 while behind, fsync per batch): {last} events in {:.2} s = {:.0} events/s; {batches} batches, mean {:.1} ms/batch",
+        "  projector process CPU during the live fold: {cpu:.2} s ({:.1} µs per event)",
+        cpu * 1e6 / last as f64
+    );
+    let _ = stop.send(());
+    running.await??;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let batches = load(&metrics.batches);
+    println!(
+        "live projector run() (fetch {batch} growing to 10000, fold and write threads, group commit, fsync per commit): {last} events in {:.2} s = {:.0} events/s; {batches} commits, fold {:.2} s, write {:.2} s",
         fold.as_secs_f64(),
         last as f64 / fold.as_secs_f64(),
-        fold.as_secs_f64() * 1000.0 / batches.max(1) as f64
+        load(&metrics.fold_micros) as f64 / 1e6,
+        load(&metrics.write_micros) as f64 / 1e6,
     );
 
     let scratch = Arc::new(View::open_private(dir.path().join("replay.redb"))?);
@@ -121,4 +136,22 @@ fn fold_only(events: usize, batch: usize, dir: &std::path::Path) -> Result<()> {
         events as f64 / d.as_secs_f64()
     );
     Ok(())
+}
+
+/// User + system CPU seconds of a process (`self` or a pid), from /proc.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }

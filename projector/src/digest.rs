@@ -61,6 +61,7 @@ trait Visit {
 fn visit_tables(v: &mut impl Visit) -> Result<(), ViewError> {
     v.table(t::META, KeyKind::Str)?;
     v.table(t::DEVICES, KeyKind::Id)?;
+    v.table(t::DEVICE_INFO, KeyKind::Id)?;
     v.table(t::LINEAGES, KeyKind::Id)?;
     v.table(t::LINEAGE_HISTORY, KeyKind::IdOrdinal)?;
     v.table(t::HOST_DEVICES, KeyKind::StrId)?;

@@ -27,6 +27,8 @@ pub enum ViewError {
         found: u64,
         expected: u64,
     },
+    #[error("a folded batch follows sequence {follows} but the view ends at {committed}: batches must be written in the order they were folded")]
+    OutOfOrder { follows: u64, committed: u64 },
     #[error("a background fold task failed: {0}")]
     Task(String),
 }

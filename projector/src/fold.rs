@@ -1,20 +1,26 @@
 //! Folding: how one event changes the view. [`apply`] is a pure function of (view, stream
-//! sequence, subject, envelope) — no clock, no randomness, no I/O beyond the transaction it is
-//! given — so replaying the stream rebuilds the same bytes.
+//! sequence, subject, envelope) — no clock, no randomness, no I/O beyond the reads of the
+//! committed view it is given — so replaying the stream rebuilds the same bytes.
+//!
+//! A [`FoldTxn`] stages a batch's changes in memory (see [`crate::stage`] and ADR 0004) and
+//! writes them in one redb write transaction at the end; how the events are cut into batches
+//! does not change the result.
 //!
 //! Bad input never stops the fold: an event that cannot be decoded, arrives on the wrong subject
 //! or contradicts the view is recorded in the quarantine with a counted reason and changes
 //! nothing else. Every handler checks everything first and writes after, so a rejected event
 //! leaves no partial change behind.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
-use redb::{ReadableTable, Table, WriteTransaction};
+use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 use usbpt_schemas::subjects::{self, SubjectScope};
 use usbpt_schemas::*;
 
 use crate::error::ViewError;
 use crate::model::*;
+use crate::stage::{Base, Rows};
 use crate::tables::{self as t, encode, get_by_id, get_by_str, Id};
 
 /// What folding one event did.
@@ -28,33 +34,77 @@ pub enum Outcome {
     Skipped,
 }
 
-/// The view's tables, open in one write transaction. Built by [`crate::View`] for each batch.
-pub struct FoldTxn<'txn> {
-    meta: Table<'txn, &'static str, u64>,
-    devices: Table<'txn, Id, &'static [u8]>,
-    lineages: Table<'txn, Id, &'static [u8]>,
-    lineage_history: Table<'txn, (Id, u32), Id>,
-    host_devices: Table<'txn, (&'static str, Id), ()>,
-    free_by_host: Table<'txn, (&'static str, Id), ()>,
-    free_by_match: Table<'txn, (u64, &'static str, Id), ()>,
-    hosts: Table<'txn, &'static str, &'static [u8]>,
-    claims: Table<'txn, Id, &'static [u8]>,
-    subject_seqs: Table<'txn, &'static str, u64>,
-    flavors: Table<'txn, Id, &'static [u8]>,
-    flavor_names: Table<'txn, &'static str, Id>,
-    servers: Table<'txn, Id, &'static [u8]>,
-    server_names: Table<'txn, &'static str, Id>,
-    quarantine: Table<'txn, u64, &'static [u8]>,
-    counters: Table<'txn, &'static str, u64>,
+/// A device's index membership as committed, kept when a batch first reads the device: at
+/// commit the indexes change only where the final row differs from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Indexed {
+    free: bool,
+    current: bool,
+}
+
+impl Indexed {
+    fn of(d: &Device) -> Self {
+        Self {
+            free: d.is_free(),
+            current: d.current,
+        }
+    }
+}
+
+/// One batch of folding: reads the view as committed plus the batches folded before it and not
+/// forgotten yet (`prior`, newest first: they are written before this one), and stages every
+/// change in memory ([`Staged`]). Built by [`crate::View`].
+pub struct FoldTxn {
+    base: Base,
+    prior: Vec<Arc<Staged>>,
+    s: Staged,
+}
+
+/// A batch's changes, decoded: what [`Staged::write`] writes in one redb write transaction.
+/// Once folding ends it is frozen (shared, read-only) until written, and may be kept a little
+/// longer as a cache of rows the next batches read.
+pub struct Staged {
+    devices: Rows<Id, Device>,
+    /// The committed index membership of every device in `devices` (`None`: not in the view).
+    devices_indexed: HashMap<Id, Option<Indexed>>,
+    lineages: Rows<Id, Lineage>,
+    /// New `lineage_history` rows (the fold only appends to it).
+    lineage_history: Vec<((Id, u32), Id)>,
+    hosts: Rows<String, Host>,
+    claims: Rows<Id, Claim>,
+    /// The last sequence per control-plane subject (the fold only writes it).
+    subject_seqs: HashMap<String, u64>,
+    flavors: Rows<Id, Flavor>,
+    flavor_names: Rows<String, Id>,
+    servers: Rows<Id, Server>,
+    server_names: Rows<String, Id>,
+    /// New quarantine entries, encoded.
+    quarantine: Vec<(u64, Vec<u8>)>,
+    /// The last applied sequence the batch starts after (the view must end there when it is
+    /// written).
+    start: u64,
     last_applied: u64,
-    /// Counter increments of this transaction, written by [`FoldTxn::finish`].
+    /// Events folded (applied or quarantined) in this batch.
+    folded: u64,
+    /// Counter increments of this batch.
     deltas: BTreeMap<(&'static str, &'static str), u64>,
 }
 
-impl std::fmt::Debug for FoldTxn<'_> {
+impl std::fmt::Debug for FoldTxn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FoldTxn")
+            .field("staged", &self.s)
+            .field("prior", &self.prior.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staged")
             .field("last_applied", &self.last_applied)
+            .field("folded", &self.folded)
+            .field("rows", &self.rows())
             .finish_non_exhaustive()
     }
 }
@@ -77,52 +127,286 @@ fn reject<T>(reason: QuarantineReason, detail: impl Into<String>) -> R<T> {
     Err(Fail::Reject(reason, detail.into()))
 }
 
-impl<'txn> FoldTxn<'txn> {
-    /// Opens (creating when missing) every table in `txn`.
-    pub fn open(txn: &'txn WriteTransaction) -> Result<Self, ViewError> {
-        let meta = txn.open_table(t::META)?;
-        let last_applied = meta.get(t::META_LAST_APPLIED)?.map_or(0, |g| g.value());
+/// Creates every table of the view that is missing (so read snapshots never miss one) and
+/// returns the last applied sequence.
+pub(crate) fn create_tables(txn: &WriteTransaction) -> Result<u64, ViewError> {
+    let meta = txn.open_table(t::META)?;
+    let last = meta.get(t::META_LAST_APPLIED)?.map_or(0, |g| g.value());
+    txn.open_table(t::DEVICES)?;
+    txn.open_table(t::DEVICE_INFO)?;
+    txn.open_table(t::LINEAGES)?;
+    txn.open_table(t::LINEAGE_HISTORY)?;
+    txn.open_table(t::HOST_DEVICES)?;
+    txn.open_table(t::FREE_BY_HOST)?;
+    txn.open_table(t::FREE_BY_MATCH)?;
+    txn.open_table(t::HOSTS)?;
+    txn.open_table(t::CLAIMS)?;
+    txn.open_table(t::SUBJECT_SEQS)?;
+    txn.open_table(t::FLAVORS)?;
+    txn.open_table(t::FLAVOR_NAMES)?;
+    txn.open_table(t::SERVERS)?;
+    txn.open_table(t::SERVER_NAMES)?;
+    txn.open_table(t::QUARANTINE)?;
+    txn.open_table(t::COUNTERS)?;
+    Ok(last)
+}
+
+/// The newest value a prior batch knows for `key` (`Some(None)`: absent), if any knows it.
+fn prior_row<K, V, Q>(
+    prior: &[Arc<Staged>],
+    rows: impl Fn(&Staged) -> &Rows<K, V>,
+    key: &Q,
+) -> Option<Option<V>>
+where
+    K: Ord + std::hash::Hash + std::borrow::Borrow<Q>,
+    V: Clone,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
+    prior
+        .iter()
+        .find_map(|p| rows(p).peek(key).map(|row| row.now.clone()))
+}
+
+/// Writes one staged record table's changed rows, in key order.
+fn write_records<V: serde::Serialize + Clone>(
+    table: &mut redb::Table<'_, Id, &'static [u8]>,
+    name: &'static str,
+    rows: &Rows<Id, V>,
+) -> Result<(), ViewError> {
+    for (id, row) in rows.dirty() {
+        match row {
+            Some(v) => table.insert(id, encode(name, v)?.as_slice())?,
+            None => table.remove(id)?,
+        };
+    }
+    Ok(())
+}
+
+/// Writes a staged name index's changed rows.
+fn write_names(
+    table: &mut redb::Table<'_, &'static str, Id>,
+    rows: &Rows<String, Id>,
+) -> Result<(), ViewError> {
+    for (name, row) in rows.dirty() {
+        match row {
+            Some(id) => table.insert(name.as_str(), id)?,
+            None => table.remove(name.as_str())?,
+        };
+    }
+    Ok(())
+}
+
+impl FoldTxn {
+    /// Starts a batch on the committed state of `db` and the batches in `prior` (newest
+    /// first), which must be every batch folded but not yet committed, plus any committed ones
+    /// to read through as a cache.
+    pub(crate) fn begin(
+        db: &impl ReadableDatabase,
+        prior: Vec<Arc<Staged>>,
+    ) -> Result<Self, ViewError> {
+        let base = Base::open(db)?;
+        let last_applied = match prior.first() {
+            Some(p) => p.last_applied,
+            None => base
+                .meta
+                .get(t::META_LAST_APPLIED)?
+                .map_or(0, |g| g.value()),
+        };
         Ok(Self {
-            meta,
-            devices: txn.open_table(t::DEVICES)?,
-            lineages: txn.open_table(t::LINEAGES)?,
-            lineage_history: txn.open_table(t::LINEAGE_HISTORY)?,
-            host_devices: txn.open_table(t::HOST_DEVICES)?,
-            free_by_host: txn.open_table(t::FREE_BY_HOST)?,
-            free_by_match: txn.open_table(t::FREE_BY_MATCH)?,
-            hosts: txn.open_table(t::HOSTS)?,
-            claims: txn.open_table(t::CLAIMS)?,
-            subject_seqs: txn.open_table(t::SUBJECT_SEQS)?,
-            flavors: txn.open_table(t::FLAVORS)?,
-            flavor_names: txn.open_table(t::FLAVOR_NAMES)?,
-            servers: txn.open_table(t::SERVERS)?,
-            server_names: txn.open_table(t::SERVER_NAMES)?,
-            quarantine: txn.open_table(t::QUARANTINE)?,
-            counters: txn.open_table(t::COUNTERS)?,
-            last_applied,
-            deltas: BTreeMap::new(),
+            base,
+            prior,
+            s: Staged::new(last_applied),
         })
     }
 
-    /// The last stream sequence folded, including this transaction's events.
+    /// Ends folding: the changes, ready to be written ([`Staged::write`]).
+    pub(crate) fn freeze(self) -> Staged {
+        self.s
+    }
+
+    /// The last stream sequence folded, including this batch's events.
+    pub fn last_applied(&self) -> u64 {
+        self.s.last_applied
+    }
+
+    /// Events folded (applied or quarantined) so far in this batch.
+    pub fn folded(&self) -> u64 {
+        self.s.folded
+    }
+}
+
+impl Staged {
+    fn new(last_applied: u64) -> Self {
+        Self {
+            devices: Rows::default(),
+            devices_indexed: HashMap::new(),
+            lineages: Rows::default(),
+            lineage_history: Vec::new(),
+            hosts: Rows::default(),
+            claims: Rows::default(),
+            subject_seqs: HashMap::new(),
+            flavors: Rows::default(),
+            flavor_names: Rows::default(),
+            servers: Rows::default(),
+            server_names: Rows::default(),
+            quarantine: Vec::new(),
+            start: last_applied,
+            last_applied,
+            folded: 0,
+            deltas: BTreeMap::new(),
+        }
+    }
+
+    /// The last stream sequence of the batch.
     pub fn last_applied(&self) -> u64 {
         self.last_applied
     }
 
-    /// Writes the counters and the last applied sequence. Call before committing.
-    pub fn finish(mut self) -> Result<u64, ViewError> {
-        for ((group, name), n) in std::mem::take(&mut self.deltas) {
-            let key = format!("{group}.{name}");
-            let old = self.counters.get(key.as_str())?.map_or(0, |g| g.value());
-            self.counters.insert(key.as_str(), old + n)?;
-        }
-        self.meta.insert(t::META_LAST_APPLIED, self.last_applied)?;
-        Ok(self.last_applied)
+    /// Events folded (applied or quarantined) in the batch.
+    pub fn folded(&self) -> u64 {
+        self.folded
     }
 
+    /// Rows the batch holds in memory (read or written), a measure of its size.
+    pub fn rows(&self) -> usize {
+        self.devices.len()
+            + self.lineages.len()
+            + self.hosts.len()
+            + self.claims.len()
+            + self.servers.len()
+            + self.flavors.len()
+    }
+
+    /// Writes everything the batch changed into `txn`: each changed row once, in key order,
+    /// the device indexes where a device's final row differs from its committed one, the new
+    /// history and quarantine rows, the counters and the last applied sequence. The caller
+    /// commits.
+    pub(crate) fn write(&self, txn: &WriteTransaction) -> Result<u64, ViewError> {
+        let committed = txn
+            .open_table(t::META)?
+            .get(t::META_LAST_APPLIED)?
+            .map_or(0, |g| g.value());
+        if committed != self.start {
+            return Err(ViewError::OutOfOrder {
+                follows: self.start,
+                committed,
+            });
+        }
+        {
+            let mut devices = txn.open_table(t::DEVICES)?;
+            let mut infos = txn.open_table(t::DEVICE_INFO)?;
+            let mut host_devices = txn.open_table(t::HOST_DEVICES)?;
+            let mut free_by_host = txn.open_table(t::FREE_BY_HOST)?;
+            let mut free_by_match = txn.open_table(t::FREE_BY_MATCH)?;
+            // Index changes, collected to be applied in each index's own key order.
+            let mut current_ops = Vec::new();
+            let mut free_ops = Vec::new();
+            for (id, row) in self.devices.dirty() {
+                let Some(d) = row else { continue };
+                devices.insert(id, t::encode_device_state(d)?.as_slice())?;
+                let was = self.devices_indexed.get(id).copied().flatten();
+                if !self.devices_indexed.get(id).is_some_and(Option::is_some) {
+                    // New to the view: its report is stored once, here.
+                    infos.insert(id, encode("device_info", &*d.discovery)?.as_slice())?;
+                }
+                let now = Indexed::of(d);
+                let (was_free, was_current) = was.map_or((false, false), |w| (w.free, w.current));
+                if was_free != now.free {
+                    free_ops.push((d, now.free));
+                }
+                if was_current != now.current {
+                    current_ops.push((d, now.current));
+                }
+            }
+            current_ops.sort_by(|(a, _), (b, _)| (a.host(), a.id()).cmp(&(b.host(), b.id())));
+            for (d, on) in current_ops {
+                let key = (d.host().as_str(), d.id().to_bytes());
+                if on {
+                    host_devices.insert(key, ())?;
+                } else {
+                    host_devices.remove(key)?;
+                }
+            }
+            free_ops.sort_by(|(a, _), (b, _)| (a.host(), a.id()).cmp(&(b.host(), b.id())));
+            for &(d, on) in &free_ops {
+                let key = (d.host().as_str(), d.id().to_bytes());
+                if on {
+                    free_by_host.insert(key, ())?;
+                } else {
+                    free_by_host.remove(key)?;
+                }
+            }
+            let vp = |d: &Device| t::vp_key(d.vendor_id(), d.product_id());
+            free_ops.sort_by(|(a, _), (b, _)| {
+                (vp(a), a.host(), a.id()).cmp(&(vp(b), b.host(), b.id()))
+            });
+            for (d, on) in free_ops {
+                let key = (vp(d), d.host().as_str(), d.id().to_bytes());
+                if on {
+                    free_by_match.insert(key, ())?;
+                } else {
+                    free_by_match.remove(key)?;
+                }
+            }
+        }
+        write_records(
+            &mut txn.open_table(t::LINEAGES)?,
+            "lineages",
+            &self.lineages,
+        )?;
+        {
+            let mut history = txn.open_table(t::LINEAGE_HISTORY)?;
+            let mut rows = self.lineage_history.clone();
+            rows.sort_unstable();
+            for (key, device) in rows {
+                history.insert(key, device)?;
+            }
+        }
+        {
+            let mut hosts = txn.open_table(t::HOSTS)?;
+            for (name, row) in self.hosts.dirty() {
+                if let Some(h) = row {
+                    hosts.insert(name.as_str(), encode("hosts", h)?.as_slice())?;
+                }
+            }
+        }
+        write_records(&mut txn.open_table(t::CLAIMS)?, "claims", &self.claims)?;
+        {
+            let mut seqs = txn.open_table(t::SUBJECT_SEQS)?;
+            let mut rows: Vec<_> = self.subject_seqs.iter().collect();
+            rows.sort_unstable();
+            for (subject, seq) in rows {
+                seqs.insert(subject.as_str(), seq)?;
+            }
+        }
+        write_records(&mut txn.open_table(t::FLAVORS)?, "flavors", &self.flavors)?;
+        write_names(&mut txn.open_table(t::FLAVOR_NAMES)?, &self.flavor_names)?;
+        write_records(&mut txn.open_table(t::SERVERS)?, "servers", &self.servers)?;
+        write_names(&mut txn.open_table(t::SERVER_NAMES)?, &self.server_names)?;
+        {
+            let mut quarantine = txn.open_table(t::QUARANTINE)?;
+            for (seq, entry) in &self.quarantine {
+                quarantine.insert(seq, entry.as_slice())?;
+            }
+        }
+        {
+            let mut counters = txn.open_table(t::COUNTERS)?;
+            for ((group, name), n) in &self.deltas {
+                let key = format!("{group}.{name}");
+                let old = counters.get(key.as_str())?.map_or(0, |g| g.value());
+                counters.insert(key.as_str(), old + n)?;
+            }
+        }
+        txn.open_table(t::META)?
+            .insert(t::META_LAST_APPLIED, self.last_applied)?;
+        Ok(self.last_applied)
+    }
+}
+
+impl FoldTxn {
     /// Decodes `payload` and folds it (see [`apply`]); undecodable bytes are quarantined.
     pub fn fold(&mut self, seq: u64, subject: &str, payload: &[u8]) -> Result<Outcome, ViewError> {
-        if seq <= self.last_applied {
+        if seq <= self.s.last_applied {
             return Ok(Outcome::Skipped);
         }
         match codec::decode(payload) {
@@ -135,7 +419,7 @@ impl<'txn> FoldTxn<'txn> {
                     DecodeError::UnknownVariant => QuarantineReason::UnknownEvent,
                     _ => QuarantineReason::Undecodable,
                 };
-                self.begin(seq, subject)?;
+                self.begin_event(seq, subject);
                 self.set_aside(seq, subject, reason, e.to_string(), None)?;
                 Ok(Outcome::Quarantined(reason))
             }
@@ -144,15 +428,20 @@ impl<'txn> FoldTxn<'txn> {
 
     /// Bookkeeping every stored message gets, whatever its payload: the last sequence per
     /// control-plane subject (what fenced publishes expect) and the last applied sequence.
-    fn begin(&mut self, seq: u64, subject: &str) -> Result<(), ViewError> {
+    fn begin_event(&mut self, seq: u64, subject: &str) {
         // Claim and flavor subjects (and the other control-plane subjects: one row per server)
         // are tracked even when the payload is quarantined, so a fenced writer's expected
         // sequence is never stale.
         if matches!(subjects::scope_of(subject), Ok(SubjectScope::Control)) {
-            self.subject_seqs.insert(subject, seq)?;
+            match self.s.subject_seqs.get_mut(subject) {
+                Some(s) => *s = seq,
+                None => {
+                    self.s.subject_seqs.insert(subject.to_owned(), seq);
+                }
+            }
         }
-        self.last_applied = seq;
-        Ok(())
+        self.s.last_applied = seq;
+        self.s.folded += 1;
     }
 
     fn set_aside(
@@ -170,9 +459,9 @@ impl<'txn> FoldTxn<'txn> {
             detail,
             kind: kind.map(str::to_owned),
         };
-        self.quarantine
-            .insert(seq, encode("quarantine", &entry)?.as_slice())?;
+        self.s.quarantine.push((seq, encode("quarantine", &entry)?));
         *self
+            .s
             .deltas
             .entry(("quarantined", reason.as_str()))
             .or_default() += 1;
@@ -180,54 +469,81 @@ impl<'txn> FoldTxn<'txn> {
     }
 
     // ---- records ----
+    //
+    // A row is looked up in this batch, then in the prior batches (newest first), then in the
+    // committed view; whatever answers first is the current value.
 
-    fn device(&self, id: DeviceId) -> Result<Option<Device>, ViewError> {
-        get_by_id(&self.devices, "devices", &id.to_bytes())
+    fn device(&mut self, id: DeviceId) -> Result<Option<Device>, ViewError> {
+        let key = id.to_bytes();
+        if !self.s.devices.contains(&key) {
+            let found = match prior_row(&self.prior, |p| &p.devices, &key) {
+                Some(row) => row,
+                None => t::get_device(&self.base.devices, &self.base.device_info, &key)?,
+            };
+            self.s
+                .devices_indexed
+                .insert(key, found.as_ref().map(Indexed::of));
+            self.s.devices.put_clean(key, found);
+        }
+        self.s.devices.get(&key, || Ok(None))
     }
 
-    /// Stores a device and keeps the host and free-device indexes in step with it.
-    fn put_device(&mut self, old: Option<&Device>, new: &Device) -> Result<(), ViewError> {
-        let id = new.id().to_bytes();
-        let host = new.host().as_str();
-        let vp = t::vp_key(new.vendor_id(), new.product_id());
-        let (was_free, is_free) = (old.is_some_and(Device::is_free), new.is_free());
-        if was_free && !is_free {
-            self.free_by_host.remove((host, id))?;
-            self.free_by_match.remove((vp, host, id))?;
-        } else if is_free && !was_free {
-            self.free_by_host.insert((host, id), ())?;
-            self.free_by_match.insert((vp, host, id), ())?;
+    /// Stages a device; its index rows follow at commit.
+    fn put_device(&mut self, new: Device) -> Result<(), ViewError> {
+        let key = new.id().to_bytes();
+        if !self.s.devices.contains(&key) {
+            self.device(new.id())?;
         }
-        let was_current = old.is_some_and(|d| d.current);
-        if was_current && !new.current {
-            self.host_devices.remove((host, id))?;
-        } else if new.current && !was_current {
-            self.host_devices.insert((host, id), ())?;
-        }
-        self.devices
-            .insert(id, encode("devices", new)?.as_slice())?;
+        self.s.devices.put(key, Some(new));
         Ok(())
     }
 
-    fn lineage(&self, id: LineageId) -> Result<Option<Lineage>, ViewError> {
-        get_by_id(&self.lineages, "lineages", &id.to_bytes())
+    fn lineage(&mut self, id: LineageId) -> Result<Option<Lineage>, ViewError> {
+        let key = id.to_bytes();
+        let (prior, base) = (&self.prior, &self.base.lineages);
+        self.s
+            .lineages
+            .get(&key, || match prior_row(prior, |p| &p.lineages, &key) {
+                Some(row) => Ok(row),
+                None => get_by_id(base, "lineages", &key),
+            })
     }
 
-    fn claim(&self, lineage: LineageId) -> Result<Option<Claim>, ViewError> {
-        get_by_id(&self.claims, "claims", &lineage.to_bytes())
+    fn put_lineage(&mut self, l: Lineage) {
+        self.s.lineages.put(l.id.to_bytes(), Some(l));
     }
 
-    fn put_claim(&mut self, c: &Claim) -> Result<(), ViewError> {
-        self.claims
-            .insert(c.lineage_id.to_bytes(), encode("claims", c)?.as_slice())?;
-        Ok(())
+    fn claim(&mut self, lineage: LineageId) -> Result<Option<Claim>, ViewError> {
+        let key = lineage.to_bytes();
+        let (prior, base) = (&self.prior, &self.base.claims);
+        self.s
+            .claims
+            .get(&key, || match prior_row(prior, |p| &p.claims, &key) {
+                Some(row) => Ok(row),
+                None => get_by_id(base, "claims", &key),
+            })
     }
 
-    fn server(&self, id: ServerId) -> Result<Option<Server>, ViewError> {
-        get_by_id(&self.servers, "servers", &id.to_bytes())
+    fn put_claim(&mut self, c: Claim) {
+        self.s.claims.put(c.lineage_id.to_bytes(), Some(c));
     }
 
-    fn known_server(&self, id: ServerId) -> R<Server> {
+    fn remove_claim(&mut self, lineage: LineageId) {
+        self.s.claims.put(lineage.to_bytes(), None);
+    }
+
+    fn server(&mut self, id: ServerId) -> Result<Option<Server>, ViewError> {
+        let key = id.to_bytes();
+        let (prior, base) = (&self.prior, &self.base.servers);
+        self.s
+            .servers
+            .get(&key, || match prior_row(prior, |p| &p.servers, &key) {
+                Some(row) => Ok(row),
+                None => get_by_id(base, "servers", &key),
+            })
+    }
+
+    fn known_server(&mut self, id: ServerId) -> R<Server> {
         match self.server(id)? {
             Some(s) => Ok(s),
             None => reject(
@@ -237,18 +553,52 @@ impl<'txn> FoldTxn<'txn> {
         }
     }
 
-    fn put_server(&mut self, s: &Server) -> Result<(), ViewError> {
-        self.servers
-            .insert(s.id.to_bytes(), encode("servers", s)?.as_slice())?;
-        Ok(())
+    fn put_server(&mut self, s: Server) {
+        self.s.servers.put(s.id.to_bytes(), Some(s));
     }
 
-    fn flavor(&self, id: FlavorId) -> Result<Option<Flavor>, ViewError> {
-        get_by_id(&self.flavors, "flavors", &id.to_bytes())
+    fn server_named(&mut self, name: &str) -> Result<Option<Id>, ViewError> {
+        let (prior, base) = (&self.prior, &self.base.server_names);
+        self.s
+            .server_names
+            .get(name, || match prior_row(prior, |p| &p.server_names, name) {
+                Some(row) => Ok(row),
+                None => Ok(base.get(name)?.map(|g| g.value())),
+            })
+    }
+
+    fn flavor(&mut self, id: FlavorId) -> Result<Option<Flavor>, ViewError> {
+        let key = id.to_bytes();
+        let (prior, base) = (&self.prior, &self.base.flavors);
+        self.s
+            .flavors
+            .get(&key, || match prior_row(prior, |p| &p.flavors, &key) {
+                Some(row) => Ok(row),
+                None => get_by_id(base, "flavors", &key),
+            })
+    }
+
+    fn put_flavor(&mut self, f: &Flavor) {
+        self.s.flavors.put(f.id.to_bytes(), Some(f.clone()));
+    }
+
+    fn flavor_named(&mut self, name: &str) -> Result<Option<Id>, ViewError> {
+        let (prior, base) = (&self.prior, &self.base.flavor_names);
+        self.s
+            .flavor_names
+            .get(name, || match prior_row(prior, |p| &p.flavor_names, name) {
+                Some(row) => Ok(row),
+                None => Ok(base.get(name)?.map(|g| g.value())),
+            })
     }
 
     /// A device that must exist, on `lineage` (when given) and `host`.
-    fn known_device(&self, id: DeviceId, lineage: Option<LineageId>, host: &HostName) -> R<Device> {
+    fn known_device(
+        &mut self,
+        id: DeviceId,
+        lineage: Option<LineageId>,
+        host: &HostName,
+    ) -> R<Device> {
         let Some(d) = self.device(id)? else {
             return reject(
                 QuarantineReason::UnknownDevice,
@@ -273,7 +623,14 @@ impl<'txn> FoldTxn<'txn> {
     }
 
     fn touch_host(&mut self, host: &HostName, st: Stamp, body: &Event) -> Result<(), ViewError> {
-        let mut h: Host = get_by_str(&self.hosts, "hosts", host.as_str())?.unwrap_or(Host {
+        let (prior, base) = (&self.prior, &self.base.hosts);
+        let found = self.s.hosts.get(host.as_str(), || {
+            match prior_row(prior, |p| &p.hosts, host.as_str()) {
+                Some(row) => Ok(row),
+                None => get_by_str(base, "hosts", host.as_str()),
+            }
+        })?;
+        let mut h: Host = found.unwrap_or(Host {
             name: host.clone(),
             boot_id: None,
             agent_version: None,
@@ -311,8 +668,7 @@ impl<'txn> FoldTxn<'txn> {
             }
             _ => {}
         }
-        self.hosts
-            .insert(host.as_str(), encode("hosts", &h)?.as_slice())?;
+        self.s.hosts.put(host.as_str().to_owned(), Some(h));
         Ok(())
     }
 }
@@ -323,15 +679,15 @@ impl<'txn> FoldTxn<'txn> {
 /// publish it, and its host must be its subject's host), then applies the event. A refused event
 /// is quarantined. Only storage failures are errors.
 pub fn apply(
-    view: &mut FoldTxn<'_>,
+    view: &mut FoldTxn,
     seq: u64,
     subject: &str,
     env: &Envelope,
 ) -> Result<Outcome, ViewError> {
-    if seq <= view.last_applied {
+    if seq <= view.s.last_applied {
         return Ok(Outcome::Skipped);
     }
-    view.begin(seq, subject)?;
+    view.begin_event(seq, subject);
     let kind = env.body.kind();
     let st = Stamp {
         seq,
@@ -346,7 +702,7 @@ pub fn apply(
             if let Some(host) = env.body.agent_host() {
                 view.touch_host(host, st, &env.body)?;
             }
-            *view.deltas.entry(("applied", kind)).or_default() += 1;
+            *view.s.deltas.entry(("applied", kind)).or_default() += 1;
             Ok(Outcome::Applied(kind))
         }
         Err(Fail::Reject(reason, detail)) => {
@@ -401,7 +757,7 @@ fn check_subject(subject: &str, env: &Envelope) -> R {
     }
 }
 
-fn handle(v: &mut FoldTxn<'_>, st: Stamp, body: &Event) -> R {
+fn handle(v: &mut FoldTxn, st: Stamp, body: &Event) -> R {
     match body {
         // The host record is all it changes (see `touch_host`).
         Event::HostAgentStarted(_) | Event::DeviceClashDetected(_) => Ok(()),
@@ -418,7 +774,10 @@ fn handle(v: &mut FoldTxn<'_>, st: Stamp, body: &Event) -> R {
             s.devices = e.devices.clone();
             s.scheduled = Some(st);
             s.last_change_seq = st.seq;
-            Ok(v.put_server(&s)?)
+            {
+                v.put_server(s);
+                Ok(())
+            }
         }
         Event::ServerScheduleFailed(e) => {
             let mut s = v.known_server(e.server_id)?;
@@ -435,7 +794,10 @@ fn handle(v: &mut FoldTxn<'_>, st: Stamp, body: &Event) -> R {
             );
             s.schedule_failures_total += 1;
             s.last_change_seq = st.seq;
-            Ok(v.put_server(&s)?)
+            {
+                v.put_server(s);
+                Ok(())
+            }
         }
         Event::DeviceClaimed(e) => claimed(v, st, e),
         Event::DeviceAttached(e) => attached(v, st, e),
@@ -447,7 +809,10 @@ fn handle(v: &mut FoldTxn<'_>, st: Stamp, body: &Event) -> R {
             s.state_detail = e.detail.clone();
             s.state_changed = st;
             s.last_change_seq = st.seq;
-            Ok(v.put_server(&s)?)
+            {
+                v.put_server(s);
+                Ok(())
+            }
         }
         Event::ServerResized(e) => moved(
             v,
@@ -473,7 +838,10 @@ fn handle(v: &mut FoldTxn<'_>, st: Stamp, body: &Event) -> R {
             );
             s.migration_refusals_total += 1;
             s.last_change_seq = st.seq;
-            Ok(v.put_server(&s)?)
+            {
+                v.put_server(s);
+                Ok(())
+            }
         }
         Event::ServerDeleted(e) => {
             let mut s = v.known_server(e.server_id)?;
@@ -485,11 +853,11 @@ fn handle(v: &mut FoldTxn<'_>, st: Stamp, body: &Event) -> R {
             }
             s.deleted = Some(st);
             s.last_change_seq = st.seq;
-            v.put_server(&s)?;
-            let named = v.server_names.get(s.name.as_str())?.map(|g| g.value());
+            let named = v.server_named(s.name.as_str())?;
             if named == Some(s.id.to_bytes()) {
-                v.server_names.remove(s.name.as_str())?;
+                v.s.server_names.put(s.name.as_str().to_owned(), None);
             }
+            v.put_server(s);
             Ok(())
         }
         Event::ServerActionRequested(e) => {
@@ -500,19 +868,21 @@ fn handle(v: &mut FoldTxn<'_>, st: Stamp, body: &Event) -> R {
                 host: e.host.clone(),
             });
             s.last_change_seq = st.seq;
-            Ok(v.put_server(&s)?)
+            {
+                v.put_server(s);
+                Ok(())
+            }
         }
         Event::DeviceAttachFailed(e) => {
             let mut d = v.known_device(e.device_id, None, &e.host)?;
             v.known_server(e.server_id)?;
-            let old = d.clone();
             d.attach_error = Some(AttachError {
                 server_id: e.server_id,
                 error: e.error.clone(),
                 stamp: st,
             });
             d.last_change_seq = st.seq;
-            Ok(v.put_device(Some(&old), &d)?)
+            Ok(v.put_device(d)?)
         }
     }
 }
@@ -534,7 +904,7 @@ fn not_deleted(s: &Server) -> R {
     }
 }
 
-fn discovered(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceDiscovered) -> R {
+fn discovered(v: &mut FoldTxn, st: Stamp, e: &DeviceDiscovered) -> R {
     if let Some(d) = v.device(e.device_id)? {
         return reject(
             QuarantineReason::Duplicate,
@@ -552,7 +922,7 @@ fn discovered(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceDiscovered) -> R {
     };
 
     let mut new = Device {
-        discovery: e.clone(),
+        discovery: std::sync::Arc::new(e.clone()),
         status: DeviceStatus::Available,
         holder: None,
         current: true,
@@ -578,7 +948,7 @@ fn discovered(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceDiscovered) -> R {
                 ended: None,
             });
             c.awaiting = Some(e.device_id);
-            v.put_claim(&c)?;
+            v.put_claim(c);
         }
     }
     // The previous enumeration is superseded (normally the agent invalidated it already).
@@ -599,7 +969,7 @@ fn discovered(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceDiscovered) -> R {
             }
         }
         p.last_change_seq = st.seq;
-        v.put_device(Some(&prev), &p)?;
+        v.put_device(p)?;
     }
     let l = match lineage {
         Some(mut l) => {
@@ -620,17 +990,16 @@ fn discovered(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceDiscovered) -> R {
             first_seen: st,
         },
     };
-    v.lineage_history.insert(
+    v.s.lineage_history.push((
         (e.lineage_id.to_bytes(), l.enumerations),
         e.device_id.to_bytes(),
-    )?;
-    v.lineages
-        .insert(e.lineage_id.to_bytes(), encode("lineages", &l)?.as_slice())?;
-    v.put_device(None, &new)?;
+    ));
+    v.put_lineage(l);
+    v.put_device(new)?;
     Ok(())
 }
 
-fn invalidated(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceInvalidated) -> R {
+fn invalidated(v: &mut FoldTxn, st: Stamp, e: &DeviceInvalidated) -> R {
     let d = v.known_device(e.device_id, Some(e.lineage_id), &e.host)?;
     if let Some(Invalidation {
         reason: Some(r),
@@ -662,26 +1031,26 @@ fn invalidated(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceInvalidated) -> R {
         },
     });
     n.last_change_seq = st.seq;
-    v.put_device(Some(&d), &n)?;
+    v.put_device(n)?;
     // The lineage's claim stays (pointing at this enumeration) until released or re-attached;
     // a newer enumeration that was awaiting re-attach and died is no longer awaited.
     if let Some(mut c) = v.claim(e.lineage_id)? {
         if c.awaiting == Some(e.device_id) {
             c.awaiting = None;
-            v.put_claim(&c)?;
+            v.put_claim(c);
         }
     }
     Ok(())
 }
 
-fn flavor_created(v: &mut FoldTxn<'_>, st: Stamp, e: &FlavorCreated) -> R {
+fn flavor_created(v: &mut FoldTxn, st: Stamp, e: &FlavorCreated) -> R {
     if v.flavor(e.flavor_id)?.is_some() {
         return reject(
             QuarantineReason::Duplicate,
             format!("flavor {} already exists", e.flavor_id),
         );
     }
-    if let Some(other) = v.flavor_names.get(e.name.as_str())?.map(|g| g.value()) {
+    if let Some(other) = v.flavor_named(e.name.as_str())? {
         return reject(
             QuarantineReason::Conflict,
             format!(
@@ -698,13 +1067,13 @@ fn flavor_created(v: &mut FoldTxn<'_>, st: Stamp, e: &FlavorCreated) -> R {
         created: st,
         deleted: None,
     };
-    v.flavors
-        .insert(f.id.to_bytes(), encode("flavors", &f)?.as_slice())?;
-    v.flavor_names.insert(f.name.as_str(), f.id.to_bytes())?;
+    v.put_flavor(&f);
+    v.s.flavor_names
+        .put(f.name.as_str().to_owned(), Some(f.id.to_bytes()));
     Ok(())
 }
 
-fn flavor_deleted(v: &mut FoldTxn<'_>, st: Stamp, e: &FlavorDeleted) -> R {
+fn flavor_deleted(v: &mut FoldTxn, st: Stamp, e: &FlavorDeleted) -> R {
     let Some(mut f) = v.flavor(e.flavor_id)? else {
         return reject(
             QuarantineReason::UnknownFlavor,
@@ -724,23 +1093,22 @@ fn flavor_deleted(v: &mut FoldTxn<'_>, st: Stamp, e: &FlavorDeleted) -> R {
         );
     }
     f.deleted = Some(st);
-    v.flavors
-        .insert(f.id.to_bytes(), encode("flavors", &f)?.as_slice())?;
-    let named = v.flavor_names.get(f.name.as_str())?.map(|g| g.value());
+    v.put_flavor(&f);
+    let named = v.flavor_named(f.name.as_str())?;
     if named == Some(f.id.to_bytes()) {
-        v.flavor_names.remove(f.name.as_str())?;
+        v.s.flavor_names.put(f.name.as_str().to_owned(), None);
     }
     Ok(())
 }
 
-fn boot_requested(v: &mut FoldTxn<'_>, st: Stamp, e: &ServerBootRequested) -> R {
+fn boot_requested(v: &mut FoldTxn, st: Stamp, e: &ServerBootRequested) -> R {
     if v.server(e.server_id)?.is_some() {
         return reject(
             QuarantineReason::Duplicate,
             format!("server {} was already requested", e.server_id),
         );
     }
-    if let Some(other) = v.server_names.get(e.name.as_str())?.map(|g| g.value()) {
+    if let Some(other) = v.server_named(e.name.as_str())? {
         return reject(
             QuarantineReason::Conflict,
             format!(
@@ -777,13 +1145,14 @@ fn boot_requested(v: &mut FoldTxn<'_>, st: Stamp, e: &ServerBootRequested) -> R 
         deleted: None,
         last_change_seq: st.seq,
     };
-    v.put_server(&s)?;
-    v.server_names.insert(s.name.as_str(), s.id.to_bytes())?;
+    v.s.server_names
+        .put(s.name.as_str().to_owned(), Some(s.id.to_bytes()));
+    v.put_server(s);
     Ok(())
 }
 
 fn moved(
-    v: &mut FoldTxn<'_>,
+    v: &mut FoldTxn,
     st: Stamp,
     server: ServerId,
     from_host: &HostName,
@@ -815,10 +1184,13 @@ fn moved(
     s.host = Some(host.clone());
     s.devices = devices.to_vec();
     s.last_change_seq = st.seq;
-    Ok(v.put_server(&s)?)
+    {
+        v.put_server(s);
+        Ok(())
+    }
 }
 
-fn claimed(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceClaimed) -> R {
+fn claimed(v: &mut FoldTxn, st: Stamp, e: &DeviceClaimed) -> R {
     let s = v.known_server(e.server_id)?;
     not_deleted(&s)?;
     let d = v.known_device(e.device_id, Some(e.lineage_id), &e.host)?;
@@ -839,7 +1211,7 @@ fn claimed(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceClaimed) -> R {
             format!("device {} is held by server {other}", e.device_id),
         );
     }
-    v.put_claim(&Claim {
+    v.put_claim(Claim {
         lineage_id: e.lineage_id,
         device_id: e.device_id,
         host: e.host.clone(),
@@ -849,7 +1221,7 @@ fn claimed(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceClaimed) -> R {
         follow: e.follow,
         claimed: st,
         awaiting: None,
-    })?;
+    });
     let mut n = d.clone();
     if n.status == DeviceStatus::Available {
         n.status = DeviceStatus::Claimed;
@@ -857,7 +1229,7 @@ fn claimed(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceClaimed) -> R {
     n.holder = Some(e.server_id);
     open_holding(&mut n, e.server_id, HoldKind::Claimed, st);
     n.last_change_seq = st.seq;
-    Ok(v.put_device(Some(&d), &n)?)
+    Ok(v.put_device(n)?)
 }
 
 /// Starts a holding unless `server` already has an open one.
@@ -917,7 +1289,7 @@ fn attach(
     d.last_change_seq = st.seq;
 }
 
-fn attached(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceAttached) -> R {
+fn attached(v: &mut FoldTxn, st: Stamp, e: &DeviceAttached) -> R {
     let d = v.known_device(e.device_id, Some(e.lineage_id), &e.host)?;
     v.known_server(e.server_id)?;
     if let Some(other) = d.holder.filter(|h| *h != e.server_id) {
@@ -936,19 +1308,19 @@ fn attached(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceAttached) -> R {
         HoldKind::Attached,
         st,
     );
-    v.put_device(Some(&d), &n)?;
+    v.put_device(n)?;
     if let Some(mut c) = v.claim(e.lineage_id)? {
         if c.server_id == e.server_id && c.awaiting == Some(e.device_id) {
             c.device_id = e.device_id;
             c.host = e.host.clone();
             c.awaiting = None;
-            v.put_claim(&c)?;
+            v.put_claim(c);
         }
     }
     Ok(())
 }
 
-fn reattached(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceReattached) -> R {
+fn reattached(v: &mut FoldTxn, st: Stamp, e: &DeviceReattached) -> R {
     let new = v.known_device(e.new_device_id, Some(e.lineage_id), &e.host)?;
     let Some(old) = v.device(e.old_device_id)? else {
         return reject(
@@ -985,19 +1357,19 @@ fn reattached(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceReattached) -> R {
         HoldKind::Reattached,
         st,
     );
-    v.put_device(Some(&new), &n)?;
+    v.put_device(n)?;
     if old.holder == Some(e.server_id) {
         let mut o = old.clone();
         o.holder = None;
         o.attachment = None;
         end_holding(&mut o, e.server_id, st, HoldEnd::MovedTo(e.new_device_id));
         o.last_change_seq = st.seq;
-        v.put_device(Some(&old), &o)?;
+        v.put_device(o)?;
     }
     c.device_id = e.new_device_id;
     c.host = e.host.clone();
     c.awaiting = None;
-    v.put_claim(&c)?;
+    v.put_claim(c);
     for a in s
         .devices
         .iter_mut()
@@ -1006,10 +1378,13 @@ fn reattached(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceReattached) -> R {
         a.device_id = e.new_device_id;
     }
     s.last_change_seq = st.seq;
-    Ok(v.put_server(&s)?)
+    {
+        v.put_server(s);
+        Ok(())
+    }
 }
 
-fn released(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceReleased) -> R {
+fn released(v: &mut FoldTxn, st: Stamp, e: &DeviceReleased) -> R {
     let Some(c) = v.claim(e.lineage_id)? else {
         return reject(
             QuarantineReason::Conflict,
@@ -1026,7 +1401,7 @@ fn released(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceReleased) -> R {
         );
     }
     let current = v.lineage(e.lineage_id)?.map(|l| l.current);
-    v.claims.remove(e.lineage_id.to_bytes())?;
+    v.remove_claim(e.lineage_id);
     // Every enumeration this claim touched returns to the pool (unless invalidated).
     let mut ids = vec![e.device_id, c.device_id];
     ids.extend(c.awaiting);
@@ -1046,7 +1421,7 @@ fn released(v: &mut FoldTxn<'_>, st: Stamp, e: &DeviceReleased) -> R {
         }
         end_holding(&mut n, e.server_id, st, HoldEnd::Released(e.reason));
         n.last_change_seq = st.seq;
-        v.put_device(Some(&d), &n)?;
+        v.put_device(n)?;
     }
     Ok(())
 }

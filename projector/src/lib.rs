@@ -2,7 +2,9 @@
 //! that scheduling, flavor binding, operators and auditors read.
 //!
 //! - [`View`]: the redb file. [`View::apply_batch`] folds a batch in one write transaction that
-//!   also stores the last applied stream sequence; [`View::snapshot`] gives a consistent
+//!   also stores the last applied stream sequence (the fold stages a batch's changes in memory
+//!   and writes each changed row once; [`View::begin_batch_after`], [`Batch::freeze`] and
+//!   [`View::write_staged`] let the projector fold the next batch while this one is written); [`View::snapshot`] gives a consistent
 //!   [`Snapshot`] with the read API (devices, lineages and their history, free devices by
 //!   vendor:product or host through indexes, hosts, flavors, servers, claims, the last sequence
 //!   per control-plane subject for fenced publishes, the quarantine, counters).
@@ -23,15 +25,19 @@ pub mod metrics;
 mod model;
 pub mod replay;
 mod runner;
+mod stage;
 pub mod tables;
 mod view;
 pub mod workload;
 
 pub use error::ViewError;
+pub use fold::Staged;
 pub use metrics::ProjectorMetrics;
 pub use model::*;
 pub use runner::{Folded, Projector, ProjectorConfig, ProjectorError};
-pub use view::{BatchOptions, BatchReport, DeviceFilter, RawEvent, Snapshot, View, VIEW_FORMAT};
+pub use view::{
+    Batch, BatchOptions, BatchReport, Chain, DeviceFilter, RawEvent, Snapshot, View, VIEW_FORMAT,
+};
 
 /// The view file's name inside the data directory.
 pub const VIEW_FILE: &str = "view.redb";

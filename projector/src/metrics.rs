@@ -78,6 +78,10 @@ pub struct ProjectorMetrics {
     pub consumer_resets: AtomicU64,
     /// Transient bus errors (fetches retried).
     pub errors: AtomicU64,
+    /// Time spent folding (decoding, checking, staging), in microseconds.
+    pub fold_micros: AtomicU64,
+    /// Time spent writing and committing batches, in microseconds.
+    pub write_micros: AtomicU64,
     pub fold_batch: Histogram,
 }
 
@@ -138,11 +142,21 @@ impl ProjectorMetrics {
             family(&mut out, name, "gauge", help);
             let _ = writeln!(out, "{name} {}", v.load(Relaxed));
         }
-        let counters_: [(&str, &str, &AtomicU64); 4] = [
+        let counters_: [(&str, &str, &AtomicU64); 6] = [
             (
                 "usbpt_projector_batches_total",
-                "Batches folded by this process.",
+                "Batches (write transactions) committed by this process.",
                 &self.batches,
+            ),
+            (
+                "usbpt_projector_fold_microseconds_total",
+                "Time this process spent folding events (decode, checks, staging).",
+                &self.fold_micros,
+            ),
+            (
+                "usbpt_projector_write_microseconds_total",
+                "Time this process spent writing and committing folded batches.",
+                &self.write_micros,
             ),
             (
                 "usbpt_projector_redelivered_skipped_total",
@@ -167,7 +181,7 @@ impl ProjectorMetrics {
         self.fold_batch.render(
             &mut out,
             "usbpt_projector_fold_batch_seconds",
-            "Time to fold and commit one batch.",
+            "Time to fold and commit one batch (one write transaction).",
         );
         out
     }

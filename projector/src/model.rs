@@ -119,8 +119,9 @@ pub struct AttachError {
 /// One enumeration of a device (a `DeviceId`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Device {
-    /// Everything the agent reported.
-    pub discovery: DeviceDiscovered,
+    /// Everything the agent reported (shared: it never changes after discovery, so a staged
+    /// copy of the record does not copy it).
+    pub discovery: std::sync::Arc<DeviceDiscovered>,
     pub status: DeviceStatus,
     /// The server it is claimed for or attached to.
     pub holder: Option<ServerId>,

@@ -1,9 +1,10 @@
 //! Audit replay: rebuild a view from stream sequence 1 into a fresh redb file, up to a chosen
 //! sequence, with the same fold the live projector uses.
 //!
-//! Reading (an ordered consumer) and folding (a blocking thread) overlap: the reader hands
-//! batches over a small channel. Intermediate commits are not fsynced (the file is a scratch
-//! copy until the end); the last one is.
+//! Reading (an ordered consumer), folding (a blocking thread) and writing (another) overlap:
+//! the reader hands batches over a small channel, and a batch is folded while the one before it
+//! is written (ADR 0004). Intermediate commits are not fsynced (the file is a scratch copy
+//! until the end); the last one is.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,8 +14,9 @@ use redb::Durability;
 use tokio::sync::mpsc;
 use usbpt_bus::{Bus, StartAt};
 
+use crate::fold::Staged;
 use crate::runner::ProjectorError;
-use crate::view::{BatchOptions, RawEvent, View};
+use crate::view::{BatchOptions, Chain, RawEvent, View};
 
 /// What a replay did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +30,9 @@ pub struct ReplayReport {
 
 /// Events per redb transaction during a replay.
 pub const REPLAY_BATCH: usize = 20_000;
+
+/// Decoded rows of written batches kept for the next batches to read.
+const REPLAY_CACHE_ROWS: usize = 300_000;
 
 /// Folds stream sequences `1..=until` into `view` (new and empty, opened with
 /// [`View::open_private`] so intermediate commits need no fsync). `progress`
@@ -85,26 +90,57 @@ pub async fn rebuild(
         }
         Ok::<(), ProjectorError>(())
     });
+    // Fold on one thread while the previous batch is written on another (ADR 0004): each
+    // batch reads through the ones not written yet.
+    let (jobs, mut queued) = mpsc::channel::<(Arc<Staged>, Durability)>(1);
+    let writer = {
+        let view = Arc::clone(&view);
+        tokio::task::spawn_blocking(move || -> Result<(), crate::ViewError> {
+            while let Some((staged, durability)) = queued.blocking_recv() {
+                view.write_staged(&staged, durability)?;
+            }
+            Ok(())
+        })
+    };
+    let mut chain = Chain::default();
     while let Some(batch) = rx.recv().await {
         let last_in_batch = batch.last().map_or(0, |e| e.seq);
-        let options = BatchOptions {
-            durability: if last_in_batch >= until {
-                Durability::Immediate
-            } else {
-                Durability::None
-            },
-            gap_at_start_ok: true,
-            gaps_ok: true,
+        let durability = if last_in_batch >= until {
+            Durability::Immediate
+        } else {
+            Durability::None
         };
         let v = Arc::clone(&view);
-        let r = tokio::task::spawn_blocking(move || v.apply_batch(&batch, &options))
-            .await
-            .map_err(|e| crate::ViewError::Task(e.to_string()))??;
+        let folded = tokio::task::spawn_blocking(move || {
+            chain.trim(v.last_applied()?, REPLAY_CACHE_ROWS);
+            let mut b = v.begin_batch_after(&chain)?;
+            let options = BatchOptions {
+                durability,
+                gap_at_start_ok: true,
+                gaps_ok: true,
+            };
+            b.fold(&batch, &options)?;
+            let r = b.report().clone();
+            let staged = b.freeze();
+            chain.push(Arc::clone(&staged));
+            Ok::<_, crate::ViewError>((staged, r, chain))
+        })
+        .await
+        .map_err(|e| crate::ViewError::Task(e.to_string()))??;
+        let (staged, r, back) = folded;
+        chain = back;
+        if jobs.send((staged, durability)).await.is_err() {
+            break;
+        }
         report.applied += r.applied;
         report.quarantined += r.quarantined;
         report.last_seq = r.last_applied;
         progress(r.last_applied);
     }
+    drop(jobs);
+    writer
+        .await
+        .map_err(|e| crate::ViewError::Task(e.to_string()))??;
     reader
         .await
         .map_err(|e| ProjectorError::Stream(e.to_string()))??;

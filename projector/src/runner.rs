@@ -1,29 +1,43 @@
-//! The projector process: a durable JetStream pull consumer, explicit `fetch()` loops (DESIGN
-//! §9: `messages()` was seen to stall), one redb write transaction per fetched batch, then an
-//! ack of the batch's last folded message (`AckPolicy::All` acks everything before it).
+//! The projector process: a durable JetStream pull consumer with explicit `fetch()` loops
+//! (DESIGN §9: `messages()` was seen to stall) feeding the fold.
+//!
+//! [`Projector::run`] is a pipeline (ADR 0004): the async task fetches, a fold thread folds the
+//! fetched batches into staged batches (each reading through the ones before it), and a write
+//! thread commits them, in order, one fsynced redb transaction each. While the stream is ahead,
+//! a staged batch takes in every fetch already waiting (group commit, up to
+//! [`ProjectorConfig::max_commit_events`]); when it is caught up, each fetch is committed at
+//! once. The fetch loop acks each batch as it hands it on: acks only keep the server from
+//! tracking deliveries; where folding resumes is the view's business.
+//!
+//! [`Projector::step`] is the same fold one batch at a time (fetch, fold, commit, then
+//! [`Folded::ack`]), for tests and tools.
 //!
 //! Exactly once: the view stores the last applied sequence in the same transaction as the
 //! changes; anything redelivered at or below it is skipped. On start, the durable consumer is
 //! reused only if its ack floor is exactly the view's resume point with nothing pending;
-//! otherwise (a crash between commit and ack, a view rebuilt from scratch) it is re-created to
-//! deliver from the view's last applied sequence + 1, so nothing waits out an ack timeout and
-//! nothing is skipped.
+//! otherwise (a crash before a commit, a view rebuilt from scratch) it is re-created to deliver
+//! from the view's last applied sequence + 1, so nothing waits out an ack timeout and nothing
+//! is skipped.
 
 use std::future::Future;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use redb::Durability;
 use thiserror::Error;
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use usbpt_bus::async_nats::jetstream::consumer::PullConsumer;
 use usbpt_bus::async_nats::jetstream::Message;
 use usbpt_bus::{Bus, BusError};
 
 use crate::error::ViewError;
+use crate::fold::Staged;
 use crate::metrics::ProjectorMetrics;
-use crate::view::{BatchOptions, BatchReport, RawEvent, View};
+use crate::view::{BatchOptions, BatchReport, Chain, RawEvent, View};
 
 #[derive(Debug, Error)]
 pub enum ProjectorError {
@@ -61,6 +75,12 @@ pub struct ProjectorConfig {
     pub fetch_wait: Duration,
     /// After how long an unacknowledged delivery is sent again.
     pub ack_wait: Duration,
+    /// The most events one write transaction of [`Projector::run`] takes while the stream is
+    /// ahead (fetched batches that are already waiting are folded into it).
+    pub max_commit_events: usize,
+    /// Decoded rows of committed batches kept for the next batches to read (a cache: the
+    /// projector is the view's only writer).
+    pub cache_rows: usize,
 }
 
 impl Default for ProjectorConfig {
@@ -71,9 +91,14 @@ impl Default for ProjectorConfig {
             max_batch_size: 10_000,
             fetch_wait: Duration::from_secs(5),
             ack_wait: Duration::from_secs(30),
+            max_commit_events: 100_000,
+            cache_rows: 300_000,
         }
     }
 }
+
+/// Fetched batches that may wait for the fold thread.
+const FETCH_QUEUE: usize = 2;
 
 /// A folded, committed batch whose ack has not been sent yet.
 #[derive(Debug)]
@@ -109,6 +134,8 @@ pub struct Projector {
     fresh: bool,
     /// The next fetch's size (see [`ProjectorConfig::max_batch_size`]).
     next_batch: usize,
+    /// Counts consumer handles: bumped each time one is opened.
+    generation: u64,
 }
 
 impl Projector {
@@ -121,6 +148,7 @@ impl Projector {
             config,
             consumer: None,
             fresh: false,
+            generation: 0,
         }
     }
 
@@ -163,6 +191,7 @@ impl Projector {
             .pull_consumer_with_ack_wait(name, None, last, self.config.ack_wait)
             .await?;
         self.fresh = !reusable;
+        self.generation += 1;
         self.consumer = Some(consumer.clone());
         Ok(consumer)
     }
@@ -296,17 +325,60 @@ impl Projector {
         self.fold(messages).await.map(Some)
     }
 
-    /// Folds until `shutdown` resolves (between batches: a batch being folded is finished and
-    /// acked first). Bus trouble is retried with backoff; a view storage error ends the run.
+    /// Folds until `shutdown` resolves, as a pipeline (see the module docs): batches fetched
+    /// before shutdown are folded, committed and acked before it returns. Bus trouble is
+    /// retried with backoff; a view storage error ends the run.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), ProjectorError> {
         tokio::pin!(shutdown);
         let last = self.view.last_applied()?;
         self.metrics.last_applied.store(last, Relaxed);
         info!(consumer = %self.config.consumer, resume_after = last, "projector running");
+
+        let (fetched_tx, fetched_rx) = mpsc::channel::<Fetched>(FETCH_QUEUE);
+        let (job_tx, job_rx) = mpsc::channel::<Job>(1);
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<Result<Job, ViewError>>();
+        // The generation of the consumer whose deliveries hit a gap (0: none).
+        let reset = Arc::new(AtomicU64::new(0));
+        let folder = {
+            let (view, reset, done) = (Arc::clone(&self.view), Arc::clone(&reset), done_tx.clone());
+            let limits = (self.config.max_commit_events.max(1), self.config.cache_rows);
+            let metrics = Arc::clone(&self.metrics);
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = fold_thread(&view, fetched_rx, &job_tx, &reset, limits, &metrics) {
+                    let _ = done.send(Err(e));
+                }
+            })
+        };
+        let writer = {
+            let view = Arc::clone(&self.view);
+            let metrics = Arc::clone(&self.metrics);
+            tokio::task::spawn_blocking(move || write_thread(&view, job_rx, &done_tx, &metrics))
+        };
+        let acker = tokio::spawn(ack_task(done_rx, Arc::clone(&self.metrics)));
+        tokio::pin!(acker);
+        let joined = |r: Result<Result<(), ProjectorError>, tokio::task::JoinError>| match r {
+            Ok(r) => r,
+            Err(e) => Err(ProjectorError::View(ViewError::Task(e.to_string()))),
+        };
+
         let mut backoff = Duration::from_millis(100);
+        let mut acker_result = None;
         loop {
+            if reset.load(Relaxed) >= self.generation && self.consumer.is_some() {
+                warn!("sequence gap in deliveries: re-creating the consumer");
+                if let Err(e) = self
+                    .bus
+                    .stream()
+                    .delete_consumer(&self.config.consumer)
+                    .await
+                {
+                    warn!(error = %e, "deleting the consumer");
+                }
+                self.consumer = None;
+            }
             let fetched = tokio::select! {
                 _ = &mut shutdown => break,
+                r = &mut acker => { acker_result = Some(joined(r)); break }
                 r = self.fetch() => r,
             };
             let messages = match fetched {
@@ -319,6 +391,7 @@ impl Projector {
                     warn!(error = %e, retry_in = ?backoff, "projector fetch failed");
                     tokio::select! {
                         _ = &mut shutdown => break,
+                        r = &mut acker => { acker_result = Some(joined(r)); break }
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -326,15 +399,220 @@ impl Projector {
                 }
             };
             if messages.is_empty() {
-                self.metrics.lag.store(0, Relaxed);
+                // A long poll came back empty: everything stored has been handed on.
+                if self.metrics.last_applied.load(Relaxed) >= self.metrics.stream_last.load(Relaxed)
+                {
+                    self.metrics.lag.store(0, Relaxed);
+                }
                 continue;
             }
-            let folded = self.fold(messages).await?;
-            if let Err(e) = folded.ack().await {
-                warn!(error = %e, "ack failed; the batch will be redelivered and skipped");
+            let batch = match self.hand_on(messages) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.metrics.errors.fetch_add(1, Relaxed);
+                    warn!(error = %e, "a fetched batch without metadata: fetching again");
+                    self.consumer = None;
+                    continue;
+                }
+            };
+            // Acked as soon as it is handed on (ADR 0004): the view's last applied sequence,
+            // not the consumer's ack floor, is where a restart resumes, so an ack here only
+            // keeps the server from tracking deliveries as pending.
+            if let Some(m) = &batch.last {
+                if let Err(e) = m.ack().await {
+                    warn!(error = %e, "ack failed; the batch may be redelivered and skipped");
+                }
+            }
+            tokio::select! {
+                _ = &mut shutdown => break,
+                r = &mut acker => { acker_result = Some(joined(r)); break }
+                sent = fetched_tx.send(batch) => if sent.is_err() { break },
             }
         }
+        // Drain: what was fetched is folded, committed and acked.
+        drop(fetched_tx);
+        let folded = folder.await;
+        let written = writer.await;
+        let acked = match acker_result {
+            Some(r) => r,
+            None => joined(acker.await),
+        };
+        acked?;
+        folded.map_err(|e| ViewError::Task(e.to_string()))?;
+        written.map_err(|e| ViewError::Task(e.to_string()))?;
         info!("projector stopped");
         Ok(())
     }
+
+    /// A fetched batch for the fold thread: its events and its last message (to ack).
+    fn hand_on(&mut self, messages: Vec<Message>) -> Result<Fetched, ProjectorError> {
+        let mut events = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let info = m
+                .info()
+                .map_err(|e| ProjectorError::Stream(format!("message metadata: {e}")))?;
+            self.metrics
+                .stream_last
+                .store(info.stream_sequence + info.pending, Relaxed);
+            events.push(RawEvent {
+                seq: info.stream_sequence,
+                subject: m.subject.to_string(),
+                payload: m.payload.clone(),
+            });
+        }
+        let fresh = std::mem::take(&mut self.fresh);
+        let last = messages.into_iter().last();
+        Ok(Fetched {
+            events,
+            last,
+            fresh,
+            generation: self.generation,
+        })
+    }
+}
+
+/// One fetch on its way to the fold thread.
+struct Fetched {
+    events: Vec<RawEvent>,
+    /// The batch's last message: acking it acks everything before it.
+    last: Option<Message>,
+    /// The first batch of a consumer just created at the resume point (a jump in sequence
+    /// before its first event is a hole in the stream, not a lost delivery).
+    fresh: bool,
+    /// The consumer handle that delivered it.
+    generation: u64,
+}
+
+/// A frozen batch on its way to the write thread, then (committed) to the ack task.
+struct Job {
+    staged: Arc<Staged>,
+    report: BatchReport,
+    fold_time: Duration,
+    write_time: Duration,
+}
+
+/// Folds fetched batches into staged batches, each read through the ones before it, and hands
+/// them to the write thread in order. A staged batch takes in every fetch already waiting, up
+/// to `max_events`; `cache_rows` bounds the committed batches kept to read through.
+fn fold_thread(
+    view: &View,
+    mut fetched: mpsc::Receiver<Fetched>,
+    jobs: &mpsc::Sender<Job>,
+    reset: &AtomicU64,
+    (max_events, cache_rows): (usize, usize),
+    metrics: &ProjectorMetrics,
+) -> Result<(), ViewError> {
+    let committed = view.applied();
+    let mut chain = Chain::default();
+    // Deliveries from consumers at or below this generation follow a gap: dropped.
+    let mut stale = 0;
+    // A consumer just created at the resume point whose first new event is still to come: a
+    // jump in sequence before it is a hole in the stream (its first batches may hold only
+    // redeliveries of what a batch in flight already folded).
+    let mut fresh = None;
+    while let Some(first) = fetched.blocking_recv() {
+        if first.generation <= stale {
+            continue;
+        }
+        let started = Instant::now();
+        chain.trim(*committed.borrow(), cache_rows);
+        let mut batch = view.begin_batch_after(&chain)?;
+        let mut next = Some(first);
+        while let Some(f) = next.take() {
+            if f.generation > stale {
+                if f.fresh {
+                    fresh = Some(f.generation);
+                }
+                let options = BatchOptions {
+                    gap_at_start_ok: fresh == Some(f.generation),
+                    ..BatchOptions::default()
+                };
+                let before = batch.folded();
+                batch.fold(&f.events, &options)?;
+                if batch.folded() > before {
+                    fresh = None;
+                }
+                if batch.report().gap.is_some() {
+                    stale = f.generation;
+                    reset.fetch_max(f.generation, Relaxed);
+                    break;
+                }
+            }
+            if batch.folded() >= max_events as u64 {
+                break;
+            }
+            next = fetched.try_recv().ok();
+        }
+        let report = batch.report().clone();
+        let staged = batch.freeze();
+        chain.push(Arc::clone(&staged));
+        let fold_time = started.elapsed();
+        metrics
+            .fold_micros
+            .fetch_add(fold_time.as_micros() as u64, Relaxed);
+        let job = Job {
+            staged,
+            report,
+            fold_time,
+            write_time: Duration::ZERO,
+        };
+        if jobs.blocking_send(job).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Writes and commits staged batches in order; each goes on to the ack task.
+fn write_thread(
+    view: &View,
+    mut jobs: mpsc::Receiver<Job>,
+    done: &mpsc::UnboundedSender<Result<Job, ViewError>>,
+    metrics: &ProjectorMetrics,
+) {
+    while let Some(mut job) = jobs.blocking_recv() {
+        let started = Instant::now();
+        let written = view.write_staged(&job.staged, Durability::Immediate);
+        job.write_time = started.elapsed();
+        metrics
+            .write_micros
+            .fetch_add(job.write_time.as_micros() as u64, Relaxed);
+        let failed = written.is_err();
+        let _ = done.send(written.map(|_| job));
+        if failed {
+            break;
+        }
+    }
+}
+
+/// Counts each committed batch; ends with the first storage error.
+async fn ack_task(
+    mut done: mpsc::UnboundedReceiver<Result<Job, ViewError>>,
+    metrics: Arc<ProjectorMetrics>,
+) -> Result<(), ProjectorError> {
+    while let Some(job) = done.recv().await {
+        let job = job?;
+        let r = &job.report;
+        metrics.batches.fetch_add(1, Relaxed);
+        metrics.applied.fetch_add(r.applied, Relaxed);
+        metrics.quarantined.fetch_add(r.quarantined, Relaxed);
+        metrics.redelivered_skipped.fetch_add(r.skipped, Relaxed);
+        metrics.last_applied.store(r.last_applied, Relaxed);
+        let head = metrics.stream_last.load(Relaxed);
+        metrics
+            .lag
+            .store(head.saturating_sub(r.last_applied), Relaxed);
+        metrics.fold_batch.observe(job.fold_time + job.write_time);
+        debug!(
+            last_applied = r.last_applied,
+            applied = r.applied,
+            quarantined = r.quarantined,
+            skipped = r.skipped,
+            lag = metrics.lag.load(Relaxed),
+            fold_micros = job.fold_time.as_micros() as u64,
+            write_micros = job.write_time.as_micros() as u64,
+            "batch committed"
+        );
+    }
+    Ok(())
 }

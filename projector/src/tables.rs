@@ -5,7 +5,8 @@
 //! | table | key | value |
 //! |---|---|---|
 //! | `meta` | name | u64 (`last_applied_seq`, `format`) |
-//! | `devices` | device id | [`crate::Device`] |
+//! | `devices` | device id | a [`crate::Device`] without its discovery: status, holder, holds, … |
+//! | `device_info` | device id | the device's `DeviceDiscovered` (written once, never changed) |
 //! | `lineages` | lineage id | [`crate::Lineage`] |
 //! | `lineage_history` | (lineage id, ordinal from 1) | device id |
 //! | `host_devices` | (host, device id) | () — the current enumerations on a host |
@@ -24,14 +25,16 @@
 use redb::{ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use usbpt_schemas::{ProductId, VendorId};
+use usbpt_schemas::{DeviceDiscovered, ProductId, ServerId, VendorId};
 
 use crate::error::ViewError;
+use crate::model::{AttachError, Attachment, Device, DeviceStatus, Holding, Invalidation, Stamp};
 
 pub type Id = [u8; 16];
 
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub const DEVICES: TableDefinition<Id, &[u8]> = TableDefinition::new("devices");
+pub const DEVICE_INFO: TableDefinition<Id, &[u8]> = TableDefinition::new("device_info");
 pub const LINEAGES: TableDefinition<Id, &[u8]> = TableDefinition::new("lineages");
 pub const LINEAGE_HISTORY: TableDefinition<(Id, u32), Id> = TableDefinition::new("lineage_history");
 pub const HOST_DEVICES: TableDefinition<(&str, Id), ()> = TableDefinition::new("host_devices");
@@ -101,6 +104,94 @@ pub fn get_by_str<T: DeserializeOwned>(
         None => Ok(None),
         Some(guard) => decode(name, || key.to_owned(), guard.value()).map(Some),
     }
+}
+
+/// The mutable part of a device, as the `devices` table stores it (ADR 0004): the agent's
+/// report is in `device_info`, written once, so the rows the fold rewrites stay small.
+#[derive(serde::Serialize)]
+struct DeviceStateOut<'a> {
+    status: DeviceStatus,
+    holder: Option<ServerId>,
+    current: bool,
+    discovered: Stamp,
+    invalidation: &'a Option<Invalidation>,
+    attachment: &'a Option<Attachment>,
+    holders: &'a [Holding],
+    attach_error: &'a Option<AttachError>,
+    last_change_seq: u64,
+}
+
+/// [`DeviceStateOut`] read back (the same fields, owned).
+#[derive(serde::Deserialize)]
+struct DeviceStateIn {
+    status: DeviceStatus,
+    holder: Option<ServerId>,
+    current: bool,
+    discovered: Stamp,
+    invalidation: Option<Invalidation>,
+    attachment: Option<Attachment>,
+    holders: Vec<Holding>,
+    attach_error: Option<AttachError>,
+    last_change_seq: u64,
+}
+
+/// Encodes the `devices` row of a device.
+pub fn encode_device_state(d: &Device) -> Result<Vec<u8>, ViewError> {
+    encode(
+        "devices",
+        &DeviceStateOut {
+            status: d.status,
+            holder: d.holder,
+            current: d.current,
+            discovered: d.discovered,
+            invalidation: &d.invalidation,
+            attachment: &d.attachment,
+            holders: &d.holders,
+            attach_error: &d.attach_error,
+            last_change_seq: d.last_change_seq,
+        },
+    )
+}
+
+/// Reads a device: its `devices` row and its `device_info` row.
+pub fn get_device(
+    states: &impl ReadableTable<Id, &'static [u8]>,
+    infos: &impl ReadableTable<Id, &'static [u8]>,
+    id: &Id,
+) -> Result<Option<Device>, ViewError> {
+    match states.get(id)? {
+        None => Ok(None),
+        Some(guard) => device_from_state(infos, id, guard.value()).map(Some),
+    }
+}
+
+/// Completes a `devices` row with its `device_info` row.
+pub fn device_from_state(
+    infos: &impl ReadableTable<Id, &'static [u8]>,
+    id: &Id,
+    state: &[u8],
+) -> Result<Device, ViewError> {
+    let s: DeviceStateIn = decode("devices", || show_id(id), state)?;
+    let Some(info) = infos.get(id)? else {
+        return Err(ViewError::Corrupt {
+            table: "device_info",
+            key: show_id(id),
+            message: "the device has a devices row but no device_info row".into(),
+        });
+    };
+    let discovery: DeviceDiscovered = decode("device_info", || show_id(id), info.value())?;
+    Ok(Device {
+        discovery: std::sync::Arc::new(discovery),
+        status: s.status,
+        holder: s.holder,
+        current: s.current,
+        discovered: s.discovered,
+        invalidation: s.invalidation,
+        attachment: s.attachment,
+        holders: s.holders,
+        attach_error: s.attach_error,
+        last_change_seq: s.last_change_seq,
+    })
 }
 
 /// A UUID key as text.

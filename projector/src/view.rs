@@ -1,8 +1,9 @@
 //! The redb file that holds the view: opening it, folding a batch in one write transaction, and
 //! consistent read snapshots.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,13 +17,13 @@ use usbpt_schemas::{
 };
 
 use crate::error::ViewError;
-use crate::fold::{FoldTxn, Outcome};
+use crate::fold::{FoldTxn, Outcome, Staged};
 use crate::model::*;
 use crate::tables::{self as t, decode, get_by_id, get_by_str, show_id, Id};
 
 /// The record format this build reads and writes. A view of another format is rebuilt by
 /// replaying the stream (the view is a pure fold: nothing in it is lost).
-pub const VIEW_FORMAT: u64 = 1;
+pub const VIEW_FORMAT: u64 = 2;
 
 /// One stored message: its stream sequence, subject and raw payload.
 #[derive(Debug, Clone)]
@@ -135,7 +136,7 @@ impl View {
             }
             drop(meta);
             // Creates every table, so read snapshots never miss one.
-            FoldTxn::open(&txn)?.last_applied()
+            crate::fold::create_tables(&txn)?
         };
         txn.commit()?;
         Ok(Self {
@@ -212,45 +213,182 @@ impl View {
         events: &[RawEvent],
         options: &BatchOptions,
     ) -> Result<BatchReport, ViewError> {
-        let Db::ReadWrite(db) = &self.db else {
-            return Err(ViewError::Open {
+        let mut batch = self.begin_batch()?;
+        batch.fold(events, options)?;
+        batch.commit(options.durability)
+    }
+
+    fn writable(&self) -> Result<&Database, ViewError> {
+        match &self.db {
+            Db::ReadWrite(db) => Ok(db),
+            Db::ReadOnly(_) => Err(ViewError::Open {
                 path: self.path.display().to_string(),
                 message: "opened read-only".into(),
-            });
+            }),
+        }
+    }
+
+    /// Starts a batch that may fold several runs of events ([`Batch::fold`]) before it commits
+    /// them all in one write transaction ([`Batch::commit`]): the projector's group commit.
+    pub fn begin_batch(&self) -> Result<Batch<'_>, ViewError> {
+        self.begin_batch_after(&Chain::default())
+    }
+
+    /// Starts a batch that follows the batches of `chain` (folded, maybe not written yet: they
+    /// must be written, in order, before this one — see [`Batch::freeze`]).
+    pub fn begin_batch_after(&self, chain: &Chain) -> Result<Batch<'_>, ViewError> {
+        let db = self.writable()?;
+        let fold = FoldTxn::begin(db, chain.stages.iter().cloned().collect())?;
+        let report = BatchReport {
+            last_applied: fold.last_applied(),
+            ..BatchReport::default()
         };
-        let mut txn = db.begin_write()?;
-        txn.set_durability(options.durability)?;
-        let mut report = BatchReport::default();
-        {
-            let mut fold = FoldTxn::open(&txn)?;
-            let mut first_new = true;
-            for ev in events {
-                let last = fold.last_applied();
-                if ev.seq <= last {
-                    report.skipped += 1;
-                    continue;
-                }
-                let gap_ok = options.gaps_ok || (first_new && options.gap_at_start_ok);
-                if ev.seq != last + 1 && !gap_ok {
-                    report.gap = Some((last + 1, ev.seq));
-                    break;
-                }
-                first_new = false;
-                match fold.fold(ev.seq, &ev.subject, &ev.payload)? {
-                    Outcome::Applied(_) => report.applied += 1,
-                    Outcome::Quarantined(_) => report.quarantined += 1,
-                    Outcome::Skipped => report.skipped += 1,
-                }
+        Ok(Batch {
+            view: self,
+            fold,
+            report,
+        })
+    }
+}
+
+/// Events folded in memory (staged, decoded) and not committed yet. Dropping it discards them.
+pub struct Batch<'v> {
+    view: &'v View,
+    fold: FoldTxn,
+    report: BatchReport,
+}
+
+impl std::fmt::Debug for Batch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("report", &self.report)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Batch<'_> {
+    /// Folds `events` (in stream order) into the batch. Events at or below the last applied
+    /// sequence are skipped; a gap in sequence stops the batch there (see [`BatchOptions`]):
+    /// [`BatchReport::gap`] is set and later calls fold nothing.
+    pub fn fold(&mut self, events: &[RawEvent], options: &BatchOptions) -> Result<(), ViewError> {
+        if self.report.gap.is_some() {
+            return Ok(());
+        }
+        let report = &mut self.report;
+        let fold = &mut self.fold;
+        let mut first_new = true;
+        for ev in events {
+            let last = fold.last_applied();
+            if ev.seq <= last {
+                report.skipped += 1;
+                continue;
             }
-            report.last_applied = fold.finish()?;
+            let gap_ok = options.gaps_ok || (first_new && options.gap_at_start_ok);
+            if ev.seq != last + 1 && !gap_ok {
+                report.gap = Some((last + 1, ev.seq));
+                break;
+            }
+            first_new = false;
+            match fold.fold(ev.seq, &ev.subject, &ev.payload)? {
+                Outcome::Applied(_) => report.applied += 1,
+                Outcome::Quarantined(_) => report.quarantined += 1,
+                Outcome::Skipped => report.skipped += 1,
+            }
         }
-        if report.applied + report.quarantined > 0 {
-            txn.commit()?;
-            self.applied.send_replace(report.last_applied);
-        } else {
-            txn.abort()?;
-        }
+        report.last_applied = fold.last_applied();
+        Ok(())
+    }
+
+    /// What the batch has folded so far (`last_applied` is not committed until [`Batch::commit`]).
+    pub fn report(&self) -> &BatchReport {
+        &self.report
+    }
+
+    /// Events folded (applied or quarantined) so far.
+    pub fn folded(&self) -> u64 {
+        self.report.applied + self.report.quarantined
+    }
+
+    /// Writes the batch in one redb write transaction and commits it with `durability`; then
+    /// readers of [`View::applied`] are told. A batch that folded nothing commits nothing.
+    pub fn commit(self, durability: Durability) -> Result<BatchReport, ViewError> {
+        let (view, report) = (self.view, self.report.clone());
+        let staged = self.freeze();
+        view.write_staged(&staged, durability)?;
         Ok(report)
+    }
+
+    /// Ends folding without writing: the batch's changes, to be written with
+    /// [`View::write_staged`] after the batches it follows, and pushed on the [`Chain`] the
+    /// next batch is started after.
+    pub fn freeze(self) -> Arc<Staged> {
+        Arc::new(self.fold.freeze())
+    }
+}
+
+impl View {
+    /// Writes a frozen batch in one redb write transaction and commits it with `durability`;
+    /// readers of [`View::applied`] are told. Batches must be written in the order they were
+    /// folded: one that does not start where the view ends is refused.
+    pub fn write_staged(&self, staged: &Staged, durability: Durability) -> Result<u64, ViewError> {
+        if staged.folded() == 0 {
+            return Ok(staged.last_applied());
+        }
+        let db = self.writable()?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(durability)?;
+        let last = staged.write(&txn)?;
+        txn.commit()?;
+        self.applied.send_replace(last);
+        Ok(last)
+    }
+}
+
+/// The batches a new batch reads through (newest first): every batch folded but not yet
+/// written, and recently written ones kept as a cache of decoded rows up to a row budget.
+#[derive(Debug, Clone, Default)]
+pub struct Chain {
+    stages: VecDeque<Arc<Staged>>,
+}
+
+impl Chain {
+    /// The most batches kept once written (a caught-up projector commits many small ones).
+    pub const MAX_BATCHES: usize = 8;
+
+    /// Adds the batch just frozen (it is the newest).
+    pub fn push(&mut self, staged: Arc<Staged>) {
+        self.stages.push_front(staged);
+    }
+
+    /// Forgets the oldest batches while the chain holds more than `max_rows` rows or more than
+    /// [`Chain::MAX_BATCHES`] batches (a lookup walks them all), but never one beyond
+    /// `committed` (the view's last committed sequence): a batch not written yet must stay
+    /// readable until it is.
+    pub fn trim(&mut self, committed: u64, max_rows: usize) {
+        let mut rows: usize = self.stages.iter().map(|s| s.rows()).sum();
+        while rows > max_rows || self.stages.len() > Self::MAX_BATCHES {
+            match self.stages.back() {
+                Some(oldest) if oldest.last_applied() <= committed => {
+                    rows -= oldest.rows();
+                    self.stages.pop_back();
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Forgets every batch (after a failed write: the view is read afresh).
+    pub fn clear(&mut self) {
+        self.stages.clear();
+    }
+
+    /// Batches held.
+    pub fn len(&self) -> usize {
+        self.stages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.stages.is_empty()
     }
 }
 
@@ -296,15 +434,17 @@ impl Snapshot {
 
     /// One enumeration.
     pub fn device(&self, id: &DeviceId) -> Result<Option<Device>, ViewError> {
-        let table = self.txn.open_table(t::DEVICES)?;
-        get_by_id(&table, "devices", &id.to_bytes())
+        let states = self.txn.open_table(t::DEVICES)?;
+        let infos = self.txn.open_table(t::DEVICE_INFO)?;
+        t::get_device(&states, &infos, &id.to_bytes())
     }
 
     fn devices_by_ids(&self, ids: impl IntoIterator<Item = Id>) -> Result<Vec<Device>, ViewError> {
-        let table = self.txn.open_table(t::DEVICES)?;
+        let states = self.txn.open_table(t::DEVICES)?;
+        let infos = self.txn.open_table(t::DEVICE_INFO)?;
         let mut out = Vec::new();
         for id in ids {
-            match get_by_id(&table, "devices", &id)? {
+            match t::get_device(&states, &infos, &id)? {
                 Some(d) => out.push(d),
                 None => {
                     return Err(ViewError::Corrupt {
@@ -450,11 +590,12 @@ impl Snapshot {
     pub fn devices(&self, filter: &DeviceFilter) -> Result<Vec<Device>, ViewError> {
         let mut out = if filter.all {
             let table = self.txn.open_table(t::DEVICES)?;
+            let infos = self.txn.open_table(t::DEVICE_INFO)?;
             let mut all = Vec::new();
             for entry in table.iter()? {
                 let (k, v) = entry?;
                 let id = k.value();
-                let d: Device = decode("devices", || show_id(&id), v.value())?;
+                let d = t::device_from_state(&infos, &id, v.value())?;
                 if filter.host.as_ref().is_none_or(|h| d.host() == h) {
                     all.push(d);
                 }

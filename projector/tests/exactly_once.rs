@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use usbpt_projector::workload::{publish_all, Workload};
-use usbpt_projector::{digest, Projector, ProjectorConfig, View};
+use usbpt_projector::{digest, BatchOptions, Projector, ProjectorConfig, RawEvent, View};
+use usbpt_schemas::{codec, subjects};
 use usbpt_testkit::TestNats;
 
 fn config(ack_wait: Duration) -> ProjectorConfig {
@@ -145,5 +146,100 @@ async fn run_follows_live_events_and_stops_on_shutdown() -> Result<()> {
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), run).await???;
     assert_eq!(view.last_applied()?, last);
+    Ok(())
+}
+
+/// `run()` is a pipeline (fetch ‖ fold ‖ write, group commit, a cache of committed batches).
+/// With tiny fetches, commits and cache, many batches are in flight at once; a message deleted
+/// from the stream is a hole the fold stops at, and the consumer is re-created past it. The
+/// view must equal a one-thread fold of the same stored events.
+#[tokio::test]
+async fn run_as_a_pipeline_equals_a_sequential_fold_even_across_a_hole() -> Result<()> {
+    let nats = TestNats::start().await?;
+    // usbpt's stream denies deletes (it is the audit trail) and that cannot be lifted later;
+    // an operator may have created it without, which is how this test makes a hole.
+    let js =
+        usbpt_bus::async_nats::jetstream::new(usbpt_bus::async_nats::connect(nats.url()).await?);
+    let mut config = usbpt_bus::StreamSettings::default().config();
+    config.deny_delete = false;
+    let stream = js.create_stream(config).await?;
+    let bus = nats.bus().await?;
+    let envs: Vec<_> = Workload::new(23, 6, 8).take(12_000).collect();
+    let last = publish_all(&bus, envs.clone(), 500).await?;
+    assert_eq!(last, 12_000);
+    // A hole in the middle: the fold sees 6000 followed by 6002. usbpt's stream denies deletes
+    // (it is the audit trail); an operator's tool can still lift that, which is the case here.
+    let js =
+        usbpt_bus::async_nats::jetstream::new(usbpt_bus::async_nats::connect(nats.url()).await?);
+    let mut config = bus.stream().get_info().await?.config;
+    config.deny_delete = false;
+    js.update_stream(config).await?;
+    assert!(
+        js.get_stream(subjects::STREAM)
+            .await?
+            .delete_message(6_001)
+            .await?
+    );
+
+    let dir = tempfile::tempdir()?;
+    let view = Arc::new(View::open(dir.path().join("piped.redb"))?);
+    let p = Projector::new(
+        bus.clone(),
+        Arc::clone(&view),
+        ProjectorConfig {
+            consumer: "piped".into(),
+            batch_size: 200,
+            max_batch_size: 400,
+            max_commit_events: 700,
+            cache_rows: 500,
+            ..ProjectorConfig::default()
+        },
+    );
+    let metrics = p.metrics();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(p.run(async {
+        let _ = stopped.await;
+    }));
+    assert!(
+        view.wait_applied(last, Duration::from_secs(60)).await,
+        "the pipeline stalled at {}",
+        view.last_applied()?
+    );
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), run).await???;
+
+    let folded = metrics.applied.load(Relaxed) + metrics.quarantined.load(Relaxed);
+    assert_eq!(folded, 11_999, "every stored event folded once");
+    assert!(
+        metrics.batches.load(Relaxed) >= 12_000 / 700,
+        "group commits stay bounded"
+    );
+    assert_eq!(
+        metrics.consumer_resets.load(Relaxed),
+        2,
+        "created, then past the hole"
+    );
+
+    // The same stored events, folded one commit at a time on this thread.
+    let reference = View::open(dir.path().join("ref.redb"))?;
+    let stored: Vec<RawEvent> = envs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 6_000)
+        .map(|(i, e)| RawEvent {
+            seq: i as u64 + 1,
+            subject: subjects::for_event(e),
+            payload: codec::encode(e).expect("encode").into(),
+        })
+        .collect();
+    let gaps_ok = BatchOptions {
+        gaps_ok: true,
+        ..BatchOptions::default()
+    };
+    reference.apply_batch(&stored, &gaps_ok)?;
+    assert_eq!(
+        digest::first_difference(&reference.snapshot()?, &view.snapshot()?)?,
+        None
+    );
     Ok(())
 }

@@ -3,10 +3,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use usbpt_projector::workload::Workload;
-use usbpt_projector::{digest, BatchOptions, DeviceFilter, DeviceStatus, RawEvent, View};
+use usbpt_projector::{digest, BatchOptions, Chain, DeviceFilter, DeviceStatus, RawEvent, View};
 use usbpt_schemas::{codec, subjects, Envelope};
 
 fn raw(envs: &[Envelope]) -> Vec<RawEvent> {
@@ -177,4 +178,109 @@ fn first_difference_names_the_table_and_key() {
         text.starts_with("table meta, key last_applied_seq"),
         "{text}"
     );
+}
+
+#[test]
+fn one_event_per_commit_gives_the_same_bytes_as_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let envs: Vec<Envelope> = Workload::new(13, 4, 6).take(2_000).collect();
+    let events = raw(&envs);
+    let whole = View::open(dir.path().join("whole.redb")).unwrap();
+    fold_in_batches(&whole, &events, events.len());
+    // Every event its own write transaction: the staged fold writes through at once, as a
+    // write-through fold would (unsynced: this view is private).
+    let single = View::open_private(dir.path().join("single.redb")).unwrap();
+    let unsynced = BatchOptions {
+        durability: redb::Durability::None,
+        ..BatchOptions::default()
+    };
+    for e in &events {
+        single
+            .apply_batch(std::slice::from_ref(e), &unsynced)
+            .unwrap();
+    }
+    assert_eq!(
+        digest::first_difference(&whole.snapshot().unwrap(), &single.snapshot().unwrap()).unwrap(),
+        None
+    );
+}
+
+/// The projector's pipeline without threads: batches are folded on top of batches not written
+/// yet (the chain), written two behind, while the chain is trimmed to a tiny row budget.
+#[test]
+fn batches_folded_ahead_of_their_writes_read_through_them_and_give_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let envs: Vec<Envelope> = Workload::new(17, 6, 8).take(6_000).collect();
+    let events = raw(&envs);
+    let reference = View::open(dir.path().join("ref.redb")).unwrap();
+    fold_in_batches(&reference, &events, 6_000);
+
+    let view = View::open(dir.path().join("piped.redb")).unwrap();
+    let mut chain = Chain::default();
+    let mut unwritten = std::collections::VecDeque::new();
+    let mut most_unwritten = 0;
+    for (i, chunk) in events.chunks(250).enumerate() {
+        chain.trim(view.last_applied().unwrap(), 300);
+        let mut batch = view.begin_batch_after(&chain).unwrap();
+        // Cut each chunk in two folds of the same batch (a group commit of two fetches).
+        let (a, b) = chunk.split_at(chunk.len() / 2);
+        batch.fold(a, &BatchOptions::default()).unwrap();
+        batch.fold(b, &BatchOptions::default()).unwrap();
+        assert_eq!(batch.report().gap, None);
+        assert_eq!(batch.folded(), chunk.len() as u64);
+        let staged = batch.freeze();
+        chain.push(Arc::clone(&staged));
+        unwritten.push_back(staged);
+        most_unwritten = most_unwritten.max(unwritten.len());
+        // The writer lags two batches behind, except at the end.
+        while unwritten.len() > 2 || (i + 1) * 250 >= events.len() && !unwritten.is_empty() {
+            let s = unwritten.pop_front().unwrap();
+            view.write_staged(&s, redb::Durability::Immediate).unwrap();
+        }
+    }
+    assert_eq!(
+        most_unwritten, 3,
+        "batches were folded ahead of their writes"
+    );
+    assert_eq!(view.last_applied().unwrap(), 6_000);
+    assert_eq!(
+        digest::first_difference(&reference.snapshot().unwrap(), &view.snapshot().unwrap())
+            .unwrap(),
+        None
+    );
+}
+
+#[test]
+fn a_staged_batch_written_out_of_order_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let envs: Vec<Envelope> = Workload::new(19, 2, 3).take(200).collect();
+    let events = raw(&envs);
+    let view = View::open(dir.path().join("v.redb")).unwrap();
+    let mut chain = Chain::default();
+    let mut first = view.begin_batch_after(&chain).unwrap();
+    first
+        .fold(&events[..100], &BatchOptions::default())
+        .unwrap();
+    let first = first.freeze();
+    chain.push(Arc::clone(&first));
+    let mut second = view.begin_batch_after(&chain).unwrap();
+    second
+        .fold(&events[100..], &BatchOptions::default())
+        .unwrap();
+    let second = second.freeze();
+
+    let err = view
+        .write_staged(&second, redb::Durability::Immediate)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("follows sequence 100 but the view ends at 0"),
+        "{err}"
+    );
+    assert_eq!(view.last_applied().unwrap(), 0);
+    view.write_staged(&first, redb::Durability::Immediate)
+        .unwrap();
+    view.write_staged(&second, redb::Durability::Immediate)
+        .unwrap();
+    assert_eq!(view.last_applied().unwrap(), 200);
 }
