@@ -167,19 +167,8 @@ async fn run_as_a_pipeline_equals_a_sequential_fold_even_across_a_hole() -> Resu
     let envs: Vec<_> = Workload::new(23, 6, 8).take(12_000).collect();
     let last = publish_all(&bus, envs.clone(), 500).await?;
     assert_eq!(last, 12_000);
-    // A hole in the middle: the fold sees 6000 followed by 6002. usbpt's stream denies deletes
-    // (it is the audit trail); an operator's tool can still lift that, which is the case here.
-    let js =
-        usbpt_bus::async_nats::jetstream::new(usbpt_bus::async_nats::connect(nats.url()).await?);
-    let mut config = bus.stream().get_info().await?.config;
-    config.deny_delete = false;
-    js.update_stream(config).await?;
-    assert!(
-        js.get_stream(subjects::STREAM)
-            .await?
-            .delete_message(6_001)
-            .await?
-    );
+    // A hole in the middle: the fold sees 6000 followed by 6002.
+    assert!(stream.delete_message(6_001).await?);
 
     let dir = tempfile::tempdir()?;
     let view = Arc::new(View::open(dir.path().join("piped.redb"))?);
