@@ -50,7 +50,6 @@ const LATENCIES: &[&str] = &[
     "schedule_decide",
     "schedule_query",
     "raw_index_scan",
-    "fold_live",
 ];
 const VALUES: &[&str] = &[
     "size_postcard",
