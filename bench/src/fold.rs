@@ -78,7 +78,7 @@ pub async fn fold_and_replay(target: &Target, events: usize) -> Result<Vec<Figur
         )
         .rate(last as f64 / fold_s)
         .note(format!(
-            "vs raw_read_insert; the projector's run(): fetches of up to {FETCH_MAX}, group commit of up to {commit_max}: {commits} commits in {fold_s:.2} s; fold thread busy {:.2} s, write thread {:.2} s; process CPU {cpu:.2} s = {:.1} µs/event",
+            "the projector's run(): fetches of up to {FETCH_MAX}, group commit of up to {commit_max}: {commits} commits in {fold_s:.2} s; fold thread busy {:.2} s, write thread {:.2} s; process CPU {cpu:.2} s = {:.1} µs/event",
             load(&metrics.fold_micros) as f64 / 1e6,
             load(&metrics.write_micros) as f64 / 1e6,
             cpu * 1e6 / last as f64,
@@ -115,7 +115,7 @@ pub async fn fold_and_replay(target: &Target, events: usize) -> Result<Vec<Figur
         )
         .rate(last as f64 / alone)
         .note(format!(
-            "vs raw_redb_insert; no bus; {commit_max} events per commit (decode, checks, staging, every table write, commit)"
+            "no bus; {commit_max} events per commit (decode, checks, staging, every table write, commit)"
         )),
     );
 

@@ -48,6 +48,10 @@ async fn main() -> Result<()> {
         Arc::clone(&live),
         ProjectorConfig {
             batch_size: batch,
+            max_commit_events: std::env::var("COMMIT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(ProjectorConfig::default().max_commit_events),
             ..ProjectorConfig::default()
         },
     );
@@ -80,6 +84,10 @@ async fn main() -> Result<()> {
         load(&metrics.write_micros) as f64 / 1e6,
     );
 
+    if std::env::var_os("SKIP_REPLAY").is_some() {
+        server.stop().await?;
+        return Ok(());
+    }
     let scratch = Arc::new(View::open_private(dir.path().join("replay.redb"))?);
     let t = Instant::now();
     let r = replay::rebuild(&bus, Arc::clone(&scratch), last, |_| {}).await?;

@@ -429,10 +429,9 @@ impl FoldTxn {
     /// Bookkeeping every stored message gets, whatever its payload: the last sequence per
     /// control-plane subject (what fenced publishes expect) and the last applied sequence.
     fn begin_event(&mut self, seq: u64, subject: &str) {
-        // Claim and flavor subjects (and the other control-plane subjects: one row per server)
-        // are tracked even when the payload is quarantined, so a fenced writer's expected
-        // sequence is never stale.
-        if matches!(subjects::scope_of(subject), Ok(SubjectScope::Control)) {
+        // The subjects writers fence on (claims, flavors) are tracked even when the payload is
+        // quarantined, so a fenced writer's expected sequence is never stale.
+        if subjects::is_fenced(subject) {
             match self.s.subject_seqs.get_mut(subject) {
                 Some(s) => *s = seq,
                 None => {

@@ -91,7 +91,7 @@ impl Default for ProjectorConfig {
             max_batch_size: 10_000,
             fetch_wait: Duration::from_secs(5),
             ack_wait: Duration::from_secs(30),
-            max_commit_events: 100_000,
+            max_commit_events: 200_000,
             cache_rows: 300_000,
         }
     }

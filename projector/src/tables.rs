@@ -14,7 +14,7 @@
 //! | `free_by_match` | (vendor << 16 \| product, host, device id) | () — available devices by ids |
 //! | `hosts` | host | [`crate::Host`] |
 //! | `claims` | lineage id | [`crate::Claim`] |
-//! | `subject_seqs` | subject | last stream sequence on it (claim and flavor subjects) |
+//! | `subject_seqs` | subject | last stream sequence on it (the fenced ones: claim and flavor subjects) |
 //! | `flavors` | flavor id | [`crate::Flavor`] |
 //! | `flavor_names` | name | flavor id (live flavors) |
 //! | `servers` | server id | [`crate::Server`] |

@@ -148,6 +148,16 @@ pub fn scope_of(subject: &str) -> Result<SubjectScope, SubjectError> {
     }
 }
 
+/// Whether writers fence appends to `subject` on its last sequence (ADR 0003): claim subjects
+/// (one per lineage) and flavor subjects (one per name). The view tracks the last sequence of
+/// exactly these.
+pub fn is_fenced(subject: &str) -> bool {
+    subject
+        .strip_prefix("usbpt.evt.")
+        .and_then(|rest| rest.split_once('.'))
+        .is_some_and(|(kind, name)| matches!(kind, "claim" | "flavor") && !name.is_empty())
+}
+
 /// Whether an envelope may legitimately arrive on `subject`: it must be the subject it would
 /// be published on, so a forged host or a misrouted event is caught.
 pub fn matches(envelope: &Envelope, subject: &str) -> bool {
@@ -172,5 +182,18 @@ mod tests {
         assert_eq!(scope_of("usbpt.evt.flavor.f"), Ok(SubjectScope::Control));
         assert!(scope_of("usbpt.cmd.boot").is_err());
         assert!(scope_of("usbpt.evt.host.*.agent").is_err());
+    }
+
+    #[test]
+    fn fenced_subjects_are_claims_and_flavors() {
+        let lineage = LineageId(uuid::Uuid::from_u128(7));
+        assert!(is_fenced(&claim(&lineage)));
+        let name = FlavorName::new("f").expect("valid");
+        assert!(is_fenced(&flavor(&name)));
+        let server = ServerId(uuid::Uuid::from_u128(9));
+        assert!(!is_fenced(&self::server(&server)));
+        assert!(!is_fenced("usbpt.evt.host.host-a.agent"));
+        assert!(!is_fenced("usbpt.evt.claim"));
+        assert!(!is_fenced("usbpt.cmd.claim.x"));
     }
 }
