@@ -336,7 +336,7 @@ impl Projector {
 
         let (fetched_tx, fetched_rx) = mpsc::channel::<Fetched>(FETCH_QUEUE);
         let (job_tx, job_rx) = mpsc::channel::<Job>(1);
-        let (done_tx, done_rx) = mpsc::unbounded_channel::<Result<Job, ViewError>>();
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<Result<Committed, ViewError>>();
         // The generation of the consumer whose deliveries hit a gap (0: none).
         let reset = Arc::new(AtomicU64::new(0));
         let folder = {
@@ -354,15 +354,15 @@ impl Projector {
             let metrics = Arc::clone(&self.metrics);
             tokio::task::spawn_blocking(move || write_thread(&view, job_rx, &done_tx, &metrics))
         };
-        let acker = tokio::spawn(ack_task(done_rx, Arc::clone(&self.metrics)));
-        tokio::pin!(acker);
+        let counter = tokio::spawn(count_committed(done_rx, Arc::clone(&self.metrics)));
+        tokio::pin!(counter);
         let joined = |r: Result<Result<(), ProjectorError>, tokio::task::JoinError>| match r {
             Ok(r) => r,
             Err(e) => Err(ProjectorError::View(ViewError::Task(e.to_string()))),
         };
 
         let mut backoff = Duration::from_millis(100);
-        let mut acker_result = None;
+        let mut counter_result = None;
         loop {
             if reset.load(Relaxed) >= self.generation && self.consumer.is_some() {
                 warn!("sequence gap in deliveries: re-creating the consumer");
@@ -378,7 +378,7 @@ impl Projector {
             }
             let fetched = tokio::select! {
                 _ = &mut shutdown => break,
-                r = &mut acker => { acker_result = Some(joined(r)); break }
+                r = &mut counter => { counter_result = Some(joined(r)); break }
                 r = self.fetch() => r,
             };
             let messages = match fetched {
@@ -391,7 +391,7 @@ impl Projector {
                     warn!(error = %e, retry_in = ?backoff, "projector fetch failed");
                     tokio::select! {
                         _ = &mut shutdown => break,
-                        r = &mut acker => { acker_result = Some(joined(r)); break }
+                        r = &mut counter => { counter_result = Some(joined(r)); break }
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -425,17 +425,17 @@ impl Projector {
             }
             tokio::select! {
                 _ = &mut shutdown => break,
-                r = &mut acker => { acker_result = Some(joined(r)); break }
+                r = &mut counter => { counter_result = Some(joined(r)); break }
                 sent = fetched_tx.send(batch) => if sent.is_err() { break },
             }
         }
-        // Drain: what was fetched is folded, committed and acked.
+        // Drain: what was handed on is folded and committed before this returns.
         drop(fetched_tx);
         let folded = folder.await;
         let written = writer.await;
-        let acked = match acker_result {
+        let acked = match counter_result {
             Some(r) => r,
-            None => joined(acker.await),
+            None => joined(counter.await),
         };
         acked?;
         folded.map_err(|e| ViewError::Task(e.to_string()))?;
@@ -483,9 +483,16 @@ struct Fetched {
     generation: u64,
 }
 
-/// A frozen batch on its way to the write thread, then (committed) to the ack task.
+/// A frozen batch on its way to the write thread.
 struct Job {
     staged: Arc<Staged>,
+    report: BatchReport,
+    fold_time: Duration,
+}
+
+/// What the write thread tells the counting task about a committed batch. (The batch itself
+/// stays with the threads: freeing its rows is not work for the async runtime.)
+struct Committed {
     report: BatchReport,
     fold_time: Duration,
     write_time: Duration,
@@ -554,7 +561,6 @@ fn fold_thread(
             staged,
             report,
             fold_time,
-            write_time: Duration::ZERO,
         };
         if jobs.blocking_send(job).is_err() {
             break;
@@ -563,22 +569,32 @@ fn fold_thread(
     Ok(())
 }
 
-/// Writes and commits staged batches in order; each goes on to the ack task.
+/// Writes and commits staged batches in order; each is then counted by `count_committed`.
 fn write_thread(
     view: &View,
     mut jobs: mpsc::Receiver<Job>,
-    done: &mpsc::UnboundedSender<Result<Job, ViewError>>,
+    done: &mpsc::UnboundedSender<Result<Committed, ViewError>>,
     metrics: &ProjectorMetrics,
 ) {
-    while let Some(mut job) = jobs.blocking_recv() {
+    while let Some(job) = jobs.blocking_recv() {
         let started = Instant::now();
         let written = view.write_staged(&job.staged, Durability::Immediate);
-        job.write_time = started.elapsed();
+        let write_time = started.elapsed();
         metrics
             .write_micros
-            .fetch_add(job.write_time.as_micros() as u64, Relaxed);
+            .fetch_add(write_time.as_micros() as u64, Relaxed);
+        let Job {
+            staged,
+            report,
+            fold_time,
+        } = job;
+        drop(staged);
         let failed = written.is_err();
-        let _ = done.send(written.map(|_| job));
+        let _ = done.send(written.map(|_| Committed {
+            report,
+            fold_time,
+            write_time,
+        }));
         if failed {
             break;
         }
@@ -586,8 +602,8 @@ fn write_thread(
 }
 
 /// Counts each committed batch; ends with the first storage error.
-async fn ack_task(
-    mut done: mpsc::UnboundedReceiver<Result<Job, ViewError>>,
+async fn count_committed(
+    mut done: mpsc::UnboundedReceiver<Result<Committed, ViewError>>,
     metrics: Arc<ProjectorMetrics>,
 ) -> Result<(), ProjectorError> {
     while let Some(job) = done.recv().await {
