@@ -60,7 +60,23 @@ async fn r3_stream_survives_a_node_killed_and_returning() -> Result<()> {
     );
 
     let mut read = BTreeSet::new();
-    let mut messages = bus.ordered(StartAt::Beginning, None).await?;
+    // The returning node may still be catching up: creating the reader's consumer can time out
+    // meanwhile (seen under load). Retry, bounded.
+    let mut messages = None;
+    for attempt in 1..=10 {
+        match bus.ordered(StartAt::Beginning, None).await {
+            Ok(m) => {
+                messages = Some(m);
+                break;
+            }
+            Err(e) if attempt < 10 => {
+                eprintln!("ordered reader, attempt {attempt}: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut messages = messages.expect("an ordered reader or an error");
     while read.len() < acked.len() {
         let msg = tokio::time::timeout(Duration::from_secs(20), messages.next())
             .await?
