@@ -1,10 +1,15 @@
-//! `usbpt bench [--quick] [--json] [--nats URL]`: the benchmark suite (`usbpt_bench`). Against
-//! private nats-servers in temp dirs (default fsync and `sync_interval: always`) unless
-//! `--nats`/`NATS_URL` names one. A table on stdout, or with `--json` one JSON document;
+//! `usbpt bench [--quick] [--json] [--nats URL] [--only SECTIONS]`: the benchmark suite
+//! (`usbpt_bench`). Against private nats-servers in temp dirs (default fsync and
+//! `sync_interval: always`) unless `--nats`/`NATS_URL` names one. `--only codec,fold` measures
+//! just those sections (`codec`, `publish`, `hotplug`, `claims`, `sched`, `fold`, `idle`); the
+//! report names the sections it holds. A table on stdout, or with `--json` one JSON document;
 //! progress on stderr.
 
 use anyhow::{Context, Result};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
+use serde::Serialize;
+use usbpt_bench::{Report, Section};
 
 use crate::cli::Global;
 
@@ -16,6 +21,23 @@ pub struct BenchArgs {
     /// One JSON document on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Measure only these sections (comma-separated, e.g. `hotplug,sched`); default: all.
+    #[arg(long, value_name = "SECTIONS", value_delimiter = ',', value_parser = section_parser())]
+    pub only: Vec<Section>,
+}
+
+/// `--only`'s values: the section names, each with what it measures in `--help`.
+fn section_parser() -> impl TypedValueParser<Value = Section> {
+    PossibleValuesParser::new(Section::ALL.map(|s| PossibleValue::new(s.name()).help(s.about())))
+        .try_map(|name| name.parse::<Section>())
+}
+
+/// The JSON document: the report and the sections it holds (all of them unless `--only`).
+#[derive(Debug, Serialize)]
+struct Document<'a> {
+    sections: Vec<Section>,
+    #[serde(flatten)]
+    report: &'a Report,
 }
 
 pub async fn run(global: &Global, args: BenchArgs) -> Result<()> {
@@ -23,6 +45,7 @@ pub async fn run(global: &Global, args: BenchArgs) -> Result<()> {
         quick: args.quick,
         nats: crate::demo::nats_given().then(|| global.nats.clone()),
         usbpt: std::env::current_exe().ok(),
+        only: args.only,
     };
     let started = std::time::Instant::now();
     let report = usbpt_bench::run(&options, |what| {
@@ -32,13 +55,29 @@ pub async fn run(global: &Global, args: BenchArgs) -> Result<()> {
         );
     })
     .await?;
+    let sections = options.sections();
     if args.json {
+        let document = Document {
+            sections,
+            report: &report,
+        };
         println!(
             "{}",
-            serde_json::to_string_pretty(&report).context("encoding the report")?
+            serde_json::to_string_pretty(&document).context("encoding the report")?
         );
     } else {
-        print!("{}", report.table());
+        let table = report.table();
+        if options.is_complete() {
+            print!("{table}");
+        } else {
+            // A partial run says so under the title line, so it is never read as a full one.
+            let names: Vec<&str> = sections.iter().map(|s| s.name()).collect();
+            let (title, rest) = table.split_once('\n').unwrap_or((table.as_str(), ""));
+            print!(
+                "{title}\n  only: {} (--only; the other sections were not run)\n{rest}",
+                names.join(", ")
+            );
+        }
     }
     Ok(())
 }

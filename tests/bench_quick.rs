@@ -1,6 +1,6 @@
 //! `usbpt bench --quick --json` as CI runs it: it finishes, prints one JSON document with every
 //! figure, each sane (rates and latencies positive, ratios computed). Correctness only: no
-//! figure's speed is asserted.
+//! figure's speed is asserted. `--only` measures just the sections it names.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Stdio;
@@ -101,6 +101,11 @@ async fn bench_quick_prints_every_figure_as_one_json_document() -> Result<()> {
         )
     })?;
     assert_eq!(report["mode"], "quick");
+    assert_eq!(
+        report["sections"],
+        serde_json::json!(["codec", "publish", "hotplug", "claims", "sched", "fold", "idle"]),
+        "without --only every section runs"
+    );
     assert_eq!(
         report["nats_servers"].as_array().map(Vec::len),
         Some(2),
@@ -221,6 +226,55 @@ async fn bench_against_a_given_server_measures_once_and_removes_its_streams() ->
         usbpt_bus::async_nats::jetstream::new(usbpt_bus::async_nats::connect(nats.url()).await?);
     for name in ["USBPT_EVENTS", "USBPT_BENCH_RAW"] {
         assert!(js.get_stream(name).await.is_err(), "{name} was left behind");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn bench_only_measures_the_sections_named_and_refuses_unknown_ones() -> Result<()> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_usbpt"))
+            .args(["bench", "--quick", "--only", "codec", "--json"])
+            .env_remove("NATS_URL")
+            .env("USBPT_LOG", "warn")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("usbpt bench --quick --only codec did not finish within 120 s")??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "usbpt bench --only codec failed: {stderr}"
+    );
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["sections"], serde_json::json!(["codec"]));
+    let figures = report["figures"].as_array().context("figures")?;
+    let has = |key: &str| figures.iter().any(|f| f["key"] == key);
+    for key in ["codec_encode", "codec_decode", "size_postcard", "size_json"] {
+        assert!(has(key), "codec figure {key} is missing");
+    }
+    for key in ["fold_live", "replay", "hotplug_to_view", "agent_rss"] {
+        assert!(!has(key), "{key} was measured without being selected");
+    }
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_usbpt"))
+        .args(["bench", "--quick", "--only", "codec,nonsense"])
+        .env_remove("NATS_URL")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nonsense"), "{stderr}");
+    for name in [
+        "codec", "publish", "hotplug", "claims", "sched", "fold", "idle",
+    ] {
+        assert!(stderr.contains(name), "the error names {name}: {stderr}");
     }
     Ok(())
 }

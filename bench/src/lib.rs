@@ -8,7 +8,7 @@
 //! over a 10,000-host view; projector fold and full replay of 1,000,000 events against raw
 //! read + insert; an idle agent's CPU and memory. Against a private nats-server with default
 //! fsync, and again with `sync_interval: always` where the server's fsync matters; or against
-//! the operator's server (`--nats`).
+//! the operator's server (`--nats`). [`Options::only`] restricts a run to some [`Section`]s.
 
 pub mod claims;
 pub mod codec;
@@ -22,10 +22,13 @@ pub mod sched;
 pub mod stats;
 pub mod target;
 
+use std::fmt;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use serde::Serialize;
 
 pub use report::{Figure, Report};
 pub use target::Target;
@@ -39,6 +42,121 @@ pub struct Options {
     pub nats: Option<String>,
     /// The `usbpt` binary, for the idle-agent figures (skipped when `None`).
     pub usbpt: Option<PathBuf>,
+    /// The sections to measure (`usbpt bench --only`); empty: every section.
+    pub only: Vec<Section>,
+}
+
+impl Options {
+    /// Whether `section` is measured in this run.
+    pub fn runs(&self, section: Section) -> bool {
+        self.only.is_empty() || self.only.contains(&section)
+    }
+
+    /// The sections this run measures, in the order they run (every one unless `only` names
+    /// some).
+    pub fn sections(&self) -> Vec<Section> {
+        Section::ALL.into_iter().filter(|s| self.runs(*s)).collect()
+    }
+
+    /// Whether this run measures every section (no `--only`, or one naming them all).
+    pub fn is_complete(&self) -> bool {
+        Section::ALL.into_iter().all(|s| self.runs(s))
+    }
+}
+
+/// A part of the suite, selectable with `usbpt bench --only`, in the order [`run`] measures
+/// them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Section {
+    /// The codec and envelope sizes.
+    Codec,
+    /// The agent's publish and the raw JetStream publishes, on each server.
+    Publish,
+    /// Hotplug → view, the query path and the raw hotplug path, on each server.
+    Hotplug,
+    /// Claims with competing command handlers and the raw fenced publish (first server only).
+    Claims,
+    /// Scheduling over a synthetic view.
+    Sched,
+    /// The projector's fold and full replay against raw read + insert.
+    Fold,
+    /// An idle agent's CPU and memory.
+    Idle,
+}
+
+impl Section {
+    /// Every section, in the order they run.
+    pub const ALL: [Section; 7] = [
+        Section::Codec,
+        Section::Publish,
+        Section::Hotplug,
+        Section::Claims,
+        Section::Sched,
+        Section::Fold,
+        Section::Idle,
+    ];
+
+    /// The name `--only` takes and the report shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Section::Codec => "codec",
+            Section::Publish => "publish",
+            Section::Hotplug => "hotplug",
+            Section::Claims => "claims",
+            Section::Sched => "sched",
+            Section::Fold => "fold",
+            Section::Idle => "idle",
+        }
+    }
+
+    /// What the section measures, for `--help`.
+    pub fn about(self) -> &'static str {
+        match self {
+            Section::Codec => "codec speed and envelope sizes",
+            Section::Publish => "agent publish and raw JetStream publish (each server)",
+            Section::Hotplug => "hotplug → view, queries and the raw hotplug path (each server)",
+            Section::Claims => "claims and the raw fenced publish (first server)",
+            Section::Sched => "scheduling latency",
+            Section::Fold => "projector fold and full replay",
+            Section::Idle => "an idle agent's CPU and memory",
+        }
+    }
+}
+
+impl fmt::Display for Section {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is no [`Section`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownSection(pub String);
+
+impl fmt::Display for UnknownSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = Section::ALL.iter().map(|s| s.name()).collect();
+        write!(
+            f,
+            "unknown bench section '{}' (valid: {})",
+            self.0,
+            names.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for UnknownSection {}
+
+impl FromStr for Section {
+    type Err = UnknownSection;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Section::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| UnknownSection(s.to_owned()))
+    }
 }
 
 /// How much of each thing is measured.
@@ -103,7 +221,8 @@ impl Sizes {
     }
 }
 
-/// Runs every measurement and returns the report. `progress` hears what is being measured.
+/// Runs every measurement of the selected sections ([`Options::only`]) and returns the report.
+/// `progress` hears what is being measured.
 pub async fn run(options: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
     let started = Instant::now();
     let sizes = if options.quick {
@@ -138,6 +257,13 @@ pub async fn run(options: &Options, mut progress: impl FnMut(&str)) -> Result<Re
     Ok(report)
 }
 
+/// The encoded size of one `DeviceDiscovered` as [`publish::agent_publish`] queues it: the
+/// payload of the raw figures when the publish section is not run.
+fn event_size() -> Result<usize> {
+    let host = usbpt_schemas::HostName::new("bench-publisher")?;
+    Ok(usbpt_schemas::codec::encode(&codec::sample_discovered_on(host))?.len())
+}
+
 async fn measure(
     report: &mut Report,
     targets: &[Target],
@@ -145,112 +271,156 @@ async fn measure(
     options: &Options,
     progress: &mut impl FnMut(&str),
 ) -> Result<()> {
-    progress("codec and envelope sizes");
-    report.extend(codec::figures(sizes.codec_iterations)?);
+    if options.runs(Section::Codec) {
+        progress("codec and envelope sizes");
+        report.extend(codec::figures(sizes.codec_iterations)?);
+    }
 
-    for (i, t) in targets.iter().enumerate() {
-        let share = if t.suffix.is_empty() {
-            1.0
-        } else {
-            sizes.sync_always_share
-        };
-        let n = |x: usize| ((x as f64 * share) as usize).max(10);
-        let tag = |f: Figure| f.suffixed(t.suffix, "fsync always");
-        let key = |k: &str| {
-            if t.suffix.is_empty() {
-                k.to_owned()
+    let per_target = [Section::Publish, Section::Hotplug, Section::Claims];
+    if per_target.into_iter().any(|s| options.runs(s)) {
+        let mut size = event_size()?;
+        for (i, t) in targets.iter().enumerate() {
+            let share = if t.suffix.is_empty() {
+                1.0
             } else {
-                format!("{k}.{}", t.suffix)
+                sizes.sync_always_share
+            };
+            let n = |x: usize| ((x as f64 * share) as usize).max(10);
+            let tag = |f: Figure| f.suffixed(t.suffix, "fsync always");
+            let key = |k: &str| {
+                if t.suffix.is_empty() {
+                    k.to_owned()
+                } else {
+                    format!("{k}.{}", t.suffix)
+                }
+            };
+
+            if options.runs(Section::Publish) {
+                progress(&format!(
+                    "agent publish ({}; {})",
+                    n(sizes.agent_publish),
+                    t.label
+                ));
+                let (agent, published) = publish::agent_publish(t, n(sizes.agent_publish)).await?;
+                size = published;
+                report.push(tag(agent));
+                progress(&format!("raw JetStream publish ({})", t.label));
+                report.push(tag(raw::publish_each_ack(
+                    t.url(),
+                    n(sizes.raw_publish),
+                    size,
+                )
+                .await?));
+                // With an fsync per message, 1,000 in flight is no faster than a tenth of the
+                // count.
+                let inflight = if t.suffix.is_empty() {
+                    sizes.raw_inflight
+                } else {
+                    n(sizes.raw_inflight / 10)
+                };
+                report.push(tag(raw::publish_async(t.url(), inflight, size, 1000).await?));
+                report.compare_rate(&key("agent_publish"), &key("raw_publish_each_ack"));
             }
-        };
 
-        progress(&format!(
-            "agent publish ({}; {})",
-            n(sizes.agent_publish),
-            t.label
-        ));
-        let (agent, size) = publish::agent_publish(t, n(sizes.agent_publish)).await?;
-        report.push(tag(agent));
-        progress(&format!("raw JetStream publish ({})", t.label));
-        report.push(tag(raw::publish_each_ack(
-            t.url(),
-            n(sizes.raw_publish),
-            size,
-        )
-        .await?));
-        // With an fsync per message, 1,000 in flight is no faster than a tenth of the count.
-        let inflight = if t.suffix.is_empty() {
-            sizes.raw_inflight
-        } else {
-            n(sizes.raw_inflight / 10)
-        };
-        report.push(tag(raw::publish_async(t.url(), inflight, size, 1000).await?));
-        report.compare_rate(&key("agent_publish"), &key("raw_publish_each_ack"));
+            if options.runs(Section::Hotplug) {
+                progress(&format!(
+                    "hotplug → view ({} events; {})",
+                    n(sizes.hotplug),
+                    t.label
+                ));
+                let h = hotplug::hotplug_to_view(t, n(sizes.hotplug), i == 0).await?;
+                for f in h.figures {
+                    report.push(if f.key == "hotplug_to_view" {
+                        tag(f)
+                    } else {
+                        f
+                    });
+                }
+                progress(&format!("raw engine path under a hotplug ({})", t.label));
+                report.push(tag(
+                    raw::hotplug_path(t.url(), n(sizes.raw_hotplug), size).await?
+                ));
+                report.compare_latency(&key("hotplug_to_view"), &key("raw_hotplug_path"));
+                if i == 0 {
+                    report.compare_latency("api_get_device", "view_device_lookup");
+                }
+            }
 
-        progress(&format!(
-            "hotplug → view ({} events; {})",
-            n(sizes.hotplug),
-            t.label
-        ));
-        let h = hotplug::hotplug_to_view(t, n(sizes.hotplug), i == 0).await?;
-        for f in h.figures {
-            report.push(if f.key == "hotplug_to_view" {
-                tag(f)
-            } else {
-                f
-            });
-        }
-        progress(&format!("raw engine path under a hotplug ({})", t.label));
-        report.push(tag(
-            raw::hotplug_path(t.url(), n(sizes.raw_hotplug), size).await?
-        ));
-        report.compare_latency(&key("hotplug_to_view"), &key("raw_hotplug_path"));
-        if i == 0 {
-            report.compare_latency("api_get_device", "view_device_lookup");
-        }
-
-        if i == 0 {
-            progress(&format!(
-                "claims: 4 handlers, {} boots for {} devices",
-                sizes.claim_boots, sizes.claim_devices
-            ));
-            report.extend(claims::claims(t, 4, sizes.claim_devices, sizes.claim_boots).await?);
-            report.push(raw::fenced_publish(t.url(), sizes.raw_fenced, size).await?);
-            report.compare_rate("claims", "raw_fenced_publish");
+            if i == 0 && options.runs(Section::Claims) {
+                progress(&format!(
+                    "claims: 4 handlers, {} boots for {} devices",
+                    sizes.claim_boots, sizes.claim_devices
+                ));
+                report.extend(claims::claims(t, 4, sizes.claim_devices, sizes.claim_boots).await?);
+                report.push(raw::fenced_publish(t.url(), sizes.raw_fenced, size).await?);
+                report.compare_rate("claims", "raw_fenced_publish");
+            }
         }
     }
 
-    progress(&format!(
-        "scheduling over {} hosts × 16 devices",
-        sizes.sched_hosts
-    ));
-    let (hosts, min, budget) = (sizes.sched_hosts, sizes.sched_min, sizes.sched_budget);
-    let figures =
-        tokio::task::spawn_blocking(move || sched::scheduling(hosts, 16, min, budget)).await??;
-    report.extend(figures);
-    report.compare_latency("schedule_decide", "raw_index_scan");
-    report.compare_latency("schedule_query", "raw_index_scan");
+    if options.runs(Section::Sched) {
+        progress(&format!(
+            "scheduling over {} hosts × 16 devices",
+            sizes.sched_hosts
+        ));
+        let (hosts, min, budget) = (sizes.sched_hosts, sizes.sched_min, sizes.sched_budget);
+        let figures =
+            tokio::task::spawn_blocking(move || sched::scheduling(hosts, 16, min, budget))
+                .await??;
+        report.extend(figures);
+        report.compare_latency("schedule_decide", "raw_index_scan");
+        report.compare_latency("schedule_query", "raw_index_scan");
+    }
 
     let main = &targets[0];
-    progress(&format!(
-        "projector fold and full replay of {} events",
-        sizes.fold_events
-    ));
-    report.extend(fold::fold_and_replay(main, sizes.fold_events).await?);
-    report.compare_rate("fold_live", "raw_read_insert");
-    report.compare_rate("replay", "raw_read_insert_nosync");
-    report.compare_rate("fold_apply", "raw_redb_insert");
-    if let Some(f) = report.figures.iter_mut().find(|f| f.key == "fold_live") {
-        let share = f.vs_raw.as_ref().map_or(0.0, |r| r.ratio);
-        *f = f.clone().floor("≥ 50% of raw read + insert", share >= 0.5);
+    if options.runs(Section::Fold) {
+        progress(&format!(
+            "projector fold and full replay of {} events",
+            sizes.fold_events
+        ));
+        report.extend(fold::fold_and_replay(main, sizes.fold_events).await?);
+        report.compare_rate("fold_live", "raw_read_insert");
+        report.compare_rate("replay", "raw_read_insert_nosync");
+        report.compare_rate("fold_apply", "raw_redb_insert");
+        if let Some(f) = report.figures.iter_mut().find(|f| f.key == "fold_live") {
+            let share = f.vs_raw.as_ref().map_or(0.0, |r| r.ratio);
+            *f = f.clone().floor("≥ 50% of raw read + insert", share >= 0.5);
+        }
     }
 
-    if let Some(usbpt) = &options.usbpt {
-        progress(&format!(
-            "idle agent over {:.0} s",
-            sizes.idle_window.as_secs_f64()
-        ));
-        report.extend(idle::agent_idle(main, usbpt, sizes.idle_window).await?);
+    if options.runs(Section::Idle) {
+        if let Some(usbpt) = &options.usbpt {
+            progress(&format!(
+                "idle agent over {:.0} s",
+                sizes.idle_window.as_secs_f64()
+            ));
+            report.extend(idle::agent_idle(main, usbpt, sizes.idle_window).await?);
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_parse_by_name_and_default_to_all() {
+        for s in Section::ALL {
+            assert_eq!(s.name().parse::<Section>(), Ok(s));
+        }
+        let err = "nonsense".parse::<Section>().map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("codec, publish, hotplug"), "{err}");
+
+        let all = Options::default();
+        assert!(all.is_complete());
+        assert_eq!(all.sections(), Section::ALL.to_vec());
+        let some = Options {
+            only: vec![Section::Fold, Section::Codec, Section::Fold],
+            ..Options::default()
+        };
+        assert!(!some.is_complete());
+        assert!(!some.runs(Section::Hotplug));
+        assert_eq!(some.sections(), vec![Section::Codec, Section::Fold]);
+    }
 }
