@@ -55,14 +55,14 @@ pub async fn fold_and_replay(target: &Target, events: usize) -> Result<Vec<Figur
     let projector = Projector::new(bus.clone(), Arc::clone(&live), config);
     let metrics = projector.metrics();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let cpu_before = process_cpu_seconds();
+    let cpu_before = usbpt_projector::metrics::process_cpu_seconds();
     let t = Instant::now();
     let running = tokio::spawn(projector.run(async {
         let _ = stopped.await;
     }));
     let caught_up = live.wait_applied(last, Duration::from_secs(1800)).await;
     let fold_s = t.elapsed().as_secs_f64();
-    let cpu = process_cpu_seconds() - cpu_before;
+    let cpu = usbpt_projector::metrics::process_cpu_seconds() - cpu_before;
     let _ = stop.send(());
     running.await??;
     if !caught_up {
@@ -196,24 +196,4 @@ pub async fn fold_and_replay(target: &Target, events: usize) -> Result<Vec<Figur
     .await??;
     figures.push(insert);
     Ok(figures)
-}
-
-/// User + system CPU seconds this process has used (Linux `/proc/self/stat`; 0 elsewhere).
-fn process_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may hold spaces) closed by ')'.
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime, in clock ticks (100 per second on Linux).
-    (ticks(11) + ticks(12)) / 100.0
 }

@@ -56,7 +56,7 @@ async fn main() -> Result<()> {
         },
     );
     let metrics = p.metrics();
-    let cpu0 = cpu_seconds("self");
+    let cpu0 = usbpt_projector::metrics::process_cpu_seconds();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let t = Instant::now();
     let running = tokio::spawn(p.run(async {
@@ -67,7 +67,7 @@ async fn main() -> Result<()> {
             .await
     );
     let fold = t.elapsed();
-    let cpu = cpu_seconds("self") - cpu0;
+    let cpu = usbpt_projector::metrics::process_cpu_seconds() - cpu0;
     println!(
         "  projector process CPU during the live fold: {cpu:.2} s ({:.1} µs per event)",
         cpu * 1e6 / last as f64
@@ -144,22 +144,4 @@ fn fold_only(events: usize, batch: usize, dir: &std::path::Path) -> Result<()> {
         events as f64 / d.as_secs_f64()
     );
     Ok(())
-}
-
-/// User + system CPU seconds of a process (`self` or a pid), from /proc.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
 }

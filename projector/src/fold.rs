@@ -167,6 +167,22 @@ where
         .find_map(|p| rows(p).peek(key).map(|row| row.now.clone()))
 }
 
+/// A record under a UUID key as the batch sees it: staged, else from the newest prior batch
+/// that knows it, else from the committed view.
+fn staged_record<V: serde::de::DeserializeOwned + Clone>(
+    rows: &mut Rows<Id, V>,
+    prior: &[Arc<Staged>],
+    pick: fn(&Staged) -> &Rows<Id, V>,
+    base: &redb::ReadOnlyTable<Id, &'static [u8]>,
+    table: &'static str,
+    key: Id,
+) -> Result<Option<V>, ViewError> {
+    rows.get(&key, || match prior_row(prior, pick, &key) {
+        Some(row) => Ok(row),
+        None => get_by_id(base, table, &key),
+    })
+}
+
 /// Writes one staged record table's changed rows, in key order.
 fn write_records<V: serde::Serialize + Clone>(
     table: &mut redb::Table<'_, Id, &'static [u8]>,
@@ -498,14 +514,14 @@ impl FoldTxn {
     }
 
     fn lineage(&mut self, id: LineageId) -> Result<Option<Lineage>, ViewError> {
-        let key = id.to_bytes();
-        let (prior, base) = (&self.prior, &self.base.lineages);
-        self.s
-            .lineages
-            .get(&key, || match prior_row(prior, |p| &p.lineages, &key) {
-                Some(row) => Ok(row),
-                None => get_by_id(base, "lineages", &key),
-            })
+        staged_record(
+            &mut self.s.lineages,
+            &self.prior,
+            |p| &p.lineages,
+            &self.base.lineages,
+            "lineages",
+            id.to_bytes(),
+        )
     }
 
     fn put_lineage(&mut self, l: Lineage) {
@@ -513,14 +529,14 @@ impl FoldTxn {
     }
 
     fn claim(&mut self, lineage: LineageId) -> Result<Option<Claim>, ViewError> {
-        let key = lineage.to_bytes();
-        let (prior, base) = (&self.prior, &self.base.claims);
-        self.s
-            .claims
-            .get(&key, || match prior_row(prior, |p| &p.claims, &key) {
-                Some(row) => Ok(row),
-                None => get_by_id(base, "claims", &key),
-            })
+        staged_record(
+            &mut self.s.claims,
+            &self.prior,
+            |p| &p.claims,
+            &self.base.claims,
+            "claims",
+            lineage.to_bytes(),
+        )
     }
 
     fn put_claim(&mut self, c: Claim) {
@@ -532,14 +548,14 @@ impl FoldTxn {
     }
 
     fn server(&mut self, id: ServerId) -> Result<Option<Server>, ViewError> {
-        let key = id.to_bytes();
-        let (prior, base) = (&self.prior, &self.base.servers);
-        self.s
-            .servers
-            .get(&key, || match prior_row(prior, |p| &p.servers, &key) {
-                Some(row) => Ok(row),
-                None => get_by_id(base, "servers", &key),
-            })
+        staged_record(
+            &mut self.s.servers,
+            &self.prior,
+            |p| &p.servers,
+            &self.base.servers,
+            "servers",
+            id.to_bytes(),
+        )
     }
 
     fn known_server(&mut self, id: ServerId) -> R<Server> {
@@ -567,14 +583,14 @@ impl FoldTxn {
     }
 
     fn flavor(&mut self, id: FlavorId) -> Result<Option<Flavor>, ViewError> {
-        let key = id.to_bytes();
-        let (prior, base) = (&self.prior, &self.base.flavors);
-        self.s
-            .flavors
-            .get(&key, || match prior_row(prior, |p| &p.flavors, &key) {
-                Some(row) => Ok(row),
-                None => get_by_id(base, "flavors", &key),
-            })
+        staged_record(
+            &mut self.s.flavors,
+            &self.prior,
+            |p| &p.flavors,
+            &self.base.flavors,
+            "flavors",
+            id.to_bytes(),
+        )
     }
 
     fn put_flavor(&mut self, f: &Flavor) {

@@ -196,6 +196,20 @@ impl Projector {
         Ok(consumer)
     }
 
+    /// Deletes the durable consumer (after a gap): the next fetch re-creates it at the view's
+    /// resume point.
+    async fn drop_consumer(&mut self) {
+        if let Err(e) = self
+            .bus
+            .stream()
+            .delete_consumer(&self.config.consumer)
+            .await
+        {
+            warn!(error = %e, "deleting the consumer");
+        }
+        self.consumer = None;
+    }
+
     /// Fetches up to one batch, waiting up to `fetch_wait` for the first message.
     pub async fn fetch(&mut self) -> Result<Vec<Message>, ProjectorError> {
         let consumer = self.consumer().await?;
@@ -241,19 +255,7 @@ impl Projector {
     /// Folds fetched messages in one write transaction. The returned batch still has to be
     /// acked ([`Folded::ack`]).
     pub async fn fold(&mut self, messages: Vec<Message>) -> Result<Folded, ProjectorError> {
-        let mut events = Vec::with_capacity(messages.len());
-        let mut pending = None;
-        for m in &messages {
-            let info = m
-                .info()
-                .map_err(|e| ProjectorError::Stream(format!("message metadata: {e}")))?;
-            pending = Some((info.stream_sequence, info.pending));
-            events.push(RawEvent {
-                seq: info.stream_sequence,
-                subject: m.subject.to_string(),
-                payload: m.payload.clone(),
-            });
-        }
+        let (events, pending) = raw_events(&messages)?;
         let options = BatchOptions {
             gap_at_start_ok: self.fresh,
             ..BatchOptions::default()
@@ -281,15 +283,7 @@ impl Projector {
                 expected,
                 found, "sequence gap in deliveries: re-creating the consumer"
             );
-            if let Err(e) = self
-                .bus
-                .stream()
-                .delete_consumer(&self.config.consumer)
-                .await
-            {
-                warn!(error = %e, "deleting the consumer");
-            }
-            self.consumer = None;
+            self.drop_consumer().await;
         }
         let m = &self.metrics;
         m.batches.fetch_add(1, Relaxed);
@@ -366,15 +360,7 @@ impl Projector {
         loop {
             if reset.load(Relaxed) >= self.generation && self.consumer.is_some() {
                 warn!("sequence gap in deliveries: re-creating the consumer");
-                if let Err(e) = self
-                    .bus
-                    .stream()
-                    .delete_consumer(&self.config.consumer)
-                    .await
-                {
-                    warn!(error = %e, "deleting the consumer");
-                }
-                self.consumer = None;
+                self.drop_consumer().await;
             }
             let fetched = tokio::select! {
                 _ = &mut shutdown => break,
@@ -446,19 +432,9 @@ impl Projector {
 
     /// A fetched batch for the fold thread: its events and its last message (to ack).
     fn hand_on(&mut self, messages: Vec<Message>) -> Result<Fetched, ProjectorError> {
-        let mut events = Vec::with_capacity(messages.len());
-        for m in &messages {
-            let info = m
-                .info()
-                .map_err(|e| ProjectorError::Stream(format!("message metadata: {e}")))?;
-            self.metrics
-                .stream_last
-                .store(info.stream_sequence + info.pending, Relaxed);
-            events.push(RawEvent {
-                seq: info.stream_sequence,
-                subject: m.subject.to_string(),
-                payload: m.payload.clone(),
-            });
+        let (events, pending) = raw_events(&messages)?;
+        if let Some((seq, pending)) = pending {
+            self.metrics.stream_last.store(seq + pending, Relaxed);
         }
         let fresh = std::mem::take(&mut self.fresh);
         let last = messages.into_iter().last();
@@ -469,6 +445,28 @@ impl Projector {
             generation: self.generation,
         })
     }
+}
+
+/// A message's stream sequence and how many messages were pending after it.
+type SeqPending = (u64, u64);
+
+/// The fetched messages as events, and the last one's (stream sequence, messages pending after
+/// it).
+fn raw_events(messages: &[Message]) -> Result<(Vec<RawEvent>, Option<SeqPending>), ProjectorError> {
+    let mut events = Vec::with_capacity(messages.len());
+    let mut last = None;
+    for m in messages {
+        let info = m
+            .info()
+            .map_err(|e| ProjectorError::Stream(format!("message metadata: {e}")))?;
+        last = Some((info.stream_sequence, info.pending));
+        events.push(RawEvent {
+            seq: info.stream_sequence,
+            subject: m.subject.to_string(),
+            payload: m.payload.clone(),
+        });
+    }
+    Ok((events, last))
 }
 
 /// One fetch on its way to the fold thread.
