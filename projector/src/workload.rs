@@ -41,7 +41,6 @@ struct ServerSim {
     host: usize,
     /// (slot on the host, request index, follow)
     devices: Vec<(usize, FollowPolicy)>,
-    alive: bool,
 }
 
 /// An endless iterator of envelopes (take as many as needed).
@@ -53,6 +52,10 @@ pub struct Workload {
     hosts: Vec<HostSim>,
     flavors: Vec<(FlavorId, usize, FollowPolicy)>,
     servers: Vec<ServerSim>,
+    /// Indexes of the live servers, ascending (picking one is O(1), not a scan of all).
+    live: Vec<usize>,
+    /// Devices of each type no server holds (a boot with none left fails without a scan).
+    free: [usize; TYPES.len()],
 }
 
 impl std::fmt::Debug for Workload {
@@ -74,6 +77,8 @@ impl Workload {
             hosts: Vec::new(),
             flavors: Vec::new(),
             servers: Vec::new(),
+            live: Vec::new(),
+            free: [0; TYPES.len()],
         };
         for h in 0..hosts {
             let name = HostName::new(format!("host-{h:05}")).unwrap_or_else(|_| unreachable_host());
@@ -104,6 +109,7 @@ impl Workload {
                     }),
                 };
                 let current = DeviceId(w.uuid());
+                w.free[kind] += 1;
                 w.hosts[h].devices.push(Dev {
                     kind,
                     lineage,
@@ -269,6 +275,7 @@ impl Workload {
                     reason: ReleaseReason::Invalidated,
                 }));
                 self.hosts[h].devices[slot].holder = None;
+                self.free[self.hosts[h].devices[slot].kind] += 1;
                 self.servers[si].devices.retain(|(s, _)| *s != slot);
             }
         }
@@ -287,14 +294,18 @@ impl Workload {
             requested_host: None,
         }));
         let start = self.rand(self.hosts.len());
-        let found = (0..self.hosts.len()).find_map(|i| {
-            let h = (start + i) % self.hosts.len();
-            self.hosts[h]
-                .devices
-                .iter()
-                .position(|d| d.kind == kind && d.holder.is_none())
-                .map(|slot| (h, slot))
-        });
+        let found = (self.free[kind] > 0)
+            .then(|| {
+                (0..self.hosts.len()).find_map(|i| {
+                    let h = (start + i) % self.hosts.len();
+                    self.hosts[h]
+                        .devices
+                        .iter()
+                        .position(|d| d.kind == kind && d.holder.is_none())
+                        .map(|slot| (h, slot))
+                })
+            })
+            .flatten();
         let si = self.servers.len();
         let Some((h, slot)) = found else {
             self.emit(Event::ServerScheduleFailed(ServerScheduleFailed {
@@ -306,7 +317,6 @@ impl Workload {
                 id: server,
                 host: 0,
                 devices: Vec::new(),
-                alive: false,
             });
             return;
         };
@@ -353,19 +363,21 @@ impl Workload {
             detail: "domain started".into(),
         }));
         self.hosts[h].devices[slot].holder = Some(si);
+        self.free[kind] -= 1;
+        self.live.push(si);
         self.servers.push(ServerSim {
             id: server,
             host: h,
             devices: vec![(slot, follow)],
-            alive: true,
         });
     }
 
     fn live_server(&mut self) -> Option<usize> {
-        let live: Vec<usize> = (0..self.servers.len())
-            .filter(|i| self.servers[*i].alive)
-            .collect();
-        (!live.is_empty()).then(|| live[self.rand(live.len())])
+        if self.live.is_empty() {
+            return None;
+        }
+        let i = self.rand(self.live.len());
+        Some(self.live[i])
     }
 
     fn delete(&mut self, si: usize) {
@@ -385,9 +397,12 @@ impl Workload {
                 reason: ReleaseReason::ServerDeleted,
             });
             self.hosts[h].devices[slot].holder = None;
+            self.free[self.hosts[h].devices[slot].kind] += 1;
             self.emit(body);
         }
-        self.servers[si].alive = false;
+        if let Ok(i) = self.live.binary_search(&si) {
+            self.live.remove(i);
+        }
     }
 
     fn step(&mut self) {
