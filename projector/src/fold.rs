@@ -11,7 +11,7 @@
 //! nothing else. Every handler checks everything first and writes after, so a rejected event
 //! leaves no partial change behind.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
@@ -20,7 +20,7 @@ use usbpt_schemas::*;
 
 use crate::error::ViewError;
 use crate::model::*;
-use crate::stage::{Base, Rows};
+use crate::stage::{Base, Map, Rows};
 use crate::tables::{self as t, encode, get_by_id, get_by_str, Id};
 
 /// What folding one event did.
@@ -66,14 +66,14 @@ pub struct FoldTxn {
 pub struct Staged {
     devices: Rows<Id, Device>,
     /// The committed index membership of every device in `devices` (`None`: not in the view).
-    devices_indexed: HashMap<Id, Option<Indexed>>,
+    devices_indexed: Map<Id, Option<Indexed>>,
     lineages: Rows<Id, Lineage>,
     /// New `lineage_history` rows (the fold only appends to it).
     lineage_history: Vec<((Id, u32), Id)>,
     hosts: Rows<String, Host>,
     claims: Rows<Id, Claim>,
     /// The last sequence per control-plane subject (the fold only writes it).
-    subject_seqs: HashMap<String, u64>,
+    subject_seqs: Map<String, u64>,
     flavors: Rows<Id, Flavor>,
     flavor_names: Rows<String, Id>,
     servers: Rows<Id, Server>,
@@ -88,6 +88,31 @@ pub struct Staged {
     folded: u64,
     /// Counter increments of this batch.
     deltas: BTreeMap<(&'static str, &'static str), u64>,
+    /// The changed rows encoded and in key order, prepared when folding ends (on the fold
+    /// thread) so that writing the batch is only B-tree inserts.
+    prepared: WriteSet,
+}
+
+/// Encoded record rows in key order (`None`: the row is removed).
+type EncodedRows = Vec<(Id, Option<Vec<u8>>)>;
+
+/// A frozen batch's writes: records encoded, rows and index keys sorted in each table's key
+/// order. Index keys name their device by its report (`Arc`: the host name is not copied).
+#[derive(Default)]
+struct WriteSet {
+    devices: Vec<(Id, Vec<u8>)>,
+    device_info: Vec<(Id, Vec<u8>)>,
+    /// `host_devices` rows to insert (`true`) or remove, by (host, device id).
+    current: Vec<(Arc<DeviceDiscovered>, bool)>,
+    /// `free_by_host` rows, by (host, device id).
+    free_by_host: Vec<(Arc<DeviceDiscovered>, bool)>,
+    /// `free_by_match` rows, by (vendor:product, host, device id).
+    free_by_match: Vec<(Arc<DeviceDiscovered>, bool)>,
+    lineages: EncodedRows,
+    hosts: Vec<(String, Vec<u8>)>,
+    claims: EncodedRows,
+    flavors: EncodedRows,
+    servers: EncodedRows,
 }
 
 impl std::fmt::Debug for FoldTxn {
@@ -183,15 +208,25 @@ fn staged_record<V: serde::de::DeserializeOwned + Clone>(
     })
 }
 
-/// Writes one staged record table's changed rows, in key order.
-fn write_records<V: serde::Serialize + Clone>(
-    table: &mut redb::Table<'_, Id, &'static [u8]>,
+/// One staged record table's changed rows, encoded, in key order (`None`: removed).
+fn encode_records<V: serde::Serialize + Clone>(
     name: &'static str,
     rows: &Rows<Id, V>,
+) -> Result<EncodedRows, ViewError> {
+    rows.dirty()
+        .into_iter()
+        .map(|(id, row)| Ok((*id, row.map(|v| encode(name, v)).transpose()?)))
+        .collect()
+}
+
+/// Writes encoded record rows (in key order).
+fn write_records(
+    table: &mut redb::Table<'_, Id, &'static [u8]>,
+    rows: &EncodedRows,
 ) -> Result<(), ViewError> {
-    for (id, row) in rows.dirty() {
+    for (id, row) in rows {
         match row {
-            Some(v) => table.insert(id, encode(name, v)?.as_slice())?,
+            Some(bytes) => table.insert(id, bytes.as_slice())?,
             None => table.remove(id)?,
         };
     }
@@ -235,9 +270,11 @@ impl FoldTxn {
         })
     }
 
-    /// Ends folding: the changes, ready to be written ([`Staged::write`]).
-    pub(crate) fn freeze(self) -> Staged {
-        self.s
+    /// Ends folding: the changes, encoded and sorted, ready to be written ([`Staged::write`]).
+    pub(crate) fn freeze(self) -> Result<Staged, ViewError> {
+        let mut s = self.s;
+        s.prepared = s.prepare()?;
+        Ok(s)
     }
 
     /// The last stream sequence folded, including this batch's events.
@@ -255,12 +292,12 @@ impl Staged {
     fn new(last_applied: u64) -> Self {
         Self {
             devices: Rows::default(),
-            devices_indexed: HashMap::new(),
+            devices_indexed: Map::default(),
             lineages: Rows::default(),
             lineage_history: Vec::new(),
             hosts: Rows::default(),
             claims: Rows::default(),
-            subject_seqs: HashMap::new(),
+            subject_seqs: Map::default(),
             flavors: Rows::default(),
             flavor_names: Rows::default(),
             servers: Rows::default(),
@@ -270,6 +307,7 @@ impl Staged {
             last_applied,
             folded: 0,
             deltas: BTreeMap::new(),
+            prepared: WriteSet::default(),
         }
     }
 
@@ -293,6 +331,60 @@ impl Staged {
             + self.flavors.len()
     }
 
+    /// Encodes and sorts the batch's changed rows and derives its index changes: the devices'
+    /// index rows change only where a device's final row differs from its committed one.
+    fn prepare(&self) -> Result<WriteSet, ViewError> {
+        let mut w = WriteSet::default();
+        for (id, row) in self.devices.dirty() {
+            // Devices are never removed from the view.
+            let Some(d) = row else { continue };
+            w.devices.push((*id, t::encode_device_state(d)?));
+            let was = self.devices_indexed.get(id).copied().flatten();
+            if was.is_none() {
+                // New to the view: its report is stored once, here.
+                w.device_info
+                    .push((*id, encode("device_info", &*d.discovery)?));
+            }
+            let now = Indexed::of(d);
+            let (was_free, was_current) = was.map_or((false, false), |w| (w.free, w.current));
+            if was_free != now.free {
+                w.free_by_host.push((Arc::clone(&d.discovery), now.free));
+            }
+            if was_current != now.current {
+                w.current.push((Arc::clone(&d.discovery), now.current));
+            }
+        }
+        // Each device appears once, so the keys are unique.
+        fn by_host(d: &DeviceDiscovered) -> (&str, Id) {
+            (d.host.as_str(), d.device_id.to_bytes())
+        }
+        fn by_match(d: &DeviceDiscovered) -> (u64, &str, Id) {
+            (
+                t::vp_key(d.vendor_id, d.product_id),
+                d.host.as_str(),
+                d.device_id.to_bytes(),
+            )
+        }
+        w.current
+            .sort_unstable_by(|(a, _), (b, _)| by_host(a).cmp(&by_host(b)));
+        w.free_by_host
+            .sort_unstable_by(|(a, _), (b, _)| by_host(a).cmp(&by_host(b)));
+        w.free_by_match = w.free_by_host.clone();
+        w.free_by_match
+            .sort_unstable_by(|(a, _), (b, _)| by_match(a).cmp(&by_match(b)));
+        w.lineages = encode_records("lineages", &self.lineages)?;
+        for (name, row) in self.hosts.dirty() {
+            // Hosts are never removed.
+            if let Some(h) = row {
+                w.hosts.push((name.clone(), encode("hosts", h)?));
+            }
+        }
+        w.claims = encode_records("claims", &self.claims)?;
+        w.flavors = encode_records("flavors", &self.flavors)?;
+        w.servers = encode_records("servers", &self.servers)?;
+        Ok(w)
+    }
+
     /// Writes everything the batch changed into `txn`: each changed row once, in key order,
     /// the device indexes where a device's final row differs from its committed one, the new
     /// history and quarantine rows, the counters and the last applied sequence. The caller
@@ -308,68 +400,49 @@ impl Staged {
                 committed,
             });
         }
+        let w = &self.prepared;
         {
             let mut devices = txn.open_table(t::DEVICES)?;
-            let mut infos = txn.open_table(t::DEVICE_INFO)?;
-            let mut host_devices = txn.open_table(t::HOST_DEVICES)?;
-            let mut free_by_host = txn.open_table(t::FREE_BY_HOST)?;
-            let mut free_by_match = txn.open_table(t::FREE_BY_MATCH)?;
-            // Index changes, collected to be applied in each index's own key order.
-            let mut current_ops = Vec::new();
-            let mut free_ops = Vec::new();
-            for (id, row) in self.devices.dirty() {
-                let Some(d) = row else { continue };
-                devices.insert(id, t::encode_device_state(d)?.as_slice())?;
-                let was = self.devices_indexed.get(id).copied().flatten();
-                if !self.devices_indexed.get(id).is_some_and(Option::is_some) {
-                    // New to the view: its report is stored once, here.
-                    infos.insert(id, encode("device_info", &*d.discovery)?.as_slice())?;
-                }
-                let now = Indexed::of(d);
-                let (was_free, was_current) = was.map_or((false, false), |w| (w.free, w.current));
-                if was_free != now.free {
-                    free_ops.push((d, now.free));
-                }
-                if was_current != now.current {
-                    current_ops.push((d, now.current));
-                }
+            for (id, bytes) in &w.devices {
+                devices.insert(id, bytes.as_slice())?;
             }
-            current_ops.sort_by(|(a, _), (b, _)| (a.host(), a.id()).cmp(&(b.host(), b.id())));
-            for (d, on) in current_ops {
-                let key = (d.host().as_str(), d.id().to_bytes());
-                if on {
+            let mut infos = txn.open_table(t::DEVICE_INFO)?;
+            for (id, bytes) in &w.device_info {
+                infos.insert(id, bytes.as_slice())?;
+            }
+            let mut host_devices = txn.open_table(t::HOST_DEVICES)?;
+            for (d, on) in &w.current {
+                let key = (d.host.as_str(), d.device_id.to_bytes());
+                if *on {
                     host_devices.insert(key, ())?;
                 } else {
                     host_devices.remove(key)?;
                 }
             }
-            free_ops.sort_by(|(a, _), (b, _)| (a.host(), a.id()).cmp(&(b.host(), b.id())));
-            for &(d, on) in &free_ops {
-                let key = (d.host().as_str(), d.id().to_bytes());
-                if on {
+            let mut free_by_host = txn.open_table(t::FREE_BY_HOST)?;
+            for (d, on) in &w.free_by_host {
+                let key = (d.host.as_str(), d.device_id.to_bytes());
+                if *on {
                     free_by_host.insert(key, ())?;
                 } else {
                     free_by_host.remove(key)?;
                 }
             }
-            let vp = |d: &Device| t::vp_key(d.vendor_id(), d.product_id());
-            free_ops.sort_by(|(a, _), (b, _)| {
-                (vp(a), a.host(), a.id()).cmp(&(vp(b), b.host(), b.id()))
-            });
-            for (d, on) in free_ops {
-                let key = (vp(d), d.host().as_str(), d.id().to_bytes());
-                if on {
+            let mut free_by_match = txn.open_table(t::FREE_BY_MATCH)?;
+            for (d, on) in &w.free_by_match {
+                let key = (
+                    t::vp_key(d.vendor_id, d.product_id),
+                    d.host.as_str(),
+                    d.device_id.to_bytes(),
+                );
+                if *on {
                     free_by_match.insert(key, ())?;
                 } else {
                     free_by_match.remove(key)?;
                 }
             }
         }
-        write_records(
-            &mut txn.open_table(t::LINEAGES)?,
-            "lineages",
-            &self.lineages,
-        )?;
+        write_records(&mut txn.open_table(t::LINEAGES)?, &w.lineages)?;
         {
             let mut history = txn.open_table(t::LINEAGE_HISTORY)?;
             let mut rows = self.lineage_history.clone();
@@ -380,13 +453,11 @@ impl Staged {
         }
         {
             let mut hosts = txn.open_table(t::HOSTS)?;
-            for (name, row) in self.hosts.dirty() {
-                if let Some(h) = row {
-                    hosts.insert(name.as_str(), encode("hosts", h)?.as_slice())?;
-                }
+            for (name, bytes) in &w.hosts {
+                hosts.insert(name.as_str(), bytes.as_slice())?;
             }
         }
-        write_records(&mut txn.open_table(t::CLAIMS)?, "claims", &self.claims)?;
+        write_records(&mut txn.open_table(t::CLAIMS)?, &w.claims)?;
         {
             let mut seqs = txn.open_table(t::SUBJECT_SEQS)?;
             let mut rows: Vec<_> = self.subject_seqs.iter().collect();
@@ -395,9 +466,9 @@ impl Staged {
                 seqs.insert(subject.as_str(), seq)?;
             }
         }
-        write_records(&mut txn.open_table(t::FLAVORS)?, "flavors", &self.flavors)?;
+        write_records(&mut txn.open_table(t::FLAVORS)?, &w.flavors)?;
         write_names(&mut txn.open_table(t::FLAVOR_NAMES)?, &self.flavor_names)?;
-        write_records(&mut txn.open_table(t::SERVERS)?, "servers", &self.servers)?;
+        write_records(&mut txn.open_table(t::SERVERS)?, &w.servers)?;
         write_names(&mut txn.open_table(t::SERVER_NAMES)?, &self.server_names)?;
         {
             let mut quarantine = txn.open_table(t::QUARANTINE)?;
@@ -568,6 +639,48 @@ impl FoldTxn {
         }
     }
 
+    /// Refuses the event unless the server exists (without copying its record).
+    fn server_exists(&mut self, id: ServerId) -> R {
+        let (prior, base) = (&self.prior, &self.base.servers);
+        let key = id.to_bytes();
+        let found =
+            self.s
+                .servers
+                .exists(&key, || match prior_row(prior, |p| &p.servers, &key) {
+                    Some(row) => Ok(row),
+                    None => get_by_id(base, "servers", &key),
+                })?;
+        if found {
+            Ok(())
+        } else {
+            reject(
+                QuarantineReason::UnknownServer,
+                format!("server {id} was never requested"),
+            )
+        }
+    }
+
+    /// A server that must exist, to change in place (see [`Rows::get_mut`]): no copy of its
+    /// record and its histories per event.
+    fn known_server_mut(&mut self, id: ServerId) -> R<&mut Server> {
+        let (prior, base) = (&self.prior, &self.base.servers);
+        let key = id.to_bytes();
+        let row =
+            self.s
+                .servers
+                .get_mut(&key, || match prior_row(prior, |p| &p.servers, &key) {
+                    Some(row) => Ok(row),
+                    None => get_by_id(base, "servers", &key),
+                })?;
+        match row {
+            Some(s) => Ok(s),
+            None => reject(
+                QuarantineReason::UnknownServer,
+                format!("server {id} was never requested"),
+            ),
+        }
+    }
+
     fn put_server(&mut self, s: Server) {
         self.s.servers.put(s.id.to_bytes(), Some(s));
     }
@@ -639,13 +752,15 @@ impl FoldTxn {
 
     fn touch_host(&mut self, host: &HostName, st: Stamp, body: &Event) -> Result<(), ViewError> {
         let (prior, base) = (&self.prior, &self.base.hosts);
-        let found = self.s.hosts.get(host.as_str(), || {
+        // Changed in place: every agent event re-stamps its host, so a copy per event would
+        // cost more than the change.
+        let row = self.s.hosts.get_mut(host.as_str(), || {
             match prior_row(prior, |p| &p.hosts, host.as_str()) {
                 Some(row) => Ok(row),
                 None => get_by_str(base, "hosts", host.as_str()),
             }
         })?;
-        let mut h: Host = found.unwrap_or(Host {
+        let h = row.get_or_insert_with(|| Host {
             name: host.clone(),
             boot_id: None,
             agent_version: None,
@@ -683,7 +798,6 @@ impl FoldTxn {
             }
             _ => {}
         }
-        self.s.hosts.put(host.as_str().to_owned(), Some(h));
         Ok(())
     }
 }
@@ -782,20 +896,17 @@ fn handle(v: &mut FoldTxn, st: Stamp, body: &Event) -> R {
         Event::FlavorDeleted(e) => flavor_deleted(v, st, e),
         Event::ServerBootRequested(e) => boot_requested(v, st, e),
         Event::ServerScheduled(e) => {
-            let mut s = v.known_server(e.server_id)?;
-            not_deleted(&s)?;
+            let s = v.known_server_mut(e.server_id)?;
+            not_deleted(s)?;
             s.host = Some(e.host.clone());
             s.flavor_id = e.flavor_id;
             s.devices = e.devices.clone();
             s.scheduled = Some(st);
             s.last_change_seq = st.seq;
-            {
-                v.put_server(s);
-                Ok(())
-            }
+            Ok(())
         }
         Event::ServerScheduleFailed(e) => {
-            let mut s = v.known_server(e.server_id)?;
+            let s = v.known_server_mut(e.server_id)?;
             s.state = ServerState::Error;
             s.state_detail = e.reason.clone();
             s.state_changed = st;
@@ -809,25 +920,19 @@ fn handle(v: &mut FoldTxn, st: Stamp, body: &Event) -> R {
             );
             s.schedule_failures_total += 1;
             s.last_change_seq = st.seq;
-            {
-                v.put_server(s);
-                Ok(())
-            }
+            Ok(())
         }
         Event::DeviceClaimed(e) => claimed(v, st, e),
         Event::DeviceAttached(e) => attached(v, st, e),
         Event::DeviceReattached(e) => reattached(v, st, e),
         Event::DeviceReleased(e) => released(v, st, e),
         Event::ServerStateChanged(e) => {
-            let mut s = v.known_server(e.server_id)?;
+            let s = v.known_server_mut(e.server_id)?;
             s.state = e.state;
-            s.state_detail = e.detail.clone();
+            s.state_detail.clone_from(&e.detail);
             s.state_changed = st;
             s.last_change_seq = st.seq;
-            {
-                v.put_server(s);
-                Ok(())
-            }
+            Ok(())
         }
         Event::ServerResized(e) => moved(
             v,
@@ -842,7 +947,7 @@ fn handle(v: &mut FoldTxn, st: Stamp, body: &Event) -> R {
             moved(v, st, e.server_id, &e.from_host, &e.host, None, &e.devices)
         }
         Event::ServerMigrationRefused(e) => {
-            let mut s = v.known_server(e.server_id)?;
+            let s = v.known_server_mut(e.server_id)?;
             push_capped(
                 &mut s.migration_refusals,
                 MigrationRefusal {
@@ -853,10 +958,7 @@ fn handle(v: &mut FoldTxn, st: Stamp, body: &Event) -> R {
             );
             s.migration_refusals_total += 1;
             s.last_change_seq = st.seq;
-            {
-                v.put_server(s);
-                Ok(())
-            }
+            Ok(())
         }
         Event::ServerDeleted(e) => {
             let mut s = v.known_server(e.server_id)?;
@@ -876,21 +978,18 @@ fn handle(v: &mut FoldTxn, st: Stamp, body: &Event) -> R {
             Ok(())
         }
         Event::ServerActionRequested(e) => {
-            let mut s = v.known_server(e.server_id)?;
+            let s = v.known_server_mut(e.server_id)?;
             s.last_action = Some(ActionRecord {
                 stamp: st,
                 action: e.action,
                 host: e.host.clone(),
             });
             s.last_change_seq = st.seq;
-            {
-                v.put_server(s);
-                Ok(())
-            }
+            Ok(())
         }
         Event::DeviceAttachFailed(e) => {
             let mut d = v.known_device(e.device_id, None, &e.host)?;
-            v.known_server(e.server_id)?;
+            v.server_exists(e.server_id)?;
             d.attach_error = Some(AttachError {
                 server_id: e.server_id,
                 error: e.error.clone(),
@@ -968,7 +1067,7 @@ fn discovered(v: &mut FoldTxn, st: Stamp, e: &DeviceDiscovered) -> R {
     }
     // The previous enumeration is superseded (normally the agent invalidated it already).
     if let Some(prev) = previous {
-        let mut p = prev.clone();
+        let mut p = prev;
         p.current = false;
         match &mut p.invalidation {
             Some(inv) => {
@@ -1030,9 +1129,9 @@ fn invalidated(v: &mut FoldTxn, st: Stamp, e: &DeviceInvalidated) -> R {
             ),
         );
     }
-    let mut n = d.clone();
+    let mut n = d;
     n.status = DeviceStatus::Invalidated;
-    n.invalidation = Some(match d.invalidation {
+    n.invalidation = Some(match n.invalidation {
         // Superseded earlier: keep when that was, add why.
         Some(inv) => Invalidation {
             reason: Some(e.reason),
@@ -1237,7 +1336,7 @@ fn claimed(v: &mut FoldTxn, st: Stamp, e: &DeviceClaimed) -> R {
         claimed: st,
         awaiting: None,
     });
-    let mut n = d.clone();
+    let mut n = d;
     if n.status == DeviceStatus::Available {
         n.status = DeviceStatus::Claimed;
     }
@@ -1306,14 +1405,14 @@ fn attach(
 
 fn attached(v: &mut FoldTxn, st: Stamp, e: &DeviceAttached) -> R {
     let d = v.known_device(e.device_id, Some(e.lineage_id), &e.host)?;
-    v.known_server(e.server_id)?;
+    v.server_exists(e.server_id)?;
     if let Some(other) = d.holder.filter(|h| *h != e.server_id) {
         return reject(
             QuarantineReason::Conflict,
             format!("device {} is held by server {other}", e.device_id),
         );
     }
-    let mut n = d.clone();
+    let mut n = d;
     attach(
         &mut n,
         e.server_id,
@@ -1362,7 +1461,7 @@ fn reattached(v: &mut FoldTxn, st: Stamp, e: &DeviceReattached) -> R {
             format!("device {} is held by server {other}", e.new_device_id),
         );
     }
-    let mut n = new.clone();
+    let mut n = new;
     attach(
         &mut n,
         e.server_id,
@@ -1374,7 +1473,7 @@ fn reattached(v: &mut FoldTxn, st: Stamp, e: &DeviceReattached) -> R {
     );
     v.put_device(n)?;
     if old.holder == Some(e.server_id) {
-        let mut o = old.clone();
+        let mut o = old;
         o.holder = None;
         o.attachment = None;
         end_holding(&mut o, e.server_id, st, HoldEnd::MovedTo(e.new_device_id));
@@ -1428,7 +1527,7 @@ fn released(v: &mut FoldTxn, st: Stamp, e: &DeviceReleased) -> R {
         if d.holder != Some(e.server_id) {
             continue;
         }
-        let mut n = d.clone();
+        let mut n = d;
         n.holder = None;
         n.attachment = None;
         if matches!(n.status, DeviceStatus::Claimed | DeviceStatus::Attached) {

@@ -121,7 +121,7 @@ pub async fn rebuild(
             };
             b.fold(&batch, &options)?;
             let r = b.report().clone();
-            let staged = b.freeze();
+            let staged = b.freeze()?;
             chain.push(Arc::clone(&staged));
             Ok::<_, crate::ViewError>((staged, r, chain))
         })

@@ -549,7 +549,7 @@ fn fold_thread(
             next = fetched.try_recv().ok();
         }
         let report = batch.report().clone();
-        let staged = batch.freeze();
+        let staged = batch.freeze()?;
         chain.push(Arc::clone(&staged));
         let fold_time = started.elapsed();
         metrics

@@ -313,7 +313,7 @@ impl Batch<'_> {
     /// readers of [`View::applied`] are told. A batch that folded nothing commits nothing.
     pub fn commit(self, durability: Durability) -> Result<BatchReport, ViewError> {
         let (view, report) = (self.view, self.report.clone());
-        let staged = self.freeze();
+        let staged = self.freeze()?;
         view.write_staged(&staged, durability)?;
         Ok(report)
     }
@@ -321,8 +321,8 @@ impl Batch<'_> {
     /// Ends folding without writing: the batch's changes, to be written with
     /// [`View::write_staged`] after the batches it follows, and pushed on the [`Chain`] the
     /// next batch is started after.
-    pub fn freeze(self) -> Arc<Staged> {
-        Arc::new(self.fold.freeze())
+    pub fn freeze(self) -> Result<Arc<Staged>, ViewError> {
+        Ok(Arc::new(self.fold.freeze()?))
     }
 }
 

@@ -228,7 +228,7 @@ fn batches_folded_ahead_of_their_writes_read_through_them_and_give_the_same_byte
         batch.fold(b, &BatchOptions::default()).unwrap();
         assert_eq!(batch.report().gap, None);
         assert_eq!(batch.folded(), chunk.len() as u64);
-        let staged = batch.freeze();
+        let staged = batch.freeze().unwrap();
         chain.push(Arc::clone(&staged));
         unwritten.push_back(staged);
         most_unwritten = most_unwritten.max(unwritten.len());
@@ -261,13 +261,13 @@ fn a_staged_batch_written_out_of_order_is_refused_and_changes_nothing() {
     first
         .fold(&events[..100], &BatchOptions::default())
         .unwrap();
-    let first = first.freeze();
+    let first = first.freeze().unwrap();
     chain.push(Arc::clone(&first));
     let mut second = view.begin_batch_after(&chain).unwrap();
     second
         .fold(&events[100..], &BatchOptions::default())
         .unwrap();
-    let second = second.freeze();
+    let second = second.freeze().unwrap();
 
     let err = view
         .write_staged(&second, redb::Durability::Immediate)
