@@ -93,6 +93,11 @@ impl Target {
     pub fn is_private(&self) -> bool {
         self.server.is_some()
     }
+    /// CPU seconds the private nats-server has used so far (`None` for the operator's server).
+    pub fn server_cpu_seconds(&self) -> Option<f64> {
+        let pid = self.server.as_ref()?.pid()?;
+        Some(usbpt_projector::metrics::cpu_seconds_of(pid))
+    }
 
     async fn client(&self) -> Result<async_nats::Client> {
         async_nats::connect(&self.url)

@@ -213,6 +213,10 @@ impl NatsServer {
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
+    /// The server's process id while it runs (for measuring its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
 
     /// Graceful stop (SIGTERM), waiting for the process to exit.
     pub async fn stop(&mut self) -> Result<(), ServerError> {

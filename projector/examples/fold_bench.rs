@@ -57,6 +57,12 @@ async fn main() -> Result<()> {
     );
     let metrics = p.metrics();
     let cpu0 = usbpt_projector::metrics::process_cpu_seconds();
+    let server_cpu = || {
+        server
+            .pid()
+            .map_or(0.0, usbpt_projector::metrics::cpu_seconds_of)
+    };
+    let scpu0 = server_cpu();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let t = Instant::now();
     let running = tokio::spawn(p.run(async {
@@ -68,9 +74,11 @@ async fn main() -> Result<()> {
     );
     let fold = t.elapsed();
     let cpu = usbpt_projector::metrics::process_cpu_seconds() - cpu0;
+    let scpu = server_cpu() - scpu0;
     println!(
-        "  projector process CPU during the live fold: {cpu:.2} s ({:.1} µs per event)",
-        cpu * 1e6 / last as f64
+        "  projector process CPU during the live fold: {cpu:.2} s ({:.1} µs per event); nats-server {scpu:.2} s ({:.1} µs per event)",
+        cpu * 1e6 / last as f64,
+        scpu * 1e6 / last as f64
     );
     let _ = stop.send(());
     running.await??;

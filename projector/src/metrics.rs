@@ -190,7 +190,17 @@ impl ProjectorMetrics {
 /// User + system CPU seconds this process has used (Linux `/proc/self/stat`; 0 elsewhere), for
 /// benchmarks that report CPU per event.
 pub fn process_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_seconds_in("/proc/self/stat")
+}
+
+/// CPU time (user + system) process `pid` has used, in seconds; 0 if it cannot be read. The
+/// bench reads the private nats-server's this way.
+pub fn cpu_seconds_of(pid: u32) -> f64 {
+    cpu_seconds_in(&format!("/proc/{pid}/stat"))
+}
+
+fn cpu_seconds_in(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the command name (which may hold spaces) closed by ')'.
     let fields: Vec<&str> = stat
         .rsplit(')')
