@@ -49,18 +49,7 @@ pub async fn fold_and_replay(target: &Target, events: usize) -> Result<Vec<Figur
     let url = target.url();
     let commit_max = ProjectorConfig::default().max_commit_events;
     let server_cpu = || target.server_cpu_seconds().unwrap_or(0.0);
-    let (s0, t0) = (server_cpu(), Instant::now());
-    let (before, _) = raw::read_insert(
-        url,
-        subjects::STREAM,
-        last,
-        commit_max,
-        Durability::Immediate,
-        "raw_read_insert",
-    )
-    .await?;
-    let raw_server_cpu = server_cpu() - s0;
-    let raw_s = t0.elapsed().as_secs_f64();
+    let before = read_insert_pass(target, last, commit_max).await?;
 
     // The live projector catching up: its real `run()` loop (fetch ‖ fold ‖ write, group
     // commit of up to `max_commit_events`, an fsynced commit each).
@@ -107,25 +96,18 @@ pub async fn fold_and_replay(target: &Target, events: usize) -> Result<Vec<Figur
     );
 
     // The raw limit again, right after.
-    let s0 = server_cpu();
-    let t0 = Instant::now();
-    let (after, payloads) = raw::read_insert(
-        url,
-        subjects::STREAM,
-        last,
-        commit_max,
-        Durability::Immediate,
-        "raw_read_insert",
-    )
-    .await?;
-    let raw_server_cpu = (raw_server_cpu + server_cpu() - s0) / 2.0;
-    let raw_s = (raw_s + t0.elapsed().as_secs_f64()) / 2.0;
-    let rate = |f: &Figure| f.rate_per_s.unwrap_or(0.0);
-    let (rate_before, rate_after) = (rate(&before), rate(&after));
-    let mut read_insert = after.rate((rate_before + rate_after) / 2.0);
+    let after = read_insert_pass(target, last, commit_max).await?;
+    let (rate_before, rate_after) = (before.rate(), after.rate());
+    let payloads = after.payloads;
+    let mut read_insert = after.figure.rate((rate_before + rate_after) / 2.0);
     read_insert.note = format!(
         "reader and inserter overlap; latency per commit (second pass); rate = mean of a pass just before the live fold ({rate_before:.0}/s) and one just after it ({rate_after:.0}/s){}",
-        server_share(target, raw_server_cpu, raw_s, last)
+        server_share(
+            target,
+            (before.server_cpu + after.server_cpu) / 2.0,
+            (before.secs + after.secs) / 2.0,
+            last
+        )
     );
 
     // The fold alone, without the bus: one thread folds and writes, commits of the same size.
@@ -239,4 +221,39 @@ fn server_share(target: &Target, server_cpu: f64, secs: f64, events: u64) -> Str
         server_cpu * 1e6 / events as f64,
         100.0 * server_cpu / secs.max(1e-9)
     )
+}
+
+/// One raw ordered read + insert of the stream at the projector's commit size, with the private
+/// nats-server's CPU time spent serving it.
+struct RawPass {
+    figure: Figure,
+    payloads: Vec<bytes::Bytes>,
+    server_cpu: f64,
+    secs: f64,
+}
+
+impl RawPass {
+    fn rate(&self) -> f64 {
+        self.figure.rate_per_s.unwrap_or(0.0)
+    }
+}
+
+async fn read_insert_pass(target: &Target, last: u64, commit_max: usize) -> Result<RawPass> {
+    let server_cpu = || target.server_cpu_seconds().unwrap_or(0.0);
+    let (s0, t0) = (server_cpu(), Instant::now());
+    let (figure, payloads) = raw::read_insert(
+        target.url(),
+        subjects::STREAM,
+        last,
+        commit_max,
+        Durability::Immediate,
+        "raw_read_insert",
+    )
+    .await?;
+    Ok(RawPass {
+        figure,
+        payloads,
+        server_cpu: server_cpu() - s0,
+        secs: t0.elapsed().as_secs_f64(),
+    })
 }

@@ -202,10 +202,22 @@ fn staged_record<V: serde::de::DeserializeOwned + Clone>(
     table: &'static str,
     key: Id,
 ) -> Result<Option<V>, ViewError> {
-    rows.get(&key, || match prior_row(prior, pick, &key) {
+    rows.get(&key, || unstaged_record(prior, pick, base, table, &key))
+}
+
+/// A record under a UUID key as the batch would load it: from the newest prior batch that
+/// knows it, else from the committed view.
+fn unstaged_record<V: serde::de::DeserializeOwned + Clone>(
+    prior: &[Arc<Staged>],
+    pick: fn(&Staged) -> &Rows<Id, V>,
+    base: &redb::ReadOnlyTable<Id, &'static [u8]>,
+    table: &'static str,
+    key: &Id,
+) -> Result<Option<V>, ViewError> {
+    match prior_row(prior, pick, key) {
         Some(row) => Ok(row),
-        None => get_by_id(base, table, &key),
-    })
+        None => get_by_id(base, table, key),
+    }
 }
 
 /// One staged record table's changed rows, encoded, in key order (`None`: removed).
@@ -632,10 +644,7 @@ impl FoldTxn {
     fn known_server(&mut self, id: ServerId) -> R<Server> {
         match self.server(id)? {
             Some(s) => Ok(s),
-            None => reject(
-                QuarantineReason::UnknownServer,
-                format!("server {id} was never requested"),
-            ),
+            None => unknown_server(id),
         }
     }
 
@@ -643,20 +652,11 @@ impl FoldTxn {
     fn server_exists(&mut self, id: ServerId) -> R {
         let (prior, base) = (&self.prior, &self.base.servers);
         let key = id.to_bytes();
-        let found =
-            self.s
-                .servers
-                .exists(&key, || match prior_row(prior, |p| &p.servers, &key) {
-                    Some(row) => Ok(row),
-                    None => get_by_id(base, "servers", &key),
-                })?;
-        if found {
+        let load = || unstaged_record(prior, |p| &p.servers, base, "servers", &key);
+        if self.s.servers.exists(&key, load)? {
             Ok(())
         } else {
-            reject(
-                QuarantineReason::UnknownServer,
-                format!("server {id} was never requested"),
-            )
+            unknown_server(id)
         }
     }
 
@@ -665,19 +665,10 @@ impl FoldTxn {
     fn known_server_mut(&mut self, id: ServerId) -> R<&mut Server> {
         let (prior, base) = (&self.prior, &self.base.servers);
         let key = id.to_bytes();
-        let row =
-            self.s
-                .servers
-                .get_mut(&key, || match prior_row(prior, |p| &p.servers, &key) {
-                    Some(row) => Ok(row),
-                    None => get_by_id(base, "servers", &key),
-                })?;
-        match row {
+        let load = || unstaged_record(prior, |p| &p.servers, base, "servers", &key);
+        match self.s.servers.get_mut(&key, load)? {
             Some(s) => Ok(s),
-            None => reject(
-                QuarantineReason::UnknownServer,
-                format!("server {id} was never requested"),
-            ),
+            None => unknown_server(id),
         }
     }
 
@@ -999,6 +990,13 @@ fn handle(v: &mut FoldTxn, st: Stamp, body: &Event) -> R {
             Ok(v.put_device(d)?)
         }
     }
+}
+
+fn unknown_server<T>(id: ServerId) -> R<T> {
+    reject(
+        QuarantineReason::UnknownServer,
+        format!("server {id} was never requested"),
+    )
 }
 
 fn push_capped<T>(list: &mut Vec<T>, item: T) {
