@@ -57,14 +57,54 @@ pub struct UsbDevice {
 }
 
 impl UsbDevice {
-    /// True when `other` is the same enumeration: same address and the same identity
-    /// descriptors. A different devnum at the same syspath is a re-enumeration.
+    /// True when `other` is the same enumeration: same syspath address (bus, devnum, port)
+    /// and the same vendor and product. A different devnum at the same syspath is a
+    /// re-enumeration. The serial is compared only when both sides have one: an event udevd
+    /// sent without its properties (seen on a real kernel for a device QEMU's `usb-host` held
+    /// when it was unplugged: the `unbind` carried no `ID_SERIAL_SHORT`, and sysfs was already
+    /// gone) says nothing about the serial, and must not read as a new device.
     pub fn same_enumeration(&self, other: &UsbDevice) -> bool {
         self.address == other.address
             && self.port_path == other.port_path
             && self.vendor_id == other.vendor_id
             && self.product_id == other.product_id
-            && self.serial == other.serial
+            && match (&self.serial, &other.serial) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
+
+    /// This enumeration's descriptors after a later report of it (`other`, the same
+    /// enumeration): what the later report lacks is kept, what it adds is taken. An
+    /// enumeration's descriptors do not change; a later report only fills in what could not be
+    /// read before (interfaces not created yet) or misses what can no longer be read (sysfs
+    /// removed, an event without udevd's properties).
+    pub fn refreshed_by(&self, other: UsbDevice) -> UsbDevice {
+        let keep = |new: Option<String>, old: &Option<String>| new.or_else(|| old.clone());
+        UsbDevice {
+            syspath: other.syspath,
+            port_path: other.port_path,
+            address: other.address,
+            vendor_id: other.vendor_id,
+            product_id: other.product_id,
+            serial: keep(other.serial, &self.serial),
+            device_class: if other.interfaces.is_empty() && other.device_class == 0 {
+                self.device_class
+            } else {
+                other.device_class
+            },
+            interfaces: if other.interfaces.is_empty() {
+                self.interfaces.clone()
+            } else {
+                other.interfaces
+            },
+            manufacturer: keep(other.manufacturer, &self.manufacturer),
+            product: keep(other.product, &self.product),
+            vendor_db: keep(other.vendor_db, &self.vendor_db),
+            model_db: keep(other.model_db, &self.model_db),
+            speed: keep(other.speed, &self.speed),
+            usb_version: keep(other.usb_version, &self.usb_version),
+        }
     }
 
     /// `vvvv:pppp` for logs.

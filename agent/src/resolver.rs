@@ -254,7 +254,7 @@ fn serial_unique_among<'a>(d: &UsbDevice, others: impl IntoIterator<Item = &'a U
 fn refresh(
     state: &mut State,
     ctx: Context<'_>,
-    decision: Decision,
+    filter: &Filter,
     device: UsbDevice,
     out: &mut Vec<Event>,
 ) {
@@ -262,7 +262,8 @@ fn refresh(
         return;
     };
     let mut updated = known.clone();
-    updated.device = device;
+    updated.device = known.device.refreshed_by(device);
+    let decision = filter.decide(&updated.device);
     match (known.is_published(), decision) {
         (true, Decision::Filtered(reason)) => {
             out.push(invalidated(ctx, &known, InvalidationReason::Filtered, None));
@@ -357,7 +358,7 @@ pub fn observe(
             let decision = filter.decide(&device);
             match state.devices.get(&device.syspath) {
                 Some(known) if known.device.same_enumeration(&device) => {
-                    refresh(state, ctx, decision, device, &mut out);
+                    refresh(state, ctx, filter, device, &mut out);
                 }
                 Some(_) => {
                     // A new enumeration at a known syspath: the old one ended (its remove was
@@ -462,7 +463,7 @@ pub fn reconcile(
             candidates.push(device);
         }
         if state.devices.contains_key(path) {
-            refresh(state, ctx, decision, device.clone(), &mut flips);
+            refresh(state, ctx, filter, device.clone(), &mut flips);
         } else {
             news.push((device.clone(), decision));
         }

@@ -711,3 +711,75 @@ fn lineage_memory_is_bounded_and_forgets_the_oldest() {
     let last = serial_lineage(&dev("1-2", 5, 0x1234, 0x5678, Some(&last_serial), 0, &[]));
     assert_eq!(a.state.lineages.get(&last), Some(&id(total as u128)));
 }
+
+/// Seen on a real kernel (docs/lab.md): a device that QEMU's `usb-host` held was unplugged, and
+/// udevd's `unbind` for it carried none of udevd's properties (no `ID_SERIAL_SHORT`, no strings)
+/// while sysfs was already gone, so the agent could describe it only from the kernel's own
+/// properties. It is the same enumeration (same syspath and devnum): no event, descriptors kept;
+/// the `remove` that follows ends it with its serial lineage. (Before the fix: the real device
+/// was invalidated as unplugged, a phantom serial-less device was discovered on a port lineage,
+/// then invalidated by the `remove`.)
+#[test]
+fn an_unbind_without_udev_properties_is_the_same_enumeration() {
+    let mut a = Agent::new();
+    let token = dev(
+        "4-1",
+        2,
+        0x1050,
+        0x0407,
+        Some("LABTOKEN0042"),
+        0,
+        &[(2, 2, 1), (10, 0, 0)],
+    );
+    let found = a.add(token.clone());
+    assert_eq!(discovered(&found).len(), 1);
+    let first = discovered(&found)[0].clone();
+    assert_eq!(first.lineage_kind, LineageKind::Serial);
+
+    let mut bare = dev("4-1", 2, 0x1050, 0x0407, None, 0, &[]);
+    bare.speed = None;
+    bare.usb_version = None;
+    let events = a.see(Observation::Present {
+        action: Action::Unbind,
+        device: bare,
+    });
+    assert!(events.is_empty(), "{:?}", kinds(&events));
+    assert_eq!(a.known(&token).device, token, "descriptors kept");
+
+    let events = a.remove(&token);
+    assert_eq!(kinds(&events), vec!["DeviceInvalidated"]);
+    let gone = invalidated(&events)[0];
+    assert_eq!(gone.device_id, first.device_id);
+    assert_eq!(gone.lineage_id, serial_lineage(&token));
+    assert_eq!(gone.reason, InvalidationReason::Unplugged);
+
+    // Plugged back: the same serial lineage, superseding the first enumeration.
+    let events = a.add(dev(
+        "4-1",
+        3,
+        0x1050,
+        0x0407,
+        Some("LABTOKEN0042"),
+        0,
+        &[(2, 2, 1)],
+    ));
+    let back = discovered(&events);
+    assert_eq!(back.len(), 1, "{:?}", kinds(&events));
+    assert_eq!(back[0].lineage_id, first.lineage_id);
+    assert_eq!(back[0].supersedes, Some(first.device_id));
+}
+
+/// The other half of the rule: a report of the same enumeration that reads more than before
+/// (interfaces created after `add`) is taken.
+#[test]
+fn a_later_report_fills_in_what_was_not_readable() {
+    let mut a = Agent::new();
+    let early = dev("4-1", 2, 0x1050, 0x0407, Some("S1"), 0, &[]);
+    a.add(early.clone());
+    let full = dev("4-1", 2, 0x1050, 0x0407, Some("S1"), 0, &[(3, 1, 1)]);
+    a.see(Observation::Present {
+        action: Action::Bind,
+        device: full.clone(),
+    });
+    assert_eq!(a.known(&early).device.interfaces, full.interfaces);
+}
