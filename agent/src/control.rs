@@ -37,6 +37,8 @@ pub(crate) struct Control {
     pub target: BusTarget,
     pub devices: watch::Receiver<Devices>,
     pub reenumerated: mpsc::UnboundedReceiver<Reenumerated>,
+    /// The host rebooted since the agent last ran: start the domains that were running.
+    pub resume_after_boot: bool,
 }
 
 const RETRY: Duration = Duration::from_secs(1);
@@ -77,6 +79,11 @@ impl Control {
     pub async fn run(mut self) -> Result<(), StoreError> {
         let host = self.executor.host().clone();
         let durable = format!("agent-{host}");
+        if self.resume_after_boot {
+            let devices = self.devices.borrow().clone();
+            let events = self.executor.resume_after_host_boot(&*devices).await;
+            self.enqueue(events, None)?;
+        }
         loop {
             let bus = tokio::select! {
                 b = Bus::connect(&self.target.url, self.target.creds.as_deref(), &self.target.settings) => b,

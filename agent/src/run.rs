@@ -376,6 +376,13 @@ pub async fn run_with_executor<S: DeviceSource>(
             reenumerated: executor.is_some().then_some(reenum_tx),
             config,
         };
+        // A known boot id that differs from this one: the host rebooted while the agent was
+        // away (an unknown one, on a first start or a lost state, proves nothing).
+        let rebooted = agent
+            .state
+            .boot_id
+            .as_deref()
+            .is_some_and(|b| b != agent.config.boot_id);
         let snapshot = source.snapshot()?;
         let outbox = agent.start(snapshot)?;
         // Devices that kept their ids across the restart produced no event: seed them.
@@ -406,6 +413,7 @@ pub async fn run_with_executor<S: DeviceSource>(
                 target: agent.config.bus.clone(),
                 devices: devices_rx,
                 reenumerated: reenum_rx,
+                resume_after_boot: rebooted,
             };
             tokio::spawn(control.run().in_current_span())
         });

@@ -48,6 +48,49 @@ pub enum DomainType {
 }
 
 impl DomainType {
+    /// The type a host really runs, from libvirt's capabilities XML
+    /// (`<guest><os_type>hvm</os_type><arch …><domain type='kvm'/>`): `kvm` where any hvm guest
+    /// offers it, else `qemu` where offered, else `kvm` (drivers such as libvirt's test driver
+    /// list neither and accept both). A host without /dev/kvm (nested under emulation, or kvm
+    /// not loaded) gets `qemu` instead of a domain that cannot start.
+    pub fn from_capabilities(xml: &str) -> DomainType {
+        use quick_xml::events::Event as X;
+        let mut reader = quick_xml::Reader::from_str(xml);
+        let (mut in_guest, mut hvm, mut kvm, mut qemu) = (false, false, false, false);
+        let (mut guest_kvm, mut guest_qemu, mut in_os_type) = (false, false, false);
+        loop {
+            match reader.read_event() {
+                Ok(X::Start(e)) if e.name().as_ref() == b"guest" => {
+                    (in_guest, hvm, guest_kvm, guest_qemu) = (true, false, false, false);
+                }
+                Ok(X::End(e)) if e.name().as_ref() == b"guest" => {
+                    if hvm {
+                        kvm |= guest_kvm;
+                        qemu |= guest_qemu;
+                    }
+                    in_guest = false;
+                }
+                Ok(X::Start(e)) if in_guest && e.name().as_ref() == b"os_type" => in_os_type = true,
+                Ok(X::End(e)) if e.name().as_ref() == b"os_type" => in_os_type = false,
+                Ok(X::Text(t)) if in_os_type => hvm = &*t == b"hvm",
+                Ok(X::Start(e) | X::Empty(e)) if in_guest && e.name().as_ref() == b"domain" => {
+                    match e.try_get_attribute("type").ok().flatten().map(|a| a.value) {
+                        Some(v) if v.as_ref() == b"kvm" => guest_kvm = true,
+                        Some(v) if v.as_ref() == b"qemu" => guest_qemu = true,
+                        _ => {}
+                    }
+                }
+                Ok(X::Eof) | Err(_) => break,
+                _ => {}
+            }
+        }
+        if !kvm && qemu {
+            DomainType::Qemu
+        } else {
+            DomainType::Kvm
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DomainType::Kvm => "kvm",
@@ -91,6 +134,9 @@ pub struct DomainSpec {
     pub memory_kib: u64,
     pub vcpus: u32,
     pub devices: Vec<HostdevSpec>,
+    /// The server should be running: usbpt started it and has not stopped it since. An agent
+    /// that finds its host rebooted starts such domains again (metadata `running="yes"`).
+    pub running: bool,
 }
 
 impl DomainSpec {
@@ -101,6 +147,7 @@ impl DomainSpec {
             memory_kib: DEFAULT_MEMORY_KIB,
             vcpus: DEFAULT_VCPUS,
             devices,
+            running: false,
         }
     }
     pub fn domain_name(&self) -> String {
@@ -453,6 +500,11 @@ fn write_metadata(
         Some(t) => e.with_attribute(("title", t)),
         None => e,
     };
+    let e = if spec.running {
+        e.with_attribute(("running", "yes"))
+    } else {
+        e
+    };
     e.write_inner_content(|w| {
         for (d, p) in spec.devices.iter().zip(&layout.placements) {
             let attrs = [
@@ -647,5 +699,32 @@ mod tests {
             "{xml}"
         );
         assert!(xml.starts_with(r#"<domain type="qemu">"#));
+    }
+
+    #[test]
+    fn domain_type_follows_the_host_capabilities() {
+        let caps = |domains: &str| {
+            format!(
+                "<capabilities><host/><guest><os_type>hvm</os_type><arch name='x86_64'>\
+                 <wordsize>64</wordsize>{domains}</arch></guest>\
+                 <guest><os_type>xen</os_type><arch name='x86_64'><domain type='kvm'/></arch></guest>\
+                 </capabilities>"
+            )
+        };
+        // A host with /dev/kvm lists both; one without (e.g. nested under TCG) only qemu.
+        assert_eq!(
+            DomainType::from_capabilities(&caps("<domain type='qemu'/><domain type='kvm'/>")),
+            DomainType::Kvm
+        );
+        assert_eq!(
+            DomainType::from_capabilities(&caps("<domain type='qemu'/>")),
+            DomainType::Qemu
+        );
+        // libvirt's test driver lists its own type: keep kvm, which it accepts.
+        assert_eq!(
+            DomainType::from_capabilities(&caps("<domain type='test'/>")),
+            DomainType::Kvm
+        );
+        assert_eq!(DomainType::from_capabilities("not xml <"), DomainType::Kvm);
     }
 }

@@ -61,7 +61,9 @@ pub struct ExecutorConfig {
     pub host: HostName,
     /// `qemu:///system` in production, `test:///abs/path/node.xml` in tests.
     pub uri: String,
-    pub domain_type: DomainType,
+    /// `<domain type=…>`; `None` picks it from the hypervisor's capabilities at connect time
+    /// ([`DomainType::from_capabilities`]: `kvm` where the host offers it, else `qemu`).
+    pub domain_type: Option<DomainType>,
     pub memory_kib: u64,
     pub vcpus: u32,
     /// How long a graceful shutdown may take before the domain is destroyed.
@@ -75,7 +77,7 @@ impl ExecutorConfig {
         Self {
             host,
             uri: uri.into(),
-            domain_type: DomainType::Kvm,
+            domain_type: None,
             memory_kib: DEFAULT_MEMORY_KIB,
             vcpus: DEFAULT_VCPUS,
             shutdown_timeout: Duration::from_secs(60),
@@ -155,6 +157,45 @@ pub fn work_for(host: &HostName, event: &Event) -> Option<Work> {
     }
 }
 
+/// `spec` with every device's current address and presence from `lookup` (an enumeration the
+/// agent no longer knows is absent), and the server's name when known. Pure.
+fn with_current_devices(
+    mut spec: DomainSpec,
+    server: ServerId,
+    lookup: &dyn DeviceLookup,
+) -> DomainSpec {
+    for d in &mut spec.devices {
+        match lookup.device(&d.device_id) {
+            Some(info) => {
+                d.vendor = info.vendor;
+                d.product = info.product;
+                d.address = info.address;
+                d.present = info.present;
+            }
+            None => d.present = false,
+        }
+    }
+    if let Some(name) = lookup.server_name(&server) {
+        spec.title = Some(name.to_string());
+    }
+    spec
+}
+
+/// `; devices: 1 absent (optional), 1 at 003:005` for a state event's detail.
+fn devices_note(spec: &DomainSpec) -> String {
+    let absent = spec.devices.iter().filter(|d| !d.present).count();
+    let present: Vec<String> = spec
+        .devices
+        .iter()
+        .filter(|d| d.present)
+        .map(|d| d.address.to_string())
+        .collect();
+    format!(
+        "; definition refreshed: {absent} device(s) absent (started without them), present at [{}]",
+        present.join(", ")
+    )
+}
+
 /// Drives libvirt for one host. Cheap to clone; share one per agent.
 #[derive(Clone)]
 pub struct Executor {
@@ -172,6 +213,8 @@ impl std::fmt::Debug for Executor {
 
 struct Inner {
     config: ExecutorConfig,
+    /// The domain type in use: configured, or read from the capabilities at connect time.
+    domain_type: DomainType,
     conn: Mutex<Option<Connect>>,
     locks: Mutex<HashMap<ServerId, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -183,16 +226,31 @@ impl Executor {
     /// error printing (every error is reported through events instead).
     pub async fn connect(config: ExecutorConfig) -> Result<Self, ExecutorError> {
         SILENCE_LIBVIRT.call_once(virt::error::clear_error_callback);
+        let uri = config.uri.clone();
+        let (conn, capabilities) = tokio::task::spawn_blocking(move || {
+            let c = Connect::open(Some(&uri)).op("virConnectOpen")?;
+            let caps = c.capabilities().op("virConnectGetCapabilities")?;
+            Ok::<_, LibvirtError>((c, caps))
+        })
+        .await
+        .map_err(|e| ExecutorError::Worker(e.to_string()))??;
+        let domain_type = match config.domain_type {
+            Some(t) => t,
+            None => DomainType::from_capabilities(&capabilities),
+        };
+        info!(uri = %config.uri, domain_type = domain_type.as_str(), "libvirt connected");
         let inner = Arc::new(Inner {
             config,
-            conn: Mutex::new(None),
+            domain_type,
+            conn: Mutex::new(Some(conn)),
             locks: Mutex::new(HashMap::new()),
         });
-        let probe = inner.clone();
-        tokio::task::spawn_blocking(move || probe.conn().map(drop))
-            .await
-            .map_err(|e| ExecutorError::Worker(e.to_string()))??;
         Ok(Self { inner })
+    }
+
+    /// The `<domain type=…>` this executor defines.
+    pub fn domain_type(&self) -> DomainType {
+        self.inner.domain_type
     }
 
     pub fn host(&self) -> &HostName {
@@ -237,7 +295,8 @@ impl Executor {
         why: &str,
         restart: bool,
     ) -> Vec<Event> {
-        let (spec, mut events) = self.spec_from_assigned(server, devices, lookup);
+        let (mut spec, mut events) = self.spec_from_assigned(server, devices, lookup);
+        spec.running = true;
         let _guard = self.lock(server).await;
         let run_spec = spec.clone();
         let result = self
@@ -261,9 +320,50 @@ impl Executor {
             _ => {}
         }
         let _guard = self.lock(server).await;
+        // The definition first: a domain that (re)starts takes its devices as they are now (one
+        // that went away while it was off is optional, else libvirt refuses to start it: "Did not
+        // find USB device", seen on the real QEMU driver; one that came back is at its new
+        // address), and the metadata records whether the server should run (resumed after a
+        // host reboot).
+        let starts = matches!(
+            action,
+            ServerAction::Start
+                | ServerAction::Reboot
+                | ServerAction::Resume
+                | ServerAction::Unpause
+        );
+        let running = match action {
+            _ if starts => Some(true),
+            ServerAction::Stop | ServerAction::Suspend => Some(false),
+            _ => None,
+        };
+        let mut refreshed = String::new();
+        if starts || running.is_some() {
+            match self.blocking(move |inner| inner.read_spec(server)).await {
+                Ok(spec) => {
+                    let mut next = if starts {
+                        with_current_devices(spec.clone(), server, lookup)
+                    } else {
+                        spec.clone()
+                    };
+                    next.running = running.unwrap_or(spec.running);
+                    if next.devices != spec.devices {
+                        refreshed = devices_note(&next);
+                    }
+                    if next != spec {
+                        let run = next.clone();
+                        if let Err(e) = self.blocking(move |inner| inner.redefine(&run)).await {
+                            return vec![self.failed(server, action.as_str(), &e)];
+                        }
+                    }
+                }
+                Err(e) => return vec![self.failed(server, action.as_str(), &e)],
+            }
+        }
         let result = self
             .blocking(move |inner| inner.power(server, action))
             .await;
+        let result = result.map(|(obs, how)| (obs, format!("{how}{refreshed}")));
         match result {
             Ok((obs, how)) => vec![self.state_event(
                 server,
@@ -274,6 +374,47 @@ impl Executor {
         }
     }
 
+    /// After a host reboot: starts every usbpt domain on this host that was running before
+    /// (metadata `running="yes"`) and is shut off now, with its devices as they are now (absent
+    /// ones optional; a device that appears later is re-attached to the running domain). Nova
+    /// calls this `resume_guests_state_on_host_boot`; libvirt's own autostart is not used, as it
+    /// would start the domain with the previous boot's USB addresses.
+    pub async fn resume_after_host_boot(&self, lookup: &dyn DeviceLookup) -> Vec<Event> {
+        let domains = match self.blocking(|inner| inner.our_domains()).await {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "could not list this host's domains to resume them");
+                return Vec::new();
+            }
+        };
+        let mut events = Vec::new();
+        for (server, spec) in domains {
+            if !spec.running {
+                continue;
+            }
+            let active = self
+                .blocking(move |inner| {
+                    let conn = inner.conn()?;
+                    Ok(inner
+                        .domain(&conn, server)?
+                        .is_active()
+                        .op("virDomainIsActive")?)
+                })
+                .await;
+            if !matches!(active, Ok(false)) {
+                continue;
+            }
+            info!(%server, "host rebooted: starting the server's domain again");
+            for mut e in self.action(server, ServerAction::Start, lookup).await {
+                if let Event::ServerStateChanged(s) = &mut e {
+                    s.detail = format!("host rebooted; resumed: {}", s.detail);
+                }
+                events.push(e);
+            }
+        }
+        events
+    }
+
     /// Rebuild: redefine the domain from its own metadata with every device's current address
     /// (from `lookup`) and restart it.
     pub async fn rebuild(&self, server: ServerId, lookup: &dyn DeviceLookup) -> Vec<Event> {
@@ -282,21 +423,8 @@ impl Executor {
             Ok(s) => s,
             Err(e) => return vec![self.failed(server, "rebuild", &e)],
         };
-        let mut spec = spec;
-        for d in &mut spec.devices {
-            match lookup.device(&d.device_id) {
-                Some(info) => {
-                    d.vendor = info.vendor;
-                    d.product = info.product;
-                    d.address = info.address;
-                    d.present = info.present;
-                }
-                None => d.present = false,
-            }
-        }
-        if let Some(name) = lookup.server_name(&server) {
-            spec.title = Some(name.to_string());
-        }
+        let mut spec = with_current_devices(spec, server, lookup);
+        spec.running = true;
         let run_spec = spec.clone();
         let result = self
             .blocking(move |inner| inner.define_and_start(&run_spec, true))
@@ -747,9 +875,18 @@ impl Inner {
         self.spec_of(&dom, server)
     }
 
+    /// Writes `spec` as the persistent definition (the running domain, if any, is unchanged).
+    fn redefine(&self, spec: &DomainSpec) -> Result<(), ExecutorError> {
+        let xml = self.render(spec)?;
+        self.conn()?
+            .define_domain_xml(&xml)
+            .op("virDomainDefineXML")?;
+        Ok(())
+    }
+
     /// Pure checks (ports) and schema validation: nothing reaches libvirt before these pass.
     fn render(&self, spec: &DomainSpec) -> Result<String, ExecutorError> {
-        let xml = domain_xml(spec, self.config.domain_type)?;
+        let xml = domain_xml(spec, self.domain_type)?;
         if let Some(v) = &self.config.validator {
             v.validate_domain(&xml)?;
         }

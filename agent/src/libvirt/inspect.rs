@@ -115,6 +115,7 @@ pub fn parse_metadata(xml: &str) -> Result<DomainSpec, InspectError> {
                     s.memory_kib = a.parse("memory_kib")?;
                     s.vcpus = a.parse("vcpus")?;
                     s.title = a.map.get("title").cloned();
+                    s.running = a.map.get("running").is_some_and(|v| v == "yes");
                     spec = Some(s);
                 }
                 b"device" => {
@@ -334,6 +335,18 @@ mod tests {
         let back = parse_metadata(&xml).unwrap();
         assert_eq!(back, placed(&s).unwrap());
         assert_eq!(back.devices[1].port, Some(1));
+    }
+
+    #[test]
+    fn the_running_mark_round_trips_and_is_absent_by_default() {
+        let mut s = spec();
+        let xml = domain_xml(&s, DomainType::Kvm).unwrap();
+        assert!(!xml.contains("running="), "{xml}");
+        assert!(!parse_metadata(&xml).unwrap().running);
+        s.running = true;
+        let xml = domain_xml(&s, DomainType::Kvm).unwrap();
+        assert!(xml.contains(r#"running="yes""#), "{xml}");
+        assert!(parse_metadata(&xml).unwrap().running);
     }
 
     #[test]
