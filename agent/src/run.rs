@@ -406,6 +406,7 @@ pub async fn run_with_executor<S: DeviceSource>(
                 target: agent.config.bus.clone(),
                 devices: devices_rx,
                 reenumerated: reenum_rx,
+                progress: agent.config.progress.clone(),
             };
             tokio::spawn(control.run().in_current_span())
         });
