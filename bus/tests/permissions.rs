@@ -97,31 +97,31 @@ async fn forgeries(nats: &TestNats, creds: &usbpt_bus::auth::CredsDir) -> Result
         r?;
     }
 
-    // A command request (an unauthenticated `usbpt.cmd.delete` deleted a server on main).
-    let cmd = a.client().request(subjects::command("delete"), "{}".into());
-    assert!(tokio::time::timeout(Duration::from_secs(10), cmd)
-        .await
-        .map_or(true, |r| r.is_err()));
-
-    // Reading host-b's control work, or everything: refused.
+    // Each refusal below ends in a request timeout (the server drops a forbidden publish), so
+    // they run at once.
     let b_ctl = subjects::control_for_host_all(&common::host("host-b"));
-    assert!(a
-        .pull_consumer("agent-host-a", Some(b_ctl.clone()), 0)
-        .await
-        .is_err());
-    assert!(a.pull_consumer("snoop", None, 0).await.is_err());
-    assert!(a
-        .ordered(usbpt_bus::StartAt::Beginning, None)
-        .await
-        .is_err());
-
-    // The audit trail: neither deleting nor purging nor changing the stream.
     let js = a.jetstream();
-    assert!(js.delete_stream(subjects::STREAM).await.is_err());
     let mut weaker = StreamSettings::default().config();
     weaker.deny_delete = false;
-    assert!(js.update_stream(weaker).await.is_err());
-    assert!(a.stream().purge().await.is_err());
+    let (cmd, own_name, snoop, ordered, delete, update, purge) = tokio::join!(
+        // A command request (an unauthenticated `usbpt.cmd.delete` deleted a server on main).
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            a.client().request(subjects::command("delete"), "{}".into()),
+        ),
+        // Reading host-b's control work, or everything.
+        a.pull_consumer("agent-host-a", Some(b_ctl), 0),
+        a.pull_consumer("snoop", None, 0),
+        a.ordered(usbpt_bus::StartAt::Beginning, None),
+        // The audit trail: neither deleting nor changing nor purging the stream.
+        js.delete_stream(subjects::STREAM),
+        js.update_stream(weaker),
+        a.stream().purge(),
+    );
+    assert!(cmd.map_or(true, |r| r.is_err()), "a command was answered");
+    assert!(own_name.is_err(), "host-a read host-b's control work");
+    assert!(snoop.is_err() && ordered.is_err(), "host-a read the stream");
+    assert!(delete.is_err() && update.is_err() && purge.is_err());
     assert!(admin.last_sequence().await? >= 1);
     Ok(())
 }

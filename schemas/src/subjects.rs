@@ -125,10 +125,6 @@ pub mod js {
     pub fn consumer_info(name: &str) -> String {
         format!("$JS.API.CONSUMER.INFO.{STREAM}.{name}")
     }
-    /// Deleting consumer `name`.
-    pub fn consumer_delete(name: &str) -> String {
-        format!("$JS.API.CONSUMER.DELETE.{STREAM}.{name}")
-    }
     /// Pulling the next messages from consumer `name`.
     pub fn consumer_next(name: &str) -> String {
         format!("$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{name}")
