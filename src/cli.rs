@@ -42,6 +42,16 @@ pub struct Global {
     /// Connect even to a NATS server that admits clients without authentication.
     #[arg(long, global = true, env = "USBPT_INSECURE", action = clap::ArgAction::SetTrue, value_parser = clap::builder::FalseyValueParser::new())]
     pub insecure: bool,
+    /// TLS to NATS: the CA that signed the server's certificate (PEM). Any TLS option makes TLS
+    /// required.
+    #[arg(long, global = true, env = "USBPT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// TLS to NATS: this client's certificate (PEM), when the server verifies clients.
+    #[arg(long, global = true, env = "USBPT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS to NATS: this client's private key (PEM).
+    #[arg(long, global = true, env = "USBPT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Where local state lives (redb files, a private nats-server's store).
     #[arg(long, global = true, env = "USBPT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -85,15 +95,32 @@ impl Global {
         }
     }
 
+    /// The connection's security: `--insecure` and the TLS files.
+    pub fn security(&self) -> usbpt_bus::ClientSecurity {
+        usbpt_bus::ClientSecurity {
+            insecure: self.insecure,
+            tls: usbpt_bus::TlsClient {
+                ca: self.tls_ca.clone(),
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+            },
+        }
+    }
+
     async fn bus_with(&self, creds: Option<&std::path::Path>) -> Result<Bus> {
-        Bus::connect_checked(&self.nats, creds, &StreamSettings::default(), self.insecure)
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to the bus at {}",
-                    usbpt_bus::auth::redact_url(&self.nats)
-                )
-            })
+        Bus::connect_checked(
+            &self.nats,
+            creds,
+            &StreamSettings::default(),
+            &self.security(),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the bus at {}",
+                usbpt_bus::auth::redact_url(&self.nats)
+            )
+        })
     }
 }
 

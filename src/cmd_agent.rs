@@ -89,6 +89,7 @@ pub async fn run(global: &Global, args: AgentArgs) -> Result<()> {
             creds: global.creds.clone(),
             settings: StreamSettings::default(),
             require_auth: !global.insecure,
+            tls: global.security().tls,
             control_key: control_key(args.control_key.as_deref())?,
         },
         progress: progress::stdout(),

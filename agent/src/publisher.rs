@@ -31,6 +31,8 @@ pub struct BusTarget {
     /// Refuse a server that admits clients without authentication (the CLI sets it unless
     /// `--insecure`).
     pub require_auth: bool,
+    /// TLS to the server (none: plain TCP).
+    pub tls: usbpt_bus::TlsClient,
     /// The command handler's nkey public key: when set, control work must carry its signature
     /// (ADR 0005); when not, only the structural checks apply.
     pub control_key: Option<String>,
@@ -42,6 +44,7 @@ impl std::fmt::Debug for BusTarget {
             .field("url", &self.shown_url())
             .field("creds", &self.creds)
             .field("require_auth", &self.require_auth)
+            .field("tls", &self.tls)
             .field("control_key", &self.control_key)
             .finish_non_exhaustive()
     }
@@ -54,6 +57,7 @@ impl BusTarget {
             creds: None,
             settings: StreamSettings::default(),
             require_auth: false,
+            tls: usbpt_bus::TlsClient::default(),
             control_key: None,
         }
     }
@@ -65,7 +69,10 @@ impl BusTarget {
             &self.url,
             self.creds.as_deref(),
             &self.settings,
-            !self.require_auth,
+            &usbpt_bus::ClientSecurity {
+                insecure: !self.require_auth,
+                tls: self.tls.clone(),
+            },
         )
         .await
     }

@@ -24,6 +24,59 @@ pub struct Bus {
     signer: Option<std::sync::Arc<nkeys::KeyPair>>,
 }
 
+/// TLS to the NATS server: the CA that signed the server's certificate and, when the server
+/// verifies clients, this client's certificate and key (PEM files).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsClient {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl TlsClient {
+    /// Whether any TLS option is set (then TLS is required).
+    pub fn is_set(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    fn apply(
+        &self,
+        mut options: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions, BusError> {
+        if !self.is_set() {
+            return Ok(options);
+        }
+        options = options.require_tls(true);
+        if let Some(ca) = &self.ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+            (None, None) => {}
+            _ => {
+                return Err(BusError::Creds {
+                    path: "--tls-cert/--tls-key".into(),
+                    source: std::io::Error::other(
+                        "a client certificate needs both its certificate and its key",
+                    ),
+                })
+            }
+        }
+        Ok(options)
+    }
+}
+
+/// How a usbpt process secures its connection: whether an unauthenticated server is accepted,
+/// and TLS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientSecurity {
+    /// Accept a server that admits clients without authentication.
+    pub insecure: bool,
+    pub tls: TlsClient,
+}
+
 /// Where a publish landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Published {
@@ -81,11 +134,22 @@ impl Bus {
         creds: Option<&std::path::Path>,
         settings: &StreamSettings,
     ) -> Result<Self, BusError> {
+        Self::connect_tls(url, creds, settings, &TlsClient::default()).await
+    }
+
+    /// [`Bus::connect`] over TLS when `tls` says so.
+    pub async fn connect_tls(
+        url: &str,
+        creds: Option<&std::path::Path>,
+        settings: &StreamSettings,
+        tls: &TlsClient,
+    ) -> Result<Self, BusError> {
         // Never print a password given in the URL.
         let shown = crate::auth::redact_url(url);
-        let mut options = async_nats::ConnectOptions::new()
+        let options = async_nats::ConnectOptions::new()
             .name("usbpt")
             .connection_timeout(Duration::from_secs(5));
+        let mut options = tls.apply(options)?;
         let mut signer = None;
         if let Some(path) = creds {
             let creds_error = |source| BusError::Creds {
@@ -141,10 +205,10 @@ impl Bus {
         url: &str,
         creds: Option<&std::path::Path>,
         settings: &StreamSettings,
-        insecure: bool,
+        security: &ClientSecurity,
     ) -> Result<Self, BusError> {
-        let bus = Self::connect(url, creds, settings).await?;
-        if !insecure && !bus.client.server_info().auth_required {
+        let bus = Self::connect_tls(url, creds, settings, &security.tls).await?;
+        if !security.insecure && !bus.client.server_info().auth_required {
             return Err(BusError::NoAuth {
                 url: crate::auth::redact_url(url),
             });

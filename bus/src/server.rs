@@ -86,6 +86,18 @@ pub struct ServerConfig {
     /// refuses anonymous clients and enforces each identity's permissions. `None`: no auth
     /// (tests of other things).
     pub auth: Option<PathBuf>,
+    /// TLS for client connections (PEM files): clients must use it, and must present a
+    /// certificate signed by `ca` when it is given.
+    pub tls: Option<ServerTls>,
+}
+
+/// The server's TLS files.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Verify client certificates against this CA.
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +117,7 @@ impl ServerConfig {
             name: "usbpt".to_owned(),
             cluster: None,
             auth: None,
+            tls: None,
         }
     }
 
@@ -130,6 +143,23 @@ impl ServerConfig {
             // nats-server resolves includes relative to the config file's directory only.
             let rel = relative_to(&self.dir, auth);
             out.push_str(&format!("include {:?}\n", rel.display().to_string()));
+        }
+        if let Some(tls) = &self.tls {
+            out.push_str("tls {\n");
+            out.push_str(&format!(
+                "  cert_file: {:?}\n",
+                tls.cert.display().to_string()
+            ));
+            out.push_str(&format!(
+                "  key_file: {:?}\n",
+                tls.key.display().to_string()
+            ));
+            if let Some(ca) = &tls.ca {
+                out.push_str(&format!("  ca_file: {:?}\n", ca.display().to_string()));
+                out.push_str("  verify: true\n");
+            }
+            out.push_str("  timeout: 5\n");
+            out.push_str("}\n");
         }
         out.push_str("jetstream {\n");
         out.push_str(&format!("  store_dir: {:?}\n", store.display().to_string()));
