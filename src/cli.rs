@@ -21,7 +21,7 @@ pub struct Cli {
 }
 
 /// Options every subcommand takes (each also as an environment variable).
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct Global {
     /// NATS server URL.
     #[arg(
@@ -31,9 +31,27 @@ pub struct Global {
         default_value = "nats://127.0.0.1:4222"
     )]
     pub nats: String,
-    /// NATS credentials file.
+    /// NATS credentials: an nkey seed file (what `usbpt up` generates under
+    /// `<data-dir>/creds/`) or a `.creds` file. Default: `<data-dir>/creds/admin.nk` when it
+    /// exists (the CLI beside a `usbpt up`).
     #[arg(long, global = true, env = "NATS_CREDS")]
     pub creds: Option<PathBuf>,
+    /// The command handler's NATS identity in `serve`/`commands` (default: --creds).
+    #[arg(long, global = true, env = "USBPT_COMMAND_CREDS")]
+    pub command_creds: Option<PathBuf>,
+    /// Connect even to a NATS server that admits clients without authentication.
+    #[arg(long, global = true, env = "USBPT_INSECURE", action = clap::ArgAction::SetTrue, value_parser = clap::builder::FalseyValueParser::new())]
+    pub insecure: bool,
+    /// TLS to NATS: the CA that signed the server's certificate (PEM). Any TLS option makes TLS
+    /// required.
+    #[arg(long, global = true, env = "USBPT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// TLS to NATS: this client's certificate (PEM), when the server verifies clients.
+    #[arg(long, global = true, env = "USBPT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS to NATS: this client's private key (PEM).
+    #[arg(long, global = true, env = "USBPT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Where local state lives (redb files, a private nats-server's store).
     #[arg(long, global = true, env = "USBPT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -51,14 +69,58 @@ pub struct Global {
 }
 
 impl Global {
+    /// The credentials to connect with: `--creds`, else the admin identity a `usbpt up` on
+    /// this data dir generated, if there is one.
+    pub fn creds(&self) -> Option<PathBuf> {
+        self.creds.clone().or_else(|| {
+            let data = crate::cmd_serve::data_dir(self).ok()?;
+            let admin = data
+                .join("creds")
+                .join(format!("{}.nk", usbpt_bus::auth::Role::Admin.name()));
+            admin.is_file().then_some(admin)
+        })
+    }
+
+    /// Connects with [`Global::creds`], refusing a server without authentication unless
+    /// `--insecure`.
     pub async fn bus(&self) -> Result<Bus> {
-        Bus::connect(
+        self.bus_with(self.creds().as_deref()).await
+    }
+
+    /// The command handler's connection (`--command-creds`, else [`Global::bus`]'s).
+    pub async fn command_bus(&self) -> Result<Bus> {
+        match &self.command_creds {
+            Some(c) => self.bus_with(Some(c)).await,
+            None => self.bus().await,
+        }
+    }
+
+    /// The connection's security: `--insecure` and the TLS files.
+    pub fn security(&self) -> usbpt_bus::ClientSecurity {
+        usbpt_bus::ClientSecurity {
+            insecure: self.insecure,
+            tls: usbpt_bus::TlsClient {
+                ca: self.tls_ca.clone(),
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+            },
+        }
+    }
+
+    async fn bus_with(&self, creds: Option<&std::path::Path>) -> Result<Bus> {
+        Bus::connect_checked(
             &self.nats,
-            self.creds.as_deref(),
+            creds,
             &StreamSettings::default(),
+            &self.security(),
         )
         .await
-        .with_context(|| format!("connecting to the bus at {}", self.nats))
+        .with_context(|| {
+            format!(
+                "connecting to the bus at {}",
+                usbpt_bus::auth::redact_url(&self.nats)
+            )
+        })
     }
 }
 
@@ -74,6 +136,9 @@ pub enum Cmd {
     Serve(crate::cmd_serve::ServeArgs),
     /// Everything on one machine: a private nats-server, serve, and an agent for this host.
     Up(crate::cmd_up::UpArgs),
+    /// The NATS identities of a `usbpt up` (one nkey per role): add a host, list, revoke.
+    #[command(subcommand)]
+    Creds(crate::cmd_creds::CredsCmd),
     /// The whole stack with two simulated hosts, playing the blueprint's story.
     Demo(crate::demo::DemoArgs),
     /// Benchmarks: usbpt's figures beside the raw limits of NATS JetStream and redb.
@@ -184,6 +249,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Commands(a) => crate::cmd_serve::commands(&cli.global, a).await,
         Cmd::Demo(a) => crate::demo::run(&cli.global, a).await,
         Cmd::Up(a) => crate::cmd_up::run(&cli.global, a).await,
+        Cmd::Creds(c) => crate::cmd_creds::run(&cli.global, c),
         Cmd::Bench(a) => crate::cmd_bench::run(&cli.global, a).await,
         Cmd::Projector(a) => crate::cmd_serve::projector(&cli.global, a).await,
         Cmd::Replay(a) => crate::cmd_replay::replay(&cli.global, a).await,

@@ -27,6 +27,28 @@ pub struct AgentArgs {
     /// Where the kernel's boot id is read; a change means the host rebooted.
     #[arg(long, default_value = "/proc/sys/kernel/random/boot_id")]
     pub boot_id_file: PathBuf,
+    /// The command handler's nkey public key (`U…`), or a file holding it: control work must
+    /// then carry its signature. `usbpt creds list` prints it.
+    #[arg(long, env = "USBPT_CONTROL_KEY")]
+    pub control_key: Option<String>,
+}
+
+/// The command handler's public key from `--control-key` (the key itself or a file with it).
+pub fn control_key(arg: Option<&str>) -> Result<Option<String>> {
+    let Some(arg) = arg else { return Ok(None) };
+    let key = if arg.starts_with('U') && !std::path::Path::new(arg).exists() {
+        arg.to_owned()
+    } else {
+        std::fs::read_to_string(arg)
+            .with_context(|| format!("reading the control key {arg}"))?
+            .trim()
+            .to_owned()
+    };
+    anyhow::ensure!(
+        key.starts_with('U') && key.len() == 56,
+        "--control-key: not an nkey user public key"
+    );
+    Ok(Some(key))
 }
 
 /// The data dir when `--data-dir`/`USBPT_DATA_DIR` is not given: `/var/lib/usbpt` for root (a
@@ -66,6 +88,9 @@ pub async fn run(global: &Global, args: AgentArgs) -> Result<()> {
             url: global.nats.clone(),
             creds: global.creds.clone(),
             settings: StreamSettings::default(),
+            require_auth: !global.insecure,
+            tls: global.security().tls,
+            control_key: control_key(args.control_key.as_deref())?,
         },
         progress: progress::stdout(),
         drain_on_stop: Duration::from_secs(2),

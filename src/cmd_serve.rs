@@ -78,20 +78,18 @@ pub struct CommandsCmdArgs {
 }
 
 impl CommandArgs {
-    pub fn handler(&self, side: &ReadSide) -> Arc<Handler<View>> {
+    /// The handler over `side`'s view, appending through `bus` (the command handler's own
+    /// identity when `--command-creds` names one).
+    pub fn handler(&self, side: &ReadSide, bus: Bus) -> Arc<Handler<View>> {
         let weigh = match self.weigh {
             WeighArg::Pack => Weigh::Pack,
             WeighArg::Spread => Weigh::Spread,
         };
-        Arc::new(Handler::new(
-            side.bus.clone(),
-            Arc::clone(&side.view),
-            weigh,
-        ))
+        Arc::new(Handler::new(bus, Arc::clone(&side.view), weigh))
     }
 
     /// Adds the NATS command service and the reactor to `tasks`.
-    pub fn spawn(&self, tasks: &mut Tasks, side: &ReadSide, handler: Arc<Handler<View>>) {
+    pub fn spawn(&self, tasks: &mut Tasks, side: &ReadSide, handler: Arc<Handler<View>>, bus: Bus) {
         let concurrency = self.concurrency.max(1);
         let stopping = tasks.stopping();
         tasks.spawn("commands", async move {
@@ -100,11 +98,7 @@ impl CommandArgs {
                 () = stopping => Ok(()),
             }
         });
-        let (bus, view, grace) = (
-            side.bus.clone(),
-            Arc::clone(&side.view),
-            Duration::from_secs(self.grace),
-        );
+        let (view, grace) = (Arc::clone(&side.view), Duration::from_secs(self.grace));
         let stopping = tasks.stopping();
         tasks.spawn("reactor", async move {
             tokio::select! {
@@ -327,11 +321,12 @@ pub async fn control_plane(
     commands: &CommandArgs,
 ) -> Result<(Arc<View>, Bus)> {
     let side = ReadSide::open(global, projector).await?;
-    let handler = commands.handler(&side);
+    let command_bus = command_bus(global, &side).await?;
+    let handler = commands.handler(&side, command_bus.clone());
     let router = usbpt_api::router(side.api_state(tasks.shutdown_flag())).merge(
         usbpt_api::command_routes(Arc::clone(&handler), Arc::clone(&side.view)),
     );
-    commands.spawn(tasks, &side, handler);
+    commands.spawn(tasks, &side, handler, command_bus);
     let (view, bus) = (Arc::clone(&side.view), side.bus.clone());
     let stopping = tasks.stopping();
     tasks.spawn("projector", async move {
@@ -346,13 +341,24 @@ pub async fn control_plane(
     Ok((view, bus))
 }
 
+/// The command handler's connection: its own identity (`--command-creds`), else the read
+/// side's.
+async fn command_bus(global: &Global, side: &ReadSide) -> Result<Bus> {
+    if global.command_creds.is_some() {
+        global.command_bus().await
+    } else {
+        Ok(side.bus.clone())
+    }
+}
+
 /// `usbpt commands`: a projector into its own view plus the command handler and the reactor,
 /// without HTTP (scale-out: run several, each with its own data dir and consumer name).
 pub async fn commands(global: &Global, args: CommandsCmdArgs) -> Result<()> {
     let side = ReadSide::open(global, &args.projector).await?;
     let mut tasks = Tasks::new();
-    let handler = args.commands.handler(&side);
-    args.commands.spawn(&mut tasks, &side, handler);
+    let command_bus = command_bus(global, &side).await?;
+    let handler = args.commands.handler(&side, command_bus.clone());
+    args.commands.spawn(&mut tasks, &side, handler, command_bus);
     let stopping = tasks.stopping();
     let view = Arc::clone(&side.view);
     let head = side.bus.last_sequence().await?;

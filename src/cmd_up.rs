@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use usbpt_agent::libvirt::{test_driver_uri, Executor, ExecutorConfig};
 use usbpt_agent::{progress, read_boot_id, AgentConfig, BusTarget, Filter, UdevSource};
+use usbpt_bus::auth::{CredsDir, Role};
 use usbpt_bus::server::{NatsServer, ServerConfig};
 use usbpt_bus::StreamSettings;
 use usbpt_schemas::HostName;
@@ -39,6 +40,115 @@ pub struct UpArgs {
     pub filter: Option<PathBuf>,
     #[arg(long, default_value = "/proc/sys/kernel/random/boot_id")]
     pub boot_id_file: PathBuf,
+    #[command(flatten)]
+    pub stream: StreamLimits,
+}
+
+/// The stream's limits, applied when `up` creates it.
+#[derive(Debug, Args)]
+pub struct StreamLimits {
+    /// The stream's size limit in bytes; when full, new events are refused (never is history
+    /// dropped for space). Default: no limit.
+    #[arg(long, env = "USBPT_STREAM_MAX_BYTES", value_parser = clap::value_parser!(i64).range(1..))]
+    pub stream_max_bytes: Option<i64>,
+    /// How many seconds events are kept. Default: forever (the history is the audit trail).
+    #[arg(long, env = "USBPT_STREAM_MAX_AGE", value_parser = clap::value_parser!(u64).range(1..))]
+    pub stream_max_age: Option<u64>,
+}
+
+impl StreamLimits {
+    pub fn settings(&self) -> StreamSettings {
+        StreamSettings {
+            max_bytes: self.stream_max_bytes.unwrap_or(-1),
+            max_age: Duration::from_secs(self.stream_max_age.unwrap_or(0)),
+            ..StreamSettings::default()
+        }
+    }
+}
+
+/// The identities of a private bus (ADR 0005), under `<data-dir>/creds`.
+#[derive(Debug, Clone)]
+pub struct PrivateCreds {
+    pub dir: CredsDir,
+    /// The command handler's public key, which agents check control work against.
+    pub control_key: String,
+}
+
+impl PrivateCreds {
+    /// Generates what is missing: admin, projector, command handler, auditor, and an agent for
+    /// each of `hosts`; writes the server's authorization block.
+    pub fn ensure(data: &std::path::Path, hosts: &[HostName]) -> Result<Self> {
+        let dir = CredsDir::open(data.join("creds"))?;
+        for role in [Role::Admin, Role::Projector, Role::Commands, Role::Auditor] {
+            dir.ensure(&role)?;
+        }
+        for h in hosts {
+            dir.ensure(&Role::Agent(h.clone()))?;
+        }
+        dir.write_auth_conf()?;
+        let control_key = usbpt_bus::auth::read_seed(&dir.path(&Role::Commands))?.public_key();
+        Ok(Self { dir, control_key })
+    }
+
+    /// The identities a secured demo or `up` generated under `data`, if any (nothing is
+    /// written).
+    pub fn open(data: &std::path::Path) -> Result<Option<Self>> {
+        let path = data
+            .join("creds")
+            .join(format!("{}.nk", Role::Commands.name()));
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let control_key = usbpt_bus::auth::read_seed(&path)?.public_key();
+        Ok(Some(Self {
+            dir: CredsDir::open(data.join("creds"))?,
+            control_key,
+        }))
+    }
+
+    /// The server's config with these identities enforced.
+    pub fn server_config(&self, nats_dir: PathBuf) -> ServerConfig {
+        let mut config = ServerConfig::new(nats_dir);
+        config.auth = Some(self.dir.auth_conf());
+        config
+    }
+
+    /// The control plane's view of `global`: the projector's identity for reads, the command
+    /// handler's for appends.
+    pub fn control_global(&self, global: &Global, url: &str, data: PathBuf) -> Global {
+        Global {
+            nats: url.to_owned(),
+            creds: Some(self.dir.path(&Role::Projector)),
+            command_creds: Some(self.dir.path(&Role::Commands)),
+            insecure: false,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            data_dir: Some(data),
+            api: global.api.clone(),
+            verbose: global.verbose,
+        }
+    }
+
+    /// Creates (or checks) the stream as admin, with `settings`.
+    pub async fn create_stream(&self, url: &str, settings: &StreamSettings) -> Result<()> {
+        usbpt_bus::Bus::connect(url, Some(&self.dir.path(&Role::Admin)), settings)
+            .await
+            .context("creating the stream as admin")?;
+        Ok(())
+    }
+
+    /// An agent's bus target for `host`, signed work required.
+    pub fn agent_target(&self, url: &str, host: &HostName) -> BusTarget {
+        BusTarget {
+            url: url.to_owned(),
+            creds: Some(self.dir.path(&Role::Agent(host.clone()))),
+            settings: StreamSettings::default(),
+            require_auth: true,
+            tls: usbpt_bus::TlsClient::default(),
+            control_key: Some(self.control_key.clone()),
+        }
+    }
 }
 
 /// The system host name as a subject token (`[A-Za-z0-9_-]`, at most 64).
@@ -120,11 +230,17 @@ async fn hypervisor(
 
 pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
     let data = crate::cmd_serve::data_dir(global)?;
-    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
-    let (url, mut server) = if crate::demo::nats_given() {
-        (global.nats.clone(), None)
+    usbpt_bus::auth::private_dir(&data).with_context(|| format!("creating {}", data.display()))?;
+    let host = match &args.host {
+        Some(h) => h.clone(),
+        None => system_host()?,
+    };
+    let settings = args.stream.settings();
+    let (url, mut server, creds) = if crate::demo::nats_given() {
+        (global.nats.clone(), None, None)
     } else {
-        let mut config = ServerConfig::new(data.join("nats"));
+        let creds = PrivateCreds::ensure(&data, std::slice::from_ref(&host))?;
+        let mut config = creds.server_config(data.join("nats"));
         config.sync_always = !args.fast_fsync;
         config.port = nats_port();
         let s = NatsServer::start(config)
@@ -136,14 +252,27 @@ pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
             s.dir().join("jetstream").display(),
             if args.fast_fsync { "default" } else { "always" }
         );
-        (s.url(), Some(s))
+        creds.create_stream(&s.url(), &settings).await?;
+        println!(
+            "usbpt up: NATS identities (nkeys, one per role) in {}; the CLI uses admin.nk from there",
+            creds.dir.dir().display()
+        );
+        (s.url(), Some(s), Some(creds))
     };
-    let control = Global {
-        nats: url.clone(),
-        creds: global.creds.clone(),
-        data_dir: Some(data.clone()),
-        api: global.api.clone(),
-        verbose: global.verbose,
+    let control = match &creds {
+        Some(c) => c.control_global(global, &url, data.clone()),
+        None => Global {
+            nats: url.clone(),
+            creds: global.creds.clone(),
+            command_creds: global.command_creds.clone(),
+            insecure: global.insecure,
+            tls_ca: global.tls_ca.clone(),
+            tls_cert: global.tls_cert.clone(),
+            tls_key: global.tls_key.clone(),
+            data_dir: Some(data.clone()),
+            api: global.api.clone(),
+            verbose: global.verbose,
+        },
     };
     let mut tasks = Tasks::new();
     let listener = crate::demo::bind_or_free("up", args.listen).await?;
@@ -167,10 +296,6 @@ pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
     )
     .await?;
 
-    let host = match &args.host {
-        Some(h) => h.clone(),
-        None => system_host()?,
-    };
     if std::path::Path::new("/sys/bus/usb").exists() {
         let executor = hypervisor(&host, &args, &data).await;
         let config = AgentConfig {
@@ -184,10 +309,16 @@ pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
                 Some(p) => Filter::load(p)?,
                 None => Filter::default(),
             },
-            bus: BusTarget {
-                url: url.clone(),
-                creds: global.creds.clone(),
-                settings: StreamSettings::default(),
+            bus: match &creds {
+                Some(c) => c.agent_target(&url, &host),
+                None => BusTarget {
+                    url: url.clone(),
+                    creds: global.creds.clone(),
+                    settings: StreamSettings::default(),
+                    require_auth: !global.insecure,
+                    tls: global.security().tls,
+                    control_key: None,
+                },
             },
             progress: progress::silent(),
             drain_on_stop: Duration::from_secs(2),

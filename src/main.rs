@@ -8,6 +8,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod cli;
 mod cmd_agent;
 mod cmd_bench;
+mod cmd_creds;
 mod cmd_ctl;
 mod cmd_query;
 mod cmd_replay;
@@ -22,6 +23,9 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Everything usbpt creates (views, outboxes, identities, the private nats-server's store,
+    // config and log) is the invoking user's alone: directories 0700, files 0600.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = cli::Cli::parse();
     init_tracing(cli.global.verbose);
     match cli::run(cli).await {

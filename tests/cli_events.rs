@@ -7,8 +7,11 @@ mod common;
 use anyhow::Result;
 use usbpt_testkit::TestNats;
 
+/// `usbpt`, allowed to use the test's own nats-server, which runs without authentication.
 fn usbpt() -> tokio::process::Command {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_usbpt"))
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_usbpt"));
+    c.env("USBPT_INSECURE", "1");
+    c
 }
 
 #[tokio::test]

@@ -67,6 +67,7 @@ pub async fn seed_devices(bus: &Bus, hosts: usize, per_host: usize) -> Result<()
 /// Starts `usbpt commands` and returns once it says it is ready.
 async fn start_handler(nats: &str, data: &std::path::Path, i: usize) -> Result<Child> {
     let mut child = Proc::new(env!("CARGO_BIN_EXE_usbpt"))
+        .env("USBPT_INSECURE", "1")
         .args(["commands", "--consumer", &format!("handler-{i}")])
         .env("NATS_URL", nats)
         .env("USBPT_DATA_DIR", data)

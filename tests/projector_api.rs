@@ -54,7 +54,6 @@ fn discovered(
         unreachable!()
     };
     d.device_id = DeviceId(id(dev));
-    d.lineage_id = LineageId(id(lineage));
     d.lineage_kind = if serial.is_some() {
         LineageKind::Serial
     } else {
@@ -67,7 +66,42 @@ fn discovered(
     d.address = UsbAddress::new(bus, devnum).unwrap();
     d.port_path = port.parse().unwrap();
     d.supersedes = supersedes.map(|s| DeviceId(id(s)));
+    // The fold re-derives lineage ids from their keys (ADR 0005): derive it, and remember which
+    // id the test's lineage number stands for.
+    d.lineage_id = LineageId::derive(&match &d.serial {
+        Some(s) => LineageKey::Serial {
+            vendor: d.vendor_id,
+            product: d.product_id,
+            serial: s,
+        },
+        None => LineageKey::Port {
+            host: &d.host,
+            port: &d.port_path,
+            vendor: d.vendor_id,
+            product: d.product_id,
+        },
+    });
+    LINEAGES.with(|m| {
+        let previous = m.borrow_mut().insert(lineage, d.lineage_id);
+        assert!(
+            previous.is_none_or(|p| p == d.lineage_id),
+            "lineage number {lineage} used for two keys"
+        );
+    });
     Event::DeviceDiscovered(d)
+}
+
+thread_local! {
+    /// The test's lineage numbers and the derived ids they stand for.
+    static LINEAGES: std::cell::RefCell<std::collections::HashMap<u128, LineageId>> =
+        std::cell::RefCell::default();
+}
+
+/// The lineage the test calls `n` (derived when its first device was discovered).
+fn lin(n: u128) -> LineageId {
+    LINEAGES
+        .with(|m| m.borrow().get(&n).copied())
+        .unwrap_or(LineageId(id(n)))
 }
 
 fn invalidated(
@@ -79,7 +113,7 @@ fn invalidated(
 ) -> Event {
     Event::DeviceInvalidated(DeviceInvalidated {
         device_id: DeviceId(id(dev)),
-        lineage_id: LineageId(id(lineage)),
+        lineage_id: lin(lineage),
         host: common::host(host),
         reason,
         superseded_by: by.map(|b| DeviceId(id(b))),
@@ -98,7 +132,7 @@ fn boot(server: u128, name: &str, flavor: u128) -> Event {
 fn claimed(dev: u128, lineage: u128, host: &str, server: u128) -> Event {
     Event::DeviceClaimed(DeviceClaimed {
         device_id: DeviceId(id(dev)),
-        lineage_id: LineageId(id(lineage)),
+        lineage_id: lin(lineage),
         host: common::host(host),
         server_id: ServerId(id(server)),
         request_index: 0,
@@ -116,7 +150,7 @@ fn attached(
 ) -> Event {
     Event::DeviceAttached(DeviceAttached {
         device_id: DeviceId(id(dev)),
-        lineage_id: LineageId(id(lineage)),
+        lineage_id: lin(lineage),
         host: common::host(host),
         server_id: ServerId(id(server)),
         address: UsbAddress::new(bus, devnum).unwrap(),
@@ -386,7 +420,7 @@ async fn history_of_a_lineage_across_three_reenumerations_is_in_order() -> Resul
         Event::DeviceReattached(DeviceReattached {
             server_id: ServerId(id(30)),
             host: common::host("host-a"),
-            lineage_id: LineageId(id(201)),
+            lineage_id: lin(201),
             old_device_id: DeviceId(id(11)),
             new_device_id: DeviceId(id(12)),
             address: UsbAddress::new(1, 5).unwrap(),
@@ -430,7 +464,7 @@ async fn history_of_a_lineage_across_three_reenumerations_is_in_order() -> Resul
     serve.wait_applied(last).await?;
 
     let by_lineage = serve
-        .cli_json(&["history", &id(201).to_string(), "--json"])
+        .cli_json(&["history", &lin(201).to_string(), "--json"])
         .await?;
     let by_device = serve
         .cli_json(&["history", &id(12).to_string(), "--json"])
@@ -482,7 +516,7 @@ async fn history_of_a_lineage_across_three_reenumerations_is_in_order() -> Resul
         .windows(2)
         .all(|w| w[0]["discovered"]["seq"].as_u64() < w[1]["discovered"]["seq"].as_u64()));
 
-    let (ok, text, _) = serve.cli(&["history", &id(201).to_string()]).await?;
+    let (ok, text, _) = serve.cli(&["history", &lin(201).to_string()]).await?;
     assert!(ok);
     let rows: Vec<&str> = text
         .lines()

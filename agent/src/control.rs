@@ -12,10 +12,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{info, warn};
-use usbpt_bus::Bus;
 use usbpt_schemas::{codec, subjects, DeviceId, Envelope, Event, LineageId};
 
+use crate::guard;
 use crate::libvirt::{DeviceInfo, Executor};
+use crate::progress::{Progress, ProgressSink};
 use crate::publisher::BusTarget;
 use crate::store::{Store, StoreError};
 
@@ -39,6 +40,7 @@ pub(crate) struct Control {
     pub reenumerated: mpsc::UnboundedReceiver<Reenumerated>,
     /// The host rebooted since the agent last ran: start the domains that were running.
     pub resume_after_boot: bool,
+    pub progress: ProgressSink,
 }
 
 const RETRY: Duration = Duration::from_secs(1);
@@ -66,6 +68,18 @@ impl Control {
         Ok(())
     }
 
+    /// Logs and counts refused work ([`guard::check`]).
+    fn refuse(&self, subject: &str, kind: &str, reason: String) {
+        let refused = guard::count_refusal();
+        warn!(%subject, kind, %reason, refused, "control: work refused");
+        (self.progress)(&Progress::WorkRefused {
+            subject: subject.to_owned(),
+            kind: kind.to_owned(),
+            reason,
+            refused,
+        });
+    }
+
     async fn reattach(&self, r: Reenumerated) -> Result<(), StoreError> {
         let events = self
             .executor
@@ -78,7 +92,7 @@ impl Control {
     /// re-attachments go on meanwhile.
     pub async fn run(mut self) -> Result<(), StoreError> {
         let host = self.executor.host().clone();
-        let durable = format!("agent-{host}");
+        let durable = subjects::agent_consumer(&host);
         if self.resume_after_boot {
             let devices = self.devices.borrow().clone();
             let events = self.executor.resume_after_host_boot(&*devices).await;
@@ -86,7 +100,7 @@ impl Control {
         }
         loop {
             let bus = tokio::select! {
-                b = Bus::connect(&self.target.url, self.target.creds.as_deref(), &self.target.settings) => b,
+                b = self.target.connect() => b,
                 Some(r) = self.reenumerated.recv() => { self.reattach(r).await?; continue; }
             };
             let bus = match bus {
@@ -126,11 +140,14 @@ impl Control {
                             break;
                         };
                         match codec::decode(&msg.payload) {
-                            Ok(env) => {
-                                let devices = self.devices.borrow().clone();
-                                let events = self.executor.handle(&env, &*devices).await;
-                                self.enqueue(events, Some(&env))?;
-                            }
+                            Ok(env) => match guard::check(&host, &msg.subject, &msg.payload, msg.headers.as_ref(), &env, self.target.control_key.as_deref()) {
+                                Ok(()) => {
+                                    let devices = self.devices.borrow().clone();
+                                    let events = self.executor.handle(&env, &*devices).await;
+                                    self.enqueue(events, Some(&env))?;
+                                }
+                                Err(reason) => self.refuse(&msg.subject, env.body.kind(), reason),
+                            },
                             Err(e) => warn!(subject = %msg.subject, error = %e, "control: undecodable work skipped"),
                         }
                         if let Err(e) = msg.ack().await {

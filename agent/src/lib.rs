@@ -6,10 +6,11 @@
 //! - [`filter`]: which devices are passthrough candidates (built-in rules, TOML, blueprint JSON).
 //! - [`store`]: the redb state and outbox; [`publisher`]: drains the outbox into JetStream.
 //! - [`run()`]: the agent process; [`run_with_executor`] also carries out the control plane's
-//!   work for the host through [`libvirt`] ([`control`]).
+//!   work for the host through [`libvirt`] ([`control`]), after [`guard`] checks it.
 
 pub mod control;
 pub mod filter;
+pub mod guard;
 pub mod libvirt;
 pub mod observation;
 pub mod progress;

@@ -36,6 +36,14 @@ pub enum Progress {
     Unreachable { error: String, outbox: u64 },
     /// Every queued event is in the stream.
     Drained { published: u64 },
+    /// Control work was refused (not this host's, not the command handler's); `refused`
+    /// counts every refusal since the process started.
+    WorkRefused {
+        subject: String,
+        kind: String,
+        reason: String,
+        refused: u64,
+    },
     /// The agent stopped; `outbox` events wait for the next start.
     Stopped { outbox: u64 },
 }

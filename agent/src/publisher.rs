@@ -22,11 +22,32 @@ use crate::progress::{Progress, ProgressSink};
 use crate::store::{Store, StoreError};
 
 /// Which bus to publish to.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BusTarget {
     pub url: String,
+    /// This host's identity: an nkey seed file (`usbpt up`) or a NATS `.creds` file.
     pub creds: Option<PathBuf>,
     pub settings: StreamSettings,
+    /// Refuse a server that admits clients without authentication (the CLI sets it unless
+    /// `--insecure`).
+    pub require_auth: bool,
+    /// TLS to the server (none: plain TCP).
+    pub tls: usbpt_bus::TlsClient,
+    /// The command handler's nkey public key: when set, control work must carry its signature
+    /// (ADR 0005); when not, only the structural checks apply.
+    pub control_key: Option<String>,
+}
+
+impl std::fmt::Debug for BusTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusTarget")
+            .field("url", &self.shown_url())
+            .field("creds", &self.creds)
+            .field("require_auth", &self.require_auth)
+            .field("tls", &self.tls)
+            .field("control_key", &self.control_key)
+            .finish_non_exhaustive()
+    }
 }
 
 impl BusTarget {
@@ -35,7 +56,30 @@ impl BusTarget {
             url: url.into(),
             creds: None,
             settings: StreamSettings::default(),
+            require_auth: false,
+            tls: usbpt_bus::TlsClient::default(),
+            control_key: None,
         }
+    }
+
+    /// Connects (and ensures the stream), checking that the server requires authentication
+    /// when [`BusTarget::require_auth`].
+    pub async fn connect(&self) -> Result<Bus, usbpt_bus::BusError> {
+        Bus::connect_checked(
+            &self.url,
+            self.creds.as_deref(),
+            &self.settings,
+            &usbpt_bus::ClientSecurity {
+                insecure: !self.require_auth,
+                tls: self.tls.clone(),
+            },
+        )
+        .await
+    }
+
+    /// The URL without any `user:password@`, for logs.
+    pub fn shown_url(&self) -> String {
+        usbpt_bus::auth::redact_url(&self.url)
     }
 }
 
@@ -96,15 +140,10 @@ impl Publisher {
 
             let attempt = async {
                 if bus.is_none() {
-                    let b = Bus::connect(
-                        &self.target.url,
-                        self.target.creds.as_deref(),
-                        &self.target.settings,
-                    )
-                    .await?;
-                    info!(url = %self.target.url, "connected to the bus");
+                    let b = self.target.connect().await?;
+                    info!(url = %self.target.shown_url(), "connected to the bus");
                     (self.progress)(&Progress::Connected {
-                        url: self.target.url.clone(),
+                        url: self.target.shown_url(),
                     });
                     bus = Some(b);
                 }
@@ -137,9 +176,9 @@ impl Publisher {
                         ),
                     }
                     if outage {
-                        info!(url = %self.target.url, "the bus is back");
+                        info!(url = %self.target.shown_url(), "the bus is back");
                         (self.progress)(&Progress::Connected {
-                            url: self.target.url.clone(),
+                            url: self.target.shown_url(),
                         });
                         outage = false;
                     }

@@ -414,6 +414,7 @@ pub async fn run_with_executor<S: DeviceSource>(
                 devices: devices_rx,
                 reenumerated: reenum_rx,
                 resume_after_boot: rebooted,
+                progress: agent.config.progress.clone(),
             };
             tokio::spawn(control.run().in_current_span())
         });

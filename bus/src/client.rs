@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use async_nats::jetstream::{self, stream::Stream};
 use bytes::Bytes;
 use thiserror::Error;
@@ -20,6 +20,61 @@ pub struct Bus {
     client: async_nats::Client,
     js: jetstream::Context,
     stream: Stream,
+    /// The identity's nkey when it connected with one: it signs control work (ADR 0005).
+    signer: Option<std::sync::Arc<nkeys::KeyPair>>,
+}
+
+/// TLS to the NATS server: the CA that signed the server's certificate and, when the server
+/// verifies clients, this client's certificate and key (PEM files).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsClient {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl TlsClient {
+    /// Whether any TLS option is set (then TLS is required).
+    pub fn is_set(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    fn apply(
+        &self,
+        mut options: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions, BusError> {
+        if !self.is_set() {
+            return Ok(options);
+        }
+        options = options.require_tls(true);
+        if let Some(ca) = &self.ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+            (None, None) => {}
+            _ => {
+                return Err(BusError::Creds {
+                    path: "--tls-cert/--tls-key".into(),
+                    source: std::io::Error::other(
+                        "a client certificate needs both its certificate and its key",
+                    ),
+                })
+            }
+        }
+        Ok(options)
+    }
+}
+
+/// How a usbpt process secures its connection: whether an unauthenticated server is accepted,
+/// and TLS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientSecurity {
+    /// Accept a server that admits clients without authentication.
+    pub insecure: bool,
+    pub tls: TlsClient,
 }
 
 /// Where a publish landed.
@@ -43,6 +98,8 @@ pub enum BusError {
         path: String,
         source: std::io::Error,
     },
+    #[error("the NATS server at {url} lets clients in without authentication; give it users (usbpt up does) or pass --insecure (USBPT_INSECURE=1) to run anyway")]
+    NoAuth { url: String },
     #[error("JetStream is not available on this server (start nats-server with -js): {0}")]
     NoJetStream(String),
     #[error(transparent)]
@@ -69,23 +126,49 @@ impl BusError {
 }
 
 impl Bus {
-    /// Connects to `url` (with a credentials file if given) and ensures the stream.
+    /// Connects to `url` (with a credentials file if given) and ensures the stream. The file
+    /// is either an nkey user seed (what `usbpt up` generates: the identity then also signs
+    /// control work and receives replies on its own inbox) or a NATS `.creds` file.
     pub async fn connect(
         url: &str,
         creds: Option<&std::path::Path>,
         settings: &StreamSettings,
     ) -> Result<Self, BusError> {
-        let mut options = async_nats::ConnectOptions::new()
+        Self::connect_tls(url, creds, settings, &TlsClient::default()).await
+    }
+
+    /// [`Bus::connect`] over TLS when `tls` says so.
+    pub async fn connect_tls(
+        url: &str,
+        creds: Option<&std::path::Path>,
+        settings: &StreamSettings,
+        tls: &TlsClient,
+    ) -> Result<Self, BusError> {
+        // Never print a password given in the URL.
+        let shown = crate::auth::redact_url(url);
+        let options = async_nats::ConnectOptions::new()
             .name("usbpt")
             .connection_timeout(Duration::from_secs(5));
+        let mut options = tls.apply(options)?;
+        let mut signer = None;
         if let Some(path) = creds {
-            options = options
-                .credentials_file(path)
-                .await
-                .map_err(|source| BusError::Creds {
-                    path: path.display().to_string(),
-                    source,
-                })?;
+            let creds_error = |source| BusError::Creds {
+                path: path.display().to_string(),
+                source,
+            };
+            if crate::auth::is_seed_file(path) {
+                let key = crate::auth::read_seed(path)
+                    .map_err(|e| creds_error(std::io::Error::other(e.to_string())))?;
+                let seed = key
+                    .seed()
+                    .map_err(|e| creds_error(std::io::Error::other(e.to_string())))?;
+                options = options
+                    .nkey(seed)
+                    .custom_inbox_prefix(subjects::inbox_prefix(&key.public_key()));
+                signer = Some(std::sync::Arc::new(key));
+            } else {
+                options = options.credentials_file(path).await.map_err(creds_error)?;
+            }
         }
         // NATS_URL may list several servers, comma-separated, as other NATS tools accept.
         let addrs = url
@@ -93,7 +176,7 @@ impl Bus {
             .map(|u| u.trim().parse::<async_nats::ServerAddr>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| BusError::Connect {
-                url: url.to_owned(),
+                url: shown.clone(),
                 source: async_nats::ConnectError::with_source(
                     async_nats::ConnectErrorKind::ServerParse,
                     e,
@@ -103,12 +186,39 @@ impl Bus {
             .connect(addrs)
             .await
             .map_err(|source| BusError::Connect {
-                url: url.to_owned(),
+                url: shown.clone(),
                 source,
             })?;
         let js = jetstream::new(client.clone());
         let stream = ensure_stream(&js, settings).await?;
-        Ok(Self { client, js, stream })
+        Ok(Self {
+            client,
+            js,
+            stream,
+            signer,
+        })
+    }
+
+    /// [`Bus::connect`], refusing a server that admits clients without authentication unless
+    /// `insecure` (what every usbpt process does against an operator's server).
+    pub async fn connect_checked(
+        url: &str,
+        creds: Option<&std::path::Path>,
+        settings: &StreamSettings,
+        security: &ClientSecurity,
+    ) -> Result<Self, BusError> {
+        let bus = Self::connect_tls(url, creds, settings, &security.tls).await?;
+        if !security.insecure && !bus.client.server_info().auth_required {
+            return Err(BusError::NoAuth {
+                url: crate::auth::redact_url(url),
+            });
+        }
+        Ok(bus)
+    }
+
+    /// The public key of the nkey this connection authenticated with, if any.
+    pub fn public_key(&self) -> Option<String> {
+        self.signer.as_ref().map(|k| k.public_key())
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -144,11 +254,24 @@ impl Bus {
     ) -> Result<Published, BusError> {
         let subject = subjects::for_event(envelope);
         let payload = Bytes::from(codec::encode(envelope)?);
+        let signed = payload.clone();
         let mut message = PublishMessage::build()
             .payload(payload)
             .message_id(envelope.event_id.to_string());
         if let Some(seq) = expected {
             message = message.expected_last_subject_sequence(seq);
+        }
+        // Control work is signed by the identity that decided it, so an agent can tell it from
+        // a forgery even if the server's permissions were misconfigured (ADR 0005).
+        if let (Some(key), Ok(subjects::SubjectScope::ControlForHost(_))) =
+            (&self.signer, subjects::scope_of(&subject))
+        {
+            if let Ok(sig) = key.sign(&signed) {
+                message = message.header(
+                    crate::auth::SIGNATURE_HEADER,
+                    crate::auth::hex(&sig).as_str(),
+                );
+            }
         }
         let publish_error = |message: String| BusError::Publish {
             subject: subject.clone(),
@@ -206,9 +329,11 @@ impl Bus {
         self.last_on_subject(subject).await
     }
 
-    /// The last event on `subject`: its sequence and `Nats-Msg-Id`.
+    /// The last event on `subject`: its sequence and `Nats-Msg-Id`. A direct get with the
+    /// subject in the request subject (`$JS.API.DIRECT.GET.USBPT_EVENTS.{subject}`), so the
+    /// server's permissions can confine an agent to its own subjects (ADR 0005).
     async fn last_on_subject(&self, subject: &str) -> Result<Option<(u64, String)>, BusError> {
-        match self.stream.get_last_raw_message_by_subject(subject).await {
+        match self.stream.direct_get_last_for_subject(subject).await {
             Ok(m) => {
                 let id = m
                     .headers
@@ -217,7 +342,7 @@ impl Bus {
                     .unwrap_or_default();
                 Ok(Some((m.sequence, id)))
             }
-            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
             Err(e) => Err(BusError::StreamRequest(e.to_string())),
         }
     }

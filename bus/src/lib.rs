@@ -4,11 +4,12 @@
 //!
 //! Subject names come from [`usbpt_schemas::subjects`]; this crate never formats one.
 
+pub mod auth;
 mod client;
 pub mod server;
 mod stream;
 
-pub use client::{Bus, BusError, Published, StartAt};
+pub use client::{Bus, BusError, ClientSecurity, Published, StartAt, TlsClient};
 pub use stream::{StreamError, StreamSettings};
 
 /// Re-exported so callers name consumer and message types without depending on async-nats.

@@ -82,6 +82,22 @@ pub struct ServerConfig {
     pub name: String,
     /// Cluster membership, for R3 tests and deployments.
     pub cluster: Option<ClusterConfig>,
+    /// The authorization block to include (`CredsDir::write_auth_conf`): with it the server
+    /// refuses anonymous clients and enforces each identity's permissions. `None`: no auth
+    /// (tests of other things).
+    pub auth: Option<PathBuf>,
+    /// TLS for client connections (PEM files): clients must use it, and must present a
+    /// certificate signed by `ca` when it is given.
+    pub tls: Option<ServerTls>,
+}
+
+/// The server's TLS files.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Verify client certificates against this CA.
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -100,7 +116,14 @@ impl ServerConfig {
             sync_always: false,
             name: "usbpt".to_owned(),
             cluster: None,
+            auth: None,
+            tls: None,
         }
+    }
+
+    /// Where the running server writes its process id (`usbpt creds` signals it to reload).
+    pub fn pid_file(dir: &Path) -> PathBuf {
+        dir.join("nats-server.pid")
     }
 
     fn render(&self, port: Option<u16>) -> String {
@@ -112,6 +135,32 @@ impl ServerConfig {
             port.map_or(-1, i32::from)
         ));
         out.push_str("max_payload: 1048576\n");
+        out.push_str(&format!(
+            "pid_file: {:?}\n",
+            Self::pid_file(&self.dir).display().to_string()
+        ));
+        if let Some(auth) = &self.auth {
+            // nats-server resolves includes relative to the config file's directory only.
+            let rel = relative_to(&self.dir, auth);
+            out.push_str(&format!("include {:?}\n", rel.display().to_string()));
+        }
+        if let Some(tls) = &self.tls {
+            out.push_str("tls {\n");
+            out.push_str(&format!(
+                "  cert_file: {:?}\n",
+                tls.cert.display().to_string()
+            ));
+            out.push_str(&format!(
+                "  key_file: {:?}\n",
+                tls.key.display().to_string()
+            ));
+            if let Some(ca) = &tls.ca {
+                out.push_str(&format!("  ca_file: {:?}\n", ca.display().to_string()));
+                out.push_str("  verify: true\n");
+            }
+            out.push_str("  timeout: 5\n");
+            out.push_str("}\n");
+        }
         out.push_str("jetstream {\n");
         out.push_str(&format!("  store_dir: {:?}\n", store.display().to_string()));
         if self.sync_always {
@@ -134,6 +183,25 @@ impl ServerConfig {
     }
 }
 
+/// `to` as a path relative to the directory `from` (both made absolute first).
+fn relative_to(from: &Path, to: &Path) -> PathBuf {
+    let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let (from, to) = (abs(from), abs(to));
+    let common = from
+        .components()
+        .zip(to.components())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut rel = PathBuf::new();
+    for _ in from.components().skip(common) {
+        rel.push("..");
+    }
+    for c in to.components().skip(common) {
+        rel.push(c);
+    }
+    rel
+}
+
 /// A running (or stopped) nats-server child process. Killed when dropped.
 #[derive(Debug)]
 pub struct NatsServer {
@@ -149,9 +217,10 @@ impl NatsServer {
     /// Starts the server and returns once it logs "Server is ready".
     pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
         let binary = locate_binary()?;
-        tokio::fs::create_dir_all(&config.dir)
-            .await
-            .map_err(io(format!("create {}", config.dir.display())))?;
+        crate::auth::private_dir(&config.dir).map_err(|e| ServerError::Io {
+            what: format!("create {}", config.dir.display()),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         let mut server = Self {
             config,
             binary,
@@ -165,9 +234,12 @@ impl NatsServer {
     async fn launch(&mut self) -> Result<(), ServerError> {
         let fixed = (self.port != 0).then_some(self.port).or(self.config.port);
         let conf_path = self.config.dir.join("nats-server.conf");
-        tokio::fs::write(&conf_path, self.config.render(fixed))
-            .await
-            .map_err(io(format!("write {}", conf_path.display())))?;
+        crate::auth::write_private(&conf_path, self.config.render(fixed).as_bytes()).map_err(
+            |e| ServerError::Io {
+                what: format!("write {}", conf_path.display()),
+                source: std::io::Error::other(e.to_string()),
+            },
+        )?;
         let log_path = self.config.dir.join("nats-server.log");
         let mut child = Command::new(&self.binary)
             .arg("-c")
@@ -218,6 +290,17 @@ impl NatsServer {
         self.child.as_ref().and_then(Child::id)
     }
 
+    /// Re-reads the configuration (SIGHUP): new or revoked identities take effect.
+    pub fn reload(&self) -> Result<(), ServerError> {
+        if let Some(pid) = self.pid().and_then(|p| i32::try_from(p).ok()) {
+            kill(Pid::from_raw(pid), Signal::SIGHUP).map_err(|e| ServerError::Io {
+                what: "signal nats-server to reload".into(),
+                source: std::io::Error::from_raw_os_error(e as i32),
+            })?;
+        }
+        Ok(())
+    }
+
     /// Graceful stop (SIGTERM), waiting for the process to exit.
     pub async fn stop(&mut self) -> Result<(), ServerError> {
         if let Some(mut child) = self.child.take() {
@@ -262,6 +345,7 @@ async fn pump_log(
     let mut log = tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&log_path)
         .await
         .ok();
@@ -286,4 +370,24 @@ async fn tail(path: &Path) -> String {
     let text = tokio::fs::read_to_string(path).await.unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Asks the nats-server whose store is under `dir` to reload its configuration (SIGHUP to the
+/// process in its pid file): how `usbpt creds add-host`/`revoke` take effect on a running
+/// `usbpt up`. `Ok(false)` when no server runs there.
+pub fn signal_reload(dir: &Path) -> Result<bool, ServerError> {
+    let Ok(text) = std::fs::read_to_string(ServerConfig::pid_file(dir)) else {
+        return Ok(false);
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return Ok(false);
+    };
+    match kill(Pid::from_raw(pid), Signal::SIGHUP) {
+        Ok(()) => Ok(true),
+        Err(nix::errno::Errno::ESRCH) => Ok(false),
+        Err(e) => Err(ServerError::Io {
+            what: format!("signal nats-server {pid} to reload"),
+            source: std::io::Error::from_raw_os_error(e as i32),
+        }),
+    }
 }

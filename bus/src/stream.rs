@@ -13,6 +13,11 @@ pub struct StreamSettings {
     pub replicas: usize,
     /// How long a `Nats-Msg-Id` is remembered, so a retried publish is stored once.
     pub duplicate_window: Duration,
+    /// The stream's size limit in bytes (-1: none). With discard `new`, a full stream refuses
+    /// new events loudly instead of dropping history.
+    pub max_bytes: i64,
+    /// How long events are kept (0: forever, the default: the history is the audit trail).
+    pub max_age: Duration,
 }
 
 impl Default for StreamSettings {
@@ -20,6 +25,8 @@ impl Default for StreamSettings {
         Self {
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
+            max_bytes: -1,
+            max_age: Duration::ZERO,
         }
     }
 }
@@ -41,12 +48,16 @@ impl StreamSettings {
             allow_direct: true,
             deny_delete: true,
             deny_purge: true,
+            max_bytes: self.max_bytes,
+            max_age: self.max_age,
             ..Default::default()
         }
     }
 
     /// Why an existing stream's config cannot serve usbpt, if it cannot. Fields an operator may
-    /// tune without harm (limits, replicas, duplicate window) are not compared.
+    /// tune without harm (replicas, duplicate window, `max_bytes`) are not compared; a
+    /// `max_age` is accepted only when these settings ask for the same one (an age limit drops
+    /// audit history, so it must be chosen on purpose).
     pub fn incompatibility(&self, existing: &Config) -> Option<StreamError> {
         let want = self.config();
         let mismatch = |field: &'static str, want: String, found: String| {
@@ -80,10 +91,10 @@ impl StreamSettings {
                 "0s (no deduplication)".to_owned(),
             );
         }
-        if existing.max_age != Duration::ZERO {
+        if existing.max_age != Duration::ZERO && existing.max_age != self.max_age {
             return mismatch(
                 "max_age",
-                "0 (keep history forever)".to_owned(),
+                format!("{:?} (0: keep history forever)", self.max_age),
                 format!("{:?}", existing.max_age),
             );
         }

@@ -1026,12 +1026,16 @@ fn discovered(v: &mut FoldTxn, st: Stamp, e: &DeviceDiscovered) -> R {
             ),
         );
     }
+    check_lineage_key(e)?;
     let lineage = v.lineage(e.lineage_id)?;
-    let claim = v.claim(e.lineage_id)?;
     let previous = match &lineage {
         Some(l) => v.device(l.current)?,
         None => None,
     };
+    if let (Some(l), Some(prev)) = (&lineage, &previous) {
+        check_lineage_move(e, l, prev)?;
+    }
+    let claim = v.claim(e.lineage_id)?;
 
     let mut new = Device {
         discovery: std::sync::Arc::new(e.clone()),
@@ -1108,6 +1112,80 @@ fn discovered(v: &mut FoldTxn, st: Stamp, e: &DeviceDiscovered) -> R {
     ));
     v.put_lineage(l);
     v.put_device(new)?;
+    Ok(())
+}
+
+/// The lineage id must be the one derived from the discovery's own key, so a publisher cannot
+/// name another host's lineage (and take over its claim): a port lineage's key holds the
+/// event's host, a serial lineage's the serial.
+fn check_lineage_key(e: &DeviceDiscovered) -> R {
+    let key = match (e.lineage_kind, e.serial.as_deref()) {
+        (LineageKind::Serial, Some(serial)) => LineageKey::Serial {
+            vendor: e.vendor_id,
+            product: e.product_id,
+            serial,
+        },
+        (LineageKind::Serial, None) => {
+            return reject(
+                QuarantineReason::LineageMismatch,
+                format!(
+                    "device {} claims serial lineage {} but has no serial",
+                    e.device_id, e.lineage_id
+                ),
+            )
+        }
+        (LineageKind::Port, _) => LineageKey::Port {
+            host: &e.host,
+            port: &e.port_path,
+            vendor: e.vendor_id,
+            product: e.product_id,
+        },
+    };
+    let derived = LineageId::derive(&key);
+    if derived != e.lineage_id {
+        return reject(
+            QuarantineReason::LineageMismatch,
+            format!(
+                "device {} on host {} names lineage {} but its {:?} key derives {derived}",
+                e.device_id, e.host, e.lineage_id, e.lineage_kind
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// A known lineage moves to a new enumeration only when that cannot steal it: same kind, a port
+/// lineage only on its own host, a serial lineage only when its current enumeration is gone
+/// or on the same host (a re-enumeration there).
+fn check_lineage_move(e: &DeviceDiscovered, l: &Lineage, prev: &Device) -> R {
+    if l.kind != e.lineage_kind {
+        return reject(
+            QuarantineReason::LineageMismatch,
+            format!(
+                "lineage {} is a {:?} lineage; device {} says {:?}",
+                l.id, l.kind, e.device_id, e.lineage_kind
+            ),
+        );
+    }
+    if l.kind == LineageKind::Port && l.current_host != e.host {
+        return reject(
+            QuarantineReason::LineageMismatch,
+            format!(
+                "port lineage {} belongs to host {}, not {}",
+                l.id, l.current_host, e.host
+            ),
+        );
+    }
+    let prev_host = &prev.discovery.host;
+    if prev_host != &e.host && prev.invalidation.is_none() {
+        return reject(
+            QuarantineReason::LineageClash,
+            format!(
+                "serial lineage {} is still present on host {prev_host} as device {}; device {} on host {} does not take it over",
+                l.id, prev.discovery.device_id, e.device_id, e.host
+            ),
+        );
+    }
     Ok(())
 }
 

@@ -320,10 +320,17 @@ pub enum QuarantineReason {
     Conflict,
     /// The same fact again (a device discovered twice, a server deleted twice).
     Duplicate,
+    /// A lineage id that is not the one derived from its key (vendor, product, serial; or host,
+    /// port, vendor, product), or a port lineage claimed from another host: a hijack attempt or
+    /// a broken agent (ADR 0005).
+    LineageMismatch,
+    /// A serial lineage whose current enumeration is still present on another host: the
+    /// lineage (and its claim) is not moved; the clash is recorded here.
+    LineageClash,
 }
 
 impl QuarantineReason {
-    pub const ALL: [QuarantineReason; 10] = [
+    pub const ALL: [QuarantineReason; 12] = [
         QuarantineReason::Undecodable,
         QuarantineReason::UnknownSchemaVersion,
         QuarantineReason::UnknownEvent,
@@ -334,6 +341,8 @@ impl QuarantineReason {
         QuarantineReason::UnknownFlavor,
         QuarantineReason::Conflict,
         QuarantineReason::Duplicate,
+        QuarantineReason::LineageMismatch,
+        QuarantineReason::LineageClash,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -348,6 +357,8 @@ impl QuarantineReason {
             QuarantineReason::UnknownFlavor => "unknown_flavor",
             QuarantineReason::Conflict => "conflict",
             QuarantineReason::Duplicate => "duplicate",
+            QuarantineReason::LineageMismatch => "lineage_mismatch",
+            QuarantineReason::LineageClash => "lineage_clash",
         }
     }
 }

@@ -32,9 +32,16 @@ fn discovered(n: u128, host: &str) -> DeviceDiscovered {
         unreachable!()
     };
     d.device_id = DeviceId(id(n));
-    d.lineage_id = LineageId(id(100 + n));
     d.host = common::host(host);
     d.supersedes = None;
+    // A lineage derived from its key, as the fold requires (ADR 0005).
+    d.serial = Some(format!("Q{n}"));
+    d.lineage_kind = LineageKind::Serial;
+    d.lineage_id = LineageId::derive(&LineageKey::Serial {
+        vendor: d.vendor_id,
+        product: d.product_id,
+        serial: d.serial.as_deref().unwrap_or_default(),
+    });
     d
 }
 
@@ -106,7 +113,7 @@ async fn each_kind_of_bad_input_is_quarantined_and_good_events_around_it_are_app
             usb: Vec::new(),
         }),
     );
-    let claim_subject = subjects::claim(&LineageId(id(101)));
+    let claim_subject = subjects::claim(&discovered(1, "host-a").lineage_id);
     expected.push((
         publish_raw(&bus, &claim_subject, codec::encode(&flavor)?).await?,
         Q::WrongSubject,
@@ -163,7 +170,7 @@ async fn each_kind_of_bad_input_is_quarantined_and_good_events_around_it_are_app
         10,
         Event::DeviceReleased(DeviceReleased {
             device_id: DeviceId(id(1)),
-            lineage_id: LineageId(id(101)),
+            lineage_id: discovered(1, "host-a").lineage_id,
             host: a.clone(),
             server_id: ServerId(id(88)),
             reason: ReleaseReason::ServerDeleted,
@@ -231,7 +238,10 @@ async fn each_kind_of_bad_input_is_quarantined_and_good_events_around_it_are_app
     assert_eq!(counters.get("applied.DeviceDiscovered"), Some(&2));
     // Every message on a claim subject moves its fence, quarantined or not: the last one there
     // is the refused release (the garbage before it was the last for a while).
-    assert_eq!(subjects::claim(&LineageId(id(101))), claim_subject);
+    assert_eq!(
+        subjects::claim(&discovered(1, "host-a").lineage_id),
+        claim_subject
+    );
     assert!(garbage_claim < release_seq);
     assert_eq!(snap.subject_seq(&claim_subject)?, release_seq);
     assert!(s1 < s2);

@@ -70,6 +70,75 @@ pub fn command(kind: &str) -> String {
     format!("{COMMAND_PREFIX}.{kind}")
 }
 
+/// The durable consumer a host's agent reads its control work from.
+pub fn agent_consumer(host: &HostName) -> String {
+    format!("agent-{host}")
+}
+
+/// The reply-inbox prefix of a client whose identity is the token `id` (an nkey public key):
+/// each identity subscribes only to its own replies, never to `_INBOX.>`.
+pub fn inbox_prefix(id: &str) -> String {
+    format!("_INBOX.{id}")
+}
+
+/// JetStream API subjects, for permissions (the NATS server enforces them; the client library
+/// builds the same strings). See ADR 0005 and `docs/security.md`.
+pub mod js {
+    use super::STREAM;
+
+    /// Account information (clients ask it when they open a JetStream context).
+    pub const API_INFO: &str = "$JS.API.INFO";
+
+    /// Stream information: every client reads it at connect to check the stream.
+    pub fn stream_info() -> String {
+        format!("$JS.API.STREAM.INFO.{STREAM}")
+    }
+    /// Creating the stream (`up`/`demo` do it as admin).
+    pub fn stream_create() -> String {
+        format!("$JS.API.STREAM.CREATE.{STREAM}")
+    }
+    /// Direct get of the last message on subjects matching `filter` (fenced writers' last
+    /// sequence, the agent's "is my event already stored").
+    pub fn direct_get_last(filter: &str) -> String {
+        format!("$JS.API.DIRECT.GET.{STREAM}.{filter}")
+    }
+    /// Direct get by sequence or with the subject in the request body.
+    pub fn direct_get() -> String {
+        format!("$JS.API.DIRECT.GET.{STREAM}")
+    }
+    /// Stored-message get (the non-direct path).
+    pub fn msg_get() -> String {
+        format!("$JS.API.STREAM.MSG.GET.{STREAM}")
+    }
+    /// Creating consumer `name` with one filter subject (`filter`), or with none.
+    pub fn consumer_create(name: &str, filter: Option<&str>) -> String {
+        match filter {
+            Some(f) => format!("$JS.API.CONSUMER.CREATE.{STREAM}.{name}.{f}"),
+            None => format!("$JS.API.CONSUMER.CREATE.{STREAM}.{name}"),
+        }
+    }
+    /// Creating an unnamed (ephemeral, e.g. ordered) consumer; the filter is in the body.
+    pub fn consumer_create_ephemeral() -> String {
+        format!("$JS.API.CONSUMER.CREATE.{STREAM}")
+    }
+    /// Reading consumer `name`'s information.
+    pub fn consumer_info(name: &str) -> String {
+        format!("$JS.API.CONSUMER.INFO.{STREAM}.{name}")
+    }
+    /// Pulling the next messages from consumer `name`.
+    pub fn consumer_next(name: &str) -> String {
+        format!("$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{name}")
+    }
+    /// Acknowledging any consumer's deliveries (readers with their own ordered consumers).
+    pub fn ack_any() -> String {
+        format!("$JS.ACK.{STREAM}.>")
+    }
+    /// Acknowledging consumer `name`'s deliveries.
+    pub fn ack(name: &str) -> String {
+        format!("$JS.ACK.{STREAM}.{name}.>")
+    }
+}
+
 /// The subject an event is published on. Total: every event has exactly one.
 pub fn for_event(envelope: &Envelope) -> String {
     for_body(&envelope.body)

@@ -22,7 +22,7 @@ pub struct SimHost {
     pub devices: SimulatedHost,
     pub executor: Arc<Executor>,
     data: PathBuf,
-    url: String,
+    target: BusTarget,
     running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
@@ -43,12 +43,16 @@ impl SimHost {
                 .with_context(|| format!("libvirt test driver for {name}"))?,
         );
         let (_, handle) = simulated(devices);
+        let target = match crate::cmd_up::PrivateCreds::open(root)? {
+            Some(creds) => creds.agent_target(url, &name),
+            None => BusTarget::new(url),
+        };
         Ok(Self {
             name,
             devices: handle,
             executor,
             data,
-            url: url.to_owned(),
+            target,
             running: None,
         })
     }
@@ -61,7 +65,7 @@ impl SimHost {
             hypervisor_uri: self.executor.uri().to_owned(),
             data_dir: self.data.clone(),
             filter: Filter::default(),
-            bus: BusTarget::new(self.url.clone()),
+            bus: self.target.clone(),
             progress: progress::silent(),
             drain_on_stop: Duration::from_secs(2),
         };

@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use usbpt_bus::Bus;
 use usbpt_projector::{DeviceStatus, View};
-use usbpt_schemas::UsbAddress;
+use usbpt_schemas::{HostName, UsbAddress};
 
 use super::hosts::{usb_device, SimHost};
 
@@ -28,6 +28,20 @@ use super::hosts::{usb_device, SimHost};
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
     pub load: Load,
+}
+
+/// The name of simulated host `h`.
+fn host_name(h: u16) -> String {
+    format!("load-{h:04}")
+}
+
+impl Scenario {
+    /// The simulated hosts' names (each gets an identity on a private bus).
+    pub fn host_names(&self) -> Result<Vec<HostName>> {
+        (0..self.load.hosts)
+            .map(|h| Ok(HostName::new(host_name(h))?))
+            .collect()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,7 +102,7 @@ pub async fn play(
     );
     let mut hosts = Vec::new();
     for h in 0..l.hosts {
-        let name = format!("load-{h:04}");
+        let name = host_name(h);
         let devices = (0..l.devices_per_host)
             .map(|d| {
                 let serial = (d % 2 == 0).then(|| format!("L{h:04}-{d:03}"));

@@ -13,10 +13,12 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use usbpt_bus::server::{NatsServer, ServerConfig};
+use usbpt_bus::server::NatsServer;
+use usbpt_schemas::HostName;
 
 use crate::cli::Global;
 use crate::cmd_serve::{control_plane, CommandArgs, ProjectorArgs, Tasks, WeighArg};
+use crate::cmd_up::PrivateCreds;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -39,22 +41,28 @@ pub fn nats_given() -> bool {
         || std::env::args().any(|a| a == "--nats" || a.starts_with("--nats="))
 }
 
-/// The bus to use: the operator's, or a private nats-server under `dir` (returned to keep it
-/// alive).
+/// The bus to use: the operator's, or a private nats-server under `root/nats` enforcing
+/// per-role identities generated under `root/creds` (one per simulated host in `hosts`);
+/// returned to keep it alive.
 pub async fn bus_url(
     global: &Global,
-    dir: PathBuf,
+    root: &std::path::Path,
+    hosts: &[HostName],
     sync_always: bool,
-) -> Result<(String, Option<NatsServer>)> {
+) -> Result<(String, Option<NatsServer>, Option<PrivateCreds>)> {
     if nats_given() {
-        return Ok((global.nats.clone(), None));
+        return Ok((global.nats.clone(), None, None));
     }
-    let mut config = ServerConfig::new(dir);
+    let creds = PrivateCreds::ensure(root, hosts)?;
+    let mut config = creds.server_config(root.join("nats"));
     config.sync_always = sync_always;
     let server = NatsServer::start(config)
         .await
         .context("starting a private nats-server")?;
-    Ok((server.url(), Some(server)))
+    creds
+        .create_stream(&server.url(), &usbpt_bus::StreamSettings::default())
+        .await?;
+    Ok((server.url(), Some(server), Some(creds)))
 }
 
 /// Binds `addr`, or a free loopback port when it is taken.
@@ -79,18 +87,43 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
             (t.path().to_path_buf(), Some(t))
         }
     };
-    let (url, server) = bus_url(global, root.join("nats"), false).await?;
-    let control = Global {
-        nats: url.clone(),
-        creds: global.creds.clone(),
-        data_dir: Some(root.join("control")),
-        api: global.api.clone(),
-        verbose: global.verbose,
+    let hosts = match &scenario {
+        Some(s) => s.host_names()?,
+        None => story::HOSTS
+            .iter()
+            .map(|h| HostName::new(*h))
+            .collect::<Result<_, _>>()?,
+    };
+    usbpt_bus::auth::private_dir(&root)?;
+    let (url, server, creds) = bus_url(global, &root, &hosts, false).await?;
+    let control = match &creds {
+        Some(c) => c.control_global(global, &url, root.join("control")),
+        None => Global {
+            nats: url.clone(),
+            creds: global.creds.clone(),
+            command_creds: global.command_creds.clone(),
+            insecure: global.insecure,
+            tls_ca: global.tls_ca.clone(),
+            tls_cert: global.tls_cert.clone(),
+            tls_key: global.tls_key.clone(),
+            data_dir: Some(root.join("control")),
+            api: global.api.clone(),
+            verbose: global.verbose,
+        },
+    };
+    // The story and the load generator send commands as an operator would: as admin.
+    let operator = match &creds {
+        Some(c) => Global {
+            creds: Some(c.dir.path(&usbpt_bus::auth::Role::Admin)),
+            command_creds: None,
+            ..control.clone()
+        },
+        None => control.clone(),
     };
     let mut tasks = Tasks::new();
     let listener = bind_or_free("demo", args.listen).await?;
     let dashboard = format!("http://{}/", listener.local_addr()?);
-    let (view, bus) = control_plane(
+    let (view, _) = control_plane(
         &control,
         &mut tasks,
         listener,
@@ -116,10 +149,17 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
         ),
         None => println!("  bus        {url}"),
     }
+    if let Some(c) = &creds {
+        println!(
+            "  identities {}  (nkeys, one per role; permissions in docs/security.md)",
+            c.dir.dir().display()
+        );
+    }
     println!("  dashboard  {dashboard}");
     println!("  data       {}", root.display());
     println!();
 
+    let bus = operator.bus().await?;
     let exit = args.exit_when_done;
     let stopping = tasks.stopping();
     let story = story::Story::new(bus.clone(), Arc::clone(&view), url.clone(), root.clone());

@@ -20,6 +20,9 @@ use super::hosts::{usb_device, SimHost};
 const STEP_LIMIT: Duration = Duration::from_secs(30);
 const STEPS: usize = 12;
 
+/// The story's two simulated hosts.
+pub const HOSTS: [&str; 2] = ["host-a", "host-b"];
+
 pub struct Story {
     bus: Bus,
     view: Arc<View>,
@@ -102,8 +105,8 @@ impl Story {
             7,
             ("EPSON", "Receipt printer"),
         )?;
-        let mut host_a = SimHost::new("host-a", &self.root, &self.url, vec![printer]).await?;
-        let mut host_b = SimHost::new("host-b", &self.root, &self.url, vec![]).await?;
+        let mut host_a = SimHost::new(HOSTS[0], &self.root, &self.url, vec![printer]).await?;
+        let mut host_b = SimHost::new(HOSTS[1], &self.root, &self.url, vec![]).await?;
         host_a.start_agent("boot-a-1");
         host_b.start_agent("boot-b-1");
         let (a, b) = (h("host-a")?, h("host-b")?);

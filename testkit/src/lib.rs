@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tempfile::TempDir;
+use usbpt_bus::auth::{CredsDir, Role};
 use usbpt_bus::server::{ClusterConfig, NatsServer, ServerConfig};
 use usbpt_bus::{Bus, StreamSettings};
 
@@ -41,8 +42,47 @@ impl TestNats {
         Ok(Self { server, _dir: dir })
     }
 
+    /// Starts a server that enforces usbpt's generated identities (ADR 0005): an admin, the
+    /// projector, the command handler, an auditor and an agent for each of `hosts`, their seed
+    /// files in the returned directory.
+    pub async fn start_secured(hosts: &[&str]) -> Result<(Self, CredsDir)> {
+        let dir = tempfile::Builder::new()
+            .prefix("usbpt-nats-")
+            .tempdir()
+            .context("temp dir for nats-server")?;
+        let creds = CredsDir::open(dir.path().join("creds"))?;
+        for role in [Role::Admin, Role::Projector, Role::Commands, Role::Auditor] {
+            creds.ensure(&role)?;
+        }
+        for h in hosts {
+            creds.ensure(&Role::Agent(usbpt_schemas::HostName::new(*h)?))?;
+        }
+        let mut config = ServerConfig::new(dir.path().join("nats"));
+        config.auth = Some(creds.write_auth_conf()?);
+        let server = NatsServer::start(config)
+            .await
+            .context("start nats-server")?;
+        Ok((Self { server, _dir: dir }, creds))
+    }
+
+    /// Connects as `role` (its seed in `creds`).
+    pub async fn bus_as(&self, creds: &CredsDir, role: &Role) -> Result<Bus> {
+        Bus::connect(
+            &self.url(),
+            Some(&creds.path(role)),
+            &StreamSettings::default(),
+        )
+        .await
+        .with_context(|| format!("connect as {}", role.name()))
+    }
+
     pub fn url(&self) -> String {
         self.server.url()
+    }
+
+    /// The server's log so far (permission violations are logged there).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.server.dir().join("nats-server.log")).unwrap_or_default()
     }
     pub fn port(&self) -> u16 {
         self.server.port()

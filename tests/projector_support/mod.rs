@@ -12,8 +12,11 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+/// `usbpt`, allowed to use the test's own nats-server, which runs without authentication.
 pub fn usbpt() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_usbpt"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_usbpt"));
+    c.env("USBPT_INSECURE", "1");
+    c
 }
 
 /// A running `usbpt serve` (killed when dropped).
