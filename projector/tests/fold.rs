@@ -294,7 +294,10 @@ fn a_teardown_reported_by_the_host_a_server_left_does_not_change_its_state() {
         Event, FlavorCreated, FlavorId, FlavorName, HostName, ServerBootRequested, ServerId,
         ServerMigrated, ServerName, ServerScheduled, ServerState, ServerStateChanged,
     };
-    let (a, b) = (HostName::new("host-a").unwrap(), HostName::new("host-b").unwrap());
+    let (a, b) = (
+        HostName::new("host-a").unwrap(),
+        HostName::new("host-b").unwrap(),
+    );
     let server = ServerId::new_v7();
     let flavor = FlavorId::new_v7();
     let report = |host: &HostName, state| {
