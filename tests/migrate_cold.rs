@@ -162,6 +162,7 @@ async fn scenario() -> Result<()> {
     })
     .await?;
 
+    serve.commands_ready().await?;
     let ok = |what: &str, (ok, out, err): (bool, String, String)| -> Result<String> {
         if !ok {
             bail!("usbpt {what} failed: {err}");

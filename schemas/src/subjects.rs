@@ -15,6 +15,10 @@
 //!
 //! So an agent's credentials need publish on `usbpt.evt.host.{host}.>` and a consumer on
 //! `usbpt.evt.ctl.{host}.>`, nothing else.
+//!
+//! [`route`] is the table behind this one: for every event, where it goes and, for an event
+//! addressed to a host (`ctl.{host}`), what work it asks of that host's agent. [`for_body`]
+//! and the agent's `work_for` are both derived from it.
 
 use thiserror::Error;
 

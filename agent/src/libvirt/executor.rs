@@ -1,7 +1,7 @@
 //! The libvirt executor: carries out what the control plane asks of this host (boot, resize,
 //! cold migration, power actions, delete) and re-attaches devices that re-enumerated, reporting
-//! every outcome as usbpt events. libvirt calls are blocking FFI and run on `spawn_blocking`; operations on one
-//! server are serialised, different servers run in parallel.
+//! every outcome as usbpt events. libvirt calls are blocking FFI and run on `spawn_blocking`;
+//! operations on one server are serialised, different servers run in parallel.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -201,8 +201,8 @@ impl Executor {
 
     /// Reacts to one event: the work it asks of this host ([`work_for`]: `ServerScheduled`,
     /// `ServerResized`, `ServerMigrated`, `ServerActionRequested` and `ServerDeleted` addressed
-    /// to this host); anything else gives no events. The returned
-    /// bodies are the outcome; publish each as `Envelope::new(body).caused_by(env)`.
+    /// to this host); anything else gives no events. The returned bodies are the outcome;
+    /// publish each as `Envelope::new(body).caused_by(env)`.
     pub async fn handle(&self, env: &Envelope, lookup: &dyn DeviceLookup) -> Vec<Event> {
         match work_for(self.host(), &env.body) {
             Some(work) => self.run(work, lookup).await,
