@@ -631,7 +631,9 @@ async fn handle_routes_resize_delete_and_ignores_other_hosts() {
             observe_domain(&h.exec.domain_xml(server, true).await.expect("xml")).expect("parse");
         assert!(inactive.hostdevs.is_empty());
 
-        // Resized away to another host: this host tears it down.
+        // Resized away to another host: the resize is routed to the new host only (this host
+        // never receives it, and would do nothing with it); this host tears the domain down on
+        // the `ServerActionRequested{teardown}` the control plane addresses to it.
         let away = Envelope::new(Event::ServerResized(usbpt_schemas::ServerResized {
             server_id: server,
             from_flavor: FlavorId::new_v7(),
@@ -640,9 +642,21 @@ async fn handle_routes_resize_delete_and_ignores_other_hosts() {
             host: other.clone(),
             devices: vec![],
         }));
-        let (state, detail) = state_of(&h.exec.handle(&away, &lookup).await);
+        assert!(h.exec.handle(&away, &lookup).await.is_empty());
+        assert_eq!(h.exec.servers().await.expect("list"), vec![server]);
+        let teardown = Envelope::new(Event::ServerActionRequested(
+            usbpt_schemas::ServerActionRequested {
+                server_id: server,
+                host: h.host.clone(),
+                action: usbpt_schemas::ServerAction::Teardown,
+            },
+        ));
+        let (state, detail) = state_of(&h.exec.handle(&teardown, &lookup).await);
         assert_eq!(state, ServerState::Shutoff);
-        assert!(detail.contains("resized to host host-a"), "{detail}");
+        assert!(
+            detail.starts_with("teardown: domain destroyed and undefined"),
+            "{detail}"
+        );
         assert!(h.exec.servers().await.expect("list").is_empty());
 
         // Delete of a running server.

@@ -15,10 +15,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use usbpt_commands::handler::Handler;
 use usbpt_projector::View;
-use usbpt_schemas::commands::{Command, CommandReply};
+use usbpt_schemas::commands::{Command, CommandReply, UsbRequestFields};
 use usbpt_schemas::{
-    ControllerModel, DeviceId, DeviceSelector, FlavorName, FollowPolicy, HostName, LineageId,
-    ProductId, ServerAction, ServerName, UsbRequest, VendorId,
+    ControllerModel, DeviceId, FlavorName, FollowPolicy, HostName, LineageId, ProductId,
+    ServerAction, ServerName, UsbRequest, VendorId,
 };
 
 use crate::ApiError;
@@ -76,27 +76,21 @@ struct UsbDeviceBody {
 }
 
 impl UsbDeviceBody {
+    /// The request, by the one validation the CLI and NATS share
+    /// ([`UsbRequestFields::validate`]): 400 naming `usb_devices[i]` and the rule broken.
     fn request(self, i: usize) -> Result<UsbRequest, ApiError> {
-        let selector = match (self.id, self.lineage_id, self.vendor_id, self.product_id) {
-            (Some(d), None, None, None) => DeviceSelector::Enumeration(d),
-            (None, Some(l), None, None) => DeviceSelector::Lineage(l),
-            (None, None, Some(vendor_id), Some(product_id)) => DeviceSelector::Match {
-                vendor_id,
-                product_id,
-                serial: self.serial,
-                count: self.count.unwrap_or(1),
-            },
-            _ => {
-                return Err(bad(format!(
-                "usb_devices[{i}]: give exactly one of id, lineage_id, or vendor_id with product_id"
-            )))
-            }
-        };
-        Ok(UsbRequest {
-            selector,
-            controller: self.controller.unwrap_or(ControllerModel::Ehci),
-            follow: self.follow.unwrap_or_default(),
-        })
+        UsbRequestFields {
+            id: self.id,
+            lineage: self.lineage_id,
+            vendor: self.vendor_id,
+            product: self.product_id,
+            serial: self.serial,
+            count: self.count,
+            controller: self.controller,
+            follow: self.follow,
+        }
+        .validate()
+        .map_err(|e| bad(format!("usb_devices[{i}]: {e}")))
     }
 }
 
@@ -288,5 +282,38 @@ async fn delete_server(State(state): State<CmdState>, Path(id): Path<String>) ->
     match name_of(&state, id, server_name, "server").await {
         Ok(name) => run(&state, Command::Delete { name }).await,
         Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(json: Value) -> UsbDeviceBody {
+        serde_json::from_value(json).expect("a usb_devices entry")
+    }
+
+    #[test]
+    fn usb_devices_entries_use_the_shared_validation() {
+        let id = DeviceId::new_v7();
+        // `serial` and `count` beside `id` were dropped silently; now refused, naming the entry.
+        for entry in [
+            json!({"id": id, "serial": "S"}),
+            json!({"id": id, "count": 2}),
+            json!({"vendor_id": "136b", "product_id": "0003", "count": 0}),
+            json!({"vendor_id": "136b", "product_id": "0003", "serial": ""}),
+            json!({"vendor_id": "136b", "product_id": "0003", "count": 3, "controller": "uhci"}),
+        ] {
+            let err = body(entry.clone()).request(2).expect_err("refused");
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{entry}");
+            assert!(
+                err.message.starts_with("usb_devices[2]: "),
+                "{entry}: {}",
+                err.message
+            );
+        }
+        let r = body(json!({"id": id})).request(0).expect("valid");
+        assert_eq!(r.controller, ControllerModel::Ehci);
+        assert_eq!(r.follow, FollowPolicy::Lineage);
     }
 }

@@ -143,6 +143,10 @@ fn create_flavor(
         ));
     }
     for (i, r) in usb.iter().enumerate() {
+        // The same rules as the CLI's and the HTTP API's (a NATS client sends requests whole).
+        if let Err(e) = r.check() {
+            return Err(Rejection::new(400, format!("request {i}: {e}")));
+        }
         match &r.selector {
             DeviceSelector::Enumeration(d) if view.device(d)?.is_none() => {
                 return Err(Rejection::new(
@@ -154,12 +158,6 @@ fn create_flavor(
                 return Err(Rejection::new(
                     404,
                     format!("request {i}: lineage {l} is unknown"),
-                ))
-            }
-            DeviceSelector::Match { count: 0, .. } => {
-                return Err(Rejection::new(
-                    400,
-                    format!("request {i}: count must be at least 1"),
                 ))
             }
             _ => {}

@@ -177,6 +177,44 @@ fn flavor_create_validates_ports_ids_and_names() {
     )
     .unwrap_err();
     assert_eq!(unknown.code, 404);
+
+    // A request sent whole over NATS meets the CLI's and HTTP's rules: serial only with
+    // vendor/product, count at least 1.
+    let d1 = v.devices[0].device_id;
+    for bad in [
+        UsbRequest {
+            selector: DeviceSelector::Match {
+                vendor_id: VendorId(0x136b),
+                product_id: ProductId(3),
+                serial: None,
+                count: 0,
+            },
+            controller: ControllerModel::Xhci,
+            follow: FollowPolicy::Lineage,
+        },
+        UsbRequest {
+            selector: DeviceSelector::Match {
+                vendor_id: VendorId(0x136b),
+                product_id: ProductId(3),
+                serial: Some(String::new()),
+                count: 1,
+            },
+            controller: ControllerModel::Xhci,
+            follow: FollowPolicy::Lineage,
+        },
+    ] {
+        let r = decide(
+            &v,
+            &Command::CreateFlavor {
+                name: FlavorName::new("nats").unwrap(),
+                usb: vec![usb(&format!("id={d1}")).remove(0), bad.clone()],
+            },
+            &ctx(),
+        )
+        .unwrap_err();
+        assert_eq!(r.code, 400, "{bad:?}");
+        assert!(r.reason.starts_with("request 1: "), "{}", r.reason);
+    }
 }
 
 #[test]

@@ -919,6 +919,11 @@ fn handle(v: &mut FoldTxn, st: Stamp, body: &Event) -> R {
         Event::DeviceReleased(e) => released(v, st, e),
         Event::ServerStateChanged(e) => {
             let s = v.known_server_mut(e.server_id)?;
+            if e.reported_by_agent && s.host.is_some() && e.host != s.host {
+                // The host a server left (resize or cold migration) reporting its teardown: the
+                // state of a domain the server no longer has, not the server's.
+                return Ok(());
+            }
             s.state = e.state;
             s.state_detail.clone_from(&e.detail);
             s.state_changed = st;

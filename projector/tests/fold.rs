@@ -284,3 +284,80 @@ fn a_staged_batch_written_out_of_order_is_refused_and_changes_nothing() {
         .unwrap();
     assert_eq!(view.last_applied().unwrap(), 200);
 }
+
+/// A server moved (cold migration or resize) from host-a to host-b: the host it left reports its
+/// teardown (`Shutoff`), possibly after host-b reported the new domain running. The view keeps
+/// the state of the host the server is on, in either order.
+#[test]
+fn a_teardown_reported_by_the_host_a_server_left_does_not_change_its_state() {
+    use usbpt_schemas::{
+        Event, FlavorCreated, FlavorId, FlavorName, HostName, ServerBootRequested, ServerId,
+        ServerMigrated, ServerName, ServerScheduled, ServerState, ServerStateChanged,
+    };
+    let (a, b) = (
+        HostName::new("host-a").unwrap(),
+        HostName::new("host-b").unwrap(),
+    );
+    let server = ServerId::new_v7();
+    let flavor = FlavorId::new_v7();
+    let report = |host: &HostName, state| {
+        Event::ServerStateChanged(ServerStateChanged {
+            server_id: server,
+            host: Some(host.clone()),
+            state,
+            reported_by_agent: true,
+            detail: format!("{host}: {state:?}"),
+        })
+    };
+    let history = |late_teardown: bool| {
+        let mut bodies = vec![
+            Event::FlavorCreated(FlavorCreated {
+                flavor_id: flavor,
+                name: FlavorName::new("f").unwrap(),
+                usb: vec![],
+            }),
+            Event::ServerBootRequested(ServerBootRequested {
+                server_id: server,
+                name: ServerName::new("erp").unwrap(),
+                flavor_id: flavor,
+                requested_host: None,
+            }),
+            Event::ServerScheduled(ServerScheduled {
+                server_id: server,
+                host: a.clone(),
+                flavor_id: flavor,
+                devices: vec![],
+            }),
+            report(&a, ServerState::Active),
+            Event::ServerMigrated(ServerMigrated {
+                server_id: server,
+                from_host: a.clone(),
+                host: b.clone(),
+                devices: vec![],
+            }),
+        ];
+        let (active_b, shutoff_a) = (
+            report(&b, ServerState::Active),
+            report(&a, ServerState::Shutoff),
+        );
+        if late_teardown {
+            bodies.extend([active_b, shutoff_a]);
+        } else {
+            bodies.extend([shutoff_a, active_b]);
+        }
+        bodies.into_iter().map(Envelope::new).collect::<Vec<_>>()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for late in [true, false] {
+        let view = View::open(dir.path().join(format!("{late}.redb"))).unwrap();
+        fold_in_batches(&view, &raw(&history(late)), 1);
+        let snap = view.snapshot().unwrap();
+        assert_eq!(snap.quarantine_len().unwrap(), 0);
+        let s = snap.server_by_id(&server).unwrap().expect("server");
+        assert_eq!(s.host.as_ref(), Some(&b));
+        assert_eq!(
+            (s.state, s.state_detail.as_str()),
+            (ServerState::Active, "host-b: Active")
+        );
+    }
+}

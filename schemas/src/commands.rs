@@ -9,7 +9,7 @@ use thiserror::Error;
 
 use crate::events::{ControllerModel, DeviceSelector, FollowPolicy, ServerAction, UsbRequest};
 use crate::ids::{
-    DeviceId, EventId, FlavorName, HostName, IdError, ProductId, ServerName, VendorId,
+    DeviceId, EventId, FlavorName, HostName, IdError, LineageId, ProductId, ServerName, VendorId,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,10 +88,133 @@ pub enum SpecError {
     Id { spec: String, source: IdError },
 }
 
+/// One USB request's fields as a client gives them: the CLI's `--usb` spec and the HTTP API's
+/// `usb_devices[i]` fill these, and [`UsbRequestFields::validate`] is the one set of rules and
+/// defaults for both; a request that arrives whole (NATS) is held to the same rules by
+/// [`UsbRequest::check`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsbRequestFields {
+    pub id: Option<DeviceId>,
+    pub lineage: Option<LineageId>,
+    pub vendor: Option<VendorId>,
+    pub product: Option<ProductId>,
+    pub serial: Option<String>,
+    pub count: Option<u8>,
+    pub controller: Option<ControllerModel>,
+    pub follow: Option<FollowPolicy>,
+}
+
+/// Why a USB request is invalid (each front end adds where: the spec, `usb_devices[i]`, the
+/// request's index).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum UsbRequestError {
+    #[error("give exactly one of an enumeration id, a lineage, or vendor with product (serial and count go with vendor and product only)")]
+    Selector,
+    #[error("serial is empty")]
+    EmptySerial,
+    #[error("count {0} must be 1..={MAX_COUNT}")]
+    Count(u8),
+    #[error("controller {} has {} ports and the request needs {need}", .controller.as_str(), .controller.ports())]
+    Ports {
+        controller: ControllerModel,
+        need: u16,
+    },
+}
+
+/// The most devices one request may ask for (the largest controller's ports).
+pub const MAX_COUNT: u8 = 15;
+
+impl UsbRequestFields {
+    /// The request these fields describe. Exactly one selector (`id`, `lineage`, or `vendor`
+    /// with `product`; `serial` and `count` only with the latter), `count` 1..=15, a non-empty
+    /// `serial`, no more devices than the controller has ports. Defaults: `controller=ehci`
+    /// (blueprint option 1's default), `follow=lineage`, `count=1`.
+    pub fn validate(self) -> Result<UsbRequest, UsbRequestError> {
+        let Self {
+            id,
+            lineage,
+            vendor,
+            product,
+            serial,
+            count,
+            controller,
+            follow,
+        } = self;
+        let plain = serial.is_none() && count.is_none();
+        let selector = match (id, lineage, vendor, product) {
+            (Some(d), None, None, None) if plain => DeviceSelector::Enumeration(d),
+            (None, Some(l), None, None) if plain => DeviceSelector::Lineage(l),
+            (None, None, Some(vendor_id), Some(product_id)) => {
+                if serial.as_deref() == Some("") {
+                    return Err(UsbRequestError::EmptySerial);
+                }
+                let count = count.unwrap_or(1);
+                if !(1..=MAX_COUNT).contains(&count) {
+                    return Err(UsbRequestError::Count(count));
+                }
+                DeviceSelector::Match {
+                    vendor_id,
+                    product_id,
+                    serial,
+                    count,
+                }
+            }
+            _ => return Err(UsbRequestError::Selector),
+        };
+        let controller = controller.unwrap_or(ControllerModel::Ehci);
+        let request = UsbRequest {
+            selector,
+            controller,
+            follow: follow.unwrap_or_default(),
+        };
+        if request.device_count() > u16::from(controller.ports()) {
+            return Err(UsbRequestError::Ports {
+                controller,
+                need: request.device_count(),
+            });
+        }
+        Ok(request)
+    }
+}
+
+impl From<UsbRequest> for UsbRequestFields {
+    fn from(r: UsbRequest) -> Self {
+        let mut f = Self {
+            controller: Some(r.controller),
+            follow: Some(r.follow),
+            ..Self::default()
+        };
+        match r.selector {
+            DeviceSelector::Enumeration(d) => f.id = Some(d),
+            DeviceSelector::Lineage(l) => f.lineage = Some(l),
+            DeviceSelector::Match {
+                vendor_id,
+                product_id,
+                serial,
+                count,
+            } => {
+                f.vendor = Some(vendor_id);
+                f.product = Some(product_id);
+                f.serial = serial;
+                f.count = Some(count);
+            }
+        }
+        f
+    }
+}
+
+impl UsbRequest {
+    /// Holds a request that arrived whole (a NATS command) to the rules of
+    /// [`UsbRequestFields::validate`].
+    pub fn check(&self) -> Result<(), UsbRequestError> {
+        UsbRequestFields::from(self.clone()).validate().map(drop)
+    }
+}
+
 /// Parses the CLI's `--usb` syntax: `id=DEVICE_ID`, `lineage=LINEAGE_ID` or
 /// `vendor=136b,product=0003[,serial=S][,count=N]`, each optionally with
-/// `,controller=uhci|ehci|xhci,follow=lineage|strict`. Defaults: `controller=ehci`
-/// (blueprint option 1's default), `follow=lineage`, `count=1`.
+/// `,controller=uhci|ehci|xhci,follow=lineage|strict`; the rules and defaults are
+/// [`UsbRequestFields::validate`]'s.
 impl FromStr for UsbRequest {
     type Err = SpecError;
 
@@ -104,10 +227,7 @@ impl FromStr for UsbRequest {
             spec: spec.to_owned(),
             source,
         };
-        let (mut id, mut lineage, mut vendor, mut product, mut serial, mut count) =
-            (None, None, None, None, None, None);
-        let mut controller = ControllerModel::Ehci;
-        let mut follow = FollowPolicy::Lineage;
+        let mut f = UsbRequestFields::default();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) = part
                 .split_once('=')
@@ -121,39 +241,33 @@ impl FromStr for UsbRequest {
             };
             match key {
                 "id" => {
-                    dup(id.is_some())?;
-                    id = Some(value.parse::<DeviceId>().map_err(id_err)?);
+                    dup(f.id.is_some())?;
+                    f.id = Some(value.parse::<DeviceId>().map_err(id_err)?);
                 }
                 "lineage" => {
-                    dup(lineage.is_some())?;
-                    lineage = Some(value.parse().map_err(id_err)?);
+                    dup(f.lineage.is_some())?;
+                    f.lineage = Some(value.parse().map_err(id_err)?);
                 }
                 "vendor" => {
-                    dup(vendor.is_some())?;
-                    vendor = Some(value.parse::<VendorId>().map_err(id_err)?);
+                    dup(f.vendor.is_some())?;
+                    f.vendor = Some(value.parse::<VendorId>().map_err(id_err)?);
                 }
                 "product" => {
-                    dup(product.is_some())?;
-                    product = Some(value.parse::<ProductId>().map_err(id_err)?);
+                    dup(f.product.is_some())?;
+                    f.product = Some(value.parse::<ProductId>().map_err(id_err)?);
                 }
                 "serial" => {
-                    dup(serial.is_some())?;
-                    if value.is_empty() {
-                        return Err(invalid("serial is empty".into()));
-                    }
-                    serial = Some(value.to_owned());
+                    dup(f.serial.is_some())?;
+                    f.serial = Some(value.to_owned());
                 }
                 "count" => {
-                    dup(count.is_some())?;
-                    let n: u8 = value
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=15).contains(n))
-                        .ok_or_else(|| invalid(format!("count {value:?} must be 1..=15")))?;
-                    count = Some(n);
+                    dup(f.count.is_some())?;
+                    f.count = Some(value.parse().map_err(|_| {
+                        invalid(format!("count {value:?} must be 1..={MAX_COUNT}"))
+                    })?);
                 }
                 "controller" => {
-                    controller = match value {
+                    f.controller = Some(match value {
                         "uhci" => ControllerModel::Uhci,
                         "ehci" => ControllerModel::Ehci,
                         "xhci" => ControllerModel::Xhci,
@@ -162,10 +276,10 @@ impl FromStr for UsbRequest {
                                 "controller {other:?} is not one of uhci, ehci, xhci"
                             )))
                         }
-                    }
+                    })
                 }
                 "follow" => {
-                    follow = match value {
+                    f.follow = Some(match value {
                         "lineage" => FollowPolicy::Lineage,
                         "strict" => FollowPolicy::Strict,
                         other => {
@@ -173,44 +287,12 @@ impl FromStr for UsbRequest {
                                 "follow {other:?} is not one of lineage, strict"
                             )))
                         }
-                    }
+                    })
                 }
                 other => return Err(invalid(format!("unknown key {other:?}"))),
             }
         }
-        let selector = match (id, lineage, vendor, product) {
-            (Some(d), None, None, None) if serial.is_none() && count.is_none() => {
-                DeviceSelector::Enumeration(d)
-            }
-            (None, Some(l), None, None) if serial.is_none() && count.is_none() => {
-                DeviceSelector::Lineage(l)
-            }
-            (None, None, Some(vendor_id), Some(product_id)) => DeviceSelector::Match {
-                vendor_id,
-                product_id,
-                serial,
-                count: count.unwrap_or(1),
-            },
-            _ => {
-                return Err(invalid(
-                    "give exactly one of id=…, lineage=…, or vendor=…,product=… (serial and count go with vendor/product)".into(),
-                ))
-            }
-        };
-        let request = UsbRequest {
-            selector,
-            controller,
-            follow,
-        };
-        if request.device_count() > u16::from(controller.ports()) {
-            return Err(invalid(format!(
-                "controller {} has {} ports and the request needs {}",
-                controller.as_str(),
-                controller.ports(),
-                request.device_count()
-            )));
-        }
-        Ok(request)
+        f.validate().map_err(|e| invalid(e.to_string()))
     }
 }
 
@@ -253,6 +335,100 @@ mod tests {
             let err = spec.parse::<UsbRequest>().expect_err(spec).to_string();
             assert!(err.contains(needle), "{spec}: {err}");
         }
+    }
+
+    #[test]
+    fn one_validator_for_every_entry_point() {
+        let key = UsbRequestFields {
+            vendor: Some(VendorId(0x136b)),
+            product: Some(ProductId(3)),
+            ..UsbRequestFields::default()
+        };
+        // Defaults.
+        let r = key.clone().validate().expect("valid");
+        assert_eq!(
+            (r.controller, r.follow, r.device_count()),
+            (ControllerModel::Ehci, FollowPolicy::Lineage, 1)
+        );
+        let device = DeviceId(uuid::Uuid::from_u128(1));
+        let id = Some(device);
+        for (fields, want) in [
+            // serial and count go with vendor/product only (HTTP used to drop them silently).
+            (
+                UsbRequestFields {
+                    id,
+                    serial: Some("S".into()),
+                    ..UsbRequestFields::default()
+                },
+                UsbRequestError::Selector,
+            ),
+            (
+                UsbRequestFields {
+                    id,
+                    count: Some(2),
+                    ..UsbRequestFields::default()
+                },
+                UsbRequestError::Selector,
+            ),
+            (
+                UsbRequestFields { id, ..key.clone() },
+                UsbRequestError::Selector,
+            ),
+            (UsbRequestFields::default(), UsbRequestError::Selector),
+            (
+                UsbRequestFields {
+                    count: Some(0),
+                    ..key.clone()
+                },
+                UsbRequestError::Count(0),
+            ),
+            (
+                UsbRequestFields {
+                    count: Some(16),
+                    controller: Some(ControllerModel::Xhci),
+                    ..key.clone()
+                },
+                UsbRequestError::Count(16),
+            ),
+            (
+                UsbRequestFields {
+                    serial: Some(String::new()),
+                    ..key.clone()
+                },
+                UsbRequestError::EmptySerial,
+            ),
+            (
+                UsbRequestFields {
+                    count: Some(7),
+                    ..key.clone()
+                },
+                UsbRequestError::Ports {
+                    controller: ControllerModel::Ehci,
+                    need: 7,
+                },
+            ),
+        ] {
+            assert_eq!(fields.clone().validate(), Err(want.clone()), "{fields:?}");
+        }
+        // A request that arrives whole is held to the same rules.
+        let zero = UsbRequest {
+            selector: DeviceSelector::Match {
+                vendor_id: VendorId(0x136b),
+                product_id: ProductId(3),
+                serial: None,
+                count: 0,
+            },
+            controller: ControllerModel::Xhci,
+            follow: FollowPolicy::Lineage,
+        };
+        assert_eq!(zero.check(), Err(UsbRequestError::Count(0)));
+        assert_eq!(r.check(), Ok(()));
+        // The CLI's spec goes through the same validation.
+        let err = format!("id={device},serial=S")
+            .parse::<UsbRequest>()
+            .expect_err("serial with id")
+            .to_string();
+        assert!(err.contains("exactly one"), "{err}");
     }
 
     #[test]

@@ -15,11 +15,15 @@
 //!
 //! So an agent's credentials need publish on `usbpt.evt.host.{host}.>` and a consumer on
 //! `usbpt.evt.ctl.{host}.>`, nothing else.
+//!
+//! [`route`] is the table behind this one: for every event, where it goes and, for an event
+//! addressed to a host (`ctl.{host}`), what work it asks of that host's agent. [`for_body`]
+//! and the agent's `work_for` are both derived from it.
 
 use thiserror::Error;
 
 use crate::envelope::Envelope;
-use crate::events::Event;
+use crate::events::{AssignedDevice, Event, ServerAction};
 use crate::ids::{DeviceId, FlavorName, HostName, LineageId, ServerId};
 
 /// The stream that holds all of usbpt's history.
@@ -144,35 +148,158 @@ pub fn for_event(envelope: &Envelope) -> String {
     for_body(&envelope.body)
 }
 
-/// The subject an event body is published on (see [`for_event`]).
+/// The subject an event body is published on (see [`for_event`]). Derived from [`route`], so a
+/// control subject (`usbpt.evt.ctl.{host}.…`) is only ever built for an event that asks work.
 pub fn for_body(body: &Event) -> String {
+    match route(body) {
+        Route::Agent { host, about } => match about {
+            AgentSubject::Agent => host_agent(host),
+            AgentSubject::Device(d) => host_device(host, d),
+            AgentSubject::Clash => host_clash(host),
+            AgentSubject::Server(s) => host_server(host, s),
+        },
+        Route::Claim(l) => claim(l),
+        Route::Flavor(f) => flavor(f),
+        Route::Work(w) => control_for_host(w.host, &w.server),
+        Route::Server(s) => server(s),
+    }
+}
+
+/// Where an event goes, and for control-plane work what it asks of the host it addresses: the
+/// one routing-and-work table. [`for_body`] builds the subject from it and the agent's executor
+/// (`work_for`) derives its work from it, so an event routed to a host always says what the host
+/// must do, and no host does work for an event not routed to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// `usbpt.evt.host.{host}.…`: published by that host's agent.
+    Agent {
+        host: &'a HostName,
+        about: AgentSubject<'a>,
+    },
+    /// `usbpt.evt.claim.{lineage}` (fenced).
+    Claim(&'a LineageId),
+    /// `usbpt.evt.flavor.{name}` (fenced).
+    Flavor(&'a FlavorName),
+    /// `usbpt.evt.ctl.{host}.server.{server}`: work the control plane asks of one host.
+    Work(HostWork<'a>),
+    /// `usbpt.evt.server.{server}`: the control plane's record; no host has work to do.
+    Server(&'a ServerId),
+}
+
+/// The last part of an agent's subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentSubject<'a> {
+    /// `…agent`
+    Agent,
+    /// `…device.{device}`
+    Device(&'a DeviceId),
+    /// `…clash`
+    Clash,
+    /// `…server.{server}`
+    Server(&'a ServerId),
+}
+
+/// Work addressed to `host`'s agent about one server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostWork<'a> {
+    pub host: &'a HostName,
+    pub server: ServerId,
+    pub work: WorkKind<'a>,
+}
+
+/// What an event asks of the host it addresses. Re-attaching a re-enumerated device is work an
+/// agent gives itself from its own observations; no event asks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkKind<'a> {
+    /// Define the server's domain with these devices and start it.
+    Define {
+        devices: &'a [AssignedDevice],
+        why: DefineWhy<'a>,
+    },
+    /// A power or lifecycle action (teardown and rebuild included).
+    Action(ServerAction),
+    /// The server was deleted: destroy and undefine its domain.
+    Teardown,
+}
+
+/// Why a domain is (re)defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefineWhy<'a> {
+    /// `ServerScheduled`.
+    Boot,
+    /// `ServerResized` onto this host; `from_host` equal to it is a resize in place. The host it
+    /// left gets its own `ServerActionRequested{teardown}`.
+    Resize { from_host: &'a HostName },
+    /// `ServerMigrated` (cold) onto this host. The host it left gets its own
+    /// `ServerActionRequested{teardown}`.
+    Migrate { from_host: &'a HostName },
+}
+
+/// The routing-and-work table. Exhaustive, no wildcard: a new event variant does not compile
+/// until it is routed here.
+pub fn route(body: &Event) -> Route<'_> {
+    let agent = |host, about| Route::Agent { host, about };
+    let work = |host, server, work| Route::Work(HostWork { host, server, work });
     match body {
-        Event::HostAgentStarted(e) => host_agent(&e.host),
-        Event::DeviceDiscovered(e) => host_device(&e.host, &e.device_id),
-        Event::DeviceInvalidated(e) => host_device(&e.host, &e.device_id),
-        Event::DeviceClashDetected(e) => host_clash(&e.host),
-        Event::DeviceAttached(e) => host_server(&e.host, &e.server_id),
-        Event::DeviceReattached(e) => host_server(&e.host, &e.server_id),
-        Event::DeviceAttachFailed(e) => host_server(&e.host, &e.server_id),
+        Event::HostAgentStarted(e) => agent(&e.host, AgentSubject::Agent),
+        Event::DeviceDiscovered(e) => agent(&e.host, AgentSubject::Device(&e.device_id)),
+        Event::DeviceInvalidated(e) => agent(&e.host, AgentSubject::Device(&e.device_id)),
+        Event::DeviceClashDetected(e) => agent(&e.host, AgentSubject::Clash),
+        Event::DeviceAttached(e) => agent(&e.host, AgentSubject::Server(&e.server_id)),
+        Event::DeviceReattached(e) => agent(&e.host, AgentSubject::Server(&e.server_id)),
+        Event::DeviceAttachFailed(e) => agent(&e.host, AgentSubject::Server(&e.server_id)),
         Event::ServerStateChanged(e) => match (&e.host, e.reported_by_agent) {
-            (Some(h), true) => host_server(h, &e.server_id),
-            _ => server(&e.server_id),
+            (Some(h), true) => agent(h, AgentSubject::Server(&e.server_id)),
+            _ => Route::Server(&e.server_id),
         },
-        Event::DeviceClaimed(e) => claim(&e.lineage_id),
-        Event::DeviceReleased(e) => claim(&e.lineage_id),
-        Event::FlavorCreated(e) => flavor(&e.name),
-        Event::FlavorDeleted(e) => flavor(&e.name),
-        Event::ServerScheduled(e) => control_for_host(&e.host, &e.server_id),
-        Event::ServerResized(e) => control_for_host(&e.host, &e.server_id),
-        Event::ServerMigrated(e) => control_for_host(&e.host, &e.server_id),
-        Event::ServerActionRequested(e) => control_for_host(&e.host, &e.server_id),
+        Event::DeviceClaimed(e) => Route::Claim(&e.lineage_id),
+        Event::DeviceReleased(e) => Route::Claim(&e.lineage_id),
+        Event::FlavorCreated(e) => Route::Flavor(&e.name),
+        Event::FlavorDeleted(e) => Route::Flavor(&e.name),
+        Event::ServerScheduled(e) => work(
+            &e.host,
+            e.server_id,
+            WorkKind::Define {
+                devices: &e.devices,
+                why: DefineWhy::Boot,
+            },
+        ),
+        Event::ServerResized(e) => work(
+            &e.host,
+            e.server_id,
+            WorkKind::Define {
+                devices: &e.devices,
+                why: DefineWhy::Resize {
+                    from_host: &e.from_host,
+                },
+            },
+        ),
+        Event::ServerMigrated(e) => work(
+            &e.host,
+            e.server_id,
+            WorkKind::Define {
+                devices: &e.devices,
+                why: DefineWhy::Migrate {
+                    from_host: &e.from_host,
+                },
+            },
+        ),
+        Event::ServerActionRequested(e) => work(&e.host, e.server_id, WorkKind::Action(e.action)),
         Event::ServerDeleted(e) => match &e.host {
-            Some(h) => control_for_host(h, &e.server_id),
-            None => server(&e.server_id),
+            Some(h) => work(h, e.server_id, WorkKind::Teardown),
+            None => Route::Server(&e.server_id),
         },
-        Event::ServerBootRequested(e) => server(&e.server_id),
-        Event::ServerScheduleFailed(e) => server(&e.server_id),
-        Event::ServerMigrationRefused(e) => server(&e.server_id),
+        Event::ServerBootRequested(e) => Route::Server(&e.server_id),
+        Event::ServerScheduleFailed(e) => Route::Server(&e.server_id),
+        Event::ServerMigrationRefused(e) => Route::Server(&e.server_id),
+    }
+}
+
+/// The work `body` asks of `host`'s agent, if it is addressed to that host.
+pub fn work_for_host<'a>(host: &HostName, body: &'a Event) -> Option<HostWork<'a>> {
+    match route(body) {
+        Route::Work(w) if w.host == host => Some(w),
+        _ => None,
     }
 }
 

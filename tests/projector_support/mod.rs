@@ -110,6 +110,18 @@ impl Serve {
         ))
     }
 
+    /// Waits until the command service answers over NATS: `usbpt serve` announces its HTTP
+    /// address before its command subscription is in place, so a CLI command sent at once may
+    /// find no responders. Probes with a command that is always refused (an unknown server).
+    pub async fn commands_ready(&self) -> Result<()> {
+        usbpt_testkit::eventually(Duration::from_secs(30), || async {
+            let (_, _, err) = self.cli(&["delete", "no-such-server"]).await.ok()?;
+            (!err.contains("no responders")).then_some(())
+        })
+        .await
+        .context("the command service did not answer over NATS")
+    }
+
     /// A `--json` query: exactly one JSON document on stdout.
     pub async fn cli_json(&self, args: &[&str]) -> Result<Value> {
         let (ok, out, err) = self.cli(args).await?;

@@ -1,7 +1,7 @@
 //! The libvirt executor: carries out what the control plane asks of this host (boot, resize,
-//! power actions, delete) and re-attaches devices that re-enumerated, reporting every outcome as
-//! usbpt events. libvirt calls are blocking FFI and run on `spawn_blocking`; operations on one
-//! server are serialised, different servers run in parallel.
+//! cold migration, power actions, delete) and re-attaches devices that re-enumerated, reporting
+//! every outcome as usbpt events. libvirt calls are blocking FFI and run on `spawn_blocking`;
+//! operations on one server are serialised, different servers run in parallel.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedMutexGuard;
 use tracing::{debug, info, warn};
+use usbpt_schemas::subjects::{self, DefineWhy, WorkKind};
 use usbpt_schemas::{
     AssignedDevice, AttachMethod, DeviceAttachFailed, DeviceAttached, DeviceId, DeviceReattached,
     Envelope, Event, FollowPolicy, HostName, LineageId, ProductId, ServerAction, ServerId,
@@ -106,8 +107,8 @@ pub struct Observed {
 /// The work an event asks of this host, if any. Pure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Work {
-    /// Define and start the domain with these devices (boot, or resize onto this host);
-    /// `restart` stops a running domain first (resize in place).
+    /// Define and start the domain with these devices (boot, resize or cold migration onto this
+    /// host); `restart` stops a running domain first (resize in place).
     Define {
         server: ServerId,
         devices: Vec<AssignedDevice>,
@@ -122,39 +123,35 @@ pub enum Work {
     Teardown { server: ServerId, why: String },
 }
 
-/// What `event` asks of the agent on `host`. Pure: events for other hosts give `None`.
+/// What `event` asks of the agent on `host`. Pure, and derived from the one routing-and-work
+/// table ([`subjects::route`]): the agent works on exactly the events routed to its control
+/// subject, so events for other hosts (and events for no host) give `None`.
 pub fn work_for(host: &HostName, event: &Event) -> Option<Work> {
-    match event {
-        Event::ServerScheduled(e) if e.host == *host => Some(Work::Define {
-            server: e.server_id,
-            devices: e.devices.clone(),
-            why: "boot".into(),
-            restart: false,
-        }),
-        Event::ServerResized(e) if e.host == *host => Some(Work::Define {
-            server: e.server_id,
-            devices: e.devices.clone(),
-            why: if e.from_host == *host {
-                "resize".into()
-            } else {
-                format!("resize from host {}", e.from_host)
-            },
-            restart: e.from_host == *host,
-        }),
-        Event::ServerResized(e) if e.from_host == *host => Some(Work::Teardown {
-            server: e.server_id,
-            why: format!("resized to host {}", e.host),
-        }),
-        Event::ServerActionRequested(e) if e.host == *host => Some(Work::Action {
-            server: e.server_id,
-            action: e.action,
-        }),
-        Event::ServerDeleted(e) if e.host.as_ref() == Some(host) => Some(Work::Teardown {
-            server: e.server_id,
+    let w = subjects::work_for_host(host, event)?;
+    let server = w.server;
+    Some(match w.work {
+        WorkKind::Define { devices, why } => {
+            let (why, restart) = match why {
+                DefineWhy::Boot => ("boot".to_owned(), false),
+                DefineWhy::Resize { from_host } if from_host == host => ("resize".into(), true),
+                DefineWhy::Resize { from_host } => (format!("resize from host {from_host}"), false),
+                DefineWhy::Migrate { from_host } => {
+                    (format!("cold migration from host {from_host}"), false)
+                }
+            };
+            Work::Define {
+                server,
+                devices: devices.to_vec(),
+                why,
+                restart,
+            }
+        }
+        WorkKind::Action(action) => Work::Action { server, action },
+        WorkKind::Teardown => Work::Teardown {
+            server,
             why: "delete".into(),
-        }),
-        _ => None,
-    }
+        },
+    })
 }
 
 /// `spec` with every device's current address and presence from `lookup` (an enumeration the
@@ -260,9 +257,10 @@ impl Executor {
         &self.inner.config.uri
     }
 
-    /// Reacts to one event: `ServerScheduled`, `ServerResized`, `ServerActionRequested` and
-    /// `ServerDeleted` addressed to this host; anything else gives no events. The returned
-    /// bodies are the outcome; publish each as `Envelope::new(body).caused_by(env)`.
+    /// Reacts to one event: the work it asks of this host ([`work_for`]: `ServerScheduled`,
+    /// `ServerResized`, `ServerMigrated`, `ServerActionRequested` and `ServerDeleted` addressed
+    /// to this host); anything else gives no events. The returned bodies are the outcome;
+    /// publish each as `Envelope::new(body).caused_by(env)`.
     pub async fn handle(&self, env: &Envelope, lookup: &dyn DeviceLookup) -> Vec<Event> {
         match work_for(self.host(), &env.body) {
             Some(work) => self.run(work, lookup).await,
