@@ -150,7 +150,7 @@ fn world(snap: &Snapshot) -> Result<Value> {
     let devices = snap.devices(&DeviceFilter::default())?;
     let mut servers = Vec::new();
     for s in snap.servers(false)? {
-        servers.push(docs::server(snap, &s)?);
+        servers.push(docs::server(snap, &s, &usbpt_api::nova::Nova::for_docs())?);
     }
     Ok(json!({
         "devices": devices.iter().map(docs::device).collect::<Vec<_>>(),

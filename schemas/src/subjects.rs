@@ -9,7 +9,7 @@
 //! | `usbpt.evt.host.{host}.clash` | host agent | DeviceClashDetected |
 //! | `usbpt.evt.host.{host}.server.{server_id}` | host agent | DeviceAttached, DeviceReattached, DeviceAttachFailed, ServerStateChanged (observed) |
 //! | `usbpt.evt.claim.{lineage_id}` | control plane, fenced | DeviceClaimed, DeviceReleased |
-//! | `usbpt.evt.flavor.{name}` | control plane, fenced | FlavorCreated, FlavorDeleted |
+//! | `usbpt.evt.flavor.{name}` | control plane, fenced | FlavorCreated, FlavorDeleted, FlavorUsbSet |
 //! | `usbpt.evt.ctl.{host}.server.{server_id}` | control plane, work for that host | ServerScheduled, ServerResized, ServerMigrated, ServerActionRequested, ServerDeleted (scheduled) |
 //! | `usbpt.evt.server.{server_id}` | control plane | ServerBootRequested, ServerScheduleFailed, ServerMigrationRefused, ServerStateChanged (requested), ServerDeleted (never scheduled) |
 //!
@@ -93,6 +93,7 @@ pub fn for_body(body: &Event) -> String {
         Event::DeviceReleased(e) => claim(&e.lineage_id),
         Event::FlavorCreated(e) => flavor(&e.name),
         Event::FlavorDeleted(e) => flavor(&e.name),
+        Event::FlavorUsbSet(e) => flavor(&e.name),
         Event::ServerScheduled(e) => control_for_host(&e.host, &e.server_id),
         Event::ServerResized(e) => control_for_host(&e.host, &e.server_id),
         Event::ServerMigrated(e) => control_for_host(&e.host, &e.server_id),
