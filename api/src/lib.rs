@@ -171,6 +171,8 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v2.1", get(nova::version_document))
         .route("/v2.1/", get(nova::version_document))
+        .route("/identity/v3", get(nova::identity_version_document))
+        .route("/identity/v3/", get(nova::identity_version_document))
         .route("/v2.1/os-hypervisors", get(hypervisors::list))
         .route("/v2.1/os-hypervisors/detail", get(hypervisors::detail))
         .route(

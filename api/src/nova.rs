@@ -212,6 +212,20 @@ pub async fn version_document(nova: Nova) -> Json<Value> {
     Json(version(&nova.base))
 }
 
+/// `GET /identity/v3`: keystone's version document, and nothing else of keystone. usbpt has no
+/// identity service (`auth_type: none`), but `openstack flavor create` builds an identity v3
+/// client before it sends anything, and that client needs this document to exist.
+pub async fn identity_version_document(nova: Nova) -> Json<Value> {
+    Json(json!({"version": {
+        "id": "v3.14",
+        "status": "stable",
+        "updated": "2020-04-07T00:00:00Z",
+        "links": [{"rel": "self", "href": format!("{}/identity/v3/", nova.base)}],
+        "media-types": [{"base": "application/json",
+                         "type": "application/vnd.openstack.identity-v3+json"}],
+    }}))
+}
+
 /// The middleware every route runs under: version discovery at `/` for JSON clients,
 /// microversion negotiation and echo on compute paths, `x-openstack-request-id` everywhere.
 pub async fn layer(mut req: Request, next: Next) -> Response {

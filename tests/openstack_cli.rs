@@ -1,0 +1,536 @@
+//! The real OpenStack clients against usbpt: python-openstackclient and python-novaclient, pinned
+//! and hash-pinned in `.tools/osc-venv` by `scripts/setup`, drive `usbpt serve` (real
+//! nats-server, real redb) with two hosts whose agents run the real agent loop over simulated
+//! USB devices and the real libvirt executor on libvirt's test driver (as `usbpt demo` does).
+//! Each `openstack` command's exit code and `-f json` output is checked; see
+//! `docs/openstack.md` for the routes and microversions this exercises.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod projector_support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use projector_support::Serve;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use usbpt_agent::libvirt::{test_driver_uri, Executor, ExecutorConfig};
+use usbpt_agent::source::{simulated, SimulatedHost};
+use usbpt_agent::{progress, AgentConfig, BusTarget, Filter, Interface, UsbDevice};
+use usbpt_schemas::{HostName, PortPath, ProductId, UsbAddress, VendorId};
+use usbpt_testkit::{eventually, TestNats};
+
+/// libvirt's test driver needs a node description.
+const NODE_XML: &str = "<node>\n  <cpu><mhz>2400</mhz><model>x86_64</model></cpu>\n  <memory>8388608</memory>\n</node>\n";
+
+/// How long one `openstack` call may take (start-up is 1-2 s).
+const CALL_LIMIT: Duration = Duration::from_secs(60);
+
+fn venv() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/osc-venv/bin")
+}
+
+/// Fails (never skips) when the pinned clients are not installed.
+fn require_clients() -> PathBuf {
+    let bin = venv();
+    assert!(
+        bin.join("openstack").is_file() && bin.join("python").is_file(),
+        "the pinned OpenStack clients are not installed at {}: run scripts/setup",
+        bin.display()
+    );
+    bin
+}
+
+/// A simulated hypervisor host: simulated devices feeding the real agent loop, the real executor
+/// on libvirt's test driver.
+struct SimHost {
+    _devices: SimulatedHost,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl SimHost {
+    async fn start(name: &str, root: &Path, url: &str, devices: Vec<UsbDevice>) -> Result<Self> {
+        let host = HostName::new(name)?;
+        let data = root.join(name);
+        std::fs::create_dir_all(&data)?;
+        let node = data.join("libvirt-node.xml");
+        std::fs::write(&node, NODE_XML)?;
+        let executor = Arc::new(
+            Executor::connect(ExecutorConfig::new(host.clone(), test_driver_uri(&node)?))
+                .await
+                .with_context(|| format!("libvirt test driver for {name}"))?,
+        );
+        let (source, handle) = simulated(devices);
+        let config = AgentConfig {
+            host,
+            boot_id: format!("boot-{name}"),
+            hypervisor_uri: executor.uri().to_owned(),
+            data_dir: data,
+            filter: Filter::default(),
+            bus: BusTarget::new(url.to_owned()),
+            progress: progress::silent(),
+            drain_on_stop: Duration::from_secs(2),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(e) =
+                usbpt_agent::run_with_executor(config, source, Some(executor), shutdown).await
+            {
+                eprintln!("simulated agent failed: {e}");
+            }
+        });
+        Ok(Self {
+            _devices: handle,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+fn usb_device(
+    port: &str,
+    devnum: u16,
+    ids: (u16, u16),
+    serial: &str,
+    names: (&str, &str),
+) -> Result<UsbDevice> {
+    let port_path: PortPath = port.parse()?;
+    let bus = port_path.bus();
+    Ok(UsbDevice {
+        syspath: format!("/sys/devices/pci0000:00/0000:00:14.0/usb{bus}/{port}"),
+        port_path,
+        address: UsbAddress::new(bus, devnum)?,
+        vendor_id: VendorId(ids.0),
+        product_id: ProductId(ids.1),
+        serial: Some(serial.to_owned()),
+        device_class: 0,
+        interfaces: vec![Interface::new(3, 0, 0)],
+        manufacturer: Some(names.0.to_owned()),
+        product: Some(names.1.to_owned()),
+        vendor_db: None,
+        model_db: None,
+        speed: Some("12".into()),
+        usb_version: Some("2.00".into()),
+    })
+}
+
+/// One finished client run.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!("not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr)
+        })
+    }
+    fn ok(self) -> Self {
+        assert_eq!(
+            self.code, 0,
+            "exit {}:\n{}\n{}",
+            self.code, self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+struct Clients {
+    bin: PathBuf,
+    config: PathBuf,
+    calls: usize,
+    spent: Duration,
+}
+
+impl Clients {
+    fn new(bin: PathBuf, dir: &Path, api: &str) -> Result<Self> {
+        let config = dir.join("clouds.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "clouds:\n  usbpt:\n    auth_type: none\n    auth:\n      endpoint: {api}/v2.1\n    \
+                 compute_endpoint_override: {api}/v2.1\n    identity_endpoint_override: \
+                 {api}/identity/v3\n"
+            ),
+        )?;
+        Ok(Self {
+            bin,
+            config,
+            calls: 0,
+            spent: Duration::ZERO,
+        })
+    }
+
+    async fn run(&mut self, program: &str, args: &[&str]) -> Result<Run> {
+        let started = Instant::now();
+        let mut cmd = tokio::process::Command::new(self.bin.join(program));
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("OS_") {
+                cmd.env_remove(k);
+            }
+        }
+        let out = tokio::time::timeout(
+            CALL_LIMIT,
+            cmd.args(args)
+                .env("OS_CLIENT_CONFIG_FILE", &self.config)
+                .env("OS_CLOUD", "usbpt")
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .with_context(|| format!("{program} {args:?} took over {CALL_LIMIT:?}"))??;
+        self.calls += 1;
+        self.spent += started.elapsed();
+        let run = Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        eprintln!(
+            "$ {program} {} -> {} ({:.1} s)",
+            args.join(" "),
+            run.code,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(run)
+    }
+
+    async fn openstack(&mut self, args: &[&str]) -> Result<Run> {
+        self.run("openstack", args).await
+    }
+}
+
+/// Waits until `GET /v2.1/servers/{name}` shows `status`.
+async fn status_becomes(serve: &Serve, name: &str, status: &str) -> Result<Value> {
+    let path = format!("/v2.1/servers/{name}");
+    eventually(Duration::from_secs(30), || {
+        let path = path.clone();
+        async move {
+            let (code, doc) = serve.get(&path).await.ok()?;
+            (code == 200 && doc["server"]["status"] == status).then_some(doc)
+        }
+    })
+    .await
+    .with_context(|| format!("server {name} never became {status}"))
+}
+
+fn string_set(v: &Value, key: &str) -> Vec<String> {
+    let mut out: Vec<String> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| e[key].as_str().unwrap_or_default().to_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+const NOVACLIENT: &str = r#"
+import json, sys
+from keystoneauth1 import session
+from keystoneauth1.noauth import NoAuth
+from novaclient import client
+
+api = sys.argv[1]
+nova = client.Client("2.88", session=session.Session(auth=NoAuth(endpoint=api + "/v2.1")),
+                     endpoint_override=api + "/v2.1")
+hv = nova.hypervisors.get("host-b")
+flavor = nova.flavors.find(name="erp-key")
+server = nova.servers.create("nova-1", image=None, flavor=flavor.id, nics="none",
+                             block_device_mapping_v2=[{"boot_index": 0, "source_type": "blank",
+                                                       "destination_type": "local",
+                                                       "volume_size": 1}])
+print(json.dumps({
+    "hypervisor_hostname": hv.hypervisor_hostname,
+    "usb_device_stats": hv.usb_device_stats,
+    "server_id": server.id,
+    "server_links": server.links,
+    "flavor_extra_specs": flavor.get_keys(),
+}))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
+    let bin = require_clients();
+    let total = Instant::now();
+    let nats = TestNats::start().await?;
+    let data = tempfile::tempdir()?;
+    let serve = Serve::start(&nats.url(), data.path()).await?;
+    let hosts_dir = tempfile::tempdir()?;
+    let host_a = SimHost::start(
+        "host-a",
+        hosts_dir.path(),
+        &nats.url(),
+        vec![usb_device(
+            "1-3",
+            4,
+            (0x1050, 0x0407),
+            "YK-1",
+            ("Yubico", "Key"),
+        )?],
+    )
+    .await?;
+    let host_b = SimHost::start(
+        "host-b",
+        hosts_dir.path(),
+        &nats.url(),
+        vec![
+            usb_device("2-1.4", 3, (0x136b, 0x0003), "ERP-1", ("Acme", "ERP key"))?,
+            usb_device("2-1.5", 5, (0x136b, 0x0003), "ERP-2", ("Acme", "ERP key"))?,
+        ],
+    )
+    .await?;
+    // Both agents have published their devices.
+    eventually(Duration::from_secs(30), || async {
+        let (_, doc) = serve.get("/v1/devices").await.ok()?;
+        (doc["devices"].as_array()?.len() == 3).then_some(())
+    })
+    .await
+    .context("the agents' devices never reached the view")?;
+
+    let mut os = Clients::new(bin, data.path(), &serve.api)?;
+
+    // Hypervisors: both hosts, UUID ids (2.53+), up.
+    let list = os
+        .openstack(&["hypervisor", "list", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(
+        string_set(&list, "Hypervisor Hostname"),
+        ["host-a", "host-b"]
+    );
+    for h in list.as_array().unwrap() {
+        assert_eq!(h["State"], "up", "{h}");
+        assert!(
+            h["ID"].as_str().unwrap().parse::<uuid::Uuid>().is_ok(),
+            "{h}"
+        );
+    }
+    let hv = os
+        .openstack(&["hypervisor", "show", "host-b", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(hv["hypervisor_hostname"], "host-b", "{hv}");
+    assert_eq!(hv["state"], "up", "{hv}");
+    assert_eq!(hv["service_host"], "host-b", "{hv}");
+
+    // A USB flavor through the standard extra-spec route, and a refused one.
+    let spec = r#"[{"vendor_id":"136b","product_id":"0003","count":1}]"#;
+    let flavor = os
+        .openstack(&[
+            "flavor",
+            "create",
+            "--property",
+            &format!("usb_devices={spec}"),
+            "erp-key",
+            "-f",
+            "json",
+        ])
+        .await?
+        .ok()
+        .json();
+    let usb = flavor["properties"]["usb_devices"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        usb.contains("\"136b\"") && usb.contains("\"count\":1"),
+        "{flavor}"
+    );
+    let shown = os
+        .openstack(&["flavor", "show", "erp-key", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(shown["id"], flavor["id"]);
+    assert_eq!(shown["properties"], flavor["properties"]);
+    let bad = os
+        .openstack(&[
+            "flavor",
+            "create",
+            "--property",
+            r#"usb_devices=[{"vendor_id":"zz"}]"#,
+            "bad-key",
+        ])
+        .await?;
+    assert!(
+        bad.stderr.contains("extra_specs.usb_devices") && bad.stderr.contains("vendor id"),
+        "{bad:?}"
+    );
+    // The usbpt view recorded the request (FlavorUsbSet), vendor/product as given.
+    let (_, doc) = serve.get("/v2.1/flavors/erp-key").await?;
+    assert_eq!(
+        doc["flavor"]["usb_devices"].as_array().unwrap().len(),
+        1,
+        "{doc}"
+    );
+
+    // Boot: scheduled where the key is (host-b), ACTIVE through the test driver.
+    let server = os
+        .openstack(&[
+            "server",
+            "create",
+            "--flavor",
+            "erp-key",
+            "--block-device",
+            "source_type=blank,destination_type=local,boot_index=0,volume_size=1",
+            "--nic",
+            "none",
+            "--wait",
+            "erp-1",
+            "-f",
+            "json",
+        ])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(server["status"], "ACTIVE", "{server}");
+    assert_eq!(server["OS-EXT-SRV-ATTR:host"], "host-b", "{server}");
+    let id = server["id"].as_str().unwrap().to_owned();
+
+    let list = os
+        .openstack(&["server", "list", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    let row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["Name"] == "erp-1")
+        .unwrap_or_else(|| panic!("erp-1 not listed: {list}"));
+    assert_eq!(row["ID"], id.as_str());
+    assert_eq!(row["Status"], "ACTIVE");
+    assert_eq!(row["Flavor"], "erp-key", "{row}");
+
+    let show = os
+        .openstack(&["server", "show", "erp-1", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(show["id"], id.as_str());
+    assert_eq!(show["OS-EXT-STS:vm_state"], "active", "{show}");
+    assert_eq!(
+        show["OS-EXT-SRV-ATTR:hypervisor_hostname"], "host-b",
+        "{show}"
+    );
+    assert!(show["created"].as_str().unwrap().ends_with('Z'), "{show}");
+    assert!(show.get("fault").is_none_or(Value::is_null), "{show}");
+
+    // Live migration of a server holding a host USB device is refused, with the reason.
+    let live = os
+        .openstack(&["server", "migrate", "--live-migration", "erp-1"])
+        .await?;
+    assert_ne!(live.code, 0, "{live:?}");
+    assert!(
+        live.stderr.contains("409") && live.stderr.contains("live migration"),
+        "{live:?}"
+    );
+
+    // Power actions, observed through the agent and the view.
+    os.openstack(&["server", "stop", "erp-1"]).await?.ok();
+    status_becomes(&serve, "erp-1", "SHUTOFF").await?;
+    os.openstack(&["server", "start", "erp-1"]).await?.ok();
+    status_becomes(&serve, "erp-1", "ACTIVE").await?;
+
+    // The history as instance actions: create, then the refused live migration, stop, start.
+    let events = os
+        .openstack(&["server", "event", "list", "erp-1", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    let actions = string_set(&events, "Action");
+    assert!(
+        actions.contains(&"create".to_owned()) && actions.contains(&"live-migration".to_owned()),
+        "{events}"
+    );
+
+    let services = os
+        .openstack(&["compute", "service", "list", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(string_set(&services, "Host"), ["host-a", "host-b"]);
+    for s in services.as_array().unwrap() {
+        assert_eq!(s["Binary"], "nova-compute", "{s}");
+        assert_eq!(s["State"], "up", "{s}");
+    }
+
+    // novaclient: the blueprint's usb_device_stats, and servers.create returns a server.
+    let nova = os
+        .run("python", &["-c", NOVACLIENT, &serve.api])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(nova["hypervisor_hostname"], "host-b");
+    let stats = nova["usb_device_stats"].as_array().unwrap();
+    assert_eq!(stats.len(), 2, "{nova}");
+    for key in [
+        "id",
+        "compute_node_id",
+        "address",
+        "product_id",
+        "vendor_id",
+        "bus_id",
+        "device_id",
+        "port_id",
+        "status",
+        "extra_info",
+        "instance_uuid",
+    ] {
+        assert!(stats[0].get(key).is_some(), "{key} missing: {}", stats[0]);
+    }
+    assert!(
+        stats.iter().any(|d| d["instance_uuid"] == id.as_str()),
+        "erp-1 holds a device: {nova}"
+    );
+    assert!(
+        nova["server_id"].as_str().is_some_and(|s| !s.is_empty()),
+        "{nova}"
+    );
+    let nova_1 = status_becomes(&serve, "nova-1", "ACTIVE").await?;
+    assert_eq!(nova_1["server"]["id"], nova["server_id"]);
+
+    // Delete both; the servers are gone from the list.
+    os.openstack(&["server", "delete", "--wait", "erp-1", "nova-1"])
+        .await?
+        .ok();
+    let list = os
+        .openstack(&["server", "list", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(list, Value::Array(vec![]), "{list}");
+
+    eprintln!(
+        "{} client runs took {:.1} s ({:.2} s each); the whole test {:.1} s",
+        os.calls,
+        os.spent.as_secs_f64(),
+        os.spent.as_secs_f64() / os.calls as f64,
+        total.elapsed().as_secs_f64()
+    );
+    host_a.stop().await;
+    host_b.stop().await;
+    drop(serve);
+    Ok(())
+}
