@@ -373,10 +373,24 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
             "bad-key",
         ])
         .await?;
+    // `flavor create` only logs a failed extra spec (python-openstackclient's behaviour): the
+    // flavor exists without a USB request. `flavor set` exits non-zero.
+    assert_eq!(bad.code, 0, "{bad:?}");
     assert!(
         bad.stderr.contains("extra_specs.usb_devices") && bad.stderr.contains("vendor id"),
         "{bad:?}"
     );
+    let set = os
+        .openstack(&[
+            "flavor",
+            "set",
+            "--property",
+            r#"usb_devices=[{"id":"x"}]"#,
+            "bad-key",
+        ])
+        .await?;
+    assert_ne!(set.code, 0, "{set:?}");
+    assert!(set.stderr.contains("extra_specs.usb_devices"), "{set:?}");
     // The usbpt view recorded the request (FlavorUsbSet), vendor/product as given.
     let (_, doc) = serve.get("/v2.1/flavors/erp-key").await?;
     assert_eq!(
@@ -447,6 +461,44 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
         "{live:?}"
     );
 
+    // Resize to a flavor asking for the other key by serial; usbpt confirms at once
+    // (resize_confirm_window = 0), so confirm succeeds and revert is refused with the reason.
+    let spec2 =
+        r#"[{"vendor_id":"136b","product_id":"0003","serial":"ERP-2","controller":"xhci"}]"#;
+    os.openstack(&[
+        "flavor",
+        "create",
+        "--property",
+        &format!("usb_devices={spec2}"),
+        "erp-key-2",
+    ])
+    .await?
+    .ok();
+    os.openstack(&[
+        "server",
+        "resize",
+        "--flavor",
+        "erp-key-2",
+        "--wait",
+        "erp-1",
+    ])
+    .await?
+    .ok();
+    os.openstack(&["server", "resize", "confirm", "erp-1"])
+        .await?
+        .ok();
+    let revert = os
+        .openstack(&["server", "resize", "revert", "erp-1"])
+        .await?;
+    assert_ne!(revert.code, 0, "{revert:?}");
+    assert!(
+        revert.stderr.contains("resize_confirm_window"),
+        "{revert:?}"
+    );
+    let (_, doc) = serve.get("/v2.1/servers/erp-1").await?;
+    assert_eq!(doc["server"]["flavor"]["name"], "erp-key-2", "{doc}");
+    assert_eq!(doc["server"]["status"], "ACTIVE", "{doc}");
+
     // Power actions, observed through the agent and the view.
     os.openstack(&["server", "stop", "erp-1"]).await?.ok();
     status_becomes(&serve, "erp-1", "SHUTOFF").await?;
@@ -460,10 +512,12 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
         .ok()
         .json();
     let actions = string_set(&events, "Action");
-    assert!(
-        actions.contains(&"create".to_owned()) && actions.contains(&"live-migration".to_owned()),
-        "{events}"
-    );
+    for a in ["create", "live-migration", "resize", "start"] {
+        assert!(actions.contains(&a.to_owned()), "{a} missing: {events}");
+    }
+    let (_, migrations) = serve.get("/v2.1/os-migrations").await?;
+    let kinds = string_set(&migrations["migrations"], "migration_type");
+    assert_eq!(kinds, ["live-migration", "resize"], "{migrations}");
 
     let services = os
         .openstack(&["compute", "service", "list", "-f", "json"])
@@ -532,5 +586,288 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
     host_a.stop().await;
     host_b.stop().await;
     drop(serve);
+    Ok(())
+}
+
+/// One raw request: status, headers, body text.
+async fn raw(
+    method: reqwest::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> Result<(u16, reqwest::header::HeaderMap, String)> {
+    let mut req = reqwest::Client::new().request(method, url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    Ok((status, headers, resp.text().await?))
+}
+
+fn header<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> &'a str {
+    h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+#[tokio::test]
+async fn discovery_microversions_errors_and_extra_specs_are_novas() -> Result<()> {
+    use reqwest::Method;
+    let nats = TestNats::start().await?;
+    let data = tempfile::tempdir()?;
+    let serve = Serve::start(&nats.url(), data.path()).await?;
+    let api = serve.api.clone();
+    let json =
+        |s: &str| -> Value { serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}")) };
+
+    // Version discovery: JSON by content negotiation at `/`, the dashboard for browsers.
+    let (code, h, body) = raw(
+        Method::GET,
+        &format!("{api}/"),
+        &[("Accept", "application/json")],
+        None,
+    )
+    .await?;
+    assert_eq!(code, 200);
+    let v = json(&body);
+    assert_eq!(v["versions"][0]["id"], "v2.1", "{v}");
+    assert_eq!(v["versions"][0]["min_version"], "2.1");
+    assert_eq!(v["versions"][0]["version"], "2.88");
+    assert!(
+        header(&h, "x-openstack-request-id").starts_with("req-"),
+        "{h:?}"
+    );
+    let (code, h, body) = raw(
+        Method::GET,
+        &format!("{api}/"),
+        &[(
+            "Accept",
+            "text/html,application/xhtml+xml,application/json;q=0.9",
+        )],
+        None,
+    )
+    .await?;
+    assert_eq!(code, 200);
+    assert!(header(&h, "content-type").starts_with("text/html") && body.contains("<html"));
+    for path in ["/v2.1", "/v2.1/"] {
+        let (code, _, body) = raw(Method::GET, &format!("{api}{path}"), &[], None).await?;
+        assert_eq!(code, 200, "{path}");
+        assert_eq!(json(&body)["version"]["status"], "CURRENT", "{body}");
+    }
+
+    // Microversions: negotiated from either header, echoed with Vary; 406 outside the range.
+    let (code, h, _) = raw(
+        Method::GET,
+        &format!("{api}/v2.1/flavors"),
+        &[("OpenStack-API-Version", "compute 2.60")],
+        None,
+    )
+    .await?;
+    assert_eq!(code, 200);
+    assert_eq!(header(&h, "openstack-api-version"), "compute 2.60");
+    assert_eq!(header(&h, "x-openstack-nova-api-version"), "2.60");
+    assert!(
+        header(&h, "vary").contains("OpenStack-API-Version"),
+        "{h:?}"
+    );
+    let (_, h, _) = raw(
+        Method::GET,
+        &format!("{api}/v2.1/flavors"),
+        &[("X-OpenStack-Nova-API-Version", "2.53")],
+        None,
+    )
+    .await?;
+    assert_eq!(header(&h, "openstack-api-version"), "compute 2.53");
+    let (_, h, _) = raw(
+        Method::GET,
+        &format!("{api}/v2.1/flavors"),
+        &[("OpenStack-API-Version", "compute latest")],
+        None,
+    )
+    .await?;
+    assert_eq!(header(&h, "openstack-api-version"), "compute 2.88");
+    let (_, h, _) = raw(Method::GET, &format!("{api}/v2.1/flavors"), &[], None).await?;
+    assert_eq!(header(&h, "openstack-api-version"), "compute 2.1");
+    for bad in ["compute 9.99", "compute 2.0", "compute 2.89"] {
+        let (code, _, body) = raw(
+            Method::GET,
+            &format!("{api}/v2.1/flavors"),
+            &[("OpenStack-API-Version", bad)],
+            None,
+        )
+        .await?;
+        assert_eq!(code, 406, "{bad}: {body}");
+        assert!(json(&body)["computeFault"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("maximum is 2.88"));
+    }
+    let (code, _, _) = raw(
+        Method::GET,
+        &format!("{api}/v2.1/flavors"),
+        &[("OpenStack-API-Version", "compute two")],
+        None,
+    )
+    .await?;
+    assert_eq!(code, 400);
+
+    // Nova's error envelope, its fault name first, with usbpt's own "error" key beside it.
+    let (code, _, body) = raw(Method::GET, &format!("{api}/v2.1/servers/nope"), &[], None).await?;
+    assert_eq!(code, 404);
+    assert!(body.starts_with(r#"{"itemNotFound":{"#), "{body}");
+    let e = json(&body);
+    assert_eq!(e["itemNotFound"], e["error"]);
+    assert_eq!(e["itemNotFound"]["code"], 404);
+    let (code, _, _) = raw(
+        Method::GET,
+        &format!("{api}/v2.1/servers?deleted=False"),
+        &[],
+        None,
+    )
+    .await?;
+    assert_eq!(code, 200);
+    let (code, _, body) = raw(
+        Method::GET,
+        &format!("{api}/v2.1/servers/detail?deleted=maybe"),
+        &[],
+        None,
+    )
+    .await?;
+    assert_eq!(code, 400);
+    assert!(
+        json(&body)["badRequest"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("deleted"),
+        "{body}"
+    );
+
+    // Flavors: the create reply carries the flavor; usb_devices is an extra spec (2.61+).
+    let (code, _, body) = raw(
+        Method::POST,
+        &format!("{api}/v2.1/flavors"),
+        &[],
+        Some(serde_json::json!(
+        {"flavor": {"name": "erp-key", "ram": 256, "vcpus": 1, "disk": 0, "id": null}})),
+    )
+    .await?;
+    assert_eq!(code, 200, "{body}");
+    let flavor = json(&body)["flavor"].clone();
+    let fid = flavor["id"].as_str().unwrap().to_owned();
+    assert_eq!(flavor["name"], "erp-key");
+    let specs_url = format!("{api}/v2.1/flavors/{fid}/os-extra_specs");
+    for (bad, field) in [
+        (
+            serde_json::json!({"extra_specs": {"usb_devices": "[{\"vendor_id\":\"zz\",\"product_id\":\"0003\"}]"}}),
+            "extra_specs.usb_devices",
+        ),
+        (
+            serde_json::json!({"extra_specs": {"usb_devices": "[{\"vendor_id\":\"136b\"}]"}}),
+            "extra_specs.usb_devices[0]",
+        ),
+        (
+            serde_json::json!({"extra_specs": {"usb_devices": "not json"}}),
+            "extra_specs.usb_devices",
+        ),
+        (
+            serde_json::json!({"extra_specs": {"hw:cpu_policy": "dedicated"}}),
+            "extra_specs.hw:cpu_policy",
+        ),
+    ] {
+        let (code, _, body) = raw(Method::POST, &specs_url, &[], Some(bad.clone())).await?;
+        assert_eq!(code, 400, "{bad}: {body}");
+        assert!(
+            json(&body)["badRequest"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(field),
+            "{field}: {body}"
+        );
+    }
+    let spec = r#"[{"vendor_id":"136b","product_id":"0003","serial":"ERP-1","count":1,"controller":"xhci","follow":"strict"}]"#;
+    let (code, _, body) = raw(
+        Method::POST,
+        &specs_url,
+        &[],
+        Some(serde_json::json!({"extra_specs": {"usb_devices": spec}})),
+    )
+    .await?;
+    assert_eq!(code, 200, "{body}");
+    let got: Value =
+        serde_json::from_str(json(&body)["extra_specs"]["usb_devices"].as_str().unwrap())?;
+    assert_eq!(got, json(spec), "the request reads back as given");
+    let (_, _, body) = raw(
+        Method::GET,
+        &format!("{api}/v2.1/flavors/{fid}"),
+        &[("OpenStack-API-Version", "compute 2.61")],
+        None,
+    )
+    .await?;
+    assert_eq!(
+        json(&body)["flavor"]["extra_specs"]["usb_devices"].as_str(),
+        Some(got.to_string().as_str())
+    );
+    let (_, _, body) = raw(Method::GET, &format!("{api}/v2.1/flavors/{fid}"), &[], None).await?;
+    assert!(
+        json(&body)["flavor"].get("extra_specs").is_none(),
+        "not before 2.61: {body}"
+    );
+    let (code, _, body) = raw(
+        Method::DELETE,
+        &format!("{specs_url}/usb_devices"),
+        &[],
+        None,
+    )
+    .await?;
+    assert_eq!(code, 200, "{body}");
+    let (_, _, body) = raw(Method::GET, &specs_url, &[], None).await?;
+    assert_eq!(json(&body), serde_json::json!({"extra_specs": {}}));
+
+    // A bad server body is a 400 and creates nothing.
+    let (code, _, body) = raw(
+        Method::POST,
+        &format!("{api}/v2.1/servers"),
+        &[],
+        Some(serde_json::json!({"server": {"name": "x"}})),
+    )
+    .await?;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("flavorRef"), "{body}");
+    let (_, _, body) = raw(Method::GET, &format!("{api}/v2.1/servers"), &[], None).await?;
+    assert_eq!(json(&body), serde_json::json!({"servers": []}));
+
+    // Hypervisor routes with no hosts yet; removed routes at 2.88.
+    let (code, _, body) = raw(
+        Method::GET,
+        &format!("{api}/v2.1/os-hypervisors?hypervisor_hostname_pattern=host"),
+        &[],
+        None,
+    )
+    .await?;
+    assert_eq!(code, 404, "{body}");
+    let (code, _, body) = raw(
+        Method::GET,
+        &format!("{api}/v2.1/os-hypervisors/statistics"),
+        &[],
+        None,
+    )
+    .await?;
+    assert_eq!(
+        (code, json(&body)["hypervisor_statistics"]["count"].as_u64()),
+        (200, Some(0))
+    );
+    let (code, _, _) = raw(
+        Method::GET,
+        &format!("{api}/v2.1/os-hypervisors/statistics"),
+        &[("OpenStack-API-Version", "compute 2.88")],
+        None,
+    )
+    .await?;
+    assert_eq!(code, 404);
+    let (_, _, body) = raw(Method::GET, &format!("{api}/v2.1/os-aggregates"), &[], None).await?;
+    assert_eq!(json(&body), serde_json::json!({"aggregates": []}));
     Ok(())
 }

@@ -67,6 +67,11 @@ fn service_id(nova: &Nova, n: usize, h: &Host) -> Value {
 
 /// Finds a hypervisor by UUID, integer id or host name.
 fn find(snap: &Snapshot, id: &str) -> Result<(usize, Host), ApiError> {
+    if id.parse::<HostName>().is_err() && id.parse::<uuid::Uuid>().is_err() {
+        return Err(ApiError::bad_request(format!(
+            "invalid hypervisor id {id:?}: expected a UUID, an integer id or a host name"
+        )));
+    }
     let found = hosts(snap)?.into_iter().find(|(n, h)| {
         h.name.as_str() == id
             || n.to_string() == id
