@@ -259,7 +259,9 @@ server = nova.servers.create("nova-1", image=None, flavor=flavor.id, nics="none"
                              block_device_mapping_v2=[{"boot_index": 0, "source_type": "blank",
                                                        "destination_type": "local",
                                                        "volume_size": 1}])
+rebuilt = nova.servers.rebuild(nova.servers.find(name="erp-1"), None)
 print(json.dumps({
+    "rebuilt": {"id": rebuilt.id, "name": rebuilt.name},
     "hypervisor_hostname": hv.hypervisor_hostname,
     "usb_device_stats": hv.usb_device_stats,
     "server_id": server.id,
@@ -564,6 +566,12 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
     );
     let nova_1 = status_becomes(&serve, "nova-1", "ACTIVE").await?;
     assert_eq!(nova_1["server"]["id"], nova["server_id"]);
+    assert_eq!(
+        nova["rebuilt"]["id"],
+        id.as_str(),
+        "rebuild answers with the server: {nova}"
+    );
+    status_becomes(&serve, "erp-1", "ACTIVE").await?;
 
     // Delete both; the servers are gone from the list.
     os.openstack(&["server", "delete", "--wait", "erp-1", "nova-1"])
@@ -825,6 +833,43 @@ async fn discovery_microversions_errors_and_extra_specs_are_novas() -> Result<()
     assert_eq!(code, 200, "{body}");
     let (_, _, body) = raw(Method::GET, &specs_url, &[], None).await?;
     assert_eq!(json(&body), serde_json::json!({"extra_specs": {}}));
+
+    // A boot no host can take: 202 with the server (and Location), which is then in ERROR with
+    // a fault saying why, as Nova leaves it.
+    let ghost = r#"[{"vendor_id":"0001","product_id":"0001"}]"#;
+    raw(
+        Method::PUT,
+        &format!("{specs_url}/usb_devices"),
+        &[],
+        Some(serde_json::json!({"usb_devices": ghost})),
+    )
+    .await?;
+    let (code, h, body) = raw(Method::POST, &format!("{api}/v2.1/servers"), &[], Some(serde_json::json!(
+        {"server": {"name": "doomed", "flavorRef": format!("{api}/v2.1/flavors/{fid}"), "imageRef": "", "networks": "none"}}))).await?;
+    assert_eq!(code, 202, "{body}");
+    let sid = json(&body)["server"]["id"].as_str().unwrap().to_owned();
+    assert!(
+        header(&h, "location").ends_with(&format!("/v2.1/servers/{sid}")),
+        "{h:?}"
+    );
+    let (_, _, body) = raw(Method::GET, &format!("{api}/v2.1/servers/{sid}"), &[], None).await?;
+    let doomed = json(&body)["server"].clone();
+    assert_eq!(doomed["status"], "ERROR", "{doomed}");
+    assert!(
+        !doomed["fault"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "{doomed}"
+    );
+    let (code, _, body) = raw(
+        Method::DELETE,
+        &format!("{api}/v2.1/servers/{sid}"),
+        &[],
+        None,
+    )
+    .await?;
+    assert_eq!((code, body.as_str()), (204, ""));
 
     // A bad server body is a 400 and creates nothing.
     let (code, _, body) = raw(

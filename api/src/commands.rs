@@ -442,6 +442,7 @@ async fn delete_extra_spec(
 /// Nova's action bodies: exactly one key.
 async fn server_action(
     State(state): State<CmdState>,
+    nova: Nova,
     Path(id): Path<String>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -511,9 +512,28 @@ async fn server_action(
         )),
         other => Err(bad(format!("unknown server action {other:?}"))),
     };
-    match cmd {
-        Ok(cmd) => run(&state, cmd).await,
-        Err(e) => e.into_response(),
+    let cmd = match cmd {
+        Ok(cmd) => cmd,
+        Err(e) => return e.into_response(),
+    };
+    let reply = run(&state, cmd).await;
+    if key != "rebuild" || reply.status() != StatusCode::ACCEPTED {
+        return reply;
+    }
+    // Nova answers a rebuild with the server.
+    let view = Arc::clone(&state.view);
+    let doc = tokio::task::spawn_blocking(move || -> Result<Value, ApiError> {
+        let snap = view.snapshot()?;
+        let s = snap
+            .server_by_name(&name)?
+            .ok_or_else(|| ApiError::not_found(format!("server {name} does not exist")))?;
+        Ok(json!({"server": crate::docs::server(&snap, &s, &nova)?}))
+    })
+    .await;
+    match doc {
+        Ok(Ok(doc)) => (StatusCode::ACCEPTED, Json(doc)).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 
