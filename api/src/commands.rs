@@ -1,8 +1,10 @@
 //! The command side's HTTP routes, Nova-shaped: `POST /v2.1/flavors`, `DELETE
 //! /v2.1/flavors/{id}`, `POST /v2.1/servers`, `POST /v2.1/servers/{id}/action` with Nova's action
-//! bodies, `DELETE /v2.1/servers/{id}`. Each becomes a [`Command`] for the in-process
-//! [`Handler`]; `{id}` may be an id or a name. Accepted: `202 {"message", "events"}`; rejected:
-//! the JSON error with the rejection's status code and reason.
+//! bodies, `DELETE /v2.1/servers/{id}`, the `usb_devices` extra spec. Each becomes a [`Command`]
+//! for the in-process [`Handler`]; `{id}` may be an id or a name. Replies are Nova's: a created
+//! flavor `200 {"flavor"}`, a created server `202 {"server"}` with `Location`, a deleted server
+//! 204, other actions `202 {"message", "events"}`; rejected: the JSON error with the rejection's
+//! status code and reason.
 
 use std::sync::Arc;
 

@@ -1,7 +1,10 @@
-//! usbpt's HTTP API (axum), the read side: the Nova-shaped hypervisor document, devices and
-//! their lineage history, flavors and servers, live events as Server-Sent Events, Prometheus
-//! metrics. Errors are JSON, `{"error": {"code": 404, "message": "…"}}`, with the status code.
-//! `GET /` is the live dashboard ([`dashboard`]).
+//! usbpt's HTTP API (axum), the read side: Nova's compute API as far as usbpt models it
+//! (version discovery and microversions in [`nova`], hypervisors, services, flavors and their
+//! `usb_devices` extra spec, servers, instance actions, migrations; `docs/openstack.md`),
+//! devices and their lineage history, live events as Server-Sent Events, Prometheus metrics.
+//! Errors are JSON with the status code, Nova's envelope and usbpt's own `error` key:
+//! `{"itemNotFound": {"code": 404, "message": "…"}, "error": {"code": 404, "message": "…"}}`.
+//! `GET /` is the live dashboard ([`dashboard`]), or the versions document for JSON clients.
 //!
 //! [`router`] builds the routes over an [`ApiState`]; other parts of the process (the command
 //! side's `POST`s) add theirs with `Router::merge` or `Router::route` on the same paths (axum
