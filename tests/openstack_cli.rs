@@ -453,6 +453,27 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
     assert!(show["created"].as_str().unwrap().ends_with('Z'), "{show}");
     assert!(show.get("fault").is_none_or(Value::is_null), "{show}");
 
+    // A flavor with no USB request runs on any host with an agent (the first by name).
+    os.openstack(&["flavor", "create", "plain"]).await?.ok();
+    let plain = os
+        .openstack(&[
+            "server",
+            "create",
+            "--flavor",
+            "plain",
+            "--block-device",
+            "source_type=blank,destination_type=local,boot_index=0,volume_size=1",
+            "--wait",
+            "plain-1",
+            "-f",
+            "json",
+        ])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(plain["status"], "ACTIVE", "{plain}");
+    assert_eq!(plain["OS-EXT-SRV-ATTR:host"], "host-a", "{plain}");
+
     // Live migration of a server holding a host USB device is refused, with the reason.
     let live = os
         .openstack(&["server", "migrate", "--live-migration", "erp-1"])
@@ -574,7 +595,7 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
     status_becomes(&serve, "erp-1", "ACTIVE").await?;
 
     // Delete both; the servers are gone from the list.
-    os.openstack(&["server", "delete", "--wait", "erp-1", "nova-1"])
+    os.openstack(&["server", "delete", "--wait", "erp-1", "nova-1", "plain-1"])
         .await?
         .ok();
     let list = os
