@@ -110,13 +110,6 @@ pub struct Nova {
 }
 
 impl Nova {
-    /// Documents for usbpt's own use (replay comparison): the base version, a loopback base.
-    pub fn for_docs() -> Self {
-        Self {
-            version: MIN_VERSION,
-            base: "http://127.0.0.1:8774".into(),
-        }
-    }
     /// `{base}/v2.1/{path}` and `{base}/{path}`, Nova's `self` and `bookmark` links.
     pub fn links(&self, path: &str) -> Value {
         json!([
