@@ -118,7 +118,7 @@ pub async fn replay(global: &Global, a: ReplayArgs) -> Result<()> {
         return Ok(());
     }
 
-    let world = world(&snap)?;
+    let world = world(&snap, &global.api)?;
     if a.json {
         let mut doc = json!({
             "until": target,
@@ -145,12 +145,17 @@ pub async fn replay(global: &Global, a: ReplayArgs) -> Result<()> {
     Ok(())
 }
 
-/// The world at the snapshot's sequence: current devices, live servers, claims.
-fn world(snap: &Snapshot) -> Result<Value> {
+/// The world at the snapshot's sequence: current devices, live servers, claims. Server
+/// documents are the API's at microversion 2.1, their links under `api` (`--api`).
+fn world(snap: &Snapshot, api: &str) -> Result<Value> {
+    let nova = usbpt_api::nova::Nova {
+        version: usbpt_api::nova::MIN_VERSION,
+        base: api.trim_end_matches('/').to_owned(),
+    };
     let devices = snap.devices(&DeviceFilter::default())?;
     let mut servers = Vec::new();
     for s in snap.servers(false)? {
-        servers.push(docs::server(snap, &s)?);
+        servers.push(docs::server(snap, &s, &nova)?);
     }
     Ok(json!({
         "devices": devices.iter().map(docs::device).collect::<Vec<_>>(),

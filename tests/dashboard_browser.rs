@@ -115,7 +115,8 @@ async fn post(serve: &Serve, path: &str, body: Value) -> Result<Value> {
         .await?;
     let status = resp.status().as_u16();
     let doc: Value = resp.json().await?;
-    if status != 202 {
+    // Nova's codes: 200 for a created flavor, 202 for a created server.
+    if !matches!(status, 200 | 202) {
         bail!("POST {path} answered {status}: {doc}");
     }
     Ok(doc)

@@ -11,6 +11,7 @@
     'DeviceClaimed', 'DeviceAttached', 'DeviceReattached', 'DeviceReleased',
     'ServerStateChanged', 'ServerResized', 'ServerMigrationRefused', 'ServerDeleted',
     'ServerActionRequested', 'DeviceAttachFailed', 'DeviceClashDetected', 'ServerMigrated',
+    'FlavorUsbSet',
   ];
   const FEED_MAX = 300; // feed entries kept in the page
   const HISTORY_ON_LOAD = 50; // past events shown when the page opens
@@ -182,6 +183,7 @@
         return ['hosts'];
       case 'FlavorCreated':
       case 'FlavorDeleted':
+      case 'FlavorUsbSet':
         return ['flavors', 'servers'];
       case 'DeviceDiscovered':
       case 'DeviceInvalidated':
@@ -568,6 +570,8 @@
         return `flavor ${b.name} with ${(b.usb || []).map(request).join(', ') || 'no USB devices'}`;
       case 'FlavorDeleted':
         return `flavor ${b.name} deleted`;
+      case 'FlavorUsbSet':
+        return `flavor ${b.name} now asks for ${(b.usb || []).map(request).join(', ') || 'no USB devices'}`;
       case 'ServerBootRequested':
         state.names.set(b.server_id, b.name);
         return `boot ${b.name} with flavor ${flavorName(b.flavor_id)}` +
@@ -625,6 +629,7 @@
     DeviceClashDetected: 'bad',
     FlavorCreated: 'flavor',
     FlavorDeleted: 'flavor',
+    FlavorUsbSet: 'flavor',
     ServerScheduleFailed: 'bad',
     ServerMigrationRefused: 'bad',
     DeviceAttachFailed: 'bad',

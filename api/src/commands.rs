@@ -1,15 +1,17 @@
 //! The command side's HTTP routes, Nova-shaped: `POST /v2.1/flavors`, `DELETE
 //! /v2.1/flavors/{id}`, `POST /v2.1/servers`, `POST /v2.1/servers/{id}/action` with Nova's action
-//! bodies, `DELETE /v2.1/servers/{id}`. Each becomes a [`Command`] for the in-process
-//! [`Handler`]; `{id}` may be an id or a name. Accepted: `202 {"message", "events"}`; rejected:
-//! the JSON error with the rejection's status code and reason.
+//! bodies, `DELETE /v2.1/servers/{id}`, the `usb_devices` extra spec. Each becomes a [`Command`]
+//! for the in-process [`Handler`]; `{id}` may be an id or a name. Replies are Nova's: a created
+//! flavor `200 {"flavor"}`, a created server `202 {"server"}` with `Location`, a deleted server
+//! 204, other actions `202 {"message", "events"}`; rejected: the JSON error with the rejection's
+//! status code and reason.
 
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, post};
+use axum::routing::{delete, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -21,6 +23,7 @@ use usbpt_schemas::{
     ServerAction, ServerName, UsbRequest, VendorId,
 };
 
+use crate::nova::Nova;
 use crate::ApiError;
 
 #[derive(Debug, Clone)]
@@ -34,6 +37,11 @@ pub fn command_routes(handler: Arc<Handler<View>>, view: Arc<View>) -> Router {
     Router::new()
         .route("/v2.1/flavors", post(create_flavor))
         .route("/v2.1/flavors/{id}", delete(delete_flavor))
+        .route("/v2.1/flavors/{id}/os-extra_specs", post(set_extra_specs))
+        .route(
+            "/v2.1/flavors/{id}/os-extra_specs/{key}",
+            put(put_extra_spec).delete(delete_extra_spec),
+        )
         .route("/v2.1/servers", post(create_server))
         .route("/v2.1/servers/{id}/action", post(server_action))
         .route("/v2.1/servers/{id}", delete(delete_server))
@@ -98,15 +106,21 @@ impl UsbDeviceBody {
 struct FlavorEnvelope {
     flavor: FlavorBody,
 }
+/// Nova's flavor body; `ram`, `vcpus`, `disk` and the rest are accepted and not recorded
+/// (usbpt schedules USB devices only). `usb_devices` is usbpt's own key (the blueprint's list).
 #[derive(Debug, Deserialize)]
 struct FlavorBody {
     name: FlavorName,
     #[serde(default)]
     usb_devices: Vec<UsbDeviceBody>,
+    /// Nova lets a client choose the id; usbpt's ids are UUIDv7s it draws itself.
+    #[serde(default)]
+    id: Option<Value>,
 }
 
 async fn create_flavor(
     State(state): State<CmdState>,
+    nova: Nova,
     body: Result<Json<FlavorEnvelope>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(body) = match body {
@@ -124,14 +138,46 @@ async fn create_flavor(
         Ok(u) => u,
         Err(e) => return e.into_response(),
     };
-    run(
+    if let Some(id) = body.flavor.id.as_ref().filter(|v| !v.is_null()) {
+        if id.as_str() != Some("auto") {
+            return bad(format!(
+                "flavor.id: usbpt chooses flavor ids itself; omit id (got {id})"
+            ))
+            .into_response();
+        }
+    }
+    let name = body.flavor.name;
+    let reply = run(
         &state,
         Command::CreateFlavor {
-            name: body.flavor.name,
+            name: name.clone(),
             usb,
         },
     )
-    .await
+    .await;
+    if reply.status() != StatusCode::ACCEPTED {
+        return reply;
+    }
+    flavor_reply(&state, &nova, name.as_str(), StatusCode::OK).await
+}
+
+/// `{"flavor": …}` for the flavor `id` names, read after a command wrote it.
+async fn flavor_reply(state: &CmdState, nova: &Nova, id: &str, status: StatusCode) -> Response {
+    let view = Arc::clone(&state.view);
+    let nova = nova.clone();
+    let id = id.to_owned();
+    let found = tokio::task::spawn_blocking(move || -> Result<Value, ApiError> {
+        let snap = view.snapshot()?;
+        let f = crate::find_flavor(&snap, &id)?
+            .ok_or_else(|| ApiError::not_found(format!("Flavor {id} could not be found.")))?;
+        Ok(json!({"flavor": crate::docs::flavor(&f, &nova)}))
+    })
+    .await;
+    match found {
+        Ok(Ok(doc)) => (status, Json(doc)).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 /// Resolves `{id}` (an id or a name) to a name with one snapshot.
@@ -176,41 +222,223 @@ async fn delete_flavor(State(state): State<CmdState>, Path(id): Path<String>) ->
 struct ServerEnvelope {
     server: ServerBody,
 }
+/// Nova's server body; `imageRef`, `networks`, `block_device_mapping_v2` and the rest are
+/// accepted and ignored (usbpt places USB devices, not disks or ports).
 #[derive(Debug, Deserialize)]
 struct ServerBody {
     name: ServerName,
+    /// A flavor id, name, or link (its last path segment is used).
     #[serde(rename = "flavorRef")]
     flavor_ref: String,
-    /// Nova's forced host (`host` in microversion 2.74).
+    /// Nova's requested host (microversion 2.74; usbpt accepts it at any version).
     host: Option<HostName>,
+    /// Nova's requested hypervisor (2.74): the same as `host` here.
+    hypervisor_hostname: Option<HostName>,
+}
+
+/// Reads the live server named `name`, if any.
+async fn live_server(
+    state: &CmdState,
+    name: &ServerName,
+) -> Result<Option<usbpt_projector::Server>, ApiError> {
+    let view = Arc::clone(&state.view);
+    let name = name.clone();
+    tokio::task::spawn_blocking(move || {
+        Ok(view
+            .snapshot()?
+            .server_by_name(&name)?
+            .filter(|s| s.deleted.is_none()))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+/// Nova's create reply: `202 {"server": {"id", "links", …}}` with `Location`.
+fn created_server(nova: &Nova, s: &usbpt_projector::Server) -> Response {
+    let links = nova.links(&format!("servers/{}", s.id));
+    let location = format!("{}/v2.1/servers/{}", nova.base, s.id);
+    (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(json!({"server": {
+            "id": s.id,
+            "links": links,
+            "OS-DCF:diskConfig": "MANUAL",
+            "security_groups": [{"name": "default"}],
+        }})),
+    )
+        .into_response()
 }
 
 async fn create_server(
     State(state): State<CmdState>,
+    nova: Nova,
     body: Result<Json<ServerEnvelope>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
         Err(e) => return bad(e.body_text()).into_response(),
     };
-    let flavor = match name_of(&state, body.server.flavor_ref, flavor_name, "flavor").await {
+    let b = body.server;
+    let flavor_ref = b
+        .flavor_ref
+        .rsplit('/')
+        .next()
+        .unwrap_or(&b.flavor_ref)
+        .to_owned();
+    let flavor = match name_of(&state, flavor_ref, flavor_name, "flavor").await {
         Ok(f) => f,
         Err(e) => return e.into_response(),
     };
-    run(
+    let host = match (b.host, b.hypervisor_hostname) {
+        (Some(h), Some(hh)) if h != hh => {
+            return bad(format!(
+                "server.host {h} and server.hypervisor_hostname {hh} differ"
+            ))
+            .into_response()
+        }
+        (h, hh) => h.or(hh),
+    };
+    let existed = match live_server(&state, &b.name).await {
+        Ok(s) => s.is_some(),
+        Err(e) => return e.into_response(),
+    };
+    let reply = run(
         &state,
         Command::Boot {
-            name: body.server.name,
+            name: b.name.clone(),
             flavor,
-            host: body.server.host,
+            host,
         },
     )
-    .await
+    .await;
+    // Accepted, or refused by the scheduler after the server was recorded (then it is in
+    // ERROR with a fault saying why, as Nova leaves it): either way the server exists now.
+    let refused_after_recording = reply.status() == StatusCode::CONFLICT && !existed;
+    if reply.status() != StatusCode::ACCEPTED && !refused_after_recording {
+        return reply;
+    }
+    match live_server(&state, &b.name).await {
+        Ok(Some(s)) => created_server(&nova, &s),
+        Ok(None) => reply,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `{"extra_specs": {"usb_devices": "[…]"}}`: the USB request, as a JSON string (extra specs
+/// are strings) holding the blueprint's list. Other keys are refused: usbpt records none.
+fn usb_from_specs(specs: &serde_json::Map<String, Value>) -> Result<Vec<UsbRequest>, ApiError> {
+    if let Some(other) = specs.keys().find(|k| *k != "usb_devices") {
+        return Err(bad(format!(
+            "extra_specs.{other}: usbpt records only the usb_devices extra spec"
+        )));
+    }
+    let Some(raw) = specs.get("usb_devices") else {
+        return Err(bad("extra_specs: give usb_devices"));
+    };
+    let list: Vec<UsbDeviceBody> = match raw {
+        Value::String(text) => serde_json::from_str(text),
+        other => serde_json::from_value(other.clone()),
+    }
+    .map_err(|e| bad(format!("extra_specs.usb_devices: {e}")))?;
+    list.into_iter()
+        .enumerate()
+        .map(|(i, u)| u.request(i))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("extra_specs.{}", e.message)))
+}
+
+/// Records `usb` as the flavor's USB request and answers with its extra specs.
+async fn set_usb(
+    state: &CmdState,
+    id: String,
+    usb: Vec<UsbRequest>,
+    answer: impl FnOnce(Value) -> Value,
+) -> Response {
+    let name = match name_of(state, id.clone(), flavor_name, "flavor").await {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
+    };
+    let reply = run(state, Command::SetFlavorUsb { name, usb }).await;
+    if reply.status() != StatusCode::ACCEPTED {
+        return reply;
+    }
+    let view = Arc::clone(&state.view);
+    let specs = tokio::task::spawn_blocking(move || -> Result<Value, ApiError> {
+        let snap = view.snapshot()?;
+        let f = crate::find_flavor(&snap, &id)?
+            .ok_or_else(|| ApiError::not_found(format!("Flavor {id} could not be found.")))?;
+        Ok(crate::docs::extra_specs(&f))
+    })
+    .await;
+    match specs {
+        Ok(Ok(specs)) => (StatusCode::OK, Json(answer(specs))).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// `POST /v2.1/flavors/{id}/os-extra_specs` `{"extra_specs": {"usb_devices": "[…]"}}`.
+async fn set_extra_specs(
+    State(state): State<CmdState>,
+    Path(id): Path<String>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return bad(e.body_text()).into_response(),
+    };
+    let Some(specs) = body.get("extra_specs").and_then(Value::as_object) else {
+        return bad("extra_specs: expected {\"extra_specs\": {\"usb_devices\": \"[…]\"}}")
+            .into_response();
+    };
+    match usb_from_specs(specs) {
+        Ok(usb) => set_usb(&state, id, usb, |specs| json!({"extra_specs": specs})).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `PUT /v2.1/flavors/{id}/os-extra_specs/usb_devices` `{"usb_devices": "[…]"}`.
+async fn put_extra_spec(
+    State(state): State<CmdState>,
+    Path((id, key)): Path<(String, String)>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return bad(e.body_text()).into_response(),
+    };
+    let Some(specs) = body
+        .as_object()
+        .filter(|o| o.len() == 1 && o.contains_key(&key))
+    else {
+        return bad(format!(
+            "the body must be {{\"{key}\": …}}, one key, the one in the path"
+        ))
+        .into_response();
+    };
+    match usb_from_specs(specs) {
+        Ok(usb) => set_usb(&state, id, usb, |specs| specs).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `DELETE /v2.1/flavors/{id}/os-extra_specs/usb_devices`: the flavor asks for no devices.
+async fn delete_extra_spec(
+    State(state): State<CmdState>,
+    Path((id, key)): Path<(String, String)>,
+) -> Response {
+    if key != "usb_devices" {
+        return ApiError::not_found(format!("Flavor {id} has no extra specs with key {key}."))
+            .into_response();
+    }
+    set_usb(&state, id, Vec::new(), |_| json!({})).await
 }
 
 /// Nova's action bodies: exactly one key.
 async fn server_action(
     State(state): State<CmdState>,
+    nova: Nova,
     Path(id): Path<String>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -270,17 +498,52 @@ async fn server_action(
         "suspend" => act(ServerAction::Suspend),
         "resume" => act(ServerAction::Resume),
         "rebuild" => act(ServerAction::Rebuild),
+        // usbpt confirms a resize as it makes it (Nova's resize_confirm_window of 0 s): a
+        // confirm has nothing left to do; a revert is a resize back to the old flavor.
+        "confirmResize" => return StatusCode::NO_CONTENT.into_response(),
+        "revertResize" => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "usbpt confirms resizes at once (resize_confirm_window = 0): there is no resize to \
+             revert; resize back to the old flavor instead",
+        )),
         other => Err(bad(format!("unknown server action {other:?}"))),
     };
-    match cmd {
-        Ok(cmd) => run(&state, cmd).await,
-        Err(e) => e.into_response(),
+    let cmd = match cmd {
+        Ok(cmd) => cmd,
+        Err(e) => return e.into_response(),
+    };
+    let reply = run(&state, cmd).await;
+    if key != "rebuild" || reply.status() != StatusCode::ACCEPTED {
+        return reply;
+    }
+    // Nova answers a rebuild with the server.
+    let view = Arc::clone(&state.view);
+    let doc = tokio::task::spawn_blocking(move || -> Result<Value, ApiError> {
+        let snap = view.snapshot()?;
+        let s = snap
+            .server_by_name(&name)?
+            .ok_or_else(|| ApiError::not_found(format!("server {name} does not exist")))?;
+        Ok(json!({"server": crate::docs::server(&snap, &s, &nova)?}))
+    })
+    .await;
+    match doc {
+        Ok(Ok(doc)) => (StatusCode::ACCEPTED, Json(doc)).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 
+/// Nova answers a server delete with 204 and no body.
 async fn delete_server(State(state): State<CmdState>, Path(id): Path<String>) -> Response {
     match name_of(&state, id, server_name, "server").await {
-        Ok(name) => run(&state, Command::Delete { name }).await,
+        Ok(name) => {
+            let reply = run(&state, Command::Delete { name }).await;
+            if reply.status() == StatusCode::ACCEPTED {
+                StatusCode::NO_CONTENT.into_response()
+            } else {
+                reply
+            }
+        }
         Err(e) => e.into_response(),
     }
 }

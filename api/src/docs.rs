@@ -5,7 +5,9 @@ use serde_json::{json, Map, Value};
 use usbpt_projector::{
     Claim, Device, Flavor, HoldEnd, Host, Lineage, QuarantineEntry, Server, Snapshot, ViewError,
 };
-use usbpt_schemas::{LineageKind, ServerState};
+use usbpt_schemas::{DeviceSelector, HostName, LineageKind, ServerState, UsbRequest};
+
+use crate::nova::Nova;
 
 fn v<T: serde::Serialize>(x: &T) -> Value {
     serde_json::to_value(x).unwrap_or(Value::Null)
@@ -189,15 +191,80 @@ pub fn history(l: &Lineage, claim_: Option<&Claim>, devices: &[Device]) -> Value
     })
 }
 
-pub fn flavor(f: &Flavor) -> Value {
-    json!({
+/// A flavor's USB request in the blueprint's extra-spec form: a JSON list of objects, each with
+/// `id`, `lineage_id`, or `vendor_id` + `product_id` (+ `serial`, `count`), and `controller`,
+/// `follow`.
+pub fn usb_spec(usb: &[UsbRequest]) -> Value {
+    Value::Array(
+        usb.iter()
+            .map(|r| {
+                let mut m = Map::new();
+                match &r.selector {
+                    DeviceSelector::Enumeration(d) => {
+                        m.insert("id".into(), json!(d));
+                    }
+                    DeviceSelector::Lineage(l) => {
+                        m.insert("lineage_id".into(), json!(l));
+                    }
+                    DeviceSelector::Match {
+                        vendor_id,
+                        product_id,
+                        serial,
+                        count,
+                    } => {
+                        m.insert("vendor_id".into(), v(vendor_id));
+                        m.insert("product_id".into(), v(product_id));
+                        if let Some(s) = serial {
+                            m.insert("serial".into(), json!(s));
+                        }
+                        m.insert("count".into(), json!(count));
+                    }
+                }
+                m.insert("controller".into(), v(&r.controller));
+                m.insert("follow".into(), v(&r.follow));
+                Value::Object(m)
+            })
+            .collect(),
+    )
+}
+
+/// A flavor's extra specs: `usb_devices` (a JSON string, as extra specs are strings) when it
+/// asks for devices.
+pub fn extra_specs(f: &Flavor) -> Value {
+    if f.usb.is_empty() {
+        json!({})
+    } else {
+        json!({"usb_devices": usb_spec(&f.usb).to_string()})
+    }
+}
+
+/// A flavor, Nova's fields (usbpt tracks no RAM, vCPUs or disk: they read 0) and usbpt's.
+pub fn flavor(f: &Flavor, nova: &Nova) -> Value {
+    let mut doc = json!({
         "id": f.id,
         "name": f.name,
+        "ram": 0,
+        "vcpus": 0,
+        "disk": 0,
+        "swap": if nova.version.at_least(75) { json!(0) } else { json!("") },
+        "OS-FLV-EXT-DATA:ephemeral": 0,
+        "OS-FLV-DISABLED:disabled": f.deleted.is_some(),
+        "os-flavor-access:is_public": true,
+        "rxtx_factor": 1.0,
+        "links": nova.links(&format!("flavors/{}", f.id)),
         "usb_devices": v(&f.usb),
         "created": v(&f.created),
         "deleted": v(&f.deleted),
-        "links": [],
-    })
+    });
+    if let Value::Object(m) = &mut doc {
+        if nova.version.at_least(55) {
+            m.insert("description".into(), Value::Null);
+        }
+        if nova.version.at_least(61) {
+            m.insert("extra_specs".into(), extra_specs(f));
+        }
+    }
+    doc
 }
 
 /// Nova's status names.
@@ -216,20 +283,48 @@ pub fn nova_status(s: &Server) -> &'static str {
     }
 }
 
+/// Nova's `OS-EXT-STS` triple: vm_state, task_state, power_state.
+fn nova_states(s: &Server) -> (&'static str, Option<&'static str>, u8) {
+    if s.deleted.is_some() {
+        return ("deleted", None, 0);
+    }
+    match s.state {
+        ServerState::Building => ("building", Some("scheduling"), 0),
+        ServerState::Active => ("active", None, 1),
+        ServerState::Shutoff => ("stopped", None, 4),
+        ServerState::Paused => ("paused", None, 3),
+        ServerState::Suspended => ("suspended", None, 7),
+        ServerState::Rebooting => ("active", Some("rebooting"), 1),
+        ServerState::Error => ("error", None, 0),
+    }
+}
+
+/// The project and user every server belongs to: usbpt has no identity service.
+pub const TENANT_ID: &str = "usbpt";
+pub const USER_ID: &str = "usbpt";
+
 /// A server in the list (`GET /v2.1/servers`).
-pub fn server_brief(s: &Server) -> Value {
+pub fn server_brief(s: &Server, nova: &Nova) -> Value {
     json!({
         "id": s.id,
         "name": s.name,
         "status": nova_status(s),
         "host": s.host,
         "flavor": {"id": s.flavor_id},
-        "links": [],
+        "links": nova.links(&format!("servers/{}", s.id)),
     })
 }
 
-/// A server in full, with its devices' live status read from the same snapshot.
-pub fn server(snap: &Snapshot, s: &Server) -> Result<Value, ViewError> {
+/// Nova's `hostId`: an opaque hash of the host (and project), empty when unplaced.
+fn host_id(host: Option<&HostName>) -> String {
+    host.map_or_else(String::new, |h| {
+        crate::nova::hypervisor_uuid(h).simple().to_string()
+    })
+}
+
+/// A server in full, Nova's fields and usbpt's, with its devices' live status read from the
+/// same snapshot.
+pub fn server(snap: &Snapshot, s: &Server, nova: &Nova) -> Result<Value, ViewError> {
     let mut usb = Vec::new();
     for a in &s.devices {
         let d = snap.device(&a.device_id)?;
@@ -248,30 +343,67 @@ pub fn server(snap: &Snapshot, s: &Server) -> Result<Value, ViewError> {
             "held": held,
         }));
     }
-    let flavor_name = snap.flavor_by_id(&s.flavor_id)?.map(|f| f.name);
-    let fault = s.schedule_failures.last().map(|f| {
+    let flavor = snap.flavor_by_id(&s.flavor_id)?;
+    let flavor_name = flavor.as_ref().map(|f| f.name.clone());
+    let flavor_doc = if nova.version.at_least(47) {
         json!({
-            "code": 500,
-            "message": f.reason,
-            "details": v(&f.host_rejections),
-            "created": f.stamp.at,
+            "id": s.flavor_id,
+            "name": flavor_name,
+            "original_name": flavor_name,
+            "vcpus": 0, "ram": 0, "disk": 0, "ephemeral": 0, "swap": 0,
+            "extra_specs": flavor.as_ref().map_or_else(|| json!({}), extra_specs),
         })
-    });
-    Ok(json!({
+    } else {
+        json!({
+            "id": s.flavor_id,
+            "name": flavor_name,
+            "links": nova.links(&format!("flavors/{}", s.flavor_id)),
+        })
+    };
+    let status = nova_status(s);
+    let (vm_state, task_state, power_state) = nova_states(s);
+    let mut updated = s.state_changed.at.max(s.created.at);
+    if let Some(d) = s.deleted {
+        updated = updated.max(d.at);
+    }
+    let mut doc = json!({
         "id": s.id,
         "name": s.name,
-        "status": nova_status(s),
+        "status": status,
+        "tenant_id": TENANT_ID,
+        "user_id": USER_ID,
+        "hostId": host_id(s.host.as_ref()),
+        "metadata": {},
+        "image": "",
+        "addresses": {},
+        "flavor": flavor_doc,
+        "created": s.created.at,
+        "updated": updated,
+        "links": nova.links(&format!("servers/{}", s.id)),
+        "key_name": null,
+        "accessIPv4": "",
+        "accessIPv6": "",
+        "config_drive": "",
+        "progress": 0,
+        "OS-DCF:diskConfig": "MANUAL",
+        "OS-EXT-AZ:availability_zone": "nova",
+        "OS-EXT-STS:vm_state": vm_state,
+        "OS-EXT-STS:task_state": task_state,
+        "OS-EXT-STS:power_state": power_state,
+        "OS-EXT-SRV-ATTR:host": s.host,
+        "OS-EXT-SRV-ATTR:hypervisor_hostname": s.host,
+        "OS-EXT-SRV-ATTR:instance_name": format!("usbpt-{}", s.id),
+        "OS-SRV-USG:launched_at": s.scheduled.map(|st| st.at),
+        "OS-SRV-USG:terminated_at": s.deleted.map(|st| st.at),
+        "os-extended-volumes:volumes_attached": [],
+        "host": s.host,
+        "requested_host": s.requested_host,
         "state": v(&s.state),
         "state_detail": s.state_detail,
         "state_changed": v(&s.state_changed),
-        "flavor": {"id": s.flavor_id, "name": flavor_name},
-        "OS-EXT-SRV-ATTR:host": s.host,
-        "host": s.host,
-        "requested_host": s.requested_host,
-        "created": v(&s.created),
+        "created_seq": s.created.seq,
         "scheduled": v(&s.scheduled),
         "usb_devices": usb,
-        "fault": fault,
         "schedule_failures": v(&s.schedule_failures),
         "schedule_failures_total": s.schedule_failures_total,
         "migration_refusals": v(&s.migration_refusals),
@@ -280,8 +412,47 @@ pub fn server(snap: &Snapshot, s: &Server) -> Result<Value, ViewError> {
         "last_action": v(&s.last_action),
         "deleted": v(&s.deleted),
         "last_change_seq": s.last_change_seq,
-        "links": [],
-    }))
+    });
+    if let Value::Object(m) = &mut doc {
+        if status == "ERROR" {
+            if let Some(f) = s.schedule_failures.last() {
+                m.insert(
+                    "fault".into(),
+                    json!({
+                        "code": 500,
+                        "message": f.reason,
+                        "details": v(&f.host_rejections),
+                        "created": f.stamp.at,
+                    }),
+                );
+            }
+        }
+        if nova.version.at_least(9) {
+            m.insert("locked".into(), json!(false));
+        }
+        if nova.version.at_least(16) {
+            m.insert(
+                "host_status".into(),
+                json!(if s.host.is_some() { "UP" } else { "" }),
+            );
+        }
+        if nova.version.at_least(19) {
+            m.insert("description".into(), Value::Null);
+        }
+        if nova.version.at_least(26) {
+            m.insert("tags".into(), json!([]));
+        }
+        if nova.version.at_least(63) {
+            m.insert("trusted_image_certificates".into(), Value::Null);
+        }
+        if nova.version.at_least(71) {
+            m.insert("server_groups".into(), json!([]));
+        }
+        if nova.version.at_least(73) {
+            m.insert("locked_reason".into(), Value::Null);
+        }
+    }
+    Ok(doc)
 }
 
 pub fn quarantine(q: &QuarantineEntry) -> Value {

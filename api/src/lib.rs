@@ -1,7 +1,10 @@
-//! usbpt's HTTP API (axum), the read side: the Nova-shaped hypervisor document, devices and
-//! their lineage history, flavors and servers, live events as Server-Sent Events, Prometheus
-//! metrics. Errors are JSON, `{"error": {"code": 404, "message": "…"}}`, with the status code.
-//! `GET /` is the live dashboard ([`dashboard`]).
+//! usbpt's HTTP API (axum), the read side: Nova's compute API as far as usbpt models it
+//! (version discovery and microversions in [`nova`], hypervisors, services, flavors and their
+//! `usb_devices` extra spec, servers, instance actions, migrations; `docs/openstack.md`),
+//! devices and their lineage history, live events as Server-Sent Events, Prometheus metrics.
+//! Errors are JSON with the status code, Nova's envelope and usbpt's own `error` key:
+//! `{"itemNotFound": {"code": 404, "message": "…"}, "error": {"code": 404, "message": "…"}}`.
+//! `GET /` is the live dashboard ([`dashboard`]), or the versions document for JSON clients.
 //!
 //! [`router`] builds the routes over an [`ApiState`]; other parts of the process (the command
 //! side's `POST`s) add theirs with `Router::merge` or `Router::route` on the same paths (axum
@@ -10,9 +13,14 @@
 //!
 //! Every handler reads one consistent [`Snapshot`] of the view, on a blocking thread.
 
+#![recursion_limit = "256"]
+
 mod commands;
 pub mod dashboard;
 pub mod docs;
+mod history;
+mod hypervisors;
+pub mod nova;
 mod sse;
 
 use std::collections::HashMap;
@@ -26,6 +34,7 @@ use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use nova::Nova;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tracing::warn;
@@ -33,7 +42,7 @@ use usbpt_bus::Bus;
 use usbpt_projector::{
     DeviceFilter, DeviceStatus, Flavor, ProjectorMetrics, Server, Snapshot, View, ViewError,
 };
-use usbpt_schemas::{DeviceId, FlavorId, FlavorName, HostName, LineageId, ServerId, ServerName};
+use usbpt_schemas::{DeviceId, FlavorId, FlavorName, LineageId, ServerId, ServerName};
 
 pub use commands::command_routes;
 pub use docs::{device as device_doc, hypervisor as hypervisor_doc};
@@ -97,9 +106,20 @@ impl ApiError {
 }
 
 impl IntoResponse for ApiError {
+    /// Nova's envelope (`{"itemNotFound": {"code", "message"}}`, the fault name first, as
+    /// OpenStack clients read the first key) and usbpt's own `"error"` key with the same object.
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.status.as_u16(), "message": self.message}});
-        (self.status, Json(body)).into_response()
+        let inner = json!({"code": self.status.as_u16(), "message": self.message}).to_string();
+        let body = format!(
+            "{{\"{}\":{inner},\"error\":{inner}}}",
+            nova::fault_name(self.status)
+        );
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
     }
 }
 
@@ -134,12 +154,17 @@ where
         .map_err(|e: T::Err| ApiError::bad_request(format!("invalid {what} {s:?}: {e}")))
 }
 
+/// A boolean query parameter, read as Nova reads them (case-insensitive `true/false`, `1/0`,
+/// `yes/no`, `on/off`; present and empty is true).
 fn flag(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
-    match q.get(name).map(String::as_str) {
-        None | Some("false") | Some("0") => Ok(false),
-        Some("") | Some("true") | Some("1") => Ok(true),
-        Some(other) => Err(ApiError::bad_request(format!(
-            "invalid {name} {other:?}: expected true or false"
+    let Some(raw) = q.get(name) else {
+        return Ok(false);
+    };
+    match raw.to_ascii_lowercase().as_str() {
+        "false" | "0" | "no" | "off" | "f" | "n" => Ok(false),
+        "" | "true" | "1" | "yes" | "on" | "t" | "y" => Ok(true),
+        _ => Err(ApiError::bad_request(format!(
+            "invalid {name} {raw:?}: expected true or false"
         ))),
     }
 }
@@ -147,8 +172,38 @@ fn flag(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
 /// The read routes.
 pub fn router(state: ApiState) -> Router {
     Router::new()
-        .route("/v2.1/os-hypervisors/{host}", get(hypervisor))
-        .route("/v2/{tenant}/os-hypervisors/{host}", get(hypervisor_tenant))
+        .route("/v2.1", get(nova::version_document))
+        .route("/v2.1/", get(nova::version_document))
+        .route("/identity/v3", get(nova::identity_version_document))
+        .route("/identity/v3/", get(nova::identity_version_document))
+        .route("/v2.1/os-hypervisors", get(hypervisors::list))
+        .route("/v2.1/os-hypervisors/detail", get(hypervisors::detail))
+        .route(
+            "/v2.1/os-hypervisors/statistics",
+            get(hypervisors::statistics),
+        )
+        .route("/v2.1/os-hypervisors/{id}", get(hypervisors::show))
+        .route(
+            "/v2.1/os-hypervisors/{id}/uptime",
+            get(hypervisors::show_uptime),
+        )
+        .route(
+            "/v2/{tenant}/os-hypervisors/{host}",
+            get(hypervisors::show_tenant),
+        )
+        .route("/v2.1/os-services", get(hypervisors::services))
+        .route("/v2.1/os-aggregates", get(hypervisors::aggregates))
+        .route("/v2.1/os-migrations", get(history::migrations))
+        .route(
+            "/v2.1/servers/{id}/os-instance-actions",
+            get(history::actions),
+        )
+        .route(
+            "/v2.1/servers/{id}/os-instance-actions/{request_id}",
+            get(history::action),
+        )
+        .route("/v2.1/flavors/{id}/os-extra_specs", get(extra_specs))
+        .route("/v2.1/flavors/{id}/os-extra_specs/{key}", get(extra_spec))
         .route("/v1/devices", get(devices))
         .route("/v1/devices/{id}", get(device))
         .route("/v1/devices/{id}/history", get(history))
@@ -175,9 +230,12 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router.layer(axum::middleware::from_fn(nova::layer)),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -189,27 +247,6 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
         StatusCode::METHOD_NOT_ALLOWED,
         format!("{method} is not allowed on {}", uri.path()),
     )
-}
-
-async fn hypervisor(State(st): State<ApiState>, Path(host): Path<String>) -> ApiResult {
-    let host: HostName = parse("host name", &host)?;
-    read(&st, move |snap| {
-        let Some(h) = snap.host(&host)? else {
-            return Err(ApiError::not_found(format!(
-                "hypervisor {host} not found (no agent or device was ever reported for it)"
-            )));
-        };
-        let devices = snap.host_devices(&host)?;
-        Ok(Json(docs::hypervisor(&h, &devices)))
-    })
-    .await
-}
-
-async fn hypervisor_tenant(
-    st: State<ApiState>,
-    Path((_tenant, host)): Path<(String, String)>,
-) -> ApiResult {
-    hypervisor(st, Path(host)).await
 }
 
 async fn devices(
@@ -326,11 +363,11 @@ async fn status(State(st): State<ApiState>, Query(q): Query<HashMap<String, Stri
     .await
 }
 
-async fn flavors(State(st): State<ApiState>) -> ApiResult {
-    read(&st, |snap| {
+async fn flavors(State(st): State<ApiState>, nova: Nova) -> ApiResult {
+    read(&st, move |snap| {
         let list = snap.flavors(false)?;
         Ok(Json(
-            json!({"flavors": list.iter().map(docs::flavor).collect::<Vec<_>>()}),
+            json!({"flavors": list.iter().map(|f| docs::flavor(f, &nova)).collect::<Vec<_>>()}),
         ))
     })
     .await
@@ -352,47 +389,107 @@ pub(crate) fn find_server(snap: &Snapshot, id: &str) -> Result<Option<Server>, A
     })
 }
 
-async fn flavor(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
-    read(&st, move |snap| match find_flavor(snap, &id)? {
-        Some(f) => Ok(Json(json!({"flavor": docs::flavor(&f)}))),
-        None => Err(ApiError::not_found(format!("flavor {id} not found"))),
+/// A flavor by id or name, or a 404 naming it.
+fn flavor_or_404(snap: &Snapshot, id: &str) -> Result<Flavor, ApiError> {
+    find_flavor(snap, id)?
+        .ok_or_else(|| ApiError::not_found(format!("Flavor {id} could not be found.")))
+}
+
+async fn flavor(State(st): State<ApiState>, nova: Nova, Path(id): Path<String>) -> ApiResult {
+    read(&st, move |snap| {
+        Ok(Json(
+            json!({"flavor": docs::flavor(&flavor_or_404(snap, &id)?, &nova)}),
+        ))
     })
     .await
 }
 
+/// `GET /v2.1/flavors/{id}/os-extra_specs`.
+async fn extra_specs(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    read(&st, move |snap| {
+        Ok(Json(
+            json!({"extra_specs": docs::extra_specs(&flavor_or_404(snap, &id)?)}),
+        ))
+    })
+    .await
+}
+
+/// `GET /v2.1/flavors/{id}/os-extra_specs/{key}`: `{key: value}`.
+async fn extra_spec(
+    State(st): State<ApiState>,
+    Path((id, key)): Path<(String, String)>,
+) -> ApiResult {
+    read(&st, move |snap| {
+        let specs = docs::extra_specs(&flavor_or_404(snap, &id)?);
+        match specs.get(&key) {
+            Some(v) => Ok(Json(json!({ key: v }))),
+            None => Err(ApiError::not_found(format!(
+                "Flavor {id} has no extra specs with key {key}."
+            ))),
+        }
+    })
+    .await
+}
+
+/// Nova's server list filters usbpt can apply: `deleted`, `name` (a substring, as Nova's regex
+/// mostly is), `status`, `host`. Others (`limit`, `marker`, `all_tenants`, …) are accepted.
+fn server_filter(
+    q: &HashMap<String, String>,
+) -> Result<(bool, impl Fn(&Server) -> bool + Send + 'static), ApiError> {
+    let deleted = flag(q, "deleted")?;
+    let name = q.get("name").cloned();
+    let status = q.get("status").map(|s| s.to_ascii_uppercase());
+    let host = q.get("host").cloned();
+    Ok((deleted, move |s: &Server| {
+        name.as_deref().is_none_or(|n| s.name.as_str().contains(n))
+            && status
+                .as_deref()
+                .is_none_or(|st| docs::nova_status(s) == st)
+            && host
+                .as_deref()
+                .is_none_or(|h| s.host.as_ref().is_some_and(|x| x.as_str() == h))
+    }))
+}
+
 async fn servers(
     State(st): State<ApiState>,
+    nova: Nova,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    let deleted = flag(&q, "deleted")?;
+    let (deleted, keep) = server_filter(&q)?;
     read(&st, move |snap| {
         let list = snap.servers(deleted)?;
-        Ok(Json(
-            json!({"servers": list.iter().map(docs::server_brief).collect::<Vec<_>>()}),
-        ))
+        Ok(Json(json!({"servers": list
+            .iter()
+            .filter(|s| keep(s))
+            .map(|s| docs::server_brief(s, &nova))
+            .collect::<Vec<_>>()})))
     })
     .await
 }
 
 async fn servers_detail(
     State(st): State<ApiState>,
+    nova: Nova,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    let deleted = flag(&q, "deleted")?;
+    let (deleted, keep) = server_filter(&q)?;
     read(&st, move |snap| {
         let mut out = Vec::new();
-        for s in snap.servers(deleted)? {
-            out.push(docs::server(snap, &s)?);
+        for s in snap.servers(deleted)?.iter().filter(|s| keep(s)) {
+            out.push(docs::server(snap, s, &nova)?);
         }
         Ok(Json(json!({"servers": out})))
     })
     .await
 }
 
-async fn server(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+async fn server(State(st): State<ApiState>, nova: Nova, Path(id): Path<String>) -> ApiResult {
     read(&st, move |snap| match find_server(snap, &id)? {
-        Some(s) => Ok(Json(json!({"server": docs::server(snap, &s)?}))),
-        None => Err(ApiError::not_found(format!("server {id} not found"))),
+        Some(s) => Ok(Json(json!({"server": docs::server(snap, &s, &nova)?}))),
+        None => Err(ApiError::not_found(format!(
+            "Instance {id} could not be found."
+        ))),
     })
     .await
 }

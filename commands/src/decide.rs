@@ -6,7 +6,7 @@
 use usbpt_schemas::commands::Command;
 use usbpt_schemas::{
     subjects, DeviceClaimed, DeviceReleased, DeviceSelector, Event, FlavorCreated, FlavorDeleted,
-    FlavorId, FlavorName, HostName, LineageKind, ReleaseReason, ServerAction,
+    FlavorId, FlavorName, FlavorUsbSet, HostName, LineageKind, ReleaseReason, ServerAction,
     ServerActionRequested, ServerBootRequested, ServerDeleted, ServerId, ServerMigrated,
     ServerMigrationRefused, ServerName, ServerResized, ServerScheduleFailed, ServerScheduled,
     ServerState,
@@ -121,7 +121,33 @@ pub fn decide(view: &dyn ViewRead, cmd: &Command, ctx: &Ctx) -> Result<Decision,
         Command::Migrate { name, live, host } => migrate(view, name, *live, host.as_ref()),
         Command::Act { name, action } => act(view, name, *action),
         Command::Delete { name } => delete(view, name),
+        Command::SetFlavorUsb { name, usb } => set_flavor_usb(view, name, usb),
     }
+}
+
+fn set_flavor_usb(
+    view: &dyn ViewRead,
+    name: &FlavorName,
+    usb: &[usbpt_schemas::UsbRequest],
+) -> Result<Decision, Rejection> {
+    let f = view
+        .flavor_by_name(name)?
+        .ok_or_else(|| Rejection::new(404, format!("flavor {name} does not exist")))?;
+    check_usb(view, usb)?;
+    Ok(Decision {
+        steps: vec![fenced(
+            view,
+            Event::FlavorUsbSet(FlavorUsbSet {
+                flavor_id: f.flavor_id,
+                name: name.clone(),
+                usb: usb.to_vec(),
+            }),
+        )?],
+        reply: Reply::Accepted(format!(
+            "flavor {name} now asks for {} USB request(s)",
+            usb.len()
+        )),
+    })
 }
 
 fn create_flavor(
@@ -133,6 +159,23 @@ fn create_flavor(
     if view.flavor_by_name(name)?.is_some() {
         return Err(Rejection::new(409, format!("flavor {name} already exists")));
     }
+    check_usb(view, usb)?;
+    Ok(Decision {
+        steps: vec![fenced(
+            view,
+            Event::FlavorCreated(FlavorCreated {
+                flavor_id: ctx.flavor_id,
+                name: name.clone(),
+                usb: usb.to_vec(),
+            }),
+        )?],
+        reply: Reply::Accepted(format!("flavor {name} created ({})", ctx.flavor_id)),
+    })
+}
+
+/// A flavor's USB requests are valid: enough controller ports, known devices and lineages,
+/// counts of at least 1.
+fn check_usb(view: &dyn ViewRead, usb: &[usbpt_schemas::UsbRequest]) -> Result<(), Rejection> {
     if let Err((model, ports, need)) = check_ports(usb) {
         return Err(Rejection::new(
             400,
@@ -163,17 +206,7 @@ fn create_flavor(
             _ => {}
         }
     }
-    Ok(Decision {
-        steps: vec![fenced(
-            view,
-            Event::FlavorCreated(FlavorCreated {
-                flavor_id: ctx.flavor_id,
-                name: name.clone(),
-                usb: usb.to_vec(),
-            }),
-        )?],
-        reply: Reply::Accepted(format!("flavor {name} created ({})", ctx.flavor_id)),
-    })
+    Ok(())
 }
 
 fn live_server(view: &dyn ViewRead, name: &ServerName) -> Result<ServerInfo, Rejection> {

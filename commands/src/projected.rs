@@ -135,6 +135,16 @@ impl ViewRead for p::Snapshot {
     fn host_known(&self, host: &HostName) -> Result<bool, ViewError> {
         Ok(p::Snapshot::host(self, host).map_err(err)?.is_some())
     }
+    fn agent_hosts(&self) -> Result<Vec<HostName>, ViewError> {
+        let mut hosts: Vec<HostName> = p::Snapshot::hosts(self)
+            .map_err(err)?
+            .into_iter()
+            .filter(|h| h.agent_started.is_some())
+            .map(|h| h.name)
+            .collect();
+        hosts.sort();
+        Ok(hosts)
+    }
 }
 
 impl ViewSource for p::View {

@@ -355,15 +355,18 @@ pub fn schedule(
     }
 
     // Every host that can serve at least one request is a candidate; a flavor with no USB
-    // requests can only be placed where it is asked to be.
+    // requests can run on any host with an agent (every such host weighs the same: the first in
+    // name order wins).
     let mut hosts: BTreeSet<HostName> =
         per_request.iter().flat_map(|c| c.keys().cloned()).collect();
     if let Some(forced) = req.host {
         hosts = BTreeSet::from([forced.clone()]);
+    } else if req.usb.is_empty() {
+        hosts = view.agent_hosts()?.into_iter().collect();
     }
     if hosts.is_empty() {
         return Ok(Err(NoHost {
-            reason: "the flavor requests no USB device and no --host was given".to_owned(),
+            reason: "the flavor requests no USB device and no host has an agent".to_owned(),
             host_rejections: Vec::new(),
         }));
     }

@@ -111,4 +111,9 @@ pub trait ViewRead {
     fn subject_seq(&self, subject: &str) -> Result<u64, ViewError>;
     /// Whether the host has an agent that announced itself.
     fn host_known(&self, host: &HostName) -> Result<bool, ViewError>;
+    /// Every host where an agent announced itself, in name order: where a flavor without USB
+    /// requests may run. A view that cannot list hosts offers none.
+    fn agent_hosts(&self) -> Result<Vec<HostName>, ViewError> {
+        Ok(Vec::new())
+    }
 }

@@ -885,6 +885,7 @@ fn handle(v: &mut FoldTxn, st: Stamp, body: &Event) -> R {
         Event::DeviceInvalidated(e) => invalidated(v, st, e),
         Event::FlavorCreated(e) => flavor_created(v, st, e),
         Event::FlavorDeleted(e) => flavor_deleted(v, st, e),
+        Event::FlavorUsbSet(e) => flavor_usb_set(v, e),
         Event::ServerBootRequested(e) => boot_requested(v, st, e),
         Event::ServerScheduled(e) => {
             let s = v.known_server_mut(e.server_id)?;
@@ -1265,6 +1266,31 @@ fn flavor_created(v: &mut FoldTxn, st: Stamp, e: &FlavorCreated) -> R {
     v.put_flavor(&f);
     v.s.flavor_names
         .put(f.name.as_str().to_owned(), Some(f.id.to_bytes()));
+    Ok(())
+}
+
+/// A live flavor's USB request replaced (the servers it placed keep their devices).
+fn flavor_usb_set(v: &mut FoldTxn, e: &FlavorUsbSet) -> R {
+    let Some(mut f) = v.flavor(e.flavor_id)? else {
+        return reject(
+            QuarantineReason::UnknownFlavor,
+            format!("flavor {} was never created", e.flavor_id),
+        );
+    };
+    if let Some(d) = f.deleted {
+        return reject(
+            QuarantineReason::Conflict,
+            format!("flavor {} was deleted at seq {}", f.id, d.seq),
+        );
+    }
+    if f.name != e.name {
+        return reject(
+            QuarantineReason::Conflict,
+            format!("flavor {} is named {}, not {}", f.id, f.name, e.name),
+        );
+    }
+    f.usb = e.usb.clone();
+    v.put_flavor(&f);
     Ok(())
 }
 

@@ -46,6 +46,11 @@ pub enum Command {
     Delete {
         name: ServerName,
     },
+    /// Replace a flavor's USB request (Nova's `usb_devices` extra spec).
+    SetFlavorUsb {
+        name: FlavorName,
+        usb: Vec<UsbRequest>,
+    },
 }
 
 impl Command {
@@ -59,6 +64,7 @@ impl Command {
             Command::Migrate { .. } => "migrate",
             Command::Act { .. } => "action",
             Command::Delete { .. } => "delete",
+            Command::SetFlavorUsb { .. } => "flavor.usb",
         }
     }
 }

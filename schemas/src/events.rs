@@ -11,7 +11,7 @@ use crate::ids::*;
 
 /// How many variants [`Event`] has; the codec refuses higher indexes as unknown. Keep in step
 /// with the enum (the golden tests check every index below it has a sample).
-pub const EVENT_VARIANTS: u32 = 20;
+pub const EVENT_VARIANTS: u32 = 21;
 
 /// Every event usbpt records. The variant order is the wire format.
 // DeviceDiscovered is the largest by far; events are built once and moved rarely, so plain
@@ -39,6 +39,7 @@ pub enum Event {
     DeviceAttachFailed(DeviceAttachFailed),
     DeviceClashDetected(DeviceClashDetected),
     ServerMigrated(ServerMigrated),
+    FlavorUsbSet(FlavorUsbSet),
 }
 
 impl Event {
@@ -65,6 +66,7 @@ impl Event {
             Event::DeviceAttachFailed(_) => "DeviceAttachFailed",
             Event::DeviceClashDetected(_) => "DeviceClashDetected",
             Event::ServerMigrated(_) => "ServerMigrated",
+            Event::FlavorUsbSet(_) => "FlavorUsbSet",
         }
     }
 
@@ -238,6 +240,16 @@ impl UsbRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlavorCreated {
+    pub flavor_id: FlavorId,
+    pub name: FlavorName,
+    pub usb: Vec<UsbRequest>,
+}
+
+/// A flavor's USB request was replaced (Nova's `usb_devices` extra spec set or removed).
+/// Servers already placed keep the devices they hold; the new request applies to the next
+/// boot, resize or migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlavorUsbSet {
     pub flavor_id: FlavorId,
     pub name: FlavorName,
     pub usb: Vec<UsbRequest>,

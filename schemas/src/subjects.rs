@@ -9,7 +9,7 @@
 //! | `usbpt.evt.host.{host}.clash` | host agent | DeviceClashDetected |
 //! | `usbpt.evt.host.{host}.server.{server_id}` | host agent | DeviceAttached, DeviceReattached, DeviceAttachFailed, ServerStateChanged (observed) |
 //! | `usbpt.evt.claim.{lineage_id}` | control plane, fenced | DeviceClaimed, DeviceReleased |
-//! | `usbpt.evt.flavor.{name}` | control plane, fenced | FlavorCreated, FlavorDeleted |
+//! | `usbpt.evt.flavor.{name}` | control plane, fenced | FlavorCreated, FlavorDeleted, FlavorUsbSet |
 //! | `usbpt.evt.ctl.{host}.server.{server_id}` | control plane, work for that host | ServerScheduled, ServerResized, ServerMigrated, ServerActionRequested, ServerDeleted (scheduled) |
 //! | `usbpt.evt.server.{server_id}` | control plane | ServerBootRequested, ServerScheduleFailed, ServerMigrationRefused, ServerStateChanged (requested), ServerDeleted (never scheduled) |
 //!
@@ -256,6 +256,7 @@ pub fn route(body: &Event) -> Route<'_> {
         Event::DeviceReleased(e) => Route::Claim(&e.lineage_id),
         Event::FlavorCreated(e) => Route::Flavor(&e.name),
         Event::FlavorDeleted(e) => Route::Flavor(&e.name),
+        Event::FlavorUsbSet(e) => Route::Flavor(&e.name),
         Event::ServerScheduled(e) => work(
             &e.host,
             e.server_id,

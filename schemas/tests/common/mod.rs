@@ -49,6 +49,7 @@ pub fn variant_index(e: &Event) -> usize {
         Event::DeviceAttachFailed(_) => 17,
         Event::DeviceClashDetected(_) => 18,
         Event::ServerMigrated(_) => 19,
+        Event::FlavorUsbSet(_) => 20,
     }
 }
 
@@ -227,6 +228,20 @@ pub fn sample_bodies() -> Vec<Event> {
             from_host: host("host-a"),
             host: host("host-c"),
             devices: vec![assigned()],
+        }),
+        Event::FlavorUsbSet(FlavorUsbSet {
+            flavor_id: fl,
+            name: FlavorName::new("erp-key").unwrap(),
+            usb: vec![UsbRequest {
+                selector: DeviceSelector::Match {
+                    vendor_id: VendorId(0x136b),
+                    product_id: ProductId(0x0003),
+                    serial: Some("SN-1".into()),
+                    count: 2,
+                },
+                controller: ControllerModel::Xhci,
+                follow: FollowPolicy::Strict,
+            }],
         }),
     ]
 }
@@ -420,6 +435,16 @@ pub fn any_event() -> impl Strategy<Value = Event> {
             prop::collection::vec(a_request(), 0..4)
         )
             .prop_map(|(f, name, usb)| Event::FlavorCreated(FlavorCreated {
+                flavor_id: FlavorId(f),
+                name,
+                usb
+            })),
+        (
+            a_uuid(),
+            a_flavor_name(),
+            prop::collection::vec(a_request(), 0..4)
+        )
+            .prop_map(|(f, name, usb)| Event::FlavorUsbSet(FlavorUsbSet {
                 flavor_id: FlavorId(f),
                 name,
                 usb
