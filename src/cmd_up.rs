@@ -285,7 +285,7 @@ pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
         &mut tasks,
         listener,
         &ProjectorArgs {
-            consumer: "usbpt-projector".into(),
+            consumer: usbpt_schemas::subjects::js::PROJECTOR_CONSUMER.into(),
             batch: 1000,
         },
         &CommandArgs {

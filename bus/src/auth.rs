@@ -80,7 +80,20 @@ impl Role {
                 subscribe: vec![">".into()],
                 allow_responses: false,
             },
-            Role::Projector | Role::Auditor => Permissions {
+            // The projector re-creates its durable consumer at the view's resume point when the
+            // consumer's ack floor and the view disagree (projector/src/runner.rs): it may
+            // delete that consumer, and no other. A replica under another consumer name
+            // (`usbpt projector --consumer`) needs an identity of its own with that name.
+            Role::Projector => Permissions {
+                publish: {
+                    let mut p = read_stream();
+                    p.push(js::consumer_delete(js::PROJECTOR_CONSUMER));
+                    p
+                },
+                subscribe: vec![own_inbox],
+                allow_responses: false,
+            },
+            Role::Auditor => Permissions {
                 publish: read_stream(),
                 subscribe: vec![own_inbox],
                 allow_responses: false,

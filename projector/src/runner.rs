@@ -86,7 +86,7 @@ pub struct ProjectorConfig {
 impl Default for ProjectorConfig {
     fn default() -> Self {
         Self {
-            consumer: "usbpt-projector".to_owned(),
+            consumer: usbpt_schemas::subjects::js::PROJECTOR_CONSUMER.to_owned(),
             batch_size: 1000,
             max_batch_size: 10_000,
             fetch_wait: Duration::from_secs(5),

@@ -125,6 +125,12 @@ pub mod js {
     pub fn consumer_create_ephemeral() -> String {
         format!("$JS.API.CONSUMER.CREATE.{STREAM}")
     }
+    /// Deleting consumer `name` (the projector re-creates its durable at the view's resume point).
+    pub fn consumer_delete(name: &str) -> String {
+        format!("$JS.API.CONSUMER.DELETE.{STREAM}.{name}")
+    }
+    /// The projector's default durable consumer.
+    pub const PROJECTOR_CONSUMER: &str = "usbpt-projector";
     /// Reading consumer `name`'s information.
     pub fn consumer_info(name: &str) -> String {
         format!("$JS.API.CONSUMER.INFO.{STREAM}.{name}")
