@@ -69,6 +69,18 @@ pub struct Global {
 }
 
 impl Global {
+    /// These options on the bus at `url`, with state under `data_dir` (a private server's
+    /// control plane when it runs without generated identities).
+    pub fn on_bus(&self, url: &str, data_dir: std::path::PathBuf) -> Global {
+        Global {
+            nats: url.to_owned(),
+            data_dir: Some(data_dir),
+            ..self.clone()
+        }
+    }
+}
+
+impl Global {
     /// The credentials to connect with: `--creds`, else the admin identity a `usbpt up` on
     /// this data dir generated, if there is one.
     pub fn creds(&self) -> Option<PathBuf> {

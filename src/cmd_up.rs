@@ -261,18 +261,7 @@ pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
     };
     let control = match &creds {
         Some(c) => c.control_global(global, &url, data.clone()),
-        None => Global {
-            nats: url.clone(),
-            creds: global.creds.clone(),
-            command_creds: global.command_creds.clone(),
-            insecure: global.insecure,
-            tls_ca: global.tls_ca.clone(),
-            tls_cert: global.tls_cert.clone(),
-            tls_key: global.tls_key.clone(),
-            data_dir: Some(data.clone()),
-            api: global.api.clone(),
-            verbose: global.verbose,
-        },
+        None => global.on_bus(&url, data.clone()),
     };
     let mut tasks = Tasks::new();
     let listener = crate::demo::bind_or_free("up", args.listen).await?;

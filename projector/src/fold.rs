@@ -1269,50 +1269,50 @@ fn flavor_created(v: &mut FoldTxn, st: Stamp, e: &FlavorCreated) -> R {
     Ok(())
 }
 
-/// A live flavor's USB request replaced (the servers it placed keep their devices).
-fn flavor_usb_set(v: &mut FoldTxn, e: &FlavorUsbSet) -> R {
-    let Some(mut f) = v.flavor(e.flavor_id)? else {
+/// The flavor `id` named `name` and not deleted; a deleted one is quarantined as `if_deleted`
+/// (a second delete is a duplicate, a change after the delete a conflict).
+fn live_flavor(
+    v: &mut FoldTxn,
+    id: FlavorId,
+    name: &FlavorName,
+    if_deleted: QuarantineReason,
+) -> R<Flavor> {
+    let Some(f) = v.flavor(id)? else {
         return reject(
             QuarantineReason::UnknownFlavor,
-            format!("flavor {} was never created", e.flavor_id),
+            format!("flavor {id} was never created"),
         );
     };
     if let Some(d) = f.deleted {
+        let what = if if_deleted == QuarantineReason::Duplicate {
+            "was already deleted"
+        } else {
+            "was deleted"
+        };
         return reject(
-            QuarantineReason::Conflict,
-            format!("flavor {} was deleted at seq {}", f.id, d.seq),
+            if_deleted,
+            format!("flavor {} {what} at seq {}", f.id, d.seq),
         );
     }
-    if f.name != e.name {
+    if f.name != *name {
         return reject(
             QuarantineReason::Conflict,
-            format!("flavor {} is named {}, not {}", f.id, f.name, e.name),
+            format!("flavor {} is named {}, not {name}", f.id, f.name),
         );
     }
+    Ok(f)
+}
+
+/// A live flavor's USB request replaced (the servers it placed keep their devices).
+fn flavor_usb_set(v: &mut FoldTxn, e: &FlavorUsbSet) -> R {
+    let mut f = live_flavor(v, e.flavor_id, &e.name, QuarantineReason::Conflict)?;
     f.usb = e.usb.clone();
     v.put_flavor(&f);
     Ok(())
 }
 
 fn flavor_deleted(v: &mut FoldTxn, st: Stamp, e: &FlavorDeleted) -> R {
-    let Some(mut f) = v.flavor(e.flavor_id)? else {
-        return reject(
-            QuarantineReason::UnknownFlavor,
-            format!("flavor {} was never created", e.flavor_id),
-        );
-    };
-    if let Some(d) = f.deleted {
-        return reject(
-            QuarantineReason::Duplicate,
-            format!("flavor {} was already deleted at seq {}", f.id, d.seq),
-        );
-    }
-    if f.name != e.name {
-        return reject(
-            QuarantineReason::Conflict,
-            format!("flavor {} is named {}, not {}", f.id, f.name, e.name),
-        );
-    }
+    let mut f = live_flavor(v, e.flavor_id, &e.name, QuarantineReason::Duplicate)?;
     f.deleted = Some(st);
     v.put_flavor(&f);
     let named = v.flavor_named(f.name.as_str())?;

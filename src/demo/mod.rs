@@ -98,18 +98,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
     let (url, server, creds) = bus_url(global, &root, &hosts, false).await?;
     let control = match &creds {
         Some(c) => c.control_global(global, &url, root.join("control")),
-        None => Global {
-            nats: url.clone(),
-            creds: global.creds.clone(),
-            command_creds: global.command_creds.clone(),
-            insecure: global.insecure,
-            tls_ca: global.tls_ca.clone(),
-            tls_cert: global.tls_cert.clone(),
-            tls_key: global.tls_key.clone(),
-            data_dir: Some(root.join("control")),
-            api: global.api.clone(),
-            verbose: global.verbose,
-        },
+        None => global.on_bus(&url, root.join("control")),
     };
     // The story and the load generator send commands as an operator would: as admin.
     let operator = match &creds {
