@@ -68,7 +68,7 @@ ls "$tmp"/root/lib/modules > "$out/kernel-release"
 rm -rf "$tmp"/root/var/cache/apt/archives/*.deb "$tmp"/root/var/lib/apt/lists/*
 
 say "mkfs.ext4 -d (no loop mount)"
-mkfs.ext4 -q -F -L usbpt-lab -d "$tmp/root" "$out/rootfs.img" 3G
+mkfs.ext4 -q -F -L usbpt-lab -d "$tmp/root" "$out/rootfs.img" 3G >&2
 touch "$out/ok"
 say "base image ready: $out ($(du -sh "$out/rootfs.img" | cut -f1) used, kernel $(cat "$out/kernel-release"))"
 echo "$out"

@@ -208,7 +208,7 @@ class Lab:
         if os.path.exists(payload):
             os.unlink(payload)
         subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "usbpt-payload", "-d", self.args.payload,
-                        payload, "256M"], check=True)
+                        payload, "256M"], check=True, stdout=subprocess.DEVNULL)
         self.qmp_path = os.path.join(out, "qmp.sock")
         self.lab_path = os.path.join(out, "lab.sock")
         for p in (self.qmp_path, self.lab_path):
@@ -649,8 +649,8 @@ done""")
                     fn()
                 except LabError as e:
                     self.record(sid, fn.__name__, False, str(e))
-        except LabError as e:
-            self.record("setup", "boot and setup", False, str(e))
+        except (LabError, OSError, subprocess.SubprocessError) as e:
+            self.record("setup", "boot and setup", False, f"{type(e).__name__}: {e}")
         finally:
             try:
                 if self.qemu and self.qemu.poll() is None:
