@@ -18,6 +18,21 @@ use crate::{docs, flag, read, ApiError, ApiResult, ApiState};
 
 /// Whether the host's agent is up: usbpt has no heartbeat, so a host is up once an agent has
 /// announced itself on it (`HostAgentStarted`).
+/// Nova's resource counters before 2.88, which usbpt does not track: reported as 0 in the
+/// hypervisor documents and the statistics alike.
+const UNTRACKED_COUNTERS: [&str; 10] = [
+    "vcpus",
+    "memory_mb",
+    "local_gb",
+    "vcpus_used",
+    "memory_mb_used",
+    "local_gb_used",
+    "free_ram_mb",
+    "free_disk_gb",
+    "current_workload",
+    "disk_available_least",
+];
+
 fn state(h: &Host) -> &'static str {
     if h.agent_started.is_some() {
         "up"
@@ -143,18 +158,7 @@ fn doc(
         if nova.version.at_least(88) {
             m.insert("uptime".into(), json!(uptime(h)));
         } else {
-            for k in [
-                "vcpus",
-                "memory_mb",
-                "local_gb",
-                "vcpus_used",
-                "memory_mb_used",
-                "local_gb_used",
-                "free_ram_mb",
-                "free_disk_gb",
-                "current_workload",
-                "disk_available_least",
-            ] {
+            for k in UNTRACKED_COUNTERS {
                 m.insert(k.into(), json!(0));
             }
             m.insert("running_vms".into(), json!(servers.len()));
@@ -294,18 +298,7 @@ pub async fn statistics(State(st): State<ApiState>, nova: Nova) -> ApiResult {
         let mut m = Map::new();
         m.insert("count".into(), json!(hosts.len()));
         m.insert("running_vms".into(), json!(running));
-        for k in [
-            "vcpus",
-            "memory_mb",
-            "local_gb",
-            "vcpus_used",
-            "memory_mb_used",
-            "local_gb_used",
-            "free_ram_mb",
-            "free_disk_gb",
-            "current_workload",
-            "disk_available_least",
-        ] {
+        for k in UNTRACKED_COUNTERS {
             m.insert(k.into(), json!(0));
         }
         Ok(Json(json!({"hypervisor_statistics": m})))
