@@ -78,6 +78,8 @@ pub struct ShowArgs {
 struct Api {
     base: String,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer` (never printed).
+    token: Option<usbpt_api::ApiToken>,
 }
 
 impl Api {
@@ -89,13 +91,18 @@ impl Api {
         Ok(Self {
             base: global.api.trim_end_matches('/').to_owned(),
             http,
+            token: global.client_api_token()?,
         })
     }
 
     /// GETs `path` and returns its JSON; an API error becomes its message.
     async fn get(&self, path: &str) -> Result<Value> {
         let url = format!("{}{path}", self.base);
-        let resp = self.http.get(&url).send().await.map_err(|e| {
+        let mut req = self.http.get(&url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t.secret());
+        }
+        let resp = req.send().await.map_err(|e| {
             anyhow!(
                 "cannot reach the usbpt API at {}: {} (is `usbpt serve` running? see --api)",
                 self.base,
@@ -113,7 +120,12 @@ impl Api {
             let message = json["error"]["message"]
                 .as_str()
                 .map_or_else(|| body.clone(), str::to_owned);
-            bail!("{message} (HTTP {})", status.as_u16());
+            let hint = match status.as_u16() {
+                401 => " (give the API token: --api-token-file FILE or USBPT_API_TOKEN; `usbpt up` writes <data-dir>/api-token)",
+                403 => " (the API token given is not this API's)",
+                _ => "",
+            };
+            bail!("{message} (HTTP {}){hint}", status.as_u16());
         }
         Ok(json)
     }

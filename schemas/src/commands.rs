@@ -118,6 +118,8 @@ pub enum UsbRequestError {
     Selector,
     #[error("serial is empty")]
     EmptySerial,
+    #[error("serial is {0} bytes; at most {MAX_STRING_BYTES} (the longest a USB string descriptor holds)")]
+    SerialTooLong(usize),
     #[error("count {0} must be 1..={MAX_COUNT}")]
     Count(u8),
     #[error("controller {} has {} ports and the request needs {need}", .controller.as_str(), .controller.ports())]
@@ -126,6 +128,11 @@ pub enum UsbRequestError {
         need: u16,
     },
 }
+
+/// The longest free-text value a command may carry (a serial), in bytes. A USB string
+/// descriptor holds at most 126 UTF-16 code units; serials are ASCII in practice, and 255 bytes
+/// holds any ASCII one. HTTP, NATS commands and the CLI all pass [`UsbRequestFields::validate`].
+pub const MAX_STRING_BYTES: usize = 255;
 
 /// The most devices one request may ask for (the largest controller's ports).
 pub const MAX_COUNT: u8 = 15;
@@ -153,6 +160,11 @@ impl UsbRequestFields {
             (None, None, Some(vendor_id), Some(product_id)) => {
                 if serial.as_deref() == Some("") {
                     return Err(UsbRequestError::EmptySerial);
+                }
+                if let Some(n) = serial.as_ref().map(String::len) {
+                    if n > MAX_STRING_BYTES {
+                        return Err(UsbRequestError::SerialTooLong(n));
+                    }
                 }
                 let count = count.unwrap_or(1);
                 if !(1..=MAX_COUNT).contains(&count) {
