@@ -733,3 +733,171 @@ fn no_request_gets_a_5xx_or_appends_when_refused() -> Result<()> {
     drop(nats);
     result.map_err(|e| anyhow::anyhow!("{e}"))
 }
+
+/// Rewrites the server's generated authorization so the command handler may no longer append
+/// claims (`restore`: as generated), and waits until the server has reloaded it.
+async fn claims_allowed(nats: &mut TestNats, creds: &CredsDir, allowed: bool) -> Result<()> {
+    let conf = creds.write_auth_conf()?;
+    if !allowed {
+        let text = std::fs::read_to_string(&conf)?;
+        let mut out = String::new();
+        let mut commands = false;
+        for line in text.lines() {
+            if line.trim() == "# commands" {
+                commands = true;
+            } else if commands {
+                assert!(line.contains("\"usbpt.evt.claim.>\", "), "{line}");
+                out.push_str(&line.replace("\"usbpt.evt.claim.>\", ", ""));
+                out.push('\n');
+                commands = false;
+                continue;
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
+        std::fs::write(&conf, out)?;
+    }
+    let reloads = nats.log().matches("Reloaded server configuration").count();
+    nats.server().reload()?;
+    usbpt_testkit::eventually(Duration::from_secs(10), || async {
+        (nats.log().matches("Reloaded server configuration").count() > reloads).then_some(())
+    })
+    .await
+    .context("nats-server did not reload its configuration")
+}
+
+async fn get_json(http: &reqwest::Client, serve: &Serve, path: &str) -> Result<(u16, Value)> {
+    let resp = http
+        .get(format!("{}{path}", serve.api))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?;
+    let code = resp.status().as_u16();
+    Ok((code, resp.json().await?))
+}
+
+async fn applied(http: &reqwest::Client, serve: &Serve, seq: u64) -> Result<(u16, Value)> {
+    get_json(
+        http,
+        serve,
+        &format!("/v1/status?min_seq={seq}&timeout_ms=20000"),
+    )
+    .await
+}
+
+/// A boot whose claim append is refused by the server (the command handler's permission to
+/// append claims removed, for real, by a configuration reload) leaves no half-created server:
+/// the `ServerBootRequested` it had stored is compensated by a `ServerDeleted`, the device stays
+/// available, the name is free, and the same boot succeeds once the permission is back.
+#[tokio::test]
+async fn a_boot_that_fails_part_way_leaves_no_half_created_server() -> Result<()> {
+    use usbpt_schemas::{
+        DeviceDiscovered, DeviceId, Envelope, Event, HostAgentStarted, HostName, LineageId,
+        LineageKey, LineageKind, ProductId, UsbAddress, VendorId,
+    };
+    let (mut nats, creds) = TestNats::start_secured(&["host-a"]).await?;
+    let admin: Bus = nats.bus_as(&creds, &Role::Admin).await?;
+    let host_a = HostName::new("host-a")?;
+    let agent = nats.bus_as(&creds, &Role::Agent(host_a.clone())).await?;
+    let (vendor, product) = (VendorId(0x1050), ProductId(0x0407));
+    agent
+        .publish(&Envelope::new(Event::HostAgentStarted(HostAgentStarted {
+            host: host_a.clone(),
+            boot_id: "boot-1".into(),
+            agent_version: "0.1.0".into(),
+            hypervisor_uri: "test:///default".into(),
+        })))
+        .await?;
+    let device_id = DeviceId::new_v7();
+    agent
+        .publish(&Envelope::new(Event::DeviceDiscovered(DeviceDiscovered {
+            device_id,
+            lineage_id: LineageId::derive(&LineageKey::Serial {
+                vendor,
+                product,
+                serial: "16284291",
+            }),
+            lineage_kind: LineageKind::Serial,
+            host: host_a.clone(),
+            boot_id: "boot-1".into(),
+            address: UsbAddress::new(1, 4)?,
+            port_path: "1-1.2".parse()?,
+            vendor_id: vendor,
+            product_id: product,
+            serial: Some("16284291".into()),
+            device_class: 0,
+            interface_classes: vec![3],
+            manufacturer: Some("Yubico".into()),
+            product: Some("YubiKey".into()),
+            vendor_db: None,
+            model_db: None,
+            speed: Some("12".into()),
+            usb_version: Some("2.00".into()),
+            syspath: "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-1.2".into(),
+            supersedes: None,
+        })))
+        .await?;
+
+    let data = tempfile::tempdir()?;
+    let mut cmd = serve_cmd(&nats, &creds, data.path());
+    cmd.env("USBPT_API_TOKEN", TOKEN);
+    let serve = Serve::start(cmd).await?;
+    let http = reqwest::Client::new();
+    let post = |path: &'static str, body: Value| {
+        let req = http
+            .post(format!("{}{path}", serve.api))
+            .bearer_auth(TOKEN)
+            .json(&body);
+        async move {
+            let resp = req.send().await?;
+            let code = resp.status().as_u16();
+            anyhow::Ok((code, resp.text().await?))
+        }
+    };
+    let (_, st) = applied(&http, &serve, admin.last_sequence().await?).await?;
+    assert_eq!(st["reached"], true, "{st}");
+    let (code, text) = post(
+        "/v2.1/flavors",
+        json!({"flavor": {"name": "keyed", "usb_devices": [
+            {"vendor_id": "1050", "product_id": "0407"}
+        ]}}),
+    )
+    .await?;
+    assert_eq!(code, 200, "{text}");
+
+    claims_allowed(&mut nats, &creds, false).await?;
+    let boot = json!({"server": {"name": "half", "flavorRef": "keyed"}});
+    let (code, text) = post("/v2.1/servers", boot.clone()).await?;
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("undone"), "{text}");
+    let log = nats.log();
+    assert!(
+        log.contains("Violation") && log.contains("usbpt.evt.claim."),
+        "the server refused the claim: {text}\n{log}"
+    );
+
+    let (_, st) = applied(&http, &serve, admin.last_sequence().await?).await?;
+    assert_eq!(st["reached"], true, "{st}");
+    let (_, live) = get_json(&http, &serve, "/v2.1/servers").await?;
+    assert_eq!(
+        live["servers"],
+        json!([]),
+        "a half-created server is live: {live}"
+    );
+    let (_, all) = get_json(&http, &serve, "/v2.1/servers/detail?deleted=true").await?;
+    let recorded = all["servers"].as_array().cloned().unwrap_or_default();
+    assert_eq!(recorded.len(), 1, "{all}");
+    assert_eq!(recorded[0]["status"], "DELETED", "{all}");
+    let (_, dev) = get_json(&http, &serve, &format!("/v1/devices/{device_id}")).await?;
+    assert_eq!(dev["device"]["status"], "available", "{dev}");
+
+    // With the permission back, the same name boots and claims the device.
+    claims_allowed(&mut nats, &creds, true).await?;
+    let (code, text) = post("/v2.1/servers", boot).await?;
+    assert_eq!(code, 202, "{text}");
+    let (_, st) = applied(&http, &serve, admin.last_sequence().await?).await?;
+    assert_eq!(st["reached"], true, "{st}");
+    let (_, dev) = get_json(&http, &serve, &format!("/v1/devices/{device_id}")).await?;
+    assert_eq!(dev["device"]["status"], "claimed", "{dev}");
+    Ok(())
+}
