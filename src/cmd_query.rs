@@ -76,7 +76,9 @@ pub struct ShowArgs {
 
 /// The API, as the CLI reads it.
 struct Api {
+    /// The API's URL as printed (without `user:password@`).
     base: String,
+    url: String,
     http: reqwest::Client,
     /// Sent as `Authorization: Bearer` (never printed).
     token: Option<usbpt_api::ApiToken>,
@@ -89,7 +91,8 @@ impl Api {
             .build()
             .context("building the HTTP client")?;
         Ok(Self {
-            base: global.api.trim_end_matches('/').to_owned(),
+            base: usbpt_bus::auth::redact_url(global.api.trim_end_matches('/')),
+            url: global.api.trim_end_matches('/').to_owned(),
             http,
             token: global.client_api_token()?,
         })
@@ -98,7 +101,7 @@ impl Api {
     /// GETs `path` and returns its JSON; an API error becomes its message.
     async fn get(&self, path: &str) -> Result<Value> {
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.get(&url);
+        let mut req = self.http.get(format!("{}{path}", self.url));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t.secret());
         }

@@ -13,7 +13,8 @@
 //!    timeout** on the handler's answer (503 after it). The timeout covers producing the response
 //!    head, not streaming its body, so live event streams are never cut.
 //!
-//! Request bodies are limited by [`MAX_BODY`] (413 beyond it; see [`crate::rejection`]).
+//! Request bodies are limited by [`MAX_BODY`] (413 beyond it; the JSON extractor's rejections
+//! become 413, 415 or 400 in `crate::rejection`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -322,11 +323,7 @@ pub fn admit(
         return None;
     }
     match presented(token, headers) {
-        Err(e) => {
-            let mut r = unauthorized(&e.message);
-            *r.status_mut() = StatusCode::UNAUTHORIZED;
-            Some(r)
-        }
+        Err(e) => Some(unauthorized(&e.message)),
         Ok(None) => Some(unauthorized(
             "this API needs a token: send Authorization: Bearer TOKEN or X-Auth-Token: TOKEN \
              (usbpt up writes it to <data-dir>/api-token)",

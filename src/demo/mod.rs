@@ -139,7 +139,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
             "  bus        {url}  (private nats-server, store in {})",
             s.dir().display()
         ),
-        None => println!("  bus        {url}"),
+        None => println!("  bus        {}", usbpt_bus::auth::redact_url(&url)),
     }
     if let Some(c) = &creds {
         println!(
