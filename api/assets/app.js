@@ -123,8 +123,8 @@
 
   // ---------------------------------------------------------------- token
 
-  // The API token (ADR 0006). `usbpt up` and `usbpt demo` print the dashboard's address as
-  // http://HOST:PORT/#token=…: a URL fragment never reaches a server, a proxy or a log. It moves
+  // The API token (ADR 0006). `usbpt up` and `usbpt demo` print the dashboard's address with
+  // `/#token=…` after it: a URL fragment never reaches a server, a proxy or a log. It moves
   // into sessionStorage (this tab only, gone when it closes) and out of the address bar, and is
   // sent as a header with every request; no cookie, so another site's page cannot make the
   // browser send it.

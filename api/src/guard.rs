@@ -563,6 +563,122 @@ mod tests {
         assert!(ApiToken::parse("has a space in the middle", "x").is_err());
     }
 
+    /// Serves `router` behind the front door with `policy` on a free loopback port.
+    async fn spawn(router: axum::Router, policy: HttpPolicy) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            axum::serve(listener, crate::secure(router, policy))
+                .await
+                .expect("serve");
+        });
+        addr
+    }
+
+    /// One HTTP/1.1 GET over a fresh TCP connection: the whole response as text.
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        c.write_all(req.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    /// Over real TCP: a handler slower than the timeout gets 503, a streaming body outlives it
+    /// (live events are not cut).
+    #[tokio::test]
+    async fn the_timeout_cuts_slow_handlers_not_streams() {
+        use axum::body::Body;
+        use axum::routing::get as route;
+        let router = axum::Router::new()
+            .route(
+                "/slow",
+                route(|| async {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    "late"
+                }),
+            )
+            .route(
+                "/stream",
+                route(|| async {
+                    let chunks = futures::stream::unfold(0u32, |n| async move {
+                        if n == 6 {
+                            return None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Some((Ok::<_, std::io::Error>(format!("chunk{n};")), n + 1))
+                    });
+                    Body::from_stream(chunks)
+                }),
+            );
+        let addr = spawn(
+            router,
+            HttpPolicy {
+                request_timeout: Duration::from_millis(300),
+                ..HttpPolicy::without_token()
+            },
+        )
+        .await;
+        let started = std::time::Instant::now();
+        let slow = get(addr, "/slow").await;
+        assert!(slow.starts_with("HTTP/1.1 503"), "{slow}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // 600 ms of body, twice the timeout: all of it arrives.
+        let stream = get(addr, "/stream").await;
+        assert!(stream.starts_with("HTTP/1.1 200"), "{stream}");
+        assert!(
+            stream.contains("chunk0;") && stream.contains("chunk5;"),
+            "{stream}"
+        );
+    }
+
+    /// Beyond the concurrency limit a request is refused at once (503, `Retry-After`), not
+    /// queued; the held ones complete.
+    #[tokio::test]
+    async fn the_concurrency_limit_refuses_instead_of_queueing() {
+        use axum::routing::get as route;
+        let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let (release, held) = tokio::sync::watch::channel(false);
+        let router = axum::Router::new().route(
+            "/held",
+            route(move || {
+                let (mut held, entered_tx) = (held.clone(), entered_tx.clone());
+                async move {
+                    let _ = entered_tx.send(());
+                    let _ = held.wait_for(|r| *r).await;
+                    "released"
+                }
+            }),
+        );
+        let addr = spawn(
+            router,
+            HttpPolicy {
+                max_concurrent: 2,
+                ..HttpPolicy::without_token()
+            },
+        )
+        .await;
+        let a = tokio::spawn(async move { get(addr, "/held").await });
+        let b = tokio::spawn(async move { get(addr, "/held").await });
+        entered.recv().await.expect("first in");
+        entered.recv().await.expect("second in");
+        let third = get(addr, "/held").await;
+        assert!(third.starts_with("HTTP/1.1 503"), "{third}");
+        assert!(third.contains("retry-after: 1"), "{third}");
+        release.send_replace(true);
+        for h in [a, b] {
+            let r = h.await.expect("join");
+            assert!(
+                r.starts_with("HTTP/1.1 200") && r.ends_with("released"),
+                "{r}"
+            );
+        }
+    }
+
     #[test]
     fn shown_values_are_cut() {
         assert_eq!(shown("abc", 5), "abc");

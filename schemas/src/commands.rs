@@ -319,6 +319,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn serials_are_bounded_and_rejected_values_are_not_echoed_whole() {
+        let fields = |serial: String| UsbRequestFields {
+            vendor: Some(VendorId(0x136b)),
+            product: Some(ProductId(3)),
+            serial: Some(serial),
+            ..UsbRequestFields::default()
+        };
+        assert!(fields("S".repeat(MAX_STRING_BYTES)).validate().is_ok());
+        assert_eq!(
+            fields("S".repeat(MAX_STRING_BYTES + 1)).validate(),
+            Err(UsbRequestError::SerialTooLong(MAX_STRING_BYTES + 1))
+        );
+        // Bytes, not characters: 128 three-byte characters are 384 bytes.
+        assert!(fields("\u{20ac}".repeat(128)).validate().is_err());
+        // The CLI's spec and a whole request from NATS are held to the same bound.
+        let spec = format!("vendor=136b,product=0003,serial={}", "S".repeat(300));
+        assert!(spec.parse::<UsbRequest>().is_err());
+        let whole = UsbRequest {
+            selector: DeviceSelector::Match {
+                vendor_id: VendorId(0x136b),
+                product_id: ProductId(3),
+                serial: Some("S".repeat(300)),
+                count: 1,
+            },
+            controller: ControllerModel::Ehci,
+            follow: FollowPolicy::Lineage,
+        };
+        assert_eq!(whole.check(), Err(UsbRequestError::SerialTooLong(300)));
+        // A 1 MB bad name is quoted to a short prefix.
+        let err = FlavorName::new("x".repeat(1 << 20)).expect_err("invalid");
+        assert!(
+            err.to_string().len() < 300,
+            "{} bytes",
+            err.to_string().len()
+        );
+    }
+
+    #[test]
     fn parses_vendor_product_specs() {
         let r: UsbRequest = "vendor=136b,product=0003,count=2,controller=xhci,follow=strict"
             .parse()
