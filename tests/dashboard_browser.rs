@@ -409,6 +409,14 @@ async fn an_empty_stack_shows_its_first_host_live() -> Result<()> {
         WAIT,
     )
     .await?;
+    // The token left the address bar (and history) for this tab's sessionStorage.
+    let kept = page
+        .eval(
+            "location.hash === '' && !location.href.includes('token') && \
+             sessionStorage.getItem('usbpt-api-token')",
+        )
+        .await?;
+    assert_eq!(kept, json!(projector_support::API_TOKEN), "{kept}");
     let seq = agent_started(&bus, "edge-1", "e1-boot-1").await?;
     page.wait_for(
         "the first host",
@@ -424,6 +432,19 @@ async fn an_empty_stack_shows_its_first_host_live() -> Result<()> {
         problems.is_empty(),
         "the page reported problems: {problems:#?}"
     );
+    // A new tab without the token (sessionStorage is per tab): the page loads, its data does
+    // not, and it says how to get in.
+    let bare = browser.new_page(1200, 700).await?;
+    bare.goto(&format!("{}/", serve.api)).await?;
+    bare.wait_for(
+        "the page asking for the token",
+        "!document.getElementById('banner').hidden && \
+         document.getElementById('banner').textContent.includes('401') && \
+         document.getElementById('banner').textContent.includes('#token=') && \
+         !document.getElementById('hosts').textContent.includes('edge-1')",
+        WAIT,
+    )
+    .await?;
     browser.close().await?;
     Ok(())
 }
