@@ -901,3 +901,89 @@ async fn a_boot_that_fails_part_way_leaves_no_half_created_server() -> Result<()
     assert_eq!(dev["device"]["status"], "claimed", "{dev}");
     Ok(())
 }
+
+/// A command whose event would be larger than the bus takes is refused before anything is
+/// appended (413), against a real nats-server whose `max_payload` is 4 KiB; a small one goes
+/// through on the same server.
+#[tokio::test]
+async fn an_event_too_large_for_the_bus_is_refused_before_the_first_append() -> Result<()> {
+    use usbpt_bus::server::{NatsServer, ServerConfig};
+    let dir = tempfile::tempdir()?;
+    let creds = CredsDir::open(dir.path().join("creds"))?;
+    for role in [Role::Admin, Role::Projector, Role::Commands] {
+        creds.ensure(&role)?;
+    }
+    let auth = creds.write_auth_conf()?;
+    // The include comes after the server's own `max_payload`, so this one wins.
+    let mut text = std::fs::read_to_string(&auth)?;
+    text.push_str("max_payload: 4096\n");
+    std::fs::write(&auth, text)?;
+    let mut config = ServerConfig::new(dir.path().join("nats"));
+    config.auth = Some(auth);
+    let server = NatsServer::start(config).await?;
+    let admin = Bus::connect(
+        &server.url(),
+        Some(&creds.path(&Role::Admin)),
+        &usbpt_bus::StreamSettings::default(),
+    )
+    .await?;
+    assert_eq!(admin.client().server_info().max_payload, 4096);
+
+    let data = tempfile::tempdir()?;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_usbpt"));
+    cmd.arg("serve")
+        .args(["--listen", "127.0.0.1:0"])
+        .arg("--creds")
+        .arg(creds.path(&Role::Projector))
+        .arg("--command-creds")
+        .arg(creds.path(&Role::Commands))
+        .env("NATS_URL", server.url())
+        .env("USBPT_DATA_DIR", data.path())
+        .env("USBPT_LOG", "warn")
+        .env("USBPT_API_TOKEN", TOKEN)
+        .env_remove("USBPT_INSECURE")
+        .env_remove("USBPT_API_TOKEN_FILE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let serve = Serve::start(cmd).await?;
+    let http = reqwest::Client::new();
+    let create = |body: Value| {
+        let req = http
+            .post(format!("{}/v2.1/flavors", serve.api))
+            .bearer_auth(TOKEN)
+            .json(&body);
+        async move {
+            let resp = req.send().await?;
+            let code = resp.status().as_u16();
+            anyhow::Ok((code, resp.text().await?))
+        }
+    };
+    let before = admin.last_sequence().await?;
+    // Fifteen requests with 255-byte serials: each valid, together a ~4.5 KB event.
+    let big: Vec<Value> = (0..15)
+        .map(|i| {
+            json!({"vendor_id": "136b", "product_id": "0003", "controller": "xhci",
+                   "serial": format!("{i:02}{}", "S".repeat(253))})
+        })
+        .collect();
+    let (code, text) = create(json!({"flavor": {"name": "big", "usb_devices": big}})).await?;
+    assert_eq!(code, 413, "{text}");
+    assert!(
+        text.contains("FlavorCreated") && text.contains("nothing was appended"),
+        "{text}"
+    );
+    assert_eq!(
+        admin.last_sequence().await?,
+        before,
+        "something was appended"
+    );
+    let (code, text) = create(json!({"flavor": {"name": "small", "usb_devices": [
+        {"vendor_id": "136b", "product_id": "0003"}
+    ]}}))
+    .await?;
+    assert_eq!(code, 200, "{text}");
+    assert!(admin.last_sequence().await? > before);
+    Ok(())
+}
