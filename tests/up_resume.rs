@@ -92,6 +92,33 @@ async fn up_stops_on_sigterm_and_resumes_its_history() -> Result<()> {
     let http = reqwest::Client::new();
     let refused = http.get(format!("{}/v2.1/flavors", up.api)).send().await?;
     assert_eq!(refused.status().as_u16(), 401, "no token");
+    // The CLI beside `up` finds the token in the data dir by itself; a wrong one is refused.
+    let cli = |token: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_usbpt"));
+        c.args(["flavor", "list", "--json"])
+            .env_remove("NATS_URL")
+            .env_remove("USBPT_API_TOKEN_FILE")
+            .env("USBPT_DATA_DIR", data.path())
+            .env("USBPT_API", &up.api);
+        match token {
+            Some(t) => c.env("USBPT_API_TOKEN", t),
+            None => c.env_remove("USBPT_API_TOKEN"),
+        };
+        c.output()
+    };
+    let out = cli(None).await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(Some("a-wrong-token-of-some-length")).await?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("403"), "{err}");
+    assert!(
+        !err.contains("a-wrong-token"),
+        "the token was echoed: {err}"
+    );
     let created = http
         .post(format!("{}/v2.1/flavors", up.api))
         .bearer_auth(&token)

@@ -11,7 +11,9 @@
 //! joins different methods of one path) and can reuse [`ApiError`]. [`serve`] runs a router
 //! on a listener until a shutdown future resolves.
 //!
-//! Every handler reads one consistent [`Snapshot`] of the view, on a blocking thread.
+//! Every handler reads one consistent [`Snapshot`] of the view, on a blocking thread. Every
+//! request first passes the front door in [`guard`] (Host allow-list, API token, concurrency
+//! limit, timeout, body limit; ADR 0006).
 
 #![recursion_limit = "256"]
 
