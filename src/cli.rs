@@ -55,6 +55,10 @@ pub struct Global {
     /// Where local state lives (redb files, a private nats-server's store).
     #[arg(long, global = true, env = "USBPT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The HTTP API's token, in a file (ADR 0006); or set the token itself in USBPT_API_TOKEN.
+    /// Default for the CLI: `<data-dir>/api-token` when it exists (what `up` generates).
+    #[arg(long, global = true, env = "USBPT_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
     /// usbpt HTTP API URL (for queries).
     #[arg(
         long,

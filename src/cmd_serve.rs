@@ -44,6 +44,8 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8774")]
     pub listen: SocketAddr,
     #[command(flatten)]
+    pub http: crate::api_auth::ApiSecurityArgs,
+    #[command(flatten)]
     pub projector: ProjectorArgs,
     #[command(flatten)]
     pub commands: CommandArgs,
@@ -114,6 +116,8 @@ pub struct ProjectorCmdArgs {
     /// Also serve the read API and /metrics on this address.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub http: crate::api_auth::ApiSecurityArgs,
     #[command(flatten)]
     pub projector: ProjectorArgs,
 }
@@ -297,12 +301,14 @@ pub async fn bind(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListene
 
 /// `usbpt serve`.
 pub async fn serve(global: &Global, args: ServeArgs) -> Result<()> {
+    let policy = args.http.policy(args.listen, global.given_api_token()?)?;
     let mut tasks = Tasks::new();
     let listener = bind("serve", args.listen).await?;
     control_plane(
         global,
         &mut tasks,
         listener,
+        policy,
         &args.projector,
         &args.commands,
     )
@@ -317,9 +323,12 @@ pub async fn control_plane(
     global: &Global,
     tasks: &mut Tasks,
     listener: tokio::net::TcpListener,
+    mut policy: usbpt_api::HttpPolicy,
     projector: &ProjectorArgs,
     commands: &CommandArgs,
 ) -> Result<(Arc<View>, Bus)> {
+    // The address actually bound (a free port may have been taken) is an accepted Host.
+    policy.listen = Some(listener.local_addr()?);
     let side = ReadSide::open(global, projector).await?;
     let command_bus = command_bus(global, &side).await?;
     let handler = commands.handler(&side, command_bus.clone());
@@ -334,7 +343,7 @@ pub async fn control_plane(
     });
     let stopping = tasks.stopping();
     tasks.spawn("http", async move {
-        usbpt_api::serve(listener, router, stopping)
+        usbpt_api::serve(listener, router, policy, stopping)
             .await
             .context("HTTP server")
     });
@@ -376,11 +385,12 @@ pub async fn projector(global: &Global, args: ProjectorCmdArgs) -> Result<()> {
     let side = ReadSide::open(global, &args.projector).await?;
     let mut tasks = Tasks::new();
     if let Some(addr) = args.listen {
+        let policy = args.http.policy(addr, global.given_api_token()?)?;
         let router = usbpt_api::router(side.api_state(tasks.shutdown_flag()));
         let listener = bind("projector", addr).await?;
         let stopping = tasks.stopping();
         tasks.spawn("http", async move {
-            usbpt_api::serve(listener, router, stopping)
+            usbpt_api::serve(listener, router, policy, stopping)
                 .await
                 .context("HTTP server")
         });

@@ -42,6 +42,8 @@ pub struct UpArgs {
     pub boot_id_file: PathBuf,
     #[command(flatten)]
     pub stream: StreamLimits,
+    #[command(flatten)]
+    pub http: crate::api_auth::ApiSecurityArgs,
 }
 
 /// The stream's limits, applied when `up` creates it.
@@ -125,6 +127,7 @@ impl PrivateCreds {
             tls_cert: None,
             tls_key: None,
             data_dir: Some(data),
+            api_token_file: global.api_token_file.clone(),
             api: global.api.clone(),
             verbose: global.verbose,
         }
@@ -263,16 +266,25 @@ pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
         Some(c) => c.control_global(global, &url, data.clone()),
         None => global.on_bus(&url, data.clone()),
     };
+    let (token, token_file) = if args.http.insecure_no_api_token {
+        (None, None)
+    } else {
+        let (t, f) = crate::api_auth::ensure_token(global, &data)?;
+        (Some(t), f)
+    };
+    let policy = args.http.policy(args.listen, token.clone())?;
     let mut tasks = Tasks::new();
     let listener = crate::demo::bind_or_free("up", args.listen).await?;
-    println!(
-        "usbpt up: API and dashboard http://{}/",
-        listener.local_addr()?
-    );
+    let base = format!("http://{}/", listener.local_addr()?);
+    println!("usbpt up: API and dashboard {base}");
+    if let Some(t) = &token {
+        crate::api_auth::announce("usbpt up: ", &base, t, token_file.as_deref());
+    }
     control_plane(
         &control,
         &mut tasks,
         listener,
+        policy,
         &ProjectorArgs {
             consumer: usbpt_schemas::subjects::js::PROJECTOR_CONSUMER.into(),
             batch: 1000,

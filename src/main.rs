@@ -5,6 +5,7 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod api_auth;
 mod cli;
 mod cmd_agent;
 mod cmd_bench;

@@ -108,7 +108,7 @@ async fn agent_started(bus: &Bus, name: &str, boot: &str) -> Result<u64> {
 }
 
 async fn post(serve: &Serve, path: &str, body: Value) -> Result<Value> {
-    let resp = reqwest::Client::new()
+    let resp = projector_support::http()
         .post(format!("{}{path}", serve.api))
         .json(&body)
         .send()
@@ -394,7 +394,12 @@ async fn an_empty_stack_shows_its_first_host_live() -> Result<()> {
     let serve = Serve::start(&nats.url(), data.path()).await?;
     let browser = dashboard_support::Browser::launch(&chromium).await?;
     let page = browser.new_page(1200, 700).await?;
-    page.goto(&format!("{}/", serve.api)).await?;
+    page.goto(&format!(
+        "{}/#token={}",
+        serve.api,
+        projector_support::API_TOKEN
+    ))
+    .await?;
     page.wait_for(
         "the empty state, live",
         "document.body.dataset.ready === 'true' && \
@@ -404,6 +409,14 @@ async fn an_empty_stack_shows_its_first_host_live() -> Result<()> {
         WAIT,
     )
     .await?;
+    // The token left the address bar (and history) for this tab's sessionStorage.
+    let kept = page
+        .eval(
+            "location.hash === '' && !location.href.includes('token') && \
+             sessionStorage.getItem('usbpt-api-token')",
+        )
+        .await?;
+    assert_eq!(kept, json!(projector_support::API_TOKEN), "{kept}");
     let seq = agent_started(&bus, "edge-1", "e1-boot-1").await?;
     page.wait_for(
         "the first host",
@@ -419,6 +432,19 @@ async fn an_empty_stack_shows_its_first_host_live() -> Result<()> {
         problems.is_empty(),
         "the page reported problems: {problems:#?}"
     );
+    // A new tab without the token (sessionStorage is per tab): the page loads, its data does
+    // not, and it says how to get in.
+    let bare = browser.new_page(1200, 700).await?;
+    bare.goto(&format!("{}/", serve.api)).await?;
+    bare.wait_for(
+        "the page asking for the token",
+        "!document.getElementById('banner').hidden && \
+         document.getElementById('banner').textContent.includes('401') && \
+         document.getElementById('banner').textContent.includes('#token=') && \
+         !document.getElementById('hosts').textContent.includes('edge-1')",
+        WAIT,
+    )
+    .await?;
     browser.close().await?;
     Ok(())
 }
@@ -438,7 +464,7 @@ async fn hotplug_after_load_appears_in_feed_and_table_without_reload() -> Result
     let seeded = seed(&bus, &serve).await?;
 
     // The page and its assets: right types, a strict policy, nothing inline.
-    let http = reqwest::Client::new();
+    let http = projector_support::http();
     for (path, ty) in [
         ("/", "text/html"),
         ("/assets/app.js", "text/javascript"),
@@ -463,7 +489,12 @@ async fn hotplug_after_load_appears_in_feed_and_table_without_reload() -> Result
 
     let browser = dashboard_support::Browser::launch(&chromium).await?;
     let page = browser.new_page(1440, 960).await?;
-    page.goto(&format!("{}/", serve.api)).await?;
+    page.goto(&format!(
+        "{}/#token={}",
+        serve.api,
+        projector_support::API_TOKEN
+    ))
+    .await?;
     page.wait_for(
         "the tables and the live stream",
         "document.body.dataset.ready === 'true' && \

@@ -167,9 +167,11 @@ impl Clients {
         std::fs::write(
             &config,
             format!(
-                "clouds:\n  usbpt:\n    auth_type: none\n    auth:\n      endpoint: {api}/v2.1\n    \
+                "clouds:\n  usbpt:\n    auth_type: admin_token\n    auth:\n      endpoint: {api}/v2.1\n      \
+                 token: {token}\n    \
                  compute_endpoint_override: {api}/v2.1\n    identity_endpoint_override: \
-                 {api}/identity/v3\n"
+                 {api}/identity/v3\n",
+                token = projector_support::API_TOKEN
             ),
         )?;
         Ok(Self {
@@ -193,6 +195,8 @@ impl Clients {
             cmd.args(args)
                 .env("OS_CLIENT_CONFIG_FILE", &self.config)
                 .env("OS_CLOUD", "usbpt")
+                // The token for novaclient (an environment variable, not an argument `ps` shows).
+                .env("USBPT_API_TOKEN", projector_support::API_TOKEN)
                 .kill_on_drop(true)
                 .output(),
         )
@@ -245,13 +249,13 @@ fn string_set(v: &Value, key: &str) -> Vec<String> {
 }
 
 const NOVACLIENT: &str = r#"
-import json, sys
+import json, os, sys
 from keystoneauth1 import session
-from keystoneauth1.noauth import NoAuth
+from keystoneauth1.token_endpoint import Token
 from novaclient import client
 
-api = sys.argv[1]
-nova = client.Client("2.88", session=session.Session(auth=NoAuth(endpoint=api + "/v2.1")),
+api, token = sys.argv[1], os.environ["USBPT_API_TOKEN"]
+nova = client.Client("2.88", session=session.Session(auth=Token(api + "/v2.1", token)),
                      endpoint_override=api + "/v2.1")
 hv = nova.hypervisors.get("host-b")
 flavor = nova.flavors.find(name="erp-key")
@@ -631,7 +635,9 @@ async fn raw(
     headers: &[(&str, &str)],
     body: Option<Value>,
 ) -> Result<(u16, reqwest::header::HeaderMap, String)> {
-    let mut req = reqwest::Client::new().request(method, url);
+    let mut req = reqwest::Client::new()
+        .request(method, url)
+        .header("x-auth-token", projector_support::API_TOKEN);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }

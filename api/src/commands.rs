@@ -125,7 +125,7 @@ async fn create_flavor(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
-        Err(e) => return bad(e.body_text()).into_response(),
+        Err(e) => return crate::rejection(&e).into_response(),
     };
     let usb = match body
         .flavor
@@ -277,7 +277,7 @@ async fn create_server(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
-        Err(e) => return bad(e.body_text()).into_response(),
+        Err(e) => return crate::rejection(&e).into_response(),
     };
     let b = body.server;
     let flavor_ref = b
@@ -386,7 +386,7 @@ async fn set_extra_specs(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
-        Err(e) => return bad(e.body_text()).into_response(),
+        Err(e) => return crate::rejection(&e).into_response(),
     };
     let Some(specs) = body.get("extra_specs").and_then(Value::as_object) else {
         return bad("extra_specs: expected {\"extra_specs\": {\"usb_devices\": \"[…]\"}}")
@@ -406,7 +406,7 @@ async fn put_extra_spec(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
-        Err(e) => return bad(e.body_text()).into_response(),
+        Err(e) => return crate::rejection(&e).into_response(),
     };
     let Some(specs) = body
         .as_object()
@@ -444,7 +444,7 @@ async fn server_action(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
-        Err(e) => return bad(e.body_text()).into_response(),
+        Err(e) => return crate::rejection(&e).into_response(),
     };
     let Some((key, arg)) = body
         .as_object()
@@ -458,9 +458,16 @@ async fn server_action(
         Err(e) => return e.into_response(),
     };
     let host = |arg: &Value| -> Result<Option<HostName>, ApiError> {
-        match arg.get("host").and_then(Value::as_str) {
-            Some(h) => h.parse().map(Some).map_err(bad),
-            None => Ok(None),
+        match arg.get("host") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(h)) => h
+                .parse()
+                .map(Some)
+                .map_err(|e| bad(format!("{key}.host: {e}"))),
+            Some(other) => Err(bad(format!(
+                "{key}.host: expected a host name (a string) or null, got {}",
+                crate::guard::shown(&other.to_string(), 40)
+            ))),
         }
     };
     let act = |action| {

@@ -11,13 +11,16 @@
 //! joins different methods of one path) and can reuse [`ApiError`]. [`serve`] runs a router
 //! on a listener until a shutdown future resolves.
 //!
-//! Every handler reads one consistent [`Snapshot`] of the view, on a blocking thread.
+//! Every handler reads one consistent [`Snapshot`] of the view, on a blocking thread. Every
+//! request first passes the front door in [`guard`] (Host allow-list, API token, concurrency
+//! limit, timeout, body limit; ADR 0006).
 
 #![recursion_limit = "256"]
 
 mod commands;
 pub mod dashboard;
 pub mod docs;
+pub mod guard;
 mod history;
 mod hypervisors;
 pub mod nova;
@@ -46,6 +49,7 @@ use usbpt_schemas::{DeviceId, FlavorId, FlavorName, LineageId, ServerId, ServerN
 
 pub use commands::command_routes;
 pub use docs::{device as device_doc, hypervisor as hypervisor_doc};
+pub use guard::{ApiToken, HttpPolicy};
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -150,8 +154,33 @@ fn parse<T: FromStr>(what: &str, s: &str) -> Result<T, ApiError>
 where
     T::Err: std::fmt::Display,
 {
-    s.parse()
-        .map_err(|e: T::Err| ApiError::bad_request(format!("invalid {what} {s:?}: {e}")))
+    s.parse().map_err(|e: T::Err| {
+        ApiError::bad_request(format!(
+            "invalid {what} {}: {}",
+            usbpt_schemas::shown(s),
+            guard::shown(&e.to_string(), 200)
+        ))
+    })
+}
+
+/// A JSON body the extractor refused, as a precise 4xx: 413 beyond [`guard::MAX_BODY`], 415
+/// without `Content-Type: application/json`, 400 for bad syntax or a bad value (the message
+/// names the field; a long message, which may quote the value, is cut).
+pub(crate) fn rejection(e: &axum::extract::rejection::JsonRejection) -> ApiError {
+    let status = match e.status() {
+        s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("the request body is larger than {} bytes", guard::MAX_BODY)
+        }
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            "the request body must be JSON, with Content-Type: application/json".to_owned()
+        }
+        _ => guard::shown(&e.body_text(), 300),
+    };
+    ApiError::new(status, message)
 }
 
 /// A boolean query parameter, read as Nova reads them (case-insensitive `true/false`, `1/0`,
@@ -224,18 +253,30 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Runs `router` on `listener` until `shutdown` resolves (then waits for open requests).
+/// Runs `router` on `listener` behind the front door [`guard`] (Host allow-list, token,
+/// concurrency limit, timeout; bodies up to [`guard::MAX_BODY`]) until `shutdown` resolves
+/// (then waits for open requests).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    policy: HttpPolicy,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.layer(axum::middleware::from_fn(nova::layer)),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    axum::serve(listener, secure(router, policy))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// `router` with Nova's headers and the front door: what [`serve`] runs (tests drive it
+/// in-process).
+pub fn secure(router: Router, policy: HttpPolicy) -> Router {
+    let guard = guard::Guard::new(policy);
+    router
+        .layer(axum::middleware::from_fn(nova::layer))
+        .layer(axum::extract::DefaultBodyLimit::max(guard::MAX_BODY))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            guard.clone().run(req, next)
+        }))
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {

@@ -40,7 +40,7 @@ pub(crate) async fn events(
         .transpose()?;
     let from = q.get("from").map(|s| parse::<u64>("from", s)).transpose()?;
     let start = match (resume, from) {
-        (Some(last), _) => StartAt::Sequence(last + 1),
+        (Some(last), _) => StartAt::Sequence(last.saturating_add(1)),
         (None, Some(seq)) => StartAt::Sequence(seq.max(1)),
         (None, None) => StartAt::New,
     };

@@ -84,8 +84,9 @@ pub async fn agent_idle(target: &Target, usbpt: &Path, window: Duration) -> Resu
         ])
         .arg("--boot-id-file")
         .arg(&boot)
-        .arg("--nats")
-        .arg(target.url())
+        // The URL in the environment, not the arguments: `ps` shows arguments, and an operator's
+        // URL may carry user:password.
+        .env("NATS_URL", target.url())
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .env("USBPT_LOG", "warn")

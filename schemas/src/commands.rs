@@ -118,6 +118,8 @@ pub enum UsbRequestError {
     Selector,
     #[error("serial is empty")]
     EmptySerial,
+    #[error("serial is {0} bytes; at most {MAX_STRING_BYTES} (the longest a USB string descriptor holds)")]
+    SerialTooLong(usize),
     #[error("count {0} must be 1..={MAX_COUNT}")]
     Count(u8),
     #[error("controller {} has {} ports and the request needs {need}", .controller.as_str(), .controller.ports())]
@@ -126,6 +128,11 @@ pub enum UsbRequestError {
         need: u16,
     },
 }
+
+/// The longest free-text value a command may carry (a serial), in bytes. A USB string
+/// descriptor holds at most 126 UTF-16 code units; serials are ASCII in practice, and 255 bytes
+/// holds any ASCII one. HTTP, NATS commands and the CLI all pass [`UsbRequestFields::validate`].
+pub const MAX_STRING_BYTES: usize = 255;
 
 /// The most devices one request may ask for (the largest controller's ports).
 pub const MAX_COUNT: u8 = 15;
@@ -153,6 +160,11 @@ impl UsbRequestFields {
             (None, None, Some(vendor_id), Some(product_id)) => {
                 if serial.as_deref() == Some("") {
                     return Err(UsbRequestError::EmptySerial);
+                }
+                if let Some(n) = serial.as_ref().map(String::len) {
+                    if n > MAX_STRING_BYTES {
+                        return Err(UsbRequestError::SerialTooLong(n));
+                    }
                 }
                 let count = count.unwrap_or(1);
                 if !(1..=MAX_COUNT).contains(&count) {
@@ -305,6 +317,44 @@ impl FromStr for UsbRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serials_are_bounded_and_rejected_values_are_not_echoed_whole() {
+        let fields = |serial: String| UsbRequestFields {
+            vendor: Some(VendorId(0x136b)),
+            product: Some(ProductId(3)),
+            serial: Some(serial),
+            ..UsbRequestFields::default()
+        };
+        assert!(fields("S".repeat(MAX_STRING_BYTES)).validate().is_ok());
+        assert_eq!(
+            fields("S".repeat(MAX_STRING_BYTES + 1)).validate(),
+            Err(UsbRequestError::SerialTooLong(MAX_STRING_BYTES + 1))
+        );
+        // Bytes, not characters: 128 three-byte characters are 384 bytes.
+        assert!(fields("\u{20ac}".repeat(128)).validate().is_err());
+        // The CLI's spec and a whole request from NATS are held to the same bound.
+        let spec = format!("vendor=136b,product=0003,serial={}", "S".repeat(300));
+        assert!(spec.parse::<UsbRequest>().is_err());
+        let whole = UsbRequest {
+            selector: DeviceSelector::Match {
+                vendor_id: VendorId(0x136b),
+                product_id: ProductId(3),
+                serial: Some("S".repeat(300)),
+                count: 1,
+            },
+            controller: ControllerModel::Ehci,
+            follow: FollowPolicy::Lineage,
+        };
+        assert_eq!(whole.check(), Err(UsbRequestError::SerialTooLong(300)));
+        // A 1 MB bad name is quoted to a short prefix.
+        let err = FlavorName::new("x".repeat(1 << 20)).expect_err("invalid");
+        assert!(
+            err.to_string().len() < 300,
+            "{} bytes",
+            err.to_string().len()
+        );
+    }
 
     #[test]
     fn parses_vendor_product_specs() {

@@ -109,13 +109,16 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
         },
         None => control.clone(),
     };
+    let (token, token_file) = crate::api_auth::ensure_token(global, &root)?;
     let mut tasks = Tasks::new();
     let listener = bind_or_free("demo", args.listen).await?;
+    let policy = usbpt_api::HttpPolicy::with_token(token.clone());
     let dashboard = format!("http://{}/", listener.local_addr()?);
     let (view, _) = control_plane(
         &control,
         &mut tasks,
         listener,
+        policy,
         &ProjectorArgs {
             consumer: "usbpt-projector".into(),
             batch: 1000,
@@ -136,7 +139,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
             "  bus        {url}  (private nats-server, store in {})",
             s.dir().display()
         ),
-        None => println!("  bus        {url}"),
+        None => println!("  bus        {}", usbpt_bus::auth::redact_url(&url)),
     }
     if let Some(c) = &creds {
         println!(
@@ -145,6 +148,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
         );
     }
     println!("  dashboard  {dashboard}");
+    crate::api_auth::announce("             ", &dashboard, &token, token_file.as_deref());
     println!("  data       {}", root.display());
     println!();
 
