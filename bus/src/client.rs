@@ -86,6 +86,42 @@ pub struct Published {
     pub duplicate: bool,
 }
 
+/// An event sent by [`Bus::publish_pipelined`] whose ack has not been awaited yet.
+pub struct PendingAck {
+    subject: String,
+    ack: jetstream::context::PublishAckFuture,
+}
+
+impl std::fmt::Debug for PendingAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingAck")
+            .field("subject", &self.subject)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingAck {
+    /// The subject the event was sent on.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// Waits for the server to store the event (or say it was a duplicate).
+    pub async fn stored(self) -> Result<Published, BusError> {
+        let subject = self.subject;
+        match self.ack.await {
+            Ok(ack) => Ok(Published {
+                sequence: ack.sequence,
+                duplicate: ack.duplicate,
+            }),
+            Err(e) => Err(BusError::Publish {
+                subject,
+                message: e.to_string(),
+            }),
+        }
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum BusError {
     #[error("cannot connect to NATS at {url}: {source}")]
@@ -247,11 +283,14 @@ impl Bus {
         self.send(envelope, Some(expected)).await
     }
 
-    async fn send(
+    /// The subject and the JetStream message for `envelope`: its encoding, `Nats-Msg-Id` = event
+    /// id, the expected last subject sequence when fenced, and the command handler's signature
+    /// on control work.
+    fn message_for(
         &self,
         envelope: &Envelope,
         expected: Option<u64>,
-    ) -> Result<Published, BusError> {
+    ) -> Result<(String, PublishMessage), BusError> {
         let subject = subjects::for_event(envelope);
         let payload = Bytes::from(codec::encode(envelope)?);
         let signed = payload.clone();
@@ -273,6 +312,53 @@ impl Bus {
                 );
             }
         }
+        Ok((subject, message))
+    }
+
+    /// Sends an envelope as [`Bus::publish`] does, without awaiting its ack: the returned
+    /// [`PendingAck`] resolves once the server stored it. The server stores what one connection
+    /// sends in the order it was sent, so several sends in flight keep their order while the
+    /// round trips overlap (the agent's outbox, [`Bus::publish_windowed`]).
+    pub async fn publish_pipelined(&self, envelope: &Envelope) -> Result<PendingAck, BusError> {
+        let (subject, message) = self.message_for(envelope, None)?;
+        match self.js.send_publish(subject.clone(), message).await {
+            Ok(ack) => Ok(PendingAck { subject, ack }),
+            Err(e) => Err(BusError::Publish {
+                message: e.to_string(),
+                subject,
+            }),
+        }
+    }
+
+    /// Publishes `envelopes` in order on this connection with up to `window` acks in flight;
+    /// returns the last stored sequence (0 for none).
+    pub async fn publish_windowed(
+        &self,
+        envelopes: impl IntoIterator<Item = Envelope>,
+        window: usize,
+    ) -> Result<u64, BusError> {
+        let mut acks = std::collections::VecDeque::new();
+        let mut last = 0;
+        for envelope in envelopes {
+            acks.push_back(self.publish_pipelined(&envelope).await?);
+            if acks.len() >= window.max(1) {
+                if let Some(ack) = acks.pop_front() {
+                    last = ack.stored().await?.sequence.max(last);
+                }
+            }
+        }
+        for ack in acks {
+            last = ack.stored().await?.sequence.max(last);
+        }
+        Ok(last)
+    }
+
+    async fn send(
+        &self,
+        envelope: &Envelope,
+        expected: Option<u64>,
+    ) -> Result<Published, BusError> {
+        let (subject, message) = self.message_for(envelope, expected)?;
         let publish_error = |message: String| BusError::Publish {
             subject: subject.clone(),
             message,

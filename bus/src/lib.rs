@@ -9,7 +9,7 @@ mod client;
 pub mod server;
 mod stream;
 
-pub use client::{Bus, BusError, ClientSecurity, Published, StartAt, TlsClient};
+pub use client::{Bus, BusError, ClientSecurity, PendingAck, Published, StartAt, TlsClient};
 pub use stream::{StreamError, StreamSettings};
 
 /// Re-exported so callers name consumer and message types without depending on async-nats.

@@ -161,6 +161,11 @@ impl AgentProcess {
         Ok(())
     }
 
+    /// The process id, for signals.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// SIGKILL: a crash.
     pub async fn crash(mut self) -> Result<()> {
         self.child.kill().await?;
