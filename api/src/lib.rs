@@ -18,6 +18,7 @@
 mod commands;
 pub mod dashboard;
 pub mod docs;
+pub mod fanout;
 mod history;
 mod hypervisors;
 pub mod nova;
@@ -34,6 +35,7 @@ use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use fanout::{Fanout, FanoutConfig};
 use nova::Nova;
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -57,6 +59,10 @@ pub struct ApiState {
     pub metrics: Option<Arc<ProjectorMetrics>>,
     /// Becomes true when the server shuts down: ends live event streams so it can.
     pub shutdown: watch::Receiver<bool>,
+    /// The limits of `/v1/events`.
+    pub fanout_config: FanoutConfig,
+    /// The process's one live-event feed, started by the first client.
+    fanout: Arc<tokio::sync::OnceCell<Arc<Fanout>>>,
 }
 
 impl ApiState {
@@ -67,7 +73,29 @@ impl ApiState {
             metrics: None,
             // A sender that is never used: the stream ends only with the connection.
             shutdown: watch::channel(false).1,
+            fanout_config: FanoutConfig::default(),
+            fanout: Arc::default(),
         }
+    }
+    pub fn with_fanout(mut self, config: FanoutConfig) -> Self {
+        self.fanout_config = config;
+        self
+    }
+
+    /// The live-event feed, started on first use; 503 without a bus.
+    async fn fanout(&self) -> Result<Arc<Fanout>, ApiError> {
+        let Some(bus) = self.bus.clone() else {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "live events need the bus; this server has none",
+            ));
+        };
+        let config = self.fanout_config;
+        self.fanout
+            .get_or_try_init(|| Fanout::start(bus, config))
+            .await
+            .cloned()
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
     }
     pub fn with_bus(mut self, bus: Bus) -> Self {
         self.bus = Some(bus);
