@@ -405,6 +405,7 @@ pub async fn projector(global: &Global, args: ProjectorCmdArgs) -> Result<()> {
     let side = ReadSide::open(global, &args.projector).await?;
     let mut tasks = Tasks::new();
     if let Some(addr) = args.listen {
+        raise_open_files_limit();
         let router = usbpt_api::router(side.api_state(tasks.shutdown_flag()));
         let listener = bind("projector", addr).await?;
         let stopping = tasks.stopping();

@@ -88,6 +88,21 @@ async fn consumers(bus: &Bus) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// `serve`'s resident memory (for the log: what 2,000 clients cost).
+fn rss_kb(serve: &Serve) -> Result<u64> {
+    let pid = serve.child.id().context("serve pid")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmRSS value")?
+        .parse()?)
+}
+
 async fn consumer_count(bus: &Bus) -> Result<usize> {
     let mut stream = bus.stream().clone();
     Ok(stream.info().await?.state.consumer_count)
@@ -126,6 +141,7 @@ fn two_thousand_idle_dashboards_leave_room_for_a_new_agent() {
                 consumers(&bus).await?
             );
 
+            let rss_before = rss_kb(&serve)?;
             // 2,000 dashboards connect and sit idle.
             let t0 = std::time::Instant::now();
             let idle: Vec<Client> = futures::stream::iter(0..IDLE)
@@ -142,7 +158,11 @@ fn two_thousand_idle_dashboards_leave_room_for_a_new_agent() {
                 .await
                 .into_iter()
                 .collect::<Result<_>>()?;
-            eprintln!("{IDLE} idle SSE clients subscribed in {:?}", t0.elapsed());
+            eprintln!(
+                "{IDLE} idle SSE clients subscribed in {:?}; serve's resident memory {} kB (before: {rss_before} kB)",
+                t0.elapsed(),
+                rss_kb(&serve)?
+            );
             assert!(idle.iter().all(|c| c.text.starts_with("HTTP/1.1 200")));
             let with_idle = consumer_count(&bus).await?;
             eprintln!(

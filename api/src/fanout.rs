@@ -305,7 +305,10 @@ impl Client {
                     if self.switch_if_covered() {
                         continue;
                     }
-                    match self.fanout.bus.catch_up(start, CATCH_UP_INACTIVE).await {
+                    // Boxed: the consumer's creation is a large future, and it would otherwise
+                    // size every client's stream, live ones included.
+                    let opening = Box::pin(self.fanout.bus.catch_up(start, CATCH_UP_INACTIVE));
+                    match opening.await {
                         Ok(messages) => {
                             self.phase = Phase::Reading {
                                 messages: Box::new(messages),
