@@ -797,6 +797,7 @@ fn hostile_usb_strings_are_harmless_from_agent_to_cli_and_dashboard() {
             for args in [
                 vec!["devices", "--all"],
                 vec!["device", "show", id.as_str()],
+                vec!["device", "show", id.as_str(), "--json"],
                 vec!["history", id.as_str()],
                 vec!["events", "tail", "--from-start", "--limit", stored.as_str()],
                 vec![
@@ -818,7 +819,7 @@ fn hostile_usb_strings_are_harmless_from_agent_to_cli_and_dashboard() {
                     !out.lines().any(|l| l.starts_with("FORGED")),
                     "usbpt {args:?} forged a line:\n{out}"
                 );
-                if args[0] == "device" {
+                if args[0] == "device" && !args.contains(&"--json") {
                     assert!(
                         out.contains(
                             r"Evil\x1b[2J\x1b[H\x1b]0;pwned-title\x07 Corp\nFORGED LINE ok"
@@ -837,7 +838,14 @@ fn hostile_usb_strings_are_harmless_from_agent_to_cli_and_dashboard() {
                 if args.len() == 5 {
                     assert!(out.contains(r"\x1b[31m\u{202e}SSSS"), "events tail: {out}");
                 }
-                if args.contains(&"--json") {
+                if args[0] == "device" && args.contains(&"--json") {
+                    // Pretty JSON, still the exact strings once parsed.
+                    let doc: Value = serde_json::from_str(&out)?;
+                    assert_eq!(doc["device"]["serial"], hostile_serial());
+                    assert_eq!(doc["device"]["manufacturer"], HOSTILE_MANUFACTURER);
+                    assert!(out.contains(r"\u202e"), "{out}");
+                }
+                if args[0] == "events" && args.contains(&"--json") {
                     // Still JSON, still the same strings once parsed.
                     let found = out
                         .lines()

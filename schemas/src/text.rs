@@ -66,16 +66,19 @@ impl fmt::Display for Escaped<'_> {
     }
 }
 
-/// JSON text (as `serde_json` writes it) safe for a terminal: serde_json escapes C0 controls
-/// but writes DEL, C1 controls and bidirectional controls raw; those become `\uXXXX` escapes,
-/// which decode to the same string. Valid because they can only occur inside JSON strings.
+/// JSON text (as `serde_json` writes it, compact or pretty) safe for a terminal: serde_json
+/// escapes C0 controls inside strings but writes DEL, C1 controls and bidirectional controls
+/// raw; those become `\uXXXX` escapes, which decode to the same string. Valid because outside
+/// strings JSON holds only ASCII punctuation, literals and whitespace; C0 characters are left
+/// alone (outside strings they are the pretty printer's newlines and indentation).
 pub fn escape_json(json: &str) -> Cow<'_, str> {
-    if !json.chars().any(is_dangerous) {
+    let dangerous = |c: char| c >= ' ' && is_dangerous(c);
+    if !json.chars().any(dangerous) {
         return Cow::Borrowed(json);
     }
     let mut out = String::with_capacity(json.len() + 16);
     for c in json.chars() {
-        if is_dangerous(c) {
+        if dangerous(c) {
             out.push_str(&format!("\\u{:04x}", u32::from(c)));
         } else {
             out.push(c);
@@ -140,10 +143,20 @@ mod tests {
 
     #[test]
     fn json_keeps_its_meaning() {
-        let v = serde_json::json!({"product": "x\u{9b}2J\u{202e}y\x1bz\u{7f}"});
+        let v = serde_json::json!({"product": "x\u{9b}2J\u{202e}y\x1bz\u{7f}\nw", "n": [1, 2]});
         let text = v.to_string();
         let safe = escape_json(&text);
         assert!(!safe.chars().any(is_dangerous), "{safe}");
+        let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
+        assert_eq!(back, v);
+        // Pretty JSON keeps its layout; only the strings' dangerous characters change.
+        let pretty = serde_json::to_string_pretty(&v).unwrap();
+        let safe = escape_json(&pretty);
+        assert_eq!(safe.lines().count(), pretty.lines().count());
+        assert!(
+            !safe.chars().any(|c| c != '\n' && is_dangerous(c)),
+            "{safe}"
+        );
         let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
         assert_eq!(back, v);
     }
