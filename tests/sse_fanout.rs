@@ -203,6 +203,14 @@ fn two_thousand_idle_dashboards_leave_room_for_a_new_agent() {
                 refused.text
             );
             refused.until("too many live-event clients").await?;
+            let metrics = serve.get_text("/metrics").await?;
+            for want in [
+                format!("usbpt_sse_clients {}\n", IDLE + 1),
+                format!("usbpt_sse_max_clients {}\n", IDLE + 1),
+                "usbpt_sse_refused_total 1\n".to_owned(),
+            ] {
+                assert!(metrics.contains(&want), "/metrics lacks {want:?}");
+            }
 
             // Idle clients leave: their places come back.
             drop(idle);

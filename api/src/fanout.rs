@@ -12,6 +12,7 @@
 //! above `base` is served from memory, anything at or below it needs a catch-up reader.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -104,6 +105,9 @@ pub struct Fanout {
     catch_up: Arc<Semaphore>,
     window: Mutex<Window>,
     tx: broadcast::Sender<Arc<Item>>,
+    /// Clients refused at the cap, and ended for falling behind (for `/metrics`).
+    refused: AtomicU64,
+    lagged: AtomicU64,
 }
 
 /// Why a client cannot be served.
@@ -161,6 +165,8 @@ impl Fanout {
                 head,
             }),
             tx,
+            refused: AtomicU64::new(0),
+            lagged: AtomicU64::new(0),
         });
         info!(
             head,
@@ -174,6 +180,56 @@ impl Fanout {
     /// Clients admitted now.
     pub fn clients(&self) -> usize {
         self.config.max_clients - self.clients.available_permits()
+    }
+
+    /// Prometheus text: clients now, the cap, catch-up readers busy, refusals and lagging ends.
+    pub fn render(this: Option<&Self>, config: &FanoutConfig) -> String {
+        let (clients, readers, refused, lagged) = this.map_or((0, 0, 0, 0), |f| {
+            (
+                f.clients(),
+                config.catch_up_readers.max(1) - f.catch_up.available_permits(),
+                f.refused.load(Relaxed),
+                f.lagged.load(Relaxed),
+            )
+        });
+        let mut out = String::new();
+        for (name, kind, help, value) in [
+            (
+                "usbpt_sse_clients",
+                "gauge",
+                "Live-event (SSE) clients served now.",
+                clients as u64,
+            ),
+            (
+                "usbpt_sse_max_clients",
+                "gauge",
+                "The cap on live-event clients (--sse-max-clients).",
+                config.max_clients as u64,
+            ),
+            (
+                "usbpt_sse_catch_up_readers",
+                "gauge",
+                "Catch-up readers (JetStream consumers) reading history for clients now.",
+                readers as u64,
+            ),
+            (
+                "usbpt_sse_refused_total",
+                "counter",
+                "Live-event clients refused with 503 at the cap.",
+                refused,
+            ),
+            (
+                "usbpt_sse_lagged_total",
+                "counter",
+                "Live-event streams ended because the client fell too far behind.",
+                lagged,
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        }
+        out
     }
 
     fn lock(&self) -> MutexGuard<'_, Window> {
@@ -227,9 +283,10 @@ impl Fanout {
 
     /// Admits a client starting at `from`, or refuses it at the cap.
     pub fn admit(self: &Arc<Self>, from: StartFrom) -> Result<Admission, FanoutError> {
-        let permit = Arc::clone(&self.clients)
-            .try_acquire_owned()
-            .map_err(|_| FanoutError::Full(self.config.max_clients))?;
+        let permit = Arc::clone(&self.clients).try_acquire_owned().map_err(|_| {
+            self.refused.fetch_add(1, Relaxed);
+            FanoutError::Full(self.config.max_clients)
+        })?;
         let w = self.lock();
         let head = w.head;
         let start = match from {
@@ -352,6 +409,7 @@ impl Client {
                                     behind = n,
                                     "live events: a client fell behind; ending its stream"
                                 );
+                                self.fanout.lagged.fetch_add(1, Relaxed);
                                 self.phase = Phase::Done;
                                 continue;
                             }

@@ -524,7 +524,11 @@ async fn server(State(st): State<ApiState>, nova: Nova, Path(id): Path<String>) 
 
 async fn metrics(State(st): State<ApiState>) -> Result<Response, ApiError> {
     let m = st.metrics.clone().unwrap_or_default();
-    let text = read(&st, move |snap| Ok(m.render(&snap.counters()?))).await?;
+    let mut text = read(&st, move |snap| Ok(m.render(&snap.counters()?))).await?;
+    text.push_str(&Fanout::render(
+        st.fanout.get().map(|f| &**f),
+        &st.fanout_config,
+    ));
     Ok((
         [(
             header::CONTENT_TYPE,
