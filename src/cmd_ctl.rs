@@ -85,15 +85,19 @@ pub async fn send(global: &Global, cmd: Command, json: bool) -> Result<()> {
         .await
         .map_err(anyhow::Error::msg)?;
     if json {
-        println!("{}", serde_json::to_string(&reply)?);
+        println!(
+            "{}",
+            usbpt_schemas::text::escape_json(&serde_json::to_string(&reply)?)
+        );
     }
     match reply {
         CommandReply::Accepted { message, .. } => {
             if !json {
-                println!("{message}");
+                println!("{}", usbpt_schemas::text::Escaped(&message));
             }
             Ok(())
         }
+        // main escapes what it prints.
         CommandReply::Rejected { code, reason } => bail!("rejected ({code}): {reason}"),
     }
 }

@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 use usbpt_projector::DeviceStatus;
+use usbpt_schemas::text::{escape, escape_json};
 use usbpt_schemas::HostName;
 
 use crate::cli::Global;
@@ -142,17 +143,21 @@ fn root_cause(e: &dyn std::error::Error) -> String {
     cur.to_string()
 }
 
+/// JSON for machines, with DEL, C1 and bidirectional controls `\u`-escaped as well (the same
+/// string once parsed), so even JSON on a terminal cannot drive it.
 fn print_json(v: &Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    println!("{}", escape_json(&serde_json::to_string_pretty(v)?));
     Ok(())
 }
 
-/// A value as table text: strings bare, null as `-`.
+/// A value as text for people: strings bare but escaped (device strings can carry terminal
+/// controls: `usbpt_schemas::text`), null as `-`. Every table cell and `show` line goes
+/// through here.
 fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+        Value::String(s) => escape(s).into_owned(),
+        other => escape(&other.to_string()).into_owned(),
     }
 }
 

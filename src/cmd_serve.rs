@@ -36,7 +36,14 @@ pub struct ProjectorArgs {
     /// Events per fetch and per redb transaction.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub batch: u64,
+    /// Live-event (`/v1/events`) clients the HTTP API serves at once; one more gets 503 with
+    /// `Retry-After`. They all share one reader of the stream.
+    #[arg(long, env = "USBPT_SSE_MAX_CLIENTS", default_value_t = DEFAULT_SSE_MAX_CLIENTS, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub sse_max_clients: u64,
 }
+
+/// The default of `--sse-max-clients`.
+pub const DEFAULT_SSE_MAX_CLIENTS: u64 = 1024;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -168,6 +175,7 @@ pub struct ReadSide {
     pub view: Arc<View>,
     pub bus: Bus,
     pub projector: Projector,
+    pub fanout: usbpt_api::fanout::FanoutConfig,
 }
 
 impl ReadSide {
@@ -184,6 +192,10 @@ impl ReadSide {
             view,
             bus,
             projector,
+            fanout: usbpt_api::fanout::FanoutConfig {
+                max_clients: usize::try_from(args.sse_max_clients).unwrap_or(usize::MAX),
+                ..Default::default()
+            },
         })
     }
 
@@ -193,6 +205,7 @@ impl ReadSide {
             .with_bus(self.bus.clone())
             .with_metrics(self.projector.metrics())
             .with_shutdown(shutdown)
+            .with_fanout(self.fanout)
     }
 }
 
@@ -329,6 +342,7 @@ pub async fn control_plane(
 ) -> Result<(Arc<View>, Bus)> {
     // The address actually bound (a free port may have been taken) is an accepted Host.
     policy.listen = Some(listener.local_addr()?);
+    raise_open_files_limit();
     let side = ReadSide::open(global, projector).await?;
     let command_bus = command_bus(global, &side).await?;
     let handler = commands.handler(&side, command_bus.clone());
@@ -348,6 +362,21 @@ pub async fn control_plane(
             .context("HTTP server")
     });
     Ok((view, bus))
+}
+
+/// Raises this process's soft limit on open files to its hard limit: each live-event client
+/// holds a socket, and the usual soft limit (1024) would refuse connections below the client cap.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(error = %e, soft, hard, "cannot raise the open-files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open-files limit"),
+    }
 }
 
 /// The command handler's connection: its own identity (`--command-creds`), else the read
@@ -386,6 +415,7 @@ pub async fn projector(global: &Global, args: ProjectorCmdArgs) -> Result<()> {
     let mut tasks = Tasks::new();
     if let Some(addr) = args.listen {
         let policy = args.http.policy(addr, global.given_api_token()?)?;
+        raise_open_files_limit();
         let router = usbpt_api::router(side.api_state(tasks.shutdown_flag()));
         let listener = bind("projector", addr).await?;
         let stopping = tasks.stopping();

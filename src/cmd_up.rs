@@ -288,6 +288,7 @@ pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
         &ProjectorArgs {
             consumer: usbpt_schemas::subjects::js::PROJECTOR_CONSUMER.into(),
             batch: 1000,
+            sse_max_clients: crate::cmd_serve::DEFAULT_SSE_MAX_CLIENTS,
         },
         &CommandArgs {
             weigh: WeighArg::Pack,

@@ -45,7 +45,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line on stderr, the whole cause chain.
-            eprintln!("usbpt: {e:#}");
+            // Escaped: a cause can quote what a device or a server sent.
+            eprintln!("usbpt: {}", usbpt_schemas::text::Escaped(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use usbpt_schemas::text::Escaped;
 
 use std::collections::HashMap;
 use thiserror::Error;
@@ -318,6 +319,9 @@ fn log_event(e: &Event) {
             port = %d.port_path,
             address = %d.address,
             ids = %format!("{}:{}", d.vendor_id, d.product_id),
+            manufacturer = %Escaped(d.manufacturer.as_deref().unwrap_or("-")),
+            product = %Escaped(d.product.as_deref().unwrap_or("-")),
+            serial = %Escaped(d.serial.as_deref().unwrap_or("-")),
             supersedes = ?d.supersedes.map(|s| s.to_string()),
             "device discovered"
         ),
@@ -329,7 +333,7 @@ fn log_event(e: &Event) {
         ),
         Event::DeviceClashDetected(c) => warn!(
             ids = %format!("{}:{}", c.vendor_id, c.product_id),
-            serial = %c.serial,
+            serial = %Escaped(&c.serial),
             ports = ?c.port_paths.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "devices share a serial: they get port lineages"
         ),

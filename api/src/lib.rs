@@ -21,6 +21,7 @@ mod commands;
 pub mod dashboard;
 pub mod docs;
 pub mod guard;
+pub mod fanout;
 mod history;
 mod hypervisors;
 pub mod nova;
@@ -37,6 +38,7 @@ use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use fanout::{Fanout, FanoutConfig};
 use nova::Nova;
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -61,6 +63,10 @@ pub struct ApiState {
     pub metrics: Option<Arc<ProjectorMetrics>>,
     /// Becomes true when the server shuts down: ends live event streams so it can.
     pub shutdown: watch::Receiver<bool>,
+    /// The limits of `/v1/events`.
+    pub fanout_config: FanoutConfig,
+    /// The process's one live-event feed, started by the first client.
+    fanout: Arc<tokio::sync::OnceCell<Arc<Fanout>>>,
 }
 
 impl ApiState {
@@ -71,7 +77,29 @@ impl ApiState {
             metrics: None,
             // A sender that is never used: the stream ends only with the connection.
             shutdown: watch::channel(false).1,
+            fanout_config: FanoutConfig::default(),
+            fanout: Arc::default(),
         }
+    }
+    pub fn with_fanout(mut self, config: FanoutConfig) -> Self {
+        self.fanout_config = config;
+        self
+    }
+
+    /// The live-event feed, started on first use; 503 without a bus.
+    async fn fanout(&self) -> Result<Arc<Fanout>, ApiError> {
+        let Some(bus) = self.bus.clone() else {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "live events need the bus; this server has none",
+            ));
+        };
+        let config = self.fanout_config;
+        self.fanout
+            .get_or_try_init(|| Fanout::start(bus, config))
+            .await
+            .cloned()
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
     }
     pub fn with_bus(mut self, bus: Bus) -> Self {
         self.bus = Some(bus);
@@ -537,7 +565,11 @@ async fn server(State(st): State<ApiState>, nova: Nova, Path(id): Path<String>) 
 
 async fn metrics(State(st): State<ApiState>) -> Result<Response, ApiError> {
     let m = st.metrics.clone().unwrap_or_default();
-    let text = read(&st, move |snap| Ok(m.render(&snap.counters()?))).await?;
+    let mut text = read(&st, move |snap| Ok(m.render(&snap.counters()?))).await?;
+    text.push_str(&Fanout::render(
+        st.fanout.get().map(|f| &**f),
+        &st.fanout_config,
+    ));
     Ok((
         [(
             header::CONTENT_TYPE,

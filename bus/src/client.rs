@@ -537,6 +537,39 @@ impl Bus {
     }
 }
 
+impl Bus {
+    /// A short-lived reader from stream sequence `start` (for a dashboard catching up on history
+    /// the shared live feed no longer holds): an ephemeral pull consumer without acks, which
+    /// the server removes `inactive` after its last pull, so a reader whose client left does
+    /// not linger. Unfiltered: the caller tracks its position through every message.
+    pub async fn catch_up(
+        &self,
+        start: u64,
+        inactive: Duration,
+    ) -> Result<jetstream::consumer::pull::Stream, BusError> {
+        let consumer = self
+            .stream
+            .create_consumer(pull::Config {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: start.max(1),
+                },
+                ack_policy: AckPolicy::None,
+                inactive_threshold: inactive,
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::Consumer {
+                name: "catch-up".into(),
+                message: e.to_string(),
+            })?;
+        consumer.messages().await.map_err(|e| BusError::Consumer {
+            name: "catch-up".into(),
+            message: e.to_string(),
+        })
+    }
+}
+
 async fn ensure_stream(
     js: &jetstream::Context,
     settings: &StreamSettings,

@@ -207,6 +207,13 @@ async fn own_work(nats: &TestNats, creds: &usbpt_bus::auth::CredsDir) -> Result<
         assert_eq!(first.info().map_err(anyhow::Error::msg)?.stream_sequence, 1);
         refused(reader, &admin, own_device()).await?;
         refused(reader, &admin, Envelope::new(body("FlavorCreated"))).await?;
+        // A dashboard's catch-up reader (the API serves live events as the projector).
+        let mut catch_up = reader.catch_up(1, Duration::from_secs(5)).await?;
+        let first = tokio::time::timeout(Duration::from_secs(5), catch_up.next())
+            .await?
+            .expect("an event")
+            .map_err(anyhow::Error::msg)?;
+        assert_eq!(first.info().map_err(anyhow::Error::msg)?.stream_sequence, 1);
     }
     let durable = projector.pull_consumer("usbpt-projector", None, 0).await?;
     assert!(durable.cached_info().config.filter_subject.is_empty());

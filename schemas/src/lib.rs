@@ -11,6 +11,7 @@ pub mod envelope;
 pub mod events;
 pub mod ids;
 pub mod subjects;
+pub mod text;
 pub mod time;
 
 pub use codec::{decode, encode, DecodeError};

@@ -122,6 +122,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
         &ProjectorArgs {
             consumer: "usbpt-projector".into(),
             batch: 1000,
+            sse_max_clients: crate::cmd_serve::DEFAULT_SSE_MAX_CLIENTS,
         },
         &CommandArgs {
             weigh: WeighArg::Pack,
