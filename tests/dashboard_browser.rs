@@ -897,7 +897,12 @@ fn hostile_usb_strings_are_harmless_from_agent_to_cli_and_dashboard() {
             {
                 let browser = dashboard_support::Browser::launch(&chromium).await?;
                 let page = browser.new_page(1440, 960).await?;
-                page.goto(&format!("{}/", serve.api)).await?;
+                page.goto(&format!(
+                    "{}/#token={}",
+                    serve.api,
+                    projector_support::API_TOKEN
+                ))
+                .await?;
                 page.wait_for(
                     "the hostile device's row",
                     &format!(

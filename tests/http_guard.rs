@@ -510,14 +510,15 @@ async fn bad_requests_get_precise_4xx_with_short_echoes() -> Result<()> {
     }
     assert_eq!(admin.last_sequence().await?, before);
 
-    // Last-Event-ID at the top of u64: no overflow, a live stream.
+    // Last-Event-ID at the top of u64: no overflow; no sequence follows it, a 400 naming it.
     let resp = http
         .get(format!("{}/v1/events", serve.api))
         .bearer_auth(TOKEN)
         .header("Last-Event-ID", u64::MAX.to_string())
         .send()
         .await?;
-    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.status().as_u16(), 400);
+    assert!(resp.text().await?.contains("Last-Event-ID"));
     let resp = http
         .get(format!("{}/v1/events", serve.api))
         .bearer_auth(TOKEN)

@@ -20,8 +20,8 @@
 mod commands;
 pub mod dashboard;
 pub mod docs;
-pub mod guard;
 pub mod fanout;
+pub mod guard;
 mod history;
 mod hypervisors;
 pub mod nova;
