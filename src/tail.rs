@@ -3,11 +3,10 @@
 use std::io::Write;
 
 use anyhow::{anyhow, Result};
-use futures::StreamExt;
 use serde_json::json;
 use usbpt_bus::{Bus, StartAt};
 use usbpt_schemas::text::{escape, escape_json, Escaped};
-use usbpt_schemas::{codec, Event};
+use usbpt_schemas::Event;
 
 pub async fn tail(bus: &Bus, from_start: bool, as_json: bool, limit: Option<u64>) -> Result<()> {
     let start = if from_start {
@@ -15,17 +14,17 @@ pub async fn tail(bus: &Bus, from_start: bool, as_json: bool, limit: Option<u64>
     } else {
         StartAt::New
     };
-    let mut messages = bus.ordered(start, None).await?;
+    let mut reader = bus.reader(start, None).await?;
     let mut seen = 0u64;
     let stdout = std::io::stdout();
     while limit.is_none_or(|l| seen < l) {
-        let Some(msg) = messages.next().await else {
-            break;
-        };
-        let msg = msg.map_err(|e| anyhow!("reading the stream: {e}"))?;
-        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
+        let msg = reader
+            .next()
+            .await
+            .map_err(|e| anyhow!("reading the stream: {e}"))?;
+        let seq = msg.seq;
         let subject = Escaped(msg.subject.as_str());
-        let line = match codec::decode(&msg.payload) {
+        let line = match msg.decode() {
             Ok(env) if as_json => {
                 json!({"seq": seq, "subject": msg.subject.as_str(), "event": env}).to_string()
             }

@@ -16,7 +16,7 @@ use usbpt_agent::store::{self, Store};
 use usbpt_bench::codec::sample_discovered_on;
 use usbpt_bus::StartAt;
 use usbpt_schemas::{
-    codec, subjects, DeviceInvalidated, Envelope, Event, EventId, HostName, InvalidationReason,
+    subjects, DeviceInvalidated, Envelope, Event, EventId, HostName, InvalidationReason,
 };
 use usbpt_testkit::umockdev::{umockdev_test, Testbed};
 use usbpt_testkit::TestNats;
@@ -114,17 +114,15 @@ fn a_queued_burst_survives_sigkill_of_agent_and_nats_exactly_once_in_order() {
             // 3. Every queued event arrives; then the agent stops cleanly (it drains first) and
             //    the whole stream is read back.
             let bus = nats.bus().await?;
-            let mut reader = bus.ordered(StartAt::Beginning, None).await?;
+            let mut reader = bus.reader(StartAt::Beginning, None).await?;
             let mut stored: Vec<(String, EventId)> = Vec::new();
             let mut missing = wanted.clone();
             let mut next = async |stored: &mut Vec<(String, EventId)>| -> Result<EventId> {
                 let msg = tokio::time::timeout(WAIT, reader.next())
                     .await
-                    .context("reading the stream back")?
-                    .context("stream ended")?
-                    .map_err(|e| anyhow!("{e}"))?;
-                let env = codec::decode(&msg.payload)?;
-                stored.push((msg.subject.to_string(), env.event_id));
+                    .context("reading the stream back")??;
+                let env = msg.decode()?;
+                stored.push((msg.subject, env.event_id));
                 Ok(env.event_id)
             };
             while !missing.is_empty() {

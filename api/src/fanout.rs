@@ -20,8 +20,7 @@ use futures::{Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::{broadcast, OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
-use usbpt_bus::{Bus, BusError, StartAt};
-use usbpt_schemas::codec;
+use usbpt_bus::{Bus, BusError, Delivery, Reader, ReaderOptions, StartAt};
 
 /// The limits of live-event fan-out in one process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,22 +65,21 @@ pub struct Item {
 }
 
 impl Item {
-    fn from_message(m: &async_nats::jetstream::Message) -> Self {
-        let seq = m.info().map(|i| i.stream_sequence).unwrap_or_default();
-        let subject = m.subject.as_str().to_owned();
-        let (kind, data) = match codec::decode(&m.payload) {
+    fn from_delivery(m: Delivery) -> Self {
+        let seq = m.seq;
+        let (kind, data) = match m.decode() {
             Ok(env) => (
                 env.body.kind().to_owned(),
-                json!({"seq": seq, "subject": subject, "event": env}).to_string(),
+                json!({"seq": seq, "subject": m.subject, "event": env}).to_string(),
             ),
             Err(e) => (
                 "undecodable".to_owned(),
-                json!({"seq": seq, "subject": subject, "undecodable": e.to_string()}).to_string(),
+                json!({"seq": seq, "subject": m.subject, "undecodable": e.to_string()}).to_string(),
             ),
         };
         Self {
             seq,
-            subject,
+            subject: m.subject,
             kind,
             data,
         }
@@ -152,7 +150,7 @@ impl Fanout {
     /// Starts the shared reader at the stream's current end.
     pub async fn start(bus: Bus, config: FanoutConfig) -> Result<Arc<Self>, BusError> {
         let head = bus.last_sequence().await?;
-        let messages = bus.ordered(StartAt::Sequence(head + 1), None).await?;
+        let reader = bus.reader(StartAt::Sequence(head + 1), None).await?;
         let (tx, _) = broadcast::channel(config.lag.max(1));
         let fanout = Arc::new(Self {
             bus,
@@ -173,7 +171,7 @@ impl Fanout {
             max_clients = config.max_clients,
             "live-event feed started"
         );
-        tokio::spawn(Arc::clone(&fanout).read(messages));
+        tokio::spawn(Arc::clone(&fanout).read(reader));
         Ok(fanout)
     }
 
@@ -238,26 +236,26 @@ impl Fanout {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The shared reader: every event once, into the window and to every client. When the
-    /// ordered consumer gives up (the server went away for long), a new one resumes after the
-    /// last event seen.
-    async fn read(self: Arc<Self>, mut messages: async_nats::jetstream::consumer::pull::Ordered) {
+    /// The shared reader: every event once, into the window and to every client. The reader
+    /// recovers from lost fetches and gaps by itself; when it cannot make a consumer at all
+    /// (the server is away), a new one resumes after the last event seen.
+    async fn read(self: Arc<Self>, mut reader: Reader) {
         loop {
-            while let Some(m) = messages.next().await {
-                match m {
-                    Ok(m) => self.push(Item::from_message(&m)),
-                    Err(e) => warn!(error = %e, "live-event feed: reading the stream"),
-                }
-            }
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let next = self.lock().head + 1;
-                match self.bus.ordered(StartAt::Sequence(next), None).await {
-                    Ok(m) => {
-                        messages = m;
-                        break;
+            match reader.next().await {
+                Ok(m) => self.push(Item::from_delivery(m)),
+                Err(e) => {
+                    warn!(error = %e, "live-event feed: reading the stream");
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        let next = self.lock().head + 1;
+                        match self.bus.reader(StartAt::Sequence(next), None).await {
+                            Ok(r) => {
+                                reader = r;
+                                break;
+                            }
+                            Err(e) => warn!(error = %e, "live-event feed: reopening"),
+                        }
                     }
-                    Err(e) => warn!(error = %e, "live-event feed: reopening"),
                 }
             }
         }
@@ -322,7 +320,7 @@ enum Phase {
         start: u64,
     },
     Reading {
-        messages: Box<async_nats::jetstream::consumer::pull::Stream>,
+        messages: Box<Reader>,
         _reader: OwnedSemaphorePermit,
     },
     Live {
@@ -364,7 +362,15 @@ impl Client {
                     }
                     // Boxed: the consumer's creation is a large future, and it would otherwise
                     // size every client's stream, live ones included.
-                    let opening = Box::pin(self.fanout.bus.catch_up(start, CATCH_UP_INACTIVE));
+                    let opening = Box::pin(self.fanout.bus.reader_with(
+                        StartAt::Sequence(start),
+                        None,
+                        ReaderOptions {
+                            batch: 256,
+                            inactive: CATCH_UP_INACTIVE,
+                            ..ReaderOptions::default()
+                        },
+                    ));
                     match opening.await {
                         Ok(messages) => {
                             self.phase = Phase::Reading {
@@ -379,19 +385,14 @@ impl Client {
                     }
                 }
                 Phase::Reading { messages, .. } => {
-                    let m = match messages.next().await {
-                        Some(Ok(m)) => m,
-                        Some(Err(e)) => {
+                    let item = match messages.next().await {
+                        Ok(m) => Arc::new(Item::from_delivery(m)),
+                        Err(e) => {
                             warn!(error = %e, "live events: catching up");
                             self.phase = Phase::Done;
                             continue;
                         }
-                        None => {
-                            self.phase = Phase::Done;
-                            continue;
-                        }
                     };
-                    let item = Arc::new(Item::from_message(&m));
                     // Drops the consumer (and frees the reader) once the window covers the rest.
                     self.last = self.last.max(item.seq);
                     self.switch_if_covered();

@@ -504,69 +504,25 @@ pub enum StartAt {
 }
 
 impl Bus {
-    /// An ordered, ephemeral, flow-controlled read of the stream (for tails, replays and
-    /// dashboards). It re-creates itself on gaps, so the items arrive in stream order.
-    pub async fn ordered(
+    /// An ordered read of the stream from `start`, optionally filtered (tails, replays,
+    /// dashboards, the reactor, tests): see [`crate::Reader`].
+    pub async fn reader(
         &self,
         start: StartAt,
         filter: Option<String>,
-    ) -> Result<pull::Ordered, BusError> {
-        let deliver_policy = match start {
-            StartAt::Beginning => DeliverPolicy::All,
-            StartAt::Sequence(s) => DeliverPolicy::ByStartSequence {
-                start_sequence: s.max(1),
-            },
-            StartAt::New => DeliverPolicy::New,
-        };
-        let consumer = self
-            .stream
-            .create_consumer(pull::OrderedConfig {
-                deliver_policy,
-                filter_subject: filter.unwrap_or_default(),
-                ..Default::default()
-            })
+    ) -> Result<crate::Reader, BusError> {
+        self.reader_with(start, filter, crate::ReaderOptions::default())
             .await
-            .map_err(|e| BusError::Consumer {
-                name: "ordered".into(),
-                message: e.to_string(),
-            })?;
-        consumer.messages().await.map_err(|e| BusError::Consumer {
-            name: "ordered".into(),
-            message: e.to_string(),
-        })
     }
-}
 
-impl Bus {
-    /// A short-lived reader from stream sequence `start` (for a dashboard catching up on history
-    /// the shared live feed no longer holds): an ephemeral pull consumer without acks, which
-    /// the server removes `inactive` after its last pull, so a reader whose client left does
-    /// not linger. Unfiltered: the caller tracks its position through every message.
-    pub async fn catch_up(
+    /// [`Bus::reader`] with explicit fetch sizes and lifetimes.
+    pub async fn reader_with(
         &self,
-        start: u64,
-        inactive: Duration,
-    ) -> Result<jetstream::consumer::pull::Stream, BusError> {
-        let consumer = self
-            .stream
-            .create_consumer(pull::Config {
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: start.max(1),
-                },
-                ack_policy: AckPolicy::None,
-                inactive_threshold: inactive,
-                memory_storage: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| BusError::Consumer {
-                name: "catch-up".into(),
-                message: e.to_string(),
-            })?;
-        consumer.messages().await.map_err(|e| BusError::Consumer {
-            name: "catch-up".into(),
-            message: e.to_string(),
-        })
+        start: StartAt,
+        filter: Option<String>,
+        options: crate::ReaderOptions,
+    ) -> Result<crate::Reader, BusError> {
+        crate::Reader::open(self.stream.clone(), start, filter, options).await
     }
 }
 

@@ -6,10 +6,12 @@
 
 pub mod auth;
 mod client;
+mod reader;
 pub mod server;
 mod stream;
 
 pub use client::{Bus, BusError, ClientSecurity, PendingAck, Published, StartAt, TlsClient};
+pub use reader::{Delivery, Reader, ReaderOptions};
 pub use stream::{StreamError, StreamSettings};
 
 /// Re-exported so callers name consumer and message types without depending on async-nats.

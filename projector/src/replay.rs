@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use redb::Durability;
 use tokio::sync::mpsc;
 use usbpt_bus::{Bus, StartAt};
@@ -58,25 +57,29 @@ pub async fn rebuild(
     if until > head {
         return Err(ProjectorError::BeyondStream { until, head });
     }
-    let mut messages = bus
-        .ordered(StartAt::Sequence(report.last_seq + 1), None)
+    let mut reader = bus
+        .reader_with(
+            StartAt::Sequence(report.last_seq + 1),
+            None,
+            usbpt_bus::ReaderOptions {
+                batch: REPLAY_BATCH,
+                ..Default::default()
+            },
+        )
         .await?;
     let (tx, mut rx) = mpsc::channel::<Vec<RawEvent>>(4);
     let reader = tokio::spawn(async move {
         let mut batch = Vec::with_capacity(REPLAY_BATCH);
-        while let Some(m) = messages.next().await {
-            let m = m.map_err(|e| ProjectorError::Stream(e.to_string()))?;
-            let seq = m
-                .info()
-                .map_err(|e| ProjectorError::Stream(format!("message metadata: {e}")))?
-                .stream_sequence;
+        loop {
+            let m = reader.next().await?;
+            let seq = m.seq;
             if seq > until {
                 break;
             }
             batch.push(RawEvent {
                 seq,
-                subject: m.subject.to_string(),
-                payload: m.payload.clone(),
+                subject: m.subject,
+                payload: m.payload,
             });
             if batch.len() >= REPLAY_BATCH || seq == until {
                 let full = std::mem::replace(&mut batch, Vec::with_capacity(REPLAY_BATCH));
