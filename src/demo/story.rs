@@ -88,7 +88,9 @@ impl Story {
         }))
     }
 
-    pub async fn play(self) -> Result<()> {
+    /// Plays the story; returns the simulated hosts with their agents still running, so the
+    /// demo can go on serving them.
+    pub async fn play(self) -> Result<Vec<SimHost>> {
         let mut n = 0;
         let mut step = |title: &str| {
             n += 1;
@@ -466,8 +468,7 @@ impl Story {
             report.last_seq,
             report.elapsed.as_secs_f64() * 1000.0
         ));
-        host_a.stop_agent().await;
-        Ok(())
+        Ok(vec![host_a, host_b])
     }
 
     async fn executor_xml(
