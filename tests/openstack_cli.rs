@@ -474,6 +474,40 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
     assert_eq!(plain["status"], "ACTIVE", "{plain}");
     assert_eq!(plain["OS-EXT-SRV-ATTR:host"], "host-a", "{plain}");
 
+    // Cold migration of a USB-less server to a chosen host (2.56+ for --host).
+    os.openstack(&[
+        "--os-compute-api-version",
+        "2.56",
+        "server",
+        "migrate",
+        "--host",
+        "host-b",
+        "--wait",
+        "plain-1",
+    ])
+    .await?
+    .ok();
+    let moved = os
+        .openstack(&["server", "show", "plain-1", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(moved["status"], "ACTIVE", "{moved}");
+    assert_eq!(moved["OS-EXT-SRV-ATTR:host"], "host-b", "{moved}");
+    // The destination's agent defined and started the domain: its report is the server's state
+    // (the source's teardown report, which once made this flaky, is not).
+    let path = "/v2.1/servers/plain-1";
+    let doc = eventually(Duration::from_secs(30), || async {
+        let (_, doc) = serve.get(path).await.ok()?;
+        let detail = doc["server"]["state_detail"].as_str()?.to_owned();
+        detail
+            .contains("cold migration from host host-a")
+            .then_some(doc)
+    })
+    .await
+    .context("host-b never reported plain-1 running")?;
+    assert_eq!(doc["server"]["status"], "ACTIVE", "{doc}");
+
     // Live migration of a server holding a host USB device is refused, with the reason.
     let live = os
         .openstack(&["server", "migrate", "--live-migration", "erp-1"])
@@ -546,7 +580,11 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
     }
     let (_, migrations) = serve.get("/v2.1/os-migrations").await?;
     let kinds = string_set(&migrations["migrations"], "migration_type");
-    assert_eq!(kinds, ["live-migration", "resize"], "{migrations}");
+    assert_eq!(
+        kinds,
+        ["live-migration", "migration", "resize"],
+        "{migrations}"
+    );
 
     let services = os
         .openstack(&["compute", "service", "list", "-f", "json"])
