@@ -183,12 +183,23 @@ impl ReadSide {
         })
     }
 
-    /// The HTTP API's state over this view, bus and projector.
-    pub fn api_state(&self, shutdown: watch::Receiver<bool>) -> ApiState {
+    /// The HTTP API's state over this view, bus and projector, with the agents' liveness
+    /// followed from their heartbeats by a `liveness` task (ADR 0008).
+    pub fn api_state(&self, tasks: &mut Tasks) -> ApiState {
+        let liveness = usbpt_api::liveness::Liveness::new();
+        let (bus, stopping) = (self.bus.clone(), tasks.stopping());
+        let tracker = Arc::clone(&liveness);
+        tasks.spawn("liveness", async move {
+            tracker
+                .track(bus, stopping)
+                .await
+                .map_err(anyhow::Error::msg)
+        });
         ApiState::new(Arc::clone(&self.view))
             .with_bus(self.bus.clone())
             .with_metrics(self.projector.metrics())
-            .with_shutdown(shutdown)
+            .with_shutdown(tasks.shutdown_flag())
+            .with_liveness(liveness)
     }
 }
 
@@ -323,9 +334,10 @@ pub async fn control_plane(
     let side = ReadSide::open(global, projector).await?;
     let command_bus = command_bus(global, &side).await?;
     let handler = commands.handler(&side, command_bus.clone());
-    let router = usbpt_api::router(side.api_state(tasks.shutdown_flag())).merge(
-        usbpt_api::command_routes(Arc::clone(&handler), Arc::clone(&side.view)),
-    );
+    let router = usbpt_api::router(side.api_state(tasks)).merge(usbpt_api::command_routes(
+        Arc::clone(&handler),
+        Arc::clone(&side.view),
+    ));
     commands.spawn(tasks, &side, handler, command_bus);
     let (view, bus) = (Arc::clone(&side.view), side.bus.clone());
     let stopping = tasks.stopping();
@@ -376,7 +388,7 @@ pub async fn projector(global: &Global, args: ProjectorCmdArgs) -> Result<()> {
     let side = ReadSide::open(global, &args.projector).await?;
     let mut tasks = Tasks::new();
     if let Some(addr) = args.listen {
-        let router = usbpt_api::router(side.api_state(tasks.shutdown_flag()));
+        let router = usbpt_api::router(side.api_state(&mut tasks));
         let listener = bind("projector", addr).await?;
         let stopping = tasks.stopping();
         tasks.spawn("http", async move {

@@ -93,6 +93,13 @@ impl SimHost {
         })
     }
 
+    /// The agent loop dropped mid-run, as a crash: no last beat.
+    fn crash(mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
     async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
@@ -217,6 +224,20 @@ impl Clients {
     async fn openstack(&mut self, args: &[&str]) -> Result<Run> {
         self.run("openstack", args).await
     }
+}
+
+/// Waits until `GET /v2.1/os-services?host={host}` shows the service `state`.
+async fn service_becomes(serve: &Serve, host: &str, state: &str) -> Result<()> {
+    let path = format!("/v2.1/os-services?host={host}");
+    eventually(Duration::from_secs(30), || {
+        let path = path.clone();
+        async move {
+            let (_, doc) = serve.get(&path).await.ok()?;
+            (doc["services"][0]["state"] == state).then_some(())
+        }
+    })
+    .await
+    .with_context(|| format!("{host} never became {state}"))
 }
 
 /// Waits until `GET /v2.1/servers/{name}` shows `status`.
@@ -656,8 +677,61 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
         os.spent.as_secs_f64() / os.calls as f64,
         total.elapsed().as_secs_f64()
     );
+
+    // Liveness (ADR 0008): a cleanly stopped agent's last beat says so, and its host is down at
+    // once, in os-services and os-hypervisors alike.
     host_a.stop().await;
-    host_b.stop().await;
+    service_becomes(&serve, "host-a", "down").await?;
+    let services = os
+        .openstack(&["compute", "service", "list", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    let states: Vec<(String, String)> = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["Host"].as_str().unwrap().to_owned(),
+                s["State"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("host-a".into(), "down".into()),
+            ("host-b".into(), "up".into())
+        ],
+        "{services}"
+    );
+    let list = os
+        .openstack(&["hypervisor", "list", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    for h in list.as_array().unwrap() {
+        let want = if h["Hypervisor Hostname"] == "host-a" {
+            "down"
+        } else {
+            "up"
+        };
+        assert_eq!(h["State"], want, "{h}");
+    }
+    // A crashed agent sends no last beat: its host is down once three beats are missed.
+    let crashed = Instant::now();
+    host_b.crash();
+    service_becomes(&serve, "host-b", "down").await?;
+    let took = crashed.elapsed();
+    eprintln!(
+        "a crashed agent's host went down after {:.1} s",
+        took.as_secs_f64()
+    );
+    assert!(
+        took >= Duration::from_secs(3),
+        "down before a beat was missed: {took:?}"
+    );
     drop(serve);
     Ok(())
 }

@@ -432,6 +432,8 @@ pub async fn run_with_executor<S: DeviceSource>(
             "watching for hotplug"
         );
 
+        let beating =
+            crate::heartbeat::start(agent.config.host.clone(), agent.config.bus.clone());
         let (stop_tx, stop_rx) = watch::channel(None);
         let publisher = Publisher {
             store: agent.store.clone(),
@@ -476,6 +478,8 @@ pub async fn run_with_executor<S: DeviceSource>(
             }
         };
 
+        // Down from here on, for os-services and os-hypervisors.
+        beating.stop().await;
         if let Some(c) = controlling {
             // Wait until it is gone: it shares the state file, which a restart reopens.
             c.abort();

@@ -20,6 +20,7 @@ pub mod dashboard;
 pub mod docs;
 mod history;
 mod hypervisors;
+pub mod liveness;
 pub mod nova;
 mod sse;
 
@@ -57,6 +58,9 @@ pub struct ApiState {
     pub metrics: Option<Arc<ProjectorMetrics>>,
     /// Becomes true when the server shuts down: ends live event streams so it can.
     pub shutdown: watch::Receiver<bool>,
+    /// The agents' heartbeats (ADR 0008); without it a host is up once an agent announced
+    /// itself there.
+    pub liveness: Option<Arc<liveness::Liveness>>,
 }
 
 impl ApiState {
@@ -67,7 +71,12 @@ impl ApiState {
             metrics: None,
             // A sender that is never used: the stream ends only with the connection.
             shutdown: watch::channel(false).1,
+            liveness: None,
         }
+    }
+    pub fn with_liveness(mut self, liveness: Arc<liveness::Liveness>) -> Self {
+        self.liveness = Some(liveness);
+        self
     }
     pub fn with_bus(mut self, bus: Bus) -> Self {
         self.bus = Some(bus);

@@ -74,6 +74,21 @@ pub fn command(kind: &str) -> String {
     format!("{COMMAND_PREFIX}.{kind}")
 }
 
+/// Every agent's liveness beat (core NATS, outside the stream: not history; ADR 0008).
+pub const ALL_HEARTBEATS: &str = "usbpt.hb.*";
+
+/// Where `host`'s agent beats ([`crate::heartbeat`]).
+pub fn heartbeat(host: &HostName) -> String {
+    format!("usbpt.hb.{host}")
+}
+
+/// The host a heartbeat subject names.
+pub fn heartbeat_host(subject: &str) -> Option<HostName> {
+    subject
+        .strip_prefix("usbpt.hb.")
+        .and_then(|h| HostName::new(h).ok())
+}
+
 /// The durable consumer a host's agent reads its control work from.
 pub fn agent_consumer(host: &HostName) -> String {
     format!("agent-{host}")
@@ -370,6 +385,17 @@ pub fn matches(envelope: &Envelope, subject: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeats_are_outside_the_stream() {
+        let h = HostName::new("host-a").expect("valid");
+        let s = heartbeat(&h);
+        assert_eq!(s, "usbpt.hb.host-a");
+        assert_eq!(heartbeat_host(&s), Some(h));
+        assert_eq!(heartbeat_host("usbpt.hb."), None);
+        assert_eq!(heartbeat_host("usbpt.evt.host.host-a.agent"), None);
+        assert!(scope_of(&s).is_err(), "not an event subject");
+    }
 
     #[test]
     fn scopes() {
