@@ -102,6 +102,7 @@ impl FlavorCreate {
     pub fn command(self) -> (Command, bool) {
         (
             Command::CreateFlavor {
+                resources: Default::default(),
                 name: self.name,
                 usb: self.usb,
             },

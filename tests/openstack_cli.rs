@@ -529,6 +529,64 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
     .context("host-b never reported plain-1 running")?;
     assert_eq!(doc["server"]["status"], "ACTIVE", "{doc}");
 
+    // PUT /servers/{id}: rename and describe (2.19+), recorded as ServerUpdated.
+    os.openstack(&[
+        "server",
+        "set",
+        "--name",
+        "plain-2",
+        "--description",
+        "no USB; moved to host-b",
+        "plain-1",
+    ])
+    .await?
+    .ok();
+    let renamed = os
+        .openstack(&["server", "show", "plain-2", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(renamed["id"], moved["id"], "{renamed}");
+    assert_eq!(
+        renamed["description"], "no USB; moved to host-b",
+        "{renamed}"
+    );
+    let gone = os.openstack(&["server", "show", "plain-1"]).await?;
+    assert_ne!(gone.code, 0, "the old name is free: {gone:?}");
+    os.openstack(&["server", "unset", "--description", "plain-2"])
+        .await?
+        .ok();
+    let (_, _, body) = raw(
+        reqwest::Method::GET,
+        &format!("{}/v2.1/servers/plain-2", serve.api),
+        &[("OpenStack-API-Version", "compute 2.19")],
+        None,
+    )
+    .await?;
+    let doc: Value = serde_json::from_str(&body)?;
+    assert_eq!(doc["server"]["description"], "", "{doc}");
+
+    // Flavor resources: recorded from `flavor create` (FlavorSized) and shown.
+    let sized = os
+        .openstack(&[
+            "flavor", "create", "--ram", "512", "--vcpus", "2", "--disk", "10", "sized", "-f",
+            "json",
+        ])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(
+        (&sized["ram"], &sized["vcpus"], &sized["disk"]),
+        (&Value::from(512), &Value::from(2), &Value::from(10)),
+        "{sized}"
+    );
+    let shown = os
+        .openstack(&["flavor", "show", "sized", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(shown["ram"], 512, "{shown}");
+
     // Live migration of a server holding a host USB device is refused, with the reason.
     let live = os
         .openstack(&["server", "migrate", "--live-migration", "erp-1"])
@@ -660,7 +718,7 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
     status_becomes(&serve, "erp-1", "ACTIVE").await?;
 
     // Delete both; the servers are gone from the list.
-    os.openstack(&["server", "delete", "--wait", "erp-1", "nova-1", "plain-1"])
+    os.openstack(&["server", "delete", "--wait", "erp-1", "nova-1", "plain-2"])
         .await?
         .ok();
     let list = os
@@ -1001,6 +1059,41 @@ async fn discovery_microversions_errors_and_extra_specs_are_novas() -> Result<()
             .is_empty(),
         "{doomed}"
     );
+    // PUT /servers/{id}: a description needs 2.19; a bad name is a 400 naming the field.
+    let put = |body: Value, version: &'static str| {
+        let url = format!("{api}/v2.1/servers/{sid}");
+        async move {
+            raw(
+                Method::PUT,
+                &url,
+                &[("OpenStack-API-Version", version)],
+                Some(body),
+            )
+            .await
+        }
+    };
+    let (code, _, body) = put(
+        serde_json::json!({"server": {"description": "d"}}),
+        "compute 2.18",
+    )
+    .await?;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("server.description"), "{body}");
+    let (code, _, body) = put(
+        serde_json::json!({"server": {"name": "no spaces allowed"}}),
+        "compute 2.19",
+    )
+    .await?;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("server.name"), "{body}");
+    let (code, _, body) = put(
+        serde_json::json!({"server": {"name": "doomed-2", "description": "kept"}}),
+        "compute 2.19",
+    )
+    .await?;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["server"]["name"], "doomed-2");
+    assert_eq!(json(&body)["server"]["description"], "kept");
     let (code, _, body) = raw(
         Method::DELETE,
         &format!("{api}/v2.1/servers/{sid}"),

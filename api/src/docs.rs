@@ -238,14 +238,15 @@ pub fn extra_specs(f: &Flavor) -> Value {
     }
 }
 
-/// A flavor, Nova's fields (usbpt tracks no RAM, vCPUs or disk: they read 0) and usbpt's.
+/// A flavor, Nova's fields (`ram`, `vcpus`, `disk` as recorded at creation, shown and not
+/// scheduled on) and usbpt's.
 pub fn flavor(f: &Flavor, nova: &Nova) -> Value {
     let mut doc = json!({
         "id": f.id,
         "name": f.name,
-        "ram": 0,
-        "vcpus": 0,
-        "disk": 0,
+        "ram": f.ram_mb,
+        "vcpus": f.vcpus,
+        "disk": f.disk_gb,
         "swap": if nova.version.at_least(75) { json!(0) } else { json!("") },
         "OS-FLV-EXT-DATA:ephemeral": 0,
         "OS-FLV-DISABLED:disabled": f.deleted.is_some(),
@@ -350,7 +351,10 @@ pub fn server(snap: &Snapshot, s: &Server, nova: &Nova) -> Result<Value, ViewErr
             "id": s.flavor_id,
             "name": flavor_name,
             "original_name": flavor_name,
-            "vcpus": 0, "ram": 0, "disk": 0, "ephemeral": 0, "swap": 0,
+            "vcpus": flavor.as_ref().map_or(0, |f| f.vcpus),
+            "ram": flavor.as_ref().map_or(0, |f| f.ram_mb),
+            "disk": flavor.as_ref().map_or(0, |f| f.disk_gb),
+            "ephemeral": 0, "swap": 0,
             "extra_specs": flavor.as_ref().map_or_else(|| json!({}), extra_specs),
         })
     } else {
@@ -437,7 +441,7 @@ pub fn server(snap: &Snapshot, s: &Server, nova: &Nova) -> Result<Value, ViewErr
             );
         }
         if nova.version.at_least(19) {
-            m.insert("description".into(), Value::Null);
+            m.insert("description".into(), json!(s.description));
         }
         if nova.version.at_least(26) {
             m.insert("tags".into(), json!([]));

@@ -3,13 +3,13 @@
 //! (each with its fence) and the reply, or a rejection that names its reason. No clock, no
 //! randomness, no I/O.
 
-use usbpt_schemas::commands::Command;
+use usbpt_schemas::commands::{Command, FlavorResources};
 use usbpt_schemas::{
     subjects, DeviceClaimed, DeviceReleased, DeviceSelector, Event, FlavorCreated, FlavorDeleted,
-    FlavorId, FlavorName, FlavorUsbSet, HostName, LineageKind, ReleaseReason, ServerAction,
-    ServerActionRequested, ServerBootRequested, ServerDeleted, ServerId, ServerMigrated,
-    ServerMigrationRefused, ServerName, ServerResized, ServerScheduleFailed, ServerScheduled,
-    ServerState,
+    FlavorId, FlavorName, FlavorSized, FlavorUsbSet, HostName, LineageKind, ReleaseReason,
+    ServerAction, ServerActionRequested, ServerBootRequested, ServerDeleted, ServerId,
+    ServerMigrated, ServerMigrationRefused, ServerName, ServerResized, ServerScheduleFailed,
+    ServerScheduled, ServerState, ServerUpdated,
 };
 
 use crate::schedule::{self, check_ports, Weigh};
@@ -100,7 +100,11 @@ fn fenced(view: &dyn ViewRead, event: Event) -> Result<Step, Rejection> {
 
 pub fn decide(view: &dyn ViewRead, cmd: &Command, ctx: &Ctx) -> Result<Decision, Rejection> {
     match cmd {
-        Command::CreateFlavor { name, usb } => create_flavor(view, name, usb, ctx),
+        Command::CreateFlavor {
+            name,
+            usb,
+            resources,
+        } => create_flavor(view, name, usb, *resources, ctx),
         Command::DeleteFlavor { name } => {
             let f = view
                 .flavor_by_name(name)?
@@ -122,6 +126,11 @@ pub fn decide(view: &dyn ViewRead, cmd: &Command, ctx: &Ctx) -> Result<Decision,
         Command::Act { name, action } => act(view, name, *action),
         Command::Delete { name } => delete(view, name),
         Command::SetFlavorUsb { name, usb } => set_flavor_usb(view, name, usb),
+        Command::UpdateServer {
+            name,
+            new_name,
+            description,
+        } => update_server(view, name, new_name.as_ref(), description.as_ref()),
     }
 }
 
@@ -154,22 +163,91 @@ fn create_flavor(
     view: &dyn ViewRead,
     name: &FlavorName,
     usb: &[usbpt_schemas::UsbRequest],
+    resources: FlavorResources,
     ctx: &Ctx,
 ) -> Result<Decision, Rejection> {
     if view.flavor_by_name(name)?.is_some() {
         return Err(Rejection::new(409, format!("flavor {name} already exists")));
     }
     check_usb(view, usb)?;
-    Ok(Decision {
-        steps: vec![fenced(
+    let mut steps = vec![fenced(
+        view,
+        Event::FlavorCreated(FlavorCreated {
+            flavor_id: ctx.flavor_id,
+            name: name.clone(),
+            usb: usb.to_vec(),
+        }),
+    )?];
+    if !resources.is_zero() {
+        // The same subject: the handler fences it on the sequence the first step got.
+        steps.push(fenced(
             view,
-            Event::FlavorCreated(FlavorCreated {
+            Event::FlavorSized(FlavorSized {
                 flavor_id: ctx.flavor_id,
                 name: name.clone(),
-                usb: usb.to_vec(),
+                ram_mb: resources.ram_mb,
+                vcpus: resources.vcpus,
+                disk_gb: resources.disk_gb,
             }),
-        )?],
+        )?);
+    }
+    Ok(Decision {
+        steps,
         reply: Reply::Accepted(format!("flavor {name} created ({})", ctx.flavor_id)),
+    })
+}
+
+/// Nova's limit on a server's description.
+pub const DESCRIPTION_MAX: usize = 255;
+
+fn update_server(
+    view: &dyn ViewRead,
+    name: &ServerName,
+    new_name: Option<&ServerName>,
+    description: Option<&Option<String>>,
+) -> Result<Decision, Rejection> {
+    let s = live_server(view, name)?;
+    if let Some(Some(d)) = description {
+        if d.chars().count() > DESCRIPTION_MAX {
+            return Err(Rejection::new(
+                400,
+                format!("description: longer than {DESCRIPTION_MAX} characters"),
+            ));
+        }
+        if d.chars().any(char::is_control) {
+            return Err(Rejection::new(
+                400,
+                "description: control characters are not allowed",
+            ));
+        }
+    }
+    let to = new_name.unwrap_or(name);
+    if to != name {
+        if let Some(other) = view.server_by_name(to)? {
+            return Err(Rejection::new(
+                409,
+                format!("server name {to} is in use by {}", other.server_id),
+            ));
+        }
+    }
+    let description = description.cloned().unwrap_or(s.description.clone());
+    if to == name && description == s.description {
+        return Ok(Decision {
+            steps: Vec::new(),
+            reply: Reply::Accepted(format!("server {name} unchanged")),
+        });
+    }
+    Ok(Decision {
+        steps: vec![plain(Event::ServerUpdated(ServerUpdated {
+            server_id: s.server_id,
+            name: to.clone(),
+            description,
+        }))],
+        reply: Reply::Accepted(if to == name {
+            format!("server {name} updated")
+        } else {
+            format!("server {name} renamed to {to}")
+        }),
     })
 }
 

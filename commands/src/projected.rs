@@ -54,6 +54,7 @@ fn server(s: p::Server) -> Option<ServerInfo> {
         host: s.host,
         state: s.state,
         devices: s.devices,
+        description: s.description,
     })
 }
 

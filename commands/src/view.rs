@@ -52,6 +52,8 @@ pub struct ServerInfo {
     pub host: Option<HostName>,
     pub state: ServerState,
     pub devices: Vec<AssignedDevice>,
+    /// Nova's free-text description (`PUT /servers/{id}`).
+    pub description: Option<String>,
 }
 
 /// An active claim on a lineage.

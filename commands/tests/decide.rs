@@ -127,6 +127,7 @@ fn flavor_create_validates_ports_ids_and_names() {
     let ok = decide(
         &v,
         &Command::CreateFlavor {
+            resources: Default::default(),
             name: FlavorName::new("key").unwrap(),
             usb: usb("vendor=136b,product=0003"),
         },
@@ -140,6 +141,7 @@ fn flavor_create_validates_ports_ids_and_names() {
     let dup = decide(
         &v,
         &Command::CreateFlavor {
+            resources: Default::default(),
             name: FlavorName::new("key").unwrap(),
             usb: vec![],
         },
@@ -152,6 +154,7 @@ fn flavor_create_validates_ports_ids_and_names() {
     let ports = decide(
         &v,
         &Command::CreateFlavor {
+resources: Default::default(),
             name: FlavorName::new("big").unwrap(),
             usb: usb("vendor=136b,product=0003,count=2,controller=uhci;vendor=1050,product=0120,controller=uhci"),
         },
@@ -170,6 +173,7 @@ fn flavor_create_validates_ports_ids_and_names() {
     let unknown = decide(
         &v,
         &Command::CreateFlavor {
+            resources: Default::default(),
             name: FlavorName::new("ghost").unwrap(),
             usb: usb(&format!("id={}", DeviceId(uuid::Uuid::from_u128(99)))),
         },
@@ -206,6 +210,7 @@ fn flavor_create_validates_ports_ids_and_names() {
         let r = decide(
             &v,
             &Command::CreateFlavor {
+                resources: Default::default(),
                 name: FlavorName::new("nats").unwrap(),
                 usb: vec![usb(&format!("id={d1}")).remove(0), bad.clone()],
             },
@@ -360,6 +365,7 @@ fn running(v: &mut MemView, d: &DeviceInfo, f: &FlavorInfo) -> ServerInfo {
         flavor_id: f.flavor_id,
         host: Some(d.host.clone()),
         state: ServerState::Active,
+        description: None,
         devices: vec![AssignedDevice {
             request_index: 0,
             device_id: d.device_id,
@@ -604,4 +610,94 @@ fn reactor_releases_strict_claims_at_once_and_lineage_claims_after_grace() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_sized_flavor_is_created_then_sized_on_its_subject() {
+    let v = MemView::default();
+    let d = decide(
+        &v,
+        &Command::CreateFlavor {
+            name: FlavorName::new("big").unwrap(),
+            usb: vec![],
+            resources: usbpt_schemas::commands::FlavorResources {
+                ram_mb: 2048,
+                vcpus: 2,
+                disk_gb: 0,
+            },
+        },
+        &ctx(),
+    )
+    .unwrap();
+    assert_eq!(kinds(&d), ["FlavorCreated", "FlavorSized"]);
+    // Both fenced on the flavor's subject; the handler chains the second on the first.
+    assert_eq!(d.steps[1].fence, Fence::Expect(0));
+    match &d.steps[1].event {
+        usbpt_schemas::Event::FlavorSized(e) => {
+            assert_eq!((e.ram_mb, e.vcpus, e.disk_gb), (2048, 2, 0));
+            assert_eq!(e.flavor_id, ctx().flavor_id);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn update_server_renames_describes_and_refuses_a_taken_name() {
+    let mut v = MemView::default();
+    let a = dev(1, "host-b", KEY, Some("A"));
+    v.devices.push(a.clone());
+    let f = flavor("fa", "vendor=136b,product=0003");
+    v.flavors.push(f.clone());
+    let s = running(&mut v, &a, &f);
+    let update =
+        |new_name: Option<&str>, description: Option<Option<&str>>| Command::UpdateServer {
+            name: s.name.clone(),
+            new_name: new_name.map(|n| ServerName::new(n).unwrap()),
+            description: description.map(|d| d.map(str::to_owned)),
+        };
+    let renamed = decide(&v, &update(Some("erp-2"), None), &ctx()).unwrap();
+    match &renamed.steps[..] {
+        [step] => match &step.event {
+            usbpt_schemas::Event::ServerUpdated(e) => {
+                assert_eq!((e.name.as_str(), e.description.as_deref()), ("erp-2", None));
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    let described = decide(&v, &update(None, Some(Some("key on host-b"))), &ctx()).unwrap();
+    match &described.steps[0].event {
+        usbpt_schemas::Event::ServerUpdated(e) => {
+            assert_eq!(e.name, s.name);
+            assert_eq!(e.description.as_deref(), Some("key on host-b"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Nothing to change: nothing recorded.
+    assert!(decide(&v, &update(None, None), &ctx())
+        .unwrap()
+        .steps
+        .is_empty());
+    let long = "x".repeat(256);
+    let e = decide(&v, &update(None, Some(Some(&long))), &ctx()).unwrap_err();
+    assert_eq!(e.code, 400);
+    assert!(e.reason.starts_with("description:"), "{}", e.reason);
+    v.servers.push(ServerInfo {
+        server_id: ServerId(uuid::Uuid::from_u128(99)),
+        name: ServerName::new("taken").unwrap(),
+        ..s.clone()
+    });
+    let e = decide(&v, &update(Some("taken"), None), &ctx()).unwrap_err();
+    assert_eq!(e.code, 409);
+    let e = decide(
+        &v,
+        &Command::UpdateServer {
+            name: ServerName::new("nope").unwrap(),
+            new_name: None,
+            description: None,
+        },
+        &ctx(),
+    )
+    .unwrap_err();
+    assert_eq!(e.code, 404);
 }

@@ -230,6 +230,10 @@ pub struct Flavor {
     pub usb: Vec<UsbRequest>,
     pub created: Stamp,
     pub deleted: Option<Stamp>,
+    /// Nova's resources (`FlavorSized`); 0 for a flavor created without them.
+    pub ram_mb: u32,
+    pub vcpus: u32,
+    pub disk_gb: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -293,6 +297,8 @@ pub struct Server {
     pub last_action: Option<ActionRecord>,
     pub deleted: Option<Stamp>,
     pub last_change_seq: u64,
+    /// Nova's description (`ServerUpdated`).
+    pub description: Option<String>,
 }
 
 /// Why an event was set aside instead of applied. The names are stable: they are metric labels.

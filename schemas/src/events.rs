@@ -11,7 +11,7 @@ use crate::ids::*;
 
 /// How many variants [`Event`] has; the codec refuses higher indexes as unknown. Keep in step
 /// with the enum (the golden tests check every index below it has a sample).
-pub const EVENT_VARIANTS: u32 = 21;
+pub const EVENT_VARIANTS: u32 = 23;
 
 /// Every event usbpt records. The variant order is the wire format.
 // DeviceDiscovered is the largest by far; events are built once and moved rarely, so plain
@@ -40,6 +40,8 @@ pub enum Event {
     DeviceClashDetected(DeviceClashDetected),
     ServerMigrated(ServerMigrated),
     FlavorUsbSet(FlavorUsbSet),
+    FlavorSized(FlavorSized),
+    ServerUpdated(ServerUpdated),
 }
 
 impl Event {
@@ -67,6 +69,8 @@ impl Event {
             Event::DeviceClashDetected(_) => "DeviceClashDetected",
             Event::ServerMigrated(_) => "ServerMigrated",
             Event::FlavorUsbSet(_) => "FlavorUsbSet",
+            Event::FlavorSized(_) => "FlavorSized",
+            Event::ServerUpdated(_) => "ServerUpdated",
         }
     }
 
@@ -253,6 +257,18 @@ pub struct FlavorUsbSet {
     pub flavor_id: FlavorId,
     pub name: FlavorName,
     pub usb: Vec<UsbRequest>,
+}
+
+/// A flavor's Nova resources (`ram`, `vcpus`, `disk` of `POST /flavors`), recorded right after
+/// its `FlavorCreated` when any is non-zero. usbpt schedules USB devices only: these are shown,
+/// not scheduled on. A flavor without this event has 0 of each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlavorSized {
+    pub flavor_id: FlavorId,
+    pub name: FlavorName,
+    pub ram_mb: u32,
+    pub vcpus: u32,
+    pub disk_gb: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -491,4 +507,14 @@ pub struct ServerMigrated {
     pub from_host: HostName,
     pub host: HostName,
     pub devices: Vec<AssignedDevice>,
+}
+
+/// A server was renamed or its description changed (Nova's `PUT /servers/{id}`). Both fields
+/// hold the result: the name after the change (the same name when only the description
+/// changed) and the description after it (`None`: none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerUpdated {
+    pub server_id: ServerId,
+    pub name: ServerName,
+    pub description: Option<String>,
 }

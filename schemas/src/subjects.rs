@@ -9,9 +9,9 @@
 //! | `usbpt.evt.host.{host}.clash` | host agent | DeviceClashDetected |
 //! | `usbpt.evt.host.{host}.server.{server_id}` | host agent | DeviceAttached, DeviceReattached, DeviceAttachFailed, ServerStateChanged (observed) |
 //! | `usbpt.evt.claim.{lineage_id}` | control plane, fenced | DeviceClaimed, DeviceReleased |
-//! | `usbpt.evt.flavor.{name}` | control plane, fenced | FlavorCreated, FlavorDeleted, FlavorUsbSet |
+//! | `usbpt.evt.flavor.{name}` | control plane, fenced | FlavorCreated, FlavorDeleted, FlavorUsbSet, FlavorSized |
 //! | `usbpt.evt.ctl.{host}.server.{server_id}` | control plane, work for that host | ServerScheduled, ServerResized, ServerMigrated, ServerActionRequested, ServerDeleted (scheduled) |
-//! | `usbpt.evt.server.{server_id}` | control plane | ServerBootRequested, ServerScheduleFailed, ServerMigrationRefused, ServerStateChanged (requested), ServerDeleted (never scheduled) |
+//! | `usbpt.evt.server.{server_id}` | control plane | ServerBootRequested, ServerScheduleFailed, ServerMigrationRefused, ServerStateChanged (requested), ServerDeleted (never scheduled), ServerUpdated |
 //!
 //! So an agent's credentials need publish on `usbpt.evt.host.{host}.>` and a consumer on
 //! `usbpt.evt.ctl.{host}.>`, nothing else.
@@ -278,6 +278,8 @@ pub fn route(body: &Event) -> Route<'_> {
         Event::FlavorCreated(e) => Route::Flavor(&e.name),
         Event::FlavorDeleted(e) => Route::Flavor(&e.name),
         Event::FlavorUsbSet(e) => Route::Flavor(&e.name),
+        Event::FlavorSized(e) => Route::Flavor(&e.name),
+        Event::ServerUpdated(e) => Route::Server(&e.server_id),
         Event::ServerScheduled(e) => work(
             &e.host,
             e.server_id,

@@ -171,6 +171,7 @@ impl Story {
         let erp_key = FlavorName::new("erp-key")?;
         say(self
             .accepted(Command::CreateFlavor {
+                resources: Default::default(),
                 name: erp_key.clone(),
                 usb: vec![spec],
             })
@@ -295,6 +296,7 @@ impl Story {
             .context("step 8 (token discovered)")?;
         let erp_token = FlavorName::new("erp-token")?;
         self.accepted(Command::CreateFlavor {
+            resources: Default::default(),
             name: erp_token.clone(),
             usb: vec!["vendor=1050,product=0120,controller=xhci".parse()?],
         })
@@ -362,6 +364,7 @@ impl Story {
             .context("step 10 (scanner discovered)")?;
         let strict = FlavorName::new("scan-strict")?;
         self.accepted(Command::CreateFlavor {
+            resources: Default::default(),
             name: strict.clone(),
             usb: vec![format!("id={},follow=strict", sc.id()).parse()?],
         })

@@ -50,6 +50,8 @@ pub fn variant_index(e: &Event) -> usize {
         Event::DeviceClashDetected(_) => 18,
         Event::ServerMigrated(_) => 19,
         Event::FlavorUsbSet(_) => 20,
+        Event::FlavorSized(_) => 21,
+        Event::ServerUpdated(_) => 22,
     }
 }
 
@@ -242,6 +244,18 @@ pub fn sample_bodies() -> Vec<Event> {
                 controller: ControllerModel::Xhci,
                 follow: FollowPolicy::Strict,
             }],
+        }),
+        Event::FlavorSized(FlavorSized {
+            flavor_id: fl,
+            name: FlavorName::new("erp-key").unwrap(),
+            ram_mb: 2048,
+            vcpus: 2,
+            disk_gb: 20,
+        }),
+        Event::ServerUpdated(ServerUpdated {
+            server_id: srv,
+            name: ServerName::new("erp-1-renamed").unwrap(),
+            description: Some("ERP, licence key on host-b".into()),
         }),
     ]
 }
@@ -449,6 +463,22 @@ pub fn any_event() -> impl Strategy<Value = Event> {
                 name,
                 usb
             })),
+        (
+            a_uuid(),
+            a_flavor_name(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>()
+        )
+            .prop_map(|(f, name, ram_mb, vcpus, disk_gb)| Event::FlavorSized(
+                FlavorSized {
+                    flavor_id: FlavorId(f),
+                    name,
+                    ram_mb,
+                    vcpus,
+                    disk_gb
+                }
+            )),
         (a_uuid(), a_flavor_name()).prop_map(|(f, name)| Event::FlavorDeleted(FlavorDeleted {
             flavor_id: FlavorId(f),
             name
@@ -592,6 +622,16 @@ pub fn any_event() -> impl Strategy<Value = Event> {
                     devices
                 }
             )),
+        (
+            a_uuid(),
+            "[A-Za-z0-9_-]{1,64}",
+            proptest::option::of(".{0,40}")
+        )
+            .prop_map(|(s, n, description)| Event::ServerUpdated(ServerUpdated {
+                server_id: ServerId(s),
+                name: ServerName::new(n).unwrap(),
+                description
+            })),
         (a_uuid(), any::<bool>(), txt()).prop_map(|(s, live, reason)| {
             Event::ServerMigrationRefused(ServerMigrationRefused {
                 server_id: ServerId(s),
