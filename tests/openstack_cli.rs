@@ -48,6 +48,7 @@ fn require_clients() -> PathBuf {
 /// on libvirt's test driver.
 struct SimHost {
     _devices: SimulatedHost,
+    executor: Arc<Executor>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -76,6 +77,7 @@ impl SimHost {
             drain_on_stop: Duration::from_secs(2),
         };
         let (stop, stopped) = oneshot::channel::<()>();
+        let kept = Arc::clone(&executor);
         let task = tokio::spawn(async move {
             let shutdown = async {
                 let _ = stopped.await;
@@ -88,6 +90,7 @@ impl SimHost {
         });
         Ok(Self {
             _devices: handle,
+            executor: kept,
             stop: Some(stop),
             task: Some(task),
         })
@@ -597,10 +600,49 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
         "{live:?}"
     );
 
-    // Resize to a flavor asking for the other key by serial; usbpt confirms at once
-    // (resize_confirm_window = 0), so confirm succeeds and revert is refused with the reason.
-    let spec2 =
-        r#"[{"vendor_id":"136b","product_id":"0003","serial":"ERP-2","controller":"xhci"}]"#;
+    // Resize to a flavor asking for the other key by serial: VERIFY_RESIZE, both keys reserved;
+    // revert gives erp-1 its old flavor and key back (in the libvirt domain on host-b, through
+    // the claims it kept); a second resize is confirmed, releasing the old key.
+    let (_, doc) = serve.get("/v2.1/servers/erp-1").await?;
+    let old_device = doc["server"]["usb_devices"][0]["device_id"].clone();
+    let (_, devices) = serve.get("/v1/devices").await?;
+    let device = |id: &Value| -> Value {
+        devices["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| &d["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("device {id} not in {devices}"))
+    };
+    let old = device(&old_device);
+    let other = if old["serial"] == "ERP-1" {
+        "ERP-2"
+    } else {
+        "ERP-1"
+    };
+    let hostdev = |d: &Value| format!("<address bus='{}' device='{}'/>", d["bus"], d["devnum"]);
+    let erp_1 = usbpt_schemas::ServerId(id.parse::<uuid::Uuid>()?);
+    let domain = |want: String, not: String| {
+        let executor = Arc::clone(&host_b.executor);
+        async move {
+            eventually(Duration::from_secs(30), || {
+                let (executor, want, not) = (Arc::clone(&executor), want.clone(), not.clone());
+                async move {
+                    let xml = executor
+                        .domain_xml(erp_1, true)
+                        .await
+                        .ok()?
+                        .replace('"', "'");
+                    (xml.contains(&want) && !xml.contains(&not)).then_some(xml)
+                }
+            })
+            .await
+        }
+    };
+    let spec2 = format!(
+        r#"[{{"vendor_id":"136b","product_id":"0003","serial":"{other}","controller":"xhci"}}]"#
+    );
     os.openstack(&[
         "flavor",
         "create",
@@ -610,30 +652,77 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
     ])
     .await?
     .ok();
-    os.openstack(&[
+    let resize = [
         "server",
         "resize",
         "--flavor",
         "erp-key-2",
         "--wait",
         "erp-1",
-    ])
-    .await?
-    .ok();
+    ];
+    os.openstack(&resize).await?.ok();
+    let (_, doc) = serve.get("/v2.1/servers/erp-1").await?;
+    assert_eq!(doc["server"]["status"], "VERIFY_RESIZE", "{doc}");
+    assert_eq!(doc["server"]["OS-EXT-STS:vm_state"], "resized", "{doc}");
+    let new_device = doc["server"]["usb_devices"][0]["device_id"].clone();
+    assert_ne!(new_device, old_device, "{doc}");
+    let new = device(&new_device);
+    // Both keys are erp-1's until the resize is confirmed or reverted: no third server fits.
+    let (_, devices_now) = serve.get("/v1/devices").await?;
+    for d in devices_now["devices"].as_array().unwrap() {
+        if d["id"] == old_device || d["id"] == new_device {
+            assert_ne!(d["status"], "available", "{d}");
+        }
+    }
+    domain(hostdev(&new), hostdev(&old))
+        .await
+        .context("the new key never reached erp-1's domain")?;
+    os.openstack(&["server", "resize", "revert", "erp-1"])
+        .await?
+        .ok();
+    let reverted = status_becomes(&serve, "erp-1", "ACTIVE").await?;
+    assert_eq!(
+        reverted["server"]["flavor"]["name"], "erp-key",
+        "{reverted}"
+    );
+    assert_eq!(
+        reverted["server"]["usb_devices"][0]["device_id"], old_device,
+        "{reverted}"
+    );
+    let xml = domain(hostdev(&old), hostdev(&new))
+        .await
+        .context("erp-1's domain never got its old key back")?;
+    assert_eq!(xml.matches("<hostdev").count(), 1, "{xml}");
+    let (_, devices_now) = serve.get("/v1/devices").await?;
+    let freed = devices_now["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == new_device)
+        .cloned()
+        .unwrap();
+    assert_eq!(freed["status"], "available", "{freed}");
+    let again = os
+        .openstack(&["server", "resize", "confirm", "erp-1"])
+        .await?;
+    assert_ne!(again.code, 0, "nothing to confirm: {again:?}");
+
+    os.openstack(&resize).await?.ok();
     os.openstack(&["server", "resize", "confirm", "erp-1"])
         .await?
         .ok();
-    let revert = os
-        .openstack(&["server", "resize", "revert", "erp-1"])
-        .await?;
-    assert_ne!(revert.code, 0, "{revert:?}");
-    assert!(
-        revert.stderr.contains("resize_confirm_window"),
-        "{revert:?}"
-    );
     let (_, doc) = serve.get("/v2.1/servers/erp-1").await?;
     assert_eq!(doc["server"]["flavor"]["name"], "erp-key-2", "{doc}");
     assert_eq!(doc["server"]["status"], "ACTIVE", "{doc}");
+    let (_, devices_now) = serve.get("/v1/devices").await?;
+    let released = devices_now["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == old_device)
+        .cloned()
+        .unwrap();
+    assert_eq!(released["status"], "available", "{released}");
 
     // Power actions, observed through the agent and the view.
     os.openstack(&["server", "stop", "erp-1"]).await?.ok();
@@ -654,14 +743,37 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
         .json();
     let actions = string_set(&events, "Action");
     // The view keeps a server's last power action (here the reboot), not each one.
-    for a in ["create", "live-migration", "resize", "reboot"] {
+    for a in [
+        "create",
+        "live-migration",
+        "resize",
+        "revertResize",
+        "confirmResize",
+        "reboot",
+    ] {
         assert!(actions.contains(&a.to_owned()), "{a} missing: {events}");
     }
     let (_, migrations) = serve.get("/v2.1/os-migrations").await?;
-    let kinds = string_set(&migrations["migrations"], "migration_type");
+    // The reverted resize and the confirmed one; the way back of the revert is not a migration.
+    let kinds: Vec<(String, String)> = migrations["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["migration_type"].as_str().unwrap().to_owned(),
+                m["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
     assert_eq!(
         kinds,
-        ["live-migration", "migration", "resize"],
+        [
+            ("resize".into(), "confirmed".into()),
+            ("resize".into(), "reverted".into()),
+            ("live-migration".into(), "error".into()),
+            ("migration".into(), "confirmed".into()),
+        ],
         "{migrations}"
     );
 

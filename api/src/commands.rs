@@ -514,14 +514,8 @@ async fn server_action(
         "suspend" => act(ServerAction::Suspend),
         "resume" => act(ServerAction::Resume),
         "rebuild" => act(ServerAction::Rebuild),
-        // usbpt confirms a resize as it makes it (Nova's resize_confirm_window of 0 s): a
-        // confirm has nothing left to do; a revert is a resize back to the old flavor.
-        "confirmResize" => return StatusCode::NO_CONTENT.into_response(),
-        "revertResize" => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "usbpt confirms resizes at once (resize_confirm_window = 0): there is no resize to \
-             revert; resize back to the old flavor instead",
-        )),
+        "confirmResize" => Ok(Command::ConfirmResize { name: name.clone() }),
+        "revertResize" => Ok(Command::RevertResize { name: name.clone() }),
         other => Err(bad(format!("unknown server action {other:?}"))),
     };
     let cmd = match cmd {
@@ -529,6 +523,10 @@ async fn server_action(
         Err(e) => return e.into_response(),
     };
     let reply = run(&state, cmd).await;
+    // Nova answers a confirmResize with 204.
+    if key == "confirmResize" && reply.status() == StatusCode::ACCEPTED {
+        return StatusCode::NO_CONTENT.into_response();
+    }
     if key != "rebuild" || reply.status() != StatusCode::ACCEPTED {
         return reply;
     }

@@ -268,10 +268,19 @@ pub fn flavor(f: &Flavor, nova: &Nova) -> Value {
     doc
 }
 
+/// A resize awaits confirmation and the server runs its new flavor (or is off): Nova's
+/// `VERIFY_RESIZE` (vm_state `resized`). An error or a power transition shows as itself.
+fn verifying(s: &Server) -> bool {
+    s.resize_from.is_some() && matches!(s.state, ServerState::Active | ServerState::Shutoff)
+}
+
 /// Nova's status names.
 pub fn nova_status(s: &Server) -> &'static str {
     if s.deleted.is_some() {
         return "DELETED";
+    }
+    if verifying(s) {
+        return "VERIFY_RESIZE";
     }
     match s.state {
         ServerState::Building => "BUILD",
@@ -288,6 +297,9 @@ pub fn nova_status(s: &Server) -> &'static str {
 fn nova_states(s: &Server) -> (&'static str, Option<&'static str>, u8) {
     if s.deleted.is_some() {
         return ("deleted", None, 0);
+    }
+    if verifying(s) {
+        return ("resized", None, 1);
     }
     match s.state {
         ServerState::Building => ("building", Some("scheduling"), 0),

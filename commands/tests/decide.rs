@@ -366,6 +366,7 @@ fn running(v: &mut MemView, d: &DeviceInfo, f: &FlavorInfo) -> ServerInfo {
         host: Some(d.host.clone()),
         state: ServerState::Active,
         description: None,
+        resize_from: None,
         devices: vec![AssignedDevice {
             request_index: 0,
             device_id: d.device_id,
@@ -386,7 +387,7 @@ fn running(v: &mut MemView, d: &DeviceInfo, f: &FlavorInfo) -> ServerInfo {
 }
 
 #[test]
-fn resize_claims_the_new_device_and_releases_the_old() {
+fn resize_awaits_confirmation_keeping_the_old_device_then_confirm_or_revert() {
     let mut v = MemView::default();
     let a = DeviceInfo {
         status: DeviceStatus::Attached,
@@ -396,28 +397,130 @@ fn resize_claims_the_new_device_and_releases_the_old() {
     v.devices.extend([a.clone(), b.clone()]);
     let fa = flavor("fa", "vendor=136b,product=0003");
     let fb = flavor("flavor-b", "vendor=1050,product=0120");
-    v.flavors.extend([fa.clone(), fb]);
-    running(&mut v, &a, &fa);
+    v.flavors.extend([fa.clone(), fb.clone()]);
+    let s = running(&mut v, &a, &fa);
+    let name = ServerName::new("erp").unwrap();
     let d = decide(
         &v,
         &Command::Resize {
-            name: ServerName::new("erp").unwrap(),
+            name: name.clone(),
             flavor: FlavorName::new("flavor-b").unwrap(),
         },
         &ctx(),
     )
     .unwrap();
+    // No release: the old key stays claimed (VERIFY_RESIZE).
     assert_eq!(
         kinds(&d),
-        ["DeviceClaimed", "ServerResized", "DeviceReleased"]
+        ["DeviceClaimed", "ServerResized", "ServerResizeVerifying"]
     );
-    let Event::DeviceReleased(r) = &d.steps[2].event else {
+    let Event::ServerResizeVerifying(verifying) = &d.steps[2].event else {
+        panic!()
+    };
+    assert_eq!(verifying.from_flavor, fa.flavor_id);
+    assert_eq!(verifying.devices, s.devices);
+
+    // The view after it: the server on flavor-b with the token, both claimed.
+    let Event::ServerResized(resized) = &d.steps[1].event else {
+        panic!()
+    };
+    let mut after = v;
+    after.claims.push(ClaimInfo {
+        lineage_id: b.lineage_id,
+        device_id: b.device_id,
+        server_id: s.server_id,
+        host: b.host.clone(),
+        follow: FollowPolicy::Lineage,
+    });
+    after.servers[0] = ServerInfo {
+        flavor_id: fb.flavor_id,
+        devices: resized.devices.clone(),
+        resize_from: Some(usbpt_commands::view::ResizeFrom {
+            flavor_id: fa.flavor_id,
+            host: verifying.from_host.clone(),
+            devices: verifying.devices.clone(),
+        }),
+        ..s.clone()
+    };
+    // Another resize or a migration must wait.
+    for cmd in [
+        Command::Resize {
+            name: name.clone(),
+            flavor: FlavorName::new("fa").unwrap(),
+        },
+        Command::Migrate {
+            name: name.clone(),
+            live: false,
+            host: None,
+        },
+    ] {
+        let e = decide(&after, &cmd, &ctx()).unwrap_err();
+        assert_eq!(e.code, 409, "{cmd:?}");
+        assert!(e.reason.contains("VERIFY_RESIZE"), "{}", e.reason);
+    }
+    // Confirm releases the old key.
+    let c = decide(
+        &after,
+        &Command::ConfirmResize { name: name.clone() },
+        &ctx(),
+    )
+    .unwrap();
+    assert_eq!(kinds(&c), ["DeviceReleased", "ServerResizeConfirmed"]);
+    let Event::DeviceReleased(r) = &c.steps[0].event else {
         panic!()
     };
     assert_eq!(
         (r.device_id, r.reason),
         (a.device_id, ReleaseReason::Resized)
     );
+    // Revert: flavor fa and the key back (a resize back, same host: redefined there), the
+    // token released.
+    let r = decide(
+        &after,
+        &Command::RevertResize { name: name.clone() },
+        &ctx(),
+    )
+    .unwrap();
+    assert_eq!(
+        kinds(&r),
+        ["ServerResized", "DeviceReleased", "ServerResizeReverted"]
+    );
+    let Event::ServerResized(back) = &r.steps[0].event else {
+        panic!()
+    };
+    assert_eq!(
+        (back.from_flavor, back.to_flavor),
+        (fb.flavor_id, fa.flavor_id)
+    );
+    assert_eq!(back.devices, s.devices);
+    let Event::DeviceReleased(t) = &r.steps[1].event else {
+        panic!()
+    };
+    assert_eq!(t.device_id, b.device_id);
+    // Deleting while verifying releases both.
+    let del = decide(&after, &Command::Delete { name: name.clone() }, &ctx()).unwrap();
+    assert_eq!(
+        kinds(&del),
+        ["ServerDeleted", "DeviceReleased", "DeviceReleased"]
+    );
+    // Nothing pending: confirm and revert are 409s.
+    for cmd in [
+        Command::ConfirmResize { name: name.clone() },
+        Command::RevertResize { name },
+    ] {
+        assert_eq!(
+            decide(&fresh(&s, &a, &fa), &cmd, &ctx()).unwrap_err().code,
+            409
+        );
+    }
+}
+
+fn fresh(_s: &ServerInfo, a: &DeviceInfo, f: &FlavorInfo) -> MemView {
+    let mut v = MemView::default();
+    v.devices.push(a.clone());
+    v.flavors.push(f.clone());
+    running(&mut v, a, f);
+    v
 }
 
 #[test]

@@ -888,6 +888,49 @@ fn handle(v: &mut FoldTxn, st: Stamp, body: &Event) -> R {
         Event::FlavorUsbSet(e) => flavor_usb_set(v, e),
         Event::FlavorSized(e) => flavor_sized(v, e),
         Event::ServerUpdated(e) => server_updated(v, st, e),
+        Event::ServerResizeVerifying(e) => {
+            let s = v.known_server_mut(e.server_id)?;
+            not_deleted(s)?;
+            s.resize_from = Some(ResizeFrom {
+                stamp: st,
+                flavor_id: e.from_flavor,
+                host: e.from_host.clone(),
+                devices: e.devices.clone(),
+            });
+            s.last_change_seq = st.seq;
+            Ok(())
+        }
+        Event::ServerResizeConfirmed(ServerResizeConfirmed { server_id })
+        | Event::ServerResizeReverted(ServerResizeReverted { server_id }) => {
+            let reverted = matches!(body, Event::ServerResizeReverted(_));
+            let s = v.known_server_mut(*server_id)?;
+            not_deleted(s)?;
+            if s.resize_from.take().is_none() {
+                return reject(
+                    QuarantineReason::Conflict,
+                    format!("server {server_id} has no resize awaiting confirmation"),
+                );
+            }
+            // The pending resize is the newest move; a revert's way back came after it.
+            let mut newest = s.moves.iter_mut().rev();
+            if reverted {
+                if let Some(back) = newest.next() {
+                    back.end = Some((MoveEnd::IsRevert, st));
+                }
+            }
+            if let Some(m) = newest.next() {
+                m.end = Some((
+                    if reverted {
+                        MoveEnd::Reverted
+                    } else {
+                        MoveEnd::Confirmed
+                    },
+                    st,
+                ));
+            }
+            s.last_change_seq = st.seq;
+            Ok(())
+        }
         Event::ServerBootRequested(e) => boot_requested(v, st, e),
         Event::ServerScheduled(e) => {
             let s = v.known_server_mut(e.server_id)?;
@@ -1409,6 +1452,7 @@ fn boot_requested(v: &mut FoldTxn, st: Stamp, e: &ServerBootRequested) -> R {
         deleted: None,
         last_change_seq: st.seq,
         description: None,
+        resize_from: None,
     };
     v.s.server_names
         .put(s.name.as_str().to_owned(), Some(s.id.to_bytes()));
@@ -1443,6 +1487,7 @@ fn moved(
             from_flavor,
             to_flavor,
             migration: flavors.is_none(),
+            end: None,
         },
     );
     s.flavor_id = to_flavor;

@@ -35,6 +35,15 @@ pub enum Command {
         name: ServerName,
         flavor: FlavorName,
     },
+    /// Confirm a server's pending resize (Nova's `confirmResize`): release its old devices.
+    ConfirmResize {
+        name: ServerName,
+    },
+    /// Revert a server's pending resize (Nova's `revertResize`): its old flavor, host and
+    /// devices back; the new devices released.
+    RevertResize {
+        name: ServerName,
+    },
     Migrate {
         name: ServerName,
         #[serde(default)]
@@ -116,6 +125,8 @@ impl Command {
             Command::DeleteFlavor { .. } => "flavor.delete",
             Command::Boot { .. } => "boot",
             Command::Resize { .. } => "resize",
+            Command::ConfirmResize { .. } => "resize.confirm",
+            Command::RevertResize { .. } => "resize.revert",
             Command::Migrate { .. } => "migrate",
             Command::Act { .. } => "action",
             Command::Delete { .. } => "delete",

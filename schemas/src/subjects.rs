@@ -11,7 +11,7 @@
 //! | `usbpt.evt.claim.{lineage_id}` | control plane, fenced | DeviceClaimed, DeviceReleased |
 //! | `usbpt.evt.flavor.{name}` | control plane, fenced | FlavorCreated, FlavorDeleted, FlavorUsbSet, FlavorSized |
 //! | `usbpt.evt.ctl.{host}.server.{server_id}` | control plane, work for that host | ServerScheduled, ServerResized, ServerMigrated, ServerActionRequested, ServerDeleted (scheduled) |
-//! | `usbpt.evt.server.{server_id}` | control plane | ServerBootRequested, ServerScheduleFailed, ServerMigrationRefused, ServerStateChanged (requested), ServerDeleted (never scheduled), ServerUpdated |
+//! | `usbpt.evt.server.{server_id}` | control plane | ServerBootRequested, ServerScheduleFailed, ServerMigrationRefused, ServerStateChanged (requested), ServerDeleted (never scheduled), ServerUpdated, ServerResizeVerifying, ServerResizeConfirmed, ServerResizeReverted |
 //!
 //! So an agent's credentials need publish on `usbpt.evt.host.{host}.>` and a consumer on
 //! `usbpt.evt.ctl.{host}.>`, nothing else.
@@ -280,6 +280,9 @@ pub fn route(body: &Event) -> Route<'_> {
         Event::FlavorUsbSet(e) => Route::Flavor(&e.name),
         Event::FlavorSized(e) => Route::Flavor(&e.name),
         Event::ServerUpdated(e) => Route::Server(&e.server_id),
+        Event::ServerResizeVerifying(e) => Route::Server(&e.server_id),
+        Event::ServerResizeConfirmed(e) => Route::Server(&e.server_id),
+        Event::ServerResizeReverted(e) => Route::Server(&e.server_id),
         Event::ServerScheduled(e) => work(
             &e.host,
             e.server_id,

@@ -309,6 +309,11 @@ impl Story {
             })
             .await
             .context("step 8 (resize)")?);
+        // The resize awaits confirmation (Nova's VERIFY_RESIZE), the key still reserved.
+        say(self
+            .accepted(Command::ConfirmResize { name: erp.clone() })
+            .await
+            .context("step 8 (confirm the resize)")?);
         let tok_id = tok.id();
         self.until("the token attached and the key released", |s| {
             let t = s

@@ -52,6 +52,9 @@ pub fn variant_index(e: &Event) -> usize {
         Event::FlavorUsbSet(_) => 20,
         Event::FlavorSized(_) => 21,
         Event::ServerUpdated(_) => 22,
+        Event::ServerResizeVerifying(_) => 23,
+        Event::ServerResizeConfirmed(_) => 24,
+        Event::ServerResizeReverted(_) => 25,
     }
 }
 
@@ -257,6 +260,14 @@ pub fn sample_bodies() -> Vec<Event> {
             name: ServerName::new("erp-1-renamed").unwrap(),
             description: Some("ERP, licence key on host-b".into()),
         }),
+        Event::ServerResizeVerifying(ServerResizeVerifying {
+            server_id: srv,
+            from_flavor: fl,
+            from_host: host("host-a"),
+            devices: vec![assigned()],
+        }),
+        Event::ServerResizeConfirmed(ServerResizeConfirmed { server_id: srv }),
+        Event::ServerResizeReverted(ServerResizeReverted { server_id: srv }),
     ]
 }
 
@@ -632,6 +643,20 @@ pub fn any_event() -> impl Strategy<Value = Event> {
                 name: ServerName::new(n).unwrap(),
                 description
             })),
+        (a_uuid(), a_uuid(), a_host()).prop_map(|(s, f, from_host)| {
+            Event::ServerResizeVerifying(ServerResizeVerifying {
+                server_id: ServerId(s),
+                from_flavor: FlavorId(f),
+                from_host,
+                devices: vec![],
+            })
+        }),
+        a_uuid().prop_map(|s| Event::ServerResizeConfirmed(ServerResizeConfirmed {
+            server_id: ServerId(s)
+        })),
+        a_uuid().prop_map(|s| Event::ServerResizeReverted(ServerResizeReverted {
+            server_id: ServerId(s)
+        })),
         (a_uuid(), any::<bool>(), txt()).prop_map(|(s, live, reason)| {
             Event::ServerMigrationRefused(ServerMigrationRefused {
                 server_id: ServerId(s),
