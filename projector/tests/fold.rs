@@ -429,3 +429,91 @@ fn a_rename_moves_the_name_and_flavor_resources_fold_with_0_when_absent() {
     assert_eq!((s2.id, s2.description), (two, None));
     assert!(snap.server_by_name(&name("erp-2")).unwrap().is_none());
 }
+
+#[test]
+fn a_pending_resize_ends_once_by_confirm_or_revert() {
+    use usbpt_projector::MoveEnd;
+    use usbpt_schemas::{
+        Event, FlavorCreated, FlavorId, FlavorName, HostName, ServerBootRequested, ServerId,
+        ServerName, ServerResizeConfirmed, ServerResizeReverted, ServerResizeVerifying,
+        ServerResized, ServerScheduled,
+    };
+    let h = HostName::new("host-a").unwrap();
+    let (f1, f2) = (FlavorId::new_v7(), FlavorId::new_v7());
+    let server = ServerId::new_v7();
+    let resize = |from, to| {
+        Event::ServerResized(ServerResized {
+            server_id: server,
+            from_flavor: from,
+            to_flavor: to,
+            from_host: h.clone(),
+            host: h.clone(),
+            devices: vec![],
+        })
+    };
+    let verifying = Event::ServerResizeVerifying(ServerResizeVerifying {
+        server_id: server,
+        from_flavor: f1,
+        from_host: h.clone(),
+        devices: vec![],
+    });
+    let mut bodies = vec![
+        Event::FlavorCreated(FlavorCreated {
+            flavor_id: f1,
+            name: FlavorName::new("one").unwrap(),
+            usb: vec![],
+        }),
+        Event::FlavorCreated(FlavorCreated {
+            flavor_id: f2,
+            name: FlavorName::new("two").unwrap(),
+            usb: vec![],
+        }),
+        Event::ServerBootRequested(ServerBootRequested {
+            server_id: server,
+            name: ServerName::new("erp").unwrap(),
+            flavor_id: f1,
+            requested_host: None,
+        }),
+        Event::ServerScheduled(ServerScheduled {
+            server_id: server,
+            host: h.clone(),
+            flavor_id: f1,
+            devices: vec![],
+        }),
+        // A confirm with nothing pending is quarantined.
+        Event::ServerResizeConfirmed(ServerResizeConfirmed { server_id: server }),
+        resize(f1, f2),
+        verifying.clone(),
+        // Reverted: the way back, then the marker.
+        resize(f2, f1),
+        Event::ServerResizeReverted(ServerResizeReverted { server_id: server }),
+        resize(f1, f2),
+        verifying,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let fold = |bodies: &[Event], file: &str| {
+        let envs: Vec<Envelope> = bodies.iter().cloned().map(Envelope::new).collect();
+        let view = View::open(dir.path().join(file)).unwrap();
+        fold_in_batches(&view, &raw(&envs), 1);
+        view
+    };
+    let view = fold(&bodies, "pending.redb");
+    let snap = view.snapshot().unwrap();
+    assert_eq!(snap.quarantine_len().unwrap(), 1);
+    let s = snap.server_by_id(&server).unwrap().unwrap();
+    assert_eq!(s.flavor_id, f2);
+    assert_eq!(s.resize_from.as_ref().map(|r| r.flavor_id), Some(f1));
+    let ends: Vec<Option<MoveEnd>> = s.moves.iter().map(|m| m.end.map(|e| e.0)).collect();
+    assert_eq!(
+        ends,
+        [Some(MoveEnd::Reverted), Some(MoveEnd::IsRevert), None]
+    );
+    bodies.push(Event::ServerResizeConfirmed(ServerResizeConfirmed {
+        server_id: server,
+    }));
+    let view = fold(&bodies, "confirmed.redb");
+    let snap = view.snapshot().unwrap();
+    let s = snap.server_by_id(&server).unwrap().unwrap();
+    assert!(s.resize_from.is_none());
+    assert_eq!(s.moves[2].end.map(|e| e.0), Some(MoveEnd::Confirmed));
+}
