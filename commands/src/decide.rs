@@ -489,15 +489,25 @@ fn revert_resize(view: &dyn ViewRead, name: &ServerName) -> Result<Decision, Rej
     let s = live_server(view, name)?;
     let from = pending_resize(&s)?;
     let host = scheduled_host(&s)?;
-    // Each old device as the claim has it now (a held lineage may have re-enumerated).
+    // Each old device as the claim has it now (a held lineage may have re-enumerated). A claim
+    // that ended meanwhile (its device went away past the grace window, or a strict binding's
+    // device was invalidated) cannot be given back without a new placement: refuse.
     let mut devices = Vec::new();
     for a in &from.devices {
-        let current = view
+        let Some(claim) = view
             .claim(&a.lineage_id)?
             .filter(|c| c.server_id == s.server_id)
-            .map_or(a.device_id, |c| c.device_id);
+        else {
+            return Err(Rejection::new(
+                409,
+                format!(
+                    "cannot revert the resize of {name}: its old device {} (lineage {}) is no longer reserved for it; confirm the resize, or resize to a flavor that fits",
+                    a.device_id, a.lineage_id
+                ),
+            ));
+        };
         devices.push(usbpt_schemas::AssignedDevice {
-            device_id: current,
+            device_id: claim.device_id,
             ..a.clone()
         });
     }

@@ -10,7 +10,7 @@ use usbpt_commands::*;
 use usbpt_schemas::commands::Command;
 use usbpt_schemas::*;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct MemView {
     flavors: Vec<FlavorInfo>,
     servers: Vec<ServerInfo>,
@@ -497,6 +497,19 @@ fn resize_awaits_confirmation_keeping_the_old_device_then_confirm_or_revert() {
         panic!()
     };
     assert_eq!(t.device_id, b.device_id);
+    // An old device whose claim ended meanwhile cannot be given back.
+    let lost = MemView {
+        claims: after
+            .claims
+            .iter()
+            .filter(|c| c.lineage_id != a.lineage_id)
+            .cloned()
+            .collect(),
+        ..after.clone()
+    };
+    let e = decide(&lost, &Command::RevertResize { name: name.clone() }, &ctx()).unwrap_err();
+    assert_eq!(e.code, 409);
+    assert!(e.reason.contains("no longer reserved"), "{}", e.reason);
     // Deleting while verifying releases both.
     let del = decide(&after, &Command::Delete { name: name.clone() }, &ctx()).unwrap();
     assert_eq!(
