@@ -61,6 +61,10 @@ pub struct CommandArgs {
     /// Commands handled at once by this process.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
+    /// Nova's `resize_confirm_window`: seconds after which a resize still awaiting confirmation
+    /// (`VERIFY_RESIZE`) is confirmed; 0 never does (Nova's default).
+    #[arg(long, default_value_t = 0, env = "USBPT_RESIZE_CONFIRM_WINDOW")]
+    pub resize_confirm_window: u64,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -90,6 +94,21 @@ impl CommandArgs {
 
     /// Adds the NATS command service and the reactor to `tasks`.
     pub fn spawn(&self, tasks: &mut Tasks, side: &ReadSide, handler: Arc<Handler<View>>, bus: Bus) {
+        if self.resize_confirm_window > 0 {
+            let window = Duration::from_secs(self.resize_confirm_window);
+            let (reader, view, handler) = (
+                side.bus.clone(),
+                Arc::clone(&side.view),
+                Arc::clone(&handler),
+            );
+            let stopping = tasks.stopping();
+            tasks.spawn("auto-confirm", async move {
+                tokio::select! {
+                    r = crate::auto_confirm::run(reader, view, handler, window) => r,
+                    () = stopping => Ok(()),
+                }
+            });
+        }
         let concurrency = self.concurrency.max(1);
         let stopping = tasks.stopping();
         tasks.spawn("commands", async move {

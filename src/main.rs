@@ -5,6 +5,7 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod auto_confirm;
 mod cli;
 mod cmd_agent;
 mod cmd_bench;

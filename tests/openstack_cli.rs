@@ -1260,3 +1260,81 @@ async fn discovery_microversions_errors_and_extra_specs_are_novas() -> Result<()
     assert_eq!(json(&body), serde_json::json!({"aggregates": []}));
     Ok(())
 }
+
+/// Nova's `resize_confirm_window` (`usbpt serve --resize-confirm-window 1`): a resize left in
+/// VERIFY_RESIZE is confirmed by the control plane once the window has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resize_confirm_window_confirms_a_pending_resize() -> Result<()> {
+    use reqwest::Method;
+    let nats = TestNats::start().await?;
+    let data = tempfile::tempdir()?;
+    let serve =
+        Serve::start_with(&nats.url(), data.path(), &["--resize-confirm-window", "1"]).await?;
+    let hosts = tempfile::tempdir()?;
+    let host = SimHost::start("host-a", hosts.path(), &nats.url(), vec![]).await?;
+    let api = serve.api.clone();
+    let json =
+        |s: &str| -> Value { serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}")) };
+    let mut flavor_ids = Vec::new();
+    for name in ["small", "big"] {
+        let (code, _, body) = raw(
+            Method::POST,
+            &format!("{api}/v2.1/flavors"),
+            &[],
+            Some(serde_json::json!({"flavor": {"name": name, "ram": 64, "vcpus": 1, "disk": 0}})),
+        )
+        .await?;
+        assert_eq!(code, 200, "{body}");
+        flavor_ids.push(json(&body)["flavor"]["id"].as_str().unwrap().to_owned());
+    }
+    // The agent has announced host-a: a flavor without USB can be scheduled there.
+    eventually(Duration::from_secs(30), || async {
+        let (_, doc) = serve.get("/v2.1/os-hypervisors").await.ok()?;
+        (doc["hypervisors"].as_array()?.len() == 1).then_some(())
+    })
+    .await?;
+    let (code, _, body) = raw(
+        Method::POST,
+        &format!("{api}/v2.1/servers"),
+        &[],
+        Some(serde_json::json!({"server": {
+            "name": "w-1", "flavorRef": flavor_ids[0], "networks": "none"}})),
+    )
+    .await?;
+    assert_eq!(code, 202, "{body}");
+    status_becomes(&serve, "w-1", "ACTIVE").await?;
+    let resized = Instant::now();
+    let (code, _, body) = raw(
+        Method::POST,
+        &format!("{api}/v2.1/servers/w-1/action"),
+        &[],
+        Some(serde_json::json!({"resize": {"flavorRef": flavor_ids[1]}})),
+    )
+    .await?;
+    assert_eq!(code, 202, "{body}");
+    let (_, doc) = serve.get("/v2.1/servers/w-1").await?;
+    assert_eq!(doc["server"]["status"], "VERIFY_RESIZE", "{doc}");
+    let confirmed = eventually(Duration::from_secs(30), || async {
+        let (_, doc) = serve.get("/v2.1/os-migrations").await.ok()?;
+        (doc["migrations"][0]["status"] == "confirmed").then_some(doc)
+    })
+    .await
+    .context("the resize was never confirmed")?;
+    let took = resized.elapsed();
+    assert!(
+        took >= Duration::from_secs(1),
+        "before the window: {took:?}"
+    );
+    eprintln!(
+        "auto-confirmed after {:.1} s: {confirmed}",
+        took.as_secs_f64()
+    );
+    let doc = status_becomes(&serve, "w-1", "ACTIVE").await?;
+    assert_eq!(
+        doc["server"]["flavor"]["id"],
+        flavor_ids[1].as_str(),
+        "{doc}"
+    );
+    host.stop().await;
+    Ok(())
+}

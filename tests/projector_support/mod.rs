@@ -30,8 +30,14 @@ pub struct Serve {
 impl Serve {
     /// Starts `usbpt serve` on a free loopback port; returns once it announced its address.
     pub async fn start(nats: &str, data: &Path) -> Result<Self> {
+        Self::start_with(nats, data, &[]).await
+    }
+
+    /// `usbpt serve` with extra arguments.
+    pub async fn start_with(nats: &str, data: &Path, extra: &[&str]) -> Result<Self> {
         let mut child = usbpt()
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
             .env("NATS_URL", nats)
             .env("USBPT_DATA_DIR", data)
             .env("USBPT_LOG", "warn")
