@@ -333,6 +333,9 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
     .await
     .context("the agents' devices never reached the view")?;
 
+    // Each agent's first heartbeat arrives on its own connection, about when its devices do.
+    service_becomes(&serve, "host-a", "up").await?;
+    service_becomes(&serve, "host-b", "up").await?;
     let mut os = Clients::new(bin, data.path(), &serve.api)?;
 
     // Hypervisors: both hosts, UUID ids (2.53+), up.

@@ -383,6 +383,10 @@ pub async fn run_with_executor<S: DeviceSource>(
             .boot_id
             .as_deref()
             .is_some_and(|b| b != agent.config.boot_id);
+        // Beating starts first so that its connection (its own) is under way before the first
+        // device is published: a host is `up` about when its devices appear (ADR 0008).
+        let beating =
+            crate::heartbeat::start(agent.config.host.clone(), agent.config.bus.clone());
         let snapshot = source.snapshot()?;
         let outbox = agent.start(snapshot)?;
         // Devices that kept their ids across the restart produced no event: seed them.
@@ -432,8 +436,6 @@ pub async fn run_with_executor<S: DeviceSource>(
             "watching for hotplug"
         );
 
-        let beating =
-            crate::heartbeat::start(agent.config.host.clone(), agent.config.bus.clone());
         let (stop_tx, stop_rx) = watch::channel(None);
         let publisher = Publisher {
             store: agent.store.clone(),
