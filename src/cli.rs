@@ -183,7 +183,8 @@ pub enum Cmd {
     Server(ServerCmd),
     /// Boot a server with a flavor; it is scheduled on a host that holds its USB devices.
     Boot(crate::cmd_ctl::Boot),
-    /// Resize a server to another flavor (its USB devices follow the new flavor).
+    /// Resize a server to another flavor (its USB devices follow the new flavor), then confirm
+    /// (`--confirm`) or revert (`--revert`) it.
     Resize(crate::cmd_ctl::Resize),
     /// Migrate a server (live migration is refused while it holds host USB devices).
     Migrate(crate::cmd_ctl::Migrate),

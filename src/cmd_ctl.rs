@@ -51,10 +51,19 @@ pub struct Boot {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["flavor", "confirm", "revert"])))]
 pub struct Resize {
     pub name: ServerName,
+    /// Resize to this flavor; the server then awaits `--confirm` or `--revert`
+    /// (`VERIFY_RESIZE`), keeping its old devices reserved meanwhile.
     #[arg(long)]
-    pub flavor: FlavorName,
+    pub flavor: Option<FlavorName>,
+    /// Confirm the pending resize: the old flavor's devices are released.
+    #[arg(long)]
+    pub confirm: bool,
+    /// Revert the pending resize: the old flavor, host and devices back.
+    #[arg(long)]
+    pub revert: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -106,6 +115,7 @@ impl FlavorCreate {
     pub fn command(self) -> (Command, bool) {
         (
             Command::CreateFlavor {
+                resources: Default::default(),
                 name: self.name,
                 usb: self.usb,
             },
@@ -127,13 +137,13 @@ impl Boot {
 }
 impl Resize {
     pub fn command(self) -> (Command, bool) {
-        (
-            Command::Resize {
-                name: self.name,
-                flavor: self.flavor,
-            },
-            self.json,
-        )
+        let name = self.name;
+        let cmd = match (self.flavor, self.confirm) {
+            (Some(flavor), _) => Command::Resize { name, flavor },
+            (None, true) => Command::ConfirmResize { name },
+            (None, false) => Command::RevertResize { name },
+        };
+        (cmd, self.json)
     }
 }
 impl Migrate {

@@ -70,6 +70,10 @@ pub struct CommandArgs {
     /// Commands handled at once by this process.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
+    /// Nova's `resize_confirm_window`: seconds after which a resize still awaiting confirmation
+    /// (`VERIFY_RESIZE`) is confirmed; 0 never does (Nova's default).
+    #[arg(long, default_value_t = 0, env = "USBPT_RESIZE_CONFIRM_WINDOW")]
+    pub resize_confirm_window: u64,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -99,6 +103,21 @@ impl CommandArgs {
 
     /// Adds the NATS command service and the reactor to `tasks`.
     pub fn spawn(&self, tasks: &mut Tasks, side: &ReadSide, handler: Arc<Handler<View>>, bus: Bus) {
+        if self.resize_confirm_window > 0 {
+            let window = Duration::from_secs(self.resize_confirm_window);
+            let (reader, view, handler) = (
+                side.bus.clone(),
+                Arc::clone(&side.view),
+                Arc::clone(&handler),
+            );
+            let stopping = tasks.stopping();
+            tasks.spawn("auto-confirm", async move {
+                tokio::select! {
+                    r = crate::auto_confirm::run(reader, view, handler, window) => r,
+                    () = stopping => Ok(()),
+                }
+            });
+        }
         let concurrency = self.concurrency.max(1);
         let stopping = tasks.stopping();
         tasks.spawn("commands", async move {
@@ -199,13 +218,24 @@ impl ReadSide {
         })
     }
 
-    /// The HTTP API's state over this view, bus and projector.
-    pub fn api_state(&self, shutdown: watch::Receiver<bool>) -> ApiState {
+    /// The HTTP API's state over this view, bus and projector, with the agents' liveness
+    /// followed from their heartbeats by a `liveness` task (ADR 0008).
+    pub fn api_state(&self, tasks: &mut Tasks) -> ApiState {
+        let liveness = usbpt_api::liveness::Liveness::new();
+        let (bus, stopping) = (self.bus.clone(), tasks.stopping());
+        let tracker = Arc::clone(&liveness);
+        tasks.spawn("liveness", async move {
+            tracker
+                .track(bus, stopping)
+                .await
+                .map_err(anyhow::Error::msg)
+        });
         ApiState::new(Arc::clone(&self.view))
             .with_bus(self.bus.clone())
             .with_metrics(self.projector.metrics())
-            .with_shutdown(shutdown)
+            .with_shutdown(tasks.shutdown_flag())
             .with_fanout(self.fanout)
+            .with_liveness(liveness)
     }
 }
 
@@ -346,9 +376,10 @@ pub async fn control_plane(
     let side = ReadSide::open(global, projector).await?;
     let command_bus = command_bus(global, &side).await?;
     let handler = commands.handler(&side, command_bus.clone());
-    let router = usbpt_api::router(side.api_state(tasks.shutdown_flag())).merge(
-        usbpt_api::command_routes(Arc::clone(&handler), Arc::clone(&side.view)),
-    );
+    let router = usbpt_api::router(side.api_state(tasks)).merge(usbpt_api::command_routes(
+        Arc::clone(&handler),
+        Arc::clone(&side.view),
+    ));
     commands.spawn(tasks, &side, handler, command_bus);
     let (view, bus) = (Arc::clone(&side.view), side.bus.clone());
     let stopping = tasks.stopping();
@@ -416,7 +447,7 @@ pub async fn projector(global: &Global, args: ProjectorCmdArgs) -> Result<()> {
     if let Some(addr) = args.listen {
         let policy = args.http.policy(addr, global.given_api_token()?)?;
         raise_open_files_limit();
-        let router = usbpt_api::router(side.api_state(tasks.shutdown_flag()));
+        let router = usbpt_api::router(side.api_state(&mut tasks));
         let listener = bind("projector", addr).await?;
         let stopping = tasks.stopping();
         tasks.spawn("http", async move {

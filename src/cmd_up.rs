@@ -294,6 +294,7 @@ pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
             weigh: WeighArg::Pack,
             grace: 120,
             concurrency: 32,
+            resize_confirm_window: 0,
         },
     )
     .await?;

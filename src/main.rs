@@ -6,6 +6,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod api_auth;
+mod auto_confirm;
 mod cli;
 mod cmd_agent;
 mod cmd_bench;

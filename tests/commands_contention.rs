@@ -112,6 +112,7 @@ async fn two_hundred_boots_four_handlers_fifty_devices() -> Result<()> {
     let reply = request(
         &client,
         &Command::CreateFlavor {
+            resources: Default::default(),
             name: FlavorName::new("key")?,
             usb: vec!["vendor=136b,product=0003,controller=xhci".parse()?],
         },

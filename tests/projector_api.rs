@@ -283,6 +283,8 @@ async fn nova_hypervisor_document_matches_the_golden_file() -> Result<()> {
     let last = each_status_story(&bus).await?;
     serve.wait_applied(last).await?;
 
+    // No agent beats here (the events are published directly): host-a's `state` is `down`
+    // (ADR 0008); tests/openstack_cli.rs shows it `up` while its agent runs.
     let doc = serve
         .cli_json(&["hypervisor", "show", "host-a", "--json"])
         .await?;

@@ -11,6 +11,7 @@
 pub mod control;
 pub mod filter;
 pub mod guard;
+pub mod heartbeat;
 pub mod libvirt;
 pub mod observation;
 pub mod progress;

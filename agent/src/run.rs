@@ -387,6 +387,10 @@ pub async fn run_with_executor<S: DeviceSource>(
             .boot_id
             .as_deref()
             .is_some_and(|b| b != agent.config.boot_id);
+        // Beating starts first so that its connection (its own) is under way before the first
+        // device is published: a host is `up` about when its devices appear (ADR 0008).
+        let beating =
+            crate::heartbeat::start(agent.config.host.clone(), agent.config.bus.clone());
         let snapshot = source.snapshot()?;
         let outbox = agent.start(snapshot)?;
         // Devices that kept their ids across the restart produced no event: seed them.
@@ -480,6 +484,8 @@ pub async fn run_with_executor<S: DeviceSource>(
             }
         };
 
+        // Down from here on, for os-services and os-hypervisors.
+        beating.stop().await;
         if let Some(c) = controlling {
             // Wait until it is gone: it shares the state file, which a restart reopens.
             c.abort();

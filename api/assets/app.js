@@ -11,7 +11,8 @@
     'DeviceClaimed', 'DeviceAttached', 'DeviceReattached', 'DeviceReleased',
     'ServerStateChanged', 'ServerResized', 'ServerMigrationRefused', 'ServerDeleted',
     'ServerActionRequested', 'DeviceAttachFailed', 'DeviceClashDetected', 'ServerMigrated',
-    'FlavorUsbSet',
+    'FlavorUsbSet', 'FlavorSized', 'ServerUpdated', 'ServerResizeVerifying',
+    'ServerResizeConfirmed', 'ServerResizeReverted',
   ];
   const FEED_MAX = 300; // feed entries kept in the page
   const HISTORY_ON_LOAD = 50; // past events shown when the page opens
@@ -217,6 +218,7 @@
       case 'FlavorCreated':
       case 'FlavorDeleted':
       case 'FlavorUsbSet':
+      case 'FlavorSized':
         return ['flavors', 'servers'];
       case 'DeviceDiscovered':
       case 'DeviceInvalidated':
@@ -639,6 +641,19 @@
         return `serial clash on ${b.host}: ${vp(b)} serial ${b.serial} on ports ${(b.port_paths || []).join(', ')}`;
       case 'ServerMigrated':
         return `${srv(b.server_id)} migrated ${b.from_host} → ${b.host}`;
+      case 'FlavorSized':
+        return `flavor ${b.name}: ${b.ram_mb} MB RAM, ${b.vcpus} vCPU(s), ${b.disk_gb} GB disk`;
+      case 'ServerUpdated': {
+        const was = srv(b.server_id);
+        state.names.set(b.server_id, b.name);
+        return `${was} is now ${b.name}` + (b.description ? ` — ${b.description}` : '');
+      }
+      case 'ServerResizeVerifying':
+        return `${srv(b.server_id)} awaits confirmation of its resize; its old devices stay reserved`;
+      case 'ServerResizeConfirmed':
+        return `resize of ${srv(b.server_id)} confirmed`;
+      case 'ServerResizeReverted':
+        return `resize of ${srv(b.server_id)} reverted`;
       default:
         return JSON.stringify(b).slice(0, 240);
     }
@@ -663,6 +678,7 @@
     FlavorCreated: 'flavor',
     FlavorDeleted: 'flavor',
     FlavorUsbSet: 'flavor',
+    FlavorSized: 'flavor',
     ServerScheduleFailed: 'bad',
     ServerMigrationRefused: 'bad',
     DeviceAttachFailed: 'bad',

@@ -24,6 +24,7 @@ pub mod fanout;
 pub mod guard;
 mod history;
 mod hypervisors;
+pub mod liveness;
 pub mod nova;
 mod sse;
 
@@ -67,6 +68,9 @@ pub struct ApiState {
     pub fanout_config: FanoutConfig,
     /// The process's one live-event feed, started by the first client.
     fanout: Arc<tokio::sync::OnceCell<Arc<Fanout>>>,
+    /// The agents' heartbeats (ADR 0008); without it a host is up once an agent announced
+    /// itself there.
+    pub liveness: Option<Arc<liveness::Liveness>>,
 }
 
 impl ApiState {
@@ -79,7 +83,12 @@ impl ApiState {
             shutdown: watch::channel(false).1,
             fanout_config: FanoutConfig::default(),
             fanout: Arc::default(),
+            liveness: None,
         }
+    }
+    pub fn with_liveness(mut self, liveness: Arc<liveness::Liveness>) -> Self {
+        self.liveness = Some(liveness);
+        self
     }
     pub fn with_fanout(mut self, config: FanoutConfig) -> Self {
         self.fanout_config = config;

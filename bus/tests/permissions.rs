@@ -218,6 +218,26 @@ async fn own_work(nats: &TestNats, creds: &usbpt_bus::auth::CredsDir) -> Result<
         let first = tokio::time::timeout(Duration::from_secs(5), catch_up.next()).await??;
         assert_eq!(first.seq, 1);
     }
+    // Heartbeats (core NATS, ADR 0008): host-a beats on its own subject only; the readers see
+    // it. The forged beat for host-b goes first: the server drops it, so host-a's own beat,
+    // published after it on the same connection, is the first to arrive.
+    let mut beats = projector
+        .client()
+        .subscribe(subjects::ALL_HEARTBEATS)
+        .await?;
+    projector.client().flush().await?;
+    let b_beat = subjects::heartbeat(&common::host("host-b"));
+    let a_beat = subjects::heartbeat(&common::host("host-a"));
+    a.client().publish(b_beat, "alive 2000".into()).await?;
+    a.client()
+        .publish(a_beat.clone(), "alive 2000".into())
+        .await?;
+    a.client().flush().await?;
+    let first = tokio::time::timeout(Duration::from_secs(5), beats.next())
+        .await?
+        .expect("a beat");
+    assert_eq!(first.subject.as_str(), a_beat);
+
     let durable = projector.pull_consumer("usbpt-projector", None, 0).await?;
     assert!(durable.cached_info().config.filter_subject.is_empty());
 

@@ -128,6 +128,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
             weigh: WeighArg::Pack,
             grace: 120,
             concurrency: 32,
+            resize_confirm_window: 0,
         },
     )
     .await?;
@@ -158,18 +159,27 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
     let stopping = tasks.stopping();
     let story = story::Story::new(bus.clone(), Arc::clone(&view), url.clone(), root.clone());
     tasks.spawn("story", async move {
-        match scenario {
+        let hosts = match scenario {
             Some(s) => load::play(s, bus, view, url, root).await?,
             None => story.play().await?,
-        }
+        };
         println!();
         println!(
             "usbpt demo: the story is complete ({:.1} s). Dashboard: {dashboard}",
             started.elapsed().as_secs_f64()
         );
         if !exit {
-            println!("usbpt demo: serving until Ctrl-C");
+            // The simulated hosts' agents keep running: servers booted, resized or deleted from
+            // here on (usbpt CLI, openstack CLI, dashboard) are carried out on them.
+            let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+            println!(
+                "usbpt demo: serving until Ctrl-C; the agents of {} keep running",
+                names.join(", ")
+            );
             stopping.await;
+        }
+        for mut h in hosts {
+            h.stop_agent().await;
         }
         Ok(())
     });
