@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 #[tokio::test]
 async fn demo_tells_the_whole_story_and_exits_zero() -> Result<()> {
@@ -164,7 +164,18 @@ async fn after_the_story_the_agents_keep_running() -> Result<()> {
     .await??;
     assert!(told.contains("host-a, host-b"), "{told}");
     let api = dashboard.unwrap();
-    let http = reqwest::Client::new();
+    // The demo wrote its API token and said where (what a user's CLI or openstack reads).
+    let token_file = told
+        .lines()
+        .find_map(|l| l.split("API token in ").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .context("the demo names its token file")?;
+    let token = std::fs::read_to_string(token_file)?.trim().to_owned();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("X-Auth-Token", token.parse()?);
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?;
 
     let flavor: serde_json::Value = http
         .post(format!("{api}/v2.1/flavors"))
