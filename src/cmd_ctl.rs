@@ -90,7 +90,7 @@ pub struct Named {
 /// Sends `cmd`; prints the reply (a line, or JSON with `json`); a rejection is an error.
 pub async fn send(global: &Global, cmd: Command, json: bool) -> Result<()> {
     let bus = global.bus().await?;
-    let reply = request(bus.client(), &cmd, REPLY_TIMEOUT)
+    let reply = request(&bus, &cmd, REPLY_TIMEOUT)
         .await
         .map_err(anyhow::Error::msg)?;
     if json {

@@ -108,7 +108,7 @@ async fn two_hundred_boots_four_handlers_fifty_devices() -> Result<()> {
     for (i, d) in dirs.iter().enumerate() {
         handlers.push(start_handler(&nats.url(), d.path(), i).await?);
     }
-    let client = bus.client().clone();
+    let client = bus.clone();
     let reply = request(
         &client,
         &Command::CreateFlavor {

@@ -464,32 +464,93 @@ impl Bus {
         start_after: u64,
         ack_wait: Duration,
     ) -> Result<jetstream::consumer::PullConsumer, BusError> {
-        let deliver_policy = if start_after == 0 {
-            DeliverPolicy::All
-        } else {
-            DeliverPolicy::ByStartSequence {
-                start_sequence: start_after + 1,
-            }
-        };
-        let config = pull::Config {
-            durable_name: Some(name.to_owned()),
-            name: Some(name.to_owned()),
-            ack_policy: AckPolicy::All,
-            deliver_policy,
-            filter_subject: filter.unwrap_or_default(),
-            ack_wait,
-            max_ack_pending: 100_000,
-            max_batch: 10_000,
-            ..Default::default()
-        };
-        self.stream
-            .get_or_create_consumer(name, config)
+        pull_consumer_on(&self.stream, name, filter, start_after, ack_wait).await
+    }
+
+    /// A core NATS request (the command subjects): the reply's bytes.
+    pub async fn request(&self, subject: String, body: Vec<u8>) -> Result<Bytes, BusError> {
+        self.client
+            .request(subject.clone(), body.into())
             .await
-            .map_err(|e| BusError::Consumer {
-                name: name.to_owned(),
+            .map(|m| m.payload)
+            .map_err(|e| BusError::Publish {
+                subject,
                 message: e.to_string(),
             })
     }
+
+    /// Stores arbitrary bytes on a subject, optionally with a control-work signature header
+    /// (tests of what the fold and the agent make of bad or forged input); returns the stored
+    /// sequence.
+    pub async fn publish_raw(
+        &self,
+        subject: &str,
+        payload: Vec<u8>,
+        signature: Option<&str>,
+    ) -> Result<u64, BusError> {
+        let fail = |e: String| BusError::Publish {
+            subject: subject.to_owned(),
+            message: e,
+        };
+        let mut message = PublishMessage::build().payload(Bytes::from(payload));
+        if let Some(sig) = signature {
+            message = message.header(crate::auth::SIGNATURE_HEADER, sig);
+        }
+        self.js
+            .send_publish(subject.to_owned(), message)
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .await
+            .map(|a| a.sequence)
+            .map_err(|e| fail(e.to_string()))
+    }
+
+    /// A durable, acknowledged reader on the consumer `name` (see [`crate::Durable`]); opened
+    /// by [`crate::Durable::open_at`] or [`crate::Durable::open`].
+    pub fn durable(
+        &self,
+        name: &str,
+        filter: Option<String>,
+        ack_wait: Duration,
+    ) -> crate::Durable {
+        crate::Durable::new(self.stream.clone(), name, filter, ack_wait)
+    }
+}
+
+/// Opens (creating if needed) the durable pull consumer `name` on `stream`, delivering from
+/// `start_after + 1` when it is new.
+pub(crate) async fn pull_consumer_on(
+    stream: &Stream,
+    name: &str,
+    filter: Option<String>,
+    start_after: u64,
+    ack_wait: Duration,
+) -> Result<jetstream::consumer::PullConsumer, BusError> {
+    let deliver_policy = if start_after == 0 {
+        DeliverPolicy::All
+    } else {
+        DeliverPolicy::ByStartSequence {
+            start_sequence: start_after + 1,
+        }
+    };
+    let config = pull::Config {
+        durable_name: Some(name.to_owned()),
+        name: Some(name.to_owned()),
+        ack_policy: AckPolicy::All,
+        deliver_policy,
+        filter_subject: filter.unwrap_or_default(),
+        ack_wait,
+        max_ack_pending: 100_000,
+        max_batch: 10_000,
+        ..Default::default()
+    };
+    stream
+        .get_or_create_consumer(name, config)
+        .await
+        .map_err(|e| BusError::Consumer {
+            name: name.to_owned(),
+            message: e.to_string(),
+        })
 }
 
 /// Where an ordered read starts.

@@ -6,11 +6,13 @@
 
 pub mod auth;
 mod client;
+mod durable;
 mod reader;
 pub mod server;
 mod stream;
 
 pub use client::{Bus, BusError, ClientSecurity, PendingAck, Published, StartAt, TlsClient};
+pub use durable::{Durable, Received};
 pub use reader::{Delivery, Reader, ReaderOptions};
 pub use stream::{StreamError, StreamSettings};
 

@@ -45,7 +45,7 @@ impl Delivery {
         codec::decode(&self.payload)
     }
 
-    fn from_message(m: &async_nats::jetstream::Message, seq: u64) -> Self {
+    pub(crate) fn from_message(m: &async_nats::jetstream::Message, seq: u64) -> Self {
         Self {
             seq,
             subject: m.subject.to_string(),

@@ -375,20 +375,13 @@ fn rejected(code: u16, reason: String) -> CommandReply {
 }
 
 /// Sends a command over NATS and waits for the reply (the CLI's and tests' client side).
-pub async fn request(
-    client: &usbpt_bus::async_nats::Client,
-    cmd: &Command,
-    timeout: Duration,
-) -> Result<CommandReply, String> {
+pub async fn request(bus: &Bus, cmd: &Command, timeout: Duration) -> Result<CommandReply, String> {
     let body = serde_json::to_vec(cmd).map_err(|e| e.to_string())?;
-    let reply = tokio::time::timeout(
-        timeout,
-        client.request(subjects::command(cmd.kind()), body.into()),
-    )
-    .await
-    .map_err(|_| format!("no reply from a command handler within {timeout:?}"))?
-    .map_err(|e| {
-        format!("command request failed: {e} (is `usbpt serve` or `usbpt commands` running?)")
-    })?;
-    serde_json::from_slice(&reply.payload).map_err(|e| format!("unreadable command reply: {e}"))
+    let reply = tokio::time::timeout(timeout, bus.request(subjects::command(cmd.kind()), body))
+        .await
+        .map_err(|_| format!("no reply from a command handler within {timeout:?}"))?
+        .map_err(|e| {
+            format!("command request failed: {e} (is `usbpt serve` or `usbpt commands` running?)")
+        })?;
+    serde_json::from_slice(&reply).map_err(|e| format!("unreadable command reply: {e}"))
 }

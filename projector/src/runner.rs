@@ -25,14 +25,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use redb::Durability;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-use usbpt_bus::async_nats::jetstream::consumer::PullConsumer;
-use usbpt_bus::async_nats::jetstream::Message;
-use usbpt_bus::{Bus, BusError};
+use usbpt_bus::{Bus, BusError, Durable, Received};
 
 use crate::error::ViewError;
 use crate::fold::Staged;
@@ -105,7 +102,7 @@ const FETCH_QUEUE: usize = 2;
 pub struct Folded {
     pub report: BatchReport,
     /// The last message folded (acking it acks all before it).
-    last: Option<Message>,
+    last: Option<Received>,
 }
 
 impl Folded {
@@ -124,11 +121,10 @@ impl Folded {
 /// Folds the stream into a [`View`].
 #[derive(Debug)]
 pub struct Projector {
-    bus: Bus,
     view: Arc<View>,
     config: ProjectorConfig,
     metrics: Arc<ProjectorMetrics>,
-    consumer: Option<PullConsumer>,
+    durable: Durable,
     /// The consumer was just created at the resume point: a jump before its first message is
     /// a hole in the stream, not a lost delivery.
     fresh: bool,
@@ -140,13 +136,13 @@ pub struct Projector {
 
 impl Projector {
     pub fn new(bus: Bus, view: Arc<View>, config: ProjectorConfig) -> Self {
+        let durable = bus.durable(&config.consumer, None, config.ack_wait);
         Self {
-            bus,
             view,
             metrics: Arc::new(ProjectorMetrics::default()),
             next_batch: config.batch_size.max(1),
             config,
-            consumer: None,
+            durable,
             fresh: false,
             generation: 0,
         }
@@ -160,89 +156,37 @@ impl Projector {
         &self.view
     }
 
-    /// Opens the durable consumer at the view's resume point (see the module docs).
-    async fn consumer(&mut self) -> Result<PullConsumer, ProjectorError> {
-        if let Some(c) = &self.consumer {
-            return Ok(c.clone());
+    /// Opens the durable consumer at the view's resume point (see the module docs), unless it
+    /// is open.
+    async fn ensure_consumer(&mut self) -> Result<(), ProjectorError> {
+        if self.durable.is_open() {
+            return Ok(());
         }
         let last = self.view.last_applied()?;
-        let name = self.config.consumer.as_str();
-        let stream = self.bus.stream();
-        let reusable = match stream.consumer_info(name).await {
-            Ok(info) => {
-                info.ack_floor.stream_sequence == last
-                    && info.num_ack_pending == 0
-                    && info.config.ack_wait == self.config.ack_wait
-            }
-            Err(_) => false,
-        };
-        if !reusable {
-            // Absent, or not at our resume point: start it again from there.
-            let _ = stream.delete_consumer(name).await;
+        let fresh = self.durable.open_at(last).await?;
+        if fresh {
             self.metrics.consumer_resets.fetch_add(1, Relaxed);
-            info!(
-                consumer = name,
-                resume_after = last,
-                "creating the durable consumer"
-            );
         }
-        let consumer = self
-            .bus
-            .pull_consumer_with_ack_wait(name, None, last, self.config.ack_wait)
-            .await?;
-        self.fresh = !reusable;
+        self.fresh = fresh;
         self.generation += 1;
-        self.consumer = Some(consumer.clone());
-        Ok(consumer)
+        Ok(())
     }
 
     /// Deletes the durable consumer (after a gap): the next fetch re-creates it at the view's
     /// resume point.
     async fn drop_consumer(&mut self) {
-        if let Err(e) = self
-            .bus
-            .stream()
-            .delete_consumer(&self.config.consumer)
-            .await
-        {
-            warn!(error = %e, "deleting the consumer");
-        }
-        self.consumer = None;
+        self.durable.delete().await;
     }
 
     /// Fetches up to one batch, waiting up to `fetch_wait` for the first message.
-    pub async fn fetch(&mut self) -> Result<Vec<Message>, ProjectorError> {
-        let consumer = self.consumer().await?;
-        let fail = |e: String| ProjectorError::Stream(format!("fetch: {e}"));
+    pub async fn fetch(&mut self) -> Result<Vec<Received>, ProjectorError> {
+        self.ensure_consumer().await?;
         let size = self.next_batch;
-        let mut batch = match consumer
-            .fetch()
-            .max_messages(size)
-            .expires(self.config.fetch_wait)
-            .messages()
+        let out = self
+            .durable
+            .fetch(size, self.config.fetch_wait)
             .await
-        {
-            Ok(b) => b,
-            Err(e) => {
-                self.consumer = None;
-                return Err(fail(e.to_string()));
-            }
-        };
-        let mut out = Vec::with_capacity(size);
-        while let Some(m) = batch.next().await {
-            match m {
-                Ok(m) => out.push(m),
-                Err(e) => {
-                    self.consumer = None;
-                    // What was received is still good; the rest is fetched again.
-                    if out.is_empty() {
-                        return Err(fail(e.to_string()));
-                    }
-                    warn!(error = %e, "fetch ended early");
-                    break;
-                }
-            }
-        }
+            .map_err(|e| ProjectorError::Stream(format!("fetch: {e}")))?;
         let base = self.config.batch_size.max(1);
         self.next_batch = if out.len() >= size {
             (size * 2).min(self.config.max_batch_size.clamp(base, 10_000))
@@ -254,7 +198,7 @@ impl Projector {
 
     /// Folds fetched messages in one write transaction. The returned batch still has to be
     /// acked ([`Folded::ack`]).
-    pub async fn fold(&mut self, messages: Vec<Message>) -> Result<Folded, ProjectorError> {
+    pub async fn fold(&mut self, messages: Vec<Received>) -> Result<Folded, ProjectorError> {
         let (events, pending) = raw_events(&messages)?;
         let options = BatchOptions {
             gap_at_start_ok: self.fresh,
@@ -358,7 +302,7 @@ impl Projector {
         let mut backoff = Duration::from_millis(100);
         let mut counter_result = None;
         loop {
-            if reset.load(Relaxed) >= self.generation && self.consumer.is_some() {
+            if reset.load(Relaxed) >= self.generation && self.durable.is_open() {
                 warn!("sequence gap in deliveries: re-creating the consumer");
                 self.drop_consumer().await;
             }
@@ -397,7 +341,7 @@ impl Projector {
                 Err(e) => {
                     self.metrics.errors.fetch_add(1, Relaxed);
                     warn!(error = %e, "a fetched batch without metadata: fetching again");
-                    self.consumer = None;
+                    self.drop_consumer().await;
                     continue;
                 }
             };
@@ -431,7 +375,7 @@ impl Projector {
     }
 
     /// A fetched batch for the fold thread: its events and its last message (to ack).
-    fn hand_on(&mut self, messages: Vec<Message>) -> Result<Fetched, ProjectorError> {
+    fn hand_on(&mut self, messages: Vec<Received>) -> Result<Fetched, ProjectorError> {
         let (events, pending) = raw_events(&messages)?;
         if let Some((seq, pending)) = pending {
             self.metrics.stream_last.store(seq + pending, Relaxed);
@@ -452,18 +396,17 @@ type SeqPending = (u64, u64);
 
 /// The fetched messages as events, and the last one's (stream sequence, messages pending after
 /// it).
-fn raw_events(messages: &[Message]) -> Result<(Vec<RawEvent>, Option<SeqPending>), ProjectorError> {
+fn raw_events(
+    messages: &[Received],
+) -> Result<(Vec<RawEvent>, Option<SeqPending>), ProjectorError> {
     let mut events = Vec::with_capacity(messages.len());
     let mut last = None;
     for m in messages {
-        let info = m
-            .info()
-            .map_err(|e| ProjectorError::Stream(format!("message metadata: {e}")))?;
-        last = Some((info.stream_sequence, info.pending));
+        last = Some((m.delivery.seq, m.pending));
         events.push(RawEvent {
-            seq: info.stream_sequence,
-            subject: m.subject.to_string(),
-            payload: m.payload.clone(),
+            seq: m.delivery.seq,
+            subject: m.delivery.subject.clone(),
+            payload: m.delivery.payload.clone(),
         });
     }
     Ok((events, last))
@@ -473,7 +416,7 @@ fn raw_events(messages: &[Message]) -> Result<(Vec<RawEvent>, Option<SeqPending>
 struct Fetched {
     events: Vec<RawEvent>,
     /// The batch's last message: acking it acks everything before it.
-    last: Option<Message>,
+    last: Option<Received>,
     /// The first batch of a consumer just created at the resume point (a jump in sequence
     /// before its first event is a hole in the stream, not a lost delivery).
     fresh: bool,

@@ -7,7 +7,6 @@
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
 use usbpt_bus::{Bus, BusError};
 use usbpt_schemas::*;
 use uuid::Uuid;
@@ -499,15 +498,5 @@ pub async fn publish_all(
 /// Publishes arbitrary bytes on a subject (to test how bad input is handled); returns the
 /// stored sequence.
 pub async fn publish_raw(bus: &Bus, subject: &str, payload: Vec<u8>) -> Result<u64, BusError> {
-    let fail = |e: String| BusError::Publish {
-        subject: subject.to_owned(),
-        message: e,
-    };
-    bus.jetstream()
-        .publish(subject.to_owned(), Bytes::from(payload))
-        .await
-        .map_err(|e| fail(e.to_string()))?
-        .await
-        .map(|a| a.sequence)
-        .map_err(|e| fail(e.to_string()))
+    bus.publish_raw(subject, payload, None).await
 }

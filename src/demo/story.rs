@@ -65,7 +65,7 @@ impl Story {
     }
 
     async fn command(&self, cmd: Command) -> Result<std::result::Result<String, String>> {
-        match request(self.bus.client(), &cmd, STEP_LIMIT)
+        match request(&self.bus, &cmd, STEP_LIMIT)
             .await
             .map_err(|e| anyhow!(e))?
         {
