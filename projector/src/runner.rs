@@ -32,9 +32,9 @@ use tracing::{debug, info, warn};
 use usbpt_bus::{Bus, BusError, Durable, Received};
 
 use crate::error::ViewError;
-use crate::fold::Staged;
 use crate::metrics::ProjectorMetrics;
-use crate::view::{BatchOptions, BatchReport, Chain, RawEvent, View};
+use crate::pipeline::{Folder, WriteQueue, Writer, Written};
+use crate::view::{BatchOptions, BatchReport, RawEvent, View};
 
 #[derive(Debug, Error)]
 pub enum ProjectorError {
@@ -206,9 +206,19 @@ impl Projector {
         };
         let started = Instant::now();
         let view = Arc::clone(&self.view);
+        // The pipeline's fold and write, one batch at a time (no batch in flight to read
+        // through).
         let report = tokio::task::spawn_blocking(move || {
-            let r = view.apply_batch(&events, &options);
-            (r, events)
+            let fold_and_write = || -> Result<BatchReport, ViewError> {
+                let mut folder = Folder::new(0);
+                let mut batch = folder.begin(&view)?;
+                batch.fold(&events, &options)?;
+                let report = batch.report().clone();
+                let staged = folder.freeze(batch)?;
+                view.write_staged(&staged, options.durability)?;
+                Ok(report)
+            };
+            (fold_and_write(), events)
         })
         .await
         .map_err(|e| ViewError::Task(e.to_string()))?;
@@ -273,25 +283,38 @@ impl Projector {
         info!(consumer = %self.config.consumer, resume_after = last, "projector running");
 
         let (fetched_tx, fetched_rx) = mpsc::channel::<Fetched>(FETCH_QUEUE);
-        let (job_tx, job_rx) = mpsc::channel::<Job>(1);
         let (done_tx, done_rx) = mpsc::unbounded_channel::<Result<Committed, ViewError>>();
+        let writer = {
+            let (metrics, done) = (Arc::clone(&self.metrics), done_tx.clone());
+            Writer::spawn(
+                Arc::clone(&self.view),
+                move |(written, (report, fold_time), write_time): Written<(BatchReport, Duration)>| {
+                    metrics
+                        .write_micros
+                        .fetch_add(write_time.as_micros() as u64, Relaxed);
+                    done.send(written.map(|_| Committed {
+                        report,
+                        fold_time,
+                        write_time,
+                    }))
+                    .is_ok()
+                },
+            )
+        };
         // The generation of the consumer whose deliveries hit a gap (0: none).
         let reset = Arc::new(AtomicU64::new(0));
         let folder = {
             let (view, reset, done) = (Arc::clone(&self.view), Arc::clone(&reset), done_tx.clone());
             let limits = (self.config.max_commit_events.max(1), self.config.cache_rows);
             let metrics = Arc::clone(&self.metrics);
+            let queue = writer.queue();
             tokio::task::spawn_blocking(move || {
-                if let Err(e) = fold_thread(&view, fetched_rx, &job_tx, &reset, limits, &metrics) {
+                if let Err(e) = fold_thread(&view, fetched_rx, &queue, &reset, limits, &metrics) {
                     let _ = done.send(Err(e));
                 }
             })
         };
-        let writer = {
-            let view = Arc::clone(&self.view);
-            let metrics = Arc::clone(&self.metrics);
-            tokio::task::spawn_blocking(move || write_thread(&view, job_rx, &done_tx, &metrics))
-        };
+        drop(done_tx);
         let counter = tokio::spawn(count_committed(done_rx, Arc::clone(&self.metrics)));
         tokio::pin!(counter);
         let joined = |r: Result<Result<(), ProjectorError>, tokio::task::JoinError>| match r {
@@ -362,14 +385,14 @@ impl Projector {
         // Drain: what was handed on is folded and committed before this returns.
         drop(fetched_tx);
         let folded = folder.await;
-        let written = writer.await;
+        let written = writer.finish().await;
         let acked = match counter_result {
             Some(r) => r,
             None => joined(counter.await),
         };
         acked?;
         folded.map_err(|e| ViewError::Task(e.to_string()))?;
-        written.map_err(|e| ViewError::Task(e.to_string()))?;
+        written?;
         info!("projector stopped");
         Ok(())
     }
@@ -424,13 +447,6 @@ struct Fetched {
     generation: u64,
 }
 
-/// A frozen batch on its way to the write thread.
-struct Job {
-    staged: Arc<Staged>,
-    report: BatchReport,
-    fold_time: Duration,
-}
-
 /// What the write thread tells the counting task about a committed batch. (The batch itself
 /// stays with the threads: freeing its rows is not work for the async runtime.)
 struct Committed {
@@ -445,13 +461,12 @@ struct Committed {
 fn fold_thread(
     view: &View,
     mut fetched: mpsc::Receiver<Fetched>,
-    jobs: &mpsc::Sender<Job>,
+    queue: &WriteQueue<(BatchReport, Duration)>,
     reset: &AtomicU64,
     (max_events, cache_rows): (usize, usize),
     metrics: &ProjectorMetrics,
 ) -> Result<(), ViewError> {
-    let committed = view.applied();
-    let mut chain = Chain::default();
+    let mut folder = Folder::new(cache_rows);
     // Deliveries from consumers at or below this generation follow a gap: dropped.
     let mut stale = 0;
     // A consumer just created at the resume point whose first new event is still to come: a
@@ -463,8 +478,7 @@ fn fold_thread(
             continue;
         }
         let started = Instant::now();
-        chain.trim(*committed.borrow(), cache_rows);
-        let mut batch = view.begin_batch_after(&chain)?;
+        let mut batch = folder.begin(view)?;
         let mut next = Some(first);
         while let Some(f) = next.take() {
             if f.generation > stale {
@@ -492,54 +506,16 @@ fn fold_thread(
             next = fetched.try_recv().ok();
         }
         let report = batch.report().clone();
-        let staged = batch.freeze()?;
-        chain.push(Arc::clone(&staged));
+        let staged = folder.freeze(batch)?;
         let fold_time = started.elapsed();
         metrics
             .fold_micros
             .fetch_add(fold_time.as_micros() as u64, Relaxed);
-        let job = Job {
-            staged,
-            report,
-            fold_time,
-        };
-        if jobs.blocking_send(job).is_err() {
+        if !queue.blocking_write(staged, Durability::Immediate, (report, fold_time)) {
             break;
         }
     }
     Ok(())
-}
-
-/// Writes and commits staged batches in order; each is then counted by `count_committed`.
-fn write_thread(
-    view: &View,
-    mut jobs: mpsc::Receiver<Job>,
-    done: &mpsc::UnboundedSender<Result<Committed, ViewError>>,
-    metrics: &ProjectorMetrics,
-) {
-    while let Some(job) = jobs.blocking_recv() {
-        let started = Instant::now();
-        let written = view.write_staged(&job.staged, Durability::Immediate);
-        let write_time = started.elapsed();
-        metrics
-            .write_micros
-            .fetch_add(write_time.as_micros() as u64, Relaxed);
-        let Job {
-            staged,
-            report,
-            fold_time,
-        } = job;
-        drop(staged);
-        let failed = written.is_err();
-        let _ = done.send(written.map(|_| Committed {
-            report,
-            fold_time,
-            write_time,
-        }));
-        if failed {
-            break;
-        }
-    }
 }
 
 /// Counts each committed batch; ends with the first storage error.
