@@ -116,6 +116,7 @@ impl PendingAck {
             }),
             Err(e) => Err(BusError::Publish {
                 subject,
+                kind: e.kind().into(),
                 message: e.to_string(),
             }),
         }
@@ -146,18 +147,63 @@ pub enum BusError {
     #[error("conflict on {subject}: expected last subject sequence {expected}, but the subject has moved on")]
     Conflict { subject: String, expected: u64 },
     #[error("publish to {subject} failed: {message}")]
-    Publish { subject: String, message: String },
+    Publish {
+        subject: String,
+        kind: PublishFailure,
+        message: String,
+    },
     #[error("cannot encode event: {0}")]
     Encode(#[from] codec::EncodeError),
     #[error("consumer {name}: {message}")]
     Consumer { name: String, message: String },
 }
 
+/// Why a publish failed, as far as a caller acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishFailure {
+    /// No ack in time: the event may or may not be stored (retry with the same id).
+    Timeout,
+    /// The connection or the stream is not there now (server away, stream being made again).
+    Unavailable,
+    /// The server refused it (too large, limits, permissions): retrying the same will not help.
+    Refused,
+}
+
+impl From<PublishErrorKind> for PublishFailure {
+    fn from(kind: PublishErrorKind) -> Self {
+        match kind {
+            PublishErrorKind::TimedOut => PublishFailure::Timeout,
+            PublishErrorKind::BrokenPipe | PublishErrorKind::StreamNotFound => {
+                PublishFailure::Unavailable
+            }
+            _ => PublishFailure::Refused,
+        }
+    }
+}
+
+impl From<async_nats::RequestErrorKind> for PublishFailure {
+    fn from(kind: async_nats::RequestErrorKind) -> Self {
+        match kind {
+            async_nats::RequestErrorKind::TimedOut => PublishFailure::Timeout,
+            async_nats::RequestErrorKind::NoResponders | async_nats::RequestErrorKind::Other => {
+                PublishFailure::Unavailable
+            }
+            _ => PublishFailure::Refused,
+        }
+    }
+}
+
 impl BusError {
     /// True when retrying the same operation later may succeed (server away, timeouts).
     pub fn is_transient(&self) -> bool {
         matches!(self, BusError::Connect { .. })
-            || matches!(self, BusError::Publish { message, .. } if message.contains("timed out") || message.contains("broken pipe") || message.contains("no stream"))
+            || matches!(
+                self,
+                BusError::Publish {
+                    kind: PublishFailure::Timeout | PublishFailure::Unavailable,
+                    ..
+                }
+            )
     }
 }
 
@@ -324,6 +370,7 @@ impl Bus {
         match self.js.send_publish(subject.clone(), message).await {
             Ok(ack) => Ok(PendingAck { subject, ack }),
             Err(e) => Err(BusError::Publish {
+                kind: e.kind().into(),
                 message: e.to_string(),
                 subject,
             }),
@@ -359,22 +406,23 @@ impl Bus {
         expected: Option<u64>,
     ) -> Result<Published, BusError> {
         let (subject, message) = self.message_for(envelope, expected)?;
-        let publish_error = |message: String| BusError::Publish {
+        let publish_error = |e: async_nats::jetstream::context::PublishError| BusError::Publish {
             subject: subject.clone(),
-            message,
+            kind: e.kind().into(),
+            message: e.to_string(),
         };
         let sent = self
             .js
             .send_publish(subject.clone(), message)
             .await
-            .map_err(|e| publish_error(e.to_string()))?
+            .map_err(publish_error)?
             .await
             .map_err(|e| match (e.kind(), expected) {
                 (PublishErrorKind::WrongLastSequence, Some(expected)) => BusError::Conflict {
                     subject: subject.clone(),
                     expected,
                 },
-                _ => publish_error(e.to_string()),
+                _ => publish_error(e),
             });
         let ack = match sent {
             Ok(ack) => ack,
@@ -475,6 +523,7 @@ impl Bus {
             .map(|m| m.payload)
             .map_err(|e| BusError::Publish {
                 subject,
+                kind: e.kind().into(),
                 message: e.to_string(),
             })
     }
@@ -488,9 +537,10 @@ impl Bus {
         payload: Vec<u8>,
         signature: Option<&str>,
     ) -> Result<u64, BusError> {
-        let fail = |e: String| BusError::Publish {
+        let fail = |e: async_nats::jetstream::context::PublishError| BusError::Publish {
             subject: subject.to_owned(),
-            message: e,
+            kind: e.kind().into(),
+            message: e.to_string(),
         };
         let mut message = PublishMessage::build().payload(Bytes::from(payload));
         if let Some(sig) = signature {
@@ -499,10 +549,10 @@ impl Bus {
         self.js
             .send_publish(subject.to_owned(), message)
             .await
-            .map_err(|e| fail(e.to_string()))?
+            .map_err(fail)?
             .await
             .map(|a| a.sequence)
-            .map_err(|e| fail(e.to_string()))
+            .map_err(fail)
     }
 
     /// A durable, acknowledged reader on the consumer `name` (see [`crate::Durable`]); opened

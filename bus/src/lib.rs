@@ -11,7 +11,9 @@ mod reader;
 pub mod server;
 mod stream;
 
-pub use client::{Bus, BusError, ClientSecurity, PendingAck, Published, StartAt, TlsClient};
+pub use client::{
+    Bus, BusError, ClientSecurity, PendingAck, PublishFailure, Published, StartAt, TlsClient,
+};
 pub use durable::{Durable, Received};
 pub use reader::{Delivery, Reader, ReaderOptions};
 pub use stream::{StreamError, StreamSettings};

@@ -13,8 +13,8 @@ use redb::Durability;
 use tokio::sync::mpsc;
 use usbpt_bus::{Bus, StartAt};
 
-use crate::runner::ProjectorError;
 use crate::pipeline::{Folder, Writer, Written};
+use crate::runner::ProjectorError;
 use crate::view::{BatchOptions, RawEvent, View};
 
 /// What a replay did.

@@ -288,7 +288,10 @@ impl Projector {
             let (metrics, done) = (Arc::clone(&self.metrics), done_tx.clone());
             Writer::spawn(
                 Arc::clone(&self.view),
-                move |(written, (report, fold_time), write_time): Written<(BatchReport, Duration)>| {
+                move |(written, (report, fold_time), write_time): Written<(
+                    BatchReport,
+                    Duration,
+                )>| {
                     metrics
                         .write_micros
                         .fetch_add(write_time.as_micros() as u64, Relaxed);
