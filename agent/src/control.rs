@@ -129,7 +129,7 @@ impl Control {
             // Fetches run on their own task so that a re-attach never cancels one in flight
             // (work delivered to a cancelled fetch would wait out the ack wait).
             let (work_tx, mut work) = mpsc::channel(CONTROL_BATCH);
-            let fetcher = tokio::spawn(async move {
+            let fetcher = AbortOnDrop(tokio::spawn(async move {
                 loop {
                     match consumer.fetch(CONTROL_BATCH, CONTROL_FETCH_WAIT).await {
                         Ok(batch) => {
@@ -145,7 +145,7 @@ impl Control {
                         }
                     }
                 }
-            });
+            }));
             info!(consumer = %durable, "control: listening for work");
             loop {
                 tokio::select! {
@@ -170,7 +170,18 @@ impl Control {
                     }
                 }
             }
-            fetcher.abort();
+            drop(fetcher);
         }
+    }
+}
+
+/// Aborts the task when dropped: a stopped agent (or a control loop that reconnects) must not
+/// leave a fetch running that would take work no one carries out (it would come back only
+/// after the ack wait).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
