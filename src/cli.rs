@@ -16,6 +16,8 @@ use usbpt_schemas::ServerAction;
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
+    #[command(flatten)]
+    pub setup: crate::config::Setup,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -201,6 +203,20 @@ pub enum Cmd {
     Rebuild(crate::cmd_ctl::Named),
     /// Delete a server and release its USB devices.
     Delete(crate::cmd_ctl::Named),
+    /// The config file (/etc/usbpt/usbpt.toml): check it, or show the effective configuration.
+    #[command(subcommand)]
+    Config(crate::config::ConfigCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (usbpt.1 and one per subcommand) into a directory (used when packaging).
+    #[command(hide = true)]
+    Manpages {
+        /// The directory to write into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -246,8 +262,24 @@ async fn send(
     crate::cmd_ctl::send(global, cmd, json).await
 }
 
-pub async fn run(cli: Cli) -> Result<()> {
+pub async fn run(cli: Cli, loaded: &crate::config::Loaded) -> Result<()> {
     match cli.command {
+        Cmd::Config(crate::config::ConfigCmd::Check) => {
+            println!("{}", crate::config::check(loaded)?);
+            Ok(())
+        }
+        Cmd::Config(crate::config::ConfigCmd::Show) => {
+            let (cmd, matches) = crate::config::command_and_matches(loaded)?;
+            let rows = crate::config::effective(loaded, &cmd, &matches);
+            print!("{}", crate::config::render(loaded, &rows));
+            Ok(())
+        }
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "usbpt", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Manpages { dir } => crate::config::write_manpages(&dir),
         Cmd::Agent(args) => crate::cmd_agent::run(&cli.global, args).await,
         Cmd::Events(EventsCmd::Tail {
             from_start,

@@ -248,6 +248,7 @@ impl Tasks {
                 }
             }
         }
+        crate::systemd::stopping();
         self.stop.send_replace(true);
         let drain = async {
             while let Some(done) = self.set.join_next().await {
@@ -299,6 +300,7 @@ pub async fn bind(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListene
 pub async fn serve(global: &Global, args: ServeArgs) -> Result<()> {
     let mut tasks = Tasks::new();
     let listener = bind("serve", args.listen).await?;
+    let addr = listener.local_addr()?;
     control_plane(
         global,
         &mut tasks,
@@ -307,6 +309,7 @@ pub async fn serve(global: &Global, args: ServeArgs) -> Result<()> {
         &args.commands,
     )
     .await?;
+    crate::systemd::ready(&format!("serving on http://{addr}"));
     tasks.run().await
 }
 
@@ -368,6 +371,7 @@ pub async fn commands(global: &Global, args: CommandsCmdArgs) -> Result<()> {
     // Ready once the view has caught up with the stream as it was at start.
     view.wait_applied(head, Duration::from_secs(600)).await;
     eprintln!("usbpt commands: ready");
+    crate::systemd::ready("command handler ready");
     tasks.run().await
 }
 
@@ -389,5 +393,6 @@ pub async fn projector(global: &Global, args: ProjectorCmdArgs) -> Result<()> {
     tasks.spawn("projector", async move {
         Ok(side.projector.run(stopping).await?)
     });
+    crate::systemd::ready("projector running");
     tasks.run().await
 }
