@@ -54,6 +54,10 @@ pub struct Global {
     /// TLS to NATS: this client's private key (PEM).
     #[arg(long, global = true, env = "USBPT_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Replicas of the event stream when this process is the one that creates it: 3 on a
+    /// 3-node NATS cluster (docs/operations.md). An existing stream keeps its own.
+    #[arg(long, global = true, env = "USBPT_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub stream_replicas: u8,
     /// Where local state lives (redb files, a private nats-server's store).
     #[arg(long, global = true, env = "USBPT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -109,6 +113,14 @@ impl Global {
         }
     }
 
+    /// The stream's settings when this process creates it (`--stream-replicas`).
+    pub fn stream_settings(&self) -> StreamSettings {
+        StreamSettings {
+            replicas: usize::from(self.stream_replicas),
+            ..StreamSettings::default()
+        }
+    }
+
     /// The connection's security: `--insecure` and the TLS files.
     pub fn security(&self) -> usbpt_bus::ClientSecurity {
         usbpt_bus::ClientSecurity {
@@ -122,19 +134,14 @@ impl Global {
     }
 
     async fn bus_with(&self, creds: Option<&std::path::Path>) -> Result<Bus> {
-        Bus::connect_checked(
-            &self.nats,
-            creds,
-            &StreamSettings::default(),
-            &self.security(),
-        )
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to the bus at {}",
-                usbpt_bus::auth::redact_url(&self.nats)
-            )
-        })
+        Bus::connect_checked(&self.nats, creds, &self.stream_settings(), &self.security())
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to the bus at {}",
+                    usbpt_bus::auth::redact_url(&self.nats)
+                )
+            })
     }
 }
 

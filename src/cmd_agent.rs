@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use usbpt_agent::{progress, read_boot_id, AgentConfig, BusTarget, Filter, UdevSource};
-use usbpt_bus::StreamSettings;
 use usbpt_schemas::HostName;
 
 use crate::cli::Global;
@@ -87,7 +86,7 @@ pub async fn run(global: &Global, args: AgentArgs) -> Result<()> {
         bus: BusTarget {
             url: global.nats.clone(),
             creds: global.creds.clone(),
-            settings: StreamSettings::default(),
+            settings: global.stream_settings(),
             require_auth: !global.insecure,
             tls: global.security().tls,
             control_key: control_key(args.control_key.as_deref())?,

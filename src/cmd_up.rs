@@ -125,6 +125,7 @@ impl PrivateCreds {
             tls_cert: None,
             tls_key: None,
             data_dir: Some(data),
+            stream_replicas: global.stream_replicas,
             api: global.api.clone(),
             verbose: global.verbose,
         }

@@ -61,6 +61,8 @@ pub struct NatsSection {
     pub command_creds: Option<PathBuf>,
     /// Connect even to a server without authentication.
     pub insecure: Option<bool>,
+    /// Replicas of the event stream when a usbpt process creates it (3 on a 3-node cluster).
+    pub stream_replicas: Option<u8>,
     #[serde(default)]
     pub tls: TlsSection,
 }
@@ -186,6 +188,7 @@ pub const KEYS: &[Key] = &[
     key("nats.creds", GLOBAL, "creds"),
     key("nats.command_creds", GLOBAL, "command_creds"),
     key("nats.insecure", GLOBAL, "insecure"),
+    key("nats.stream_replicas", GLOBAL, "stream_replicas"),
     key("nats.tls.ca", GLOBAL, "tls_ca"),
     key("nats.tls.cert", GLOBAL, "tls_cert"),
     key("nats.tls.key", GLOBAL, "tls_key"),
@@ -252,6 +255,11 @@ impl FileConfig {
                 }
             }
         }
+        if let Some(r) = self.nats.stream_replicas {
+            if !(1..=5).contains(&r) {
+                bail!("nats.stream_replicas = {r}: must be 1 to 5");
+            }
+        }
         if self.commands.concurrency == Some(0) {
             bail!("commands.concurrency = 0: must be at least 1");
         }
@@ -266,6 +274,7 @@ impl FileConfig {
             "nats.creds" => path(&self.nats.creds),
             "nats.command_creds" => path(&self.nats.command_creds),
             "nats.insecure" => shown(&self.nats.insecure),
+            "nats.stream_replicas" => shown(&self.nats.stream_replicas),
             "nats.tls.ca" => path(&self.nats.tls.ca),
             "nats.tls.cert" => path(&self.nats.tls.cert),
             "nats.tls.key" => path(&self.nats.tls.key),
@@ -579,7 +588,10 @@ fn write_page(dir: &Path, cmd: &Command, name: &str) -> Result<()> {
     clap_mangen::Man::new(page).render(&mut out)?;
     let file = dir.join(format!("{name}.1"));
     std::fs::write(&file, out).with_context(|| format!("writing {}", file.display()))?;
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
         write_page(dir, sub, &format!("{name}-{}", sub.get_name()))?;
     }
     Ok(())
@@ -741,6 +753,7 @@ mod tests {
             creds = "/c"
             command_creds = "/cc"
             insecure = false
+            stream_replicas = 3
             [nats.tls]
             ca = "/ca"
             cert = "/cert"
