@@ -664,9 +664,14 @@ done""")
         # Type=notify: `systemctl start` returns once the process sent READY=1.
         t = time.monotonic()
         # usbpt-nats is Type=simple (nats-server does not speak sd_notify): its port is polled.
-        self.sh("systemctl start usbpt-nats.service && bash -c 'for i in $(seq 100); do "
-                "(exec 3<>/dev/tcp/127.0.0.1/4322) 2>/dev/null && exit 0; sleep 0.1; done; "
-                "exit 1' && systemctl start usbpt-serve.service usbpt-agent.service", 180)
+        started = self.sh("systemctl start usbpt-nats.service && bash -c 'for i in $(seq 100); "
+                          "do (exec 3<>/dev/tcp/127.0.0.1/4322) 2>/dev/null && exit 0; sleep 0.1; "
+                          "done; exit 1' && systemctl start usbpt-serve.service "
+                          "usbpt-agent.service 2>&1; echo rc=$?", 180)
+        if not started.strip().endswith("rc=0"):
+            journal = self.sh("journalctl -u usbpt-nats -u usbpt-serve -u usbpt-agent --no-pager "
+                              "-o short-monotonic | tail -n 40", check=False)
+            raise LabError(f"the units did not start: {started.strip()}\n{journal}")
         self.timings["P1 units ready (s)"] = round(time.monotonic() - t, 1)
         state = self.sh("systemctl show -p ActiveState -p SubState -p StatusText -p User "
                         "usbpt-serve.service usbpt-agent.service")
