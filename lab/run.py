@@ -657,7 +657,9 @@ done""")
         check = self.sh("/usr/bin/usbpt config check 2>&1")
         units = " ".join(f"/usr/lib/systemd/system/usbpt-{u}.service"
                          for u in ("agent", "serve", "projector", "nats", "commands@p1"))
-        verify = self.sh(f"systemd-analyze verify {units} 2>&1; echo rc=$?")
+        # --man=no: the guest has no man-db to resolve Documentation=man:… (the package's man
+        # pages are checked on the build machine).
+        verify = self.sh(f"systemd-analyze verify --man=no {units} 2>&1; echo rc=$?")
         exposure = self.sh("for u in agent serve; do systemd-analyze security usbpt-$u.service "
                            "2>/dev/null | sed -n 's/.*Overall exposure level for //p'; done",
                            check=False)

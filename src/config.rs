@@ -384,6 +384,7 @@ pub fn apply(mut cmd: Command, file: &FileConfig) -> Result<Command> {
                     .find_subcommand(name)
                     .is_some_and(|c| c.get_arguments().any(|a| a.get_id() == k.arg));
                 if has {
+                    // The file's value satisfies a required flag (`agent.host` for `--host`).
                     let value = value.clone();
                     cmd = cmd.mut_subcommand(*name, |c| {
                         c.mut_arg(k.arg, |a| a.default_value(value).required(false))
