@@ -84,6 +84,15 @@ impl Replica {
                 eprintln!("[serve] {line}");
             }
         });
+        // The socket is bound before the bus is connected and the stream created; the first
+        // HTTP answer comes once all of that is done (the connection waits in the backlog).
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            reqwest::get(format!("{api}/v1/status")),
+        )
+        .await
+        .context("usbpt serve never answered")??
+        .error_for_status()?;
         Ok(Self {
             child,
             config: config.to_path_buf(),
