@@ -653,6 +653,7 @@ done""")
                 "[agent]\nhost = \"pkghost\"\nhypervisor = \"test:///default\"\n"
                 "[serve]\nlisten = \"127.0.0.1:8790\"\n"
                 "[api]\nurl = \"http://127.0.0.1:8790\"\n"
+                "token_file = \"/etc/usbpt/api-token\"\n"
                 "[projector]\nconsumer = \"usbpt-serve-pkghost\"\nEOF")
         check = self.sh("/usr/bin/usbpt config check 2>&1")
         units = " ".join(f"/usr/lib/systemd/system/usbpt-{u}.service"

@@ -61,6 +61,10 @@ pub struct Global {
     /// Where local state lives (redb files, a private nats-server's store).
     #[arg(long, global = true, env = "USBPT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The HTTP API's token, in a file (ADR 0006); or set the token itself in USBPT_API_TOKEN.
+    /// Default for the CLI: `<data-dir>/api-token` when it exists (what `up` generates).
+    #[arg(long, global = true, env = "USBPT_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
     /// usbpt HTTP API URL (for queries).
     #[arg(
         long,
@@ -188,7 +192,8 @@ pub enum Cmd {
     Server(ServerCmd),
     /// Boot a server with a flavor; it is scheduled on a host that holds its USB devices.
     Boot(crate::cmd_ctl::Boot),
-    /// Resize a server to another flavor (its USB devices follow the new flavor).
+    /// Resize a server to another flavor (its USB devices follow the new flavor), then confirm
+    /// (`--confirm`) or revert (`--revert`) it.
     Resize(crate::cmd_ctl::Resize),
     /// Migrate a server (live migration is refused while it holds host USB devices).
     Migrate(crate::cmd_ctl::Migrate),

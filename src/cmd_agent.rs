@@ -67,6 +67,29 @@ pub fn default_data_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/state/usbpt"))
 }
 
+/// Called first thing in `main`, for `usbpt agent` only. A host agent is small and long-lived:
+/// transparent huge pages round the allocator's few live megabytes up to whole 2 MiB pages
+/// (11 MiB of an idle agent's resident memory, `docs/performance.md`); the fold, the command
+/// handler and the bench keep them. mimalloc reads `MIMALLOC_ALLOW_THP` when the process loads,
+/// before `main`, so the agent sets it and executes itself again, once (same pid, same
+/// arguments). An operator's own setting of the variable is left as it is.
+pub fn lean_process() {
+    const KNOB: &str = "MIMALLOC_ALLOW_THP";
+    if std::env::var_os(KNOB).is_some() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_else(|| "usbpt".into());
+    let err = std::process::Command::new("/proc/self/exe")
+        .arg0(argv0)
+        .args(args)
+        .env(KNOB, "0")
+        .exec();
+    // exec failed (no /proc): run as we are.
+    tracing::debug!(error = %err, "could not re-execute without transparent huge pages");
+}
+
 pub async fn run(global: &Global, args: AgentArgs) -> Result<()> {
     let data_dir = match &global.data_dir {
         Some(d) => d.clone(),

@@ -51,10 +51,19 @@ pub struct Boot {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["flavor", "confirm", "revert"])))]
 pub struct Resize {
     pub name: ServerName,
+    /// Resize to this flavor; the server then awaits `--confirm` or `--revert`
+    /// (`VERIFY_RESIZE`), keeping its old devices reserved meanwhile.
     #[arg(long)]
-    pub flavor: FlavorName,
+    pub flavor: Option<FlavorName>,
+    /// Confirm the pending resize: the old flavor's devices are released.
+    #[arg(long)]
+    pub confirm: bool,
+    /// Revert the pending resize: the old flavor, host and devices back.
+    #[arg(long)]
+    pub revert: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -81,19 +90,23 @@ pub struct Named {
 /// Sends `cmd`; prints the reply (a line, or JSON with `json`); a rejection is an error.
 pub async fn send(global: &Global, cmd: Command, json: bool) -> Result<()> {
     let bus = global.bus().await?;
-    let reply = request(bus.client(), &cmd, REPLY_TIMEOUT)
+    let reply = request(&bus, &cmd, REPLY_TIMEOUT)
         .await
         .map_err(anyhow::Error::msg)?;
     if json {
-        println!("{}", serde_json::to_string(&reply)?);
+        println!(
+            "{}",
+            usbpt_schemas::text::escape_json(&serde_json::to_string(&reply)?)
+        );
     }
     match reply {
         CommandReply::Accepted { message, .. } => {
             if !json {
-                println!("{message}");
+                println!("{}", usbpt_schemas::text::Escaped(&message));
             }
             Ok(())
         }
+        // main escapes what it prints.
         CommandReply::Rejected { code, reason } => bail!("rejected ({code}): {reason}"),
     }
 }
@@ -102,6 +115,7 @@ impl FlavorCreate {
     pub fn command(self) -> (Command, bool) {
         (
             Command::CreateFlavor {
+                resources: Default::default(),
                 name: self.name,
                 usb: self.usb,
             },
@@ -123,13 +137,13 @@ impl Boot {
 }
 impl Resize {
     pub fn command(self) -> (Command, bool) {
-        (
-            Command::Resize {
-                name: self.name,
-                flavor: self.flavor,
-            },
-            self.json,
-        )
+        let name = self.name;
+        let cmd = match (self.flavor, self.confirm) {
+            (Some(flavor), _) => Command::Resize { name, flavor },
+            (None, true) => Command::ConfirmResize { name },
+            (None, false) => Command::RevertResize { name },
+        };
+        (cmd, self.json)
     }
 }
 impl Migrate {

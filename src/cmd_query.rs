@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 use usbpt_projector::DeviceStatus;
+use usbpt_schemas::text::{escape, escape_json};
 use usbpt_schemas::HostName;
 
 use crate::cli::Global;
@@ -76,8 +77,12 @@ pub struct ShowArgs {
 
 /// The API, as the CLI reads it.
 struct Api {
+    /// The API's URL as printed (without `user:password@`).
     base: String,
+    url: String,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer` (never printed).
+    token: Option<usbpt_api::ApiToken>,
 }
 
 impl Api {
@@ -87,15 +92,21 @@ impl Api {
             .build()
             .context("building the HTTP client")?;
         Ok(Self {
-            base: global.api.trim_end_matches('/').to_owned(),
+            base: usbpt_bus::auth::redact_url(global.api.trim_end_matches('/')),
+            url: global.api.trim_end_matches('/').to_owned(),
             http,
+            token: global.client_api_token()?,
         })
     }
 
     /// GETs `path` and returns its JSON; an API error becomes its message.
     async fn get(&self, path: &str) -> Result<Value> {
         let url = format!("{}{path}", self.base);
-        let resp = self.http.get(&url).send().await.map_err(|e| {
+        let mut req = self.http.get(format!("{}{path}", self.url));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t.secret());
+        }
+        let resp = req.send().await.map_err(|e| {
             anyhow!(
                 "cannot reach the usbpt API at {}: {} (is `usbpt serve` running? see --api)",
                 self.base,
@@ -113,7 +124,12 @@ impl Api {
             let message = json["error"]["message"]
                 .as_str()
                 .map_or_else(|| body.clone(), str::to_owned);
-            bail!("{message} (HTTP {})", status.as_u16());
+            let hint = match status.as_u16() {
+                401 => " (give the API token: --api-token-file FILE or USBPT_API_TOKEN; `usbpt up` writes <data-dir>/api-token)",
+                403 => " (the API token given is not this API's)",
+                _ => "",
+            };
+            bail!("{message} (HTTP {}){hint}", status.as_u16());
         }
         Ok(json)
     }
@@ -127,17 +143,21 @@ fn root_cause(e: &dyn std::error::Error) -> String {
     cur.to_string()
 }
 
+/// JSON for machines, with DEL, C1 and bidirectional controls `\u`-escaped as well (the same
+/// string once parsed), so even JSON on a terminal cannot drive it.
 fn print_json(v: &Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    println!("{}", escape_json(&serde_json::to_string_pretty(v)?));
     Ok(())
 }
 
-/// A value as table text: strings bare, null as `-`.
+/// A value as text for people: strings bare but escaped (device strings can carry terminal
+/// controls: `usbpt_schemas::text`), null as `-`. Every table cell and `show` line goes
+/// through here.
 fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+        Value::String(s) => escape(s).into_owned(),
+        other => escape(&other.to_string()).into_owned(),
     }
 }
 

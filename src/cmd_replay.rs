@@ -164,11 +164,12 @@ fn world(snap: &Snapshot, api: &str) -> Result<Value> {
     }))
 }
 
+/// A value as text for people, escaped like every printer's (`usbpt_schemas::text`).
 fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+        Value::String(s) => usbpt_schemas::text::escape(s).into_owned(),
+        other => usbpt_schemas::text::escape(&other.to_string()).into_owned(),
     }
 }
 

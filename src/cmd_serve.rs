@@ -36,13 +36,22 @@ pub struct ProjectorArgs {
     /// Events per fetch and per redb transaction.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub batch: u64,
+    /// Live-event (`/v1/events`) clients the HTTP API serves at once; one more gets 503 with
+    /// `Retry-After`. They all share one reader of the stream.
+    #[arg(long, env = "USBPT_SSE_MAX_CLIENTS", default_value_t = DEFAULT_SSE_MAX_CLIENTS, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub sse_max_clients: u64,
 }
+
+/// The default of `--sse-max-clients`.
+pub const DEFAULT_SSE_MAX_CLIENTS: u64 = 1024;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Where the HTTP API listens.
     #[arg(long, default_value = "127.0.0.1:8774")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub http: crate::api_auth::ApiSecurityArgs,
     #[command(flatten)]
     pub projector: ProjectorArgs,
     #[command(flatten)]
@@ -61,6 +70,10 @@ pub struct CommandArgs {
     /// Commands handled at once by this process.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
+    /// Nova's `resize_confirm_window`: seconds after which a resize still awaiting confirmation
+    /// (`VERIFY_RESIZE`) is confirmed; 0 never does (Nova's default).
+    #[arg(long, default_value_t = 0, env = "USBPT_RESIZE_CONFIRM_WINDOW")]
+    pub resize_confirm_window: u64,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -90,6 +103,21 @@ impl CommandArgs {
 
     /// Adds the NATS command service and the reactor to `tasks`.
     pub fn spawn(&self, tasks: &mut Tasks, side: &ReadSide, handler: Arc<Handler<View>>, bus: Bus) {
+        if self.resize_confirm_window > 0 {
+            let window = Duration::from_secs(self.resize_confirm_window);
+            let (reader, view, handler) = (
+                side.bus.clone(),
+                Arc::clone(&side.view),
+                Arc::clone(&handler),
+            );
+            let stopping = tasks.stopping();
+            tasks.spawn("auto-confirm", async move {
+                tokio::select! {
+                    r = crate::auto_confirm::run(reader, view, handler, window) => r,
+                    () = stopping => Ok(()),
+                }
+            });
+        }
         let concurrency = self.concurrency.max(1);
         let stopping = tasks.stopping();
         tasks.spawn("commands", async move {
@@ -114,6 +142,8 @@ pub struct ProjectorCmdArgs {
     /// Also serve the read API and /metrics on this address.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub http: crate::api_auth::ApiSecurityArgs,
     #[command(flatten)]
     pub projector: ProjectorArgs,
 }
@@ -164,6 +194,7 @@ pub struct ReadSide {
     pub view: Arc<View>,
     pub bus: Bus,
     pub projector: Projector,
+    pub fanout: usbpt_api::fanout::FanoutConfig,
 }
 
 impl ReadSide {
@@ -180,15 +211,31 @@ impl ReadSide {
             view,
             bus,
             projector,
+            fanout: usbpt_api::fanout::FanoutConfig {
+                max_clients: usize::try_from(args.sse_max_clients).unwrap_or(usize::MAX),
+                ..Default::default()
+            },
         })
     }
 
-    /// The HTTP API's state over this view, bus and projector.
-    pub fn api_state(&self, shutdown: watch::Receiver<bool>) -> ApiState {
+    /// The HTTP API's state over this view, bus and projector, with the agents' liveness
+    /// followed from their heartbeats by a `liveness` task (ADR 0008).
+    pub fn api_state(&self, tasks: &mut Tasks) -> ApiState {
+        let liveness = usbpt_api::liveness::Liveness::new();
+        let (bus, stopping) = (self.bus.clone(), tasks.stopping());
+        let tracker = Arc::clone(&liveness);
+        tasks.spawn("liveness", async move {
+            tracker
+                .track(bus, stopping)
+                .await
+                .map_err(anyhow::Error::msg)
+        });
         ApiState::new(Arc::clone(&self.view))
             .with_bus(self.bus.clone())
             .with_metrics(self.projector.metrics())
-            .with_shutdown(shutdown)
+            .with_shutdown(tasks.shutdown_flag())
+            .with_fanout(self.fanout)
+            .with_liveness(liveness)
     }
 }
 
@@ -298,6 +345,7 @@ pub async fn bind(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListene
 
 /// `usbpt serve`.
 pub async fn serve(global: &Global, args: ServeArgs) -> Result<()> {
+    let policy = args.http.policy(args.listen, global.given_api_token()?)?;
     let mut tasks = Tasks::new();
     let listener = bind("serve", args.listen).await?;
     let addr = listener.local_addr()?;
@@ -305,6 +353,7 @@ pub async fn serve(global: &Global, args: ServeArgs) -> Result<()> {
         global,
         &mut tasks,
         listener,
+        policy,
         &args.projector,
         &args.commands,
     )
@@ -320,15 +369,20 @@ pub async fn control_plane(
     global: &Global,
     tasks: &mut Tasks,
     listener: tokio::net::TcpListener,
+    mut policy: usbpt_api::HttpPolicy,
     projector: &ProjectorArgs,
     commands: &CommandArgs,
 ) -> Result<(Arc<View>, Bus)> {
+    // The address actually bound (a free port may have been taken) is an accepted Host.
+    policy.listen = Some(listener.local_addr()?);
+    raise_open_files_limit();
     let side = ReadSide::open(global, projector).await?;
     let command_bus = command_bus(global, &side).await?;
     let handler = commands.handler(&side, command_bus.clone());
-    let router = usbpt_api::router(side.api_state(tasks.shutdown_flag())).merge(
-        usbpt_api::command_routes(Arc::clone(&handler), Arc::clone(&side.view)),
-    );
+    let router = usbpt_api::router(side.api_state(tasks)).merge(usbpt_api::command_routes(
+        Arc::clone(&handler),
+        Arc::clone(&side.view),
+    ));
     commands.spawn(tasks, &side, handler, command_bus);
     let (view, bus) = (Arc::clone(&side.view), side.bus.clone());
     let stopping = tasks.stopping();
@@ -337,11 +391,26 @@ pub async fn control_plane(
     });
     let stopping = tasks.stopping();
     tasks.spawn("http", async move {
-        usbpt_api::serve(listener, router, stopping)
+        usbpt_api::serve(listener, router, policy, stopping)
             .await
             .context("HTTP server")
     });
     Ok((view, bus))
+}
+
+/// Raises this process's soft limit on open files to its hard limit: each live-event client
+/// holds a socket, and the usual soft limit (1024) would refuse connections below the client cap.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(error = %e, soft, hard, "cannot raise the open-files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open-files limit"),
+    }
 }
 
 /// The command handler's connection: its own identity (`--command-creds`), else the read
@@ -380,11 +449,13 @@ pub async fn projector(global: &Global, args: ProjectorCmdArgs) -> Result<()> {
     let side = ReadSide::open(global, &args.projector).await?;
     let mut tasks = Tasks::new();
     if let Some(addr) = args.listen {
-        let router = usbpt_api::router(side.api_state(tasks.shutdown_flag()));
+        let policy = args.http.policy(addr, global.given_api_token()?)?;
+        raise_open_files_limit();
+        let router = usbpt_api::router(side.api_state(&mut tasks));
         let listener = bind("projector", addr).await?;
         let stopping = tasks.stopping();
         tasks.spawn("http", async move {
-            usbpt_api::serve(listener, router, stopping)
+            usbpt_api::serve(listener, router, policy, stopping)
                 .await
                 .context("HTTP server")
         });

@@ -42,6 +42,8 @@ pub struct UpArgs {
     pub boot_id_file: PathBuf,
     #[command(flatten)]
     pub stream: StreamLimits,
+    #[command(flatten)]
+    pub http: crate::api_auth::ApiSecurityArgs,
 }
 
 /// The stream's limits, applied when `up` creates it.
@@ -126,6 +128,7 @@ impl PrivateCreds {
             tls_key: None,
             data_dir: Some(data),
             stream_replicas: global.stream_replicas,
+            api_token_file: global.api_token_file.clone(),
             api: global.api.clone(),
             verbose: global.verbose,
         }
@@ -264,24 +267,35 @@ pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
         Some(c) => c.control_global(global, &url, data.clone()),
         None => global.on_bus(&url, data.clone()),
     };
+    let (token, token_file) = if args.http.insecure_no_api_token {
+        (None, None)
+    } else {
+        let (t, f) = crate::api_auth::ensure_token(global, &data)?;
+        (Some(t), f)
+    };
+    let policy = args.http.policy(args.listen, token.clone())?;
     let mut tasks = Tasks::new();
     let listener = crate::demo::bind_or_free("up", args.listen).await?;
-    println!(
-        "usbpt up: API and dashboard http://{}/",
-        listener.local_addr()?
-    );
+    let base = format!("http://{}/", listener.local_addr()?);
+    println!("usbpt up: API and dashboard {base}");
+    if let Some(t) = &token {
+        crate::api_auth::announce("usbpt up: ", &base, t, token_file.as_deref());
+    }
     control_plane(
         &control,
         &mut tasks,
         listener,
+        policy,
         &ProjectorArgs {
             consumer: usbpt_schemas::subjects::js::PROJECTOR_CONSUMER.into(),
             batch: 1000,
+            sse_max_clients: crate::cmd_serve::DEFAULT_SSE_MAX_CLIENTS,
         },
         &CommandArgs {
             weigh: WeighArg::Pack,
             grace: 120,
             concurrency: 32,
+            resize_confirm_window: 0,
         },
     )
     .await?;

@@ -5,6 +5,8 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod api_auth;
+mod auto_confirm;
 mod cli;
 mod cmd_agent;
 mod cmd_bench;
@@ -21,8 +23,7 @@ mod tail;
 
 use std::process::ExitCode;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     // Everything usbpt creates (views, outboxes, identities, the private nats-server's store,
     // config and log) is the invoking user's alone: directories 0700, files 0600.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
@@ -34,16 +35,30 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if matches!(cli.command, cli::Cmd::Agent(_)) {
+        cmd_agent::lean_process();
+    }
     init_tracing(
         cli.global.verbose,
         cli.setup.log_format,
         loaded.file.log.filter.as_deref(),
     );
-    match cli::run(cli, &loaded).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("usbpt: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(cli, &loaded)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line on stderr, the whole cause chain.
-            eprintln!("usbpt: {e:#}");
+            // Escaped: a cause can quote what a device or a server sent.
+            eprintln!("usbpt: {}", usbpt_schemas::text::Escaped(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

@@ -3,10 +3,10 @@
 use std::io::Write;
 
 use anyhow::{anyhow, Result};
-use futures::StreamExt;
 use serde_json::json;
 use usbpt_bus::{Bus, StartAt};
-use usbpt_schemas::codec;
+use usbpt_schemas::text::{escape, escape_json, Escaped};
+use usbpt_schemas::Event;
 
 pub async fn tail(bus: &Bus, from_start: bool, as_json: bool, limit: Option<u64>) -> Result<()> {
     let start = if from_start {
@@ -14,31 +14,52 @@ pub async fn tail(bus: &Bus, from_start: bool, as_json: bool, limit: Option<u64>
     } else {
         StartAt::New
     };
-    let mut messages = bus.ordered(start, None).await?;
+    let mut reader = bus.reader(start, None).await?;
     let mut seen = 0u64;
     let stdout = std::io::stdout();
     while limit.is_none_or(|l| seen < l) {
-        let Some(msg) = messages.next().await else {
-            break;
-        };
-        let msg = msg.map_err(|e| anyhow!("reading the stream: {e}"))?;
-        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
-        let line = match codec::decode(&msg.payload) {
+        let msg = reader
+            .next()
+            .await
+            .map_err(|e| anyhow!("reading the stream: {e}"))?;
+        let seq = msg.seq;
+        let subject = Escaped(msg.subject.as_str());
+        let line = match msg.decode() {
             Ok(env) if as_json => {
                 json!({"seq": seq, "subject": msg.subject.as_str(), "event": env}).to_string()
             }
-            Ok(env) => format!(
-                "{seq:>8}  {}  {:<22}  {}",
-                env.occurred_at,
-                env.body.kind(),
-                msg.subject
-            ),
+            Ok(env) => {
+                let mut line = format!(
+                    "{seq:>8}  {}  {:<22}  {subject}",
+                    env.occurred_at,
+                    env.body.kind(),
+                );
+                if let Event::DeviceDiscovered(d) = &env.body {
+                    // What a person looks for in a hotplug, escaped: it came from the device.
+                    let field = |v: &Option<String>| v.as_deref().map(|s| escape(s).into_owned());
+                    let field = |v: &Option<String>| field(v).unwrap_or_else(|| "-".into());
+                    line.push_str(&format!(
+                        "  {}:{} \"{}\" \"{}\" serial {}",
+                        d.vendor_id,
+                        d.product_id,
+                        field(&d.manufacturer),
+                        field(&d.product),
+                        field(&d.serial),
+                    ));
+                }
+                line
+            }
             Err(e) if as_json => {
                 json!({"seq": seq, "subject": msg.subject.as_str(), "undecodable": e.to_string()})
                     .to_string()
             }
-            Err(e) => format!("{seq:>8}  undecodable on {}: {e}", msg.subject),
+            Err(e) => format!(
+                "{seq:>8}  undecodable on {subject}: {}",
+                Escaped(&e.to_string())
+            ),
         };
+        // JSON lines too: DEL, C1 and bidirectional controls as `\u` escapes.
+        let line = escape_json(&line);
         let mut out = stdout.lock();
         writeln!(out, "{line}")?;
         out.flush()?;

@@ -7,7 +7,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command as Proc};
 use usbpt_bus::{Bus, StartAt};
@@ -109,10 +108,11 @@ async fn two_hundred_boots_four_handlers_fifty_devices() -> Result<()> {
     for (i, d) in dirs.iter().enumerate() {
         handlers.push(start_handler(&nats.url(), d.path(), i).await?);
     }
-    let client = bus.client().clone();
+    let client = bus.clone();
     let reply = request(
         &client,
         &Command::CreateFlavor {
+            resources: Default::default(),
             name: FlavorName::new("key")?,
             usb: vec!["vendor=136b,product=0003,controller=xhci".parse()?],
         },
@@ -157,18 +157,14 @@ async fn two_hundred_boots_four_handlers_fifty_devices() -> Result<()> {
 
     // The stream itself: replay claims in order; a lineage is never claimed while held.
     let last = bus.last_sequence().await?;
-    let mut events = bus.ordered(StartAt::Beginning, None).await?;
+    let mut events = bus.reader(StartAt::Beginning, None).await?;
     let mut held: BTreeMap<LineageId, ServerId> = BTreeMap::new();
     let mut scheduled = BTreeSet::new();
     let mut seen = 0;
     while seen < last {
-        let msg = events
-            .next()
-            .await
-            .context("stream ended")?
-            .map_err(|e| anyhow::anyhow!(e))?;
-        seen = msg.info().map_err(|e| anyhow::anyhow!(e))?.stream_sequence;
-        match codec::decode(&msg.payload)?.body {
+        let msg = events.next().await?;
+        seen = msg.seq;
+        match msg.decode()?.body {
             Event::DeviceClaimed(c) => {
                 if let Some(other) = held.insert(c.lineage_id, c.server_id) {
                     panic!(

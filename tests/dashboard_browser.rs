@@ -6,6 +6,7 @@
 //! Chromium is absent and `CI` is unset.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod agent_support;
 #[path = "../schemas/tests/common/mod.rs"]
 mod common;
 mod dashboard_support;
@@ -108,7 +109,7 @@ async fn agent_started(bus: &Bus, name: &str, boot: &str) -> Result<u64> {
 }
 
 async fn post(serve: &Serve, path: &str, body: Value) -> Result<Value> {
-    let resp = reqwest::Client::new()
+    let resp = projector_support::http()
         .post(format!("{}{path}", serve.api))
         .json(&body)
         .send()
@@ -394,7 +395,12 @@ async fn an_empty_stack_shows_its_first_host_live() -> Result<()> {
     let serve = Serve::start(&nats.url(), data.path()).await?;
     let browser = dashboard_support::Browser::launch(&chromium).await?;
     let page = browser.new_page(1200, 700).await?;
-    page.goto(&format!("{}/", serve.api)).await?;
+    page.goto(&format!(
+        "{}/#token={}",
+        serve.api,
+        projector_support::API_TOKEN
+    ))
+    .await?;
     page.wait_for(
         "the empty state, live",
         "document.body.dataset.ready === 'true' && \
@@ -404,6 +410,14 @@ async fn an_empty_stack_shows_its_first_host_live() -> Result<()> {
         WAIT,
     )
     .await?;
+    // The token left the address bar (and history) for this tab's sessionStorage.
+    let kept = page
+        .eval(
+            "location.hash === '' && !location.href.includes('token') && \
+             sessionStorage.getItem('usbpt-api-token')",
+        )
+        .await?;
+    assert_eq!(kept, json!(projector_support::API_TOKEN), "{kept}");
     let seq = agent_started(&bus, "edge-1", "e1-boot-1").await?;
     page.wait_for(
         "the first host",
@@ -419,6 +433,19 @@ async fn an_empty_stack_shows_its_first_host_live() -> Result<()> {
         problems.is_empty(),
         "the page reported problems: {problems:#?}"
     );
+    // A new tab without the token (sessionStorage is per tab): the page loads, its data does
+    // not, and it says how to get in.
+    let bare = browser.new_page(1200, 700).await?;
+    bare.goto(&format!("{}/", serve.api)).await?;
+    bare.wait_for(
+        "the page asking for the token",
+        "!document.getElementById('banner').hidden && \
+         document.getElementById('banner').textContent.includes('401') && \
+         document.getElementById('banner').textContent.includes('#token=') && \
+         !document.getElementById('hosts').textContent.includes('edge-1')",
+        WAIT,
+    )
+    .await?;
     browser.close().await?;
     Ok(())
 }
@@ -438,7 +465,7 @@ async fn hotplug_after_load_appears_in_feed_and_table_without_reload() -> Result
     let seeded = seed(&bus, &serve).await?;
 
     // The page and its assets: right types, a strict policy, nothing inline.
-    let http = reqwest::Client::new();
+    let http = projector_support::http();
     for (path, ty) in [
         ("/", "text/html"),
         ("/assets/app.js", "text/javascript"),
@@ -463,7 +490,12 @@ async fn hotplug_after_load_appears_in_feed_and_table_without_reload() -> Result
 
     let browser = dashboard_support::Browser::launch(&chromium).await?;
     let page = browser.new_page(1440, 960).await?;
-    page.goto(&format!("{}/", serve.api)).await?;
+    page.goto(&format!(
+        "{}/#token={}",
+        serve.api,
+        projector_support::API_TOKEN
+    ))
+    .await?;
     page.wait_for(
         "the tables and the live stream",
         "document.body.dataset.ready === 'true' && \
@@ -727,4 +759,201 @@ async fn hotplug_after_load_appears_in_feed_and_table_without_reload() -> Result
         started.elapsed()
     );
     Ok(())
+}
+
+/// Bytes a terminal acts on, as `usbpt_schemas::text` defines them; a CLI's stdout must have
+/// none but the newlines that end its own lines.
+fn raw_controls(out: &str) -> Vec<char> {
+    out.chars()
+        .filter(|c| *c != '\n' && usbpt_schemas::text::is_dangerous(*c))
+        .collect()
+}
+
+/// The hostile device of `agent/tests/fixtures/umockdev/hostile-strings.umockdev` (a hand-written
+/// umockdev recording): its manufacturer clears the screen, homes the cursor, sets the terminal
+/// title (OSC 0) and forges a line; its product is HTML that would run script or inject an
+/// element, 361 bytes long; its serial is exactly 255 bytes with an ESC colour sequence and a
+/// right-to-left override.
+const HOSTILE_MANUFACTURER: &str = "Evil\x1b[2J\x1b[H\x1b]0;pwned-title\x07 Corp\nFORGED LINE ok";
+const HOSTILE_PRODUCT_HEAD: &str = "<script>document.body.dataset.pwned='script'</script>\"><img src=x onerror=\"document.body.dataset.pwned='img'\"> ";
+
+fn hostile_serial() -> String {
+    format!("\x1b[31m\u{202e}{}", "S".repeat(255 - 5 - 3))
+}
+
+/// A real agent (under umockdev) reports the hostile device; the projector folds it; the API
+/// returns its strings exactly (data stays data), the product cut to 255 bytes and marked; the
+/// CLI prints them escaped with no raw control byte; the dashboard in Chromium shows them as
+/// literal text, with no injected element and no script run.
+#[test]
+fn hostile_usb_strings_are_harmless_from_agent_to_cli_and_dashboard() {
+    usbpt_testkit::umockdev::umockdev_test(
+        "hostile_usb_strings_are_harmless_from_agent_to_cli_and_dashboard",
+        || async {
+            let tb = usbpt_testkit::umockdev::Testbed::new()?;
+            tb.add_file(&agent_support::fixtures().join("hostile-strings.umockdev"))?;
+            let nats = TestNats::start().await?;
+            let data = tempfile::tempdir()?;
+            let serve = Serve::start(&nats.url(), data.path()).await?;
+            let home = agent_support::AgentHome::new("host-h", "hostile-boot-1")?;
+            let agent = agent_support::AgentProcess::start(&home, &nats.url()).await?;
+
+            // agent → NATS → projector → API: the exact strings, the long one cut and marked.
+            let device = usbpt_testkit::eventually(WAIT, || async {
+                let (code, doc) = serve.get("/v1/devices?host=host-h").await.ok()?;
+                (code == 200).then_some(())?;
+                doc["devices"]
+                    .as_array()?
+                    .iter()
+                    .find(|d| d["vendor_id"] == "6666")
+                    .cloned()
+            })
+            .await
+            .context("the hostile device in the view")?;
+            let id = device["id"].as_str().context("device id")?.to_owned();
+            let (_, doc) = serve.get(&format!("/v1/devices/{id}")).await?;
+            let d = &doc["device"];
+            assert_eq!(d["manufacturer"], HOSTILE_MANUFACTURER, "{d}");
+            assert_eq!(d["serial"], hostile_serial(), "{d}");
+            let product = d["product"].as_str().context("product")?;
+            assert!(product.starts_with(HOSTILE_PRODUCT_HEAD), "{product}");
+            assert!(
+                product.len() <= 255 && product.ends_with('…'),
+                "{} bytes",
+                product.len()
+            );
+
+            // → CLI: escaped, nothing raw, no forged line.
+            let stored = nats.bus().await?.last_sequence().await?.to_string();
+            for args in [
+                vec!["devices", "--all"],
+                vec!["device", "show", id.as_str()],
+                vec!["device", "show", id.as_str(), "--json"],
+                vec!["history", id.as_str()],
+                vec!["events", "tail", "--from-start", "--limit", stored.as_str()],
+                vec![
+                    "events",
+                    "tail",
+                    "--from-start",
+                    "--limit",
+                    stored.as_str(),
+                    "--json",
+                ],
+            ] {
+                let (ok, out, err) = tokio::time::timeout(WAIT, serve.cli(&args))
+                    .await
+                    .with_context(|| format!("usbpt {args:?} did not finish"))??;
+                assert!(ok, "usbpt {args:?}: {err}");
+                let raw = raw_controls(&out);
+                assert!(raw.is_empty(), "usbpt {args:?} printed raw {raw:?}:\n{out}");
+                assert!(
+                    !out.lines().any(|l| l.starts_with("FORGED")),
+                    "usbpt {args:?} forged a line:\n{out}"
+                );
+                if args[0] == "device" && !args.contains(&"--json") {
+                    assert!(
+                        out.contains(
+                            r"Evil\x1b[2J\x1b[H\x1b]0;pwned-title\x07 Corp\nFORGED LINE ok"
+                        ),
+                        "{out}"
+                    );
+                    assert!(out.contains(r"\x1b[31m\u{202e}SSSS"), "{out}");
+                    assert!(out.contains("<script>document.body"), "{out}");
+                    assert_eq!(
+                        out.lines()
+                            .filter(|l| l.starts_with("manufacturer"))
+                            .count(),
+                        1
+                    );
+                }
+                if args.len() == 5 {
+                    assert!(out.contains(r"\x1b[31m\u{202e}SSSS"), "events tail: {out}");
+                }
+                if args[0] == "device" && args.contains(&"--json") {
+                    // Pretty JSON, still the exact strings once parsed.
+                    let doc: Value = serde_json::from_str(&out)?;
+                    assert_eq!(doc["device"]["serial"], hostile_serial());
+                    assert_eq!(doc["device"]["manufacturer"], HOSTILE_MANUFACTURER);
+                    assert!(out.contains(r"\u202e"), "{out}");
+                }
+                if args[0] == "events" && args.contains(&"--json") {
+                    // Still JSON, still the same strings once parsed.
+                    let found = out
+                        .lines()
+                        .map(serde_json::from_str::<Value>)
+                        .collect::<Result<Vec<_>, _>>()?
+                        .into_iter()
+                        .any(|v| {
+                            v["event"]["body"]["DeviceDiscovered"]["serial"] == hostile_serial()
+                                || v.to_string().contains("pwned-title")
+                        });
+                    assert!(found, "{out}");
+                }
+            }
+
+            // → dashboard in Chromium: literal text, nothing injected, nothing run.
+            if let Some(chromium) =
+                chromium_or_skip("hostile_usb_strings_are_harmless_from_agent_to_cli_and_dashboard")
+            {
+                let browser = dashboard_support::Browser::launch(&chromium).await?;
+                let page = browser.new_page(1440, 960).await?;
+                page.goto(&format!(
+                    "{}/#token={}",
+                    serve.api,
+                    projector_support::API_TOKEN
+                ))
+                .await?;
+                page.wait_for(
+                    "the hostile device's row",
+                    &format!(
+                        "document.body.dataset.ready === 'true' && \
+                         document.querySelector('tr[data-device-id=\"{id}\"]')"
+                    ),
+                    WAIT,
+                )
+                .await?;
+                let seen = page
+                    .eval(&format!(
+                        r#"(() => {{
+                            const row = document.querySelector('tr[data-device-id="{id}"]');
+                            return {{
+                                text: row.textContent,
+                                // The page's own images (its logo) have a src of the page's.
+                                imgs: [...document.images].filter(i => i.getAttribute('src') === 'x').length,
+                                handlers: document.querySelectorAll('[onerror]').length,
+                                scripts: [...document.scripts].map(s => s.src),
+                                injected: row.querySelectorAll('script, img, b').length,
+                                pwned: document.body.dataset.pwned || null,
+                                title: document.title,
+                            }};
+                        }})()"#
+                    ))
+                    .await?;
+                let text = seen["text"].as_str().unwrap_or_default();
+                assert!(
+                    text.contains("<script>document.body.dataset.pwned='script'</script>"),
+                    "{seen}"
+                );
+                assert!(text.contains("\"><img src=x onerror="), "{seen}");
+                assert_eq!(seen["imgs"], 0, "{seen}");
+                assert_eq!(seen["injected"], 0, "{seen}");
+                assert_eq!(seen["handlers"], 0, "{seen}");
+                assert_eq!(seen["pwned"], Value::Null, "{seen}");
+                let scripts = seen["scripts"].as_array().context("scripts")?;
+                assert_eq!(scripts.len(), 1, "only app.js: {seen}");
+                assert!(
+                    !seen["title"].as_str().unwrap_or_default().contains("pwned"),
+                    "{seen}"
+                );
+                let problems = browser.problems.lock().unwrap().clone();
+                assert!(
+                    problems.is_empty(),
+                    "the page reported problems: {problems:#?}"
+                );
+                browser.close().await?;
+            }
+            agent.stop().await?;
+            Ok(())
+        },
+    );
 }

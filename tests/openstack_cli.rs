@@ -48,6 +48,7 @@ fn require_clients() -> PathBuf {
 /// on libvirt's test driver.
 struct SimHost {
     _devices: SimulatedHost,
+    executor: Arc<Executor>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -76,6 +77,7 @@ impl SimHost {
             drain_on_stop: Duration::from_secs(2),
         };
         let (stop, stopped) = oneshot::channel::<()>();
+        let kept = Arc::clone(&executor);
         let task = tokio::spawn(async move {
             let shutdown = async {
                 let _ = stopped.await;
@@ -88,9 +90,17 @@ impl SimHost {
         });
         Ok(Self {
             _devices: handle,
+            executor: kept,
             stop: Some(stop),
             task: Some(task),
         })
+    }
+
+    /// The agent loop dropped mid-run, as a crash: no last beat.
+    fn crash(mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
     }
 
     async fn stop(mut self) {
@@ -167,9 +177,11 @@ impl Clients {
         std::fs::write(
             &config,
             format!(
-                "clouds:\n  usbpt:\n    auth_type: none\n    auth:\n      endpoint: {api}/v2.1\n    \
+                "clouds:\n  usbpt:\n    auth_type: admin_token\n    auth:\n      endpoint: {api}/v2.1\n      \
+                 token: {token}\n    \
                  compute_endpoint_override: {api}/v2.1\n    identity_endpoint_override: \
-                 {api}/identity/v3\n"
+                 {api}/identity/v3\n",
+                token = projector_support::API_TOKEN
             ),
         )?;
         Ok(Self {
@@ -193,6 +205,8 @@ impl Clients {
             cmd.args(args)
                 .env("OS_CLIENT_CONFIG_FILE", &self.config)
                 .env("OS_CLOUD", "usbpt")
+                // The token for novaclient (an environment variable, not an argument `ps` shows).
+                .env("USBPT_API_TOKEN", projector_support::API_TOKEN)
                 .kill_on_drop(true)
                 .output(),
         )
@@ -217,6 +231,20 @@ impl Clients {
     async fn openstack(&mut self, args: &[&str]) -> Result<Run> {
         self.run("openstack", args).await
     }
+}
+
+/// Waits until `GET /v2.1/os-services?host={host}` shows the service `state`.
+async fn service_becomes(serve: &Serve, host: &str, state: &str) -> Result<()> {
+    let path = format!("/v2.1/os-services?host={host}");
+    eventually(Duration::from_secs(30), || {
+        let path = path.clone();
+        async move {
+            let (_, doc) = serve.get(&path).await.ok()?;
+            (doc["services"][0]["state"] == state).then_some(())
+        }
+    })
+    .await
+    .with_context(|| format!("{host} never became {state}"))
 }
 
 /// Waits until `GET /v2.1/servers/{name}` shows `status`.
@@ -245,13 +273,13 @@ fn string_set(v: &Value, key: &str) -> Vec<String> {
 }
 
 const NOVACLIENT: &str = r#"
-import json, sys
+import json, os, sys
 from keystoneauth1 import session
-from keystoneauth1.noauth import NoAuth
+from keystoneauth1.token_endpoint import Token
 from novaclient import client
 
-api = sys.argv[1]
-nova = client.Client("2.88", session=session.Session(auth=NoAuth(endpoint=api + "/v2.1")),
+api, token = sys.argv[1], os.environ["USBPT_API_TOKEN"]
+nova = client.Client("2.88", session=session.Session(auth=Token(api + "/v2.1", token)),
                      endpoint_override=api + "/v2.1")
 hv = nova.hypervisors.get("host-b")
 flavor = nova.flavors.find(name="erp-key")
@@ -309,6 +337,9 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
     .await
     .context("the agents' devices never reached the view")?;
 
+    // Each agent's first heartbeat arrives on its own connection, about when its devices do.
+    service_becomes(&serve, "host-a", "up").await?;
+    service_becomes(&serve, "host-b", "up").await?;
     let mut os = Clients::new(bin, data.path(), &serve.api)?;
 
     // Hypervisors: both hosts, UUID ids (2.53+), up.
@@ -474,6 +505,98 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
     assert_eq!(plain["status"], "ACTIVE", "{plain}");
     assert_eq!(plain["OS-EXT-SRV-ATTR:host"], "host-a", "{plain}");
 
+    // Cold migration of a USB-less server to a chosen host (2.56+ for --host).
+    os.openstack(&[
+        "--os-compute-api-version",
+        "2.56",
+        "server",
+        "migrate",
+        "--host",
+        "host-b",
+        "--wait",
+        "plain-1",
+    ])
+    .await?
+    .ok();
+    let moved = os
+        .openstack(&["server", "show", "plain-1", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(moved["status"], "ACTIVE", "{moved}");
+    assert_eq!(moved["OS-EXT-SRV-ATTR:host"], "host-b", "{moved}");
+    // The destination's agent defined and started the domain: its report is the server's state
+    // (the source's teardown report, which once made this flaky, is not).
+    let path = "/v2.1/servers/plain-1";
+    let doc = eventually(Duration::from_secs(30), || async {
+        let (_, doc) = serve.get(path).await.ok()?;
+        let detail = doc["server"]["state_detail"].as_str()?.to_owned();
+        detail
+            .contains("cold migration from host host-a")
+            .then_some(doc)
+    })
+    .await
+    .context("host-b never reported plain-1 running")?;
+    assert_eq!(doc["server"]["status"], "ACTIVE", "{doc}");
+
+    // PUT /servers/{id}: rename and describe (2.19+), recorded as ServerUpdated.
+    os.openstack(&[
+        "server",
+        "set",
+        "--name",
+        "plain-2",
+        "--description",
+        "no USB; moved to host-b",
+        "plain-1",
+    ])
+    .await?
+    .ok();
+    let renamed = os
+        .openstack(&["server", "show", "plain-2", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(renamed["id"], moved["id"], "{renamed}");
+    assert_eq!(
+        renamed["description"], "no USB; moved to host-b",
+        "{renamed}"
+    );
+    let gone = os.openstack(&["server", "show", "plain-1"]).await?;
+    assert_ne!(gone.code, 0, "the old name is free: {gone:?}");
+    os.openstack(&["server", "unset", "--description", "plain-2"])
+        .await?
+        .ok();
+    let (_, _, body) = raw(
+        reqwest::Method::GET,
+        &format!("{}/v2.1/servers/plain-2", serve.api),
+        &[("OpenStack-API-Version", "compute 2.19")],
+        None,
+    )
+    .await?;
+    let doc: Value = serde_json::from_str(&body)?;
+    assert_eq!(doc["server"]["description"], "", "{doc}");
+
+    // Flavor resources: recorded from `flavor create` (FlavorSized) and shown.
+    let sized = os
+        .openstack(&[
+            "flavor", "create", "--ram", "512", "--vcpus", "2", "--disk", "10", "sized", "-f",
+            "json",
+        ])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(
+        (&sized["ram"], &sized["vcpus"], &sized["disk"]),
+        (&Value::from(512), &Value::from(2), &Value::from(10)),
+        "{sized}"
+    );
+    let shown = os
+        .openstack(&["flavor", "show", "sized", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(shown["ram"], 512, "{shown}");
+
     // Live migration of a server holding a host USB device is refused, with the reason.
     let live = os
         .openstack(&["server", "migrate", "--live-migration", "erp-1"])
@@ -484,10 +607,49 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
         "{live:?}"
     );
 
-    // Resize to a flavor asking for the other key by serial; usbpt confirms at once
-    // (resize_confirm_window = 0), so confirm succeeds and revert is refused with the reason.
-    let spec2 =
-        r#"[{"vendor_id":"136b","product_id":"0003","serial":"ERP-2","controller":"xhci"}]"#;
+    // Resize to a flavor asking for the other key by serial: VERIFY_RESIZE, both keys reserved;
+    // revert gives erp-1 its old flavor and key back (in the libvirt domain on host-b, through
+    // the claims it kept); a second resize is confirmed, releasing the old key.
+    let (_, doc) = serve.get("/v2.1/servers/erp-1").await?;
+    let old_device = doc["server"]["usb_devices"][0]["device_id"].clone();
+    let (_, devices) = serve.get("/v1/devices").await?;
+    let device = |id: &Value| -> Value {
+        devices["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| &d["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("device {id} not in {devices}"))
+    };
+    let old = device(&old_device);
+    let other = if old["serial"] == "ERP-1" {
+        "ERP-2"
+    } else {
+        "ERP-1"
+    };
+    let hostdev = |d: &Value| format!("<address bus='{}' device='{}'/>", d["bus"], d["devnum"]);
+    let erp_1 = usbpt_schemas::ServerId(id.parse::<uuid::Uuid>()?);
+    let domain = |want: String, not: String| {
+        let executor = Arc::clone(&host_b.executor);
+        async move {
+            eventually(Duration::from_secs(30), || {
+                let (executor, want, not) = (Arc::clone(&executor), want.clone(), not.clone());
+                async move {
+                    let xml = executor
+                        .domain_xml(erp_1, true)
+                        .await
+                        .ok()?
+                        .replace('"', "'");
+                    (xml.contains(&want) && !xml.contains(&not)).then_some(xml)
+                }
+            })
+            .await
+        }
+    };
+    let spec2 = format!(
+        r#"[{{"vendor_id":"136b","product_id":"0003","serial":"{other}","controller":"xhci"}}]"#
+    );
     os.openstack(&[
         "flavor",
         "create",
@@ -497,30 +659,77 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
     ])
     .await?
     .ok();
-    os.openstack(&[
+    let resize = [
         "server",
         "resize",
         "--flavor",
         "erp-key-2",
         "--wait",
         "erp-1",
-    ])
-    .await?
-    .ok();
+    ];
+    os.openstack(&resize).await?.ok();
+    let (_, doc) = serve.get("/v2.1/servers/erp-1").await?;
+    assert_eq!(doc["server"]["status"], "VERIFY_RESIZE", "{doc}");
+    assert_eq!(doc["server"]["OS-EXT-STS:vm_state"], "resized", "{doc}");
+    let new_device = doc["server"]["usb_devices"][0]["device_id"].clone();
+    assert_ne!(new_device, old_device, "{doc}");
+    let new = device(&new_device);
+    // Both keys are erp-1's until the resize is confirmed or reverted: no third server fits.
+    let (_, devices_now) = serve.get("/v1/devices").await?;
+    for d in devices_now["devices"].as_array().unwrap() {
+        if d["id"] == old_device || d["id"] == new_device {
+            assert_ne!(d["status"], "available", "{d}");
+        }
+    }
+    domain(hostdev(&new), hostdev(&old))
+        .await
+        .context("the new key never reached erp-1's domain")?;
+    os.openstack(&["server", "resize", "revert", "erp-1"])
+        .await?
+        .ok();
+    let reverted = status_becomes(&serve, "erp-1", "ACTIVE").await?;
+    assert_eq!(
+        reverted["server"]["flavor"]["name"], "erp-key",
+        "{reverted}"
+    );
+    assert_eq!(
+        reverted["server"]["usb_devices"][0]["device_id"], old_device,
+        "{reverted}"
+    );
+    let xml = domain(hostdev(&old), hostdev(&new))
+        .await
+        .context("erp-1's domain never got its old key back")?;
+    assert_eq!(xml.matches("<hostdev").count(), 1, "{xml}");
+    let (_, devices_now) = serve.get("/v1/devices").await?;
+    let freed = devices_now["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == new_device)
+        .cloned()
+        .unwrap();
+    assert_eq!(freed["status"], "available", "{freed}");
+    let again = os
+        .openstack(&["server", "resize", "confirm", "erp-1"])
+        .await?;
+    assert_ne!(again.code, 0, "nothing to confirm: {again:?}");
+
+    os.openstack(&resize).await?.ok();
     os.openstack(&["server", "resize", "confirm", "erp-1"])
         .await?
         .ok();
-    let revert = os
-        .openstack(&["server", "resize", "revert", "erp-1"])
-        .await?;
-    assert_ne!(revert.code, 0, "{revert:?}");
-    assert!(
-        revert.stderr.contains("resize_confirm_window"),
-        "{revert:?}"
-    );
     let (_, doc) = serve.get("/v2.1/servers/erp-1").await?;
     assert_eq!(doc["server"]["flavor"]["name"], "erp-key-2", "{doc}");
     assert_eq!(doc["server"]["status"], "ACTIVE", "{doc}");
+    let (_, devices_now) = serve.get("/v1/devices").await?;
+    let released = devices_now["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == old_device)
+        .cloned()
+        .unwrap();
+    assert_eq!(released["status"], "available", "{released}");
 
     // Power actions, observed through the agent and the view.
     os.openstack(&["server", "stop", "erp-1"]).await?.ok();
@@ -541,12 +750,39 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
         .json();
     let actions = string_set(&events, "Action");
     // The view keeps a server's last power action (here the reboot), not each one.
-    for a in ["create", "live-migration", "resize", "reboot"] {
+    for a in [
+        "create",
+        "live-migration",
+        "resize",
+        "revertResize",
+        "confirmResize",
+        "reboot",
+    ] {
         assert!(actions.contains(&a.to_owned()), "{a} missing: {events}");
     }
     let (_, migrations) = serve.get("/v2.1/os-migrations").await?;
-    let kinds = string_set(&migrations["migrations"], "migration_type");
-    assert_eq!(kinds, ["live-migration", "resize"], "{migrations}");
+    // The reverted resize and the confirmed one; the way back of the revert is not a migration.
+    let kinds: Vec<(String, String)> = migrations["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["migration_type"].as_str().unwrap().to_owned(),
+                m["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("resize".into(), "confirmed".into()),
+            ("resize".into(), "reverted".into()),
+            ("live-migration".into(), "error".into()),
+            ("migration".into(), "confirmed".into()),
+        ],
+        "{migrations}"
+    );
 
     let services = os
         .openstack(&["compute", "service", "list", "-f", "json"])
@@ -601,7 +837,7 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
     status_becomes(&serve, "erp-1", "ACTIVE").await?;
 
     // Delete both; the servers are gone from the list.
-    os.openstack(&["server", "delete", "--wait", "erp-1", "nova-1", "plain-1"])
+    os.openstack(&["server", "delete", "--wait", "erp-1", "nova-1", "plain-2"])
         .await?
         .ok();
     let list = os
@@ -618,8 +854,61 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
         os.spent.as_secs_f64() / os.calls as f64,
         total.elapsed().as_secs_f64()
     );
+
+    // Liveness (ADR 0008): a cleanly stopped agent's last beat says so, and its host is down at
+    // once, in os-services and os-hypervisors alike.
     host_a.stop().await;
-    host_b.stop().await;
+    service_becomes(&serve, "host-a", "down").await?;
+    let services = os
+        .openstack(&["compute", "service", "list", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    let states: Vec<(String, String)> = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["Host"].as_str().unwrap().to_owned(),
+                s["State"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("host-a".into(), "down".into()),
+            ("host-b".into(), "up".into())
+        ],
+        "{services}"
+    );
+    let list = os
+        .openstack(&["hypervisor", "list", "-f", "json"])
+        .await?
+        .ok()
+        .json();
+    for h in list.as_array().unwrap() {
+        let want = if h["Hypervisor Hostname"] == "host-a" {
+            "down"
+        } else {
+            "up"
+        };
+        assert_eq!(h["State"], want, "{h}");
+    }
+    // A crashed agent sends no last beat: its host is down once three beats are missed.
+    let crashed = Instant::now();
+    host_b.crash();
+    service_becomes(&serve, "host-b", "down").await?;
+    let took = crashed.elapsed();
+    eprintln!(
+        "a crashed agent's host went down after {:.1} s",
+        took.as_secs_f64()
+    );
+    assert!(
+        took >= Duration::from_secs(3),
+        "down before a beat was missed: {took:?}"
+    );
     drop(serve);
     Ok(())
 }
@@ -631,7 +920,9 @@ async fn raw(
     headers: &[(&str, &str)],
     body: Option<Value>,
 ) -> Result<(u16, reqwest::header::HeaderMap, String)> {
-    let mut req = reqwest::Client::new().request(method, url);
+    let mut req = reqwest::Client::new()
+        .request(method, url)
+        .header("x-auth-token", projector_support::API_TOKEN);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -889,6 +1180,41 @@ async fn discovery_microversions_errors_and_extra_specs_are_novas() -> Result<()
             .is_empty(),
         "{doomed}"
     );
+    // PUT /servers/{id}: a description needs 2.19; a bad name is a 400 naming the field.
+    let put = |body: Value, version: &'static str| {
+        let url = format!("{api}/v2.1/servers/{sid}");
+        async move {
+            raw(
+                Method::PUT,
+                &url,
+                &[("OpenStack-API-Version", version)],
+                Some(body),
+            )
+            .await
+        }
+    };
+    let (code, _, body) = put(
+        serde_json::json!({"server": {"description": "d"}}),
+        "compute 2.18",
+    )
+    .await?;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("server.description"), "{body}");
+    let (code, _, body) = put(
+        serde_json::json!({"server": {"name": "no spaces allowed"}}),
+        "compute 2.19",
+    )
+    .await?;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("server.name"), "{body}");
+    let (code, _, body) = put(
+        serde_json::json!({"server": {"name": "doomed-2", "description": "kept"}}),
+        "compute 2.19",
+    )
+    .await?;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["server"]["name"], "doomed-2");
+    assert_eq!(json(&body)["server"]["description"], "kept");
     let (code, _, body) = raw(
         Method::DELETE,
         &format!("{api}/v2.1/servers/{sid}"),
@@ -941,5 +1267,83 @@ async fn discovery_microversions_errors_and_extra_specs_are_novas() -> Result<()
     assert_eq!(code, 404);
     let (_, _, body) = raw(Method::GET, &format!("{api}/v2.1/os-aggregates"), &[], None).await?;
     assert_eq!(json(&body), serde_json::json!({"aggregates": []}));
+    Ok(())
+}
+
+/// Nova's `resize_confirm_window` (`usbpt serve --resize-confirm-window 1`): a resize left in
+/// VERIFY_RESIZE is confirmed by the control plane once the window has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resize_confirm_window_confirms_a_pending_resize() -> Result<()> {
+    use reqwest::Method;
+    let nats = TestNats::start().await?;
+    let data = tempfile::tempdir()?;
+    let serve =
+        Serve::start_with(&nats.url(), data.path(), &["--resize-confirm-window", "1"]).await?;
+    let hosts = tempfile::tempdir()?;
+    let host = SimHost::start("host-a", hosts.path(), &nats.url(), vec![]).await?;
+    let api = serve.api.clone();
+    let json =
+        |s: &str| -> Value { serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}")) };
+    let mut flavor_ids = Vec::new();
+    for name in ["small", "big"] {
+        let (code, _, body) = raw(
+            Method::POST,
+            &format!("{api}/v2.1/flavors"),
+            &[],
+            Some(serde_json::json!({"flavor": {"name": name, "ram": 64, "vcpus": 1, "disk": 0}})),
+        )
+        .await?;
+        assert_eq!(code, 200, "{body}");
+        flavor_ids.push(json(&body)["flavor"]["id"].as_str().unwrap().to_owned());
+    }
+    // The agent has announced host-a: a flavor without USB can be scheduled there.
+    eventually(Duration::from_secs(30), || async {
+        let (_, doc) = serve.get("/v2.1/os-hypervisors").await.ok()?;
+        (doc["hypervisors"].as_array()?.len() == 1).then_some(())
+    })
+    .await?;
+    let (code, _, body) = raw(
+        Method::POST,
+        &format!("{api}/v2.1/servers"),
+        &[],
+        Some(serde_json::json!({"server": {
+            "name": "w-1", "flavorRef": flavor_ids[0], "networks": "none"}})),
+    )
+    .await?;
+    assert_eq!(code, 202, "{body}");
+    status_becomes(&serve, "w-1", "ACTIVE").await?;
+    let resized = Instant::now();
+    let (code, _, body) = raw(
+        Method::POST,
+        &format!("{api}/v2.1/servers/w-1/action"),
+        &[],
+        Some(serde_json::json!({"resize": {"flavorRef": flavor_ids[1]}})),
+    )
+    .await?;
+    assert_eq!(code, 202, "{body}");
+    let (_, doc) = serve.get("/v2.1/servers/w-1").await?;
+    assert_eq!(doc["server"]["status"], "VERIFY_RESIZE", "{doc}");
+    let confirmed = eventually(Duration::from_secs(30), || async {
+        let (_, doc) = serve.get("/v2.1/os-migrations").await.ok()?;
+        (doc["migrations"][0]["status"] == "confirmed").then_some(doc)
+    })
+    .await
+    .context("the resize was never confirmed")?;
+    let took = resized.elapsed();
+    assert!(
+        took >= Duration::from_secs(1),
+        "before the window: {took:?}"
+    );
+    eprintln!(
+        "auto-confirmed after {:.1} s: {confirmed}",
+        took.as_secs_f64()
+    );
+    let doc = status_becomes(&serve, "w-1", "ACTIVE").await?;
+    assert_eq!(
+        doc["server"]["flavor"]["id"],
+        flavor_ids[1].as_str(),
+        "{doc}"
+    );
+    host.stop().await;
     Ok(())
 }

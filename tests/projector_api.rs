@@ -283,6 +283,8 @@ async fn nova_hypervisor_document_matches_the_golden_file() -> Result<()> {
     let last = each_status_story(&bus).await?;
     serve.wait_applied(last).await?;
 
+    // No agent beats here (the events are published directly): host-a's `state` is `down`
+    // (ADR 0008); tests/openstack_cli.rs shows it `up` while its agent runs.
     let doc = serve
         .cli_json(&["hypervisor", "show", "host-a", "--json"])
         .await?;
@@ -576,7 +578,10 @@ async fn sse_delivers_an_event_published_after_the_client_subscribed() -> Result
     let mut s = Story { n: 300 };
     let before = s.publish(&bus, flavor(20, "erp")).await?;
 
-    let resp = reqwest::get(format!("{}/v1/events", serve.api)).await?;
+    let resp = projector_support::http()
+        .get(format!("{}/v1/events", serve.api))
+        .send()
+        .await?;
     assert_eq!(resp.status(), 200);
     assert!(resp.headers()["content-type"]
         .to_str()?
@@ -601,14 +606,17 @@ async fn sse_delivers_an_event_published_after_the_client_subscribed() -> Result
     assert_eq!(env.body, boot(30, "erp-1", 20));
 
     // `?from=1` replays history first; `Last-Event-ID` resumes after an event.
-    let resp = reqwest::get(format!("{}/v1/events?from=1", serve.api)).await?;
+    let resp = projector_support::http()
+        .get(format!("{}/v1/events?from=1", serve.api))
+        .send()
+        .await?;
     let mut all = SseReader {
         resp,
         buf: String::new(),
     };
     assert_eq!(all.next().await?.0, "subscribed");
     assert_eq!(all.next().await?.1, Some(before.to_string()));
-    let resp = reqwest::Client::new()
+    let resp = projector_support::http()
         .get(format!("{}/v1/events", serve.api))
         .header("Last-Event-ID", before.to_string())
         .send()

@@ -8,7 +8,6 @@ mod projector_support;
 use std::sync::Arc;
 
 use anyhow::Result;
-use futures::StreamExt;
 use projector_support::{usbpt, Serve};
 use usbpt_bus::StartAt;
 use usbpt_projector::workload::{publish_all, Workload};
@@ -85,15 +84,12 @@ async fn verify_names_the_first_key_where_a_view_differs_from_a_clean_replay() -
 
     // A "live" view folded from the stream with one event altered: host-00001's first device
     // reports another product name.
-    let mut messages = bus.ordered(StartAt::Beginning, None).await?;
+    let mut messages = bus.reader(StartAt::Beginning, None).await?;
     let mut events = Vec::new();
     let mut tampered = None;
-    while let Some(m) = messages.next().await {
-        let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
-        let seq = m
-            .info()
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .stream_sequence;
+    loop {
+        let m = messages.next().await?;
+        let seq = m.seq;
         let mut payload = m.payload.clone();
         let mut env = codec::decode(&payload)?;
         if let Event::DeviceDiscovered(d) = &mut env.body {

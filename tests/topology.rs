@@ -27,15 +27,20 @@ const FLAVORS: usize = 24;
 fn config(dir: &Path, name: &str, urls: &str, consumer: &str) -> Result<PathBuf> {
     let urls: Vec<String> = urls.split(',').map(|u| format!("{u:?}")).collect();
     let path = dir.join(format!("{name}.toml"));
+    // One API token for the deployment (ADR 0006), in a file the config names.
+    let token = dir.join("api-token");
+    usbpt_api::ApiToken::ensure(&token)?;
     std::fs::write(
         &path,
         format!(
             "data_dir = {data:?}\n\
              [nats]\nurls = [{urls}]\ninsecure = true\nstream_replicas = 3\n\
              [serve]\nlisten = \"127.0.0.1:0\"\n\
+             [api]\ntoken_file = {token:?}\n\
              [projector]\nconsumer = {consumer:?}\n",
             data = dir.join(name).display().to_string(),
             urls = urls.join(", "),
+            token = token.display().to_string(),
         ),
     )?;
     Ok(path)
@@ -55,6 +60,7 @@ struct Replica {
     child: Child,
     config: PathBuf,
     api: String,
+    token: String,
 }
 
 impl Replica {
@@ -86,9 +92,15 @@ impl Replica {
         });
         // The socket is bound before the bus is connected and the stream created; the first
         // HTTP answer comes once all of that is done (the connection waits in the backlog).
+        let token = std::fs::read_to_string(config.with_file_name("api-token"))?
+            .trim()
+            .to_owned();
         tokio::time::timeout(
             Duration::from_secs(60),
-            reqwest::get(format!("{api}/v1/status")),
+            reqwest::Client::new()
+                .get(format!("{api}/v1/status"))
+                .bearer_auth(&token)
+                .send(),
         )
         .await
         .context("usbpt serve never answered")??
@@ -97,6 +109,7 @@ impl Replica {
             child,
             config: config.to_path_buf(),
             api,
+            token,
         })
     }
 
@@ -123,13 +136,16 @@ impl Replica {
 
     /// Waits (server side) until the view has applied `seq`.
     async fn wait_applied(&self, seq: u64) -> Result<()> {
-        let doc: Value = reqwest::get(format!(
-            "{}/v1/status?min_seq={seq}&timeout_ms=60000",
-            self.api
-        ))
-        .await?
-        .json()
-        .await?;
+        let doc: Value = reqwest::Client::new()
+            .get(format!(
+                "{}/v1/status?min_seq={seq}&timeout_ms=60000",
+                self.api
+            ))
+            .bearer_auth(&self.token)
+            .send()
+            .await?
+            .json()
+            .await?;
         if doc["reached"] != Value::Bool(true) {
             bail!("view at {} did not reach {seq}: {doc}", self.api);
         }

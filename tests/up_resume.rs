@@ -82,9 +82,46 @@ async fn sigterm_and_wait(mut up: Up) -> Result<()> {
 async fn up_stops_on_sigterm_and_resumes_its_history() -> Result<()> {
     let data = tempfile::tempdir()?;
     let up = start(data.path()).await?;
+    // `up` generated the API token at its first start: a private file under the data dir.
+    let token_file = data.path().join("api-token");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token_file)?.permissions());
+    assert_eq!(mode & 0o777, 0o600, "api-token mode {mode:o}");
+    let token = std::fs::read_to_string(&token_file)?.trim().to_owned();
+    assert_eq!(token.len(), 64, "32 random bytes in hex");
     let http = reqwest::Client::new();
+    let refused = http.get(format!("{}/v2.1/flavors", up.api)).send().await?;
+    assert_eq!(refused.status().as_u16(), 401, "no token");
+    // The CLI beside `up` finds the token in the data dir by itself; a wrong one is refused.
+    let cli = |token: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_usbpt"));
+        c.args(["flavor", "list", "--json"])
+            .env_remove("NATS_URL")
+            .env_remove("USBPT_API_TOKEN_FILE")
+            .env("USBPT_DATA_DIR", data.path())
+            .env("USBPT_API", &up.api);
+        match token {
+            Some(t) => c.env("USBPT_API_TOKEN", t),
+            None => c.env_remove("USBPT_API_TOKEN"),
+        };
+        c.output()
+    };
+    let out = cli(None).await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(Some("a-wrong-token-of-some-length")).await?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("403"), "{err}");
+    assert!(
+        !err.contains("a-wrong-token"),
+        "the token was echoed: {err}"
+    );
     let created = http
         .post(format!("{}/v2.1/flavors", up.api))
+        .bearer_auth(&token)
         .json(
             &serde_json::json!({"flavor": {"name": "kept", "usb_devices": [
                 {"vendor_id": "136b", "product_id": "0003", "count": 1, "controller": "xhci"}
@@ -96,6 +133,7 @@ async fn up_stops_on_sigterm_and_resumes_its_history() -> Result<()> {
     assert_eq!(created.status().as_u16(), 200, "{}", created.text().await?);
     let bad = http
         .post(format!("{}/v2.1/flavors", up.api))
+        .bearer_auth(&token)
         .json(&serde_json::json!({"flavor": {"name": "a.>", "usb_devices": []}}))
         .send()
         .await?;
@@ -111,8 +149,11 @@ async fn up_stops_on_sigterm_and_resumes_its_history() -> Result<()> {
     sigterm_and_wait(up).await?;
 
     let up = start(data.path()).await?;
+    // The same token after a restart.
+    assert_eq!(std::fs::read_to_string(&token_file)?.trim(), token);
     let flavors: serde_json::Value = http
         .get(format!("{}/v2.1/flavors", up.api))
+        .header("X-Auth-Token", &token)
         .send()
         .await?
         .json()

@@ -9,10 +9,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{info, warn};
-use usbpt_schemas::{codec, subjects, DeviceId, Envelope, Event, LineageId};
+use usbpt_schemas::{subjects, DeviceId, Envelope, Event, LineageId};
 
 use crate::guard;
 use crate::libvirt::{DeviceInfo, Executor};
@@ -44,6 +43,12 @@ pub(crate) struct Control {
 }
 
 const RETRY: Duration = Duration::from_secs(1);
+/// Work items per fetch of the control consumer.
+const CONTROL_BATCH: usize = 64;
+/// How long one fetch of control work waits on the server (a long poll).
+const CONTROL_FETCH_WAIT: Duration = Duration::from_secs(5);
+/// After how long unacknowledged work is delivered again (the consumer's setting).
+const CONTROL_ACK_WAIT: Duration = Duration::from_secs(30);
 
 impl Control {
     fn enqueue(&self, events: Vec<Event>, cause: Option<&Envelope>) -> Result<(), StoreError> {
@@ -111,44 +116,53 @@ impl Control {
                     continue;
                 }
             };
-            let consumer = match bus
-                .pull_consumer(&durable, Some(subjects::control_for_host_all(&host)), 0)
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "control: cannot open the consumer; retrying");
-                    tokio::time::sleep(RETRY).await;
-                    continue;
+            let mut consumer = bus.durable(
+                &durable,
+                Some(subjects::control_for_host_all(&host)),
+                CONTROL_ACK_WAIT,
+            );
+            if let Err(e) = consumer.open().await {
+                warn!(error = %e, "control: cannot open the consumer; retrying");
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+            // Fetches run on their own task so that a re-attach never cancels one in flight
+            // (work delivered to a cancelled fetch would wait out the ack wait).
+            let (work_tx, mut work) = mpsc::channel(CONTROL_BATCH);
+            let fetcher = tokio::spawn(async move {
+                loop {
+                    match consumer.fetch(CONTROL_BATCH, CONTROL_FETCH_WAIT).await {
+                        Ok(batch) => {
+                            for received in batch {
+                                if work_tx.send(received).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "control: consumer interrupted; reconnecting");
+                            return;
+                        }
+                    }
                 }
-            };
-            let mut messages = match consumer.messages().await {
-                Ok(m) => m,
-                Err(e) => {
-                    warn!(error = %e, "control: cannot read the consumer; retrying");
-                    tokio::time::sleep(RETRY).await;
-                    continue;
-                }
-            };
+            });
             info!(consumer = %durable, "control: listening for work");
             loop {
                 tokio::select! {
                     Some(r) = self.reenumerated.recv() => self.reattach(r).await?,
-                    next = messages.next() => {
-                        let Some(Ok(msg)) = next else {
-                            warn!("control: consumer interrupted; reconnecting");
-                            break;
-                        };
-                        match codec::decode(&msg.payload) {
-                            Ok(env) => match guard::check(&host, &msg.subject, &msg.payload, msg.headers.as_ref(), &env, self.target.control_key.as_deref()) {
+                    next = work.recv() => {
+                        let Some(msg) = next else { break };
+                        let d = &msg.delivery;
+                        match d.decode() {
+                            Ok(env) => match guard::check(&host, &d.subject, &d.payload, d.signature.as_deref(), &env, self.target.control_key.as_deref()) {
                                 Ok(()) => {
                                     let devices = self.devices.borrow().clone();
                                     let events = self.executor.handle(&env, &*devices).await;
                                     self.enqueue(events, Some(&env))?;
                                 }
-                                Err(reason) => self.refuse(&msg.subject, env.body.kind(), reason),
+                                Err(reason) => self.refuse(&d.subject, env.body.kind(), reason),
                             },
-                            Err(e) => warn!(subject = %msg.subject, error = %e, "control: undecodable work skipped"),
+                            Err(e) => warn!(subject = %d.subject, error = %e, "control: undecodable work skipped"),
                         }
                         if let Err(e) = msg.ack().await {
                             warn!(error = %e, "control: ack failed; the work may be redelivered");
@@ -156,6 +170,7 @@ impl Control {
                     }
                 }
             }
+            fetcher.abort();
         }
     }
 }

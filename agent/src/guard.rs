@@ -7,7 +7,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use usbpt_bus::async_nats::HeaderMap;
 use usbpt_bus::auth;
 use usbpt_schemas::subjects::{self, SubjectScope};
 use usbpt_schemas::{Envelope, HostName};
@@ -25,13 +24,14 @@ pub(crate) fn count_refusal() -> u64 {
     REFUSED.fetch_add(1, Ordering::Relaxed) + 1
 }
 
-/// Whether `env` (decoded from `payload`, received on `subject` with `headers`) is work this
-/// host's agent may carry out; the reason when it is not.
+/// Whether `env` (decoded from `payload`, received on `subject` with the command handler's
+/// `signature` header, if any) is work this host's agent may carry out; the reason when it is
+/// not.
 pub fn check(
     host: &HostName,
     subject: &str,
     payload: &[u8],
-    headers: Option<&HeaderMap>,
+    signature: Option<&str>,
     env: &Envelope,
     control_key: Option<&str>,
 ) -> Result<(), String> {
@@ -47,11 +47,8 @@ pub fn check(
         ));
     }
     if let Some(key) = control_key {
-        let signature = headers
-            .and_then(|h| h.get(auth::SIGNATURE_HEADER))
-            .map(|v| v.as_str().to_owned())
-            .ok_or_else(|| "not signed by the command handler".to_owned())?;
-        if !auth::verify(key, payload, &signature) {
+        let signature = signature.ok_or_else(|| "not signed by the command handler".to_owned())?;
+        if !auth::verify(key, payload, signature) {
             return Err("the signature is not the command handler's".to_owned());
         }
     }

@@ -11,6 +11,7 @@
 pub mod control;
 pub mod filter;
 pub mod guard;
+pub mod heartbeat;
 pub mod libvirt;
 pub mod observation;
 pub mod progress;
@@ -23,6 +24,6 @@ pub mod store;
 pub use filter::{Decision, Filter, FilterError};
 pub use observation::{Action, Interface, Observation, UsbDevice};
 pub use progress::{Progress, ProgressSink};
-pub use publisher::BusTarget;
+pub use publisher::{BusTarget, WINDOW as PUBLISH_WINDOW};
 pub use run::{read_boot_id, run, run_with_executor, AgentConfig, AgentError, AGENT_VERSION};
 pub use source::{DeviceSource, SourceError, SourceEvent, UdevSource};

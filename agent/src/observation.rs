@@ -3,6 +3,7 @@
 //! outbox as the real udev monitor.
 
 use serde::{Deserialize, Serialize};
+use usbpt_schemas::text::{bound, Escaped, DEVICE_STRING_MAX};
 use usbpt_schemas::{PortPath, ProductId, UsbAddress, VendorId};
 
 /// One interface of the active configuration.
@@ -107,6 +108,38 @@ impl UsbDevice {
         }
     }
 
+    /// This device with its strings (serial, manufacturer, product, hwdb names) cut to
+    /// [`DEVICE_STRING_MAX`] bytes, each cut one ending in `…`, so the event says it. A USB
+    /// string descriptor holds at most 126 UTF-16 units, so only a hostile or broken device (or
+    /// udev database) is cut; it is still reported, not hidden: the operator sees a device that
+    /// is plugged in. The cut is deterministic, so a cut serial still gives a stable lineage
+    /// (two devices equal in their first 252 bytes clash, as devices sharing a serial do).
+    /// Control characters are kept: they are data, escaped by every printer
+    /// ([`usbpt_schemas::text::escape`]).
+    pub fn bounded(mut self) -> Self {
+        for (name, field) in [
+            ("serial", &mut self.serial),
+            ("manufacturer", &mut self.manufacturer),
+            ("product", &mut self.product),
+            ("vendor_db", &mut self.vendor_db),
+            ("model_db", &mut self.model_db),
+        ] {
+            if let Some(v) = field.take() {
+                let (v, cut) = bound(v, DEVICE_STRING_MAX);
+                if cut {
+                    tracing::warn!(
+                        syspath = %Escaped(&self.syspath),
+                        field = name,
+                        kept = %Escaped(&v),
+                        "a device string longer than {DEVICE_STRING_MAX} bytes was cut"
+                    );
+                }
+                *field = Some(v);
+            }
+        }
+        self
+    }
+
     /// `vvvv:pppp` for logs.
     pub fn ids(&self) -> String {
         format!("{}:{}", self.vendor_id, self.product_id)
@@ -157,5 +190,38 @@ impl Observation {
             Observation::Present { device, .. } => &device.syspath,
             Observation::Removed { syspath, .. } => syspath,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_strings_are_cut_to_255_bytes_and_say_so_but_keep_their_controls() {
+        let d = UsbDevice {
+            syspath: "/sys/devices/pci0000:00/usb1/1-2".into(),
+            port_path: "1-2".parse().expect("port"),
+            address: UsbAddress::new(1, 5).expect("address"),
+            vendor_id: VendorId(0x6666),
+            product_id: ProductId(0x4242),
+            serial: Some("S".repeat(900_000)),
+            device_class: 0,
+            interfaces: Vec::new(),
+            manufacturer: Some("Evil\x1b[2J Corp".into()),
+            product: Some("é".repeat(200)),
+            vendor_db: None,
+            model_db: Some("m".repeat(255)),
+            speed: None,
+            usb_version: None,
+        }
+        .bounded();
+        let serial = d.serial.as_deref().unwrap_or_default();
+        assert!(serial.len() <= DEVICE_STRING_MAX && serial.ends_with('…'));
+        let product = d.product.as_deref().unwrap_or_default();
+        assert!(product.len() <= DEVICE_STRING_MAX && product.ends_with('…'));
+        assert_eq!(d.manufacturer.as_deref(), Some("Evil\x1b[2J Corp"));
+        assert_eq!(d.model_db.as_deref().map(str::len), Some(255));
+        assert_eq!(d.vendor_db, None);
     }
 }

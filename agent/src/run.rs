@@ -7,6 +7,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use usbpt_schemas::text::Escaped;
 
 use std::collections::HashMap;
 use thiserror::Error;
@@ -318,6 +319,9 @@ fn log_event(e: &Event) {
             port = %d.port_path,
             address = %d.address,
             ids = %format!("{}:{}", d.vendor_id, d.product_id),
+            manufacturer = %Escaped(d.manufacturer.as_deref().unwrap_or("-")),
+            product = %Escaped(d.product.as_deref().unwrap_or("-")),
+            serial = %Escaped(d.serial.as_deref().unwrap_or("-")),
             supersedes = ?d.supersedes.map(|s| s.to_string()),
             "device discovered"
         ),
@@ -329,7 +333,7 @@ fn log_event(e: &Event) {
         ),
         Event::DeviceClashDetected(c) => warn!(
             ids = %format!("{}:{}", c.vendor_id, c.product_id),
-            serial = %c.serial,
+            serial = %Escaped(&c.serial),
             ports = ?c.port_paths.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "devices share a serial: they get port lineages"
         ),
@@ -383,6 +387,10 @@ pub async fn run_with_executor<S: DeviceSource>(
             .boot_id
             .as_deref()
             .is_some_and(|b| b != agent.config.boot_id);
+        // Beating starts first so that its connection (its own) is under way before the first
+        // device is published: a host is `up` about when its devices appear (ADR 0008).
+        let beating =
+            crate::heartbeat::start(agent.config.host.clone(), agent.config.bus.clone());
         let snapshot = source.snapshot()?;
         let outbox = agent.start(snapshot)?;
         // Devices that kept their ids across the restart produced no event: seed them.
@@ -476,6 +484,8 @@ pub async fn run_with_executor<S: DeviceSource>(
             }
         };
 
+        // Down from here on, for os-services and os-hypervisors.
+        beating.stop().await;
         if let Some(c) = controlling {
             // Wait until it is gone: it shares the state file, which a restart reopens.
             c.abort();

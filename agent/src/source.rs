@@ -374,7 +374,8 @@ pub fn device_from_properties(d: &udev::Device) -> Result<UsbDevice, String> {
         model_db: prop(d, "ID_MODEL_FROM_DATABASE"),
         speed: None,
         usb_version: None,
-    })
+    }
+    .bounded())
 }
 
 /// Decodes udev's `\xNN` escapes (`ID_MODEL_ENC=Security\x20Key`).
@@ -452,7 +453,8 @@ pub fn read_device(d: &udev::Device) -> Result<UsbDevice, String> {
         model_db: prop(d, "ID_MODEL_FROM_DATABASE"),
         speed: attr(d, "speed"),
         usb_version: attr(d, "version"),
-    })
+    }
+    .bounded())
 }
 
 /// The device's interfaces: its `usb_interface` children in interface order when sysfs has

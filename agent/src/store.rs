@@ -270,11 +270,21 @@ impl Store {
 
     /// Removes a published event (after its ack).
     pub fn outbox_remove(&self, seq: u64) -> Result<(), StoreError> {
+        self.outbox_remove_all(&[seq])
+    }
+
+    /// Removes published events (after their acks) in one durable commit.
+    pub fn outbox_remove_all(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
         let e = self.err();
         let tx = self.db.begin_write().map_err(|x| e(x.into()))?;
         {
             let mut outbox = tx.open_table(OUTBOX).map_err(|x| e(x.into()))?;
-            outbox.remove(seq).map_err(|x| e(x.into()))?;
+            for seq in seqs {
+                outbox.remove(*seq).map_err(|x| e(x.into()))?;
+            }
         }
         tx.commit().map_err(|x| e(x.into()))
     }

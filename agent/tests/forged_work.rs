@@ -148,17 +148,12 @@ async fn forged_control_work_is_refused_and_signed_work_is_done() {
             .sign(&misrouted)
             .unwrap(),
     );
-    let mut headers = usbpt_bus::async_nats::HeaderMap::new();
-    headers.insert(usbpt_bus::auth::SIGNATURE_HEADER, sig.as_str());
     admin
-        .jetstream()
-        .publish_with_headers(
-            usbpt_schemas::subjects::control_for_host(&host, &server),
-            headers,
-            std::mem::take(&mut misrouted).into(),
+        .publish_raw(
+            &usbpt_schemas::subjects::control_for_host(&host, &server),
+            std::mem::take(&mut misrouted),
+            Some(&sig),
         )
-        .await
-        .unwrap()
         .await
         .unwrap();
     let (reason, _) = next_refusal(&mut progress).await;

@@ -8,14 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
-use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use usbpt_agent::source::{simulated, SimulatedHost};
 use usbpt_agent::store::{self, Store};
 use usbpt_agent::{AgentConfig, BusTarget, Filter, Interface, Progress, UsbDevice};
 use usbpt_bus::{Bus, StartAt, StreamSettings};
 use usbpt_schemas::{
-    codec, Envelope, Event, HostAgentStarted, HostName, InvalidationReason, PortPath, ProductId,
+    Envelope, Event, HostAgentStarted, HostName, InvalidationReason, PortPath, ProductId,
     UsbAddress, VendorId,
 };
 use usbpt_testkit::TestNats;
@@ -106,15 +105,13 @@ impl Running {
 }
 
 async fn read_stream(bus: &Bus, n: usize) -> Result<Vec<Envelope>> {
-    let mut messages = bus.ordered(StartAt::Beginning, None).await?;
+    let mut messages = bus.reader(StartAt::Beginning, None).await?;
     let mut out = Vec::new();
     while out.len() < n {
         let msg = tokio::time::timeout(WAIT, messages.next())
             .await
-            .map_err(|_| anyhow!("only {} of {n} events in the stream", out.len()))?
-            .ok_or_else(|| anyhow!("stream ended"))?
-            .map_err(|e| anyhow!("{e}"))?;
-        out.push(codec::decode(&msg.payload)?);
+            .map_err(|_| anyhow!("only {} of {n} events in the stream", out.len()))??;
+        out.push(msg.decode()?);
     }
     Ok(out)
 }

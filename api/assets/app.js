@@ -11,7 +11,8 @@
     'DeviceClaimed', 'DeviceAttached', 'DeviceReattached', 'DeviceReleased',
     'ServerStateChanged', 'ServerResized', 'ServerMigrationRefused', 'ServerDeleted',
     'ServerActionRequested', 'DeviceAttachFailed', 'DeviceClashDetected', 'ServerMigrated',
-    'FlavorUsbSet',
+    'FlavorUsbSet', 'FlavorSized', 'ServerUpdated', 'ServerResizeVerifying',
+    'ServerResizeConfirmed', 'ServerResizeReverted',
   ];
   const FEED_MAX = 300; // feed entries kept in the page
   const HISTORY_ON_LOAD = 50; // past events shown when the page opens
@@ -121,12 +122,44 @@
   }
   const statusPill = (status) => pill(String(status).toLowerCase(), status);
 
+  // ---------------------------------------------------------------- token
+
+  // The API token (ADR 0006). `usbpt up` and `usbpt demo` print the dashboard's address with
+  // `/#token=…` after it: a URL fragment never reaches a server, a proxy or a log. It moves
+  // into sessionStorage (this tab only, gone when it closes) and out of the address bar, and is
+  // sent as a header with every request; no cookie, so another site's page cannot make the
+  // browser send it.
+  const TOKEN_KEY = 'usbpt-api-token';
+  function takeToken() {
+    const m = /^#token=([^&]+)$/.exec(location.hash);
+    if (!m) return;
+    try {
+      sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+    } catch (_) {
+      /* storage disabled: requests go without a token and say so */
+    }
+    history.replaceState(null, '', location.pathname + location.search);
+  }
+  function authHeaders(extra) {
+    const h = Object.assign({}, extra);
+    let t = null;
+    try {
+      t = sessionStorage.getItem(TOKEN_KEY);
+    } catch (_) {
+      /* no storage */
+    }
+    if (t) h.authorization = `Bearer ${t}`;
+    return h;
+  }
+  const TOKEN_HINT =
+    ' — open the address `usbpt up` or `usbpt demo` printed (…/#token=…); the token is in <data-dir>/api-token';
+
   // ---------------------------------------------------------------- API
 
   async function getJSON(path) {
     let resp;
     try {
-      resp = await fetch(path, { headers: { accept: 'application/json' }, cache: 'no-store' });
+      resp = await fetch(path, { headers: authHeaders({ accept: 'application/json' }), cache: 'no-store' });
     } catch (e) {
       throw new Error(`the API is unreachable (${path}): ${e.message}`);
     }
@@ -138,7 +171,8 @@
     }
     if (!resp.ok) {
       const msg = body && body.error ? body.error.message : resp.statusText;
-      throw new Error(`${path}: ${resp.status} ${msg}`);
+      const hint = resp.status === 401 || resp.status === 403 ? TOKEN_HINT : '';
+      throw new Error(`${path}: ${resp.status} ${msg}${hint}`);
     }
     return body;
   }
@@ -184,6 +218,7 @@
       case 'FlavorCreated':
       case 'FlavorDeleted':
       case 'FlavorUsbSet':
+      case 'FlavorSized':
         return ['flavors', 'servers'];
       case 'DeviceDiscovered':
       case 'DeviceInvalidated':
@@ -606,6 +641,19 @@
         return `serial clash on ${b.host}: ${vp(b)} serial ${b.serial} on ports ${(b.port_paths || []).join(', ')}`;
       case 'ServerMigrated':
         return `${srv(b.server_id)} migrated ${b.from_host} → ${b.host}`;
+      case 'FlavorSized':
+        return `flavor ${b.name}: ${b.ram_mb} MB RAM, ${b.vcpus} vCPU(s), ${b.disk_gb} GB disk`;
+      case 'ServerUpdated': {
+        const was = srv(b.server_id);
+        state.names.set(b.server_id, b.name);
+        return `${was} is now ${b.name}` + (b.description ? ` — ${b.description}` : '');
+      }
+      case 'ServerResizeVerifying':
+        return `${srv(b.server_id)} awaits confirmation of its resize; its old devices stay reserved`;
+      case 'ServerResizeConfirmed':
+        return `resize of ${srv(b.server_id)} confirmed`;
+      case 'ServerResizeReverted':
+        return `resize of ${srv(b.server_id)} reverted`;
       default:
         return JSON.stringify(b).slice(0, 240);
     }
@@ -630,6 +678,7 @@
     FlavorCreated: 'flavor',
     FlavorDeleted: 'flavor',
     FlavorUsbSet: 'flavor',
+    FlavorSized: 'flavor',
     ServerScheduleFailed: 'bad',
     ServerMigrationRefused: 'bad',
     DeviceAttachFailed: 'bad',
@@ -681,37 +730,83 @@
     if (!historic) schedule(affected(e.type), seq);
   }
 
-  function connect(from) {
-    const es = new EventSource('/v1/events' + (from > 0 ? `?from=${from}` : ''));
-    for (const k of KINDS.concat(['undecodable'])) es.addEventListener(k, onEvent);
-    es.addEventListener('subscribed', (e) => {
+  // One Server-Sent Events message (`event:`, `data:` lines) to its handler.
+  function dispatch(frame) {
+    let type = 'message';
+    const data = [];
+    for (const line of frame.split('\n')) {
+      if (line.startsWith(':')) continue; // keep-alive comment
+      const c = line.indexOf(':');
+      const field = c < 0 ? line : line.slice(0, c);
+      let value = c < 0 ? '' : line.slice(c + 1);
+      if (value.startsWith(' ')) value = value.slice(1);
+      if (field === 'event') type = value;
+      else if (field === 'data') data.push(value);
+    }
+    if (!data.length) return;
+    const e = { type, data: data.join('\n') };
+    if (type === 'subscribed') {
       try {
-        const d = JSON.parse(e.data);
-        $('conn').title = `subscribed at stream #${d.last_seq}`;
+        $('conn').title = `subscribed at stream #${JSON.parse(e.data).last_seq}`;
       } catch (_) {
         /* ignore */
       }
       setConn('live', 'live');
-    });
-    es.addEventListener('open', () => setConn('live', 'live'));
-    es.addEventListener('error', (e) => {
-      if (e.data) {
-        showError(`event stream: ${e.data}`);
-        return;
-      }
-      if (es.readyState === EventSource.CLOSED) {
-        // Refused (e.g. 503: no bus): the browser gives up; we try again.
-        setConn('down', 'disconnected, retrying…');
-        setTimeout(() => connect(state.lastSeq + 1), RETRY_MS);
-      } else {
-        setConn('connecting', 'reconnecting…');
-      }
-    });
+    } else if (type === 'error') {
+      showError(`event stream: ${e.data}`);
+    } else if (type === 'undecodable' || KINDS.includes(type)) {
+      onEvent(e);
+    }
+  }
+
+  // The live stream, read with fetch (EventSource cannot send the token header); after a drop it
+  // resumes after the last event seen.
+  function connect(from) {
+    const again = (label) => {
+      setConn('down', label);
+      setTimeout(() => connect(state.lastSeq > 0 ? state.lastSeq + 1 : from), RETRY_MS);
+    };
+    const url = '/v1/events' + (from > 0 ? `?from=${from}` : '');
+    setConn('connecting', 'connecting…');
+    fetch(url, { headers: authHeaders({ accept: 'text/event-stream' }), cache: 'no-store' })
+      .then(async (resp) => {
+        if (!resp.ok || !resp.body) {
+          let msg = resp.statusText;
+          try {
+            const b = await resp.json();
+            if (b && b.error) msg = b.error.message;
+          } catch (_) {
+            /* not JSON */
+          }
+          if (resp.status === 401 || resp.status === 403) {
+            showError(`event stream: ${resp.status} ${msg}${TOKEN_HINT}`);
+            setConn('down', 'no valid token');
+            return;
+          }
+          again('disconnected, retrying…');
+          return;
+        }
+        const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buf = '';
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += value.replace(/\r\n?/g, '\n');
+          let end;
+          while ((end = buf.indexOf('\n\n')) >= 0) {
+            dispatch(buf.slice(0, end));
+            buf = buf.slice(end + 2);
+          }
+        }
+        again('reconnecting…');
+      })
+      .catch(() => again('disconnected, retrying…'));
   }
 
   // ---------------------------------------------------------------- start
 
   async function start() {
+    takeToken();
     $('show-all').addEventListener('change', async (e) => {
       state.showAll = e.target.checked;
       try {

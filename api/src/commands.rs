@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use usbpt_commands::handler::Handler;
 use usbpt_projector::View;
-use usbpt_schemas::commands::{Command, CommandReply, UsbRequestFields};
+use usbpt_schemas::commands::{Command, CommandReply, FlavorResources, UsbRequestFields};
 use usbpt_schemas::{
     ControllerModel, DeviceId, FlavorName, FollowPolicy, HostName, LineageId, ProductId,
     ServerAction, ServerName, UsbRequest, VendorId,
@@ -44,7 +44,10 @@ pub fn command_routes(handler: Arc<Handler<View>>, view: Arc<View>) -> Router {
         )
         .route("/v2.1/servers", post(create_server))
         .route("/v2.1/servers/{id}/action", post(server_action))
-        .route("/v2.1/servers/{id}", delete(delete_server))
+        .route(
+            "/v2.1/servers/{id}",
+            delete(delete_server).put(update_server),
+        )
         .with_state(CmdState { handler, view })
 }
 
@@ -106,11 +109,18 @@ impl UsbDeviceBody {
 struct FlavorEnvelope {
     flavor: FlavorBody,
 }
-/// Nova's flavor body; `ram`, `vcpus`, `disk` and the rest are accepted and not recorded
-/// (usbpt schedules USB devices only). `usb_devices` is usbpt's own key (the blueprint's list).
+/// Nova's flavor body; `ram`, `vcpus`, `disk` are recorded (`FlavorSized`) and shown, not
+/// scheduled on (usbpt schedules USB devices only); the rest is accepted and ignored.
+/// `usb_devices` is usbpt's own key (the blueprint's list).
 #[derive(Debug, Deserialize)]
 struct FlavorBody {
     name: FlavorName,
+    #[serde(default)]
+    ram: Option<u32>,
+    #[serde(default)]
+    vcpus: Option<u32>,
+    #[serde(default)]
+    disk: Option<u32>,
     #[serde(default)]
     usb_devices: Vec<UsbDeviceBody>,
     /// Nova lets a client choose the id; usbpt's ids are UUIDv7s it draws itself.
@@ -125,7 +135,7 @@ async fn create_flavor(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
-        Err(e) => return bad(e.body_text()).into_response(),
+        Err(e) => return crate::rejection(&e).into_response(),
     };
     let usb = match body
         .flavor
@@ -146,12 +156,18 @@ async fn create_flavor(
             .into_response();
         }
     }
+    let resources = FlavorResources {
+        ram_mb: body.flavor.ram.unwrap_or(0),
+        vcpus: body.flavor.vcpus.unwrap_or(0),
+        disk_gb: body.flavor.disk.unwrap_or(0),
+    };
     let name = body.flavor.name;
     let reply = run(
         &state,
         Command::CreateFlavor {
             name: name.clone(),
             usb,
+            resources,
         },
     )
     .await;
@@ -277,7 +293,7 @@ async fn create_server(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
-        Err(e) => return bad(e.body_text()).into_response(),
+        Err(e) => return crate::rejection(&e).into_response(),
     };
     let b = body.server;
     let flavor_ref = b
@@ -386,7 +402,7 @@ async fn set_extra_specs(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
-        Err(e) => return bad(e.body_text()).into_response(),
+        Err(e) => return crate::rejection(&e).into_response(),
     };
     let Some(specs) = body.get("extra_specs").and_then(Value::as_object) else {
         return bad("extra_specs: expected {\"extra_specs\": {\"usb_devices\": \"[…]\"}}")
@@ -406,7 +422,7 @@ async fn put_extra_spec(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
-        Err(e) => return bad(e.body_text()).into_response(),
+        Err(e) => return crate::rejection(&e).into_response(),
     };
     let Some(specs) = body
         .as_object()
@@ -444,7 +460,7 @@ async fn server_action(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
-        Err(e) => return bad(e.body_text()).into_response(),
+        Err(e) => return crate::rejection(&e).into_response(),
     };
     let Some((key, arg)) = body
         .as_object()
@@ -458,9 +474,16 @@ async fn server_action(
         Err(e) => return e.into_response(),
     };
     let host = |arg: &Value| -> Result<Option<HostName>, ApiError> {
-        match arg.get("host").and_then(Value::as_str) {
-            Some(h) => h.parse().map(Some).map_err(bad),
-            None => Ok(None),
+        match arg.get("host") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(h)) => h
+                .parse()
+                .map(Some)
+                .map_err(|e| bad(format!("{key}.host: {e}"))),
+            Some(other) => Err(bad(format!(
+                "{key}.host: expected a host name (a string) or null, got {}",
+                crate::guard::shown(&other.to_string(), 40)
+            ))),
         }
     };
     let act = |action| {
@@ -498,14 +521,8 @@ async fn server_action(
         "suspend" => act(ServerAction::Suspend),
         "resume" => act(ServerAction::Resume),
         "rebuild" => act(ServerAction::Rebuild),
-        // usbpt confirms a resize as it makes it (Nova's resize_confirm_window of 0 s): a
-        // confirm has nothing left to do; a revert is a resize back to the old flavor.
-        "confirmResize" => return StatusCode::NO_CONTENT.into_response(),
-        "revertResize" => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "usbpt confirms resizes at once (resize_confirm_window = 0): there is no resize to \
-             revert; resize back to the old flavor instead",
-        )),
+        "confirmResize" => Ok(Command::ConfirmResize { name: name.clone() }),
+        "revertResize" => Ok(Command::RevertResize { name: name.clone() }),
         other => Err(bad(format!("unknown server action {other:?}"))),
     };
     let cmd = match cmd {
@@ -513,6 +530,10 @@ async fn server_action(
         Err(e) => return e.into_response(),
     };
     let reply = run(&state, cmd).await;
+    // Nova answers a confirmResize with 204.
+    if key == "confirmResize" && reply.status() == StatusCode::ACCEPTED {
+        return StatusCode::NO_CONTENT.into_response();
+    }
     if key != "rebuild" || reply.status() != StatusCode::ACCEPTED {
         return reply;
     }
@@ -528,6 +549,88 @@ async fn server_action(
     .await;
     match doc {
         Ok(Ok(doc)) => (StatusCode::ACCEPTED, Json(doc)).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Nova's `PUT /servers/{id}` body: `name`, and `description` from 2.19. Nova's other keys
+/// (`accessIPv4`, `accessIPv6`, `OS-DCF:diskConfig`) are accepted and ignored, as usbpt has no
+/// networks or disks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateBody {
+    server: UpdateFields,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateFields {
+    #[serde(default)]
+    name: Option<String>,
+    /// Absent: unchanged; `null`: cleared.
+    #[serde(default, deserialize_with = "present")]
+    description: Option<Option<String>>,
+    #[serde(default, rename = "accessIPv4")]
+    _access_ipv4: Option<Value>,
+    #[serde(default, rename = "accessIPv6")]
+    _access_ipv6: Option<Value>,
+    #[serde(default, rename = "OS-DCF:diskConfig")]
+    _disk_config: Option<Value>,
+}
+
+/// A key that is present (possibly `null`) is `Some`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+/// `PUT /v2.1/servers/{id}`: rename and/or describe; 200 with the server, as Nova.
+async fn update_server(
+    State(state): State<CmdState>,
+    nova: Nova,
+    Path(id): Path<String>,
+    body: Result<Json<UpdateBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return bad(e.body_text()).into_response(),
+    };
+    let fields = body.server;
+    if fields.description.is_some() && !nova.version.at_least(19) {
+        return bad("server.description: needs microversion 2.19 or later").into_response();
+    }
+    let new_name = match fields.name.map(ServerName::new).transpose() {
+        Ok(n) => n,
+        Err(e) => return bad(format!("server.name: {e}")).into_response(),
+    };
+    let name = match name_of(&state, id, server_name, "server").await {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
+    };
+    let shown = new_name.clone().unwrap_or_else(|| name.clone());
+    let reply = run(
+        &state,
+        Command::UpdateServer {
+            name,
+            new_name,
+            description: fields.description,
+        },
+    )
+    .await;
+    if reply.status() != StatusCode::ACCEPTED {
+        return reply;
+    }
+    let view = Arc::clone(&state.view);
+    let doc = tokio::task::spawn_blocking(move || -> Result<Value, ApiError> {
+        let snap = view.snapshot()?;
+        let s = snap
+            .server_by_name(&shown)?
+            .ok_or_else(|| ApiError::not_found(format!("server {shown} does not exist")))?;
+        Ok(json!({"server": crate::docs::server(&snap, &s, &nova)?}))
+    })
+    .await;
+    match doc {
+        Ok(Ok(doc)) => (StatusCode::OK, Json(doc)).into_response(),
         Ok(Err(e)) => e.into_response(),
         Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }

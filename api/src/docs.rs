@@ -238,14 +238,15 @@ pub fn extra_specs(f: &Flavor) -> Value {
     }
 }
 
-/// A flavor, Nova's fields (usbpt tracks no RAM, vCPUs or disk: they read 0) and usbpt's.
+/// A flavor, Nova's fields (`ram`, `vcpus`, `disk` as recorded at creation, shown and not
+/// scheduled on) and usbpt's.
 pub fn flavor(f: &Flavor, nova: &Nova) -> Value {
     let mut doc = json!({
         "id": f.id,
         "name": f.name,
-        "ram": 0,
-        "vcpus": 0,
-        "disk": 0,
+        "ram": f.ram_mb,
+        "vcpus": f.vcpus,
+        "disk": f.disk_gb,
         "swap": if nova.version.at_least(75) { json!(0) } else { json!("") },
         "OS-FLV-EXT-DATA:ephemeral": 0,
         "OS-FLV-DISABLED:disabled": f.deleted.is_some(),
@@ -267,10 +268,19 @@ pub fn flavor(f: &Flavor, nova: &Nova) -> Value {
     doc
 }
 
+/// A resize awaits confirmation and the server runs its new flavor (or is off): Nova's
+/// `VERIFY_RESIZE` (vm_state `resized`). An error or a power transition shows as itself.
+fn verifying(s: &Server) -> bool {
+    s.resize_from.is_some() && matches!(s.state, ServerState::Active | ServerState::Shutoff)
+}
+
 /// Nova's status names.
 pub fn nova_status(s: &Server) -> &'static str {
     if s.deleted.is_some() {
         return "DELETED";
+    }
+    if verifying(s) {
+        return "VERIFY_RESIZE";
     }
     match s.state {
         ServerState::Building => "BUILD",
@@ -287,6 +297,9 @@ pub fn nova_status(s: &Server) -> &'static str {
 fn nova_states(s: &Server) -> (&'static str, Option<&'static str>, u8) {
     if s.deleted.is_some() {
         return ("deleted", None, 0);
+    }
+    if verifying(s) {
+        return ("resized", None, 1);
     }
     match s.state {
         ServerState::Building => ("building", Some("scheduling"), 0),
@@ -350,7 +363,10 @@ pub fn server(snap: &Snapshot, s: &Server, nova: &Nova) -> Result<Value, ViewErr
             "id": s.flavor_id,
             "name": flavor_name,
             "original_name": flavor_name,
-            "vcpus": 0, "ram": 0, "disk": 0, "ephemeral": 0, "swap": 0,
+            "vcpus": flavor.as_ref().map_or(0, |f| f.vcpus),
+            "ram": flavor.as_ref().map_or(0, |f| f.ram_mb),
+            "disk": flavor.as_ref().map_or(0, |f| f.disk_gb),
+            "ephemeral": 0, "swap": 0,
             "extra_specs": flavor.as_ref().map_or_else(|| json!({}), extra_specs),
         })
     } else {
@@ -437,7 +453,7 @@ pub fn server(snap: &Snapshot, s: &Server, nova: &Nova) -> Result<Value, ViewErr
             );
         }
         if nova.version.at_least(19) {
-            m.insert("description".into(), Value::Null);
+            m.insert("description".into(), json!(s.description));
         }
         if nova.version.at_least(26) {
             m.insert("tags".into(), json!([]));

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use serde_json::{json, Value};
-use usbpt_projector::{Server, Stamp};
+use usbpt_projector::{MoveEnd, Server, Stamp};
 use uuid::Uuid;
 
 use crate::docs::{TENANT_ID, USER_ID};
@@ -42,11 +42,23 @@ fn actions_of(s: &Server) -> Vec<Action> {
             .map(|f| f.reason.clone()),
     }];
     for m in &s.moves {
+        let revert = matches!(m.end, Some((MoveEnd::IsRevert, _)));
         out.push(Action {
-            name: if m.migration { "migrate" } else { "resize" },
-            stamp: m.stamp,
+            name: match (m.migration, revert) {
+                (true, _) => "migrate",
+                (false, true) => "revertResize",
+                (false, false) => "resize",
+            },
+            stamp: m.end.filter(|_| revert).map_or(m.stamp, |(_, st)| st),
             error: None,
         });
+        if let Some((MoveEnd::Confirmed, st)) = m.end {
+            out.push(Action {
+                name: "confirmResize",
+                stamp: st,
+                error: None,
+            });
+        }
     }
     for r in &s.migration_refusals {
         out.push(Action {
@@ -154,15 +166,27 @@ pub async fn migrations(
             {
                 continue;
             }
-            for m in &s.moves {
+            let last = s.moves.len().saturating_sub(1);
+            for (i, m) in s.moves.iter().enumerate() {
                 let kind = if m.migration { "migration" } else { "resize" };
+                // Nova's statuses: `finished` awaits confirmation, then `confirmed` or
+                // `reverted`; usbpt confirms migrations (and resizes before VERIFY_RESIZE) at
+                // once. A revert's way back is part of the reverted resize, not a migration.
+                let status = match m.end {
+                    Some((MoveEnd::IsRevert, _)) => continue,
+                    Some((MoveEnd::Reverted, _)) => "reverted",
+                    Some((MoveEnd::Confirmed, _)) => "confirmed",
+                    None if s.resize_from.is_some() && i == last => "finished",
+                    None => "confirmed",
+                };
+                let updated = m.end.map_or(m.stamp.at, |(_, st)| st.at);
                 out.push((
                     m.stamp.seq,
                     json!({
                         "id": m.stamp.seq,
                         "instance_uuid": s.id,
                         "migration_type": kind,
-                        "status": "finished",
+                        "status": status,
                         "source_compute": m.from_host,
                         "source_node": m.from_host,
                         "dest_compute": m.host,
@@ -171,7 +195,7 @@ pub async fn migrations(
                         "old_instance_type_id": m.from_flavor,
                         "new_instance_type_id": m.to_flavor,
                         "created_at": m.stamp.at,
-                        "updated_at": m.stamp.at,
+                        "updated_at": updated,
                     }),
                 ));
             }

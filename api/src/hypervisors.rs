@@ -13,11 +13,10 @@ use serde_json::{json, Map, Value};
 use usbpt_projector::{Host, Snapshot};
 use usbpt_schemas::{HostName, Timestamp};
 
+use crate::liveness::Liveness;
 use crate::nova::{hypervisor_uuid, service_uuid, Nova};
 use crate::{docs, flag, read, ApiError, ApiResult, ApiState};
 
-/// Whether the host's agent is up: usbpt has no heartbeat, so a host is up once an agent has
-/// announced itself on it (`HostAgentStarted`).
 /// Nova's resource counters before 2.88, which usbpt does not track: reported as 0 in the
 /// hypervisor documents and the statistics alike.
 const UNTRACKED_COUNTERS: [&str; 10] = [
@@ -33,8 +32,14 @@ const UNTRACKED_COUNTERS: [&str; 10] = [
     "disk_available_least",
 ];
 
-fn state(h: &Host) -> &'static str {
-    if h.agent_started.is_some() {
+/// Whether the host's agent is up: from its heartbeats when `serve` follows them (ADR 0008),
+/// else once an agent has announced itself there (`HostAgentStarted`).
+fn state(h: &Host, live: Option<&Liveness>) -> &'static str {
+    let up = match live {
+        Some(l) => l.up(&h.name),
+        None => h.agent_started.is_some(),
+    };
+    if up {
         "up"
     } else {
         "down"
@@ -132,11 +137,12 @@ fn doc(
     (n, h): &(usize, Host),
     detail: bool,
     with_servers: bool,
+    live: Option<&Liveness>,
 ) -> Result<Value, ApiError> {
     let mut m = Map::new();
     m.insert("id".into(), hypervisor_id(nova, *n, h));
     m.insert("hypervisor_hostname".into(), json!(h.name));
-    m.insert("state".into(), json!(state(h)));
+    m.insert("state".into(), json!(state(h, live)));
     m.insert("status".into(), json!("enabled"));
     let servers = running_vms(snap, &h.name)?;
     if detail {
@@ -186,6 +192,7 @@ async fn list_inner(
 ) -> ApiResult {
     let pattern = q.get("hypervisor_hostname_pattern").cloned();
     let with_servers = flag(&q, "with_servers")?;
+    let live = st.liveness.clone();
     read(&st, move |snap| {
         let mut out = Vec::new();
         for entry in hosts(snap)? {
@@ -195,7 +202,14 @@ async fn list_inner(
             {
                 continue;
             }
-            out.push(doc(snap, &nova, &entry, detail, with_servers)?);
+            out.push(doc(
+                snap,
+                &nova,
+                &entry,
+                detail,
+                with_servers,
+                live.as_deref(),
+            )?);
         }
         if let Some(p) = &pattern {
             if out.is_empty() {
@@ -235,10 +249,11 @@ pub async fn show(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     let with_servers = flag(&q, "with_servers")?;
+    let live = st.liveness.clone();
     read(&st, move |snap| {
         let entry = find(snap, &id)?;
         Ok(Json(
-            json!({"hypervisor": doc(snap, &nova, &entry, true, with_servers)?}),
+            json!({"hypervisor": doc(snap, &nova, &entry, true, with_servers, live.as_deref())?}),
         ))
     })
     .await
@@ -272,12 +287,13 @@ pub async fn show_uptime(
     Path(id): Path<String>,
 ) -> ApiResult {
     gone_at_2_88(&nova, "os-hypervisors/{id}/uptime")?;
+    let live = st.liveness.clone();
     read(&st, move |snap| {
         let (n, h) = find(snap, &id)?;
         Ok(Json(json!({"hypervisor": {
             "id": hypervisor_id(&nova, n, &h),
             "hypervisor_hostname": h.name,
-            "state": state(&h),
+            "state": state(&h, live.as_deref()),
             "status": "enabled",
             "uptime": uptime(&h),
         }})))
@@ -312,6 +328,7 @@ pub async fn services(
     nova: Nova,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
+    let live = st.liveness.clone();
     read(&st, move |snap| {
         let mut out = Vec::new();
         if q.get("binary").is_some_and(|b| b != "nova-compute") {
@@ -327,7 +344,7 @@ pub async fn services(
                 "host": h.name,
                 "zone": "nova",
                 "status": "enabled",
-                "state": state(&h),
+                "state": state(&h, live.as_deref()),
                 "updated_at": h.last_seen.at,
                 "disabled_reason": null,
             });

@@ -11,15 +11,20 @@
 //! joins different methods of one path) and can reuse [`ApiError`]. [`serve`] runs a router
 //! on a listener until a shutdown future resolves.
 //!
-//! Every handler reads one consistent [`Snapshot`] of the view, on a blocking thread.
+//! Every handler reads one consistent [`Snapshot`] of the view, on a blocking thread. Every
+//! request first passes the front door in [`guard`] (Host allow-list, API token, concurrency
+//! limit, timeout, body limit; ADR 0006).
 
 #![recursion_limit = "256"]
 
 mod commands;
 pub mod dashboard;
 pub mod docs;
+pub mod fanout;
+pub mod guard;
 mod history;
 mod hypervisors;
+pub mod liveness;
 pub mod nova;
 mod sse;
 
@@ -34,6 +39,7 @@ use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use fanout::{Fanout, FanoutConfig};
 use nova::Nova;
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -46,6 +52,7 @@ use usbpt_schemas::{DeviceId, FlavorId, FlavorName, LineageId, ServerId, ServerN
 
 pub use commands::command_routes;
 pub use docs::{device as device_doc, hypervisor as hypervisor_doc};
+pub use guard::{ApiToken, HttpPolicy};
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -57,6 +64,13 @@ pub struct ApiState {
     pub metrics: Option<Arc<ProjectorMetrics>>,
     /// Becomes true when the server shuts down: ends live event streams so it can.
     pub shutdown: watch::Receiver<bool>,
+    /// The limits of `/v1/events`.
+    pub fanout_config: FanoutConfig,
+    /// The process's one live-event feed, started by the first client.
+    fanout: Arc<tokio::sync::OnceCell<Arc<Fanout>>>,
+    /// The agents' heartbeats (ADR 0008); without it a host is up once an agent announced
+    /// itself there.
+    pub liveness: Option<Arc<liveness::Liveness>>,
 }
 
 impl ApiState {
@@ -67,7 +81,34 @@ impl ApiState {
             metrics: None,
             // A sender that is never used: the stream ends only with the connection.
             shutdown: watch::channel(false).1,
+            fanout_config: FanoutConfig::default(),
+            fanout: Arc::default(),
+            liveness: None,
         }
+    }
+    pub fn with_liveness(mut self, liveness: Arc<liveness::Liveness>) -> Self {
+        self.liveness = Some(liveness);
+        self
+    }
+    pub fn with_fanout(mut self, config: FanoutConfig) -> Self {
+        self.fanout_config = config;
+        self
+    }
+
+    /// The live-event feed, started on first use; 503 without a bus.
+    async fn fanout(&self) -> Result<Arc<Fanout>, ApiError> {
+        let Some(bus) = self.bus.clone() else {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "live events need the bus; this server has none",
+            ));
+        };
+        let config = self.fanout_config;
+        self.fanout
+            .get_or_try_init(|| Fanout::start(bus, config))
+            .await
+            .cloned()
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
     }
     pub fn with_bus(mut self, bus: Bus) -> Self {
         self.bus = Some(bus);
@@ -150,8 +191,33 @@ fn parse<T: FromStr>(what: &str, s: &str) -> Result<T, ApiError>
 where
     T::Err: std::fmt::Display,
 {
-    s.parse()
-        .map_err(|e: T::Err| ApiError::bad_request(format!("invalid {what} {s:?}: {e}")))
+    s.parse().map_err(|e: T::Err| {
+        ApiError::bad_request(format!(
+            "invalid {what} {}: {}",
+            usbpt_schemas::shown(s),
+            guard::shown(&e.to_string(), 200)
+        ))
+    })
+}
+
+/// A JSON body the extractor refused, as a precise 4xx: 413 beyond [`guard::MAX_BODY`], 415
+/// without `Content-Type: application/json`, 400 for bad syntax or a bad value (the message
+/// names the field; a long message, which may quote the value, is cut).
+pub(crate) fn rejection(e: &axum::extract::rejection::JsonRejection) -> ApiError {
+    let status = match e.status() {
+        s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("the request body is larger than {} bytes", guard::MAX_BODY)
+        }
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            "the request body must be JSON, with Content-Type: application/json".to_owned()
+        }
+        _ => guard::shown(&e.body_text(), 300),
+    };
+    ApiError::new(status, message)
 }
 
 /// A boolean query parameter, read as Nova reads them (case-insensitive `true/false`, `1/0`,
@@ -224,18 +290,30 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Runs `router` on `listener` until `shutdown` resolves (then waits for open requests).
+/// Runs `router` on `listener` behind the front door [`guard`] (Host allow-list, token,
+/// concurrency limit, timeout; bodies up to [`guard::MAX_BODY`]) until `shutdown` resolves
+/// (then waits for open requests).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    policy: HttpPolicy,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.layer(axum::middleware::from_fn(nova::layer)),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    axum::serve(listener, secure(router, policy))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// `router` with Nova's headers and the front door: what [`serve`] runs (tests drive it
+/// in-process).
+pub fn secure(router: Router, policy: HttpPolicy) -> Router {
+    let guard = guard::Guard::new(policy);
+    router
+        .layer(axum::middleware::from_fn(nova::layer))
+        .layer(axum::extract::DefaultBodyLimit::max(guard::MAX_BODY))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            guard.clone().run(req, next)
+        }))
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -496,7 +574,11 @@ async fn server(State(st): State<ApiState>, nova: Nova, Path(id): Path<String>) 
 
 async fn metrics(State(st): State<ApiState>) -> Result<Response, ApiError> {
     let m = st.metrics.clone().unwrap_or_default();
-    let text = read(&st, move |snap| Ok(m.render(&snap.counters()?))).await?;
+    let mut text = read(&st, move |snap| Ok(m.render(&snap.counters()?))).await?;
+    text.push_str(&Fanout::render(
+        st.fanout.get().map(|f| &**f),
+        &st.fanout_config,
+    ));
     Ok((
         [(
             header::CONTENT_TYPE,

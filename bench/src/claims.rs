@@ -119,6 +119,7 @@ pub async fn claims(
     let reply = sides[0]
         .handler
         .execute(&Command::CreateFlavor {
+            resources: Default::default(),
             name: flavor.clone(),
             usb: vec!["vendor=136b,product=0003,controller=xhci".parse()?],
         })

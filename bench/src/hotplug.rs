@@ -213,9 +213,15 @@ async fn api_figures(view: &Arc<View>, ids: &[DeviceId], n: usize) -> Result<Vec
     let addr = listener.local_addr()?;
     let router = usbpt_api::router(usbpt_api::ApiState::new(Arc::clone(view)));
     let (stop, stopped) = oneshot::channel::<()>();
-    let serving = tokio::spawn(usbpt_api::serve(listener, router, async move {
-        let _ = stopped.await;
-    }));
+    // The bench's own in-process API on 127.0.0.1, read by the bench alone: no token.
+    let serving = tokio::spawn(usbpt_api::serve(
+        listener,
+        router,
+        usbpt_api::HttpPolicy::without_token(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     let client = reqwest::Client::new();
     let mut http = Samples::with_capacity(n);
     let mut doc_size = 0usize;

@@ -319,7 +319,7 @@ async fn measure(
                     n(sizes.raw_inflight / 10)
                 };
                 report.push(tag(raw::publish_async(t.url(), inflight, size, 1000).await?));
-                report.compare_rate(&key("agent_publish"), &key("raw_publish_each_ack"));
+                report.compare_rate(&key("agent_publish"), &key("raw_publish_inflight"));
             }
 
             if options.runs(Section::Hotplug) {

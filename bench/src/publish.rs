@@ -1,7 +1,7 @@
 //! Agent publish throughput: `n` events already in the agent's redb outbox (as a burst of
-//! hotplugs or an outage would leave them) drained into JetStream by the real agent loop — one
-//! publish with `Nats-Msg-Id` at a time, each ack awaited and the entry removed in a durable
-//! redb commit before the next.
+//! hotplugs or an outage would leave them) drained into JetStream by the real agent loop — in
+//! order, each with its `Nats-Msg-Id`, a window of acks in flight, and one durable redb commit
+//! removing each acknowledged window.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,16 +83,20 @@ pub async fn agent_publish(target: &Target, n: usize) -> Result<(Figure, usize)>
     }
     let _ = stop.send(());
     agent.await.context("agent task")??;
-    Ok((
-        Figure::new(
-            "agent_publish",
-            "agent publish: outbox → JetStream (queued burst)",
-            total,
-        )
-        .rate(total as f64 / elapsed.as_secs_f64().max(1e-9))
-        .note(format!(
-            "{size} B DeviceDiscovered; in order, one ack at a time, durable outbox removal per event"
-        )),
-        size,
-    ))
+    let rate = total as f64 / elapsed.as_secs_f64().max(1e-9);
+    let mut figure = Figure::new(
+        "agent_publish",
+        "agent publish: outbox → JetStream (queued burst)",
+        total,
+    )
+    .rate(rate)
+    .note(format!(
+        "{size} B DeviceDiscovered; in order, up to {} acks in flight, one durable outbox commit per window",
+        usbpt_agent::PUBLISH_WINDOW
+    ));
+    // Issue 16's target, on the default-fsync server (an fsync per message bounds the other).
+    if target.suffix.is_empty() {
+        figure = figure.floor("≥ 20,000/s", rate >= 20_000.0);
+    }
+    Ok((figure, size))
 }

@@ -102,7 +102,7 @@ impl Target {
     async fn client(&self) -> Result<async_nats::Client> {
         async_nats::connect(&self.url)
             .await
-            .with_context(|| format!("connecting to {}", self.url))
+            .with_context(|| format!("connecting to {}", usbpt_bus::auth::redact_url(&self.url)))
     }
 
     async fn jetstream(&self) -> Result<jetstream::Context> {
@@ -121,11 +121,20 @@ impl Target {
         match js.delete_stream(subjects::STREAM).await {
             Ok(_) => {}
             Err(e) if e.to_string().contains("not found") => {}
-            Err(e) => bail!("cannot delete {} on {}: {e}", subjects::STREAM, self.url),
+            Err(e) => bail!(
+                "cannot delete {} on {}: {e}",
+                subjects::STREAM,
+                usbpt_bus::auth::redact_url(&self.url)
+            ),
         }
         Bus::connect(&self.url, None, &StreamSettings::default())
             .await
-            .with_context(|| format!("connecting the bus at {}", self.url))
+            .with_context(|| {
+                format!(
+                    "connecting the bus at {}",
+                    usbpt_bus::auth::redact_url(&self.url)
+                )
+            })
     }
 
     /// Removes the streams the bench made (on the operator's server; a private one is removed

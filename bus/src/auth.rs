@@ -90,12 +90,13 @@ impl Role {
                     p.push(js::consumer_delete(js::PROJECTOR_CONSUMER));
                     p
                 },
-                subscribe: vec![own_inbox],
+                // `usbpt serve`'s read side tracks agent liveness from the beats (ADR 0008).
+                subscribe: vec![subjects::ALL_HEARTBEATS.into(), own_inbox],
                 allow_responses: false,
             },
             Role::Auditor => Permissions {
                 publish: read_stream(),
-                subscribe: vec![own_inbox],
+                subscribe: vec![subjects::ALL_HEARTBEATS.into(), own_inbox],
                 allow_responses: false,
             },
             Role::Commands => {
@@ -116,6 +117,7 @@ impl Role {
                 Permissions {
                     publish: vec![
                         subjects::host_all(host),
+                        subjects::heartbeat(host),
                         js::API_INFO.into(),
                         js::stream_info(),
                         js::direct_get_last(&subjects::host_all(host)),
@@ -135,12 +137,14 @@ impl Role {
     pub fn summary(&self) -> &'static str {
         match self {
             Role::Admin => "everything, including the stream's creation, update and deletion",
-            Role::Projector => "reads the stream; publishes nothing",
+            Role::Projector => "reads the stream and the agents' heartbeats; publishes nothing",
             Role::Commands => {
                 "appends claim, flavor, server and control events; answers commands; reads"
             }
-            Role::Auditor => "dashboards and audits: reads the stream; publishes nothing",
-            Role::Agent(_) => "its own host's events; its own control work",
+            Role::Auditor => {
+                "dashboards and audits: reads the stream and the heartbeats; publishes nothing"
+            }
+            Role::Agent(_) => "its own host's events and heartbeat; its own control work",
         }
     }
 }

@@ -86,6 +86,43 @@ pub struct Published {
     pub duplicate: bool,
 }
 
+/// An event sent by [`Bus::publish_pipelined`] whose ack has not been awaited yet.
+pub struct PendingAck {
+    subject: String,
+    ack: jetstream::context::PublishAckFuture,
+}
+
+impl std::fmt::Debug for PendingAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingAck")
+            .field("subject", &self.subject)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingAck {
+    /// The subject the event was sent on.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// Waits for the server to store the event (or say it was a duplicate).
+    pub async fn stored(self) -> Result<Published, BusError> {
+        let subject = self.subject;
+        match self.ack.await {
+            Ok(ack) => Ok(Published {
+                sequence: ack.sequence,
+                duplicate: ack.duplicate,
+            }),
+            Err(e) => Err(BusError::Publish {
+                subject,
+                kind: e.kind().into(),
+                message: e.to_string(),
+            }),
+        }
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum BusError {
     #[error("cannot connect to NATS at {url}: {source}")]
@@ -110,18 +147,63 @@ pub enum BusError {
     #[error("conflict on {subject}: expected last subject sequence {expected}, but the subject has moved on")]
     Conflict { subject: String, expected: u64 },
     #[error("publish to {subject} failed: {message}")]
-    Publish { subject: String, message: String },
+    Publish {
+        subject: String,
+        kind: PublishFailure,
+        message: String,
+    },
     #[error("cannot encode event: {0}")]
     Encode(#[from] codec::EncodeError),
     #[error("consumer {name}: {message}")]
     Consumer { name: String, message: String },
 }
 
+/// Why a publish failed, as far as a caller acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishFailure {
+    /// No ack in time: the event may or may not be stored (retry with the same id).
+    Timeout,
+    /// The connection or the stream is not there now (server away, stream being made again).
+    Unavailable,
+    /// The server refused it (too large, limits, permissions): retrying the same will not help.
+    Refused,
+}
+
+impl From<PublishErrorKind> for PublishFailure {
+    fn from(kind: PublishErrorKind) -> Self {
+        match kind {
+            PublishErrorKind::TimedOut => PublishFailure::Timeout,
+            PublishErrorKind::BrokenPipe | PublishErrorKind::StreamNotFound => {
+                PublishFailure::Unavailable
+            }
+            _ => PublishFailure::Refused,
+        }
+    }
+}
+
+impl From<async_nats::RequestErrorKind> for PublishFailure {
+    fn from(kind: async_nats::RequestErrorKind) -> Self {
+        match kind {
+            async_nats::RequestErrorKind::TimedOut => PublishFailure::Timeout,
+            async_nats::RequestErrorKind::NoResponders | async_nats::RequestErrorKind::Other => {
+                PublishFailure::Unavailable
+            }
+            _ => PublishFailure::Refused,
+        }
+    }
+}
+
 impl BusError {
     /// True when retrying the same operation later may succeed (server away, timeouts).
     pub fn is_transient(&self) -> bool {
         matches!(self, BusError::Connect { .. })
-            || matches!(self, BusError::Publish { message, .. } if message.contains("timed out") || message.contains("broken pipe") || message.contains("no stream"))
+            || matches!(
+                self,
+                BusError::Publish {
+                    kind: PublishFailure::Timeout | PublishFailure::Unavailable,
+                    ..
+                }
+            )
     }
 }
 
@@ -247,11 +329,14 @@ impl Bus {
         self.send(envelope, Some(expected)).await
     }
 
-    async fn send(
+    /// The subject and the JetStream message for `envelope`: its encoding, `Nats-Msg-Id` = event
+    /// id, the expected last subject sequence when fenced, and the command handler's signature
+    /// on control work.
+    fn message_for(
         &self,
         envelope: &Envelope,
         expected: Option<u64>,
-    ) -> Result<Published, BusError> {
+    ) -> Result<(String, PublishMessage), BusError> {
         let subject = subjects::for_event(envelope);
         let payload = Bytes::from(codec::encode(envelope)?);
         let signed = payload.clone();
@@ -273,22 +358,71 @@ impl Bus {
                 );
             }
         }
-        let publish_error = |message: String| BusError::Publish {
+        Ok((subject, message))
+    }
+
+    /// Sends an envelope as [`Bus::publish`] does, without awaiting its ack: the returned
+    /// [`PendingAck`] resolves once the server stored it. The server stores what one connection
+    /// sends in the order it was sent, so several sends in flight keep their order while the
+    /// round trips overlap (the agent's outbox, [`Bus::publish_windowed`]).
+    pub async fn publish_pipelined(&self, envelope: &Envelope) -> Result<PendingAck, BusError> {
+        let (subject, message) = self.message_for(envelope, None)?;
+        match self.js.send_publish(subject.clone(), message).await {
+            Ok(ack) => Ok(PendingAck { subject, ack }),
+            Err(e) => Err(BusError::Publish {
+                kind: e.kind().into(),
+                message: e.to_string(),
+                subject,
+            }),
+        }
+    }
+
+    /// Publishes `envelopes` in order on this connection with up to `window` acks in flight;
+    /// returns the last stored sequence (0 for none).
+    pub async fn publish_windowed(
+        &self,
+        envelopes: impl IntoIterator<Item = Envelope>,
+        window: usize,
+    ) -> Result<u64, BusError> {
+        let mut acks = std::collections::VecDeque::new();
+        let mut last = 0;
+        for envelope in envelopes {
+            acks.push_back(self.publish_pipelined(&envelope).await?);
+            if acks.len() >= window.max(1) {
+                if let Some(ack) = acks.pop_front() {
+                    last = ack.stored().await?.sequence.max(last);
+                }
+            }
+        }
+        for ack in acks {
+            last = ack.stored().await?.sequence.max(last);
+        }
+        Ok(last)
+    }
+
+    async fn send(
+        &self,
+        envelope: &Envelope,
+        expected: Option<u64>,
+    ) -> Result<Published, BusError> {
+        let (subject, message) = self.message_for(envelope, expected)?;
+        let publish_error = |e: async_nats::jetstream::context::PublishError| BusError::Publish {
             subject: subject.clone(),
-            message,
+            kind: e.kind().into(),
+            message: e.to_string(),
         };
         let sent = self
             .js
             .send_publish(subject.clone(), message)
             .await
-            .map_err(|e| publish_error(e.to_string()))?
+            .map_err(publish_error)?
             .await
             .map_err(|e| match (e.kind(), expected) {
                 (PublishErrorKind::WrongLastSequence, Some(expected)) => BusError::Conflict {
                     subject: subject.clone(),
                     expected,
                 },
-                _ => publish_error(e.to_string()),
+                _ => publish_error(e),
             });
         let ack = match sent {
             Ok(ack) => ack,
@@ -378,32 +512,95 @@ impl Bus {
         start_after: u64,
         ack_wait: Duration,
     ) -> Result<jetstream::consumer::PullConsumer, BusError> {
-        let deliver_policy = if start_after == 0 {
-            DeliverPolicy::All
-        } else {
-            DeliverPolicy::ByStartSequence {
-                start_sequence: start_after + 1,
-            }
-        };
-        let config = pull::Config {
-            durable_name: Some(name.to_owned()),
-            name: Some(name.to_owned()),
-            ack_policy: AckPolicy::All,
-            deliver_policy,
-            filter_subject: filter.unwrap_or_default(),
-            ack_wait,
-            max_ack_pending: 100_000,
-            max_batch: 10_000,
-            ..Default::default()
-        };
-        self.stream
-            .get_or_create_consumer(name, config)
+        pull_consumer_on(&self.stream, name, filter, start_after, ack_wait).await
+    }
+
+    /// A core NATS request (the command subjects): the reply's bytes.
+    pub async fn request(&self, subject: String, body: Vec<u8>) -> Result<Bytes, BusError> {
+        self.client
+            .request(subject.clone(), body.into())
             .await
-            .map_err(|e| BusError::Consumer {
-                name: name.to_owned(),
+            .map(|m| m.payload)
+            .map_err(|e| BusError::Publish {
+                subject,
+                kind: e.kind().into(),
                 message: e.to_string(),
             })
     }
+
+    /// Stores arbitrary bytes on a subject, optionally with a control-work signature header
+    /// (tests of what the fold and the agent make of bad or forged input); returns the stored
+    /// sequence.
+    pub async fn publish_raw(
+        &self,
+        subject: &str,
+        payload: Vec<u8>,
+        signature: Option<&str>,
+    ) -> Result<u64, BusError> {
+        let fail = |e: async_nats::jetstream::context::PublishError| BusError::Publish {
+            subject: subject.to_owned(),
+            kind: e.kind().into(),
+            message: e.to_string(),
+        };
+        let mut message = PublishMessage::build().payload(Bytes::from(payload));
+        if let Some(sig) = signature {
+            message = message.header(crate::auth::SIGNATURE_HEADER, sig);
+        }
+        self.js
+            .send_publish(subject.to_owned(), message)
+            .await
+            .map_err(fail)?
+            .await
+            .map(|a| a.sequence)
+            .map_err(fail)
+    }
+
+    /// A durable, acknowledged reader on the consumer `name` (see [`crate::Durable`]); opened
+    /// by [`crate::Durable::open_at`] or [`crate::Durable::open`].
+    pub fn durable(
+        &self,
+        name: &str,
+        filter: Option<String>,
+        ack_wait: Duration,
+    ) -> crate::Durable {
+        crate::Durable::new(self.stream.clone(), name, filter, ack_wait)
+    }
+}
+
+/// Opens (creating if needed) the durable pull consumer `name` on `stream`, delivering from
+/// `start_after + 1` when it is new.
+pub(crate) async fn pull_consumer_on(
+    stream: &Stream,
+    name: &str,
+    filter: Option<String>,
+    start_after: u64,
+    ack_wait: Duration,
+) -> Result<jetstream::consumer::PullConsumer, BusError> {
+    let deliver_policy = if start_after == 0 {
+        DeliverPolicy::All
+    } else {
+        DeliverPolicy::ByStartSequence {
+            start_sequence: start_after + 1,
+        }
+    };
+    let config = pull::Config {
+        durable_name: Some(name.to_owned()),
+        name: Some(name.to_owned()),
+        ack_policy: AckPolicy::All,
+        deliver_policy,
+        filter_subject: filter.unwrap_or_default(),
+        ack_wait,
+        max_ack_pending: 100_000,
+        max_batch: 10_000,
+        ..Default::default()
+    };
+    stream
+        .get_or_create_consumer(name, config)
+        .await
+        .map_err(|e| BusError::Consumer {
+            name: name.to_owned(),
+            message: e.to_string(),
+        })
 }
 
 /// Where an ordered read starts.
@@ -418,36 +615,25 @@ pub enum StartAt {
 }
 
 impl Bus {
-    /// An ordered, ephemeral, flow-controlled read of the stream (for tails, replays and
-    /// dashboards). It re-creates itself on gaps, so the items arrive in stream order.
-    pub async fn ordered(
+    /// An ordered read of the stream from `start`, optionally filtered (tails, replays,
+    /// dashboards, the reactor, tests): see [`crate::Reader`].
+    pub async fn reader(
         &self,
         start: StartAt,
         filter: Option<String>,
-    ) -> Result<pull::Ordered, BusError> {
-        let deliver_policy = match start {
-            StartAt::Beginning => DeliverPolicy::All,
-            StartAt::Sequence(s) => DeliverPolicy::ByStartSequence {
-                start_sequence: s.max(1),
-            },
-            StartAt::New => DeliverPolicy::New,
-        };
-        let consumer = self
-            .stream
-            .create_consumer(pull::OrderedConfig {
-                deliver_policy,
-                filter_subject: filter.unwrap_or_default(),
-                ..Default::default()
-            })
+    ) -> Result<crate::Reader, BusError> {
+        self.reader_with(start, filter, crate::ReaderOptions::default())
             .await
-            .map_err(|e| BusError::Consumer {
-                name: "ordered".into(),
-                message: e.to_string(),
-            })?;
-        consumer.messages().await.map_err(|e| BusError::Consumer {
-            name: "ordered".into(),
-            message: e.to_string(),
-        })
+    }
+
+    /// [`Bus::reader`] with explicit fetch sizes and lifetimes.
+    pub async fn reader_with(
+        &self,
+        start: StartAt,
+        filter: Option<String>,
+        options: crate::ReaderOptions,
+    ) -> Result<crate::Reader, BusError> {
+        crate::Reader::open(self.stream.clone(), start, filter, options).await
     }
 }
 

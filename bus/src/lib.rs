@@ -6,10 +6,16 @@
 
 pub mod auth;
 mod client;
+mod durable;
+mod reader;
 pub mod server;
 mod stream;
 
-pub use client::{Bus, BusError, ClientSecurity, Published, StartAt, TlsClient};
+pub use client::{
+    Bus, BusError, ClientSecurity, PendingAck, PublishFailure, Published, StartAt, TlsClient,
+};
+pub use durable::{Durable, Received};
+pub use reader::{Delivery, Reader, ReaderOptions};
 pub use stream::{StreamError, StreamSettings};
 
 /// Re-exported so callers name consumer and message types without depending on async-nats.

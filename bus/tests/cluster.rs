@@ -9,9 +9,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use futures::StreamExt;
 use usbpt_bus::{Bus, StartAt, StreamSettings};
-use usbpt_schemas::{codec, Envelope, EventId};
+use usbpt_schemas::{Envelope, EventId};
 use usbpt_testkit::TestCluster;
 
 /// Publishes until acknowledged, retrying the same envelope (same Nats-Msg-Id) through a
@@ -64,7 +63,7 @@ async fn r3_stream_survives_a_node_killed_and_returning() -> Result<()> {
     // meanwhile (seen under load). Retry, bounded.
     let mut messages = None;
     for attempt in 1..=10 {
-        match bus.ordered(StartAt::Beginning, None).await {
+        match bus.reader(StartAt::Beginning, None).await {
             Ok(m) => {
                 messages = Some(m);
                 break;
@@ -78,11 +77,8 @@ async fn r3_stream_survives_a_node_killed_and_returning() -> Result<()> {
     }
     let mut messages = messages.expect("an ordered reader or an error");
     while read.len() < acked.len() {
-        let msg = tokio::time::timeout(Duration::from_secs(20), messages.next())
-            .await?
-            .expect("stream open")
-            .map_err(|e| anyhow::anyhow!(e))?;
-        let env = codec::decode(&msg.payload)?;
+        let msg = tokio::time::timeout(Duration::from_secs(20), messages.next()).await??;
+        let env = msg.decode()?;
         assert!(read.insert(env.event_id), "duplicate {}", env.event_id);
     }
     assert_eq!(read, acked);

@@ -112,7 +112,7 @@ async fn forgeries(nats: &TestNats, creds: &usbpt_bus::auth::CredsDir) -> Result
         // Reading host-b's control work, or everything.
         a.pull_consumer("agent-host-a", Some(b_ctl), 0),
         a.pull_consumer("snoop", None, 0),
-        a.ordered(usbpt_bus::StartAt::Beginning, None),
+        a.reader(usbpt_bus::StartAt::Beginning, None),
         // The audit trail: neither deleting nor changing nor purging the stream.
         js.delete_stream(subjects::STREAM),
         js.update_stream(weaker),
@@ -199,15 +199,45 @@ async fn own_work(nats: &TestNats, creds: &usbpt_bus::auth::CredsDir) -> Result<
 
     // Readers read everything and publish nothing.
     for reader in [&projector, &auditor] {
-        let mut all = reader.ordered(usbpt_bus::StartAt::Beginning, None).await?;
-        let first = tokio::time::timeout(Duration::from_secs(5), all.next())
-            .await?
-            .expect("an event")
-            .map_err(anyhow::Error::msg)?;
-        assert_eq!(first.info().map_err(anyhow::Error::msg)?.stream_sequence, 1);
+        let mut all = reader.reader(usbpt_bus::StartAt::Beginning, None).await?;
+        let first = tokio::time::timeout(Duration::from_secs(5), all.next()).await??;
+        assert_eq!(first.seq, 1);
         refused(reader, &admin, own_device()).await?;
         refused(reader, &admin, Envelope::new(body("FlavorCreated"))).await?;
+        // A dashboard's catch-up reader (the API serves live events as the projector).
+        let mut catch_up = reader
+            .reader_with(
+                usbpt_bus::StartAt::Sequence(1),
+                None,
+                usbpt_bus::ReaderOptions {
+                    inactive: Duration::from_secs(5),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let first = tokio::time::timeout(Duration::from_secs(5), catch_up.next()).await??;
+        assert_eq!(first.seq, 1);
     }
+    // Heartbeats (core NATS, ADR 0008): host-a beats on its own subject only; the readers see
+    // it. The forged beat for host-b goes first: the server drops it, so host-a's own beat,
+    // published after it on the same connection, is the first to arrive.
+    let mut beats = projector
+        .client()
+        .subscribe(subjects::ALL_HEARTBEATS)
+        .await?;
+    projector.client().flush().await?;
+    let b_beat = subjects::heartbeat(&common::host("host-b"));
+    let a_beat = subjects::heartbeat(&common::host("host-a"));
+    a.client().publish(b_beat, "alive 2000".into()).await?;
+    a.client()
+        .publish(a_beat.clone(), "alive 2000".into())
+        .await?;
+    a.client().flush().await?;
+    let first = tokio::time::timeout(Duration::from_secs(5), beats.next())
+        .await?
+        .expect("a beat");
+    assert_eq!(first.subject.as_str(), a_beat);
+
     let durable = projector.pull_consumer("usbpt-projector", None, 0).await?;
     assert!(durable.cached_info().config.filter_subject.is_empty());
 

@@ -3,13 +3,14 @@
 //! (each with its fence) and the reply, or a rejection that names its reason. No clock, no
 //! randomness, no I/O.
 
-use usbpt_schemas::commands::Command;
+use usbpt_schemas::commands::{Command, FlavorResources};
 use usbpt_schemas::{
     subjects, DeviceClaimed, DeviceReleased, DeviceSelector, Event, FlavorCreated, FlavorDeleted,
-    FlavorId, FlavorName, FlavorUsbSet, HostName, LineageKind, ReleaseReason, ServerAction,
-    ServerActionRequested, ServerBootRequested, ServerDeleted, ServerId, ServerMigrated,
-    ServerMigrationRefused, ServerName, ServerResized, ServerScheduleFailed, ServerScheduled,
-    ServerState,
+    FlavorId, FlavorName, FlavorSized, FlavorUsbSet, HostName, LineageKind, ReleaseReason,
+    ServerAction, ServerActionRequested, ServerBootRequested, ServerDeleted, ServerId,
+    ServerMigrated, ServerMigrationRefused, ServerName, ServerResizeConfirmed,
+    ServerResizeReverted, ServerResizeVerifying, ServerResized, ServerScheduleFailed,
+    ServerScheduled, ServerState, ServerUpdated,
 };
 
 use crate::schedule::{self, check_ports, Weigh};
@@ -100,7 +101,11 @@ fn fenced(view: &dyn ViewRead, event: Event) -> Result<Step, Rejection> {
 
 pub fn decide(view: &dyn ViewRead, cmd: &Command, ctx: &Ctx) -> Result<Decision, Rejection> {
     match cmd {
-        Command::CreateFlavor { name, usb } => create_flavor(view, name, usb, ctx),
+        Command::CreateFlavor {
+            name,
+            usb,
+            resources,
+        } => create_flavor(view, name, usb, *resources, ctx),
         Command::DeleteFlavor { name } => {
             let f = view
                 .flavor_by_name(name)?
@@ -118,10 +123,17 @@ pub fn decide(view: &dyn ViewRead, cmd: &Command, ctx: &Ctx) -> Result<Decision,
         }
         Command::Boot { name, flavor, host } => boot(view, name, flavor, host.as_ref(), ctx),
         Command::Resize { name, flavor } => resize(view, name, flavor, ctx),
+        Command::ConfirmResize { name } => confirm_resize(view, name),
+        Command::RevertResize { name } => revert_resize(view, name),
         Command::Migrate { name, live, host } => migrate(view, name, *live, host.as_ref()),
         Command::Act { name, action } => act(view, name, *action),
         Command::Delete { name } => delete(view, name),
         Command::SetFlavorUsb { name, usb } => set_flavor_usb(view, name, usb),
+        Command::UpdateServer {
+            name,
+            new_name,
+            description,
+        } => update_server(view, name, new_name.as_ref(), description.as_ref()),
     }
 }
 
@@ -154,22 +166,91 @@ fn create_flavor(
     view: &dyn ViewRead,
     name: &FlavorName,
     usb: &[usbpt_schemas::UsbRequest],
+    resources: FlavorResources,
     ctx: &Ctx,
 ) -> Result<Decision, Rejection> {
     if view.flavor_by_name(name)?.is_some() {
         return Err(Rejection::new(409, format!("flavor {name} already exists")));
     }
     check_usb(view, usb)?;
-    Ok(Decision {
-        steps: vec![fenced(
+    let mut steps = vec![fenced(
+        view,
+        Event::FlavorCreated(FlavorCreated {
+            flavor_id: ctx.flavor_id,
+            name: name.clone(),
+            usb: usb.to_vec(),
+        }),
+    )?];
+    if !resources.is_zero() {
+        // The same subject: the handler fences it on the sequence the first step got.
+        steps.push(fenced(
             view,
-            Event::FlavorCreated(FlavorCreated {
+            Event::FlavorSized(FlavorSized {
                 flavor_id: ctx.flavor_id,
                 name: name.clone(),
-                usb: usb.to_vec(),
+                ram_mb: resources.ram_mb,
+                vcpus: resources.vcpus,
+                disk_gb: resources.disk_gb,
             }),
-        )?],
+        )?);
+    }
+    Ok(Decision {
+        steps,
         reply: Reply::Accepted(format!("flavor {name} created ({})", ctx.flavor_id)),
+    })
+}
+
+/// Nova's limit on a server's description.
+pub const DESCRIPTION_MAX: usize = 255;
+
+fn update_server(
+    view: &dyn ViewRead,
+    name: &ServerName,
+    new_name: Option<&ServerName>,
+    description: Option<&Option<String>>,
+) -> Result<Decision, Rejection> {
+    let s = live_server(view, name)?;
+    if let Some(Some(d)) = description {
+        if d.chars().count() > DESCRIPTION_MAX {
+            return Err(Rejection::new(
+                400,
+                format!("description: longer than {DESCRIPTION_MAX} characters"),
+            ));
+        }
+        if d.chars().any(char::is_control) {
+            return Err(Rejection::new(
+                400,
+                "description: control characters are not allowed",
+            ));
+        }
+    }
+    let to = new_name.unwrap_or(name);
+    if to != name {
+        if let Some(other) = view.server_by_name(to)? {
+            return Err(Rejection::new(
+                409,
+                format!("server name {to} is in use by {}", other.server_id),
+            ));
+        }
+    }
+    let description = description.cloned().unwrap_or(s.description.clone());
+    if to == name && description == s.description {
+        return Ok(Decision {
+            steps: Vec::new(),
+            reply: Reply::Accepted(format!("server {name} unchanged")),
+        });
+    }
+    Ok(Decision {
+        steps: vec![plain(Event::ServerUpdated(ServerUpdated {
+            server_id: s.server_id,
+            name: to.clone(),
+            description,
+        }))],
+        reply: Reply::Accepted(if to == name {
+            format!("server {name} updated")
+        } else {
+            format!("server {name} renamed to {to}")
+        }),
     })
 }
 
@@ -327,9 +408,23 @@ fn boot(
 }
 
 /// The devices a server holds now, as the view sees them.
+/// With a resize awaiting confirmation, that includes the old flavor's devices.
 fn held_devices(view: &dyn ViewRead, s: &ServerInfo) -> Result<Vec<DeviceInfo>, Rejection> {
-    let mut out = Vec::new();
-    for a in &s.devices {
+    let old = s.resize_from.iter().flat_map(|r| &r.devices);
+    held_of(view, s, s.devices.iter().chain(old))
+}
+
+/// The devices of `assigned` whose lineage `s` still holds, each lineage once.
+fn held_of<'a>(
+    view: &dyn ViewRead,
+    s: &ServerInfo,
+    assigned: impl Iterator<Item = &'a usbpt_schemas::AssignedDevice>,
+) -> Result<Vec<DeviceInfo>, Rejection> {
+    let mut out: Vec<DeviceInfo> = Vec::new();
+    for a in assigned {
+        if out.iter().any(|d| d.lineage_id == a.lineage_id) {
+            continue;
+        }
         if let Some(c) = view.claim(&a.lineage_id)? {
             if c.server_id == s.server_id {
                 if let Some(d) = view.device(&c.device_id)? {
@@ -339,6 +434,118 @@ fn held_devices(view: &dyn ViewRead, s: &ServerInfo) -> Result<Vec<DeviceInfo>, 
         }
     }
     Ok(out)
+}
+
+fn no_pending_resize(s: &ServerInfo) -> Result<(), Rejection> {
+    if s.resize_from.is_some() {
+        return Err(Rejection::new(
+            409,
+            format!(
+                "server {} has a resize awaiting confirmation (VERIFY_RESIZE): confirm or revert it first",
+                s.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn pending_resize(s: &ServerInfo) -> Result<crate::view::ResizeFrom, Rejection> {
+    s.resize_from.clone().ok_or_else(|| {
+        Rejection::new(
+            409,
+            format!("server {} has no resize awaiting confirmation", s.name),
+        )
+    })
+}
+
+/// Confirm: the old flavor's devices that the new one does not use are released.
+fn confirm_resize(view: &dyn ViewRead, name: &ServerName) -> Result<Decision, Rejection> {
+    let s = live_server(view, name)?;
+    let from = pending_resize(&s)?;
+    let mut steps = Vec::new();
+    let gone = from
+        .devices
+        .iter()
+        .filter(|a| !s.devices.iter().any(|n| n.lineage_id == a.lineage_id));
+    let released = held_of(view, &s, gone)?;
+    for d in &released {
+        steps.push(release_step(view, &s, d, ReleaseReason::Resized)?);
+    }
+    steps.push(plain(Event::ServerResizeConfirmed(ServerResizeConfirmed {
+        server_id: s.server_id,
+    })));
+    Ok(Decision {
+        steps,
+        reply: Reply::Accepted(format!(
+            "resize of {name} confirmed; {} USB device(s) of its old flavor released",
+            released.len()
+        )),
+    })
+}
+
+/// Revert: back to the old flavor, host and devices (still claimed: nothing can have taken
+/// them), the new flavor's devices that the old one does not use released.
+fn revert_resize(view: &dyn ViewRead, name: &ServerName) -> Result<Decision, Rejection> {
+    let s = live_server(view, name)?;
+    let from = pending_resize(&s)?;
+    let host = scheduled_host(&s)?;
+    // Each old device as the claim has it now (a held lineage may have re-enumerated). A claim
+    // that ended meanwhile (its device went away past the grace window, or a strict binding's
+    // device was invalidated) cannot be given back without a new placement: refuse.
+    let mut devices = Vec::new();
+    for a in &from.devices {
+        let Some(claim) = view
+            .claim(&a.lineage_id)?
+            .filter(|c| c.server_id == s.server_id)
+        else {
+            return Err(Rejection::new(
+                409,
+                format!(
+                    "cannot revert the resize of {name}: its old device {} (lineage {}) is no longer reserved for it; confirm the resize, or resize to a flavor that fits",
+                    a.device_id, a.lineage_id
+                ),
+            ));
+        };
+        devices.push(usbpt_schemas::AssignedDevice {
+            device_id: claim.device_id,
+            ..a.clone()
+        });
+    }
+    let mut steps = vec![plain(Event::ServerResized(ServerResized {
+        server_id: s.server_id,
+        from_flavor: s.flavor_id,
+        to_flavor: from.flavor_id,
+        from_host: host.clone(),
+        host: from.host.clone(),
+        devices: devices.clone(),
+    }))];
+    let gone = s
+        .devices
+        .iter()
+        .filter(|n| !from.devices.iter().any(|a| a.lineage_id == n.lineage_id));
+    let released = held_of(view, &s, gone)?;
+    for d in &released {
+        steps.push(release_step(view, &s, d, ReleaseReason::Resized)?);
+    }
+    steps.push(plain(Event::ServerResizeReverted(ServerResizeReverted {
+        server_id: s.server_id,
+    })));
+    if from.host != host {
+        steps.push(plain(Event::ServerActionRequested(ServerActionRequested {
+            server_id: s.server_id,
+            host,
+            action: ServerAction::Teardown,
+        })));
+    }
+    Ok(Decision {
+        steps,
+        reply: Reply::Accepted(format!(
+            "resize of {name} reverted: back on {} with {} USB device(s); {} released",
+            from.host,
+            devices.len(),
+            released.len()
+        )),
+    })
 }
 
 fn release_step(
@@ -367,6 +574,7 @@ fn resize(
 ) -> Result<Decision, Rejection> {
     let s = live_server(view, name)?;
     let from_host = scheduled_host(&s)?;
+    no_pending_resize(&s)?;
     let f = view
         .flavor_by_name(flavor)?
         .ok_or_else(|| Rejection::new(404, format!("flavor {flavor} does not exist")))?;
@@ -410,11 +618,14 @@ fn resize(
         host: p.host.clone(),
         devices: p.devices.clone(),
     })));
-    for h in &held {
-        if !p.devices.iter().any(|d| d.lineage_id == h.lineage_id) {
-            steps.push(release_step(view, &s, h, ReleaseReason::Resized)?);
-        }
-    }
+    // Nova's VERIFY_RESIZE: the old devices stay claimed until a confirm releases them or a
+    // revert gives them back, so nothing can take them meanwhile.
+    steps.push(plain(Event::ServerResizeVerifying(ServerResizeVerifying {
+        server_id: s.server_id,
+        from_flavor: s.flavor_id,
+        from_host: from_host.clone(),
+        devices: s.devices.clone(),
+    })));
     if p.host != from_host {
         steps.push(plain(Event::ServerActionRequested(ServerActionRequested {
             server_id: s.server_id,
@@ -425,7 +636,7 @@ fn resize(
     Ok(Decision {
         steps,
         reply: Reply::Accepted(format!(
-            "server {name} resized to {flavor} on {} with {} USB device(s)",
+            "server {name} resized to {flavor} on {} with {} USB device(s); confirm or revert it (its old devices stay reserved until then)",
             p.host,
             p.devices.len()
         )),
@@ -440,6 +651,7 @@ fn migrate(
 ) -> Result<Decision, Rejection> {
     let s = live_server(view, name)?;
     let from_host = scheduled_host(&s)?;
+    no_pending_resize(&s)?;
     let held = held_devices(view, &s)?;
     let refuse = |reason: String| -> Decision {
         Decision {

@@ -15,7 +15,7 @@ use usbpt_bus::{Bus, BusError};
 use usbpt_schemas::commands::{Command, CommandReply};
 use usbpt_schemas::{
     subjects, CorrelationId, DeviceReleased, Envelope, Event, EventId, FlavorId, ReleaseReason,
-    ServerId,
+    ServerDeleted, ServerId,
 };
 
 use crate::decide::{decide, Ctx, Fence, Reply, Step};
@@ -65,9 +65,25 @@ enum AppendError {
     Conflict {
         subject: String,
         claimed: Vec<(DeviceReleased, u64)>,
+        created: Option<ServerId>,
     },
-    Bus(BusError),
+    /// A step would be larger than the bus takes; nothing was appended.
+    TooLarge {
+        step: usize,
+        kind: &'static str,
+        bytes: usize,
+        limit: usize,
+    },
+    /// The bus refused or lost an append after `claimed` (and `created`) were stored.
+    Bus {
+        error: BusError,
+        claimed: Vec<(DeviceReleased, u64)>,
+        created: Option<ServerId>,
+    },
 }
+
+/// Room left in a NATS message for usbpt's headers (message id, fence, signature).
+const HEADER_ROOM: usize = 1024;
 
 impl<V: ViewSource> Handler<V> {
     pub fn new(bus: Bus, view: Arc<V>, weigh: Weigh) -> Self {
@@ -100,6 +116,9 @@ impl<V: ViewSource> Handler<V> {
         };
         self.stats.commands.fetch_add(1, Relaxed);
         let mut turn = Some(self.deciding.lock().await);
+        // A server this command recorded (`ServerBootRequested`): if the command fails after
+        // that, a compensating `ServerDeleted` leaves no half-created server behind.
+        let mut created: Option<ServerId> = None;
         // Decide on a view at least as fresh as the stream was when the command arrived, so a
         // command sees what any handler appended before it (read-your-writes across processes).
         match self.bus.last_sequence().await {
@@ -137,8 +156,39 @@ impl<V: ViewSource> Handler<V> {
                         Reply::Refused { code, reason } => rejected(code, reason),
                     };
                 }
-                Err(AppendError::Bus(e)) => return rejected(503, e.to_string()),
-                Err(AppendError::Conflict { subject, claimed }) => {
+                Err(AppendError::TooLarge {
+                    step,
+                    kind,
+                    bytes,
+                    limit,
+                }) => {
+                    return rejected(
+                        413,
+                        format!(
+                            "step {step} ({kind}) would be {bytes} bytes; the bus takes at most \
+                             {limit}: nothing was appended"
+                        ),
+                    )
+                }
+                Err(AppendError::Bus {
+                    error,
+                    claimed,
+                    created: made,
+                }) => {
+                    let created = created.or(made);
+                    warn!(%error, "an append failed part-way; undoing what this command appended");
+                    let undone = match self.undo(claimed, created, correlation).await {
+                        Ok(()) => "what it had appended was undone".to_owned(),
+                        Err(e) => format!("undoing what it had appended failed too: {e}"),
+                    };
+                    return rejected(503, format!("{error}; {undone}"));
+                }
+                Err(AppendError::Conflict {
+                    subject,
+                    claimed,
+                    created: made,
+                }) => {
+                    created = created.or(made);
                     self.stats.conflicts.fetch_add(1, Relaxed);
                     info!(attempt, %subject, "lost a race; releasing and deciding again");
                     if let Err(e) = self.compensate(claimed, correlation).await {
@@ -155,10 +205,66 @@ impl<V: ViewSource> Handler<V> {
                 }
             }
         }
+        let undone = match self.undo(Vec::new(), created, correlation).await {
+            Ok(()) => "",
+            Err(_) => " (and the server it recorded could not be removed)",
+        };
         rejected(
             409,
-            format!("lost the race for a device {MAX_ATTEMPTS} times; try again"),
+            format!("lost the race for a device {MAX_ATTEMPTS} times; try again{undone}"),
         )
+    }
+
+    /// Releases `claimed` and removes the server this command `created`, if any: a command
+    /// that failed part-way leaves no claim and no half-created server.
+    async fn undo(
+        &self,
+        claimed: Vec<(DeviceReleased, u64)>,
+        created: Option<ServerId>,
+        correlation: CorrelationId,
+    ) -> Result<(), BusError> {
+        self.compensate(claimed, correlation).await?;
+        if let Some(server_id) = created {
+            let env = Envelope::new(Event::ServerDeleted(ServerDeleted {
+                server_id,
+                host: None,
+            }))
+            .with_correlation(correlation);
+            self.bus.publish(&env).await?;
+        }
+        Ok(())
+    }
+
+    /// Every step's envelope, built before the first append; each one's encoded size is
+    /// checked against what the bus takes, so an oversized step is refused with nothing stored.
+    fn envelopes(
+        &self,
+        steps: &[Step],
+        correlation: CorrelationId,
+    ) -> Result<Vec<Envelope>, AppendError> {
+        let limit = match self.bus.client().server_info().max_payload {
+            0 => 1 << 20,
+            n => n,
+        }
+        .saturating_sub(HEADER_ROOM);
+        let mut cause: Option<EventId> = None;
+        let mut out = Vec::with_capacity(steps.len());
+        for (i, step) in steps.iter().enumerate() {
+            let mut env = Envelope::new(step.event.clone()).with_correlation(correlation);
+            env.causation_id = cause;
+            let bytes = usbpt_schemas::encode(&env).map_or(usize::MAX, |b| b.len());
+            if bytes > limit {
+                return Err(AppendError::TooLarge {
+                    step: i,
+                    kind: step.event.kind(),
+                    bytes,
+                    limit,
+                });
+            }
+            cause.get_or_insert(env.event_id);
+            out.push(env);
+        }
+        Ok(out)
     }
 
     /// Appends the steps in order. Returns the event ids and the last stream sequence written.
@@ -167,14 +273,13 @@ impl<V: ViewSource> Handler<V> {
         steps: &[Step],
         correlation: CorrelationId,
     ) -> Result<(Vec<EventId>, u64), AppendError> {
+        let envelopes = self.envelopes(steps, correlation)?;
         let mut written: HashMap<String, u64> = HashMap::new();
         let mut claimed = Vec::new();
+        let mut created = None;
         let mut ids = Vec::new();
         let mut last = 0;
-        let mut cause: Option<EventId> = None;
-        for step in steps {
-            let mut env = Envelope::new(step.event.clone()).with_correlation(correlation);
-            env.causation_id = cause;
+        for (step, env) in steps.iter().zip(envelopes) {
             let subject = subjects::for_event(&env);
             let result = match step.fence {
                 Fence::None => self.bus.publish(&env).await,
@@ -186,11 +291,24 @@ impl<V: ViewSource> Handler<V> {
             let published = match result {
                 Ok(p) => p,
                 Err(BusError::Conflict { subject, .. }) => {
-                    return Err(AppendError::Conflict { subject, claimed })
+                    return Err(AppendError::Conflict {
+                        subject,
+                        claimed,
+                        created,
+                    })
                 }
-                Err(e) => return Err(AppendError::Bus(e)),
+                Err(error) => {
+                    return Err(AppendError::Bus {
+                        error,
+                        claimed,
+                        created,
+                    })
+                }
             };
             written.insert(subject, published.sequence);
+            if let Event::ServerBootRequested(b) = &step.event {
+                created = Some(b.server_id);
+            }
             if let Event::DeviceClaimed(c) = &step.event {
                 claimed.push((
                     DeviceReleased {
@@ -203,7 +321,6 @@ impl<V: ViewSource> Handler<V> {
                     published.sequence,
                 ));
             }
-            cause.get_or_insert(env.event_id);
             ids.push(env.event_id);
             last = last.max(published.sequence);
         }
@@ -258,20 +375,13 @@ fn rejected(code: u16, reason: String) -> CommandReply {
 }
 
 /// Sends a command over NATS and waits for the reply (the CLI's and tests' client side).
-pub async fn request(
-    client: &usbpt_bus::async_nats::Client,
-    cmd: &Command,
-    timeout: Duration,
-) -> Result<CommandReply, String> {
+pub async fn request(bus: &Bus, cmd: &Command, timeout: Duration) -> Result<CommandReply, String> {
     let body = serde_json::to_vec(cmd).map_err(|e| e.to_string())?;
-    let reply = tokio::time::timeout(
-        timeout,
-        client.request(subjects::command(cmd.kind()), body.into()),
-    )
-    .await
-    .map_err(|_| format!("no reply from a command handler within {timeout:?}"))?
-    .map_err(|e| {
-        format!("command request failed: {e} (is `usbpt serve` or `usbpt commands` running?)")
-    })?;
-    serde_json::from_slice(&reply.payload).map_err(|e| format!("unreadable command reply: {e}"))
+    let reply = tokio::time::timeout(timeout, bus.request(subjects::command(cmd.kind()), body))
+        .await
+        .map_err(|_| format!("no reply from a command handler within {timeout:?}"))?
+        .map_err(|e| {
+            format!("command request failed: {e} (is `usbpt serve` or `usbpt commands` running?)")
+        })?;
+    serde_json::from_slice(&reply).map_err(|e| format!("unreadable command reply: {e}"))
 }

@@ -11,7 +11,7 @@ use usbpt_schemas::{
 
 use crate::handler::ViewSource;
 use crate::view::{
-    ClaimInfo, DeviceInfo, DeviceStatus, FlavorInfo, ServerInfo, ViewError, ViewRead,
+    ClaimInfo, DeviceInfo, DeviceStatus, FlavorInfo, ResizeFrom, ServerInfo, ViewError, ViewRead,
 };
 
 fn err(e: p::ViewError) -> ViewError {
@@ -54,6 +54,12 @@ fn server(s: p::Server) -> Option<ServerInfo> {
         host: s.host,
         state: s.state,
         devices: s.devices,
+        description: s.description,
+        resize_from: s.resize_from.map(|r| ResizeFrom {
+            flavor_id: r.flavor_id,
+            host: r.host,
+            devices: r.devices,
+        }),
     })
 }
 

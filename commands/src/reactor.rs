@@ -11,11 +11,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use tracing::{info, warn};
 use usbpt_bus::{Bus, BusError, StartAt};
 use usbpt_schemas::{
-    codec, subjects, DeviceId, DeviceInvalidated, DeviceReleased, Envelope, Event, FollowPolicy,
+    subjects, DeviceId, DeviceInvalidated, DeviceReleased, Envelope, Event, FollowPolicy,
     LineageId, ReleaseReason,
 };
 
@@ -107,18 +106,18 @@ async fn append(bus: &Bus, step: Step, cause: &Envelope) {
     }
 }
 
-/// Watches invalidations from now on and reacts. Runs until the stream ends.
+/// Watches invalidations from now on and reacts. Returns only when the stream cannot be read.
 pub async fn run<V: ViewSource>(bus: Bus, view: Arc<V>, grace: Duration) -> Result<(), BusError> {
-    let mut events = bus.ordered(StartAt::New, None).await?;
-    while let Some(msg) = events.next().await {
-        let Ok(msg) = msg else { continue };
-        let Ok(env) = codec::decode(&msg.payload) else {
+    let mut events = bus.reader(StartAt::New, None).await?;
+    loop {
+        let msg = events.next().await?;
+        let Ok(env) = msg.decode() else {
             continue;
         };
         let Event::DeviceInvalidated(inv) = &env.body else {
             continue;
         };
-        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
+        let seq = msg.seq;
         // Decide against a view that has applied this invalidation.
         view.wait_applied(seq, Duration::from_secs(10)).await;
         let reaction = match view.snapshot().and_then(|s| on_invalidated(&s, inv)) {
@@ -151,5 +150,4 @@ pub async fn run<V: ViewSource>(bus: Bus, view: Arc<V>, grace: Duration) -> Resu
             }
         }
     }
-    Ok(())
 }

@@ -52,6 +52,19 @@ pub struct ServerInfo {
     pub host: Option<HostName>,
     pub state: ServerState,
     pub devices: Vec<AssignedDevice>,
+    /// Nova's free-text description (`PUT /servers/{id}`).
+    pub description: Option<String>,
+    /// A resize awaiting confirmation (`VERIFY_RESIZE`): what a revert restores; the server
+    /// still holds these devices' claims.
+    pub resize_from: Option<ResizeFrom>,
+}
+
+/// The flavor, host and devices a server had before its pending resize.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResizeFrom {
+    pub flavor_id: FlavorId,
+    pub host: HostName,
+    pub devices: Vec<AssignedDevice>,
 }
 
 /// An active claim on a lineage.

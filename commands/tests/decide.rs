@@ -10,7 +10,7 @@ use usbpt_commands::*;
 use usbpt_schemas::commands::Command;
 use usbpt_schemas::*;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct MemView {
     flavors: Vec<FlavorInfo>,
     servers: Vec<ServerInfo>,
@@ -127,6 +127,7 @@ fn flavor_create_validates_ports_ids_and_names() {
     let ok = decide(
         &v,
         &Command::CreateFlavor {
+            resources: Default::default(),
             name: FlavorName::new("key").unwrap(),
             usb: usb("vendor=136b,product=0003"),
         },
@@ -140,6 +141,7 @@ fn flavor_create_validates_ports_ids_and_names() {
     let dup = decide(
         &v,
         &Command::CreateFlavor {
+            resources: Default::default(),
             name: FlavorName::new("key").unwrap(),
             usb: vec![],
         },
@@ -152,6 +154,7 @@ fn flavor_create_validates_ports_ids_and_names() {
     let ports = decide(
         &v,
         &Command::CreateFlavor {
+resources: Default::default(),
             name: FlavorName::new("big").unwrap(),
             usb: usb("vendor=136b,product=0003,count=2,controller=uhci;vendor=1050,product=0120,controller=uhci"),
         },
@@ -170,6 +173,7 @@ fn flavor_create_validates_ports_ids_and_names() {
     let unknown = decide(
         &v,
         &Command::CreateFlavor {
+            resources: Default::default(),
             name: FlavorName::new("ghost").unwrap(),
             usb: usb(&format!("id={}", DeviceId(uuid::Uuid::from_u128(99)))),
         },
@@ -206,6 +210,7 @@ fn flavor_create_validates_ports_ids_and_names() {
         let r = decide(
             &v,
             &Command::CreateFlavor {
+                resources: Default::default(),
                 name: FlavorName::new("nats").unwrap(),
                 usb: vec![usb(&format!("id={d1}")).remove(0), bad.clone()],
             },
@@ -360,6 +365,8 @@ fn running(v: &mut MemView, d: &DeviceInfo, f: &FlavorInfo) -> ServerInfo {
         flavor_id: f.flavor_id,
         host: Some(d.host.clone()),
         state: ServerState::Active,
+        description: None,
+        resize_from: None,
         devices: vec![AssignedDevice {
             request_index: 0,
             device_id: d.device_id,
@@ -380,7 +387,7 @@ fn running(v: &mut MemView, d: &DeviceInfo, f: &FlavorInfo) -> ServerInfo {
 }
 
 #[test]
-fn resize_claims_the_new_device_and_releases_the_old() {
+fn resize_awaits_confirmation_keeping_the_old_device_then_confirm_or_revert() {
     let mut v = MemView::default();
     let a = DeviceInfo {
         status: DeviceStatus::Attached,
@@ -390,28 +397,143 @@ fn resize_claims_the_new_device_and_releases_the_old() {
     v.devices.extend([a.clone(), b.clone()]);
     let fa = flavor("fa", "vendor=136b,product=0003");
     let fb = flavor("flavor-b", "vendor=1050,product=0120");
-    v.flavors.extend([fa.clone(), fb]);
-    running(&mut v, &a, &fa);
+    v.flavors.extend([fa.clone(), fb.clone()]);
+    let s = running(&mut v, &a, &fa);
+    let name = ServerName::new("erp").unwrap();
     let d = decide(
         &v,
         &Command::Resize {
-            name: ServerName::new("erp").unwrap(),
+            name: name.clone(),
             flavor: FlavorName::new("flavor-b").unwrap(),
         },
         &ctx(),
     )
     .unwrap();
+    // No release: the old key stays claimed (VERIFY_RESIZE).
     assert_eq!(
         kinds(&d),
-        ["DeviceClaimed", "ServerResized", "DeviceReleased"]
+        ["DeviceClaimed", "ServerResized", "ServerResizeVerifying"]
     );
-    let Event::DeviceReleased(r) = &d.steps[2].event else {
+    let Event::ServerResizeVerifying(verifying) = &d.steps[2].event else {
+        panic!()
+    };
+    assert_eq!(verifying.from_flavor, fa.flavor_id);
+    assert_eq!(verifying.devices, s.devices);
+
+    // The view after it: the server on flavor-b with the token, both claimed.
+    let Event::ServerResized(resized) = &d.steps[1].event else {
+        panic!()
+    };
+    let mut after = v;
+    after.claims.push(ClaimInfo {
+        lineage_id: b.lineage_id,
+        device_id: b.device_id,
+        server_id: s.server_id,
+        host: b.host.clone(),
+        follow: FollowPolicy::Lineage,
+    });
+    after.servers[0] = ServerInfo {
+        flavor_id: fb.flavor_id,
+        devices: resized.devices.clone(),
+        resize_from: Some(usbpt_commands::view::ResizeFrom {
+            flavor_id: fa.flavor_id,
+            host: verifying.from_host.clone(),
+            devices: verifying.devices.clone(),
+        }),
+        ..s.clone()
+    };
+    // Another resize or a migration must wait.
+    for cmd in [
+        Command::Resize {
+            name: name.clone(),
+            flavor: FlavorName::new("fa").unwrap(),
+        },
+        Command::Migrate {
+            name: name.clone(),
+            live: false,
+            host: None,
+        },
+    ] {
+        let e = decide(&after, &cmd, &ctx()).unwrap_err();
+        assert_eq!(e.code, 409, "{cmd:?}");
+        assert!(e.reason.contains("VERIFY_RESIZE"), "{}", e.reason);
+    }
+    // Confirm releases the old key.
+    let c = decide(
+        &after,
+        &Command::ConfirmResize { name: name.clone() },
+        &ctx(),
+    )
+    .unwrap();
+    assert_eq!(kinds(&c), ["DeviceReleased", "ServerResizeConfirmed"]);
+    let Event::DeviceReleased(r) = &c.steps[0].event else {
         panic!()
     };
     assert_eq!(
         (r.device_id, r.reason),
         (a.device_id, ReleaseReason::Resized)
     );
+    // Revert: flavor fa and the key back (a resize back, same host: redefined there), the
+    // token released.
+    let r = decide(
+        &after,
+        &Command::RevertResize { name: name.clone() },
+        &ctx(),
+    )
+    .unwrap();
+    assert_eq!(
+        kinds(&r),
+        ["ServerResized", "DeviceReleased", "ServerResizeReverted"]
+    );
+    let Event::ServerResized(back) = &r.steps[0].event else {
+        panic!()
+    };
+    assert_eq!(
+        (back.from_flavor, back.to_flavor),
+        (fb.flavor_id, fa.flavor_id)
+    );
+    assert_eq!(back.devices, s.devices);
+    let Event::DeviceReleased(t) = &r.steps[1].event else {
+        panic!()
+    };
+    assert_eq!(t.device_id, b.device_id);
+    // An old device whose claim ended meanwhile cannot be given back.
+    let lost = MemView {
+        claims: after
+            .claims
+            .iter()
+            .filter(|c| c.lineage_id != a.lineage_id)
+            .cloned()
+            .collect(),
+        ..after.clone()
+    };
+    let e = decide(&lost, &Command::RevertResize { name: name.clone() }, &ctx()).unwrap_err();
+    assert_eq!(e.code, 409);
+    assert!(e.reason.contains("no longer reserved"), "{}", e.reason);
+    // Deleting while verifying releases both.
+    let del = decide(&after, &Command::Delete { name: name.clone() }, &ctx()).unwrap();
+    assert_eq!(
+        kinds(&del),
+        ["ServerDeleted", "DeviceReleased", "DeviceReleased"]
+    );
+    // Nothing pending: confirm and revert are 409s.
+    for cmd in [
+        Command::ConfirmResize { name: name.clone() },
+        Command::RevertResize { name },
+    ] {
+        assert_eq!(
+            decide(&fresh(&s, &a, &fa), &cmd, &ctx()).unwrap_err().code,
+            409
+        );
+    }
+}
+
+fn fresh(_s: &ServerInfo, a: &DeviceInfo, f: &FlavorInfo) -> MemView {
+    let mut v = MemView::default();
+    v.devices.push(a.clone());
+    v.flavors.push(f.clone());
+    running(&mut v, a, f);
+    v
 }
 
 #[test]
@@ -604,4 +726,94 @@ fn reactor_releases_strict_claims_at_once_and_lineage_claims_after_grace() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_sized_flavor_is_created_then_sized_on_its_subject() {
+    let v = MemView::default();
+    let d = decide(
+        &v,
+        &Command::CreateFlavor {
+            name: FlavorName::new("big").unwrap(),
+            usb: vec![],
+            resources: usbpt_schemas::commands::FlavorResources {
+                ram_mb: 2048,
+                vcpus: 2,
+                disk_gb: 0,
+            },
+        },
+        &ctx(),
+    )
+    .unwrap();
+    assert_eq!(kinds(&d), ["FlavorCreated", "FlavorSized"]);
+    // Both fenced on the flavor's subject; the handler chains the second on the first.
+    assert_eq!(d.steps[1].fence, Fence::Expect(0));
+    match &d.steps[1].event {
+        usbpt_schemas::Event::FlavorSized(e) => {
+            assert_eq!((e.ram_mb, e.vcpus, e.disk_gb), (2048, 2, 0));
+            assert_eq!(e.flavor_id, ctx().flavor_id);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn update_server_renames_describes_and_refuses_a_taken_name() {
+    let mut v = MemView::default();
+    let a = dev(1, "host-b", KEY, Some("A"));
+    v.devices.push(a.clone());
+    let f = flavor("fa", "vendor=136b,product=0003");
+    v.flavors.push(f.clone());
+    let s = running(&mut v, &a, &f);
+    let update =
+        |new_name: Option<&str>, description: Option<Option<&str>>| Command::UpdateServer {
+            name: s.name.clone(),
+            new_name: new_name.map(|n| ServerName::new(n).unwrap()),
+            description: description.map(|d| d.map(str::to_owned)),
+        };
+    let renamed = decide(&v, &update(Some("erp-2"), None), &ctx()).unwrap();
+    match &renamed.steps[..] {
+        [step] => match &step.event {
+            usbpt_schemas::Event::ServerUpdated(e) => {
+                assert_eq!((e.name.as_str(), e.description.as_deref()), ("erp-2", None));
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    let described = decide(&v, &update(None, Some(Some("key on host-b"))), &ctx()).unwrap();
+    match &described.steps[0].event {
+        usbpt_schemas::Event::ServerUpdated(e) => {
+            assert_eq!(e.name, s.name);
+            assert_eq!(e.description.as_deref(), Some("key on host-b"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Nothing to change: nothing recorded.
+    assert!(decide(&v, &update(None, None), &ctx())
+        .unwrap()
+        .steps
+        .is_empty());
+    let long = "x".repeat(256);
+    let e = decide(&v, &update(None, Some(Some(&long))), &ctx()).unwrap_err();
+    assert_eq!(e.code, 400);
+    assert!(e.reason.starts_with("description:"), "{}", e.reason);
+    v.servers.push(ServerInfo {
+        server_id: ServerId(uuid::Uuid::from_u128(99)),
+        name: ServerName::new("taken").unwrap(),
+        ..s.clone()
+    });
+    let e = decide(&v, &update(Some("taken"), None), &ctx()).unwrap_err();
+    assert_eq!(e.code, 409);
+    let e = decide(
+        &v,
+        &Command::UpdateServer {
+            name: ServerName::new("nope").unwrap(),
+            new_name: None,
+            description: None,
+        },
+        &ctx(),
+    )
+    .unwrap_err();
+    assert_eq!(e.code, 404);
 }

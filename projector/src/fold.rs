@@ -886,6 +886,51 @@ fn handle(v: &mut FoldTxn, st: Stamp, body: &Event) -> R {
         Event::FlavorCreated(e) => flavor_created(v, st, e),
         Event::FlavorDeleted(e) => flavor_deleted(v, st, e),
         Event::FlavorUsbSet(e) => flavor_usb_set(v, e),
+        Event::FlavorSized(e) => flavor_sized(v, e),
+        Event::ServerUpdated(e) => server_updated(v, st, e),
+        Event::ServerResizeVerifying(e) => {
+            let s = v.known_server_mut(e.server_id)?;
+            not_deleted(s)?;
+            s.resize_from = Some(ResizeFrom {
+                stamp: st,
+                flavor_id: e.from_flavor,
+                host: e.from_host.clone(),
+                devices: e.devices.clone(),
+            });
+            s.last_change_seq = st.seq;
+            Ok(())
+        }
+        Event::ServerResizeConfirmed(ServerResizeConfirmed { server_id })
+        | Event::ServerResizeReverted(ServerResizeReverted { server_id }) => {
+            let reverted = matches!(body, Event::ServerResizeReverted(_));
+            let s = v.known_server_mut(*server_id)?;
+            not_deleted(s)?;
+            if s.resize_from.take().is_none() {
+                return reject(
+                    QuarantineReason::Conflict,
+                    format!("server {server_id} has no resize awaiting confirmation"),
+                );
+            }
+            // The pending resize is the newest move; a revert's way back came after it.
+            let mut newest = s.moves.iter_mut().rev();
+            if reverted {
+                if let Some(back) = newest.next() {
+                    back.end = Some((MoveEnd::IsRevert, st));
+                }
+            }
+            if let Some(m) = newest.next() {
+                m.end = Some((
+                    if reverted {
+                        MoveEnd::Reverted
+                    } else {
+                        MoveEnd::Confirmed
+                    },
+                    st,
+                ));
+            }
+            s.last_change_seq = st.seq;
+            Ok(())
+        }
         Event::ServerBootRequested(e) => boot_requested(v, st, e),
         Event::ServerScheduled(e) => {
             let s = v.known_server_mut(e.server_id)?;
@@ -1262,6 +1307,9 @@ fn flavor_created(v: &mut FoldTxn, st: Stamp, e: &FlavorCreated) -> R {
         usb: e.usb.clone(),
         created: st,
         deleted: None,
+        ram_mb: 0,
+        vcpus: 0,
+        disk_gb: 0,
     };
     v.put_flavor(&f);
     v.s.flavor_names
@@ -1301,6 +1349,44 @@ fn live_flavor(
         );
     }
     Ok(f)
+}
+
+/// A live flavor's Nova resources recorded.
+fn flavor_sized(v: &mut FoldTxn, e: &FlavorSized) -> R {
+    let mut f = live_flavor(v, e.flavor_id, &e.name, QuarantineReason::Conflict)?;
+    f.ram_mb = e.ram_mb;
+    f.vcpus = e.vcpus;
+    f.disk_gb = e.disk_gb;
+    v.put_flavor(&f);
+    Ok(())
+}
+
+/// A live server renamed (the name index follows) or its description changed.
+fn server_updated(v: &mut FoldTxn, st: Stamp, e: &ServerUpdated) -> R {
+    let mut s = v.known_server(e.server_id)?;
+    not_deleted(&s)?;
+    if e.name != s.name {
+        if let Some(other) = v.server_named(e.name.as_str())? {
+            return reject(
+                QuarantineReason::Conflict,
+                format!(
+                    "server name {} is in use by server {}",
+                    e.name,
+                    t::show_id(&other)
+                ),
+            );
+        }
+        if v.server_named(s.name.as_str())? == Some(s.id.to_bytes()) {
+            v.s.server_names.put(s.name.as_str().to_owned(), None);
+        }
+        v.s.server_names
+            .put(e.name.as_str().to_owned(), Some(s.id.to_bytes()));
+        s.name = e.name.clone();
+    }
+    s.description.clone_from(&e.description);
+    s.last_change_seq = st.seq;
+    v.put_server(s);
+    Ok(())
 }
 
 /// A live flavor's USB request replaced (the servers it placed keep their devices).
@@ -1365,6 +1451,8 @@ fn boot_requested(v: &mut FoldTxn, st: Stamp, e: &ServerBootRequested) -> R {
         last_action: None,
         deleted: None,
         last_change_seq: st.seq,
+        description: None,
+        resize_from: None,
     };
     v.s.server_names
         .put(s.name.as_str().to_owned(), Some(s.id.to_bytes()));
@@ -1399,6 +1487,7 @@ fn moved(
             from_flavor,
             to_flavor,
             migration: flavors.is_none(),
+            end: None,
         },
     );
     s.flavor_id = to_flavor;

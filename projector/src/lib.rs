@@ -23,6 +23,7 @@ mod error;
 pub mod fold;
 pub mod metrics;
 mod model;
+pub mod pipeline;
 pub mod replay;
 mod runner;
 mod stage;

@@ -230,6 +230,10 @@ pub struct Flavor {
     pub usb: Vec<UsbRequest>,
     pub created: Stamp,
     pub deleted: Option<Stamp>,
+    /// Nova's resources (`FlavorSized`); 0 for a flavor created without them.
+    pub ram_mb: u32,
+    pub vcpus: u32,
+    pub disk_gb: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -263,6 +267,18 @@ pub struct Move {
     pub to_flavor: FlavorId,
     /// True for `ServerMigrated`, false for `ServerResized`.
     pub migration: bool,
+    /// How a resize awaiting confirmation ended, and when; `None` while it awaits it, and for
+    /// moves that never awaited one (migrations, resizes from before `VERIFY_RESIZE`).
+    pub end: Option<(MoveEnd, Stamp)>,
+}
+
+/// How a move ended (`ServerResizeConfirmed` / `ServerResizeReverted`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MoveEnd {
+    Confirmed,
+    Reverted,
+    /// This move is itself the way back of a reverted resize.
+    IsRevert,
 }
 
 /// How many schedule failures, migration refusals and moves a server record keeps (the newest);
@@ -293,6 +309,20 @@ pub struct Server {
     pub last_action: Option<ActionRecord>,
     pub deleted: Option<Stamp>,
     pub last_change_seq: u64,
+    /// Nova's description (`ServerUpdated`).
+    pub description: Option<String>,
+    /// A resize awaiting confirmation (`ServerResizeVerifying` until `ServerResizeConfirmed` or
+    /// `ServerResizeReverted`): Nova's `VERIFY_RESIZE`.
+    pub resize_from: Option<ResizeFrom>,
+}
+
+/// The flavor, host and devices a server had before its pending resize; it keeps their claims.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResizeFrom {
+    pub stamp: Stamp,
+    pub flavor_id: FlavorId,
+    pub host: HostName,
+    pub devices: Vec<AssignedDevice>,
 }
 
 /// Why an event was set aside instead of applied. The names are stable: they are metric labels.

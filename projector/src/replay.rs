@@ -9,14 +9,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use redb::Durability;
 use tokio::sync::mpsc;
 use usbpt_bus::{Bus, StartAt};
 
-use crate::fold::Staged;
+use crate::pipeline::{Folder, Writer, Written};
 use crate::runner::ProjectorError;
-use crate::view::{BatchOptions, Chain, RawEvent, View};
+use crate::view::{BatchOptions, RawEvent, View};
 
 /// What a replay did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,25 +57,29 @@ pub async fn rebuild(
     if until > head {
         return Err(ProjectorError::BeyondStream { until, head });
     }
-    let mut messages = bus
-        .ordered(StartAt::Sequence(report.last_seq + 1), None)
+    let mut reader = bus
+        .reader_with(
+            StartAt::Sequence(report.last_seq + 1),
+            None,
+            usbpt_bus::ReaderOptions {
+                batch: REPLAY_BATCH,
+                ..Default::default()
+            },
+        )
         .await?;
     let (tx, mut rx) = mpsc::channel::<Vec<RawEvent>>(4);
     let reader = tokio::spawn(async move {
         let mut batch = Vec::with_capacity(REPLAY_BATCH);
-        while let Some(m) = messages.next().await {
-            let m = m.map_err(|e| ProjectorError::Stream(e.to_string()))?;
-            let seq = m
-                .info()
-                .map_err(|e| ProjectorError::Stream(format!("message metadata: {e}")))?
-                .stream_sequence;
+        loop {
+            let m = reader.next().await?;
+            let seq = m.seq;
             if seq > until {
                 break;
             }
             batch.push(RawEvent {
                 seq,
-                subject: m.subject.to_string(),
-                payload: m.payload.clone(),
+                subject: m.subject,
+                payload: m.payload,
             });
             if batch.len() >= REPLAY_BATCH || seq == until {
                 let full = std::mem::replace(&mut batch, Vec::with_capacity(REPLAY_BATCH));
@@ -90,19 +93,23 @@ pub async fn rebuild(
         }
         Ok::<(), ProjectorError>(())
     });
-    // Fold on one thread while the previous batch is written on another (ADR 0004): each
-    // batch reads through the ones not written yet.
-    let (jobs, mut queued) = mpsc::channel::<(Arc<Staged>, Durability)>(1);
-    let writer = {
-        let view = Arc::clone(&view);
-        tokio::task::spawn_blocking(move || -> Result<(), crate::ViewError> {
-            while let Some((staged, durability)) = queued.blocking_recv() {
-                view.write_staged(&staged, durability)?;
+    // Fold on one thread while the previous batch is written on another: the pipeline
+    // (`crate::pipeline`, ADR 0004).
+    let failure = Arc::new(std::sync::Mutex::new(None));
+    let writer = Writer::spawn(Arc::clone(&view), {
+        let failure = Arc::clone(&failure);
+        move |(written, (), _): Written<()>| match written {
+            Ok(_) => true,
+            Err(e) => {
+                if let Ok(mut f) = failure.lock() {
+                    *f = Some(e);
+                }
+                false
             }
-            Ok(())
-        })
-    };
-    let mut chain = Chain::default();
+        }
+    });
+    let queue = writer.queue();
+    let mut folder = Folder::new(REPLAY_CACHE_ROWS);
     while let Some(batch) = rx.recv().await {
         let last_in_batch = batch.last().map_or(0, |e| e.seq);
         let durability = if last_in_batch >= until {
@@ -112,8 +119,7 @@ pub async fn rebuild(
         };
         let v = Arc::clone(&view);
         let folded = tokio::task::spawn_blocking(move || {
-            chain.trim(v.last_applied()?, REPLAY_CACHE_ROWS);
-            let mut b = v.begin_batch_after(&chain)?;
+            let mut b = folder.begin(&v)?;
             let options = BatchOptions {
                 durability,
                 gap_at_start_ok: true,
@@ -121,15 +127,14 @@ pub async fn rebuild(
             };
             b.fold(&batch, &options)?;
             let r = b.report().clone();
-            let staged = b.freeze()?;
-            chain.push(Arc::clone(&staged));
-            Ok::<_, crate::ViewError>((staged, r, chain))
+            let staged = folder.freeze(b)?;
+            Ok::<_, crate::ViewError>((staged, r, folder))
         })
         .await
         .map_err(|e| crate::ViewError::Task(e.to_string()))??;
         let (staged, r, back) = folded;
-        chain = back;
-        if jobs.send((staged, durability)).await.is_err() {
+        folder = back;
+        if !queue.write(staged, durability, ()).await {
             break;
         }
         report.applied += r.applied;
@@ -137,10 +142,11 @@ pub async fn rebuild(
         report.last_seq = r.last_applied;
         progress(r.last_applied);
     }
-    drop(jobs);
-    writer
-        .await
-        .map_err(|e| crate::ViewError::Task(e.to_string()))??;
+    drop(queue);
+    writer.finish().await?;
+    if let Some(e) = failure.lock().ok().and_then(|mut f| f.take()) {
+        return Err(e.into());
+    }
     reader
         .await
         .map_err(|e| ProjectorError::Stream(e.to_string()))??;

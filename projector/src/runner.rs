@@ -25,19 +25,16 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use redb::Durability;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-use usbpt_bus::async_nats::jetstream::consumer::PullConsumer;
-use usbpt_bus::async_nats::jetstream::Message;
-use usbpt_bus::{Bus, BusError};
+use usbpt_bus::{Bus, BusError, Durable, Received};
 
 use crate::error::ViewError;
-use crate::fold::Staged;
 use crate::metrics::ProjectorMetrics;
-use crate::view::{BatchOptions, BatchReport, Chain, RawEvent, View};
+use crate::pipeline::{Folder, WriteQueue, Writer, Written};
+use crate::view::{BatchOptions, BatchReport, RawEvent, View};
 
 #[derive(Debug, Error)]
 pub enum ProjectorError {
@@ -105,7 +102,7 @@ const FETCH_QUEUE: usize = 2;
 pub struct Folded {
     pub report: BatchReport,
     /// The last message folded (acking it acks all before it).
-    last: Option<Message>,
+    last: Option<Received>,
 }
 
 impl Folded {
@@ -124,11 +121,10 @@ impl Folded {
 /// Folds the stream into a [`View`].
 #[derive(Debug)]
 pub struct Projector {
-    bus: Bus,
     view: Arc<View>,
     config: ProjectorConfig,
     metrics: Arc<ProjectorMetrics>,
-    consumer: Option<PullConsumer>,
+    durable: Durable,
     /// The consumer was just created at the resume point: a jump before its first message is
     /// a hole in the stream, not a lost delivery.
     fresh: bool,
@@ -140,13 +136,13 @@ pub struct Projector {
 
 impl Projector {
     pub fn new(bus: Bus, view: Arc<View>, config: ProjectorConfig) -> Self {
+        let durable = bus.durable(&config.consumer, None, config.ack_wait);
         Self {
-            bus,
             view,
             metrics: Arc::new(ProjectorMetrics::default()),
             next_batch: config.batch_size.max(1),
             config,
-            consumer: None,
+            durable,
             fresh: false,
             generation: 0,
         }
@@ -160,89 +156,37 @@ impl Projector {
         &self.view
     }
 
-    /// Opens the durable consumer at the view's resume point (see the module docs).
-    async fn consumer(&mut self) -> Result<PullConsumer, ProjectorError> {
-        if let Some(c) = &self.consumer {
-            return Ok(c.clone());
+    /// Opens the durable consumer at the view's resume point (see the module docs), unless it
+    /// is open.
+    async fn ensure_consumer(&mut self) -> Result<(), ProjectorError> {
+        if self.durable.is_open() {
+            return Ok(());
         }
         let last = self.view.last_applied()?;
-        let name = self.config.consumer.as_str();
-        let stream = self.bus.stream();
-        let reusable = match stream.consumer_info(name).await {
-            Ok(info) => {
-                info.ack_floor.stream_sequence == last
-                    && info.num_ack_pending == 0
-                    && info.config.ack_wait == self.config.ack_wait
-            }
-            Err(_) => false,
-        };
-        if !reusable {
-            // Absent, or not at our resume point: start it again from there.
-            let _ = stream.delete_consumer(name).await;
+        let fresh = self.durable.open_at(last).await?;
+        if fresh {
             self.metrics.consumer_resets.fetch_add(1, Relaxed);
-            info!(
-                consumer = name,
-                resume_after = last,
-                "creating the durable consumer"
-            );
         }
-        let consumer = self
-            .bus
-            .pull_consumer_with_ack_wait(name, None, last, self.config.ack_wait)
-            .await?;
-        self.fresh = !reusable;
+        self.fresh = fresh;
         self.generation += 1;
-        self.consumer = Some(consumer.clone());
-        Ok(consumer)
+        Ok(())
     }
 
     /// Deletes the durable consumer (after a gap): the next fetch re-creates it at the view's
     /// resume point.
     async fn drop_consumer(&mut self) {
-        if let Err(e) = self
-            .bus
-            .stream()
-            .delete_consumer(&self.config.consumer)
-            .await
-        {
-            warn!(error = %e, "deleting the consumer");
-        }
-        self.consumer = None;
+        self.durable.delete().await;
     }
 
     /// Fetches up to one batch, waiting up to `fetch_wait` for the first message.
-    pub async fn fetch(&mut self) -> Result<Vec<Message>, ProjectorError> {
-        let consumer = self.consumer().await?;
-        let fail = |e: String| ProjectorError::Stream(format!("fetch: {e}"));
+    pub async fn fetch(&mut self) -> Result<Vec<Received>, ProjectorError> {
+        self.ensure_consumer().await?;
         let size = self.next_batch;
-        let mut batch = match consumer
-            .fetch()
-            .max_messages(size)
-            .expires(self.config.fetch_wait)
-            .messages()
+        let out = self
+            .durable
+            .fetch(size, self.config.fetch_wait)
             .await
-        {
-            Ok(b) => b,
-            Err(e) => {
-                self.consumer = None;
-                return Err(fail(e.to_string()));
-            }
-        };
-        let mut out = Vec::with_capacity(size);
-        while let Some(m) = batch.next().await {
-            match m {
-                Ok(m) => out.push(m),
-                Err(e) => {
-                    self.consumer = None;
-                    // What was received is still good; the rest is fetched again.
-                    if out.is_empty() {
-                        return Err(fail(e.to_string()));
-                    }
-                    warn!(error = %e, "fetch ended early");
-                    break;
-                }
-            }
-        }
+            .map_err(|e| ProjectorError::Stream(format!("fetch: {e}")))?;
         let base = self.config.batch_size.max(1);
         self.next_batch = if out.len() >= size {
             (size * 2).min(self.config.max_batch_size.clamp(base, 10_000))
@@ -254,7 +198,7 @@ impl Projector {
 
     /// Folds fetched messages in one write transaction. The returned batch still has to be
     /// acked ([`Folded::ack`]).
-    pub async fn fold(&mut self, messages: Vec<Message>) -> Result<Folded, ProjectorError> {
+    pub async fn fold(&mut self, messages: Vec<Received>) -> Result<Folded, ProjectorError> {
         let (events, pending) = raw_events(&messages)?;
         let options = BatchOptions {
             gap_at_start_ok: self.fresh,
@@ -262,9 +206,19 @@ impl Projector {
         };
         let started = Instant::now();
         let view = Arc::clone(&self.view);
+        // The pipeline's fold and write, one batch at a time (no batch in flight to read
+        // through).
         let report = tokio::task::spawn_blocking(move || {
-            let r = view.apply_batch(&events, &options);
-            (r, events)
+            let fold_and_write = || -> Result<BatchReport, ViewError> {
+                let mut folder = Folder::new(0);
+                let mut batch = folder.begin(&view)?;
+                batch.fold(&events, &options)?;
+                let report = batch.report().clone();
+                let staged = folder.freeze(batch)?;
+                view.write_staged(&staged, options.durability)?;
+                Ok(report)
+            };
+            (fold_and_write(), events)
         })
         .await
         .map_err(|e| ViewError::Task(e.to_string()))?;
@@ -329,25 +283,41 @@ impl Projector {
         info!(consumer = %self.config.consumer, resume_after = last, "projector running");
 
         let (fetched_tx, fetched_rx) = mpsc::channel::<Fetched>(FETCH_QUEUE);
-        let (job_tx, job_rx) = mpsc::channel::<Job>(1);
         let (done_tx, done_rx) = mpsc::unbounded_channel::<Result<Committed, ViewError>>();
+        let writer = {
+            let (metrics, done) = (Arc::clone(&self.metrics), done_tx.clone());
+            Writer::spawn(
+                Arc::clone(&self.view),
+                move |(written, (report, fold_time), write_time): Written<(
+                    BatchReport,
+                    Duration,
+                )>| {
+                    metrics
+                        .write_micros
+                        .fetch_add(write_time.as_micros() as u64, Relaxed);
+                    done.send(written.map(|_| Committed {
+                        report,
+                        fold_time,
+                        write_time,
+                    }))
+                    .is_ok()
+                },
+            )
+        };
         // The generation of the consumer whose deliveries hit a gap (0: none).
         let reset = Arc::new(AtomicU64::new(0));
         let folder = {
             let (view, reset, done) = (Arc::clone(&self.view), Arc::clone(&reset), done_tx.clone());
             let limits = (self.config.max_commit_events.max(1), self.config.cache_rows);
             let metrics = Arc::clone(&self.metrics);
+            let queue = writer.queue();
             tokio::task::spawn_blocking(move || {
-                if let Err(e) = fold_thread(&view, fetched_rx, &job_tx, &reset, limits, &metrics) {
+                if let Err(e) = fold_thread(&view, fetched_rx, &queue, &reset, limits, &metrics) {
                     let _ = done.send(Err(e));
                 }
             })
         };
-        let writer = {
-            let view = Arc::clone(&self.view);
-            let metrics = Arc::clone(&self.metrics);
-            tokio::task::spawn_blocking(move || write_thread(&view, job_rx, &done_tx, &metrics))
-        };
+        drop(done_tx);
         let counter = tokio::spawn(count_committed(done_rx, Arc::clone(&self.metrics)));
         tokio::pin!(counter);
         let joined = |r: Result<Result<(), ProjectorError>, tokio::task::JoinError>| match r {
@@ -358,7 +328,7 @@ impl Projector {
         let mut backoff = Duration::from_millis(100);
         let mut counter_result = None;
         loop {
-            if reset.load(Relaxed) >= self.generation && self.consumer.is_some() {
+            if reset.load(Relaxed) >= self.generation && self.durable.is_open() {
                 warn!("sequence gap in deliveries: re-creating the consumer");
                 self.drop_consumer().await;
             }
@@ -397,7 +367,7 @@ impl Projector {
                 Err(e) => {
                     self.metrics.errors.fetch_add(1, Relaxed);
                     warn!(error = %e, "a fetched batch without metadata: fetching again");
-                    self.consumer = None;
+                    self.drop_consumer().await;
                     continue;
                 }
             };
@@ -418,20 +388,20 @@ impl Projector {
         // Drain: what was handed on is folded and committed before this returns.
         drop(fetched_tx);
         let folded = folder.await;
-        let written = writer.await;
+        let written = writer.finish().await;
         let acked = match counter_result {
             Some(r) => r,
             None => joined(counter.await),
         };
         acked?;
         folded.map_err(|e| ViewError::Task(e.to_string()))?;
-        written.map_err(|e| ViewError::Task(e.to_string()))?;
+        written?;
         info!("projector stopped");
         Ok(())
     }
 
     /// A fetched batch for the fold thread: its events and its last message (to ack).
-    fn hand_on(&mut self, messages: Vec<Message>) -> Result<Fetched, ProjectorError> {
+    fn hand_on(&mut self, messages: Vec<Received>) -> Result<Fetched, ProjectorError> {
         let (events, pending) = raw_events(&messages)?;
         if let Some((seq, pending)) = pending {
             self.metrics.stream_last.store(seq + pending, Relaxed);
@@ -452,18 +422,17 @@ type SeqPending = (u64, u64);
 
 /// The fetched messages as events, and the last one's (stream sequence, messages pending after
 /// it).
-fn raw_events(messages: &[Message]) -> Result<(Vec<RawEvent>, Option<SeqPending>), ProjectorError> {
+fn raw_events(
+    messages: &[Received],
+) -> Result<(Vec<RawEvent>, Option<SeqPending>), ProjectorError> {
     let mut events = Vec::with_capacity(messages.len());
     let mut last = None;
     for m in messages {
-        let info = m
-            .info()
-            .map_err(|e| ProjectorError::Stream(format!("message metadata: {e}")))?;
-        last = Some((info.stream_sequence, info.pending));
+        last = Some((m.delivery.seq, m.pending));
         events.push(RawEvent {
-            seq: info.stream_sequence,
-            subject: m.subject.to_string(),
-            payload: m.payload.clone(),
+            seq: m.delivery.seq,
+            subject: m.delivery.subject.clone(),
+            payload: m.delivery.payload.clone(),
         });
     }
     Ok((events, last))
@@ -473,19 +442,12 @@ fn raw_events(messages: &[Message]) -> Result<(Vec<RawEvent>, Option<SeqPending>
 struct Fetched {
     events: Vec<RawEvent>,
     /// The batch's last message: acking it acks everything before it.
-    last: Option<Message>,
+    last: Option<Received>,
     /// The first batch of a consumer just created at the resume point (a jump in sequence
     /// before its first event is a hole in the stream, not a lost delivery).
     fresh: bool,
     /// The consumer handle that delivered it.
     generation: u64,
-}
-
-/// A frozen batch on its way to the write thread.
-struct Job {
-    staged: Arc<Staged>,
-    report: BatchReport,
-    fold_time: Duration,
 }
 
 /// What the write thread tells the counting task about a committed batch. (The batch itself
@@ -502,13 +464,12 @@ struct Committed {
 fn fold_thread(
     view: &View,
     mut fetched: mpsc::Receiver<Fetched>,
-    jobs: &mpsc::Sender<Job>,
+    queue: &WriteQueue<(BatchReport, Duration)>,
     reset: &AtomicU64,
     (max_events, cache_rows): (usize, usize),
     metrics: &ProjectorMetrics,
 ) -> Result<(), ViewError> {
-    let committed = view.applied();
-    let mut chain = Chain::default();
+    let mut folder = Folder::new(cache_rows);
     // Deliveries from consumers at or below this generation follow a gap: dropped.
     let mut stale = 0;
     // A consumer just created at the resume point whose first new event is still to come: a
@@ -520,8 +481,7 @@ fn fold_thread(
             continue;
         }
         let started = Instant::now();
-        chain.trim(*committed.borrow(), cache_rows);
-        let mut batch = view.begin_batch_after(&chain)?;
+        let mut batch = folder.begin(view)?;
         let mut next = Some(first);
         while let Some(f) = next.take() {
             if f.generation > stale {
@@ -549,54 +509,16 @@ fn fold_thread(
             next = fetched.try_recv().ok();
         }
         let report = batch.report().clone();
-        let staged = batch.freeze()?;
-        chain.push(Arc::clone(&staged));
+        let staged = folder.freeze(batch)?;
         let fold_time = started.elapsed();
         metrics
             .fold_micros
             .fetch_add(fold_time.as_micros() as u64, Relaxed);
-        let job = Job {
-            staged,
-            report,
-            fold_time,
-        };
-        if jobs.blocking_send(job).is_err() {
+        if !queue.blocking_write(staged, Durability::Immediate, (report, fold_time)) {
             break;
         }
     }
     Ok(())
-}
-
-/// Writes and commits staged batches in order; each is then counted by `count_committed`.
-fn write_thread(
-    view: &View,
-    mut jobs: mpsc::Receiver<Job>,
-    done: &mpsc::UnboundedSender<Result<Committed, ViewError>>,
-    metrics: &ProjectorMetrics,
-) {
-    while let Some(job) = jobs.blocking_recv() {
-        let started = Instant::now();
-        let written = view.write_staged(&job.staged, Durability::Immediate);
-        let write_time = started.elapsed();
-        metrics
-            .write_micros
-            .fetch_add(write_time.as_micros() as u64, Relaxed);
-        let Job {
-            staged,
-            report,
-            fold_time,
-        } = job;
-        drop(staged);
-        let failed = written.is_err();
-        let _ = done.send(written.map(|_| Committed {
-            report,
-            fold_time,
-            write_time,
-        }));
-        if failed {
-            break;
-        }
-    }
 }
 
 /// Counts each committed batch; ends with the first storage error.

@@ -7,8 +7,6 @@
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
-use usbpt_bus::async_nats::jetstream::message::PublishMessage;
 use usbpt_bus::{Bus, BusError};
 use usbpt_schemas::*;
 use uuid::Uuid;
@@ -494,65 +492,11 @@ pub async fn publish_all(
     envelopes: impl IntoIterator<Item = Envelope>,
     window: usize,
 ) -> Result<u64, BusError> {
-    let mut acks = VecDeque::new();
-    let mut last = 0;
-    for env in envelopes {
-        let subject = subjects::for_event(&env);
-        let payload = Bytes::from(codec::encode(&env)?);
-        let ack = bus
-            .jetstream()
-            .send_publish(
-                subject.clone(),
-                PublishMessage::build()
-                    .payload(payload)
-                    .message_id(env.event_id.to_string()),
-            )
-            .await
-            .map_err(|e| BusError::Publish {
-                subject: subject.clone(),
-                message: e.to_string(),
-            })?;
-        acks.push_back((subject, ack));
-        if acks.len() >= window {
-            last = await_ack(acks.pop_front()).await?.max(last);
-        }
-    }
-    while !acks.is_empty() {
-        last = await_ack(acks.pop_front()).await?.max(last);
-    }
-    Ok(last)
-}
-
-async fn await_ack(
-    entry: Option<(
-        String,
-        usbpt_bus::async_nats::jetstream::context::PublishAckFuture,
-    )>,
-) -> Result<u64, BusError> {
-    match entry {
-        None => Ok(0),
-        Some((subject, ack)) => ack
-            .await
-            .map(|a| a.sequence)
-            .map_err(|e| BusError::Publish {
-                subject,
-                message: e.to_string(),
-            }),
-    }
+    bus.publish_windowed(envelopes, window).await
 }
 
 /// Publishes arbitrary bytes on a subject (to test how bad input is handled); returns the
 /// stored sequence.
 pub async fn publish_raw(bus: &Bus, subject: &str, payload: Vec<u8>) -> Result<u64, BusError> {
-    let fail = |e: String| BusError::Publish {
-        subject: subject.to_owned(),
-        message: e,
-    };
-    bus.jetstream()
-        .publish(subject.to_owned(), Bytes::from(payload))
-        .await
-        .map_err(|e| fail(e.to_string()))?
-        .await
-        .map(|a| a.sequence)
-        .map_err(|e| fail(e.to_string()))
+    bus.publish_raw(subject, payload, None).await
 }

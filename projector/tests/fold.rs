@@ -361,3 +361,159 @@ fn a_teardown_reported_by_the_host_a_server_left_does_not_change_its_state() {
         );
     }
 }
+
+#[test]
+fn a_rename_moves_the_name_and_flavor_resources_fold_with_0_when_absent() {
+    use usbpt_schemas::{
+        Event, FlavorCreated, FlavorId, FlavorName, FlavorSized, ServerBootRequested, ServerId,
+        ServerName, ServerUpdated,
+    };
+    let name = |s: &str| ServerName::new(s).unwrap();
+    let (sized, plain) = (FlavorId::new_v7(), FlavorId::new_v7());
+    let (one, two) = (ServerId::new_v7(), ServerId::new_v7());
+    let boot = |id, n: &str| {
+        Event::ServerBootRequested(ServerBootRequested {
+            server_id: id,
+            name: name(n),
+            flavor_id: sized,
+            requested_host: None,
+        })
+    };
+    let rename = |id, n: &str, d: Option<&str>| {
+        Event::ServerUpdated(ServerUpdated {
+            server_id: id,
+            name: name(n),
+            description: d.map(str::to_owned),
+        })
+    };
+    let bodies = vec![
+        Event::FlavorCreated(FlavorCreated {
+            flavor_id: sized,
+            name: FlavorName::new("big").unwrap(),
+            usb: vec![],
+        }),
+        Event::FlavorSized(FlavorSized {
+            flavor_id: sized,
+            name: FlavorName::new("big").unwrap(),
+            ram_mb: 4096,
+            vcpus: 4,
+            disk_gb: 40,
+        }),
+        // An old history: a flavor with no FlavorSized.
+        Event::FlavorCreated(FlavorCreated {
+            flavor_id: plain,
+            name: FlavorName::new("old").unwrap(),
+            usb: vec![],
+        }),
+        boot(one, "erp-1"),
+        boot(two, "erp-2"),
+        rename(one, "erp-renamed", Some("licence key")),
+        // The old name is free again; the new one is taken (quarantined, nothing changes).
+        rename(two, "erp-1", None),
+        rename(two, "erp-renamed", Some("clash")),
+    ];
+    let envs: Vec<Envelope> = bodies.into_iter().map(Envelope::new).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let view = View::open(dir.path().join("v.redb")).unwrap();
+    fold_in_batches(&view, &raw(&envs), 1);
+    let snap = view.snapshot().unwrap();
+    assert_eq!(snap.quarantine_len().unwrap(), 1, "the clashing rename");
+    let big = snap.flavor_by_id(&sized).unwrap().unwrap();
+    assert_eq!((big.ram_mb, big.vcpus, big.disk_gb), (4096, 4, 40));
+    let old = snap.flavor_by_id(&plain).unwrap().unwrap();
+    assert_eq!((old.ram_mb, old.vcpus, old.disk_gb), (0, 0, 0));
+    let s1 = snap.server_by_name(&name("erp-renamed")).unwrap().unwrap();
+    assert_eq!(s1.id, one);
+    assert_eq!(s1.description.as_deref(), Some("licence key"));
+    let s2 = snap.server_by_name(&name("erp-1")).unwrap().unwrap();
+    assert_eq!((s2.id, s2.description), (two, None));
+    assert!(snap.server_by_name(&name("erp-2")).unwrap().is_none());
+}
+
+#[test]
+fn a_pending_resize_ends_once_by_confirm_or_revert() {
+    use usbpt_projector::MoveEnd;
+    use usbpt_schemas::{
+        Event, FlavorCreated, FlavorId, FlavorName, HostName, ServerBootRequested, ServerId,
+        ServerName, ServerResizeConfirmed, ServerResizeReverted, ServerResizeVerifying,
+        ServerResized, ServerScheduled,
+    };
+    let h = HostName::new("host-a").unwrap();
+    let (f1, f2) = (FlavorId::new_v7(), FlavorId::new_v7());
+    let server = ServerId::new_v7();
+    let resize = |from, to| {
+        Event::ServerResized(ServerResized {
+            server_id: server,
+            from_flavor: from,
+            to_flavor: to,
+            from_host: h.clone(),
+            host: h.clone(),
+            devices: vec![],
+        })
+    };
+    let verifying = Event::ServerResizeVerifying(ServerResizeVerifying {
+        server_id: server,
+        from_flavor: f1,
+        from_host: h.clone(),
+        devices: vec![],
+    });
+    let mut bodies = vec![
+        Event::FlavorCreated(FlavorCreated {
+            flavor_id: f1,
+            name: FlavorName::new("one").unwrap(),
+            usb: vec![],
+        }),
+        Event::FlavorCreated(FlavorCreated {
+            flavor_id: f2,
+            name: FlavorName::new("two").unwrap(),
+            usb: vec![],
+        }),
+        Event::ServerBootRequested(ServerBootRequested {
+            server_id: server,
+            name: ServerName::new("erp").unwrap(),
+            flavor_id: f1,
+            requested_host: None,
+        }),
+        Event::ServerScheduled(ServerScheduled {
+            server_id: server,
+            host: h.clone(),
+            flavor_id: f1,
+            devices: vec![],
+        }),
+        // A confirm with nothing pending is quarantined.
+        Event::ServerResizeConfirmed(ServerResizeConfirmed { server_id: server }),
+        resize(f1, f2),
+        verifying.clone(),
+        // Reverted: the way back, then the marker.
+        resize(f2, f1),
+        Event::ServerResizeReverted(ServerResizeReverted { server_id: server }),
+        resize(f1, f2),
+        verifying,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let fold = |bodies: &[Event], file: &str| {
+        let envs: Vec<Envelope> = bodies.iter().cloned().map(Envelope::new).collect();
+        let view = View::open(dir.path().join(file)).unwrap();
+        fold_in_batches(&view, &raw(&envs), 1);
+        view
+    };
+    let view = fold(&bodies, "pending.redb");
+    let snap = view.snapshot().unwrap();
+    assert_eq!(snap.quarantine_len().unwrap(), 1);
+    let s = snap.server_by_id(&server).unwrap().unwrap();
+    assert_eq!(s.flavor_id, f2);
+    assert_eq!(s.resize_from.as_ref().map(|r| r.flavor_id), Some(f1));
+    let ends: Vec<Option<MoveEnd>> = s.moves.iter().map(|m| m.end.map(|e| e.0)).collect();
+    assert_eq!(
+        ends,
+        [Some(MoveEnd::Reverted), Some(MoveEnd::IsRevert), None]
+    );
+    bodies.push(Event::ServerResizeConfirmed(ServerResizeConfirmed {
+        server_id: server,
+    }));
+    let view = fold(&bodies, "confirmed.redb");
+    let snap = view.snapshot().unwrap();
+    let s = snap.server_by_id(&server).unwrap().unwrap();
+    assert!(s.resize_from.is_none());
+    assert_eq!(s.moves[2].end.map(|e| e.0), Some(MoveEnd::Confirmed));
+}

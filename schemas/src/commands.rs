@@ -18,6 +18,9 @@ pub enum Command {
     CreateFlavor {
         name: FlavorName,
         usb: Vec<UsbRequest>,
+        /// Nova's `ram`, `vcpus`, `disk`: recorded (`FlavorSized`) and shown, not scheduled on.
+        #[serde(default, skip_serializing_if = "FlavorResources::is_zero")]
+        resources: FlavorResources,
     },
     DeleteFlavor {
         name: FlavorName,
@@ -31,6 +34,15 @@ pub enum Command {
     Resize {
         name: ServerName,
         flavor: FlavorName,
+    },
+    /// Confirm a server's pending resize (Nova's `confirmResize`): release its old devices.
+    ConfirmResize {
+        name: ServerName,
+    },
+    /// Revert a server's pending resize (Nova's `revertResize`): its old flavor, host and
+    /// devices back; the new devices released.
+    RevertResize {
+        name: ServerName,
     },
     Migrate {
         name: ServerName,
@@ -51,6 +63,58 @@ pub enum Command {
         name: FlavorName,
         usb: Vec<UsbRequest>,
     },
+    /// Rename a server and/or set its description (Nova's `PUT /servers/{id}`). `None` leaves
+    /// a field as it is; `description: Some(None)` clears it.
+    UpdateServer {
+        name: ServerName,
+        #[serde(default)]
+        new_name: Option<ServerName>,
+        #[serde(
+            default,
+            with = "double_option",
+            skip_serializing_if = "Option::is_none"
+        )]
+        description: Option<Option<String>>,
+    },
+}
+
+/// A flavor's Nova resources; usbpt records and shows them (0 when not given).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlavorResources {
+    #[serde(default)]
+    pub ram_mb: u32,
+    #[serde(default)]
+    pub vcpus: u32,
+    #[serde(default)]
+    pub disk_gb: u32,
+}
+
+impl FlavorResources {
+    pub fn is_zero(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// `Option<Option<T>>` in JSON: a missing key is `None`, `null` is `Some(None)`.
+mod double_option {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(
+        v: &Option<Option<T>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            None => s.serialize_none(),
+            Some(inner) => inner.serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
 }
 
 impl Command {
@@ -61,10 +125,13 @@ impl Command {
             Command::DeleteFlavor { .. } => "flavor.delete",
             Command::Boot { .. } => "boot",
             Command::Resize { .. } => "resize",
+            Command::ConfirmResize { .. } => "resize.confirm",
+            Command::RevertResize { .. } => "resize.revert",
             Command::Migrate { .. } => "migrate",
             Command::Act { .. } => "action",
             Command::Delete { .. } => "delete",
             Command::SetFlavorUsb { .. } => "flavor.usb",
+            Command::UpdateServer { .. } => "server.update",
         }
     }
 }
@@ -118,6 +185,8 @@ pub enum UsbRequestError {
     Selector,
     #[error("serial is empty")]
     EmptySerial,
+    #[error("serial is {0} bytes; at most {MAX_STRING_BYTES} (the longest a USB string descriptor holds)")]
+    SerialTooLong(usize),
     #[error("count {0} must be 1..={MAX_COUNT}")]
     Count(u8),
     #[error("controller {} has {} ports and the request needs {need}", .controller.as_str(), .controller.ports())]
@@ -126,6 +195,11 @@ pub enum UsbRequestError {
         need: u16,
     },
 }
+
+/// The longest free-text value a command may carry (a serial), in bytes. A USB string
+/// descriptor holds at most 126 UTF-16 code units; serials are ASCII in practice, and 255 bytes
+/// holds any ASCII one. HTTP, NATS commands and the CLI all pass [`UsbRequestFields::validate`].
+pub const MAX_STRING_BYTES: usize = 255;
 
 /// The most devices one request may ask for (the largest controller's ports).
 pub const MAX_COUNT: u8 = 15;
@@ -153,6 +227,11 @@ impl UsbRequestFields {
             (None, None, Some(vendor_id), Some(product_id)) => {
                 if serial.as_deref() == Some("") {
                     return Err(UsbRequestError::EmptySerial);
+                }
+                if let Some(n) = serial.as_ref().map(String::len) {
+                    if n > MAX_STRING_BYTES {
+                        return Err(UsbRequestError::SerialTooLong(n));
+                    }
                 }
                 let count = count.unwrap_or(1);
                 if !(1..=MAX_COUNT).contains(&count) {
@@ -305,6 +384,78 @@ impl FromStr for UsbRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serials_are_bounded_and_rejected_values_are_not_echoed_whole() {
+        let fields = |serial: String| UsbRequestFields {
+            vendor: Some(VendorId(0x136b)),
+            product: Some(ProductId(3)),
+            serial: Some(serial),
+            ..UsbRequestFields::default()
+        };
+        assert!(fields("S".repeat(MAX_STRING_BYTES)).validate().is_ok());
+        assert_eq!(
+            fields("S".repeat(MAX_STRING_BYTES + 1)).validate(),
+            Err(UsbRequestError::SerialTooLong(MAX_STRING_BYTES + 1))
+        );
+        // Bytes, not characters: 128 three-byte characters are 384 bytes.
+        assert!(fields("\u{20ac}".repeat(128)).validate().is_err());
+        // The CLI's spec and a whole request from NATS are held to the same bound.
+        let spec = format!("vendor=136b,product=0003,serial={}", "S".repeat(300));
+        assert!(spec.parse::<UsbRequest>().is_err());
+        let whole = UsbRequest {
+            selector: DeviceSelector::Match {
+                vendor_id: VendorId(0x136b),
+                product_id: ProductId(3),
+                serial: Some("S".repeat(300)),
+                count: 1,
+            },
+            controller: ControllerModel::Ehci,
+            follow: FollowPolicy::Lineage,
+        };
+        assert_eq!(whole.check(), Err(UsbRequestError::SerialTooLong(300)));
+        // A 1 MB bad name is quoted to a short prefix.
+        let err = FlavorName::new("x".repeat(1 << 20)).expect_err("invalid");
+        assert!(
+            err.to_string().len() < 300,
+            "{} bytes",
+            err.to_string().len()
+        );
+    }
+
+    #[test]
+    fn update_server_tells_absent_from_null() {
+        let name = ServerName::new("erp-1").expect("valid");
+        for (json, new_name, description) in [
+            (r#"{"command":"update_server","name":"erp-1"}"#, None, None),
+            (
+                r#"{"command":"update_server","name":"erp-1","description":null}"#,
+                None,
+                Some(None),
+            ),
+            (
+                r#"{"command":"update_server","name":"erp-1","new_name":"erp-2","description":"d"}"#,
+                Some(ServerName::new("erp-2").expect("valid")),
+                Some(Some("d".to_owned())),
+            ),
+        ] {
+            let cmd: Command = serde_json::from_str(json).expect(json);
+            let want = Command::UpdateServer {
+                name: name.clone(),
+                new_name,
+                description,
+            };
+            assert_eq!(cmd, want, "{json}");
+            let back = serde_json::to_string(&cmd).expect("serialize");
+            assert_eq!(serde_json::from_str::<Command>(&back).expect(&back), want);
+        }
+        // A flavor without resources serializes as before.
+        let f: Command = serde_json::from_str(r#"{"command":"create_flavor","name":"f","usb":[]}"#)
+            .expect("old");
+        assert!(!serde_json::to_string(&f)
+            .expect("json")
+            .contains("resources"));
+    }
 
     #[test]
     fn parses_vendor_product_specs() {

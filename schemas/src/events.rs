@@ -11,7 +11,7 @@ use crate::ids::*;
 
 /// How many variants [`Event`] has; the codec refuses higher indexes as unknown. Keep in step
 /// with the enum (the golden tests check every index below it has a sample).
-pub const EVENT_VARIANTS: u32 = 21;
+pub const EVENT_VARIANTS: u32 = 26;
 
 /// Every event usbpt records. The variant order is the wire format.
 // DeviceDiscovered is the largest by far; events are built once and moved rarely, so plain
@@ -40,6 +40,11 @@ pub enum Event {
     DeviceClashDetected(DeviceClashDetected),
     ServerMigrated(ServerMigrated),
     FlavorUsbSet(FlavorUsbSet),
+    FlavorSized(FlavorSized),
+    ServerUpdated(ServerUpdated),
+    ServerResizeVerifying(ServerResizeVerifying),
+    ServerResizeConfirmed(ServerResizeConfirmed),
+    ServerResizeReverted(ServerResizeReverted),
 }
 
 impl Event {
@@ -67,6 +72,11 @@ impl Event {
             Event::DeviceClashDetected(_) => "DeviceClashDetected",
             Event::ServerMigrated(_) => "ServerMigrated",
             Event::FlavorUsbSet(_) => "FlavorUsbSet",
+            Event::FlavorSized(_) => "FlavorSized",
+            Event::ServerUpdated(_) => "ServerUpdated",
+            Event::ServerResizeVerifying(_) => "ServerResizeVerifying",
+            Event::ServerResizeConfirmed(_) => "ServerResizeConfirmed",
+            Event::ServerResizeReverted(_) => "ServerResizeReverted",
         }
     }
 
@@ -253,6 +263,18 @@ pub struct FlavorUsbSet {
     pub flavor_id: FlavorId,
     pub name: FlavorName,
     pub usb: Vec<UsbRequest>,
+}
+
+/// A flavor's Nova resources (`ram`, `vcpus`, `disk` of `POST /flavors`), recorded right after
+/// its `FlavorCreated` when any is non-zero. usbpt schedules USB devices only: these are shown,
+/// not scheduled on. A flavor without this event has 0 of each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlavorSized {
+    pub flavor_id: FlavorId,
+    pub name: FlavorName,
+    pub ram_mb: u32,
+    pub vcpus: u32,
+    pub disk_gb: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -491,4 +513,39 @@ pub struct ServerMigrated {
     pub from_host: HostName,
     pub host: HostName,
     pub devices: Vec<AssignedDevice>,
+}
+
+/// A server was renamed or its description changed (Nova's `PUT /servers/{id}`). Both fields
+/// hold the result: the name after the change (the same name when only the description
+/// changed) and the description after it (`None`: none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerUpdated {
+    pub server_id: ServerId,
+    pub name: ServerName,
+    pub description: Option<String>,
+}
+
+/// A resize (the `ServerResized` just before it) awaits the operator's confirmation (Nova's
+/// `VERIFY_RESIZE`): the server keeps its claims on the devices it had before (`devices`, the
+/// old flavor's assignment) until the resize is confirmed (they are released) or reverted (the
+/// server gets its old flavor and devices back). Nothing else can claim them meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerResizeVerifying {
+    pub server_id: ServerId,
+    pub from_flavor: FlavorId,
+    pub from_host: HostName,
+    pub devices: Vec<AssignedDevice>,
+}
+
+/// The pending resize was confirmed; the old devices' claims are released beside it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerResizeConfirmed {
+    pub server_id: ServerId,
+}
+
+/// The pending resize was reverted: a `ServerResized` back to the old flavor, host and devices
+/// precedes it, and the new devices' claims are released beside it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerResizeReverted {
+    pub server_id: ServerId,
 }

@@ -12,20 +12,33 @@ use uuid::Uuid;
 /// Why a value could not become an identity type. Every variant carries the rejected input.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum IdError {
-    #[error("invalid {kind} {value:?}: must be 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-' (it is used as a NATS subject token)")]
+    #[error("invalid {kind} {}: must be 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-' (it is used as a NATS subject token)", shown(.value))]
     Token { kind: &'static str, value: String },
-    #[error("invalid {kind} {value:?}: must be exactly 4 hexadecimal digits, e.g. 136b")]
+    #[error("invalid {kind} {}: must be exactly 4 hexadecimal digits, e.g. 136b", shown(.value))]
     Hex16 { kind: &'static str, value: String },
     #[error(
         "invalid USB address bus={bus} devnum={devnum}: bus must be 1..=255 and devnum 1..=127"
     )]
     Address { bus: u16, devnum: u16 },
     #[error(
-        "invalid port path {value:?}: expected a kernel device name like 1-1.5.2.3 or usb1 ({why})"
+        "invalid port path {}: expected a kernel device name like 1-1.5.2.3 or usb1 ({why})",
+        shown(.value)
     )]
     PortPath { value: String, why: &'static str },
-    #[error("invalid {kind} {value:?}: not a UUID")]
+    #[error("invalid {kind} {}: not a UUID", shown(.value))]
     Uuid { kind: &'static str, value: String },
+}
+
+/// The most characters of a rejected value an error message quotes (a client's 1 MB value is not
+/// echoed back).
+pub const SHOWN_CHARS: usize = 72;
+
+/// `value` quoted for an error message: at most [`SHOWN_CHARS`] characters, then `…`.
+pub fn shown(value: &str) -> String {
+    match value.char_indices().nth(SHOWN_CHARS) {
+        Some((cut, _)) => format!("{:?}…", &value[..cut]),
+        None => format!("{value:?}"),
+    }
 }
 
 fn is_token(s: &str) -> bool {

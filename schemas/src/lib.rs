@@ -9,8 +9,10 @@ pub mod codec;
 pub mod commands;
 pub mod envelope;
 pub mod events;
+pub mod heartbeat;
 pub mod ids;
 pub mod subjects;
+pub mod text;
 pub mod time;
 
 pub use codec::{decode, encode, DecodeError};

@@ -9,9 +9,9 @@
 //! | `usbpt.evt.host.{host}.clash` | host agent | DeviceClashDetected |
 //! | `usbpt.evt.host.{host}.server.{server_id}` | host agent | DeviceAttached, DeviceReattached, DeviceAttachFailed, ServerStateChanged (observed) |
 //! | `usbpt.evt.claim.{lineage_id}` | control plane, fenced | DeviceClaimed, DeviceReleased |
-//! | `usbpt.evt.flavor.{name}` | control plane, fenced | FlavorCreated, FlavorDeleted, FlavorUsbSet |
+//! | `usbpt.evt.flavor.{name}` | control plane, fenced | FlavorCreated, FlavorDeleted, FlavorUsbSet, FlavorSized |
 //! | `usbpt.evt.ctl.{host}.server.{server_id}` | control plane, work for that host | ServerScheduled, ServerResized, ServerMigrated, ServerActionRequested, ServerDeleted (scheduled) |
-//! | `usbpt.evt.server.{server_id}` | control plane | ServerBootRequested, ServerScheduleFailed, ServerMigrationRefused, ServerStateChanged (requested), ServerDeleted (never scheduled) |
+//! | `usbpt.evt.server.{server_id}` | control plane | ServerBootRequested, ServerScheduleFailed, ServerMigrationRefused, ServerStateChanged (requested), ServerDeleted (never scheduled), ServerUpdated, ServerResizeVerifying, ServerResizeConfirmed, ServerResizeReverted |
 //!
 //! So an agent's credentials need publish on `usbpt.evt.host.{host}.>` and a consumer on
 //! `usbpt.evt.ctl.{host}.>`, nothing else.
@@ -72,6 +72,21 @@ pub fn server(server: &ServerId) -> String {
 /// A command's request subject, e.g. `usbpt.cmd.boot`.
 pub fn command(kind: &str) -> String {
     format!("{COMMAND_PREFIX}.{kind}")
+}
+
+/// Every agent's liveness beat (core NATS, outside the stream: not history; ADR 0008).
+pub const ALL_HEARTBEATS: &str = "usbpt.hb.*";
+
+/// Where `host`'s agent beats ([`crate::heartbeat`]).
+pub fn heartbeat(host: &HostName) -> String {
+    format!("usbpt.hb.{host}")
+}
+
+/// The host a heartbeat subject names.
+pub fn heartbeat_host(subject: &str) -> Option<HostName> {
+    subject
+        .strip_prefix("usbpt.hb.")
+        .and_then(|h| HostName::new(h).ok())
 }
 
 /// The durable consumer a host's agent reads its control work from.
@@ -263,6 +278,11 @@ pub fn route(body: &Event) -> Route<'_> {
         Event::FlavorCreated(e) => Route::Flavor(&e.name),
         Event::FlavorDeleted(e) => Route::Flavor(&e.name),
         Event::FlavorUsbSet(e) => Route::Flavor(&e.name),
+        Event::FlavorSized(e) => Route::Flavor(&e.name),
+        Event::ServerUpdated(e) => Route::Server(&e.server_id),
+        Event::ServerResizeVerifying(e) => Route::Server(&e.server_id),
+        Event::ServerResizeConfirmed(e) => Route::Server(&e.server_id),
+        Event::ServerResizeReverted(e) => Route::Server(&e.server_id),
         Event::ServerScheduled(e) => work(
             &e.host,
             e.server_id,
@@ -370,6 +390,17 @@ pub fn matches(envelope: &Envelope, subject: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeats_are_outside_the_stream() {
+        let h = HostName::new("host-a").expect("valid");
+        let s = heartbeat(&h);
+        assert_eq!(s, "usbpt.hb.host-a");
+        assert_eq!(heartbeat_host(&s), Some(h));
+        assert_eq!(heartbeat_host("usbpt.hb."), None);
+        assert_eq!(heartbeat_host("usbpt.evt.host.host-a.agent"), None);
+        assert!(scope_of(&s).is_err(), "not an event subject");
+    }
 
     #[test]
     fn scopes() {

@@ -87,13 +87,14 @@ impl Scenario {
     }
 }
 
+/// Plays the scenario; returns the simulated hosts with their agents still running.
 pub async fn play(
     scenario: Scenario,
     bus: Bus,
     view: Arc<View>,
     url: String,
     root: PathBuf,
-) -> Result<()> {
+) -> Result<Vec<SimHost>> {
     let l = scenario.load;
     let started = Instant::now();
     println!(
@@ -193,10 +194,7 @@ pub async fn play(
         report.last_seq,
         report.elapsed.as_secs_f64()
     );
-    for mut h in hosts {
-        h.stop_agent().await;
-    }
-    Ok(())
+    Ok(hosts)
 }
 
 /// The first host whose present devices (port, devnum) differ from the view's, if any.

@@ -109,21 +109,26 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
         },
         None => control.clone(),
     };
+    let (token, token_file) = crate::api_auth::ensure_token(global, &root)?;
     let mut tasks = Tasks::new();
     let listener = bind_or_free("demo", args.listen).await?;
+    let policy = usbpt_api::HttpPolicy::with_token(token.clone());
     let dashboard = format!("http://{}/", listener.local_addr()?);
     let (view, _) = control_plane(
         &control,
         &mut tasks,
         listener,
+        policy,
         &ProjectorArgs {
             consumer: "usbpt-projector".into(),
             batch: 1000,
+            sse_max_clients: crate::cmd_serve::DEFAULT_SSE_MAX_CLIENTS,
         },
         &CommandArgs {
             weigh: WeighArg::Pack,
             grace: 120,
             concurrency: 32,
+            resize_confirm_window: 0,
         },
     )
     .await?;
@@ -136,7 +141,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
             "  bus        {url}  (private nats-server, store in {})",
             s.dir().display()
         ),
-        None => println!("  bus        {url}"),
+        None => println!("  bus        {}", usbpt_bus::auth::redact_url(&url)),
     }
     if let Some(c) = &creds {
         println!(
@@ -145,6 +150,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
         );
     }
     println!("  dashboard  {dashboard}");
+    crate::api_auth::announce("             ", &dashboard, &token, token_file.as_deref());
     println!("  data       {}", root.display());
     println!();
 
@@ -153,18 +159,27 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
     let stopping = tasks.stopping();
     let story = story::Story::new(bus.clone(), Arc::clone(&view), url.clone(), root.clone());
     tasks.spawn("story", async move {
-        match scenario {
+        let hosts = match scenario {
             Some(s) => load::play(s, bus, view, url, root).await?,
             None => story.play().await?,
-        }
+        };
         println!();
         println!(
             "usbpt demo: the story is complete ({:.1} s). Dashboard: {dashboard}",
             started.elapsed().as_secs_f64()
         );
         if !exit {
-            println!("usbpt demo: serving until Ctrl-C");
+            // The simulated hosts' agents keep running: servers booted, resized or deleted from
+            // here on (usbpt CLI, openstack CLI, dashboard) are carried out on them.
+            let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+            println!(
+                "usbpt demo: serving until Ctrl-C; the agents of {} keep running",
+                names.join(", ")
+            );
             stopping.await;
+        }
+        for mut h in hosts {
+            h.stop_agent().await;
         }
         Ok(())
     });

@@ -65,7 +65,7 @@ impl Story {
     }
 
     async fn command(&self, cmd: Command) -> Result<std::result::Result<String, String>> {
-        match request(self.bus.client(), &cmd, STEP_LIMIT)
+        match request(&self.bus, &cmd, STEP_LIMIT)
             .await
             .map_err(|e| anyhow!(e))?
         {
@@ -88,7 +88,9 @@ impl Story {
         }))
     }
 
-    pub async fn play(self) -> Result<()> {
+    /// Plays the story; returns the simulated hosts with their agents still running, so the
+    /// demo can go on serving them.
+    pub async fn play(self) -> Result<Vec<SimHost>> {
         let mut n = 0;
         let mut step = |title: &str| {
             n += 1;
@@ -169,6 +171,7 @@ impl Story {
         let erp_key = FlavorName::new("erp-key")?;
         say(self
             .accepted(Command::CreateFlavor {
+                resources: Default::default(),
                 name: erp_key.clone(),
                 usb: vec![spec],
             })
@@ -293,6 +296,7 @@ impl Story {
             .context("step 8 (token discovered)")?;
         let erp_token = FlavorName::new("erp-token")?;
         self.accepted(Command::CreateFlavor {
+            resources: Default::default(),
             name: erp_token.clone(),
             usb: vec!["vendor=1050,product=0120,controller=xhci".parse()?],
         })
@@ -305,6 +309,11 @@ impl Story {
             })
             .await
             .context("step 8 (resize)")?);
+        // The resize awaits confirmation (Nova's VERIFY_RESIZE), the key still reserved.
+        say(self
+            .accepted(Command::ConfirmResize { name: erp.clone() })
+            .await
+            .context("step 8 (confirm the resize)")?);
         let tok_id = tok.id();
         self.until("the token attached and the key released", |s| {
             let t = s
@@ -360,6 +369,7 @@ impl Story {
             .context("step 10 (scanner discovered)")?;
         let strict = FlavorName::new("scan-strict")?;
         self.accepted(Command::CreateFlavor {
+            resources: Default::default(),
             name: strict.clone(),
             usb: vec![format!("id={},follow=strict", sc.id()).parse()?],
         })
@@ -466,8 +476,7 @@ impl Story {
             report.last_seq,
             report.elapsed.as_secs_f64() * 1000.0
         ));
-        host_a.stop_agent().await;
-        Ok(())
+        Ok(vec![host_a, host_b])
     }
 
     async fn executor_xml(

@@ -8,13 +8,13 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use futures::StreamExt;
+
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use usbpt_bus::{Bus, StartAt};
-use usbpt_schemas::{codec, DeviceDiscovered, DeviceId, DeviceInvalidated, Envelope, Event};
+use usbpt_schemas::{DeviceDiscovered, DeviceId, DeviceInvalidated, Envelope, Event};
 use usbpt_testkit::umockdev::{die_with_parent, four_recordings};
 
 /// How long any single wait may take before the test fails.
@@ -161,6 +161,11 @@ impl AgentProcess {
         Ok(())
     }
 
+    /// The process id, for signals.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// SIGKILL: a crash.
     pub async fn crash(mut self) -> Result<()> {
         self.child.kill().await?;
@@ -171,26 +176,26 @@ impl AgentProcess {
 /// Everything in the stream, read from the beginning, decoded.
 pub struct StreamLog {
     pub events: Vec<(u64, String, Envelope)>,
-    messages: usbpt_bus::async_nats::jetstream::consumer::pull::Ordered,
+    reader: usbpt_bus::Reader,
 }
 
 impl StreamLog {
     pub async fn open(bus: &Bus) -> Result<Self> {
         Ok(Self {
             events: Vec::new(),
-            messages: bus.ordered(StartAt::Beginning, None).await?,
+            reader: bus.reader(StartAt::Beginning, None).await?,
         })
     }
 
     /// Reads until `done(all events so far)` holds; fails after [`WAIT`].
     pub async fn until(&mut self, what: &str, done: impl Fn(&[Envelope]) -> bool) -> Result<()> {
         let deadline = tokio::time::Instant::now() + WAIT;
+        let mut envs: Vec<Envelope> = self.events.iter().map(|(_, _, e)| e.clone()).collect();
         loop {
-            let envs: Vec<Envelope> = self.events.iter().map(|(_, _, e)| e.clone()).collect();
             if done(&envs) {
                 return Ok(());
             }
-            let msg = tokio::time::timeout_at(deadline, self.messages.next())
+            let msg = tokio::time::timeout_at(deadline, self.reader.next())
                 .await
                 .map_err(|_| {
                     anyhow!(
@@ -199,11 +204,10 @@ impl StreamLog {
                         envs.iter().map(|e| e.body.kind()).collect::<Vec<_>>()
                     )
                 })?
-                .ok_or_else(|| anyhow!("stream ended"))?
                 .map_err(|e| anyhow!("reading the stream: {e}"))?;
-            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
-            let env = codec::decode(&msg.payload).map_err(|e| anyhow!("seq {seq}: {e}"))?;
-            self.events.push((seq, msg.subject.to_string(), env));
+            let env = msg.decode().map_err(|e| anyhow!("seq {}: {e}", msg.seq))?;
+            envs.push(env.clone());
+            self.events.push((msg.seq, msg.subject, env));
         }
     }
 

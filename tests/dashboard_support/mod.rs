@@ -100,6 +100,9 @@ impl Browser {
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank")
+            // A test running under umockdev-wrapper: the browser sees the real machine.
+            .env_remove("LD_PRELOAD")
+            .env_remove("UMOCKDEV_DIR")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

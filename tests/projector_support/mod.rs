@@ -12,11 +12,36 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-/// `usbpt`, allowed to use the test's own nats-server, which runs without authentication.
+/// The HTTP API token of the tests' `usbpt serve` (in the environment of every `usbpt` they
+/// run: `serve` requires it, the CLI sends it).
+pub const API_TOKEN: &str = "test-token-0123456789abcdef";
+
+/// `usbpt`, allowed to use the test's own nats-server, which runs without authentication, with
+/// the tests' API token.
 pub fn usbpt() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_usbpt"));
-    c.env("USBPT_INSECURE", "1");
+    c.env("USBPT_INSECURE", "1")
+        .env("USBPT_API_TOKEN", API_TOKEN)
+        .env_remove("USBPT_API_TOKEN_FILE");
     c
+}
+
+/// An HTTP client that sends [`API_TOKEN`] with every request.
+pub fn http() -> reqwest::Client {
+    http_with(API_TOKEN)
+}
+
+/// An HTTP client that sends `token` as `Authorization: Bearer`.
+pub fn http_with(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
 }
 
 /// A running `usbpt serve` (killed when dropped).
@@ -30,8 +55,14 @@ pub struct Serve {
 impl Serve {
     /// Starts `usbpt serve` on a free loopback port; returns once it announced its address.
     pub async fn start(nats: &str, data: &Path) -> Result<Self> {
+        Self::start_with(nats, data, &[]).await
+    }
+
+    /// [`Serve::start`] with more `usbpt serve` arguments.
+    pub async fn start_with(nats: &str, data: &Path, extra: &[&str]) -> Result<Self> {
         let mut child = usbpt()
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
             .env("NATS_URL", nats)
             .env("USBPT_DATA_DIR", data)
             .env("USBPT_LOG", "warn")
@@ -69,7 +100,7 @@ impl Serve {
     }
 
     pub async fn get(&self, path: &str) -> Result<(u16, Value)> {
-        let resp = reqwest::get(format!("{}{path}", self.api)).await?;
+        let resp = http().get(format!("{}{path}", self.api)).send().await?;
         let status = resp.status().as_u16();
         let text = resp.text().await?;
         let json = serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))?;
@@ -77,7 +108,9 @@ impl Serve {
     }
 
     pub async fn get_text(&self, path: &str) -> Result<String> {
-        Ok(reqwest::get(format!("{}{path}", self.api))
+        Ok(http()
+            .get(format!("{}{path}", self.api))
+            .send()
             .await?
             .text()
             .await?)

@@ -50,6 +50,11 @@ pub fn variant_index(e: &Event) -> usize {
         Event::DeviceClashDetected(_) => 18,
         Event::ServerMigrated(_) => 19,
         Event::FlavorUsbSet(_) => 20,
+        Event::FlavorSized(_) => 21,
+        Event::ServerUpdated(_) => 22,
+        Event::ServerResizeVerifying(_) => 23,
+        Event::ServerResizeConfirmed(_) => 24,
+        Event::ServerResizeReverted(_) => 25,
     }
 }
 
@@ -243,6 +248,26 @@ pub fn sample_bodies() -> Vec<Event> {
                 follow: FollowPolicy::Strict,
             }],
         }),
+        Event::FlavorSized(FlavorSized {
+            flavor_id: fl,
+            name: FlavorName::new("erp-key").unwrap(),
+            ram_mb: 2048,
+            vcpus: 2,
+            disk_gb: 20,
+        }),
+        Event::ServerUpdated(ServerUpdated {
+            server_id: srv,
+            name: ServerName::new("erp-1-renamed").unwrap(),
+            description: Some("ERP, licence key on host-b".into()),
+        }),
+        Event::ServerResizeVerifying(ServerResizeVerifying {
+            server_id: srv,
+            from_flavor: fl,
+            from_host: host("host-a"),
+            devices: vec![assigned()],
+        }),
+        Event::ServerResizeConfirmed(ServerResizeConfirmed { server_id: srv }),
+        Event::ServerResizeReverted(ServerResizeReverted { server_id: srv }),
     ]
 }
 
@@ -449,6 +474,22 @@ pub fn any_event() -> impl Strategy<Value = Event> {
                 name,
                 usb
             })),
+        (
+            a_uuid(),
+            a_flavor_name(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>()
+        )
+            .prop_map(|(f, name, ram_mb, vcpus, disk_gb)| Event::FlavorSized(
+                FlavorSized {
+                    flavor_id: FlavorId(f),
+                    name,
+                    ram_mb,
+                    vcpus,
+                    disk_gb
+                }
+            )),
         (a_uuid(), a_flavor_name()).prop_map(|(f, name)| Event::FlavorDeleted(FlavorDeleted {
             flavor_id: FlavorId(f),
             name
@@ -592,6 +633,30 @@ pub fn any_event() -> impl Strategy<Value = Event> {
                     devices
                 }
             )),
+        (
+            a_uuid(),
+            "[A-Za-z0-9_-]{1,64}",
+            proptest::option::of(".{0,40}")
+        )
+            .prop_map(|(s, n, description)| Event::ServerUpdated(ServerUpdated {
+                server_id: ServerId(s),
+                name: ServerName::new(n).unwrap(),
+                description
+            })),
+        (a_uuid(), a_uuid(), a_host()).prop_map(|(s, f, from_host)| {
+            Event::ServerResizeVerifying(ServerResizeVerifying {
+                server_id: ServerId(s),
+                from_flavor: FlavorId(f),
+                from_host,
+                devices: vec![],
+            })
+        }),
+        a_uuid().prop_map(|s| Event::ServerResizeConfirmed(ServerResizeConfirmed {
+            server_id: ServerId(s)
+        })),
+        a_uuid().prop_map(|s| Event::ServerResizeReverted(ServerResizeReverted {
+            server_id: ServerId(s)
+        })),
         (a_uuid(), any::<bool>(), txt()).prop_map(|(s, live, reason)| {
             Event::ServerMigrationRefused(ServerMigrationRefused {
                 server_id: ServerId(s),
