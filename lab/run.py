@@ -635,11 +635,72 @@ done""")
                     f"{len(rebooted)} DeviceInvalidated(HostRebooted); {len(resumed)} domains "
                     f"resumed by the agent; vm1 holds the key (live XML, QOM, fd); states {states}")
 
+    def p1_package(self):
+        """The Debian package installed with dpkg -i into this clean Debian guest; its units
+        started by systemd with the guest's real udev; readiness through sd_notify."""
+        deb = "/lab/pkg/usbpt.deb"
+        t = time.monotonic()
+        self.sh(f"DEBIAN_FRONTEND=noninteractive dpkg -i {deb} 2>&1", 180)
+        self.timings["P1 dpkg -i (s)"] = round(time.monotonic() - t, 1)
+        # A single-machine install beside the lab's `usbpt up`: its own nats-server (the
+        # packaged usbpt-nats unit, the lab's nats-server binary), port and host name.
+        self.sh("install -m 0755 /lab/bin/nats-server /usr/bin/nats-server && "
+                "cat > /etc/usbpt/nats-server.conf <<'EOF'\n"
+                "server_name: usbpt-pkg\nlisten: 127.0.0.1:4322\n"
+                "jetstream { store_dir: /var/lib/usbpt/nats, sync_interval: always }\nEOF\n"
+                "cat > /etc/usbpt/usbpt.toml <<'EOF'\n"
+                "[nats]\nurls = [\"nats://127.0.0.1:4322\"]\ninsecure = true\n"
+                "[agent]\nhost = \"pkghost\"\nhypervisor = \"test:///default\"\n"
+                "[serve]\nlisten = \"127.0.0.1:8790\"\n"
+                "[api]\nurl = \"http://127.0.0.1:8790\"\n"
+                "token_file = \"/etc/usbpt/api-token\"\n"
+                "[projector]\nconsumer = \"usbpt-serve-pkghost\"\nEOF")
+        check = self.sh("/usr/bin/usbpt config check 2>&1")
+        units = " ".join(f"/usr/lib/systemd/system/usbpt-{u}.service"
+                         for u in ("agent", "serve", "projector", "nats", "commands@p1"))
+        # --man=no: the guest has no man-db to resolve Documentation=man:… (the package's man
+        # pages are checked on the build machine).
+        verify = self.sh(f"systemd-analyze verify --man=no {units} 2>&1; echo rc=$?")
+        exposure = self.sh("for u in agent serve; do systemd-analyze security usbpt-$u.service "
+                           "2>/dev/null | sed -n 's/.*Overall exposure level for //p'; done",
+                           check=False)
+        # Type=notify: `systemctl start` returns once the process sent READY=1.
+        t = time.monotonic()
+        # usbpt-nats is Type=simple (nats-server does not speak sd_notify): its port is polled.
+        started = self.sh("systemctl start usbpt-nats.service && bash -c 'for i in $(seq 100); "
+                          "do (exec 3<>/dev/tcp/127.0.0.1/4322) 2>/dev/null && exit 0; sleep 0.1; "
+                          "done; exit 1' && systemctl start usbpt-serve.service "
+                          "usbpt-agent.service 2>&1; echo rc=$?", 180)
+        if not started.strip().endswith("rc=0"):
+            journal = self.sh("journalctl -u usbpt-nats -u usbpt-serve -u usbpt-agent --no-pager "
+                              "-o short-monotonic | tail -n 40", check=False)
+            raise LabError(f"the units did not start: {started.strip()}\n{journal}")
+        self.timings["P1 units ready (s)"] = round(time.monotonic() - t, 1)
+        state = self.sh("systemctl show -p ActiveState -p SubState -p StatusText -p User "
+                        "usbpt-serve.service usbpt-agent.service")
+        hv = until("pkghost in the packaged API", lambda: self.guest.json(
+            "/usr/bin/usbpt hypervisor show pkghost --json", 30), 60)[0]
+        journal = self.sh("journalctl -u usbpt-agent -u usbpt-serve --no-pager -o cat | tail -n 5",
+                          check=False)
+        self.sh("systemctl stop usbpt-agent usbpt-serve usbpt-nats", 60, check=False)
+        statuses = re.findall(r"StatusText=(.*)", state)
+        candidates = re.search(r"(\d+) passthrough candidates", state)
+        ok = ("ok (" in check and verify.strip().endswith("rc=0")
+              and state.count("ActiveState=active") == 2 and state.count("User=usbpt") == 2
+              and bool(candidates) and int(candidates.group(1)) >= 1
+              and hv.get("hypervisor", hv).get("hypervisor_hostname", "pkghost") == "pkghost")
+        self.record("P1", "the .deb in a clean Debian: dpkg -i, config check, systemd-analyze "
+                    "verify, units started by systemd (Type=notify) as user usbpt", ok,
+                    f"config check: {check.strip()}; verify: {verify.strip()}; exposure "
+                    f"{', '.join(exposure.split()) or '?'}; status {statuses}; "
+                    f"journal tail: {journal.strip()[-300:]}")
+
     def run(self):
         only = set(self.args.only.split(",")) if self.args.only else None
         scenarios = [("S0", self.s0_inventory), ("S1", self.s1_boot), ("S2", self.s2_replug),
                      ("S3", self.s3_strict), ("S6", self.s6_missing_at_start),
-                     ("S5", self.s5_flap_storm), ("S4", self.s4_reboot)]
+                     ("S5", self.s5_flap_storm), ("S4", self.s4_reboot),
+                     ("P1", self.p1_package)]
         try:
             self.start_vm()
             self.setup()

@@ -16,6 +16,8 @@ use usbpt_schemas::ServerAction;
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
+    #[command(flatten)]
+    pub setup: crate::config::Setup,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -52,6 +54,10 @@ pub struct Global {
     /// TLS to NATS: this client's private key (PEM).
     #[arg(long, global = true, env = "USBPT_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Replicas of the event stream when this process is the one that creates it: 3 on a
+    /// 3-node NATS cluster (docs/operations.md). An existing stream keeps its own.
+    #[arg(long, global = true, env = "USBPT_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub stream_replicas: u8,
     /// Where local state lives (redb files, a private nats-server's store).
     #[arg(long, global = true, env = "USBPT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -111,6 +117,14 @@ impl Global {
         }
     }
 
+    /// The stream's settings when this process creates it (`--stream-replicas`).
+    pub fn stream_settings(&self) -> StreamSettings {
+        StreamSettings {
+            replicas: usize::from(self.stream_replicas),
+            ..StreamSettings::default()
+        }
+    }
+
     /// The connection's security: `--insecure` and the TLS files.
     pub fn security(&self) -> usbpt_bus::ClientSecurity {
         usbpt_bus::ClientSecurity {
@@ -124,19 +138,14 @@ impl Global {
     }
 
     async fn bus_with(&self, creds: Option<&std::path::Path>) -> Result<Bus> {
-        Bus::connect_checked(
-            &self.nats,
-            creds,
-            &StreamSettings::default(),
-            &self.security(),
-        )
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to the bus at {}",
-                usbpt_bus::auth::redact_url(&self.nats)
-            )
-        })
+        Bus::connect_checked(&self.nats, creds, &self.stream_settings(), &self.security())
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to the bus at {}",
+                    usbpt_bus::auth::redact_url(&self.nats)
+                )
+            })
     }
 }
 
@@ -206,6 +215,20 @@ pub enum Cmd {
     Rebuild(crate::cmd_ctl::Named),
     /// Delete a server and release its USB devices.
     Delete(crate::cmd_ctl::Named),
+    /// The config file (/etc/usbpt/usbpt.toml): check it, or show the effective configuration.
+    #[command(subcommand)]
+    Config(crate::config::ConfigCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (usbpt.1 and one per subcommand) into a directory (used when packaging).
+    #[command(hide = true)]
+    Manpages {
+        /// The directory to write into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,8 +274,24 @@ async fn send(
     crate::cmd_ctl::send(global, cmd, json).await
 }
 
-pub async fn run(cli: Cli) -> Result<()> {
+pub async fn run(cli: Cli, loaded: &crate::config::Loaded) -> Result<()> {
     match cli.command {
+        Cmd::Config(crate::config::ConfigCmd::Check) => {
+            println!("{}", crate::config::check(loaded)?);
+            Ok(())
+        }
+        Cmd::Config(crate::config::ConfigCmd::Show) => {
+            let (cmd, matches) = crate::config::command_and_matches(loaded)?;
+            let rows = crate::config::effective(loaded, &cmd, &matches);
+            print!("{}", crate::config::render(loaded, &rows));
+            Ok(())
+        }
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "usbpt", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Manpages { dir } => crate::config::write_manpages(&dir),
         Cmd::Agent(args) => crate::cmd_agent::run(&cli.global, args).await,
         Cmd::Events(EventsCmd::Tail {
             from_start,

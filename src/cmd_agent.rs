@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use usbpt_agent::{progress, read_boot_id, AgentConfig, BusTarget, Filter, UdevSource};
-use usbpt_bus::StreamSettings;
 use usbpt_schemas::HostName;
 
 use crate::cli::Global;
@@ -110,12 +109,12 @@ pub async fn run(global: &Global, args: AgentArgs) -> Result<()> {
         bus: BusTarget {
             url: global.nats.clone(),
             creds: global.creds.clone(),
-            settings: StreamSettings::default(),
+            settings: global.stream_settings(),
             require_auth: !global.insecure,
             tls: global.security().tls,
             control_key: control_key(args.control_key.as_deref())?,
         },
-        progress: progress::stdout(),
+        progress: with_readiness(progress::stdout()),
         drain_on_stop: Duration::from_secs(2),
     };
     tracing::info!(?config, "starting the host agent");
@@ -123,6 +122,23 @@ pub async fn run(global: &Global, args: AgentArgs) -> Result<()> {
     let executor = connect_hypervisor(&config.host, &config.hypervisor_uri).await;
     usbpt_agent::run_with_executor(config, source, executor, shutdown_signal()).await?;
     Ok(())
+}
+
+/// `sink`, and systemd told when the agent is ready (its start-up picture is in the outbox and
+/// udev is watched) and when it stops.
+fn with_readiness(sink: progress::ProgressSink) -> progress::ProgressSink {
+    std::sync::Arc::new(move |p: &progress::Progress| {
+        sink(p);
+        match p {
+            progress::Progress::Ready {
+                host, candidates, ..
+            } => crate::systemd::ready(&format!(
+                "host {host}: watching udev, {candidates} passthrough candidates"
+            )),
+            progress::Progress::Stopped { .. } => crate::systemd::stopping(),
+            _ => {}
+        }
+    })
 }
 
 /// SIGTERM or SIGINT.

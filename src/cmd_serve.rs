@@ -295,6 +295,7 @@ impl Tasks {
                 }
             }
         }
+        crate::systemd::stopping();
         self.stop.send_replace(true);
         let drain = async {
             while let Some(done) = self.set.join_next().await {
@@ -347,6 +348,7 @@ pub async fn serve(global: &Global, args: ServeArgs) -> Result<()> {
     let policy = args.http.policy(args.listen, global.given_api_token()?)?;
     let mut tasks = Tasks::new();
     let listener = bind("serve", args.listen).await?;
+    let addr = listener.local_addr()?;
     control_plane(
         global,
         &mut tasks,
@@ -356,6 +358,7 @@ pub async fn serve(global: &Global, args: ServeArgs) -> Result<()> {
         &args.commands,
     )
     .await?;
+    crate::systemd::ready(&format!("serving on http://{addr}"));
     tasks.run().await
 }
 
@@ -437,6 +440,7 @@ pub async fn commands(global: &Global, args: CommandsCmdArgs) -> Result<()> {
     // Ready once the view has caught up with the stream as it was at start.
     view.wait_applied(head, Duration::from_secs(600)).await;
     eprintln!("usbpt commands: ready");
+    crate::systemd::ready("command handler ready");
     tasks.run().await
 }
 
@@ -460,5 +464,6 @@ pub async fn projector(global: &Global, args: ProjectorCmdArgs) -> Result<()> {
     tasks.spawn("projector", async move {
         Ok(side.projector.run(stopping).await?)
     });
+    crate::systemd::ready("projector running");
     tasks.run().await
 }

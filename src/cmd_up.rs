@@ -127,6 +127,7 @@ impl PrivateCreds {
             tls_cert: None,
             tls_key: None,
             data_dir: Some(data),
+            stream_replicas: global.stream_replicas,
             api_token_file: global.api_token_file.clone(),
             api: global.api.clone(),
             verbose: global.verbose,

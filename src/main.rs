@@ -16,22 +16,33 @@ mod cmd_query;
 mod cmd_replay;
 mod cmd_serve;
 mod cmd_up;
+mod config;
 mod demo;
+mod systemd;
 mod tail;
 
 use std::process::ExitCode;
-
-use clap::Parser;
 
 fn main() -> ExitCode {
     // Everything usbpt creates (views, outboxes, identities, the private nats-server's store,
     // config and log) is the invoking user's alone: directories 0700, files 0600.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let cli = cli::Cli::parse();
+    let (cli, loaded) = match config::parse_args(std::env::args_os().collect()) {
+        Ok(parsed) => parsed,
+        Err(config::ArgsError::Clap(e)) => e.exit(),
+        Err(config::ArgsError::Config(e)) => {
+            eprintln!("usbpt: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     if matches!(cli.command, cli::Cmd::Agent(_)) {
         cmd_agent::lean_process();
     }
-    init_tracing(cli.global.verbose);
+    init_tracing(
+        cli.global.verbose,
+        cli.setup.log_format,
+        loaded.file.log.filter.as_deref(),
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -42,7 +53,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::run(cli)) {
+    match runtime.block_on(cli::run(cli, &loaded)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line on stderr, the whole cause chain.
@@ -53,18 +64,29 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
+/// Logs on stderr. Precedence of the filter: `USBPT_LOG`, then `-v`, then the config file's
+/// `log.filter`, then `warn`. Under systemd (stderr is the journal: `JOURNAL_STREAM` is set)
+/// text lines carry no timestamp, journald adds its own.
+fn init_tracing(verbose: u8, format: config::LogFormat, file_filter: Option<&str>) {
+    let default = match (verbose, file_filter) {
+        (0, Some(f)) => f,
+        (0, None) => "warn",
+        (1, _) => "info",
+        (2, _) => "debug",
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("USBPT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        config::LogFormat::Json => builder.json().with_current_span(false).init(),
+        config::LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => {
+            builder.with_ansi(false).without_time().init();
+        }
+        config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
