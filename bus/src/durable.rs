@@ -22,9 +22,28 @@ pub struct Received {
 }
 
 impl Received {
+    /// The delivery, and what acknowledges it (for a caller that keeps only the last one's).
+    pub fn into_parts(self) -> (Delivery, Acker) {
+        (self.delivery, Acker(self.message))
+    }
+
     /// Acknowledges this delivery (with `AckPolicy::All`, also every one before it).
     pub async fn ack(&self) -> Result<(), BusError> {
         self.message.ack().await.map_err(|e| BusError::Consumer {
+            name: "ack".into(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Acknowledges one delivery (see [`Received::into_parts`]).
+#[derive(Debug)]
+pub struct Acker(async_nats::jetstream::Message);
+
+impl Acker {
+    /// Acknowledges the delivery (with `AckPolicy::All`, also every one before it).
+    pub async fn ack(&self) -> Result<(), BusError> {
+        self.0.ack().await.map_err(|e| BusError::Consumer {
             name: "ack".into(),
             message: e.to_string(),
         })
@@ -144,41 +163,45 @@ impl Durable {
         };
         let mut out = Vec::with_capacity(max.min(4_096));
         // Bounded like the reader's fetches: a fetch the server never answers ends here.
+        // One deadline for the whole fetch (not a timer per message): the server answers by
+        // `wait`; a little more and it never will.
         let deadline = tokio::time::Instant::now() + wait + Duration::from_secs(2);
-        loop {
-            match tokio::time::timeout_at(deadline, batch.next()).await {
-                Ok(None) => break,
-                Ok(Some(Ok(m))) => {
-                    let info = match m.info() {
-                        Ok(i) => (i.stream_sequence, i.pending),
-                        Err(e) => {
-                            self.consumer = None;
-                            return Err(fail(format!("message metadata: {e}")));
+        let mut ended: Option<String> = None;
+        let collected = tokio::time::timeout_at(deadline, async {
+            while let Some(m) = batch.next().await {
+                match m {
+                    Ok(m) => match m.info() {
+                        Ok(i) => {
+                            let (seq, pending) = (i.stream_sequence, i.pending);
+                            out.push(Received {
+                                delivery: Delivery::from_message(&m, seq),
+                                pending,
+                                message: m,
+                            });
                         }
-                    };
-                    out.push(Received {
-                        delivery: Delivery::from_message(&m, info.0),
-                        pending: info.1,
-                        message: m,
-                    });
-                }
-                Ok(Some(Err(e))) => {
-                    self.consumer = None;
-                    // What was received is still good; the rest is fetched again.
-                    if out.is_empty() {
-                        return Err(fail(e.to_string()));
+                        Err(e) => {
+                            ended = Some(format!("message metadata: {e}"));
+                            return;
+                        }
+                    },
+                    Err(e) => {
+                        ended = Some(e.to_string());
+                        return;
                     }
-                    warn!(consumer = %self.name, error = %e, "fetch ended early");
-                    break;
-                }
-                Err(_) => {
-                    self.consumer = None;
-                    if out.is_empty() {
-                        return Err(fail("the fetch got no answer in time".into()));
-                    }
-                    break;
                 }
             }
+        })
+        .await;
+        if collected.is_err() {
+            ended.get_or_insert_with(|| "the fetch got no answer in time".into());
+        }
+        if let Some(e) = ended {
+            self.consumer = None;
+            // What was received is still good; the rest is fetched again.
+            if out.is_empty() {
+                return Err(fail(e));
+            }
+            warn!(consumer = %self.name, error = %e, "fetch ended early");
         }
         Ok(out)
     }

@@ -14,7 +14,7 @@ mod stream;
 pub use client::{
     Bus, BusError, ClientSecurity, PendingAck, PublishFailure, Published, StartAt, TlsClient,
 };
-pub use durable::{Durable, Received};
+pub use durable::{Acker, Durable, Received};
 pub use reader::{Delivery, Reader, ReaderOptions};
 pub use stream::{StreamError, StreamSettings};
 

@@ -196,57 +196,55 @@ impl Reader {
             }
         };
         // The server answers by `wait`; allow it a little more before deciding it never will.
+        // One deadline for the whole fetch, not a timer per message.
         let deadline = tokio::time::Instant::now() + wait + Duration::from_secs(2);
-        loop {
-            match tokio::time::timeout_at(deadline, batch.next()).await {
-                // The fetch is over: keep the consumer for the next one.
-                Ok(None) => {
-                    self.consumer = Some(consumer);
-                    return Ok(());
-                }
-                Ok(Some(Ok(m))) => {
-                    let info = match m.info() {
-                        Ok(i) => (i.stream_sequence, i.consumer_sequence),
-                        Err(e) => {
-                            warn!(error = %e, "stream reader: a message without metadata; making a new consumer");
-                            self.resets += 1;
-                            return Ok(());
-                        }
-                    };
-                    let (seq, consumer_seq) = info;
-                    if consumer_seq != self.delivered + 1 || seq < self.next_seq {
-                        // A gap (or a repeat): what was taken is good, the rest comes from a new
-                        // consumer at the next sequence needed.
-                        debug!(
-                            seq,
-                            consumer_seq,
-                            expected = self.delivered + 1,
-                            "stream reader: gap; making a new consumer"
-                        );
-                        self.resets += 1;
-                        return Ok(());
-                    }
-                    self.delivered = consumer_seq;
-                    self.next_seq = seq + 1;
-                    self.buffered.push_back(Delivery::from_message(&m, seq));
-                }
-                Ok(Some(Err(e))) => {
+        let (delivered, next_seq, buffered) =
+            (&mut self.delivered, &mut self.next_seq, &mut self.buffered);
+        let read = tokio::time::timeout_at(deadline, async {
+            while let Some(m) = batch.next().await {
+                let m = match m {
+                    Ok(m) => m,
                     // The consumer is gone or the pull failed: what was taken is good, the rest
                     // comes from a new consumer.
-                    debug!(error = %e, next = self.next_seq, "stream reader: fetch failed; making a new consumer");
-                    self.resets += 1;
-                    return Ok(());
+                    Err(e) => return Err(format!("fetch failed: {e}")),
+                };
+                let (seq, consumer_seq) = match m.info() {
+                    Ok(i) => (i.stream_sequence, i.consumer_sequence),
+                    Err(e) => return Err(format!("a message without metadata: {e}")),
+                };
+                if consumer_seq != *delivered + 1 || seq < *next_seq {
+                    // A gap (or a repeat): what was taken is good, the rest comes from a new
+                    // consumer at the next sequence needed.
+                    return Err(format!(
+                        "gap: consumer sequence {consumer_seq} where {} was next",
+                        *delivered + 1
+                    ));
                 }
-                Err(_) => {
-                    warn!(
-                        next = self.next_seq,
-                        "stream reader: a fetch got no answer in time; making a new consumer"
-                    );
-                    self.resets += 1;
-                    return Ok(());
-                }
+                *delivered = consumer_seq;
+                *next_seq = seq + 1;
+                buffered.push_back(Delivery::from_message(&m, seq));
+            }
+            Ok(())
+        })
+        .await;
+        match read {
+            // The fetch is over: keep the consumer for the next one.
+            Ok(Ok(())) => {
+                self.consumer = Some(consumer);
+            }
+            Ok(Err(why)) => {
+                debug!(next = self.next_seq, %why, "stream reader: making a new consumer");
+                self.resets += 1;
+            }
+            Err(_) => {
+                warn!(
+                    next = self.next_seq,
+                    "stream reader: a fetch got no answer in time; making a new consumer"
+                );
+                self.resets += 1;
             }
         }
+        Ok(())
     }
 
     async fn make_consumer(

@@ -29,7 +29,7 @@ use redb::Durability;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-use usbpt_bus::{Bus, BusError, Durable, Received};
+use usbpt_bus::{Acker, Bus, BusError, Durable, Received};
 
 use crate::error::ViewError;
 use crate::metrics::ProjectorMetrics;
@@ -402,12 +402,21 @@ impl Projector {
 
     /// A fetched batch for the fold thread: its events and its last message (to ack).
     fn hand_on(&mut self, messages: Vec<Received>) -> Result<Fetched, ProjectorError> {
-        let (events, pending) = raw_events(&messages)?;
-        if let Some((seq, pending)) = pending {
-            self.metrics.stream_last.store(seq + pending, Relaxed);
+        // The deliveries' bytes move into the events; only the last one's acker is kept.
+        let mut events = Vec::with_capacity(messages.len());
+        let mut last = None;
+        for m in messages {
+            let pending = m.pending;
+            let (d, acker) = m.into_parts();
+            self.metrics.stream_last.store(d.seq + pending, Relaxed);
+            events.push(RawEvent {
+                seq: d.seq,
+                subject: d.subject,
+                payload: d.payload,
+            });
+            last = Some(acker);
         }
         let fresh = std::mem::take(&mut self.fresh);
-        let last = messages.into_iter().last();
         Ok(Fetched {
             events,
             last,
@@ -442,7 +451,7 @@ fn raw_events(
 struct Fetched {
     events: Vec<RawEvent>,
     /// The batch's last message: acking it acks everything before it.
-    last: Option<Received>,
+    last: Option<Acker>,
     /// The first batch of a consumer just created at the resume point (a jump in sequence
     /// before its first event is a hole in the stream, not a lost delivery).
     fresh: bool,
