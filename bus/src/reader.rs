@@ -50,11 +50,19 @@ impl Delivery {
             seq,
             subject: m.subject.to_string(),
             payload: m.payload.clone(),
-            signature: m
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(crate::auth::SIGNATURE_HEADER))
-                .map(|v| v.as_str().to_owned()),
+            // Only control work is signed (ADR 0005): the header is not looked up elsewhere.
+            signature: if m
+                .subject
+                .as_str()
+                .starts_with(usbpt_schemas::subjects::CONTROL_PREFIX)
+            {
+                m.headers
+                    .as_ref()
+                    .and_then(|h| h.get(crate::auth::SIGNATURE_HEADER))
+                    .map(|v| v.as_str().to_owned())
+            } else {
+                None
+            },
         }
     }
 }

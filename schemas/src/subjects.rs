@@ -59,6 +59,9 @@ pub fn claim(lineage: &LineageId) -> String {
 pub fn flavor(name: &FlavorName) -> String {
     format!("usbpt.evt.flavor.{name}")
 }
+/// The prefix of every control-plane work subject (`usbpt.evt.ctl.{host}.…`): the only
+/// subjects whose events carry the command handler's signature (ADR 0005).
+pub const CONTROL_PREFIX: &str = "usbpt.evt.ctl.";
 pub fn control_for_host(host: &HostName, server: &ServerId) -> String {
     format!("usbpt.evt.ctl.{host}.server.{server}")
 }
