@@ -542,7 +542,6 @@ done""")
         until("the flap storm to end", lambda: "done" in self.sh("cat /tmp/flap.done 2>/dev/null; true"),
               300, 0.5)
         storm_s = time.monotonic() - t
-        addr = self.gadget_addr("key")
 
         def settled():
             devs = [d for d in self.devices() if d["status"] != "invalidated"]
@@ -552,6 +551,10 @@ done""")
                           if d["vendor"] not in ("1d6b", "046d") and d["cls"] != "09")
             return (view, kern) if view == kern else None
         (view, kern), _ = until("the view to equal sysfs", settled, 120, 1)
+        # Read once the storm has settled: "done" can be written while the last re-plug is
+        # still binding, when the key has no address yet.
+        addr, _ = until("the key enumerated after the storm", lambda: self.gadget_addr("key"),
+                        60, 0.5)
         _, _ = until(f"vm1's QEMU holding the key at {addr}",
                      lambda: self.holds_addr(self.dom1, addr), 60, 0.5)
         # the view equals sysfs: udevd has broadcast every event of the storm, to usbpt and to
@@ -711,6 +714,9 @@ done""")
                     fn()
                 except LabError as e:
                     self.record(sid, fn.__name__, False, str(e))
+                except Exception as e:  # a harness defect fails the scenario, not the run
+                    self.record(sid, fn.__name__, False,
+                                f"{type(e).__name__} in the harness: {e}")
         except (LabError, OSError, subprocess.SubprocessError) as e:
             self.record("setup", "boot and setup", False, f"{type(e).__name__}: {e}")
         finally:
