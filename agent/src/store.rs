@@ -248,11 +248,6 @@ impl Store {
         self.commit(&none, &none, events)
     }
 
-    /// The oldest unpublished event, with its outbox sequence.
-    pub fn outbox_first(&self) -> Result<Option<(u64, Envelope)>, StoreError> {
-        Ok(self.outbox_head(1)?.into_iter().next())
-    }
-
     /// Up to `limit` unpublished events, oldest first.
     pub fn outbox_head(&self, limit: usize) -> Result<Vec<(u64, Envelope)>, StoreError> {
         let e = self.err();
@@ -266,11 +261,6 @@ impl Store {
             out.push((k.value(), env));
         }
         Ok(out)
-    }
-
-    /// Removes a published event (after its ack).
-    pub fn outbox_remove(&self, seq: u64) -> Result<(), StoreError> {
-        self.outbox_remove_all(&[seq])
     }
 
     /// Removes published events (after their acks) in one durable commit.
@@ -401,11 +391,12 @@ mod tests {
         let ids: Vec<_> = head.iter().map(|(_, e)| e.event_id).collect();
         assert_eq!(ids, envs.iter().map(|e| e.event_id).collect::<Vec<_>>());
         assert_eq!(head[0].1, envs[0]);
-        store.outbox_remove(head[0].0).expect("remove");
+        store.outbox_remove_all(&[head[0].0]).expect("remove");
         assert_eq!(
             store
-                .outbox_first()
+                .outbox_head(1)
                 .expect("first")
+                .first()
                 .map(|(_, e)| e.event_id),
             Some(envs[1].event_id)
         );

@@ -499,20 +499,14 @@ impl Bus {
         filter: Option<String>,
         start_after: u64,
     ) -> Result<jetstream::consumer::PullConsumer, BusError> {
-        self.pull_consumer_with_ack_wait(name, filter, start_after, Duration::from_secs(30))
-            .await
-    }
-
-    /// [`Bus::pull_consumer`] with the time after which an unacknowledged delivery is sent
-    /// again (30 s there).
-    pub async fn pull_consumer_with_ack_wait(
-        &self,
-        name: &str,
-        filter: Option<String>,
-        start_after: u64,
-        ack_wait: Duration,
-    ) -> Result<jetstream::consumer::PullConsumer, BusError> {
-        pull_consumer_on(&self.stream, name, filter, start_after, ack_wait).await
+        pull_consumer_on(
+            &self.stream,
+            name,
+            filter,
+            start_after,
+            Duration::from_secs(30),
+        )
+        .await
     }
 
     /// A core NATS request (the command subjects): the reply's bytes.

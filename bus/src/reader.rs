@@ -199,7 +199,8 @@ impl Reader {
             Err(e) => {
                 warn!(error = %e, next = self.next_seq, "stream reader: fetch refused; making a new consumer");
                 self.resets += 1;
-                self.pause().await;
+                // A short pause before the retry, not a wait for anything.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 return Ok(());
             }
         };
@@ -276,9 +277,5 @@ impl Reader {
                 name: "reader".into(),
                 message: e.to_string(),
             })
-    }
-
-    async fn pause(&self) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -362,15 +362,7 @@ impl Projector {
                 }
                 continue;
             }
-            let batch = match self.hand_on(messages) {
-                Ok(b) => b,
-                Err(e) => {
-                    self.metrics.errors.fetch_add(1, Relaxed);
-                    warn!(error = %e, "a fetched batch without metadata: fetching again");
-                    self.drop_consumer().await;
-                    continue;
-                }
-            };
+            let batch = self.hand_on(messages);
             // Acked as soon as it is handed on (ADR 0004): the view's last applied sequence,
             // not the consumer's ack floor, is where a restart resumes, so an ack here only
             // keeps the server from tracking deliveries as pending.
@@ -401,7 +393,7 @@ impl Projector {
     }
 
     /// A fetched batch for the fold thread: its events and its last message (to ack).
-    fn hand_on(&mut self, messages: Vec<Received>) -> Result<Fetched, ProjectorError> {
+    fn hand_on(&mut self, messages: Vec<Received>) -> Fetched {
         // The deliveries' bytes move into the events; only the last one's acker is kept.
         let mut events = Vec::with_capacity(messages.len());
         let mut last = None;
@@ -417,12 +409,12 @@ impl Projector {
             last = Some(acker);
         }
         let fresh = std::mem::take(&mut self.fresh);
-        Ok(Fetched {
+        Fetched {
             events,
             last,
             fresh,
             generation: self.generation,
-        })
+        }
     }
 }
 
