@@ -80,6 +80,9 @@ fn a_queued_burst_survives_sigkill_of_agent_and_nats_exactly_once_in_order() {
                 .subscribe(subjects::host_all(&host))
                 .await
                 .map_err(|e| anyhow!("subscribe: {e}"))?;
+            // A round trip on the same connection: the server holds the subscription before
+            // the agent (another connection) publishes.
+            watcher.last_sequence().await?;
             let mut received = 0usize;
             let mut wait_for = async |n: usize| -> Result<()> {
                 while received < n {

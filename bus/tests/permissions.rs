@@ -225,7 +225,10 @@ async fn own_work(nats: &TestNats, creds: &usbpt_bus::auth::CredsDir) -> Result<
         .client()
         .subscribe(subjects::ALL_HEARTBEATS)
         .await?;
+    // `flush` only empties the socket buffer: a request on the same connection is what proves
+    // the server has the subscription before host-a (another connection) publishes.
     projector.client().flush().await?;
+    projector.last_sequence().await?;
     let b_beat = subjects::heartbeat(&common::host("host-b"));
     let a_beat = subjects::heartbeat(&common::host("host-a"));
     a.client().publish(b_beat, "alive 2000".into()).await?;
