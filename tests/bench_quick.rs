@@ -222,10 +222,9 @@ async fn bench_against_a_given_server_measures_once_and_removes_its_streams() ->
             .is_some_and(|k| k.ends_with(".sync_always"))),
         "the given server's fsync is its own: no second run"
     );
-    let js =
-        usbpt_bus::async_nats::jetstream::new(usbpt_bus::async_nats::connect(nats.url()).await?);
+    let admin = usbpt_bus::admin::StreamAdmin::connect(&nats.url()).await?;
     for name in ["USBPT_EVENTS", "USBPT_BENCH_RAW"] {
-        assert!(js.get_stream(name).await.is_err(), "{name} was left behind");
+        assert!(!admin.stream_exists(name).await?, "{name} was left behind");
     }
     Ok(())
 }

@@ -205,22 +205,12 @@ async fn create_flavor(r: &Replica, name: &str) -> Result<()> {
 }
 
 async fn stream_head(url: &str) -> Result<(u64, u64, usize)> {
-    let addrs = url
-        .split(',')
-        .map(str::parse::<usbpt_bus::async_nats::ServerAddr>)
-        .collect::<Result<Vec<_>, _>>()?;
-    let client = usbpt_bus::async_nats::connect(addrs).await?;
-    let js = usbpt_bus::async_nats::jetstream::new(client);
-    let mut stream = js
-        .get_stream(usbpt_schemas::subjects::STREAM)
+    let admin = usbpt_bus::admin::StreamAdmin::connect(url).await?;
+    let state = admin
+        .stream_state(usbpt_schemas::subjects::STREAM)
         .await
         .context("the stream")?;
-    let info = stream.info().await?;
-    Ok((
-        info.state.last_sequence,
-        info.state.messages,
-        info.config.num_replicas,
-    ))
+    Ok((state.last_sequence, state.messages, state.replicas))
 }
 
 #[test]

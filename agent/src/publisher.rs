@@ -26,7 +26,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use usbpt_bus::{Bus, BusError, StreamSettings};
-use usbpt_schemas::{subjects, Envelope};
+use usbpt_schemas::Sealed;
 
 use crate::progress::{Progress, ProgressSink};
 use crate::store::{Store, StoreError};
@@ -240,7 +240,7 @@ impl Publisher {
     async fn round(
         &self,
         bus: &Bus,
-        window: &[(u64, Envelope, String)],
+        window: &[(u64, Sealed)],
         verify: bool,
     ) -> Result<Round, RoundError> {
         let mut done = Vec::with_capacity(window.len());
@@ -250,32 +250,32 @@ impl Publisher {
             let lasts = futures::future::join_all(
                 window
                     .iter()
-                    .map(|(_, _, subject)| bus.last_message_id(subject)),
+                    .map(|(_, sealed)| bus.last_message_id(&sealed.subject)),
             )
             .await;
-            for ((seq, envelope, _), last) in window.iter().zip(lasts) {
+            for ((seq, sealed), last) in window.iter().zip(lasts) {
                 match last? {
-                    Some((_, id)) if id == envelope.event_id.to_string() => {
+                    Some((_, id)) if id == sealed.event_id.to_string() => {
                         info!(
-                            kind = envelope.body.kind(),
-                            event_id = %envelope.event_id,
+                            subject = %sealed.subject,
+                            event_id = %sealed.event_id,
                             "already in the stream from an earlier attempt; not published again"
                         );
                         done.push(*seq);
                         already_stored += 1;
                     }
-                    _ => to_send.push((*seq, envelope)),
+                    _ => to_send.push((*seq, sealed)),
                 }
             }
         } else {
-            to_send.extend(window.iter().map(|(seq, envelope, _)| (*seq, envelope)));
+            to_send.extend(window.iter().map(|(seq, sealed)| (*seq, sealed)));
         }
 
         let mut failed = None;
         let mut pending = Vec::with_capacity(to_send.len());
-        for (seq, envelope) in to_send {
-            match bus.publish_pipelined(envelope).await {
-                Ok(ack) => pending.push((seq, envelope, ack)),
+        for (seq, sealed) in to_send {
+            match bus.publish_sealed(sealed).await {
+                Ok(ack) => pending.push((seq, sealed, ack)),
                 Err(e) => {
                     failed = Some(e);
                     break;
@@ -288,15 +288,15 @@ impl Publisher {
         let acks = futures::future::join_all(
             pending
                 .into_iter()
-                .map(|(seq, envelope, ack)| async move { (seq, envelope, ack.stored().await) }),
+                .map(|(seq, sealed, ack)| async move { (seq, sealed, ack.stored().await) }),
         )
         .await;
-        for (seq, envelope, stored) in acks {
+        for (seq, sealed, stored) in acks {
             match stored {
                 Ok(p) => {
                     debug!(
-                        kind = envelope.body.kind(),
-                        event_id = %envelope.event_id,
+                        subject = %sealed.subject,
+                        event_id = %sealed.event_id,
                         seq = p.sequence,
                         duplicate = p.duplicate,
                         "published"
@@ -334,17 +334,11 @@ impl From<BusError> for RoundError {
 }
 
 /// The longest prefix of `head` in which no subject repeats (see the module's "Order").
-fn window(head: Vec<(u64, Envelope)>) -> Vec<(u64, Envelope, String)> {
+fn window(head: Vec<(u64, Sealed)>) -> Vec<(u64, Sealed)> {
     let mut seen = std::collections::HashSet::with_capacity(head.len());
-    let mut out = Vec::with_capacity(head.len());
-    for (seq, envelope) in head {
-        let subject = subjects::for_event(&envelope);
-        if !seen.insert(subject.clone()) {
-            break;
-        }
-        out.push((seq, envelope, subject));
-    }
-    out
+    head.into_iter()
+        .take_while(|(_, sealed)| seen.insert(sealed.subject.clone()))
+        .collect()
 }
 
 fn unreachable_bus() -> RoundError {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use thiserror::Error;
-use usbpt_schemas::{codec, DeviceId, Envelope, LineageId, PortPath, ProductId, VendorId};
+use usbpt_schemas::{codec, DeviceId, Envelope, LineageId, PortPath, ProductId, Sealed, VendorId};
 
 use crate::resolver::{ClashKey, Known, State};
 
@@ -23,11 +23,16 @@ const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const LINEAGES: TableDefinition<u128, u128> = TableDefinition::new("lineages");
 /// Clashing serials: postcard of (vendor, product, serial) → postcard of the reported ports.
 const CLASHES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("clashes");
-/// The outbox: a sequence number (publishing order) → the encoded envelope.
-const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// The outbox: a sequence number (publishing order) → postcard of a [`Sealed`] (subject, event
+/// id, encoded envelope), published as stored.
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox.sealed");
+/// Layout 1's outbox (sequence → encoded envelope); [`Store::open`] moves its rows to
+/// [`OUTBOX`].
+const OUTBOX_V1: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 
-/// The layout version of this file. A different one is refused, never guessed at.
-const FORMAT: u32 = 1;
+/// The layout version of this file. Version 1 is upgraded in place (its outbox rows are sealed);
+/// any other is refused, never guessed at.
+const FORMAT: u32 = 2;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -122,7 +127,11 @@ impl Store {
                     let found = <[u8; 4]>::try_from(bytes.as_slice())
                         .map(u32::from_le_bytes)
                         .unwrap_or(u32::MAX);
-                    if found != FORMAT {
+                    if found == 1 {
+                        self.upgrade_outbox(&tx)?;
+                        meta.insert("format", FORMAT.to_le_bytes().as_slice())
+                            .map_err(|x| e(x.into()))?;
+                    } else if found != FORMAT {
                         return Err(StoreError::Format {
                             path: self.path.display().to_string(),
                             found,
@@ -136,6 +145,45 @@ impl Store {
             tx.open_table(OUTBOX).map_err(|x| e(x.into()))?;
         }
         tx.commit().map_err(|x| e(x.into()))
+    }
+
+    /// Layout 1 → 2, inside the opening transaction: each unpublished envelope is sealed once
+    /// (subject and bytes) into the new outbox under the same sequence number, and the old
+    /// table is dropped. Nothing unpublished is lost by an upgrade.
+    fn upgrade_outbox(&self, tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let e = self.err();
+        let rows = {
+            let old = tx.open_table(OUTBOX_V1).map_err(|x| e(x.into()))?;
+            let mut rows = Vec::new();
+            for row in old.iter().map_err(|x| e(x.into()))? {
+                let (k, v) = row.map_err(|x| e(x.into()))?;
+                let env = codec::decode(v.value())
+                    .map_err(|x| self.decode_err(&format!("outbox entry {}", k.value()), x))?;
+                rows.push((k.value(), self.seal(&env)?));
+            }
+            rows
+        };
+        {
+            let mut outbox = tx.open_table(OUTBOX).map_err(|x| e(x.into()))?;
+            for (seq, row) in &rows {
+                outbox
+                    .insert(*seq, row.as_slice())
+                    .map_err(|x| e(x.into()))?;
+            }
+        }
+        tx.delete_table(OUTBOX_V1).map_err(|x| e(x.into()))?;
+        tracing::info!(
+            path = %self.path.display(),
+            unpublished = rows.len(),
+            "agent state upgraded to layout {FORMAT}: the outbox stores sealed events"
+        );
+        Ok(())
+    }
+
+    /// An outbox row: the envelope sealed with its subject, postcard-encoded.
+    fn seal(&self, env: &Envelope) -> Result<Vec<u8>, StoreError> {
+        let sealed = Sealed::seal(env).map_err(|x| self.encode_err(x))?;
+        postcard::to_allocvec(&sealed).map_err(|x| self.encode_err(x))
     }
 
     fn load(&self) -> Result<State, StoreError> {
@@ -233,7 +281,7 @@ impl Store {
                 .map_err(|x| e(x.into()))?
                 .map_or(1, |(k, _)| k.value() + 1);
             for (seq, env) in (first..).zip(events) {
-                let bytes = codec::encode(env).map_err(|x| self.encode_err(x))?;
+                let bytes = self.seal(env)?;
                 outbox
                     .insert(seq, bytes.as_slice())
                     .map_err(|x| e(x.into()))?;
@@ -248,17 +296,17 @@ impl Store {
         self.commit(&none, &none, events)
     }
 
-    /// Up to `limit` unpublished events, oldest first.
-    pub fn outbox_head(&self, limit: usize) -> Result<Vec<(u64, Envelope)>, StoreError> {
+    /// Up to `limit` unpublished events, oldest first, as stored.
+    pub fn outbox_head(&self, limit: usize) -> Result<Vec<(u64, Sealed)>, StoreError> {
         let e = self.err();
         let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
         let outbox = tx.open_table(OUTBOX).map_err(|x| e(x.into()))?;
         let mut out = Vec::new();
         for row in outbox.iter().map_err(|x| e(x.into()))?.take(limit) {
             let (k, v) = row.map_err(|x| e(x.into()))?;
-            let env = codec::decode(v.value())
+            let sealed: Sealed = postcard::from_bytes(v.value())
                 .map_err(|x| self.decode_err(&format!("outbox entry {}", k.value()), x))?;
-            out.push((k.value(), env));
+            out.push((k.value(), sealed));
         }
         Ok(out)
     }
@@ -352,6 +400,49 @@ mod tests {
         }))
     }
 
+    /// A layout-1 file (the outbox held bare envelopes) opens as layout 2 with every
+    /// unpublished event sealed under its old sequence number, in order.
+    #[test]
+    fn a_layout_1_outbox_is_sealed_in_place_and_nothing_is_lost() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = HostName::new("h1").expect("host");
+        let path = dir.path().join(file_name(&host));
+        let envs: Vec<Envelope> = (0..3).map(|_| started(&host)).collect();
+        {
+            let db = Database::create(&path).expect("create");
+            let tx = db.begin_write().expect("tx");
+            {
+                let mut meta = tx.open_table(META).expect("meta");
+                meta.insert("format", 1u32.to_le_bytes().as_slice())
+                    .expect("format");
+                let mut old = tx.open_table(OUTBOX_V1).expect("outbox");
+                for (seq, env) in (7u64..).zip(&envs) {
+                    let bytes = codec::encode(env).expect("encode");
+                    old.insert(seq, bytes.as_slice()).expect("row");
+                }
+            }
+            tx.commit().expect("commit");
+        }
+        let (store, _) = Store::open(&path).expect("upgrade");
+        let head = store.outbox_head(10).expect("head");
+        assert_eq!(head.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [7, 8, 9]);
+        for ((_, sealed), env) in head.iter().zip(&envs) {
+            assert_eq!(*sealed, Sealed::seal(env).expect("seal"));
+        }
+        drop(store);
+        let db = Database::create(&path).expect("reopen raw");
+        let tx = db.begin_read().expect("read");
+        assert!(tx.open_table(OUTBOX_V1).is_err(), "the old table is gone");
+        let meta = tx.open_table(META).expect("meta");
+        let format = meta
+            .get("format")
+            .expect("get")
+            .expect("format")
+            .value()
+            .to_vec();
+        assert_eq!(format, FORMAT.to_le_bytes());
+    }
+
     #[test]
     fn state_and_outbox_survive_reopening_and_drain_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -390,7 +481,8 @@ mod tests {
         let head = store.outbox_head(10).expect("head");
         let ids: Vec<_> = head.iter().map(|(_, e)| e.event_id).collect();
         assert_eq!(ids, envs.iter().map(|e| e.event_id).collect::<Vec<_>>());
-        assert_eq!(head[0].1, envs[0]);
+        assert_eq!(head[0].1, Sealed::seal(&envs[0]).expect("seal"));
+        assert_eq!(codec::decode(&head[0].1.bytes), Ok(envs[0].clone()));
         store.outbox_remove_all(&[head[0].0]).expect("remove");
         assert_eq!(
             store

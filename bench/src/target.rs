@@ -8,8 +8,7 @@
 
 use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
-use usbpt_bus::async_nats;
-use usbpt_bus::async_nats::jetstream;
+use usbpt_bus::admin::StreamAdmin;
 use usbpt_bus::server::{NatsServer, ServerConfig};
 use usbpt_bus::{Bus, StreamSettings};
 use usbpt_schemas::subjects;
@@ -71,9 +70,9 @@ impl Target {
             server: None,
             _dir: None,
         };
-        let js = t.jetstream().await?;
+        let admin = t.admin().await?;
         for name in [subjects::STREAM, RAW_STREAM] {
-            if js.get_stream(name).await.is_ok() {
+            if admin.stream_exists(name).await? {
                 bail!(
                     "{url} already has a stream {name}: usbpt bench publishes synthetic events and deletes its streams afterwards, so it only runs against a server without them (a scratch server, or another account)"
                 );
@@ -99,33 +98,28 @@ impl Target {
         Some(usbpt_projector::metrics::cpu_seconds_of(pid))
     }
 
-    async fn client(&self) -> Result<async_nats::Client> {
-        async_nats::connect(&self.url)
+    async fn admin(&self) -> Result<StreamAdmin> {
+        StreamAdmin::connect(&self.url)
             .await
             .with_context(|| format!("connecting to {}", usbpt_bus::auth::redact_url(&self.url)))
     }
 
-    async fn jetstream(&self) -> Result<jetstream::Context> {
-        Ok(jetstream::new(self.client().await?))
-    }
-
     async fn version(&self) -> Result<String> {
-        let client = self.client().await?;
-        Ok(format!("nats-server {}", client.server_info().version))
+        Ok(format!(
+            "nats-server {}",
+            self.admin().await?.server_version()
+        ))
     }
 
     /// Deletes `USBPT_EVENTS` (and its consumers) if present and connects a bus, which creates
     /// it empty.
     pub async fn fresh_bus(&self) -> Result<Bus> {
-        let js = self.jetstream().await?;
-        match js.delete_stream(subjects::STREAM).await {
-            Ok(_) => {}
-            Err(e) if e.to_string().contains("not found") => {}
-            Err(e) => bail!(
+        if let Err(e) = self.admin().await?.delete_stream(subjects::STREAM).await {
+            bail!(
                 "cannot delete {} on {}: {e}",
                 subjects::STREAM,
                 usbpt_bus::auth::redact_url(&self.url)
-            ),
+            );
         }
         Bus::connect(&self.url, None, &StreamSettings::default())
             .await
@@ -140,9 +134,9 @@ impl Target {
     /// Removes the streams the bench made (on the operator's server; a private one is removed
     /// whole when dropped).
     pub async fn cleanup(&self) -> Result<()> {
-        let js = self.jetstream().await?;
+        let admin = self.admin().await?;
         for name in [subjects::STREAM, RAW_STREAM] {
-            let _ = js.delete_stream(name).await;
+            let _ = admin.delete_stream(name).await;
         }
         Ok(())
     }

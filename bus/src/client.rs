@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, stream::Stream};
 use bytes::Bytes;
 use thiserror::Error;
 use tracing::debug;
-use usbpt_schemas::{codec, subjects, Envelope};
+use usbpt_schemas::{codec, subjects, Envelope, Sealed};
 
 use crate::stream::{StreamError, StreamSettings};
 
@@ -337,19 +337,35 @@ impl Bus {
         envelope: &Envelope,
         expected: Option<u64>,
     ) -> Result<(String, PublishMessage), BusError> {
-        let subject = subjects::for_event(envelope);
-        let payload = Bytes::from(codec::encode(envelope)?);
+        let Sealed {
+            subject,
+            event_id,
+            bytes,
+        } = Sealed::seal(envelope)?;
+        let message = self.message_for_bytes(&subject, &event_id, Bytes::from(bytes), expected);
+        Ok((subject, message))
+    }
+
+    /// The message for an encoded envelope: `Nats-Msg-Id`, the optional fence and, on control
+    /// subjects, this identity's signature.
+    fn message_for_bytes(
+        &self,
+        subject: &str,
+        event_id: &usbpt_schemas::EventId,
+        payload: Bytes,
+        expected: Option<u64>,
+    ) -> PublishMessage {
         let signed = payload.clone();
         let mut message = PublishMessage::build()
             .payload(payload)
-            .message_id(envelope.event_id.to_string());
+            .message_id(event_id.to_string());
         if let Some(seq) = expected {
             message = message.expected_last_subject_sequence(seq);
         }
         // Control work is signed by the identity that decided it, so an agent can tell it from
         // a forgery even if the server's permissions were misconfigured (ADR 0005).
         if let (Some(key), Ok(subjects::SubjectScope::ControlForHost(_))) =
-            (&self.signer, subjects::scope_of(&subject))
+            (&self.signer, subjects::scope_of(subject))
         {
             if let Ok(sig) = key.sign(&signed) {
                 message = message.header(
@@ -358,7 +374,19 @@ impl Bus {
                 );
             }
         }
-        Ok((subject, message))
+        message
+    }
+
+    /// Sends an envelope sealed earlier (the agent's outbox row) as stored, without awaiting
+    /// its ack: as [`Bus::publish_pipelined`], without encoding anything again.
+    pub async fn publish_sealed(&self, sealed: &Sealed) -> Result<PendingAck, BusError> {
+        let message = self.message_for_bytes(
+            &sealed.subject,
+            &sealed.event_id,
+            Bytes::copy_from_slice(&sealed.bytes),
+            None,
+        );
+        self.send_pipelined(sealed.subject.clone(), message).await
     }
 
     /// Sends an envelope as [`Bus::publish`] does, without awaiting its ack: the returned
@@ -367,6 +395,14 @@ impl Bus {
     /// round trips overlap (the agent's outbox, [`Bus::publish_windowed`]).
     pub async fn publish_pipelined(&self, envelope: &Envelope) -> Result<PendingAck, BusError> {
         let (subject, message) = self.message_for(envelope, None)?;
+        self.send_pipelined(subject, message).await
+    }
+
+    async fn send_pipelined(
+        &self,
+        subject: String,
+        message: PublishMessage,
+    ) -> Result<PendingAck, BusError> {
         match self.js.send_publish(subject.clone(), message).await {
             Ok(ack) => Ok(PendingAck { subject, ack }),
             Err(e) => Err(BusError::Publish {

@@ -4,6 +4,7 @@
 //!
 //! Subject names come from [`usbpt_schemas::subjects`]; this crate never formats one.
 
+pub mod admin;
 pub mod auth;
 mod client;
 mod durable;

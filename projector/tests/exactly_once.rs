@@ -158,17 +158,20 @@ async fn run_as_a_pipeline_equals_a_sequential_fold_even_across_a_hole() -> Resu
     let nats = TestNats::start().await?;
     // usbpt's stream denies deletes (it is the audit trail) and that cannot be lifted later;
     // an operator may have created it without, which is how this test makes a hole.
-    let js =
-        usbpt_bus::async_nats::jetstream::new(usbpt_bus::async_nats::connect(nats.url()).await?);
-    let mut config = usbpt_bus::StreamSettings::default().config();
-    config.deny_delete = false;
-    let stream = js.create_stream(config).await?;
+    let admin = usbpt_bus::admin::StreamAdmin::connect(&nats.url()).await?;
+    admin
+        .create_stream(&usbpt_bus::StreamSettings::default(), true)
+        .await?;
     let bus = nats.bus().await?;
     let envs: Vec<_> = Workload::new(23, 6, 8).take(12_000).collect();
     let last = publish_all(&bus, envs.clone(), 500).await?;
     assert_eq!(last, 12_000);
     // A hole in the middle: the fold sees 6000 followed by 6002.
-    assert!(stream.delete_message(6_001).await?);
+    assert!(
+        admin
+            .delete_message(usbpt_schemas::subjects::STREAM, 6_001)
+            .await?
+    );
 
     let dir = tempfile::tempdir()?;
     let view = Arc::new(View::open(dir.path().join("piped.redb"))?);

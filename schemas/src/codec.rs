@@ -47,6 +47,27 @@ pub fn encode(envelope: &Envelope) -> Result<Vec<u8>, EncodeError> {
     Ok(postcard::to_allocvec(envelope)?)
 }
 
+/// An envelope encoded once, beside the subject it is published on: what the agent's outbox
+/// stores and publishes as stored (no decode and re-encode between the resolver's commit and the
+/// stream). `event_id` is the envelope's own, kept for `Nats-Msg-Id` and the duplicate check.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct Sealed {
+    pub subject: String,
+    pub event_id: EventId,
+    pub bytes: Vec<u8>,
+}
+
+impl Sealed {
+    /// Encodes `envelope` and names its subject ([`crate::subjects::for_event`]).
+    pub fn seal(envelope: &Envelope) -> Result<Self, EncodeError> {
+        Ok(Self {
+            subject: crate::subjects::for_event(envelope),
+            event_id: envelope.event_id,
+            bytes: encode(envelope)?,
+        })
+    }
+}
+
 /// Decodes one envelope that must fill `bytes` exactly.
 pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
     if bytes.is_empty() {

@@ -15,7 +15,7 @@ pub mod subjects;
 pub mod text;
 pub mod time;
 
-pub use codec::{decode, encode, DecodeError};
+pub use codec::{decode, encode, DecodeError, Sealed};
 pub use envelope::{Envelope, SCHEMA_VERSION};
 pub use events::*;
 pub use ids::*;

@@ -162,11 +162,10 @@ impl TestCluster {
         }
         // "Server is ready" comes before the JetStream meta leader is elected; the server
         // offers no notification for that, so ask until the JetStream API answers.
-        let client = usbpt_bus::async_nats::connect(nodes[0].url()).await?;
-        let js = usbpt_bus::async_nats::jetstream::new(client);
+        let admin = usbpt_bus::admin::StreamAdmin::connect(&nodes[0].url()).await?;
         eventually(Duration::from_secs(30), || {
-            let js = js.clone();
-            async move { js.query_account().await.ok() }
+            let admin = admin.clone();
+            async move { admin.jetstream_ready().await.then_some(()) }
         })
         .await
         .context("JetStream cluster never became ready")?;
