@@ -12,7 +12,7 @@ use futures::StreamExt;
 use redb::{Database, Durability, TableDefinition};
 use tokio::sync::{mpsc, watch};
 use usbpt_bus::async_nats;
-use usbpt_bus::async_nats::jetstream::consumer::{pull, AckPolicy};
+use usbpt_bus::async_nats::jetstream::consumer::{pull, push, AckPolicy};
 use usbpt_bus::async_nats::jetstream::stream::{Config, StorageType};
 use usbpt_bus::async_nats::jetstream::{self, message::PublishMessage};
 
@@ -146,15 +146,83 @@ pub async fn fenced_publish(url: &str, n: usize, size: usize) -> Result<Figure> 
     )))
 }
 
-/// Reads `n` stored messages of `stream` with an ordered consumer.
-pub async fn ordered_read(url: &str, stream: &str, n: u64) -> Result<Figure> {
-    let client = async_nats::connect(url).await?;
-    let js = jetstream::new(client);
-    let stream = js.get_stream(stream).await?;
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig::default())
+/// How a raw reader reads the stream in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadPath {
+    /// async-nats' ordered pull consumer, `messages()`.
+    OrderedPull,
+    /// async-nats' ordered push consumer (flow control, idle heartbeats), with a large
+    /// subscription buffer.
+    OrderedPush,
+}
+
+impl ReadPath {
+    pub const ALL: [ReadPath; 2] = [ReadPath::OrderedPull, ReadPath::OrderedPush];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ReadPath::OrderedPull => "ordered pull",
+            ReadPath::OrderedPush => "ordered push",
+        }
+    }
+}
+
+/// One message as a raw reader sees it.
+type RawMessage = (u64, Bytes);
+
+/// An in-order stream of `stream`'s messages from sequence 1 along `path`.
+async fn open_read(
+    url: &str,
+    stream: &str,
+    path: ReadPath,
+) -> Result<futures::stream::BoxStream<'static, Result<RawMessage>>> {
+    // A large subscription buffer: a push consumer delivers as fast as the server sends.
+    let client = async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 20)
+        .connect(url)
         .await?;
-    let mut messages = consumer.messages().await?;
+    let js = jetstream::new(client.clone());
+    let stream = js.get_stream(stream).await?;
+    let seq_of = |info: Result<jetstream::message::Info<'_>, _>| {
+        info.map(|i| i.stream_sequence)
+            .map_err(|e: async_nats::Error| anyhow::anyhow!("metadata: {e}"))
+    };
+    Ok(match path {
+        ReadPath::OrderedPull => {
+            let consumer = stream
+                .create_consumer(pull::OrderedConfig::default())
+                .await?;
+            consumer
+                .messages()
+                .await?
+                .map(move |m| {
+                    let m = m.map_err(|e| anyhow::anyhow!("read: {e}"))?;
+                    Ok((seq_of(m.info())?, m.message.payload))
+                })
+                .boxed()
+        }
+        ReadPath::OrderedPush => {
+            let consumer = stream
+                .create_consumer(push::OrderedConfig {
+                    deliver_subject: client.new_inbox(),
+                    ..Default::default()
+                })
+                .await?;
+            consumer
+                .messages()
+                .await?
+                .map(move |m| {
+                    let m = m.map_err(|e| anyhow::anyhow!("read: {e}"))?;
+                    Ok((seq_of(m.info())?, m.message.payload))
+                })
+                .boxed()
+        }
+    })
+}
+
+/// Reads `n` stored messages of `stream` in order along `path`.
+pub async fn ordered_read(url: &str, stream: &str, n: u64, path: ReadPath) -> Result<Figure> {
+    let mut messages = open_read(url, stream, path).await?;
     let start = Instant::now();
     let mut got = 0u64;
     while got < n {
@@ -164,11 +232,29 @@ pub async fn ordered_read(url: &str, stream: &str, n: u64) -> Result<Figure> {
                 got += 1;
             }
             Ok(None) => break,
-            Err(_) => bail!("ordered read stalled after {got} of {n} messages"),
+            Err(_) => bail!("{} read stalled after {got} of {n} messages", path.name()),
         }
     }
     let rate = got as f64 / start.elapsed().as_secs_f64();
-    Ok(Figure::new("raw_ordered_read", "raw: ordered consumer read", got).rate(rate))
+    let key = match path {
+        ReadPath::OrderedPull => "raw_ordered_read",
+        ReadPath::OrderedPush => "raw_ordered_push_read",
+    };
+    Ok(Figure::new(key, format!("raw: {} consumer read", path.name()), got).rate(rate))
+}
+
+/// Every raw read path, fastest first.
+pub async fn ordered_reads(url: &str, stream: &str, n: u64) -> Result<Vec<(ReadPath, Figure)>> {
+    let mut out = Vec::new();
+    for path in ReadPath::ALL {
+        out.push((path, ordered_read(url, stream, n, path).await?));
+    }
+    out.sort_by(|a, b| {
+        b.1.rate_per_s
+            .unwrap_or(0.0)
+            .total_cmp(&a.1.rate_per_s.unwrap_or(0.0))
+    });
+    Ok(out)
 }
 
 fn durability_name(d: Durability) -> &'static str {
@@ -221,6 +307,7 @@ pub fn redb_batched_insert(
 /// Reads `n` messages of `stream` with an ordered consumer while a blocking thread inserts
 /// them into redb, `batch` per write transaction (the last one fsynced): the engines' limit for
 /// "read the stream and store every record". Returns the figure and the payloads read.
+#[allow(clippy::too_many_arguments)]
 pub async fn read_insert(
     url: &str,
     stream: &str,
@@ -228,32 +315,24 @@ pub async fn read_insert(
     batch: usize,
     durability: Durability,
     key: &str,
+    path: ReadPath,
 ) -> Result<(Figure, Vec<Bytes>)> {
-    let client = async_nats::connect(url).await?;
-    let js = jetstream::new(client);
-    let stream = js.get_stream(stream).await?;
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig::default())
-        .await?;
     let dir = tempfile::tempdir()?;
     let db = Arc::new(Database::create(dir.path().join("raw.redb"))?);
     let (tx, mut rx) = mpsc::channel::<Vec<(u64, Bytes)>>(4);
     let start = Instant::now();
-    let mut messages = consumer.messages().await?;
+    let mut messages = open_read(url, stream, path).await?;
     let reader = tokio::spawn(async move {
         let mut got = 0u64;
         let mut chunk = Vec::with_capacity(batch);
         while got < n {
-            let m = match tokio::time::timeout(Duration::from_secs(30), messages.next()).await {
-                Ok(Some(m)) => m.map_err(|e| anyhow::anyhow!("read: {e}"))?,
-                Ok(None) => break,
-                Err(_) => bail!("ordered read stalled after {got} of {n} messages"),
-            };
-            let seq = m
-                .info()
-                .map_err(|e| anyhow::anyhow!("metadata: {e}"))?
-                .stream_sequence;
-            chunk.push((seq, m.payload.clone()));
+            let (seq, payload) =
+                match tokio::time::timeout(Duration::from_secs(30), messages.next()).await {
+                    Ok(Some(m)) => m?,
+                    Ok(None) => break,
+                    Err(_) => bail!("{} read stalled after {got} of {n} messages", path.name()),
+                };
+            chunk.push((seq, payload));
             got += 1;
             if chunk.len() >= batch || got == n {
                 let full = std::mem::replace(&mut chunk, Vec::with_capacity(batch));
@@ -297,7 +376,8 @@ pub async fn read_insert(
         Figure::new(
             key,
             format!(
-                "raw: ordered read + redb insert, {batch}/commit, {}",
+                "raw: {} read + redb insert, {batch}/commit, {}",
+                path.name(),
                 durability_name(durability)
             ),
             got,
