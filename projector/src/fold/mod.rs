@@ -4,8 +4,8 @@
 //!
 //! Two halves with a small trait between them (ADR 0013):
 //!
-//! - `semantics`: the subject checks and one function per event, written against
-//!   `state::State` (devices, lineages, claims, servers, flavors, names, hosts, quarantine and
+//! - `semantics` (with `devices`, `servers`, `flavors`): the subject checks and one function
+//!   per event, written against `state::State` (devices, lineages, claims, servers, flavors, names, hosts, quarantine and
 //!   counters); it decides what changes and what is quarantined, and never sees redb.
 //! - `staging`: [`FoldTxn`] implements the state over the committed view and the batches
 //!   folded before it, stages a batch's changes in memory (see [`crate::stage`] and ADR 0004),
@@ -19,9 +19,12 @@
 //! or contradicts the view is recorded in the quarantine with a counted reason and changes
 //! nothing else.
 
+mod devices;
+mod flavors;
 #[cfg(test)]
 mod memory;
 mod semantics;
+mod servers;
 mod staging;
 mod state;
 #[cfg(test)]
