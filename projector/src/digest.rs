@@ -14,19 +14,8 @@ use redb::{
 use sha2::{Digest as _, Sha256};
 
 use crate::error::ViewError;
-use crate::tables::{self as t, show_id, Id};
+use crate::tables::{self as t, show_id, Id, KeyKind, Visit};
 use crate::view::Snapshot;
-
-/// How a table's keys are shown in a difference report.
-#[derive(Debug, Clone, Copy)]
-enum KeyKind {
-    Str,
-    Id,
-    Seq,
-    IdOrdinal,
-    StrId,
-    Match,
-}
 
 fn show_key(kind: KeyKind, bytes: &[u8]) -> String {
     match kind {
@@ -46,37 +35,6 @@ fn show_key(kind: KeyKind, bytes: &[u8]) -> String {
             format!("{:04x}:{:04x}/{s}/{}", vp >> 16, vp & 0xffff, show_id(&id))
         }
     }
-}
-
-/// Something that looks at every table of the view.
-trait Visit {
-    fn table<K: Key + 'static, V: Value + 'static>(
-        &mut self,
-        def: TableDefinition<K, V>,
-        kind: KeyKind,
-    ) -> Result<(), ViewError>;
-}
-
-/// Every table, in digest order.
-fn visit_tables(v: &mut impl Visit) -> Result<(), ViewError> {
-    v.table(t::META, KeyKind::Str)?;
-    v.table(t::DEVICES, KeyKind::Id)?;
-    v.table(t::DEVICE_INFO, KeyKind::Id)?;
-    v.table(t::LINEAGES, KeyKind::Id)?;
-    v.table(t::LINEAGE_HISTORY, KeyKind::IdOrdinal)?;
-    v.table(t::HOST_DEVICES, KeyKind::StrId)?;
-    v.table(t::FREE_BY_HOST, KeyKind::StrId)?;
-    v.table(t::FREE_BY_MATCH, KeyKind::Match)?;
-    v.table(t::HOSTS, KeyKind::Str)?;
-    v.table(t::CLAIMS, KeyKind::Id)?;
-    v.table(t::SUBJECT_SEQS, KeyKind::Str)?;
-    v.table(t::FLAVORS, KeyKind::Id)?;
-    v.table(t::FLAVOR_NAMES, KeyKind::Str)?;
-    v.table(t::SERVERS, KeyKind::Id)?;
-    v.table(t::SERVER_NAMES, KeyKind::Str)?;
-    v.table(t::QUARANTINE, KeyKind::Seq)?;
-    v.table(t::COUNTERS, KeyKind::Str)?;
-    Ok(())
 }
 
 /// The digest of one table.
@@ -143,7 +101,7 @@ pub fn digest(snapshot: &Snapshot) -> Result<ViewDigest, ViewError> {
         txn: snapshot.txn(),
         tables: Vec::new(),
     };
-    visit_tables(&mut d)?;
+    t::visit_all(&mut d)?;
     let mut h = Sha256::new();
     for t in &d.tables {
         len_prefixed(&mut h, t.table.as_bytes());
@@ -281,6 +239,6 @@ pub fn first_difference(
         right: right.txn(),
         found: None,
     };
-    visit_tables(&mut c)?;
+    t::visit_all(&mut c)?;
     Ok(c.found)
 }

@@ -1,4 +1,5 @@
-//! Every table of the view, declared once. Keys are native ordered redb types (big-endian UUID
+//! Every table of the view, declared once (the `tables!` list below: constants, [`NAMES`] and
+//! [`visit_all`], which creation and digests go through). Keys are native ordered redb types (big-endian UUID
 //! bytes, integers, tuples, `&str`), never postcard varints; values are postcard records decoded
 //! where errors can be returned ([`decode`]).
 //!
@@ -22,7 +23,7 @@
 //! | `quarantine` | stream sequence | [`crate::QuarantineEntry`] |
 //! | `counters` | `applied.{Kind}` / `quarantined.{reason}` | u64 |
 
-use redb::{ReadableTable, TableDefinition};
+use redb::{Key, ReadableTable, TableDefinition, Value, WriteTransaction};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use usbpt_schemas::{DeviceDiscovered, ProductId, ServerId, VendorId};
@@ -32,24 +33,84 @@ use crate::model::{AttachError, Attachment, Device, DeviceStatus, Holding, Inval
 
 pub type Id = [u8; 16];
 
-pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-pub const DEVICES: TableDefinition<Id, &[u8]> = TableDefinition::new("devices");
-pub const DEVICE_INFO: TableDefinition<Id, &[u8]> = TableDefinition::new("device_info");
-pub const LINEAGES: TableDefinition<Id, &[u8]> = TableDefinition::new("lineages");
-pub const LINEAGE_HISTORY: TableDefinition<(Id, u32), Id> = TableDefinition::new("lineage_history");
-pub const HOST_DEVICES: TableDefinition<(&str, Id), ()> = TableDefinition::new("host_devices");
-pub const FREE_BY_HOST: TableDefinition<(&str, Id), ()> = TableDefinition::new("free_by_host");
-pub const FREE_BY_MATCH: TableDefinition<(u64, &str, Id), ()> =
-    TableDefinition::new("free_by_match");
-pub const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
-pub const CLAIMS: TableDefinition<Id, &[u8]> = TableDefinition::new("claims");
-pub const SUBJECT_SEQS: TableDefinition<&str, u64> = TableDefinition::new("subject_seqs");
-pub const FLAVORS: TableDefinition<Id, &[u8]> = TableDefinition::new("flavors");
-pub const FLAVOR_NAMES: TableDefinition<&str, Id> = TableDefinition::new("flavor_names");
-pub const SERVERS: TableDefinition<Id, &[u8]> = TableDefinition::new("servers");
-pub const SERVER_NAMES: TableDefinition<&str, Id> = TableDefinition::new("server_names");
-pub const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
-pub const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// Declares every table once: its constant, and its place in [`visit_all`] (the view's fixed
+/// table order: creation, digests, comparisons).
+macro_rules! tables {
+    ($($(#[$doc:meta])* $def:ident: $key:ty => $value:ty = $name:literal, $kind:ident;)*) => {
+        $($(#[$doc])* pub const $def: TableDefinition<$key, $value> = TableDefinition::new($name);)*
+
+        /// Every table's name, in the view's fixed order.
+        pub const NAMES: &[&str] = &[$($name),*];
+
+        /// Shows every table of the view to `v`, in the view's fixed order.
+        pub fn visit_all(v: &mut impl Visit) -> Result<(), ViewError> {
+            $(v.table($def, KeyKind::$kind)?;)*
+            Ok(())
+        }
+    };
+}
+
+tables! {
+    META: &str => u64 = "meta", Str;
+    DEVICES: Id => &[u8] = "devices", Id;
+    DEVICE_INFO: Id => &[u8] = "device_info", Id;
+    LINEAGES: Id => &[u8] = "lineages", Id;
+    LINEAGE_HISTORY: (Id, u32) => Id = "lineage_history", IdOrdinal;
+    HOST_DEVICES: (&str, Id) => () = "host_devices", StrId;
+    FREE_BY_HOST: (&str, Id) => () = "free_by_host", StrId;
+    FREE_BY_MATCH: (u64, &str, Id) => () = "free_by_match", Match;
+    HOSTS: &str => &[u8] = "hosts", Str;
+    CLAIMS: Id => &[u8] = "claims", Id;
+    SUBJECT_SEQS: &str => u64 = "subject_seqs", Str;
+    FLAVORS: Id => &[u8] = "flavors", Id;
+    FLAVOR_NAMES: &str => Id = "flavor_names", Str;
+    SERVERS: Id => &[u8] = "servers", Id;
+    SERVER_NAMES: &str => Id = "server_names", Str;
+    QUARANTINE: u64 => &[u8] = "quarantine", Seq;
+    COUNTERS: &str => u64 = "counters", Str;
+}
+
+/// How a table's keys are read (and shown in a difference report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// Text.
+    Str,
+    /// A UUID.
+    Id,
+    /// A stream sequence.
+    Seq,
+    /// (UUID, ordinal).
+    IdOrdinal,
+    /// (text, UUID).
+    StrId,
+    /// (vendor:product, host, UUID).
+    Match,
+}
+
+/// Something that looks at every table of the view ([`visit_all`]).
+pub trait Visit {
+    fn table<K: Key + 'static, V: Value + 'static>(
+        &mut self,
+        def: TableDefinition<K, V>,
+        kind: KeyKind,
+    ) -> Result<(), ViewError>;
+}
+
+/// Creates every table of the view that is missing.
+pub(crate) fn create_all(txn: &WriteTransaction) -> Result<(), ViewError> {
+    struct Create<'a>(&'a WriteTransaction);
+    impl Visit for Create<'_> {
+        fn table<K: Key + 'static, V: Value + 'static>(
+            &mut self,
+            def: TableDefinition<K, V>,
+            _kind: KeyKind,
+        ) -> Result<(), ViewError> {
+            self.0.open_table(def)?;
+            Ok(())
+        }
+    }
+    visit_all(&mut Create(txn))
+}
 
 /// `meta` key of the last stream sequence folded (applied or quarantined).
 pub const META_LAST_APPLIED: &str = "last_applied_seq";
