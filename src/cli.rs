@@ -1,4 +1,4 @@
-//! Command-line interface (names and flags as in INTERFACES.md).
+//! Command-line interface: subcommands, flags and their defaults.
 
 use std::path::PathBuf;
 
@@ -164,7 +164,7 @@ pub enum Cmd {
     /// The NATS identities of a `usbpt up` (one nkey per role): add a host, list, revoke.
     #[command(subcommand)]
     Creds(crate::cmd_creds::CredsCmd),
-    /// The whole stack with two simulated hosts, playing the blueprint's story.
+    /// The whole stack with two simulated hosts, playing the built-in demo story.
     Demo(crate::demo::DemoArgs),
     /// Benchmarks: usbpt's figures beside the raw limits of NATS JetStream and redb.
     Bench(crate::cmd_bench::BenchArgs),

@@ -19,7 +19,7 @@ pub struct AgentArgs {
     /// The libvirt URI the agent drives, as reported in HostAgentStarted.
     #[arg(long, default_value = "qemu:///system")]
     pub hypervisor: String,
-    /// Passthrough filter: TOML rules, or the blueprint's usb_passthrough_blacklist as a .json
+    /// Passthrough filter: TOML rules, or a usb_passthrough_blacklist list as a .json
     /// file. Without it: root hubs, hubs and HID boot keyboards/mice are not candidates.
     #[arg(long)]
     pub filter: Option<PathBuf>,

@@ -1,4 +1,4 @@
-//! Queries (INTERFACES.md): `devices`, `device show`, `history`, `hypervisor show`,
+//! Queries: `devices`, `device show`, `history`, `hypervisor show`,
 //! `flavor list|show`, `server list|show`. They read the view through the HTTP API (`--api`).
 //! With `--json`: exactly one JSON document on stdout, as the API returned it; otherwise a
 //! readable table. Errors: non-zero exit, one line on stderr.

@@ -92,7 +92,7 @@ pub struct AgentSection {
     pub host: Option<HostName>,
     /// The libvirt URI the agent drives.
     pub hypervisor: Option<String>,
-    /// The passthrough filter rules (TOML, or the blueprint's list as `.json`).
+    /// The passthrough filter rules (TOML, or a `usb_passthrough_blacklist` list as `.json`).
     pub filter: Option<PathBuf>,
     /// The command handler's public key, or a file holding it.
     pub control_key: Option<String>,

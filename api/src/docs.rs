@@ -89,7 +89,7 @@ pub fn device(d: &Device) -> Value {
     })
 }
 
-/// A `usb_device_stats` entry of the Nova hypervisor document (the blueprint's shape).
+/// A `usb_device_stats` entry of the Nova hypervisor document (usbpt's extension of Nova's document).
 pub fn nova_device(d: &Device) -> Value {
     let x = &d.discovery;
     let mut extra = Map::new();
@@ -191,7 +191,7 @@ pub fn history(l: &Lineage, claim_: Option<&Claim>, devices: &[Device]) -> Value
     })
 }
 
-/// A flavor's USB request in the blueprint's extra-spec form: a JSON list of objects, each with
+/// A flavor's USB request in its extra-spec form: a JSON list of objects, each with
 /// `id`, `lineage_id`, or `vendor_id` + `product_id` (+ `serial`, `count`), and `controller`,
 /// `follow`.
 pub fn usb_spec(usb: &[UsbRequest]) -> Value {

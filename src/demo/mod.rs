@@ -1,7 +1,7 @@
 //! `usbpt demo`: the whole stack on one machine — a private nats-server, the projector, the
 //! command handler and the HTTP API, and two simulated hypervisor hosts whose agents run the real
 //! agent loop (simulated device source → identity resolver → redb outbox → JetStream) and the
-//! real libvirt executor (libvirt's test driver) — playing the blueprint's story step by step.
+//! real libvirt executor (libvirt's test driver) — playing the demo story step by step.
 
 mod hosts;
 mod load;
@@ -30,7 +30,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "127.0.0.1:8774")]
     pub listen: SocketAddr,
     /// Play a load scenario (TOML: `[load] hosts, devices_per_host, churn_per_second,
-    /// duration_seconds`) instead of the blueprint's story.
+    /// duration_seconds`) instead of the built-in story.
     #[arg(long)]
     pub scenario: Option<PathBuf>,
 }
@@ -134,7 +134,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
     .await?;
 
     println!(
-        "usbpt demo: the blueprint's story on a private bus and two simulated hypervisor hosts"
+        "usbpt demo: the demo story on a private bus and two simulated hypervisor hosts"
     );
     match &server {
         Some(s) => println!(

@@ -486,7 +486,7 @@ impl Executor {
 
     /// Re-attaches `new_device` to every server on this host whose domain holds `lineage` with
     /// `follow=lineage` (found in the domains' own metadata, so this works after an agent
-    /// restart). `follow=strict` bindings are left alone: the blueprint's behaviour is that the
+    /// restart). `follow=strict` bindings are left alone: the
     /// server runs without the device until it is resized.
     pub async fn reattach_lineage(
         &self,
