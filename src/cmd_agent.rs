@@ -9,7 +9,7 @@ use clap::Args;
 use usbpt_agent::{progress, read_boot_id, AgentConfig, BusTarget, Filter, UdevSource};
 use usbpt_schemas::HostName;
 
-use crate::cli::Global;
+use crate::global::Global;
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
@@ -50,23 +50,6 @@ pub fn control_key(arg: Option<&str>) -> Result<Option<String>> {
     Ok(Some(key))
 }
 
-/// The data dir when `--data-dir`/`USBPT_DATA_DIR` is not given: `/var/lib/usbpt` for root (a
-/// host agent normally runs as root), else `$XDG_STATE_HOME/usbpt` or `~/.local/state/usbpt`.
-pub fn default_data_dir() -> Result<PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    // /proc/self belongs to the process's effective user.
-    if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
-        return Ok(PathBuf::from("/var/lib/usbpt"));
-    }
-    if let Some(state) = std::env::var_os("XDG_STATE_HOME").filter(|s| !s.is_empty()) {
-        return Ok(PathBuf::from(state).join("usbpt"));
-    }
-    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).context(
-        "no --data-dir, USBPT_DATA_DIR, XDG_STATE_HOME or HOME to keep the agent's state in",
-    )?;
-    Ok(PathBuf::from(home).join(".local/state/usbpt"))
-}
-
 /// Called first thing in `main`, for `usbpt agent` only. A host agent is small and long-lived:
 /// transparent huge pages round the allocator's few live megabytes up to whole 2 MiB pages
 /// (11 MiB of an idle agent's resident memory, `docs/performance.md`); the fold, the command
@@ -91,10 +74,7 @@ pub fn lean_process() {
 }
 
 pub async fn run(global: &Global, args: AgentArgs) -> Result<()> {
-    let data_dir = match &global.data_dir {
-        Some(d) => d.clone(),
-        None => default_data_dir()?,
-    };
+    let data_dir = global.agent_data_dir()?;
     let boot_id = read_boot_id(&args.boot_id_file)?;
     let filter = match &args.filter {
         Some(path) => Filter::load(path)?,

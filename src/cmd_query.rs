@@ -12,7 +12,7 @@ use usbpt_projector::DeviceStatus;
 use usbpt_schemas::text::{escape, escape_json};
 use usbpt_schemas::HostName;
 
-use crate::cli::Global;
+use crate::global::Global;
 
 #[derive(Debug, Args)]
 pub struct DevicesArgs {

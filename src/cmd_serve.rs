@@ -26,7 +26,7 @@ use usbpt_commands::reactor;
 use usbpt_commands::schedule::Weigh;
 use usbpt_projector::{Projector, ProjectorConfig, View, ViewError, VIEW_FILE};
 
-use crate::cli::Global;
+use crate::global::Global;
 
 #[derive(Debug, Args)]
 pub struct ProjectorArgs {
@@ -148,23 +148,9 @@ pub struct ProjectorCmdArgs {
     pub projector: ProjectorArgs,
 }
 
-/// The data directory: `--data-dir`/`USBPT_DATA_DIR`, else `$XDG_STATE_HOME/usbpt`, else
-/// `~/.local/state/usbpt`.
-pub fn data_dir(global: &Global) -> Result<PathBuf> {
-    if let Some(d) = &global.data_dir {
-        return Ok(d.clone());
-    }
-    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
-        return Ok(PathBuf::from(x).join("usbpt"));
-    }
-    std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".local/state/usbpt"))
-        .ok_or_else(|| anyhow!("no data directory: pass --data-dir or set USBPT_DATA_DIR"))
-}
-
 /// The live view's path, `<data-dir>/view.redb`.
 pub fn view_path(global: &Global) -> Result<PathBuf> {
-    Ok(data_dir(global)?.join(VIEW_FILE))
+    Ok(global.data_dir_or_default()?.join(VIEW_FILE))
 }
 
 /// Opens (creating) the live view. A view of an older record format is moved aside and
@@ -328,6 +314,14 @@ async fn shutdown_signal() -> &'static str {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => "SIGINT",
         _ = term => "SIGTERM",
+    }
+}
+
+/// Binds `addr`, or a free loopback port when it is taken.
+pub async fn bind_or_free(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    match bind(what, addr).await {
+        Ok(l) => Ok(l),
+        Err(_) => bind(what, SocketAddr::from(([127, 0, 0, 1], 0))).await,
     }
 }
 

@@ -18,8 +18,8 @@ use usbpt_bus::server::{NatsServer, ServerConfig};
 use usbpt_bus::StreamSettings;
 use usbpt_schemas::HostName;
 
-use crate::cli::Global;
 use crate::cmd_serve::{control_plane, CommandArgs, ProjectorArgs, Tasks, WeighArg};
+use crate::global::Global;
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -233,14 +233,14 @@ async fn hypervisor(
 }
 
 pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
-    let data = crate::cmd_serve::data_dir(global)?;
+    let data = global.data_dir_or_default()?;
     usbpt_bus::auth::private_dir(&data).with_context(|| format!("creating {}", data.display()))?;
     let host = match &args.host {
         Some(h) => h.clone(),
         None => system_host()?,
     };
     let settings = args.stream.settings();
-    let (url, mut server, creds) = if crate::demo::nats_given() {
+    let (url, mut server, creds) = if crate::global::nats_given() {
         (global.nats.clone(), None, None)
     } else {
         let creds = PrivateCreds::ensure(&data, std::slice::from_ref(&host))?;
@@ -275,7 +275,7 @@ pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
     };
     let policy = args.http.policy(args.listen, token.clone())?;
     let mut tasks = Tasks::new();
-    let listener = crate::demo::bind_or_free("up", args.listen).await?;
+    let listener = crate::cmd_serve::bind_or_free("up", args.listen).await?;
     let base = format!("http://{}/", listener.local_addr()?);
     println!("usbpt up: API and dashboard {base}");
     if let Some(t) = &token {

@@ -16,9 +16,9 @@ use clap::Args;
 use usbpt_bus::server::NatsServer;
 use usbpt_schemas::HostName;
 
-use crate::cli::Global;
 use crate::cmd_serve::{control_plane, CommandArgs, ProjectorArgs, Tasks, WeighArg};
 use crate::cmd_up::PrivateCreds;
+use crate::global::Global;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -35,12 +35,6 @@ pub struct DemoArgs {
     pub scenario: Option<PathBuf>,
 }
 
-/// Whether the operator named a bus (`--nats` or `NATS_URL`); else a private server is run.
-pub fn nats_given() -> bool {
-    std::env::var_os("NATS_URL").is_some()
-        || std::env::args().any(|a| a == "--nats" || a.starts_with("--nats="))
-}
-
 /// The bus to use: the operator's, or a private nats-server under `root/nats` enforcing
 /// per-role identities generated under `root/creds` (one per simulated host in `hosts`);
 /// returned to keep it alive.
@@ -50,7 +44,7 @@ pub async fn bus_url(
     hosts: &[HostName],
     sync_always: bool,
 ) -> Result<(String, Option<NatsServer>, Option<PrivateCreds>)> {
-    if nats_given() {
+    if crate::global::nats_given() {
         return Ok((global.nats.clone(), None, None));
     }
     let creds = PrivateCreds::ensure(root, hosts)?;
@@ -63,14 +57,6 @@ pub async fn bus_url(
         .create_stream(&server.url(), &usbpt_bus::StreamSettings::default())
         .await?;
     Ok((server.url(), Some(server), Some(creds)))
-}
-
-/// Binds `addr`, or a free loopback port when it is taken.
-pub async fn bind_or_free(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
-    match crate::cmd_serve::bind(what, addr).await {
-        Ok(l) => Ok(l),
-        Err(_) => crate::cmd_serve::bind(what, SocketAddr::from(([127, 0, 0, 1], 0))).await,
-    }
 }
 
 pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
@@ -111,7 +97,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
     };
     let (token, token_file) = crate::api_auth::ensure_token(global, &root)?;
     let mut tasks = Tasks::new();
-    let listener = bind_or_free("demo", args.listen).await?;
+    let listener = crate::cmd_serve::bind_or_free("demo", args.listen).await?;
     let policy = usbpt_api::HttpPolicy::with_token(token.clone());
     let dashboard = format!("http://{}/", listener.local_addr()?);
     let (view, _) = control_plane(
@@ -133,9 +119,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
     )
     .await?;
 
-    println!(
-        "usbpt demo: the demo story on a private bus and two simulated hypervisor hosts"
-    );
+    println!("usbpt demo: the demo story on a private bus and two simulated hypervisor hosts");
     match &server {
         Some(s) => println!(
             "  bus        {url}  (private nats-server, store in {})",
