@@ -19,6 +19,7 @@
 
 mod commands;
 pub mod dashboard;
+pub mod doc;
 pub mod docs;
 pub mod fanout;
 pub mod guard;
@@ -396,10 +397,10 @@ async fn quarantine(
     let after: u64 = q.get("after").map_or(Ok(0), |s| parse("after", s))?;
     let limit: usize = q.get("limit").map_or(Ok(100), |s| parse("limit", s))?;
     read(&st, move |snap| {
-        let list = snap.quarantine(after, limit.min(10_000))?;
-        Ok(Json(json!({
-            "total": snap.quarantine_len()?,
-            "quarantine": list.iter().map(docs::quarantine).collect::<Vec<_>>(),
+        let quarantine = snap.quarantine(after, limit.min(10_000))?;
+        Ok(Json(docs::v(&doc::QuarantineList {
+            total: snap.quarantine_len()?,
+            quarantine,
         })))
     })
     .await
@@ -430,12 +431,12 @@ async fn status(State(st): State<ApiState>, Query(q): Query<HashMap<String, Stri
                 Some(m.lag.load(Relaxed)),
             )
         });
-        Ok(Json(json!({
-            "last_applied_seq": last,
-            "reached": reached && min_seq.is_none_or(|s| last >= s),
-            "stream_last_seq": stream_last,
-            "lag": lag,
-            "quarantined": snap.quarantine_len()?,
+        Ok(Json(docs::v(&doc::Status {
+            last_applied_seq: last,
+            reached: reached && min_seq.is_none_or(|s| last >= s),
+            stream_last_seq: stream_last,
+            lag,
+            quarantined: snap.quarantine_len()?,
         })))
     })
     .await
