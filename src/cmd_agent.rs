@@ -17,14 +17,14 @@ pub struct AgentArgs {
     #[arg(long)]
     pub host: HostName,
     /// The libvirt URI the agent drives, as reported in HostAgentStarted.
-    #[arg(long, default_value = "qemu:///system")]
+    #[arg(long, default_value = crate::defaults::HYPERVISOR_URI)]
     pub hypervisor: String,
     /// Passthrough filter: TOML rules, or a usb_passthrough_blacklist list as a .json
     /// file. Without it: root hubs, hubs and HID boot keyboards/mice are not candidates.
     #[arg(long)]
     pub filter: Option<PathBuf>,
     /// Where the kernel's boot id is read; a change means the host rebooted.
-    #[arg(long, default_value = "/proc/sys/kernel/random/boot_id")]
+    #[arg(long, default_value = crate::defaults::BOOT_ID_FILE)]
     pub boot_id_file: PathBuf,
     /// The command handler's nkey public key (`U…`), or a file holding it: control work must
     /// then carry its signature. `usbpt creds list` prints it.

@@ -26,29 +26,38 @@ use usbpt_commands::reactor;
 use usbpt_commands::schedule::Weigh;
 use usbpt_projector::{Projector, ProjectorConfig, View, ViewError, VIEW_FILE};
 
+use crate::defaults;
 use crate::global::Global;
 
 #[derive(Debug, Args)]
 pub struct ProjectorArgs {
     /// The durable consumer's name; every projector with its own view needs its own.
-    #[arg(long, default_value = "usbpt-projector")]
+    #[arg(long, default_value = defaults::PROJECTOR_CONSUMER)]
     pub consumer: String,
     /// Events per fetch and per redb transaction.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    #[arg(long, default_value_t = defaults::PROJECTOR_BATCH, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub batch: u64,
     /// Live-event (`/v1/events`) clients the HTTP API serves at once; one more gets 503 with
     /// `Retry-After`. They all share one reader of the stream.
-    #[arg(long, env = "USBPT_SSE_MAX_CLIENTS", default_value_t = DEFAULT_SSE_MAX_CLIENTS, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, env = "USBPT_SSE_MAX_CLIENTS", default_value_t = defaults::SSE_MAX_CLIENTS, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub sse_max_clients: u64,
 }
 
-/// The default of `--sse-max-clients`.
-pub const DEFAULT_SSE_MAX_CLIENTS: u64 = 1024;
+impl Default for ProjectorArgs {
+    /// The flags' defaults (what `up` and `demo` run).
+    fn default() -> Self {
+        Self {
+            consumer: defaults::PROJECTOR_CONSUMER.to_owned(),
+            batch: defaults::PROJECTOR_BATCH,
+            sse_max_clients: defaults::SSE_MAX_CLIENTS,
+        }
+    }
+}
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Where the HTTP API listens.
-    #[arg(long, default_value = "127.0.0.1:8774")]
+    #[arg(long, default_value = defaults::API_LISTEN)]
     pub listen: SocketAddr,
     #[command(flatten)]
     pub http: crate::api_auth::ApiSecurityArgs,
@@ -65,15 +74,27 @@ pub struct CommandArgs {
     #[arg(long, value_enum, default_value = "pack")]
     pub weigh: WeighArg,
     /// Seconds a claimed device may be gone before its claim is released (`follow=lineage`).
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = defaults::GRACE.as_secs())]
     pub grace: u64,
     /// Commands handled at once by this process.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = defaults::COMMAND_CONCURRENCY)]
     pub concurrency: usize,
     /// Nova's `resize_confirm_window`: seconds after which a resize still awaiting confirmation
     /// (`VERIFY_RESIZE`) is confirmed; 0 never does (Nova's default).
     #[arg(long, default_value_t = 0, env = "USBPT_RESIZE_CONFIRM_WINDOW")]
     pub resize_confirm_window: u64,
+}
+
+impl Default for CommandArgs {
+    /// The flags' defaults (what `up` and `demo` run).
+    fn default() -> Self {
+        Self {
+            weigh: WeighArg::Pack,
+            grace: defaults::GRACE.as_secs(),
+            concurrency: defaults::COMMAND_CONCURRENCY,
+            resize_confirm_window: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

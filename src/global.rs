@@ -15,7 +15,7 @@ pub struct Global {
         long,
         global = true,
         env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
+        default_value = crate::defaults::NATS_URL
     )]
     pub nats: String,
     /// NATS credentials: an nkey seed file (what `usbpt up` generates under
@@ -55,7 +55,7 @@ pub struct Global {
         long,
         global = true,
         env = "USBPT_API",
-        default_value = "http://127.0.0.1:8774"
+        default_value = crate::defaults::API_URL
     )]
     pub api: String,
     /// More logging on stderr (-v info, -vv debug); or set USBPT_LOG.
@@ -153,16 +153,13 @@ impl Global {
         }
         // /proc/self belongs to the process's effective user.
         if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
-            return Ok(PathBuf::from(SYSTEM_DATA_DIR));
+            return Ok(PathBuf::from(crate::defaults::SYSTEM_DATA_DIR));
         }
         user_state_dir().context(
             "no --data-dir, USBPT_DATA_DIR, XDG_STATE_HOME or HOME to keep the agent's state in",
         )
     }
 }
-
-/// A root host agent's data dir.
-pub const SYSTEM_DATA_DIR: &str = "/var/lib/usbpt";
 
 /// `$XDG_STATE_HOME/usbpt`, else `~/.local/state/usbpt`.
 fn user_state_dir() -> Option<PathBuf> {

@@ -17,6 +17,7 @@ mod cmd_replay;
 mod cmd_serve;
 mod cmd_up;
 mod config;
+mod defaults;
 mod demo;
 mod global;
 mod systemd;

@@ -55,6 +55,9 @@ pub use commands::command_routes;
 pub use docs::{device as device_doc, hypervisor as hypervisor_doc};
 pub use guard::{ApiToken, HttpPolicy};
 
+/// Where the HTTP API listens by default: loopback, Nova's port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8774";
+
 /// What the handlers share.
 #[derive(Debug, Clone)]
 pub struct ApiState {

@@ -16,7 +16,7 @@ use clap::Args;
 use usbpt_bus::server::NatsServer;
 use usbpt_schemas::HostName;
 
-use crate::cmd_serve::{control_plane, CommandArgs, ProjectorArgs, Tasks, WeighArg};
+use crate::cmd_serve::{control_plane, CommandArgs, ProjectorArgs, Tasks};
 use crate::cmd_up::PrivateCreds;
 use crate::global::Global;
 
@@ -27,7 +27,7 @@ pub struct DemoArgs {
     #[arg(long)]
     pub exit_when_done: bool,
     /// Where the HTTP API and dashboard listen (a free port is taken if this one is busy).
-    #[arg(long, default_value = "127.0.0.1:8774")]
+    #[arg(long, default_value = crate::defaults::API_LISTEN)]
     pub listen: SocketAddr,
     /// Play a load scenario (TOML: `[load] hosts, devices_per_host, churn_per_second,
     /// duration_seconds`) instead of the built-in story.
@@ -105,17 +105,8 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
         &mut tasks,
         listener,
         policy,
-        &ProjectorArgs {
-            consumer: "usbpt-projector".into(),
-            batch: 1000,
-            sse_max_clients: crate::cmd_serve::DEFAULT_SSE_MAX_CLIENTS,
-        },
-        &CommandArgs {
-            weigh: WeighArg::Pack,
-            grace: 120,
-            concurrency: 32,
-            resize_confirm_window: 0,
-        },
+        &ProjectorArgs::default(),
+        &CommandArgs::default(),
     )
     .await?;
 
