@@ -41,7 +41,6 @@ mod kind_name {
         }
     }
     // Serde's `with` passes a reference.
-    #[allow(clippy::trivially_copy_pass_by_ref)]
     pub fn serialize<S: Serializer>(k: &LineageKind, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(name(*k))
     }
@@ -150,16 +149,14 @@ pub struct HoldEndDoc {
 impl From<&Holding> for HoldingDoc {
     fn from(h: &Holding) -> Self {
         Self {
-            server_id: h.server_id.clone(),
+            server_id: h.server_id,
             how: h.how,
             from: h.from,
             attached: h.attached,
             ended: h.ended.as_ref().map(|(st, end)| {
                 let (reason, moved_to) = match end {
                     HoldEnd::Released(r) => (format!("released: {}", wire_name(r)), None),
-                    HoldEnd::MovedTo(id) => {
-                        ("moved to a new enumeration".to_owned(), Some(id.clone()))
-                    }
+                    HoldEnd::MovedTo(id) => ("moved to a new enumeration".to_owned(), Some(*id)),
                 };
                 HoldEndDoc {
                     seq: st.seq,
@@ -176,12 +173,12 @@ impl From<&Device> for DeviceDoc {
     fn from(d: &Device) -> Self {
         let x = &d.discovery;
         Self {
-            id: x.device_id.clone(),
-            lineage_id: x.lineage_id.clone(),
+            id: x.device_id,
+            lineage_id: x.lineage_id,
             lineage_kind: x.lineage_kind,
             host: x.host.clone(),
             status: d.status,
-            holder: d.holder.clone(),
+            holder: d.holder,
             current: d.current,
             address: x.address.nova_address(),
             bus: x.address.bus(),
@@ -200,16 +197,16 @@ impl From<&Device> for DeviceDoc {
             usb_version: x.usb_version.clone(),
             syspath: x.syspath.clone(),
             boot_id: x.boot_id.clone(),
-            supersedes: x.supersedes.clone(),
+            supersedes: x.supersedes,
             discovered: d.discovered,
             invalidation: d.invalidation.as_ref().map(|i| InvalidationDoc {
                 seq: i.stamp.seq,
                 at: i.stamp.at,
                 reason: i.reason,
-                superseded_by: i.superseded_by.clone(),
+                superseded_by: i.superseded_by,
             }),
             attachment: d.attachment.as_ref().map(|a| AttachmentDoc {
-                server_id: a.server_id.clone(),
+                server_id: a.server_id,
                 address: a.address.nova_address(),
                 method: a.method,
                 detail: a.detail.clone(),
@@ -241,13 +238,13 @@ pub struct LineageDoc {
 impl From<&Lineage> for LineageDoc {
     fn from(l: &Lineage) -> Self {
         Self {
-            id: l.id.clone(),
+            id: l.id,
             kind: l.kind,
             vendor_id: l.vendor_id,
             product_id: l.product_id,
             serial: l.serial.clone(),
             enumerations: l.enumerations,
-            current_device_id: l.current.clone(),
+            current_device_id: l.current,
             current_host: l.current_host.clone(),
             first_seen: l.first_seen,
         }
@@ -366,7 +363,7 @@ impl From<&Device> for NovaUsbDevice {
     fn from(d: &Device) -> Self {
         let x = &d.discovery;
         Self {
-            id: x.device_id.clone(),
+            id: x.device_id,
             compute_node_id: x.host.clone(),
             address: x.address.nova_address(),
             product_id: x.product_id,
@@ -374,7 +371,7 @@ impl From<&Device> for NovaUsbDevice {
             bus_id: x.address.bus(),
             device_id: x.address.devnum(),
             port_id: x.port_path.clone(),
-            lineage_id: x.lineage_id.clone(),
+            lineage_id: x.lineage_id,
             status: d.status,
             extra_info: NovaExtraInfo {
                 lineage_kind: x.lineage_kind,
@@ -387,7 +384,7 @@ impl From<&Device> for NovaUsbDevice {
                 usb_version: x.usb_version.clone(),
                 invalidation_reason: d.invalidation.and_then(|i| i.reason),
             },
-            instance_uuid: d.holder.clone(),
+            instance_uuid: d.holder,
         }
     }
 }

@@ -216,8 +216,8 @@ pub fn server(snap: &Snapshot, s: &Server, nova: &Nova) -> Result<Value, ViewErr
             .is_some_and(|c| c.server_id == s.id);
         usb.push(doc::ServerUsb {
             request_index: a.request_index,
-            device_id: a.device_id.clone(),
-            lineage_id: a.lineage_id.clone(),
+            device_id: a.device_id,
+            lineage_id: a.lineage_id,
             controller: a.controller,
             follow: a.follow,
             status: d.as_ref().map(|d| d.status),
