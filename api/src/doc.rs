@@ -481,3 +481,37 @@ pub struct FlavorView {
     pub usb_devices: Vec<UsbRequest>,
     pub created: Stamp,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enums_go_on_the_wire_by_their_serde_names() {
+        assert_eq!(wire_name(&InvalidationReason::HostRebooted), "HostRebooted");
+        assert_eq!(wire_name(&AttachMethod::HotPlug), "HotPlug");
+        assert_eq!(wire_name(&DeviceStatus::Attached), "attached");
+        assert_eq!(
+            wire_name(&usbpt_schemas::ReleaseReason::GraceExpired),
+            "GraceExpired"
+        );
+    }
+
+    #[test]
+    fn a_lineage_kind_reads_back_as_it_was_written_and_refuses_others() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct K {
+            #[serde(with = "kind_name")]
+            kind: LineageKind,
+        }
+        for (kind, text) in [
+            (LineageKind::Serial, r#"{"kind":"serial"}"#),
+            (LineageKind::Port, r#"{"kind":"port"}"#),
+        ] {
+            assert_eq!(serde_json::to_string(&K { kind }).expect("writes"), text);
+            assert_eq!(serde_json::from_str::<K>(text).expect("reads"), K { kind });
+        }
+        let err = serde_json::from_str::<K>(r#"{"kind":"Serial"}"#).expect_err("Debug text");
+        assert!(err.to_string().contains("Serial"), "{err}");
+    }
+}
