@@ -125,9 +125,8 @@ impl Api {
         let json: Value = serde_json::from_str(&body)
             .with_context(|| format!("the API answered {status} with non-JSON to {url}"))?;
         if !status.is_success() {
-            let message = json["error"]["message"]
-                .as_str()
-                .map_or_else(|| body.clone(), str::to_owned);
+            let message = serde_json::from_value::<doc::ErrorDoc>(json)
+                .map_or_else(|_| body.clone(), |e| e.error.message);
             let hint = match status.as_u16() {
                 401 => " (give the API token: --api-token-file FILE or USBPT_API_TOKEN; `usbpt up` writes <data-dir>/api-token)",
                 403 => " (the API token given is not this API's)",

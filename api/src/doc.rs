@@ -58,6 +58,20 @@ mod kind_name {
 
 pub use kind_name::name as lineage_kind_name;
 
+/// The object of every error answer, under usbpt's `error` key and under Nova's fault name
+/// (`itemNotFound`, `badRequest`, …).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: u16,
+    pub message: String,
+}
+
+/// An error answer, as usbpt's clients read it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ErrorDoc {
+    pub error: ErrorBody,
+}
+
 /// `GET /v1/devices`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceList {

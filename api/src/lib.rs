@@ -154,7 +154,11 @@ impl IntoResponse for ApiError {
     /// Nova's envelope (`{"itemNotFound": {"code", "message"}}`, the fault name first, as
     /// OpenStack clients read the first key) and usbpt's own `"error"` key with the same object.
     fn into_response(self) -> Response {
-        let inner = json!({"code": self.status.as_u16(), "message": self.message}).to_string();
+        let inner = serde_json::to_string(&doc::ErrorBody {
+            code: self.status.as_u16(),
+            message: self.message,
+        })
+        .unwrap_or_default();
         let body = format!(
             "{{\"{}\":{inner},\"error\":{inner}}}",
             nova::fault_name(self.status)
