@@ -1,14 +1,15 @@
-//! The blocking side of the executor: every libvirt call (`virt` crate, FFI), on the
-//! connection [`Inner`] holds. The async facade ([`super::executor`]) runs these on
+//! The blocking side of the executor: how libvirt is reached ([`ExecutorConfig`]) and every
+//! libvirt call (`virt` crate, FFI), on the connection [`Inner`] holds. The async facade ([`super::executor`]) runs these on
 //! `spawn_blocking`; nothing here awaits.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 use usbpt_schemas::{
-    AttachMethod, DeviceId, FollowPolicy, LineageId, ServerAction, ServerId, ServerState,
+    AttachMethod, DeviceId, FollowPolicy, HostName, LineageId, ServerAction, ServerId, ServerState,
 };
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState, DomainStateEnum};
@@ -16,12 +17,54 @@ use virt::enumutil::Enum;
 use virt::sys;
 
 use super::domain::{
-    domain_xml, hostdev_xml, layout, placed, DomainSpec, DomainType, HostdevSpec, METADATA_NS,
+    domain_xml, hostdev_xml, layout, placed, DomainSpec, DomainType, HostdevSpec,
+    DEFAULT_MEMORY_KIB, DEFAULT_VCPUS, METADATA_NS,
 };
 use super::error::{ExecutorError, FailureKind, LibvirtError, VirtResultExt};
-use super::executor::ExecutorConfig;
 use super::inspect::parse_metadata;
+use super::validate::XmlValidator;
 use super::work::DeviceInfo;
+
+/// How the executor talks to libvirt.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// This agent's host: the executor only acts on work addressed to it.
+    pub host: HostName,
+    /// `qemu:///system` in production, `test:///abs/path/node.xml` in tests.
+    pub uri: String,
+    /// `<domain type=…>`; `None` picks it from the hypervisor's capabilities at connect time
+    /// ([`DomainType::from_capabilities`]: `kvm` where the host offers it, else `qemu`).
+    pub domain_type: Option<DomainType>,
+    pub memory_kib: u64,
+    pub vcpus: u32,
+    /// How long a graceful shutdown may take before the domain is destroyed.
+    pub shutdown_timeout: Duration,
+    /// Validate every generated domain XML against libvirt's schema before defining it.
+    pub validator: Option<Arc<XmlValidator>>,
+}
+
+impl ExecutorConfig {
+    pub fn new(host: HostName, uri: impl Into<String>) -> Self {
+        Self {
+            host,
+            uri: uri.into(),
+            domain_type: None,
+            memory_kib: DEFAULT_MEMORY_KIB,
+            vcpus: DEFAULT_VCPUS,
+            shutdown_timeout: Duration::from_secs(60),
+            validator: None,
+        }
+    }
+}
+
+/// The URI of libvirt's test driver for a node description file (`test:///abs/path`). Each
+/// connection to a file URI gets private state; `test:///default` is shared in-process.
+pub fn test_driver_uri(node_xml: &Path) -> std::io::Result<String> {
+    Ok(format!(
+        "test://{}",
+        std::path::absolute(node_xml)?.display()
+    ))
+}
 
 /// A domain's state as usbpt reports it, with libvirt's own words.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,9 +4,7 @@
 //! (`super::calls`) are blocking FFI and run on `spawn_blocking`; operations on one server are
 //! serialised, different servers run in parallel.
 
-use std::path::Path;
 use std::sync::{Arc, PoisonError};
-use std::time::Duration;
 
 use tokio::sync::OwnedMutexGuard;
 use tracing::{info, warn};
@@ -15,56 +13,12 @@ use usbpt_schemas::{
     Envelope, Event, HostName, LineageId, ServerAction, ServerId, ServerState, ServerStateChanged,
 };
 
-use super::calls::{Inner, Observed, Reattach};
-use super::domain::{
-    layout, DomainSpec, DomainType, HostdevSpec, DEFAULT_MEMORY_KIB, DEFAULT_VCPUS,
-};
+use super::calls::{ExecutorConfig, Inner, Observed, Reattach};
+use super::domain::{layout, DomainSpec, DomainType, HostdevSpec};
 use super::error::ExecutorError;
-use super::validate::XmlValidator;
 use super::work::{
     devices_note, placement_text, with_current_devices, work_for, DeviceInfo, DeviceLookup, Work,
 };
-
-/// How the executor talks to libvirt.
-#[derive(Debug, Clone)]
-pub struct ExecutorConfig {
-    /// This agent's host: the executor only acts on work addressed to it.
-    pub host: HostName,
-    /// `qemu:///system` in production, `test:///abs/path/node.xml` in tests.
-    pub uri: String,
-    /// `<domain type=…>`; `None` picks it from the hypervisor's capabilities at connect time
-    /// ([`DomainType::from_capabilities`]: `kvm` where the host offers it, else `qemu`).
-    pub domain_type: Option<DomainType>,
-    pub memory_kib: u64,
-    pub vcpus: u32,
-    /// How long a graceful shutdown may take before the domain is destroyed.
-    pub shutdown_timeout: Duration,
-    /// Validate every generated domain XML against libvirt's schema before defining it.
-    pub validator: Option<Arc<XmlValidator>>,
-}
-
-impl ExecutorConfig {
-    pub fn new(host: HostName, uri: impl Into<String>) -> Self {
-        Self {
-            host,
-            uri: uri.into(),
-            domain_type: None,
-            memory_kib: DEFAULT_MEMORY_KIB,
-            vcpus: DEFAULT_VCPUS,
-            shutdown_timeout: Duration::from_secs(60),
-            validator: None,
-        }
-    }
-}
-
-/// The URI of libvirt's test driver for a node description file (`test:///abs/path`). Each
-/// connection to a file URI gets private state; `test:///default` is shared in-process.
-pub fn test_driver_uri(node_xml: &Path) -> std::io::Result<String> {
-    Ok(format!(
-        "test://{}",
-        std::path::absolute(node_xml)?.display()
-    ))
-}
 
 /// Drives libvirt for one host. Cheap to clone; share one per agent.
 #[derive(Clone)]

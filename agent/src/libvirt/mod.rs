@@ -23,10 +23,10 @@ pub mod inspect;
 pub mod validate;
 pub mod work;
 
-pub use calls::{observe, Observed};
+pub use calls::{observe, test_driver_uri, ExecutorConfig, Observed};
 pub use domain::{domain_name, DomainError, DomainSpec, DomainType, HostdevSpec};
 pub use error::{ExecutorError, FailureKind, LibvirtError};
-pub use executor::{test_driver_uri, Executor, ExecutorConfig};
+pub use executor::Executor;
 pub use inspect::{observe_domain, parse_metadata, ObservedDomain, ObservedHostdev};
 pub use validate::{ValidationError, XmlValidator};
 pub use work::{work_for, DeviceInfo, DeviceLookup, Work};
