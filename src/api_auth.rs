@@ -16,7 +16,7 @@ use clap::Args;
 use usbpt_api::guard::TOKEN_FILE;
 use usbpt_api::{ApiToken, HttpPolicy};
 
-use crate::cli::Global;
+use crate::global::Global;
 
 /// The env var holding the token itself.
 pub const TOKEN_ENV: &str = "USBPT_API_TOKEN";
@@ -84,7 +84,7 @@ impl Global {
         if let Some(t) = self.given_api_token()? {
             return Ok(Some(t));
         }
-        let Ok(data) = crate::cmd_serve::data_dir(self) else {
+        let Ok(data) = self.data_dir_or_default() else {
             return Ok(None);
         };
         let file = token_path(&data);

@@ -1,11 +1,12 @@
-//! Command-line interface (names and flags as in INTERFACES.md).
+//! Command-line interface: subcommands, flags and their defaults.
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
-use usbpt_bus::{Bus, StreamSettings};
+use anyhow::Result;
+use clap::{Parser, Subcommand};
 use usbpt_schemas::ServerAction;
+
+use crate::global::Global;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,133 +21,6 @@ pub struct Cli {
     pub setup: crate::config::Setup,
     #[command(subcommand)]
     pub command: Cmd,
-}
-
-/// Options every subcommand takes (each also as an environment variable).
-#[derive(Debug, Clone, Args)]
-pub struct Global {
-    /// NATS server URL.
-    #[arg(
-        long,
-        global = true,
-        env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    pub nats: String,
-    /// NATS credentials: an nkey seed file (what `usbpt up` generates under
-    /// `<data-dir>/creds/`) or a `.creds` file. Default: `<data-dir>/creds/admin.nk` when it
-    /// exists (the CLI beside a `usbpt up`).
-    #[arg(long, global = true, env = "NATS_CREDS")]
-    pub creds: Option<PathBuf>,
-    /// The command handler's NATS identity in `serve`/`commands` (default: --creds).
-    #[arg(long, global = true, env = "USBPT_COMMAND_CREDS")]
-    pub command_creds: Option<PathBuf>,
-    /// Connect even to a NATS server that admits clients without authentication.
-    #[arg(long, global = true, env = "USBPT_INSECURE", action = clap::ArgAction::SetTrue, value_parser = clap::builder::FalseyValueParser::new())]
-    pub insecure: bool,
-    /// TLS to NATS: the CA that signed the server's certificate (PEM). Any TLS option makes TLS
-    /// required.
-    #[arg(long, global = true, env = "USBPT_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
-    /// TLS to NATS: this client's certificate (PEM), when the server verifies clients.
-    #[arg(long, global = true, env = "USBPT_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// TLS to NATS: this client's private key (PEM).
-    #[arg(long, global = true, env = "USBPT_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// Replicas of the event stream when this process is the one that creates it: 3 on a
-    /// 3-node NATS cluster (docs/operations.md). An existing stream keeps its own.
-    #[arg(long, global = true, env = "USBPT_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
-    pub stream_replicas: u8,
-    /// Where local state lives (redb files, a private nats-server's store).
-    #[arg(long, global = true, env = "USBPT_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// The HTTP API's token, in a file (ADR 0006); or set the token itself in USBPT_API_TOKEN.
-    /// Default for the CLI: `<data-dir>/api-token` when it exists (what `up` generates).
-    #[arg(long, global = true, env = "USBPT_API_TOKEN_FILE")]
-    pub api_token_file: Option<PathBuf>,
-    /// usbpt HTTP API URL (for queries).
-    #[arg(
-        long,
-        global = true,
-        env = "USBPT_API",
-        default_value = "http://127.0.0.1:8774"
-    )]
-    pub api: String,
-    /// More logging on stderr (-v info, -vv debug); or set USBPT_LOG.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    pub verbose: u8,
-}
-
-impl Global {
-    /// These options on the bus at `url`, with state under `data_dir` (a private server's
-    /// control plane when it runs without generated identities).
-    pub fn on_bus(&self, url: &str, data_dir: std::path::PathBuf) -> Global {
-        Global {
-            nats: url.to_owned(),
-            data_dir: Some(data_dir),
-            ..self.clone()
-        }
-    }
-}
-
-impl Global {
-    /// The credentials to connect with: `--creds`, else the admin identity a `usbpt up` on
-    /// this data dir generated, if there is one.
-    pub fn creds(&self) -> Option<PathBuf> {
-        self.creds.clone().or_else(|| {
-            let data = crate::cmd_serve::data_dir(self).ok()?;
-            let admin = data
-                .join("creds")
-                .join(format!("{}.nk", usbpt_bus::auth::Role::Admin.name()));
-            admin.is_file().then_some(admin)
-        })
-    }
-
-    /// Connects with [`Global::creds`], refusing a server without authentication unless
-    /// `--insecure`.
-    pub async fn bus(&self) -> Result<Bus> {
-        self.bus_with(self.creds().as_deref()).await
-    }
-
-    /// The command handler's connection (`--command-creds`, else [`Global::bus`]'s).
-    pub async fn command_bus(&self) -> Result<Bus> {
-        match &self.command_creds {
-            Some(c) => self.bus_with(Some(c)).await,
-            None => self.bus().await,
-        }
-    }
-
-    /// The stream's settings when this process creates it (`--stream-replicas`).
-    pub fn stream_settings(&self) -> StreamSettings {
-        StreamSettings {
-            replicas: usize::from(self.stream_replicas),
-            ..StreamSettings::default()
-        }
-    }
-
-    /// The connection's security: `--insecure` and the TLS files.
-    pub fn security(&self) -> usbpt_bus::ClientSecurity {
-        usbpt_bus::ClientSecurity {
-            insecure: self.insecure,
-            tls: usbpt_bus::TlsClient {
-                ca: self.tls_ca.clone(),
-                cert: self.tls_cert.clone(),
-                key: self.tls_key.clone(),
-            },
-        }
-    }
-
-    async fn bus_with(&self, creds: Option<&std::path::Path>) -> Result<Bus> {
-        Bus::connect_checked(&self.nats, creds, &self.stream_settings(), &self.security())
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to the bus at {}",
-                    usbpt_bus::auth::redact_url(&self.nats)
-                )
-            })
-    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -164,7 +38,7 @@ pub enum Cmd {
     /// The NATS identities of a `usbpt up` (one nkey per role): add a host, list, revoke.
     #[command(subcommand)]
     Creds(crate::cmd_creds::CredsCmd),
-    /// The whole stack with two simulated hosts, playing the blueprint's story.
+    /// The whole stack with two simulated hosts, playing the built-in demo story.
     Demo(crate::demo::DemoArgs),
     /// Benchmarks: usbpt's figures beside the raw limits of NATS JetStream and redb.
     Bench(crate::cmd_bench::BenchArgs),
@@ -281,7 +155,7 @@ pub async fn run(cli: Cli, loaded: &crate::config::Loaded) -> Result<()> {
             Ok(())
         }
         Cmd::Config(crate::config::ConfigCmd::Show) => {
-            let (cmd, matches) = crate::config::command_and_matches(loaded)?;
+            let (cmd, matches) = crate::config::command_and_matches::<Cli>(loaded)?;
             let rows = crate::config::effective(loaded, &cmd, &matches);
             print!("{}", crate::config::render(loaded, &rows));
             Ok(())
@@ -291,7 +165,7 @@ pub async fn run(cli: Cli, loaded: &crate::config::Loaded) -> Result<()> {
             clap_complete::generate(shell, &mut cmd, "usbpt", &mut std::io::stdout());
             Ok(())
         }
-        Cmd::Manpages { dir } => crate::config::write_manpages(&dir),
+        Cmd::Manpages { dir } => crate::config::write_manpages::<Cli>(&dir),
         Cmd::Agent(args) => crate::cmd_agent::run(&cli.global, args).await,
         Cmd::Events(EventsCmd::Tail {
             from_start,
@@ -331,5 +205,103 @@ pub async fn run(cli: Cli, loaded: &crate::config::Loaded) -> Result<()> {
         Cmd::Resume(a) => send(&cli.global, a.action(ServerAction::Resume)).await,
         Cmd::Rebuild(a) => send(&cli.global, a.action(ServerAction::Rebuild)).await,
         Cmd::Delete(a) => send(&cli.global, a.delete()).await,
+    }
+}
+
+/// The config file against this command line (`crate::config` is generic over it).
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_with(file: &str, argv: &[&str]) -> Cli {
+        use clap::{CommandFactory, FromArgMatches};
+        let file = crate::config::FileConfig::parse(file).expect("file parses");
+        let cmd = crate::config::apply(Cli::command(), &file).expect("applies");
+        let m = cmd.try_get_matches_from(argv).expect("argv parses");
+        Cli::from_arg_matches(&m).expect("cli")
+    }
+
+    #[test]
+    fn the_file_fills_in_what_flags_do_not_give_and_flags_win() {
+        let file = "[agent]\nhost = \"hv-07\"\nhypervisor = \"test:///default\"\n\
+                    [nats]\nurls = [\"nats://a:4222\", \"nats://b:4222\"]\n";
+        // --host is required on the command line, but the file gives it.
+        let cli = parse_with(file, &["usbpt", "agent"]);
+        let Cmd::Agent(a) = cli.command else {
+            panic!("not agent")
+        };
+        assert_eq!(a.host.to_string(), "hv-07");
+        assert_eq!(a.hypervisor, "test:///default");
+        assert_eq!(cli.global.nats, "nats://a:4222,nats://b:4222");
+        // A flag beats the file.
+        let cli = parse_with(
+            file,
+            &["usbpt", "--nats", "nats://c:1", "agent", "--host", "x"],
+        );
+        let Cmd::Agent(a) = cli.command else {
+            panic!("not agent")
+        };
+        assert_eq!(a.host.to_string(), "x");
+        assert_eq!(cli.global.nats, "nats://c:1");
+    }
+
+    #[test]
+    fn a_key_reaches_every_command_it_names() {
+        let file = "[commands]\ngrace = 7\nweigh = \"spread\"\n[projector]\nconsumer = \"p2\"\n";
+        let Cmd::Serve(s) = parse_with(file, &["usbpt", "serve"]).command else {
+            panic!("not serve")
+        };
+        assert_eq!(s.commands.grace, 7);
+        assert!(matches!(
+            s.commands.weigh,
+            crate::cmd_serve::WeighArg::Spread
+        ));
+        assert_eq!(s.projector.consumer, "p2");
+        let Cmd::Commands(c) = parse_with(file, &["usbpt", "commands"]).command else {
+            panic!("not commands")
+        };
+        assert_eq!(c.commands.grace, 7);
+        assert_eq!(c.projector.consumer, "p2");
+        // Without the file the built-in defaults stand.
+        let Cmd::Serve(s) = parse_with("", &["usbpt", "serve"]).command else {
+            panic!("not serve")
+        };
+        assert_eq!(s.commands.grace, 120);
+    }
+
+    #[test]
+    fn every_key_names_an_argument_of_each_of_its_commands() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        for k in crate::config::KEYS {
+            if k.commands.is_empty() {
+                assert!(
+                    crate::config::find(&cmd, k.commands, k.arg).is_some(),
+                    "{}",
+                    k.name
+                );
+            }
+            for c in k.commands {
+                assert!(
+                    crate::config::find(&cmd, &[c], k.arg).is_some(),
+                    "{} on {c}",
+                    k.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_this_build_lacks_is_refused_by_name() {
+        use clap::CommandFactory;
+        let file =
+            crate::config::FileConfig::parse("[api]\ntoken_file = \"/t\"\n").expect("parses");
+        // Every key's argument exists in this build; a key without one is refused by name.
+        crate::config::apply(Cli::command(), &file).expect("api.token_file is --api-token-file");
+        let mut missing = Cli::command();
+        missing = missing.mut_subcommand("serve", |c| c.mut_arg("grace", |a| a.id("gone")));
+        let file = crate::config::FileConfig::parse("[commands]\ngrace = 5\n").expect("parses");
+        let err = crate::config::apply(missing, &file).expect_err("no --grace on serve");
+        assert!(format!("{err:#}").contains("commands.grace"), "{err:#}");
     }
 }

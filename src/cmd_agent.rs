@@ -9,7 +9,7 @@ use clap::Args;
 use usbpt_agent::{progress, read_boot_id, AgentConfig, BusTarget, Filter, UdevSource};
 use usbpt_schemas::HostName;
 
-use crate::cli::Global;
+use crate::global::Global;
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
@@ -17,14 +17,14 @@ pub struct AgentArgs {
     #[arg(long)]
     pub host: HostName,
     /// The libvirt URI the agent drives, as reported in HostAgentStarted.
-    #[arg(long, default_value = "qemu:///system")]
+    #[arg(long, default_value = crate::defaults::HYPERVISOR_URI)]
     pub hypervisor: String,
-    /// Passthrough filter: TOML rules, or the blueprint's usb_passthrough_blacklist as a .json
+    /// Passthrough filter: TOML rules, or a usb_passthrough_blacklist list as a .json
     /// file. Without it: root hubs, hubs and HID boot keyboards/mice are not candidates.
     #[arg(long)]
     pub filter: Option<PathBuf>,
     /// Where the kernel's boot id is read; a change means the host rebooted.
-    #[arg(long, default_value = "/proc/sys/kernel/random/boot_id")]
+    #[arg(long, default_value = crate::defaults::BOOT_ID_FILE)]
     pub boot_id_file: PathBuf,
     /// The command handler's nkey public key (`U…`), or a file holding it: control work must
     /// then carry its signature. `usbpt creds list` prints it.
@@ -48,23 +48,6 @@ pub fn control_key(arg: Option<&str>) -> Result<Option<String>> {
         "--control-key: not an nkey user public key"
     );
     Ok(Some(key))
-}
-
-/// The data dir when `--data-dir`/`USBPT_DATA_DIR` is not given: `/var/lib/usbpt` for root (a
-/// host agent normally runs as root), else `$XDG_STATE_HOME/usbpt` or `~/.local/state/usbpt`.
-pub fn default_data_dir() -> Result<PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    // /proc/self belongs to the process's effective user.
-    if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
-        return Ok(PathBuf::from("/var/lib/usbpt"));
-    }
-    if let Some(state) = std::env::var_os("XDG_STATE_HOME").filter(|s| !s.is_empty()) {
-        return Ok(PathBuf::from(state).join("usbpt"));
-    }
-    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).context(
-        "no --data-dir, USBPT_DATA_DIR, XDG_STATE_HOME or HOME to keep the agent's state in",
-    )?;
-    Ok(PathBuf::from(home).join(".local/state/usbpt"))
 }
 
 /// Called first thing in `main`, for `usbpt agent` only. A host agent is small and long-lived:
@@ -91,10 +74,7 @@ pub fn lean_process() {
 }
 
 pub async fn run(global: &Global, args: AgentArgs) -> Result<()> {
-    let data_dir = match &global.data_dir {
-        Some(d) => d.clone(),
-        None => default_data_dir()?,
-    };
+    let data_dir = global.agent_data_dir()?;
     let boot_id = read_boot_id(&args.boot_id_file)?;
     let filter = match &args.filter {
         Some(path) => Filter::load(path)?,

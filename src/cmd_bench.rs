@@ -11,7 +11,7 @@ use clap::Args;
 use serde::Serialize;
 use usbpt_bench::{Report, Section};
 
-use crate::cli::Global;
+use crate::global::Global;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -43,7 +43,7 @@ struct Document<'a> {
 pub async fn run(global: &Global, args: BenchArgs) -> Result<()> {
     let options = usbpt_bench::Options {
         quick: args.quick,
-        nats: crate::demo::nats_given().then(|| global.nats.clone()),
+        nats: crate::global::nats_given().then(|| global.nats.clone()),
         usbpt: std::env::current_exe().ok(),
         only: args.only,
     };

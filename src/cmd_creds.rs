@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use usbpt_bus::auth::{CredsDir, Role};
 use usbpt_schemas::HostName;
 
-use crate::cli::Global;
+use crate::global::Global;
 
 #[derive(Debug, Subcommand)]
 pub enum CredsCmd {
@@ -35,7 +35,7 @@ pub struct RevokeArg {
 }
 
 fn creds_dir(global: &Global) -> Result<(CredsDir, std::path::PathBuf)> {
-    let data = crate::cmd_serve::data_dir(global)?;
+    let data = global.data_dir_or_default()?;
     Ok((CredsDir::open(data.join("creds"))?, data))
 }
 

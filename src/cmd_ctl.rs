@@ -9,7 +9,7 @@ use usbpt_commands::handler::request;
 use usbpt_schemas::commands::{Command, CommandReply};
 use usbpt_schemas::{FlavorName, HostName, ServerAction, ServerName, UsbRequest};
 
-use crate::cli::Global;
+use crate::global::Global;
 
 /// How long the CLI waits for a command handler's reply.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -1,18 +1,22 @@
-//! Queries (INTERFACES.md): `devices`, `device show`, `history`, `hypervisor show`,
+//! Queries: `devices`, `device show`, `history`, `hypervisor show`,
 //! `flavor list|show`, `server list|show`. They read the view through the HTTP API (`--api`).
 //! With `--json`: exactly one JSON document on stdout, as the API returned it; otherwise a
-//! readable table. Errors: non-zero exit, one line on stderr.
+//! readable table, read from the API's typed documents (`usbpt_api::doc`). Errors: non-zero
+//! exit, one line on stderr.
 
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
+use usbpt_api::doc;
 use usbpt_projector::DeviceStatus;
 use usbpt_schemas::text::{escape, escape_json};
 use usbpt_schemas::HostName;
 
-use crate::cli::Global;
+use crate::global::Global;
 
 #[derive(Debug, Args)]
 pub struct DevicesArgs {
@@ -121,9 +125,8 @@ impl Api {
         let json: Value = serde_json::from_str(&body)
             .with_context(|| format!("the API answered {status} with non-JSON to {url}"))?;
         if !status.is_success() {
-            let message = json["error"]["message"]
-                .as_str()
-                .map_or_else(|| body.clone(), str::to_owned);
+            let message = serde_json::from_value::<doc::ErrorDoc>(json)
+                .map_or_else(|_| body.clone(), |e| e.error.message);
             let hint = match status.as_u16() {
                 401 => " (give the API token: --api-token-file FILE or USBPT_API_TOKEN; `usbpt up` writes <data-dir>/api-token)",
                 403 => " (the API token given is not this API's)",
@@ -133,6 +136,11 @@ impl Api {
         }
         Ok(json)
     }
+}
+
+/// A document the API returned, typed; a document of another shape is an error naming `what`.
+fn typed<T: DeserializeOwned>(doc: Value, what: &str) -> Result<T> {
+    serde_json::from_value(doc).with_context(|| format!("the API's {what} document"))
 }
 
 fn root_cause(e: &dyn std::error::Error) -> String {
@@ -186,24 +194,25 @@ fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn short(id: &Value) -> String {
-    s(id)
+/// A typed value as [`s`] shows its JSON form (so a table reads as the document does).
+fn c<T: Serialize + ?Sized>(x: &T) -> String {
+    s(&serde_json::to_value(x).unwrap_or(Value::Null))
 }
 
-fn device_rows(devices: &[Value]) -> Vec<Vec<String>> {
+fn device_rows(devices: &[doc::DeviceDoc]) -> Vec<Vec<String>> {
     devices
         .iter()
         .map(|d| {
             vec![
-                short(&d["id"]),
-                s(&d["host"]),
-                s(&d["status"]),
-                format!("{}:{}", s(&d["vendor_id"]), s(&d["product_id"])),
-                s(&d["address"]),
-                s(&d["port_path"]),
-                s(&d["serial"]),
-                s(&d["holder"]),
-                s(&d["product"]),
+                c(&d.id),
+                c(&d.host),
+                c(&d.status),
+                format!("{}:{}", c(&d.vendor_id), c(&d.product_id)),
+                c(&d.address),
+                c(&d.port_path),
+                c(&d.serial),
+                c(&d.holder),
+                c(&d.product),
             ]
         })
         .collect()
@@ -243,8 +252,8 @@ pub async fn devices(global: &Global, a: DevicesArgs) -> Result<()> {
     if a.json {
         return print_json(&doc);
     }
-    let list = doc["devices"].as_array().cloned().unwrap_or_default();
-    table(&DEVICE_HEADERS, &device_rows(&list));
+    let list: doc::DeviceList = typed(doc, "device list")?;
+    table(&DEVICE_HEADERS, &device_rows(&list.devices));
     Ok(())
 }
 
@@ -257,80 +266,77 @@ pub async fn device(global: &Global, cmd: DeviceCmd) -> Result<()> {
     if json {
         return print_json(&doc);
     }
-    let d = &doc["device"];
-    let fields = [
-        "id",
-        "lineage_id",
-        "lineage_kind",
-        "host",
-        "status",
-        "holder",
-        "current",
-        "address",
-        "port_path",
-        "vendor_id",
-        "product_id",
-        "serial",
-        "manufacturer",
-        "product",
-        "vendor_db",
-        "model_db",
-        "speed",
-        "usb_version",
-        "syspath",
-        "boot_id",
-        "supersedes",
+    let d = typed::<doc::DeviceShow>(doc, "device")?.device;
+    let fields: [(&str, String); 21] = [
+        ("id", c(&d.id)),
+        ("lineage_id", c(&d.lineage_id)),
+        (
+            "lineage_kind",
+            doc::lineage_kind_name(d.lineage_kind).to_owned(),
+        ),
+        ("host", c(&d.host)),
+        ("status", c(&d.status)),
+        ("holder", c(&d.holder)),
+        ("current", c(&d.current)),
+        ("address", c(&d.address)),
+        ("port_path", c(&d.port_path)),
+        ("vendor_id", c(&d.vendor_id)),
+        ("product_id", c(&d.product_id)),
+        ("serial", c(&d.serial)),
+        ("manufacturer", c(&d.manufacturer)),
+        ("product", c(&d.product)),
+        ("vendor_db", c(&d.vendor_db)),
+        ("model_db", c(&d.model_db)),
+        ("speed", c(&d.speed)),
+        ("usb_version", c(&d.usb_version)),
+        ("syspath", c(&d.syspath)),
+        ("boot_id", c(&d.boot_id)),
+        ("supersedes", c(&d.supersedes)),
     ];
-    for f in fields {
-        println!("{f:<14} {}", s(&d[f]));
+    for (f, value) in fields {
+        println!("{f:<14} {value}");
     }
     println!(
         "{:<14} seq {} at {}",
         "discovered",
-        s(&d["discovered"]["seq"]),
-        s(&d["discovered"]["at"])
+        d.discovered.seq,
+        c(&d.discovered.at)
     );
-    if !d["invalidation"].is_null() {
-        let i = &d["invalidation"];
+    if let Some(i) = &d.invalidation {
         println!(
             "{:<14} seq {} at {} ({}), superseded by {}",
             "invalidated",
-            s(&i["seq"]),
-            s(&i["at"]),
-            s(&i["reason"]),
-            s(&i["superseded_by"])
+            i.seq,
+            c(&i.at),
+            c(&i.reason),
+            c(&i.superseded_by)
         );
     }
-    if !d["attachment"].is_null() {
-        let a = &d["attachment"];
+    if let Some(a) = &d.attachment {
         println!(
             "{:<14} to {} at {} ({}, seq {})",
             "attached",
-            s(&a["server_id"]),
-            s(&a["address"]),
-            s(&a["method"]),
-            s(&a["seq"])
+            c(&a.server_id),
+            c(&a.address),
+            c(&a.method),
+            a.seq
         );
     }
-    for h in d["holders"].as_array().into_iter().flatten() {
+    for h in &d.holders {
         println!("{:<14} {}", "held by", holding(h));
     }
     Ok(())
 }
 
-fn holding(h: &Value) -> String {
+fn holding(h: &doc::HoldingDoc) -> String {
     let mut out = format!(
         "{} ({}) from seq {}",
-        s(&h["server_id"]),
-        s(&h["how"]),
-        s(&h["from"]["seq"])
+        c(&h.server_id),
+        c(&h.how),
+        h.from.seq
     );
-    if !h["ended"].is_null() {
-        out.push_str(&format!(
-            " until seq {} ({})",
-            s(&h["ended"]["seq"]),
-            s(&h["ended"]["reason"])
-        ));
+    if let Some(e) = &h.ended {
+        out.push_str(&format!(" until seq {} ({})", e.seq, c(&e.reason)));
     }
     out
 }
@@ -355,52 +361,45 @@ pub async fn history(global: &Global, a: HistoryArgs) -> Result<()> {
     if a.json {
         return print_json(&doc);
     }
-    let l = &doc["lineage"];
+    let h: doc::History = typed(doc, "history")?;
+    let l = &h.lineage;
     println!(
         "lineage {} ({}, {}:{}, serial {}): {} enumeration(s), now {} on {}",
-        s(&l["id"]),
-        s(&l["kind"]),
-        s(&l["vendor_id"]),
-        s(&l["product_id"]),
-        s(&l["serial"]),
-        s(&l["enumerations"]),
-        s(&l["current_device_id"]),
-        s(&l["current_host"]),
+        c(&l.id),
+        doc::lineage_kind_name(l.kind),
+        c(&l.vendor_id),
+        c(&l.product_id),
+        c(&l.serial),
+        l.enumerations,
+        c(&l.current_device_id),
+        c(&l.current_host),
     );
-    let c = &doc["claim"];
-    if !c.is_null() {
+    if let Some(cl) = &h.claim {
         println!(
             "claimed by server {} (follow {}, since seq {})",
-            s(&c["server_id"]),
-            s(&c["follow"]),
-            s(&c["claimed"]["seq"])
+            c(&cl.server_id),
+            c(&cl.follow),
+            cl.claimed.seq
         );
     }
-    let rows: Vec<Vec<String>> = doc["enumerations"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let rows: Vec<Vec<String>> = h
+        .enumerations
+        .iter()
         .map(|e| {
-            let inv = &e["invalidation"];
-            let ended = if inv.is_null() {
-                "-".to_owned()
-            } else {
-                format!("{} {}", s(&inv["at"]), s(&inv["reason"]))
-            };
-            let holders: Vec<String> = e["holders"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|h| s(&h["server_id"]))
-                .collect();
+            let d = &e.device;
+            let ended = d.invalidation.as_ref().map_or_else(
+                || "-".to_owned(),
+                |inv| format!("{} {}", c(&inv.at), c(&inv.reason)),
+            );
+            let holders: Vec<String> = d.holders.iter().map(|h| c(&h.server_id)).collect();
             vec![
-                s(&e["ordinal"]),
-                s(&e["id"]),
-                s(&e["host"]),
-                s(&e["address"]),
-                s(&e["port_path"]),
-                s(&e["status"]),
-                s(&e["discovered"]["at"]),
+                e.ordinal.to_string(),
+                c(&d.id),
+                c(&d.host),
+                c(&d.address),
+                c(&d.port_path),
+                c(&d.status),
+                c(&d.discovered.at),
                 ended,
                 if holders.is_empty() {
                     "-".to_owned()
@@ -436,27 +435,26 @@ pub async fn hypervisor(global: &Global, cmd: HypervisorCmd) -> Result<()> {
     if json {
         return print_json(&doc);
     }
-    let h = &doc["hypervisor"];
+    let h = typed::<doc::HypervisorShow>(doc, "hypervisor")?.hypervisor;
     println!(
         "hypervisor {} (agent {}, boot {}, {})",
-        s(&h["hypervisor_hostname"]),
-        s(&h["agent_version"]),
-        s(&h["boot_id"]),
-        s(&h["hypervisor_uri"])
+        c(&h.hypervisor_hostname),
+        c(&h.agent_version),
+        c(&h.boot_id),
+        c(&h.hypervisor_uri)
     );
-    let rows: Vec<Vec<String>> = h["usb_device_stats"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let rows: Vec<Vec<String>> = h
+        .usb_device_stats
+        .iter()
         .map(|d| {
             vec![
-                s(&d["id"]),
-                s(&d["address"]),
-                format!("{}:{}", s(&d["vendor_id"]), s(&d["product_id"])),
-                s(&d["port_id"]),
-                s(&d["status"]),
-                s(&d["instance_uuid"]),
-                s(&d["lineage_id"]),
+                c(&d.id),
+                c(&d.address),
+                format!("{}:{}", c(&d.vendor_id), c(&d.product_id)),
+                c(&d.port_id),
+                c(&d.status),
+                c(&d.instance_uuid),
+                c(&d.lineage_id),
             ]
         })
         .collect();
@@ -481,43 +479,39 @@ pub async fn flavor_list(global: &Global, a: ListArgs) -> Result<()> {
     if a.json {
         return print_json(&doc);
     }
-    let rows: Vec<Vec<String>> = doc["flavors"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|f| vec![s(&f["name"]), s(&f["id"]), usb_summary(&f["usb_devices"])])
+    let list: doc::FlavorList = typed(doc, "flavor list")?;
+    let rows: Vec<Vec<String>> = list
+        .flavors
+        .iter()
+        .map(|f| vec![c(&f.name), c(&f.id), usb_summary(&f.usb_devices)])
         .collect();
     table(&["NAME", "ID", "USB"], &rows);
     Ok(())
 }
 
 /// One line per USB request of a flavor.
-fn usb_summary(usb: &Value) -> String {
+fn usb_summary(usb: &[usbpt_schemas::UsbRequest]) -> String {
+    use usbpt_schemas::DeviceSelector;
     let parts: Vec<String> = usb
-        .as_array()
-        .into_iter()
-        .flatten()
+        .iter()
         .map(|r| {
-            let sel = &r["selector"];
-            let what = if let Some(m) = sel.get("match") {
-                let mut t = format!(
-                    "{}:{} x{}",
-                    s(&m["vendor_id"]),
-                    s(&m["product_id"]),
-                    s(&m["count"])
-                );
-                if !m["serial"].is_null() {
-                    t.push_str(&format!(" serial {}", s(&m["serial"])));
+            let what = match &r.selector {
+                DeviceSelector::Match {
+                    vendor_id,
+                    product_id,
+                    serial,
+                    count,
+                } => {
+                    let mut t = format!("{}:{} x{count}", c(vendor_id), c(product_id));
+                    if let Some(serial) = serial {
+                        t.push_str(&format!(" serial {}", c(serial)));
+                    }
+                    t
                 }
-                t
-            } else if let Some(l) = sel.get("lineage") {
-                format!("lineage {}", s(l))
-            } else if let Some(e) = sel.get("enumeration") {
-                format!("device {}", s(e))
-            } else {
-                sel.to_string()
+                DeviceSelector::Lineage(l) => format!("lineage {}", c(l)),
+                DeviceSelector::Enumeration(e) => format!("device {}", c(e)),
             };
-            format!("{what} ({}, {})", s(&r["controller"]), s(&r["follow"]))
+            format!("{what} ({}, {})", c(&r.controller), c(&r.follow))
         })
         .collect();
     if parts.is_empty() {
@@ -535,25 +529,20 @@ pub async fn flavor_show(global: &Global, a: ShowArgs) -> Result<()> {
     if a.json {
         return print_json(&doc);
     }
-    let f = &doc["flavor"];
-    println!("{:<10} {}", "name", s(&f["name"]));
-    println!("{:<10} {}", "id", s(&f["id"]));
+    let f = typed::<doc::FlavorShow>(doc, "flavor")?.flavor;
+    println!("{:<10} {}", "name", c(&f.name));
+    println!("{:<10} {}", "id", c(&f.id));
     println!(
         "{:<10} seq {} at {}",
         "created",
-        s(&f["created"]["seq"]),
-        s(&f["created"]["at"])
+        f.created.seq,
+        c(&f.created.at)
     );
-    for (i, r) in f["usb_devices"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
+    for (i, r) in f.usb_devices.iter().enumerate() {
         println!(
             "{:<10} {}",
             format!("usb[{i}]"),
-            usb_summary(&Value::Array(vec![r.clone()]))
+            usb_summary(std::slice::from_ref(r))
         );
     }
     Ok(())
@@ -570,17 +559,17 @@ pub async fn server_list(global: &Global, a: ListArgs) -> Result<()> {
     if a.json {
         return print_json(&doc);
     }
-    let rows: Vec<Vec<String>> = doc["servers"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let list: doc::ServerList = typed(doc, "server list")?;
+    let rows: Vec<Vec<String>> = list
+        .servers
+        .iter()
         .map(|v| {
             vec![
-                s(&v["name"]),
-                s(&v["id"]),
-                s(&v["status"]),
-                s(&v["host"]),
-                s(&v["flavor"]["id"]),
+                c(&v.name),
+                c(&v.id),
+                c(&v.status),
+                c(&v.host),
+                c(&v.flavor.id),
             ]
         })
         .collect();
@@ -596,62 +585,48 @@ pub async fn server_show(global: &Global, a: ShowArgs) -> Result<()> {
     if a.json {
         return print_json(&doc);
     }
-    let v = &doc["server"];
-    println!("{:<12} {}", "name", s(&v["name"]));
-    println!("{:<12} {}", "id", s(&v["id"]));
-    println!(
-        "{:<12} {} {}",
-        "status",
-        s(&v["status"]),
-        s(&v["state_detail"])
-    );
-    println!("{:<12} {}", "host", s(&v["host"]));
+    let v = typed::<doc::ServerShow>(doc, "server")?.server;
+    println!("{:<12} {}", "name", c(&v.name));
+    println!("{:<12} {}", "id", c(&v.id));
+    println!("{:<12} {} {}", "status", c(&v.status), c(&v.state_detail));
+    println!("{:<12} {}", "host", c(&v.host));
     println!(
         "{:<12} {} ({})",
         "flavor",
-        s(&v["flavor"]["name"]),
-        s(&v["flavor"]["id"])
+        c(&v.flavor.name),
+        c(&v.flavor.id)
     );
-    for d in v["usb_devices"].as_array().into_iter().flatten() {
+    for d in &v.usb_devices {
         println!(
             "{:<12} #{} {} {} at {} on {} ({}, {}{})",
             "usb",
-            s(&d["request_index"]),
-            s(&d["device_id"]),
-            s(&d["status"]),
-            s(&d["address"]),
-            s(&d["host"]),
-            s(&d["controller"]),
-            s(&d["follow"]),
-            if d["held"] == Value::Bool(true) {
-                ", held"
-            } else {
-                ", not held"
-            }
+            d.request_index,
+            c(&d.device_id),
+            c(&d.status),
+            c(&d.address),
+            c(&d.host),
+            c(&d.controller),
+            c(&d.follow),
+            if d.held { ", held" } else { ", not held" }
         );
     }
-    for f in v["schedule_failures"].as_array().into_iter().flatten() {
-        println!(
-            "{:<12} seq {}: {}",
-            "not placed",
-            s(&f["stamp"]["seq"]),
-            s(&f["reason"])
-        );
-        for r in f["host_rejections"].as_array().into_iter().flatten() {
-            println!("{:<12}   {}: {}", "", s(&r["host"]), s(&r["reason"]));
+    for f in &v.schedule_failures {
+        println!("{:<12} seq {}: {}", "not placed", f.stamp.seq, c(&f.reason));
+        for r in &f.host_rejections {
+            println!("{:<12}   {}: {}", "", c(&r.host), c(&r.reason));
         }
     }
-    for m in v["migration_refusals"].as_array().into_iter().flatten() {
+    for m in &v.migration_refusals {
         println!(
             "{:<12} seq {} ({}): {}",
             "refused",
-            s(&m["stamp"]["seq"]),
-            if m["live"] == Value::Bool(true) {
+            m.stamp.seq,
+            if m.live {
                 "live migration"
             } else {
                 "migration"
             },
-            s(&m["reason"])
+            c(&m.reason)
         );
     }
     Ok(())

@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 use usbpt_api::docs;
 use usbpt_projector::{digest, replay, DeviceFilter, Snapshot, View};
 
-use crate::cli::Global;
 use crate::cmd_serve::view_path;
+use crate::global::Global;
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {

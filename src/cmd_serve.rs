@@ -26,29 +26,38 @@ use usbpt_commands::reactor;
 use usbpt_commands::schedule::Weigh;
 use usbpt_projector::{Projector, ProjectorConfig, View, ViewError, VIEW_FILE};
 
-use crate::cli::Global;
+use crate::defaults;
+use crate::global::Global;
 
 #[derive(Debug, Args)]
 pub struct ProjectorArgs {
     /// The durable consumer's name; every projector with its own view needs its own.
-    #[arg(long, default_value = "usbpt-projector")]
+    #[arg(long, default_value = defaults::PROJECTOR_CONSUMER)]
     pub consumer: String,
     /// Events per fetch and per redb transaction.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    #[arg(long, default_value_t = defaults::PROJECTOR_BATCH, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub batch: u64,
     /// Live-event (`/v1/events`) clients the HTTP API serves at once; one more gets 503 with
     /// `Retry-After`. They all share one reader of the stream.
-    #[arg(long, env = "USBPT_SSE_MAX_CLIENTS", default_value_t = DEFAULT_SSE_MAX_CLIENTS, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, env = "USBPT_SSE_MAX_CLIENTS", default_value_t = defaults::SSE_MAX_CLIENTS, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub sse_max_clients: u64,
 }
 
-/// The default of `--sse-max-clients`.
-pub const DEFAULT_SSE_MAX_CLIENTS: u64 = 1024;
+impl Default for ProjectorArgs {
+    /// The flags' defaults (what `up` and `demo` run).
+    fn default() -> Self {
+        Self {
+            consumer: defaults::PROJECTOR_CONSUMER.to_owned(),
+            batch: defaults::PROJECTOR_BATCH,
+            sse_max_clients: defaults::SSE_MAX_CLIENTS,
+        }
+    }
+}
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Where the HTTP API listens.
-    #[arg(long, default_value = "127.0.0.1:8774")]
+    #[arg(long, default_value = defaults::API_LISTEN)]
     pub listen: SocketAddr,
     #[command(flatten)]
     pub http: crate::api_auth::ApiSecurityArgs,
@@ -65,15 +74,27 @@ pub struct CommandArgs {
     #[arg(long, value_enum, default_value = "pack")]
     pub weigh: WeighArg,
     /// Seconds a claimed device may be gone before its claim is released (`follow=lineage`).
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = defaults::GRACE.as_secs())]
     pub grace: u64,
     /// Commands handled at once by this process.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = defaults::COMMAND_CONCURRENCY)]
     pub concurrency: usize,
     /// Nova's `resize_confirm_window`: seconds after which a resize still awaiting confirmation
     /// (`VERIFY_RESIZE`) is confirmed; 0 never does (Nova's default).
     #[arg(long, default_value_t = 0, env = "USBPT_RESIZE_CONFIRM_WINDOW")]
     pub resize_confirm_window: u64,
+}
+
+impl Default for CommandArgs {
+    /// The flags' defaults (what `up` and `demo` run).
+    fn default() -> Self {
+        Self {
+            weigh: WeighArg::Pack,
+            grace: defaults::GRACE.as_secs(),
+            concurrency: defaults::COMMAND_CONCURRENCY,
+            resize_confirm_window: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -148,23 +169,9 @@ pub struct ProjectorCmdArgs {
     pub projector: ProjectorArgs,
 }
 
-/// The data directory: `--data-dir`/`USBPT_DATA_DIR`, else `$XDG_STATE_HOME/usbpt`, else
-/// `~/.local/state/usbpt`.
-pub fn data_dir(global: &Global) -> Result<PathBuf> {
-    if let Some(d) = &global.data_dir {
-        return Ok(d.clone());
-    }
-    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
-        return Ok(PathBuf::from(x).join("usbpt"));
-    }
-    std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".local/state/usbpt"))
-        .ok_or_else(|| anyhow!("no data directory: pass --data-dir or set USBPT_DATA_DIR"))
-}
-
 /// The live view's path, `<data-dir>/view.redb`.
 pub fn view_path(global: &Global) -> Result<PathBuf> {
-    Ok(data_dir(global)?.join(VIEW_FILE))
+    Ok(global.data_dir_or_default()?.join(VIEW_FILE))
 }
 
 /// Opens (creating) the live view. A view of an older record format is moved aside and
@@ -328,6 +335,14 @@ async fn shutdown_signal() -> &'static str {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => "SIGINT",
         _ = term => "SIGTERM",
+    }
+}
+
+/// Binds `addr`, or a free loopback port when it is taken.
+pub async fn bind_or_free(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    match bind(what, addr).await {
+        Ok(l) => Ok(l),
+        Err(_) => bind(what, SocketAddr::from(([127, 0, 0, 1], 0))).await,
     }
 }
 

@@ -18,8 +18,8 @@ use usbpt_bus::server::{NatsServer, ServerConfig};
 use usbpt_bus::StreamSettings;
 use usbpt_schemas::HostName;
 
-use crate::cli::Global;
-use crate::cmd_serve::{control_plane, CommandArgs, ProjectorArgs, Tasks, WeighArg};
+use crate::cmd_serve::{control_plane, CommandArgs, ProjectorArgs, Tasks};
+use crate::global::Global;
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -30,7 +30,7 @@ pub struct UpArgs {
     #[arg(long)]
     pub hypervisor: Option<String>,
     /// Where the HTTP API and dashboard listen (a free port is taken if this one is busy).
-    #[arg(long, default_value = "127.0.0.1:8774")]
+    #[arg(long, default_value = crate::defaults::API_LISTEN)]
     pub listen: SocketAddr,
     /// Run the private nats-server with its default periodic fsync instead of fsync per write.
     #[arg(long)]
@@ -38,7 +38,7 @@ pub struct UpArgs {
     /// Passthrough filter file for this host's agent (see `usbpt agent --help`).
     #[arg(long)]
     pub filter: Option<PathBuf>,
-    #[arg(long, default_value = "/proc/sys/kernel/random/boot_id")]
+    #[arg(long, default_value = crate::defaults::BOOT_ID_FILE)]
     pub boot_id_file: PathBuf,
     #[command(flatten)]
     pub stream: StreamLimits,
@@ -179,11 +179,12 @@ fn system_host() -> Result<HostName> {
     })?)
 }
 
-/// Port 4222 when free, else any free loopback port.
+/// NATS's own port when free, else any free loopback port.
 fn nats_port() -> Option<u16> {
-    std::net::TcpListener::bind("127.0.0.1:4222")
+    use crate::defaults::NATS_PORT;
+    std::net::TcpListener::bind(("127.0.0.1", NATS_PORT))
         .ok()
-        .map(|_| 4222)
+        .map(|_| NATS_PORT)
 }
 
 /// The executor for this host, and one line saying which hypervisor it drives.
@@ -204,8 +205,13 @@ async fn hypervisor(
         );
         return e;
     }
-    if let Ok(e) = Executor::connect(ExecutorConfig::new(host.clone(), "qemu:///system")).await {
-        println!("usbpt up: hypervisor qemu:///system");
+    if let Ok(e) = Executor::connect(ExecutorConfig::new(
+        host.clone(),
+        crate::defaults::HYPERVISOR_URI,
+    ))
+    .await
+    {
+        println!("usbpt up: hypervisor {}", crate::defaults::HYPERVISOR_URI);
         return Some(Arc::new(e));
     }
     let node = data.join("libvirt-test-node.xml");
@@ -233,14 +239,14 @@ async fn hypervisor(
 }
 
 pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
-    let data = crate::cmd_serve::data_dir(global)?;
+    let data = global.data_dir_or_default()?;
     usbpt_bus::auth::private_dir(&data).with_context(|| format!("creating {}", data.display()))?;
     let host = match &args.host {
         Some(h) => h.clone(),
         None => system_host()?,
     };
     let settings = args.stream.settings();
-    let (url, mut server, creds) = if crate::demo::nats_given() {
+    let (url, mut server, creds) = if crate::global::nats_given() {
         (global.nats.clone(), None, None)
     } else {
         let creds = PrivateCreds::ensure(&data, std::slice::from_ref(&host))?;
@@ -275,7 +281,7 @@ pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
     };
     let policy = args.http.policy(args.listen, token.clone())?;
     let mut tasks = Tasks::new();
-    let listener = crate::demo::bind_or_free("up", args.listen).await?;
+    let listener = crate::cmd_serve::bind_or_free("up", args.listen).await?;
     let base = format!("http://{}/", listener.local_addr()?);
     println!("usbpt up: API and dashboard {base}");
     if let Some(t) = &token {
@@ -286,17 +292,8 @@ pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
         &mut tasks,
         listener,
         policy,
-        &ProjectorArgs {
-            consumer: usbpt_schemas::subjects::js::PROJECTOR_CONSUMER.into(),
-            batch: 1000,
-            sse_max_clients: crate::cmd_serve::DEFAULT_SSE_MAX_CLIENTS,
-        },
-        &CommandArgs {
-            weigh: WeighArg::Pack,
-            grace: 120,
-            concurrency: 32,
-            resize_confirm_window: 0,
-        },
+        &ProjectorArgs::default(),
+        &CommandArgs::default(),
     )
     .await?;
 

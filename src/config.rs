@@ -92,7 +92,7 @@ pub struct AgentSection {
     pub host: Option<HostName>,
     /// The libvirt URI the agent drives.
     pub hypervisor: Option<String>,
-    /// The passthrough filter rules (TOML, or the blueprint's list as `.json`).
+    /// The passthrough filter rules (TOML, or a `usb_passthrough_blacklist` list as `.json`).
     pub filter: Option<PathBuf>,
     /// The command handler's public key, or a file holding it.
     pub control_key: Option<String>,
@@ -358,7 +358,7 @@ pub fn load(args: &[OsString]) -> Result<Loaded> {
 }
 
 /// The argument `arg` of `cmd` (a subcommand's, or the root's for a global key).
-fn find<'c>(cmd: &'c Command, commands: &[&str], arg: &str) -> Option<&'c clap::Arg> {
+pub(crate) fn find<'c>(cmd: &'c Command, commands: &[&str], arg: &str) -> Option<&'c clap::Arg> {
     let c = match commands.first() {
         None => cmd,
         Some(name) => cmd.find_subcommand(name)?,
@@ -524,7 +524,7 @@ pub enum ConfigCmd {
     Show,
 }
 
-/// `--config` and `--log-format`: options of the process itself, beside [`crate::cli::Global`].
+/// `--config` and `--log-format`: options of the process itself, beside the global options.
 #[derive(Debug, Clone, Args)]
 pub struct Setup {
     /// The config file (default: /etc/usbpt/usbpt.toml when it exists).
@@ -541,7 +541,7 @@ pub struct Setup {
     pub log_format: LogFormat,
 }
 
-/// Why the command line could not be turned into a [`crate::cli::Cli`].
+/// Why the command line could not be parsed.
 #[derive(Debug)]
 pub enum ArgsError {
     /// A bad flag, `--help`, `--version`: clap prints and exits.
@@ -552,33 +552,32 @@ pub enum ArgsError {
 
 /// The whole of argument handling: find and load the config file, make its values the
 /// arguments' defaults, parse `args`.
-pub fn parse_args(args: Vec<OsString>) -> Result<(crate::cli::Cli, Loaded), ArgsError> {
-    use clap::{CommandFactory, FromArgMatches};
+pub fn parse_args<C: clap::Parser>(args: Vec<OsString>) -> Result<(C, Loaded), ArgsError> {
     let loaded = load(&args).map_err(ArgsError::Config)?;
-    let cmd = apply(crate::cli::Cli::command(), &loaded.file).map_err(|e| {
+    let cmd = apply(C::command(), &loaded.file).map_err(|e| {
         ArgsError::Config(e.context(format!(
             "config file {}",
             loaded.path.as_deref().unwrap_or(Path::new("?")).display()
         )))
     })?;
     let matches = cmd.try_get_matches_from(args).map_err(ArgsError::Clap)?;
-    let cli = crate::cli::Cli::from_arg_matches(&matches).map_err(ArgsError::Clap)?;
+    let cli = C::from_arg_matches(&matches).map_err(ArgsError::Clap)?;
     Ok((cli, loaded))
 }
 
 /// The command as this process built it, and this invocation's matches (for `config show`).
-pub fn command_and_matches(loaded: &Loaded) -> Result<(Command, ArgMatches)> {
-    use clap::CommandFactory;
-    let cmd = apply(crate::cli::Cli::command(), &loaded.file)?;
+pub fn command_and_matches<C: clap::CommandFactory>(
+    loaded: &Loaded,
+) -> Result<(Command, ArgMatches)> {
+    let cmd = apply(C::command(), &loaded.file)?;
     let matches = cmd.clone().try_get_matches_from(std::env::args_os())?;
     Ok((cmd, matches))
 }
 
 /// Man pages: `usbpt.1` and `usbpt-<command>.1` for each visible subcommand (and theirs).
-pub fn write_manpages(dir: &Path) -> Result<()> {
-    use clap::CommandFactory;
+pub fn write_manpages<C: clap::CommandFactory>(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut cmd = crate::cli::Cli::command();
+    let mut cmd = C::command();
     cmd.build();
     write_page(dir, &cmd, "usbpt")
 }
@@ -659,89 +658,6 @@ mod tests {
         assert!(format!("{err:#}").contains("projector.batch"), "{err:#}");
         let err = FileConfig::parse("[nats]\nurls = [\"a,b\"]\n").expect_err("joined urls");
         assert!(format!("{err:#}").contains("nats.urls"), "{err:#}");
-    }
-
-    fn parse_with(file: &str, argv: &[&str]) -> crate::cli::Cli {
-        use clap::{CommandFactory, FromArgMatches};
-        let file = FileConfig::parse(file).expect("file parses");
-        let cmd = apply(crate::cli::Cli::command(), &file).expect("applies");
-        let m = cmd.try_get_matches_from(argv).expect("argv parses");
-        crate::cli::Cli::from_arg_matches(&m).expect("cli")
-    }
-
-    #[test]
-    fn the_file_fills_in_what_flags_do_not_give_and_flags_win() {
-        let file = "[agent]\nhost = \"hv-07\"\nhypervisor = \"test:///default\"\n\
-                    [nats]\nurls = [\"nats://a:4222\", \"nats://b:4222\"]\n";
-        // --host is required on the command line, but the file gives it.
-        let cli = parse_with(file, &["usbpt", "agent"]);
-        let crate::cli::Cmd::Agent(a) = cli.command else {
-            panic!("not agent")
-        };
-        assert_eq!(a.host.to_string(), "hv-07");
-        assert_eq!(a.hypervisor, "test:///default");
-        assert_eq!(cli.global.nats, "nats://a:4222,nats://b:4222");
-        // A flag beats the file.
-        let cli = parse_with(
-            file,
-            &["usbpt", "--nats", "nats://c:1", "agent", "--host", "x"],
-        );
-        let crate::cli::Cmd::Agent(a) = cli.command else {
-            panic!("not agent")
-        };
-        assert_eq!(a.host.to_string(), "x");
-        assert_eq!(cli.global.nats, "nats://c:1");
-    }
-
-    #[test]
-    fn a_key_reaches_every_command_it_names() {
-        let file = "[commands]\ngrace = 7\nweigh = \"spread\"\n[projector]\nconsumer = \"p2\"\n";
-        let crate::cli::Cmd::Serve(s) = parse_with(file, &["usbpt", "serve"]).command else {
-            panic!("not serve")
-        };
-        assert_eq!(s.commands.grace, 7);
-        assert!(matches!(
-            s.commands.weigh,
-            crate::cmd_serve::WeighArg::Spread
-        ));
-        assert_eq!(s.projector.consumer, "p2");
-        let crate::cli::Cmd::Commands(c) = parse_with(file, &["usbpt", "commands"]).command else {
-            panic!("not commands")
-        };
-        assert_eq!(c.commands.grace, 7);
-        assert_eq!(c.projector.consumer, "p2");
-        // Without the file the built-in defaults stand.
-        let crate::cli::Cmd::Serve(s) = parse_with("", &["usbpt", "serve"]).command else {
-            panic!("not serve")
-        };
-        assert_eq!(s.commands.grace, 120);
-    }
-
-    #[test]
-    fn every_key_names_an_argument_of_each_of_its_commands() {
-        use clap::CommandFactory;
-        let cmd = crate::cli::Cli::command();
-        for k in KEYS {
-            if k.commands.is_empty() {
-                assert!(find(&cmd, k.commands, k.arg).is_some(), "{}", k.name);
-            }
-            for c in k.commands {
-                assert!(find(&cmd, &[c], k.arg).is_some(), "{} on {c}", k.name);
-            }
-        }
-    }
-
-    #[test]
-    fn a_key_this_build_lacks_is_refused_by_name() {
-        use clap::CommandFactory;
-        let file = FileConfig::parse("[api]\ntoken_file = \"/t\"\n").expect("parses");
-        // Every key's argument exists in this build; a key without one is refused by name.
-        apply(crate::cli::Cli::command(), &file).expect("api.token_file is --api-token-file");
-        let mut missing = crate::cli::Cli::command();
-        missing = missing.mut_subcommand("serve", |c| c.mut_arg("grace", |a| a.id("gone")));
-        let file = FileConfig::parse("[commands]\ngrace = 5\n").expect("parses");
-        let err = apply(missing, &file).expect_err("no --grace on serve");
-        assert!(format!("{err:#}").contains("commands.grace"), "{err:#}");
     }
 
     #[test]

@@ -17,7 +17,9 @@ mod cmd_replay;
 mod cmd_serve;
 mod cmd_up;
 mod config;
+mod defaults;
 mod demo;
+mod global;
 mod systemd;
 mod tail;
 
@@ -27,7 +29,7 @@ fn main() -> ExitCode {
     // Everything usbpt creates (views, outboxes, identities, the private nats-server's store,
     // config and log) is the invoking user's alone: directories 0700, files 0600.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let (cli, loaded) = match config::parse_args(std::env::args_os().collect()) {
+    let (cli, loaded) = match config::parse_args::<cli::Cli>(std::env::args_os().collect()) {
         Ok(parsed) => parsed,
         Err(config::ArgsError::Clap(e)) => e.exit(),
         Err(config::ArgsError::Config(e)) => {

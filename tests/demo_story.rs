@@ -1,4 +1,4 @@
-//! `usbpt demo --exit-when-done`: the blueprint's story end to end — device discovered on host-b,
+//! `usbpt demo --exit-when-done`: the demo story end to end — device discovered on host-b,
 //! flavor bound to it, server boots on host-b (not host-a), host-b reboots and the key
 //! re-enumerates with a new devnum, the server keeps it (follow=lineage, re-attached through
 //! libvirt's test driver), resize moves it to a second device, live migration is refused with a

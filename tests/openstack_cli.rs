@@ -795,7 +795,7 @@ async fn openstack_cli_and_novaclient_drive_usbpt() -> Result<()> {
         assert_eq!(s["State"], "up", "{s}");
     }
 
-    // novaclient: the blueprint's usb_device_stats, and servers.create returns a server.
+    // novaclient: usb_device_stats, and servers.create returns a server.
     let nova = os
         .run("python", &["-c", NOVACLIENT, &serve.api])
         .await?

@@ -362,6 +362,44 @@ async fn nova_hypervisor_document_matches_the_golden_file() -> Result<()> {
         "{text}"
     );
 
+    // The readable forms are read from the typed documents (`usbpt_api::doc`); enums show as
+    // their wire names.
+    let (ok, text, err) = serve.cli(&["device", "show", &id(3).to_string()]).await?;
+    assert!(ok, "{err}");
+    assert!(
+        text.contains(&format!(
+            "attached       to {} at usb_1_7 (DomainDefinition, seq",
+            id(31)
+        )),
+        "{text}"
+    );
+    assert!(text.contains("status         attached"), "{text}");
+    let (ok, text, err) = serve.cli(&["device", "show", &id(4).to_string()]).await?;
+    assert!(ok, "{err}");
+    assert!(
+        text.contains("(Unplugged), superseded by -"),
+        "invalidation reason by its wire name: {text}"
+    );
+    let (ok, text, err) = serve.cli(&["hypervisor", "show", "host-a"]).await?;
+    assert!(ok, "{err}");
+    assert!(text.starts_with("hypervisor host-a "), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&id(3).to_string()) && l.contains("attached")),
+        "{text}"
+    );
+    let (ok, text, err) = serve.cli(&["server", "list"]).await?;
+    assert!(ok, "{err}");
+    assert!(text.starts_with("NAME"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("erp-2 ")), "{text}");
+    let (ok, text, err) = serve.cli(&["server", "show", "erp-2"]).await?;
+    assert!(ok, "{err}");
+    assert!(text.contains("name         erp-2"), "{text}");
+    assert!(
+        text.contains(&format!("flavor       erp ({})", id(20))),
+        "{text}"
+    );
+
     let metrics = serve.get_text("/metrics").await?;
     assert!(
         metrics.contains("usbpt_projector_events_applied_total{kind=\"DeviceDiscovered\"} 5"),

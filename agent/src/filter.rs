@@ -3,7 +3,7 @@
 //!
 //! Order of evaluation, first match wins:
 //! 1. the file's `[[rule]]`s, in file order (`action = "allow"` or `"deny"`);
-//! 2. the blueprint's `usb_passthrough_blacklist` entries (deny);
+//! 2. `usb_passthrough_blacklist` entries (deny);
 //! 3. the built-in rules, unless `builtin = false`: root hubs (`1d6b:*` or a `usbN` kernel
 //!    name), hubs (class 09) and HID boot keyboards and mice (every interface HID, one of them
 //!    subclass 01 protocol 01 or 02) are not candidates;
@@ -24,7 +24,7 @@
 //! port = "1-1.5"      # this port and everything behind it
 //! ```
 //!
-//! A file whose name ends in `.json` is the blueprint's list alone:
+//! A file whose name ends in `.json` is a `usb_passthrough_blacklist` list alone:
 //! `[{"vendor_id": "1d6b", "product_id": "0002"}]` (the built-in rules still apply).
 
 use std::fmt;
@@ -240,7 +240,7 @@ impl Filter {
         }
     }
 
-    /// Reads a filter file: the blueprint's JSON list when the name ends in `.json`, TOML
+    /// Reads a filter file: a `usb_passthrough_blacklist` JSON list when the name ends in `.json`, TOML
     /// otherwise.
     pub fn load(path: &Path) -> Result<Self, FilterError> {
         let shown = path.display().to_string();
@@ -315,7 +315,7 @@ impl Filter {
     }
 }
 
-/// The blueprint's `[{"vendor_id": "1d6b", "product_id": "0002"}]`. `line` is where the list
+/// A `usb_passthrough_blacklist` list: `[{"vendor_id": "1d6b", "product_id": "0002"}]`. `line` is where the list
 /// starts in an enclosing TOML file (0 for a `.json` file).
 fn parse_blacklist(text: &str, name: &str, line: usize) -> Result<Vec<Rule>, FilterError> {
     let entries: Vec<BlacklistEntry> =

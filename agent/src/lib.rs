@@ -3,7 +3,7 @@
 //! - [`source`]: udev enumeration and monitor (the only udev code), behind the [`DeviceSource`]
 //!   boundary; [`source::simulated`] feeds code-made devices through the same path.
 //! - [`resolver`]: pure identity decisions (enumerations, lineages, clashes, reconciliation).
-//! - [`filter`]: which devices are passthrough candidates (built-in rules, TOML, blueprint JSON).
+//! - [`filter`]: which devices are passthrough candidates (built-in rules, TOML, `usb_passthrough_blacklist` JSON).
 //! - [`store`]: the redb state and outbox; [`publisher`]: drains the outbox into JetStream.
 //! - [`run()`]: the agent process; [`run_with_executor`] also carries out the control plane's
 //!   work for the host through [`libvirt`] ([`control`]), after [`guard`] checks it.

@@ -2,7 +2,7 @@
 //! boot id, the filter and one observation or a full snapshot, it says which events happen and
 //! updates the state. No I/O, no clock: device ids come from an [`IdSource`].
 //!
-//! Rules (DESIGN §3, `docs/identity.md`):
+//! Rules (`docs/identity.md`):
 //! - every enumeration (one device at one bus/devnum in one boot) gets a new `DeviceId`;
 //! - its lineage is `vendor:product:serial` when the serial is present, not bogus (blank, all
 //!   zeros, `0123456789ABCDEF`, `0123456789`, control characters) and no other candidate on

@@ -70,7 +70,7 @@ fn bad(e: impl std::fmt::Display) -> ApiError {
     ApiError::bad_request(e.to_string())
 }
 
-/// One entry of `usb_devices`: the blueprint's `{"id": …}`, or a lineage, or a match.
+/// One entry of `usb_devices`: `{"id": …}`, or a lineage, or a match.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UsbDeviceBody {
@@ -111,7 +111,7 @@ struct FlavorEnvelope {
 }
 /// Nova's flavor body; `ram`, `vcpus`, `disk` are recorded (`FlavorSized`) and shown, not
 /// scheduled on (usbpt schedules USB devices only); the rest is accepted and ignored.
-/// `usb_devices` is usbpt's own key (the blueprint's list).
+/// `usb_devices` is usbpt's own key (a JSON list of USB requests).
 #[derive(Debug, Deserialize)]
 struct FlavorBody {
     name: FlavorName,
@@ -342,7 +342,7 @@ async fn create_server(
 }
 
 /// `{"extra_specs": {"usb_devices": "[…]"}}`: the USB request, as a JSON string (extra specs
-/// are strings) holding the blueprint's list. Other keys are refused: usbpt records none.
+/// are strings) holding the JSON list of USB requests. Other keys are refused: usbpt records none.
 fn usb_from_specs(specs: &serde_json::Map<String, Value>) -> Result<Vec<UsbRequest>, ApiError> {
     if let Some(other) = specs.keys().find(|k| *k != "usb_devices") {
         return Err(bad(format!(

@@ -1,130 +1,27 @@
-//! The JSON documents the API serves, built from view records. Ids are strings, vendor and
-//! product ids 4 hex digits, times RFC 3339; every time is paired with its stream sequence.
+//! The JSON documents the API serves, built from view records: usbpt's own as the typed
+//! documents of [`crate::doc`], Nova's (flavors, servers, hypervisors, whose keys depend on the
+//! microversion) here, with usbpt's typed parts.
 
 use serde_json::{json, Map, Value};
-use usbpt_projector::{
-    Claim, Device, Flavor, HoldEnd, Host, Lineage, QuarantineEntry, Server, Snapshot, ViewError,
-};
-use usbpt_schemas::{DeviceSelector, HostName, LineageKind, ServerState, UsbRequest};
+use usbpt_projector::{Claim, Device, Flavor, Host, Lineage, Server, Snapshot, ViewError};
+use usbpt_schemas::{DeviceSelector, HostName, ServerState, UsbRequest};
 
+use crate::doc;
 use crate::nova::Nova;
 
-fn v<T: serde::Serialize>(x: &T) -> Value {
+/// A document as JSON (documents are plain data: serializing cannot fail).
+pub(crate) fn v<T: serde::Serialize>(x: &T) -> Value {
     serde_json::to_value(x).unwrap_or(Value::Null)
 }
 
-fn kind(k: LineageKind) -> &'static str {
-    match k {
-        LineageKind::Serial => "serial",
-        LineageKind::Port => "port",
-    }
-}
-
-/// One enumeration, everything the view knows of it.
+/// One enumeration, everything the view knows of it ([`doc::DeviceDoc`]).
 pub fn device(d: &Device) -> Value {
-    let x = &d.discovery;
-    let holders: Vec<Value> = d
-        .holders
-        .iter()
-        .map(|h| {
-            json!({
-                "server_id": h.server_id,
-                "how": v(&h.how),
-                "from": v(&h.from),
-                "attached": v(&h.attached),
-                "ended": h.ended.map(|(st, end)| {
-                    let (reason, moved_to) = match end {
-                        HoldEnd::Released(r) => (format!("released: {r:?}"), None),
-                        HoldEnd::MovedTo(id) => ("moved to a new enumeration".to_owned(), Some(id)),
-                    };
-                    json!({"seq": st.seq, "at": st.at, "reason": reason, "moved_to": moved_to})
-                }),
-            })
-        })
-        .collect();
-    json!({
-        "id": x.device_id,
-        "lineage_id": x.lineage_id,
-        "lineage_kind": kind(x.lineage_kind),
-        "host": x.host,
-        "status": d.status.as_str(),
-        "holder": d.holder,
-        "current": d.current,
-        "address": x.address.nova_address(),
-        "bus": x.address.bus(),
-        "devnum": x.address.devnum(),
-        "port_path": x.port_path,
-        "vendor_id": x.vendor_id,
-        "product_id": x.product_id,
-        "serial": x.serial,
-        "device_class": x.device_class,
-        "interface_classes": x.interface_classes,
-        "manufacturer": x.manufacturer,
-        "product": x.product,
-        "vendor_db": x.vendor_db,
-        "model_db": x.model_db,
-        "speed": x.speed,
-        "usb_version": x.usb_version,
-        "syspath": x.syspath,
-        "boot_id": x.boot_id,
-        "supersedes": x.supersedes,
-        "discovered": v(&d.discovered),
-        "invalidation": d.invalidation.map(|i| json!({
-            "seq": i.stamp.seq,
-            "at": i.stamp.at,
-            "reason": i.reason.map(|r| format!("{r:?}")),
-            "superseded_by": i.superseded_by,
-        })),
-        "attachment": d.attachment.as_ref().map(|a| json!({
-            "server_id": a.server_id,
-            "address": a.address.nova_address(),
-            "method": format!("{:?}", a.method),
-            "detail": a.detail,
-            "seq": a.stamp.seq,
-            "at": a.stamp.at,
-        })),
-        "holders": holders,
-        "attach_error": v(&d.attach_error),
-        "last_change_seq": d.last_change_seq,
-    })
+    v(&doc::DeviceDoc::from(d))
 }
 
-/// A `usb_device_stats` entry of the Nova hypervisor document (the blueprint's shape).
+/// A `usb_device_stats` entry of the Nova hypervisor document ([`doc::NovaUsbDevice`]).
 pub fn nova_device(d: &Device) -> Value {
-    let x = &d.discovery;
-    let mut extra = Map::new();
-    extra.insert("lineage_kind".into(), json!(kind(x.lineage_kind)));
-    let optional = [
-        ("serial", &x.serial),
-        ("manufacturer", &x.manufacturer),
-        ("product", &x.product),
-        ("vendor_db", &x.vendor_db),
-        ("model_db", &x.model_db),
-        ("speed", &x.speed),
-        ("usb_version", &x.usb_version),
-    ];
-    for (k, val) in optional {
-        if let Some(s) = val {
-            extra.insert(k.into(), json!(s));
-        }
-    }
-    if let Some(r) = d.invalidation.and_then(|i| i.reason) {
-        extra.insert("invalidation_reason".into(), json!(format!("{r:?}")));
-    }
-    json!({
-        "id": x.device_id,
-        "compute_node_id": x.host,
-        "address": x.address.nova_address(),
-        "product_id": x.product_id,
-        "vendor_id": x.vendor_id,
-        "bus_id": x.address.bus(),
-        "device_id": x.address.devnum(),
-        "port_id": x.port_path,
-        "lineage_id": x.lineage_id,
-        "status": d.status.as_str(),
-        "extra_info": extra,
-        "instance_uuid": d.holder,
-    })
+    v(&doc::NovaUsbDevice::from(d))
 }
 
 /// `GET /v2.1/os-hypervisors/{host}`.
@@ -141,30 +38,7 @@ pub fn hypervisor(host: &Host, devices: &[Device]) -> Value {
 }
 
 pub fn host(h: &Host, devices: usize) -> Value {
-    json!({
-        "name": h.name,
-        "boot_id": h.boot_id,
-        "agent_version": h.agent_version,
-        "hypervisor_uri": h.hypervisor_uri,
-        "agent_started": v(&h.agent_started),
-        "last_seen": v(&h.last_seen),
-        "devices": devices,
-        "clashes": v(&h.clashes),
-    })
-}
-
-pub fn lineage(l: &Lineage) -> Value {
-    json!({
-        "id": l.id,
-        "kind": kind(l.kind),
-        "vendor_id": l.vendor_id,
-        "product_id": l.product_id,
-        "serial": l.serial,
-        "enumerations": l.enumerations,
-        "current_device_id": l.current,
-        "current_host": l.current_host,
-        "first_seen": v(&l.first_seen),
-    })
+    v(&doc::HostDoc::new(h, devices))
 }
 
 pub fn claim(c: &Claim) -> Value {
@@ -173,25 +47,21 @@ pub fn claim(c: &Claim) -> Value {
 
 /// A lineage and every enumeration of it, oldest first, each with its ordinal.
 pub fn history(l: &Lineage, claim_: Option<&Claim>, devices: &[Device]) -> Value {
-    let enumerations: Vec<Value> = devices
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let mut doc = device(d);
-            if let Value::Object(m) = &mut doc {
-                m.insert("ordinal".into(), json!(i + 1));
-            }
-            doc
-        })
-        .collect();
-    json!({
-        "lineage": lineage(l),
-        "claim": claim_.map(claim),
-        "enumerations": enumerations,
+    v(&doc::History {
+        lineage: doc::LineageDoc::from(l),
+        claim: claim_.cloned(),
+        enumerations: devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| doc::Enumeration {
+                ordinal: i + 1,
+                device: doc::DeviceDoc::from(d),
+            })
+            .collect(),
     })
 }
 
-/// A flavor's USB request in the blueprint's extra-spec form: a JSON list of objects, each with
+/// A flavor's USB request in its extra-spec form: a JSON list of objects, each with
 /// `id`, `lineage_id`, or `vendor_id` + `product_id` (+ `serial`, `count`), and `controller`,
 /// `follow`.
 pub fn usb_spec(usb: &[UsbRequest]) -> Value {
@@ -344,17 +214,17 @@ pub fn server(snap: &Snapshot, s: &Server, nova: &Nova) -> Result<Value, ViewErr
         let held = snap
             .claim(&a.lineage_id)?
             .is_some_and(|c| c.server_id == s.id);
-        usb.push(json!({
-            "request_index": a.request_index,
-            "device_id": a.device_id,
-            "lineage_id": a.lineage_id,
-            "controller": a.controller,
-            "follow": a.follow,
-            "status": d.as_ref().map(|d| d.status.as_str()),
-            "address": d.as_ref().map(|d| d.address().nova_address()),
-            "host": d.as_ref().map(|d| d.host().clone()),
-            "held": held,
-        }));
+        usb.push(doc::ServerUsb {
+            request_index: a.request_index,
+            device_id: a.device_id,
+            lineage_id: a.lineage_id,
+            controller: a.controller,
+            follow: a.follow,
+            status: d.as_ref().map(|d| d.status),
+            address: d.as_ref().map(|d| d.address().nova_address()),
+            host: d.as_ref().map(|d| d.host().clone()),
+            held,
+        });
     }
     let flavor = snap.flavor_by_id(&s.flavor_id)?;
     let flavor_name = flavor.as_ref().map(|f| f.name.clone());
@@ -419,7 +289,7 @@ pub fn server(snap: &Snapshot, s: &Server, nova: &Nova) -> Result<Value, ViewErr
         "state_changed": v(&s.state_changed),
         "created_seq": s.created.seq,
         "scheduled": v(&s.scheduled),
-        "usb_devices": usb,
+        "usb_devices": v(&usb),
         "schedule_failures": v(&s.schedule_failures),
         "schedule_failures_total": s.schedule_failures_total,
         "migration_refusals": v(&s.migration_refusals),
@@ -469,8 +339,4 @@ pub fn server(snap: &Snapshot, s: &Server, nova: &Nova) -> Result<Value, ViewErr
         }
     }
     Ok(doc)
-}
-
-pub fn quarantine(q: &QuarantineEntry) -> Value {
-    v(q)
 }

@@ -2,7 +2,7 @@
 //! agent ever reported is a hypervisor and a `nova-compute` service. Documents follow the
 //! negotiated microversion (integer ids before 2.53, UUIDs from it; CPU/RAM/disk statistics,
 //! `/statistics` and `/{id}/uptime` before 2.88, `uptime` in the document from it). usbpt tracks
-//! no CPU, RAM or disk: those read 0. The blueprint's `usb_device_stats` is in every document.
+//! no CPU, RAM or disk: those read 0. usbpt's `usb_device_stats` is in every document.
 
 use std::collections::HashMap;
 
@@ -259,7 +259,7 @@ pub async fn show(
     .await
 }
 
-/// `GET /v2/{tenant}/os-hypervisors/{id}`, the blueprint's legacy path.
+/// `GET /v2/{tenant}/os-hypervisors/{id}`, the legacy tenant path.
 pub async fn show_tenant(
     st: State<ApiState>,
     nova: Nova,

@@ -19,6 +19,7 @@
 
 mod commands;
 pub mod dashboard;
+pub mod doc;
 pub mod docs;
 pub mod fanout;
 pub mod guard;
@@ -53,6 +54,9 @@ use usbpt_schemas::{DeviceId, FlavorId, FlavorName, LineageId, ServerId, ServerN
 pub use commands::command_routes;
 pub use docs::{device as device_doc, hypervisor as hypervisor_doc};
 pub use guard::{ApiToken, HttpPolicy};
+
+/// Where the HTTP API listens by default: loopback, Nova's port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8774";
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -150,7 +154,11 @@ impl IntoResponse for ApiError {
     /// Nova's envelope (`{"itemNotFound": {"code", "message"}}`, the fault name first, as
     /// OpenStack clients read the first key) and usbpt's own `"error"` key with the same object.
     fn into_response(self) -> Response {
-        let inner = json!({"code": self.status.as_u16(), "message": self.message}).to_string();
+        let inner = serde_json::to_string(&doc::ErrorBody {
+            code: self.status.as_u16(),
+            message: self.message,
+        })
+        .unwrap_or_default();
         let body = format!(
             "{{\"{}\":{inner},\"error\":{inner}}}",
             nova::fault_name(self.status)
@@ -396,10 +404,10 @@ async fn quarantine(
     let after: u64 = q.get("after").map_or(Ok(0), |s| parse("after", s))?;
     let limit: usize = q.get("limit").map_or(Ok(100), |s| parse("limit", s))?;
     read(&st, move |snap| {
-        let list = snap.quarantine(after, limit.min(10_000))?;
-        Ok(Json(json!({
-            "total": snap.quarantine_len()?,
-            "quarantine": list.iter().map(docs::quarantine).collect::<Vec<_>>(),
+        let quarantine = snap.quarantine(after, limit.min(10_000))?;
+        Ok(Json(docs::v(&doc::QuarantineList {
+            total: snap.quarantine_len()?,
+            quarantine,
         })))
     })
     .await
@@ -430,12 +438,12 @@ async fn status(State(st): State<ApiState>, Query(q): Query<HashMap<String, Stri
                 Some(m.lag.load(Relaxed)),
             )
         });
-        Ok(Json(json!({
-            "last_applied_seq": last,
-            "reached": reached && min_seq.is_none_or(|s| last >= s),
-            "stream_last_seq": stream_last,
-            "lag": lag,
-            "quarantined": snap.quarantine_len()?,
+        Ok(Json(docs::v(&doc::Status {
+            last_applied_seq: last,
+            reached: reached && min_seq.is_none_or(|s| last >= s),
+            stream_last_seq: stream_last,
+            lag,
+            quarantined: snap.quarantine_len()?,
         })))
     })
     .await

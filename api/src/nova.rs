@@ -127,7 +127,7 @@ fn base_url(headers: &HeaderMap) -> String {
             h.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
         })
-        .unwrap_or("127.0.0.1:8774");
+        .unwrap_or(crate::DEFAULT_LISTEN);
     format!("http://{host}")
 }
 

@@ -22,7 +22,7 @@ use crate::decide::{Fence, Step};
 use crate::handler::ViewSource;
 use crate::view::{DeviceStatus, ViewError, ViewRead};
 
-/// The default grace window (DESIGN §4, issue 5).
+/// The default grace window.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(120);
 
 /// What to do about an invalidated enumeration.

@@ -12,7 +12,7 @@ use usbpt_schemas::{
 #[error("reading the view: {0}")]
 pub struct ViewError(pub String);
 
-/// An enumeration's status (DESIGN §4).
+/// An enumeration's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceStatus {
     Available,

@@ -18,7 +18,7 @@ pub struct Stamp {
     pub at: Timestamp,
 }
 
-/// An enumeration's status (DESIGN §4): `available → claimed → attached → (released)
+/// An enumeration's status: `available → claimed → attached → (released)
 /// available`; `invalidated` is terminal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,5 +1,5 @@
 //! The projector process: a durable JetStream pull consumer with explicit `fetch()` loops
-//! (DESIGN §9: `messages()` was seen to stall) feeding the fold.
+//! (`messages()` was seen to stall: `docs/projector.md`) feeding the fold.
 //!
 //! [`Projector::run`] is a pipeline (ADR 0004): the async task fetches, a fold thread folds the
 //! fetched batches into staged batches (each reading through the ones before it), and a write

@@ -165,7 +165,7 @@ pub struct DeviceInvalidated {
     pub superseded_by: Option<DeviceId>,
 }
 
-/// USB host controller models a flavor can ask for (blueprint option 2).
+/// USB host controller models a flavor can ask for (a flavor request's `controller`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ControllerModel {
@@ -208,7 +208,7 @@ pub enum FollowPolicy {
     /// Follow the lineage to its current enumeration (the default).
     #[default]
     Lineage,
-    /// The blueprint's behaviour: the invalid device is dropped (`startupPolicy='optional'`) and
+    /// Strict: the invalid device is dropped (`startupPolicy='optional'`) and
     /// the user resizes to a flavor with the new device.
     Strict,
 }
@@ -217,7 +217,7 @@ pub enum FollowPolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceSelector {
-    /// One enumeration (the blueprint's `{"usb_devices":[{"id":5}]}`).
+    /// One enumeration (`{"usb_devices":[{"id": …}]}`).
     Enumeration(DeviceId),
     /// Whatever enumeration the lineage currently has.
     Lineage(LineageId),

@@ -213,7 +213,7 @@ impl UsbAddress {
     pub fn devnum(self) -> u16 {
         self.devnum
     }
-    /// The blueprint's `usb_<bus>_<device>` address string.
+    /// Nova's `usb_<bus>_<device>` address string.
     pub fn nova_address(self) -> String {
         format!("usb_{}_{}", self.bus, self.devnum)
     }

@@ -1,4 +1,4 @@
-//! `usbpt demo --scenario FILE`: a load story instead of the blueprint's. N simulated hosts with
+//! `usbpt demo --scenario FILE`: a load story instead of the built-in one. N simulated hosts with
 //! M devices each come up, then devices are re-plugged (new device number, same port) at a
 //! given rate for a while; at the end the view must show exactly what the hosts have, and a
 //! replay must equal the live view.

@@ -1,7 +1,7 @@
 //! `usbpt demo`: the whole stack on one machine — a private nats-server, the projector, the
 //! command handler and the HTTP API, and two simulated hypervisor hosts whose agents run the real
 //! agent loop (simulated device source → identity resolver → redb outbox → JetStream) and the
-//! real libvirt executor (libvirt's test driver) — playing the blueprint's story step by step.
+//! real libvirt executor (libvirt's test driver) — playing the demo story step by step.
 
 mod hosts;
 mod load;
@@ -16,9 +16,9 @@ use clap::Args;
 use usbpt_bus::server::NatsServer;
 use usbpt_schemas::HostName;
 
-use crate::cli::Global;
-use crate::cmd_serve::{control_plane, CommandArgs, ProjectorArgs, Tasks, WeighArg};
+use crate::cmd_serve::{control_plane, CommandArgs, ProjectorArgs, Tasks};
 use crate::cmd_up::PrivateCreds;
+use crate::global::Global;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -27,18 +27,12 @@ pub struct DemoArgs {
     #[arg(long)]
     pub exit_when_done: bool,
     /// Where the HTTP API and dashboard listen (a free port is taken if this one is busy).
-    #[arg(long, default_value = "127.0.0.1:8774")]
+    #[arg(long, default_value = crate::defaults::API_LISTEN)]
     pub listen: SocketAddr,
     /// Play a load scenario (TOML: `[load] hosts, devices_per_host, churn_per_second,
-    /// duration_seconds`) instead of the blueprint's story.
+    /// duration_seconds`) instead of the built-in story.
     #[arg(long)]
     pub scenario: Option<PathBuf>,
-}
-
-/// Whether the operator named a bus (`--nats` or `NATS_URL`); else a private server is run.
-pub fn nats_given() -> bool {
-    std::env::var_os("NATS_URL").is_some()
-        || std::env::args().any(|a| a == "--nats" || a.starts_with("--nats="))
 }
 
 /// The bus to use: the operator's, or a private nats-server under `root/nats` enforcing
@@ -50,7 +44,7 @@ pub async fn bus_url(
     hosts: &[HostName],
     sync_always: bool,
 ) -> Result<(String, Option<NatsServer>, Option<PrivateCreds>)> {
-    if nats_given() {
+    if crate::global::nats_given() {
         return Ok((global.nats.clone(), None, None));
     }
     let creds = PrivateCreds::ensure(root, hosts)?;
@@ -63,14 +57,6 @@ pub async fn bus_url(
         .create_stream(&server.url(), &usbpt_bus::StreamSettings::default())
         .await?;
     Ok((server.url(), Some(server), Some(creds)))
-}
-
-/// Binds `addr`, or a free loopback port when it is taken.
-pub async fn bind_or_free(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
-    match crate::cmd_serve::bind(what, addr).await {
-        Ok(l) => Ok(l),
-        Err(_) => crate::cmd_serve::bind(what, SocketAddr::from(([127, 0, 0, 1], 0))).await,
-    }
 }
 
 pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
@@ -111,7 +97,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
     };
     let (token, token_file) = crate::api_auth::ensure_token(global, &root)?;
     let mut tasks = Tasks::new();
-    let listener = bind_or_free("demo", args.listen).await?;
+    let listener = crate::cmd_serve::bind_or_free("demo", args.listen).await?;
     let policy = usbpt_api::HttpPolicy::with_token(token.clone());
     let dashboard = format!("http://{}/", listener.local_addr()?);
     let (view, _) = control_plane(
@@ -119,23 +105,12 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<()> {
         &mut tasks,
         listener,
         policy,
-        &ProjectorArgs {
-            consumer: "usbpt-projector".into(),
-            batch: 1000,
-            sse_max_clients: crate::cmd_serve::DEFAULT_SSE_MAX_CLIENTS,
-        },
-        &CommandArgs {
-            weigh: WeighArg::Pack,
-            grace: 120,
-            concurrency: 32,
-            resize_confirm_window: 0,
-        },
+        &ProjectorArgs::default(),
+        &CommandArgs::default(),
     )
     .await?;
 
-    println!(
-        "usbpt demo: the blueprint's story on a private bus and two simulated hypervisor hosts"
-    );
+    println!("usbpt demo: the demo story on a private bus and two simulated hypervisor hosts");
     match &server {
         Some(s) => println!(
             "  bus        {url}  (private nats-server, store in {})",

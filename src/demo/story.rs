@@ -1,4 +1,4 @@
-//! The blueprint's story, step by step. Every step checks what it claims against the view (or
+//! The demo story, step by step. Every step checks what it claims against the view (or
 //! the hypervisor) and fails naming itself; waits are on the view's applied sequence, never
 //! sleeps.
 
@@ -166,7 +166,7 @@ impl Story {
             ));
         }
 
-        step("a flavor binds the key by its device id (the blueprint's {\"usb_devices\":[{\"id\": …}]})");
+        step("a flavor binds the key by its device id ({\"usb_devices\":[{\"id\": …}]})");
         let spec: UsbRequest = format!("id={},controller=ehci", first.id()).parse()?;
         let erp_key = FlavorName::new("erp-key")?;
         say(self
@@ -351,7 +351,7 @@ impl Story {
         .await
         .context("step 9 (refusal recorded)")?;
 
-        step("a strict binding (the blueprint's own behaviour): a scanner is re-plugged under server scan-1");
+        step("a strict binding: a scanner is re-plugged under server scan-1");
         let scanner = (0x04a9, 0x1909);
         host_b.devices.plug(usb_device(
             "2-3",

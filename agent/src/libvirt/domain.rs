@@ -118,7 +118,7 @@ pub struct HostdevSpec {
 
 impl HostdevSpec {
     /// `startupPolicy='optional'`: the domain starts without the device when it is not there.
-    /// Used for `follow=strict` bindings (the blueprint's behaviour) and for devices that are
+    /// Used for `follow=strict` bindings (the server runs without the device) and for devices that are
     /// currently invalid or missing.
     pub fn optional(&self) -> bool {
         self.follow == FollowPolicy::Strict || !self.present

@@ -1,197 +1,24 @@
-//! The libvirt executor: carries out what the control plane asks of this host (boot, resize,
-//! cold migration, power actions, delete) and re-attaches devices that re-enumerated, reporting
-//! every outcome as usbpt events. libvirt calls are blocking FFI and run on `spawn_blocking`;
-//! operations on one server are serialised, different servers run in parallel.
+//! The libvirt executor's async facade: carries out what the control plane asks of this host
+//! ([`super::work`]: boot, resize, cold migration, power actions, delete) and re-attaches devices
+//! that re-enumerated, reporting every outcome as usbpt events. The libvirt calls themselves
+//! (`super::calls`) are blocking FFI and run on `spawn_blocking`; operations on one server are
+//! serialised, different servers run in parallel.
 
-use std::collections::HashMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex, Once, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, PoisonError};
 
 use tokio::sync::OwnedMutexGuard;
-use tracing::{debug, info, warn};
-use usbpt_schemas::subjects::{self, DefineWhy, WorkKind};
+use tracing::{info, warn};
 use usbpt_schemas::{
     AssignedDevice, AttachMethod, DeviceAttachFailed, DeviceAttached, DeviceId, DeviceReattached,
-    Envelope, Event, FollowPolicy, HostName, LineageId, ProductId, ServerAction, ServerId,
-    ServerName, ServerState, ServerStateChanged, UsbAddress, VendorId,
+    Envelope, Event, HostName, LineageId, ServerAction, ServerId, ServerState, ServerStateChanged,
 };
-use virt::connect::Connect;
-use virt::domain::{Domain, DomainState, DomainStateEnum};
-use virt::enumutil::Enum;
-use virt::sys;
 
-use super::domain::{
-    domain_xml, hostdev_xml, layout, placed, DomainSpec, DomainType, HostdevSpec, Layout,
-    DEFAULT_MEMORY_KIB, DEFAULT_VCPUS, METADATA_NS,
+use super::calls::{ExecutorConfig, Inner, Observed, Reattach};
+use super::domain::{layout, DomainSpec, DomainType, HostdevSpec};
+use super::error::ExecutorError;
+use super::work::{
+    devices_note, placement_text, with_current_devices, work_for, DeviceInfo, DeviceLookup, Work,
 };
-use super::error::{ExecutorError, FailureKind, LibvirtError, VirtResultExt};
-use super::inspect::parse_metadata;
-use super::validate::XmlValidator;
-
-/// What the agent knows about one of its devices right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeviceInfo {
-    pub vendor: VendorId,
-    pub product: ProductId,
-    /// Current address; for an invalidated enumeration, the last one it had.
-    pub address: UsbAddress,
-    /// False once the enumeration is invalidated (unplugged, host rebooted, …).
-    pub present: bool,
-}
-
-/// The agent's knowledge the executor needs: its devices, and server names when it has them.
-pub trait DeviceLookup: Sync {
-    fn device(&self, id: &DeviceId) -> Option<DeviceInfo>;
-    /// The server's name, for the domain's `<title>`; the events for a host do not carry it.
-    fn server_name(&self, _server: &ServerId) -> Option<ServerName> {
-        None
-    }
-}
-
-impl DeviceLookup for HashMap<DeviceId, DeviceInfo> {
-    fn device(&self, id: &DeviceId) -> Option<DeviceInfo> {
-        self.get(id).copied()
-    }
-}
-
-/// How the executor talks to libvirt.
-#[derive(Debug, Clone)]
-pub struct ExecutorConfig {
-    /// This agent's host: the executor only acts on work addressed to it.
-    pub host: HostName,
-    /// `qemu:///system` in production, `test:///abs/path/node.xml` in tests.
-    pub uri: String,
-    /// `<domain type=…>`; `None` picks it from the hypervisor's capabilities at connect time
-    /// ([`DomainType::from_capabilities`]: `kvm` where the host offers it, else `qemu`).
-    pub domain_type: Option<DomainType>,
-    pub memory_kib: u64,
-    pub vcpus: u32,
-    /// How long a graceful shutdown may take before the domain is destroyed.
-    pub shutdown_timeout: Duration,
-    /// Validate every generated domain XML against libvirt's schema before defining it.
-    pub validator: Option<Arc<XmlValidator>>,
-}
-
-impl ExecutorConfig {
-    pub fn new(host: HostName, uri: impl Into<String>) -> Self {
-        Self {
-            host,
-            uri: uri.into(),
-            domain_type: None,
-            memory_kib: DEFAULT_MEMORY_KIB,
-            vcpus: DEFAULT_VCPUS,
-            shutdown_timeout: Duration::from_secs(60),
-            validator: None,
-        }
-    }
-}
-
-/// The URI of libvirt's test driver for a node description file (`test:///abs/path`). Each
-/// connection to a file URI gets private state; `test:///default` is shared in-process.
-pub fn test_driver_uri(node_xml: &Path) -> std::io::Result<String> {
-    Ok(format!(
-        "test://{}",
-        std::path::absolute(node_xml)?.display()
-    ))
-}
-
-/// A domain's state as usbpt reports it, with libvirt's own words.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Observed {
-    pub state: ServerState,
-    /// libvirt's state, e.g. `running`, `shut off (managed save)`.
-    pub libvirt: String,
-}
-
-/// The work an event asks of this host, if any. Pure.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Work {
-    /// Define and start the domain with these devices (boot, resize or cold migration onto this
-    /// host); `restart` stops a running domain first (resize in place).
-    Define {
-        server: ServerId,
-        devices: Vec<AssignedDevice>,
-        why: String,
-        restart: bool,
-    },
-    Action {
-        server: ServerId,
-        action: ServerAction,
-    },
-    /// Destroy and undefine.
-    Teardown { server: ServerId, why: String },
-}
-
-/// What `event` asks of the agent on `host`. Pure, and derived from the one routing-and-work
-/// table ([`subjects::route`]): the agent works on exactly the events routed to its control
-/// subject, so events for other hosts (and events for no host) give `None`.
-pub fn work_for(host: &HostName, event: &Event) -> Option<Work> {
-    let w = subjects::work_for_host(host, event)?;
-    let server = w.server;
-    Some(match w.work {
-        WorkKind::Define { devices, why } => {
-            let (why, restart) = match why {
-                DefineWhy::Boot => ("boot".to_owned(), false),
-                DefineWhy::Resize { from_host } if from_host == host => ("resize".into(), true),
-                DefineWhy::Resize { from_host } => (format!("resize from host {from_host}"), false),
-                DefineWhy::Migrate { from_host } => {
-                    (format!("cold migration from host {from_host}"), false)
-                }
-            };
-            Work::Define {
-                server,
-                devices: devices.to_vec(),
-                why,
-                restart,
-            }
-        }
-        WorkKind::Action(action) => Work::Action { server, action },
-        WorkKind::Teardown => Work::Teardown {
-            server,
-            why: "delete".into(),
-        },
-    })
-}
-
-/// `spec` with every device's current address and presence from `lookup` (an enumeration the
-/// agent no longer knows is absent), and the server's name when known. Pure.
-fn with_current_devices(
-    mut spec: DomainSpec,
-    server: ServerId,
-    lookup: &dyn DeviceLookup,
-) -> DomainSpec {
-    for d in &mut spec.devices {
-        match lookup.device(&d.device_id) {
-            Some(info) => {
-                d.vendor = info.vendor;
-                d.product = info.product;
-                d.address = info.address;
-                d.present = info.present;
-            }
-            None => d.present = false,
-        }
-    }
-    if let Some(name) = lookup.server_name(&server) {
-        spec.title = Some(name.to_string());
-    }
-    spec
-}
-
-/// `; devices: 1 absent (optional), 1 at 003:005` for a state event's detail.
-fn devices_note(spec: &DomainSpec) -> String {
-    let absent = spec.devices.iter().filter(|d| !d.present).count();
-    let present: Vec<String> = spec
-        .devices
-        .iter()
-        .filter(|d| d.present)
-        .map(|d| d.address.to_string())
-        .collect();
-    format!(
-        "; definition refreshed: {absent} device(s) absent (started without them), present at [{}]",
-        present.join(", ")
-    )
-}
 
 /// Drives libvirt for one host. Cheap to clone; share one per agent.
 #[derive(Clone)]
@@ -208,41 +35,17 @@ impl std::fmt::Debug for Executor {
     }
 }
 
-struct Inner {
-    config: ExecutorConfig,
-    /// The domain type in use: configured, or read from the capabilities at connect time.
-    domain_type: DomainType,
-    conn: Mutex<Option<Connect>>,
-    locks: Mutex<HashMap<ServerId, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-static SILENCE_LIBVIRT: Once = Once::new();
-
 impl Executor {
     /// Opens the connection (so a bad URI fails here, naming it) and silences libvirt's default
     /// error printing (every error is reported through events instead).
     pub async fn connect(config: ExecutorConfig) -> Result<Self, ExecutorError> {
-        SILENCE_LIBVIRT.call_once(virt::error::clear_error_callback);
-        let uri = config.uri.clone();
-        let (conn, capabilities) = tokio::task::spawn_blocking(move || {
-            let c = Connect::open(Some(&uri)).op("virConnectOpen")?;
-            let caps = c.capabilities().op("virConnectGetCapabilities")?;
-            Ok::<_, LibvirtError>((c, caps))
+        let inner = tokio::task::spawn_blocking(move || Inner::open(config))
+            .await
+            .map_err(|e| ExecutorError::Worker(e.to_string()))??;
+        info!(uri = %inner.config.uri, domain_type = inner.domain_type.as_str(), "libvirt connected");
+        Ok(Self {
+            inner: Arc::new(inner),
         })
-        .await
-        .map_err(|e| ExecutorError::Worker(e.to_string()))??;
-        let domain_type = match config.domain_type {
-            Some(t) => t,
-            None => DomainType::from_capabilities(&capabilities),
-        };
-        info!(uri = %config.uri, domain_type = domain_type.as_str(), "libvirt connected");
-        let inner = Arc::new(Inner {
-            config,
-            domain_type,
-            conn: Mutex::new(Some(conn)),
-            locks: Mutex::new(HashMap::new()),
-        });
-        Ok(Self { inner })
     }
 
     /// The `<domain type=…>` this executor defines.
@@ -390,15 +193,7 @@ impl Executor {
             if !spec.running {
                 continue;
             }
-            let active = self
-                .blocking(move |inner| {
-                    let conn = inner.conn()?;
-                    Ok(inner
-                        .domain(&conn, server)?
-                        .is_active()
-                        .op("virDomainIsActive")?)
-                })
-                .await;
+            let active = self.blocking(move |inner| inner.is_active(server)).await;
             if !matches!(active, Ok(false)) {
                 continue;
             }
@@ -486,7 +281,7 @@ impl Executor {
 
     /// Re-attaches `new_device` to every server on this host whose domain holds `lineage` with
     /// `follow=lineage` (found in the domains' own metadata, so this works after an agent
-    /// restart). `follow=strict` bindings are left alone: the blueprint's behaviour is that the
+    /// restart). `follow=strict` bindings are left alone: the
     /// server runs without the device until it is resized.
     pub async fn reattach_lineage(
         &self,
@@ -526,11 +321,7 @@ impl Executor {
 
     /// The domain's current state.
     pub async fn observe(&self, server: ServerId) -> Result<Observed, ExecutorError> {
-        self.blocking(move |inner| {
-            let conn = inner.conn()?;
-            Ok(observe(&inner.domain(&conn, server)?)?)
-        })
-        .await
+        self.blocking(move |inner| inner.observe(server)).await
     }
 
     /// The spec the domain was (last) defined from, read from its persistent metadata.
@@ -544,19 +335,8 @@ impl Executor {
         server: ServerId,
         inactive: bool,
     ) -> Result<String, ExecutorError> {
-        self.blocking(move |inner| {
-            let conn = inner.conn()?;
-            let flags = if inactive {
-                sys::VIR_DOMAIN_XML_INACTIVE
-            } else {
-                0
-            };
-            Ok(inner
-                .domain(&conn, server)?
-                .xml_desc(flags)
-                .op("virDomainGetXMLDesc")?)
-        })
-        .await
+        self.blocking(move |inner| inner.xml(server, inactive))
+            .await
     }
 
     /// Servers with a usbpt domain on this host.
@@ -734,476 +514,4 @@ impl Executor {
             .await
             .map_err(|e| ExecutorError::Worker(e.to_string()))?
     }
-}
-
-fn placement_text(l: &Layout, i: usize) -> Option<String> {
-    let p = l.placements.get(i)?;
-    let c = l
-        .controllers
-        .iter()
-        .find(|c| c.index == p.controller_index)?;
-    Some(format!(
-        " on USB controller {} ({}) index {} port {}",
-        c.model.as_str(),
-        c.model.libvirt_model(),
-        c.index,
-        p.port
-    ))
-}
-
-enum Reattach {
-    Unchanged,
-    Done {
-        old_device: DeviceId,
-        method: AttachMethod,
-        detail: String,
-    },
-    HotPlugFailed {
-        error: String,
-    },
-}
-
-fn state_name(s: &DomainStateEnum) -> &'static str {
-    match s {
-        Enum::Known(DomainState::NoState) => "no state",
-        Enum::Known(DomainState::Running) => "running",
-        Enum::Known(DomainState::Blocked) => "blocked",
-        Enum::Known(DomainState::Paused) => "paused",
-        Enum::Known(DomainState::Shutdown) => "shutting down",
-        Enum::Known(DomainState::Shutoff) => "shut off",
-        Enum::Known(DomainState::Crashed) => "crashed",
-        Enum::Known(DomainState::PMSuspended) => "pm-suspended",
-        Enum::Unknown(_) => "unknown",
-    }
-}
-
-/// libvirt's state → usbpt's (Nova's) state.
-pub fn observe(dom: &Domain) -> Result<Observed, LibvirtError> {
-    let (state, _reason) = dom.state().op("virDomainGetState")?;
-    if matches!(state, Enum::Unknown(_)) {
-        // virt 0.5 ignores virDomainGetState's failure and reports an unknown state.
-        dom.info().op("virDomainGetInfo")?;
-    }
-    let saved = dom.has_managed_save(0).unwrap_or(false);
-    let ours = match state {
-        Enum::Known(DomainState::Running | DomainState::Blocked | DomainState::Shutdown) => {
-            ServerState::Active
-        }
-        Enum::Known(DomainState::Paused) => ServerState::Paused,
-        Enum::Known(DomainState::Shutoff) if saved => ServerState::Suspended,
-        Enum::Known(DomainState::Shutoff) => ServerState::Shutoff,
-        Enum::Known(DomainState::PMSuspended) => ServerState::Suspended,
-        Enum::Known(DomainState::Crashed | DomainState::NoState) | Enum::Unknown(_) => {
-            ServerState::Error
-        }
-    };
-    let mut libvirt = state_name(&state).to_owned();
-    if saved {
-        libvirt.push_str(" (managed save)");
-    }
-    Ok(Observed {
-        state: ours,
-        libvirt,
-    })
-}
-
-fn is_paused(dom: &Domain) -> Result<bool, LibvirtError> {
-    Ok(matches!(
-        dom.state().op("virDomainGetState")?.0,
-        Enum::Known(DomainState::Paused)
-    ))
-}
-
-const LIVE: u32 = sys::VIR_DOMAIN_AFFECT_LIVE;
-
-impl Inner {
-    /// The shared connection, reopened when it died (libvirtd restarted).
-    fn conn(&self) -> Result<Connect, LibvirtError> {
-        let mut slot = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = slot.as_ref() {
-            if c.is_alive().unwrap_or(false) {
-                return Ok(c.clone());
-            }
-            warn!(uri = %self.config.uri, "libvirt connection lost; reconnecting");
-        }
-        let c = Connect::open(Some(&self.config.uri)).op("virConnectOpen")?;
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-
-    fn domain(&self, conn: &Connect, server: ServerId) -> Result<Domain, LibvirtError> {
-        conn.lookup_domain_by_uuid_string(&server.to_string())
-            .op("virDomainLookupByUUIDString")
-    }
-
-    fn find_domain(
-        &self,
-        conn: &Connect,
-        server: ServerId,
-    ) -> Result<Option<Domain>, LibvirtError> {
-        match self.domain(conn, server) {
-            Ok(d) => Ok(Some(d)),
-            Err(e) if e.is(FailureKind::NoDomain) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn spec_of(&self, dom: &Domain, server: ServerId) -> Result<DomainSpec, ExecutorError> {
-        let xml = match dom.metadata(
-            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
-            Some(METADATA_NS),
-            sys::VIR_DOMAIN_AFFECT_CONFIG,
-        ) {
-            Ok(x) => x,
-            Err(e) => {
-                let e = LibvirtError::from_virt("virDomainGetMetadata", &e);
-                return Err(if e.is(FailureKind::NoMetadata) {
-                    ExecutorError::NotOurs { server }
-                } else {
-                    e.into()
-                });
-            }
-        };
-        parse_metadata(&xml).map_err(|source| ExecutorError::Metadata { server, source })
-    }
-
-    fn read_spec(&self, server: ServerId) -> Result<DomainSpec, ExecutorError> {
-        let conn = self.conn()?;
-        let dom = self.domain(&conn, server)?;
-        self.spec_of(&dom, server)
-    }
-
-    /// Writes `spec` as the persistent definition (the running domain, if any, is unchanged).
-    fn redefine(&self, spec: &DomainSpec) -> Result<(), ExecutorError> {
-        let xml = self.render(spec)?;
-        self.conn()?
-            .define_domain_xml(&xml)
-            .op("virDomainDefineXML")?;
-        Ok(())
-    }
-
-    /// Pure checks (ports) and schema validation: nothing reaches libvirt before these pass.
-    fn render(&self, spec: &DomainSpec) -> Result<String, ExecutorError> {
-        let xml = domain_xml(spec, self.domain_type)?;
-        if let Some(v) = &self.config.validator {
-            v.validate_domain(&xml)?;
-        }
-        Ok(xml)
-    }
-
-    fn define_and_start(
-        &self,
-        spec: &DomainSpec,
-        restart: bool,
-    ) -> Result<(Observed, String), ExecutorError> {
-        let xml = self.render(spec)?;
-        let conn = self.conn()?;
-        let mut how = Vec::new();
-        if restart {
-            if let Some(dom) = self.find_domain(&conn, spec.server_id)? {
-                if dom.is_active().op("virDomainIsActive")? {
-                    how.push(self.stop(&dom)?);
-                }
-            }
-        }
-        let dom = conn.define_domain_xml(&xml).op("virDomainDefineXML")?;
-        how.push(format!("domain {} defined", spec.domain_name()));
-        if dom.is_active().op("virDomainIsActive")? {
-            how.push("already running (the new definition applies at its next start)".into());
-        } else {
-            dom.create().op("virDomainCreate")?;
-            how.push("started".into());
-        }
-        info!(server = %spec.server_id, devices = spec.devices.len(), "domain defined");
-        Ok((observe(&dom)?, how.join(", ")))
-    }
-
-    /// Graceful shutdown, destroy after the timeout (or at once for a paused guest, which cannot
-    /// act on the shutdown request). libvirt's lifecycle events would need an event loop thread;
-    /// a bounded state poll is enough here (the test driver stops synchronously).
-    fn stop(&self, dom: &Domain) -> Result<String, LibvirtError> {
-        if !dom.is_active().op("virDomainIsActive")? {
-            return Ok("already shut off".into());
-        }
-        if is_paused(dom)? {
-            dom.destroy().op("virDomainDestroy")?;
-            return Ok("destroyed (a paused guest cannot shut down)".into());
-        }
-        if let Err(e) = dom.shutdown().op("virDomainShutdown") {
-            debug!(error = %e, "graceful shutdown refused; destroying");
-            dom.destroy().op("virDomainDestroy")?;
-            return Ok(format!("destroyed (shutdown refused: {})", e.text));
-        }
-        let deadline = Instant::now() + self.config.shutdown_timeout;
-        loop {
-            if !dom.is_active().op("virDomainIsActive")? {
-                return Ok("shut down".into());
-            }
-            if Instant::now() >= deadline {
-                match dom.destroy().op("virDomainDestroy") {
-                    Err(e) if e.is(FailureKind::InvalidState) => return Ok("shut down".into()),
-                    r => r?,
-                }
-                return Ok(format!(
-                    "destroyed (no shutdown within {:?})",
-                    self.config.shutdown_timeout
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn power(
-        &self,
-        server: ServerId,
-        action: ServerAction,
-    ) -> Result<(Observed, String), ExecutorError> {
-        let conn = self.conn()?;
-        let dom = self.domain(&conn, server)?;
-        let active = dom.is_active().op("virDomainIsActive")?;
-        let saved = !active && dom.has_managed_save(0).op("virDomainHasManagedSaveImage")?;
-        let how: String = match action {
-            ServerAction::Stop => self.stop(&dom)?,
-            ServerAction::Start | ServerAction::Resume if saved => {
-                dom.create().op("virDomainCreate")?;
-                "restored from the managed save image".into()
-            }
-            ServerAction::Start if active => "already running".into(),
-            ServerAction::Start => {
-                dom.create().op("virDomainCreate")?;
-                "started".into()
-            }
-            ServerAction::Reboot if !active => {
-                dom.create().op("virDomainCreate")?;
-                "was shut off; started".into()
-            }
-            ServerAction::Reboot => {
-                dom.reboot(0).op("virDomainReboot")?;
-                "rebooted".into()
-            }
-            ServerAction::Pause if active && is_paused(&dom)? => "already paused".into(),
-            ServerAction::Pause => {
-                dom.suspend().op("virDomainSuspend")?;
-                "paused".into()
-            }
-            ServerAction::Unpause | ServerAction::Resume if active && !is_paused(&dom)? => {
-                "already running".into()
-            }
-            ServerAction::Unpause | ServerAction::Resume => {
-                // Paused → running; anything else gets libvirt's own refusal.
-                dom.resume().op("virDomainResume")?;
-                "resumed".into()
-            }
-            ServerAction::Suspend if saved => "already suspended (managed save)".into(),
-            ServerAction::Suspend => {
-                dom.managed_save(0).op("virDomainManagedSave")?;
-                "saved to a managed save image and stopped".into()
-            }
-            ServerAction::Rebuild | ServerAction::Teardown => {
-                return Err(ExecutorError::Worker(format!(
-                    "{} is not a power action",
-                    action.as_str()
-                )));
-            }
-        };
-        Ok((observe(&dom)?, how))
-    }
-
-    fn teardown(&self, server: ServerId) -> Result<String, ExecutorError> {
-        let conn = self.conn()?;
-        let Some(dom) = self.find_domain(&conn, server)? else {
-            return Ok("no domain (already gone)".into());
-        };
-        let mut how = Vec::new();
-        if dom.is_active().op("virDomainIsActive")? {
-            match dom.destroy().op("virDomainDestroy") {
-                Ok(()) => how.push("destroyed"),
-                Err(e) if e.is(FailureKind::InvalidState) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if dom.is_persistent().op("virDomainIsPersistent")? {
-            dom.undefine_flags(
-                sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA,
-            )
-            .op("virDomainUndefineFlags")?;
-            how.push("undefined");
-        }
-        Ok(format!("domain {}", how.join(" and ")))
-    }
-
-    fn reattach(
-        &self,
-        server: ServerId,
-        lineage: LineageId,
-        new_device: DeviceId,
-        info: DeviceInfo,
-    ) -> Result<Reattach, ExecutorError> {
-        let conn = self.conn()?;
-        let dom = self.domain(&conn, server)?;
-        let spec = placed(&self.spec_of(&dom, server)?)?;
-        let Some(pos) = spec.devices.iter().position(|d| d.lineage_id == lineage) else {
-            return Err(ExecutorError::NoSuchLineage { server, lineage });
-        };
-        let old = spec.devices[pos].clone();
-        if old.device_id == new_device && old.address == info.address && old.present == info.present
-        {
-            return Ok(Reattach::Unchanged);
-        }
-        let mut next = spec.clone();
-        let new = &mut next.devices[pos];
-        new.device_id = new_device;
-        new.vendor = info.vendor;
-        new.product = info.product;
-        new.address = info.address;
-        new.present = info.present;
-        let new = new.clone();
-        let xml = self.render(&next)?;
-        let placement = layout(&next)?.placements.get(pos).copied();
-
-        let mut method = AttachMethod::Redefined;
-        let mut detail = String::new();
-        let mut hot_error = None;
-        if dom.is_active().op("virDomainIsActive")? {
-            match self.hot_swap(&dom, &old, &new, placement)? {
-                HotSwap::Done => {
-                    method = AttachMethod::HotPlug;
-                    detail = format!(
-                        "hot-plugged at {} in place of {} at {} (controller port kept); persistent definition updated",
-                        new.address, old.device_id, old.address
-                    );
-                }
-                HotSwap::Unsupported(text) => {
-                    detail = format!(
-                        "the hypervisor driver cannot hot attach ({text}); domain redefined with the same uuid and the new address {}: the running domain keeps the old one until it restarts",
-                        new.address
-                    );
-                }
-                HotSwap::Failed(text) => hot_error = Some(text),
-            }
-        } else {
-            detail = format!(
-                "domain is not running; redefined with the new address {}, attached at its next start",
-                new.address
-            );
-        }
-        conn.define_domain_xml(&xml).op("virDomainDefineXML")?;
-        if let Some(text) = hot_error {
-            return Ok(Reattach::HotPlugFailed {
-                error: format!(
-                    "hot attach of {} at {} failed: {text}; the persistent definition has the new address (applies at next start)",
-                    new.device_id, new.address
-                ),
-            });
-        }
-        info!(%server, %lineage, ?method, "device re-attached");
-        Ok(Reattach::Done {
-            old_device: old.device_id,
-            method,
-            detail,
-        })
-    }
-
-    /// Live: unplug the old enumeration's hostdev, plug the new one.
-    fn hot_swap(
-        &self,
-        dom: &Domain,
-        old: &HostdevSpec,
-        new: &HostdevSpec,
-        placement: Option<super::domain::Placement>,
-    ) -> Result<HotSwap, ExecutorError> {
-        let old_xml = hostdev_xml(old, placement)?;
-        match dom
-            .detach_device_flags(&old_xml, LIVE)
-            .op("virDomainDetachDeviceFlags")
-        {
-            Ok(()) => {}
-            Err(e) if e.is(FailureKind::Unsupported) => return Ok(HotSwap::Unsupported(e.text)),
-            // Already gone from the live domain (e.g. a previous redefinition): fine.
-            Err(e) => debug!(error = %e, "old hostdev not detached"),
-        }
-        let new_xml = hostdev_xml(new, placement)?;
-        match dom
-            .attach_device_flags(&new_xml, LIVE)
-            .op("virDomainAttachDeviceFlags")
-        {
-            Ok(()) => Ok(HotSwap::Done),
-            Err(e) if e.is(FailureKind::Unsupported) => Ok(HotSwap::Unsupported(e.text)),
-            Err(e) => Ok(HotSwap::Failed(e.text)),
-        }
-    }
-
-    fn detach(
-        &self,
-        server: ServerId,
-        device: DeviceId,
-    ) -> Result<(Observed, String), ExecutorError> {
-        let conn = self.conn()?;
-        let dom = self.domain(&conn, server)?;
-        let spec = placed(&self.spec_of(&dom, server)?)?;
-        let Some(pos) = spec.devices.iter().position(|d| d.device_id == device) else {
-            return Err(ExecutorError::NoSuchDevice { server, device });
-        };
-        let placement = layout(&spec)?.placements.get(pos).copied();
-        let mut next = spec.clone();
-        let gone = next.devices.remove(pos);
-        let xml = self.render(&next)?;
-        let how = if dom.is_active().op("virDomainIsActive")? {
-            let hd = hostdev_xml(&gone, placement)?;
-            match dom.detach_device_flags(&hd, LIVE).op("virDomainDetachDeviceFlags") {
-                Ok(()) => "hot-unplugged; persistent definition updated".to_owned(),
-                Err(e) if e.is(FailureKind::Unsupported) => format!(
-                    "the hypervisor driver cannot hot detach ({}); domain redefined without it, the running domain keeps it until it restarts",
-                    e.text
-                ),
-                Err(e) if e.is(FailureKind::DeviceMissing) => {
-                    "was not in the running domain; persistent definition updated".to_owned()
-                }
-                Err(e) => return Err(e.into()),
-            }
-        } else {
-            "domain redefined without it".to_owned()
-        };
-        conn.define_domain_xml(&xml).op("virDomainDefineXML")?;
-        Ok((observe(&dom)?, how))
-    }
-
-    /// Every usbpt domain on this connection with its spec.
-    fn our_domains(&self) -> Result<Vec<(ServerId, DomainSpec)>, ExecutorError> {
-        let conn = self.conn()?;
-        let mut out = Vec::new();
-        for dom in conn.list_all_domains(0).op("virConnectListAllDomains")? {
-            let Ok(uuid) = dom.uuid_string() else {
-                continue;
-            };
-            let Ok(server) = uuid.parse::<ServerId>() else {
-                continue;
-            };
-            match self.spec_of(&dom, server) {
-                Ok(spec) => out.push((server, spec)),
-                Err(ExecutorError::NotOurs { .. }) => {}
-                Err(e) => warn!(%server, error = %e, "skipping a domain with unreadable metadata"),
-            }
-        }
-        Ok(out)
-    }
-
-    fn holders(&self, lineage: LineageId) -> Result<Vec<ServerId>, ExecutorError> {
-        Ok(self
-            .our_domains()?
-            .into_iter()
-            .filter(|(_, spec)| {
-                spec.devices
-                    .iter()
-                    .any(|d| d.lineage_id == lineage && d.follow == FollowPolicy::Lineage)
-            })
-            .map(|(s, _)| s)
-            .collect())
-    }
-}
-
-enum HotSwap {
-    Done,
-    Unsupported(String),
-    Failed(String),
 }
