@@ -271,6 +271,7 @@ pub async fn device(global: &Global, cmd: DeviceCmd) -> Result<()> {
         "vendor_id",
         "product_id",
         "serial",
+        "fingerprint",
         "manufacturer",
         "product",
         "vendor_db",
@@ -400,6 +401,7 @@ pub async fn history(global: &Global, a: HistoryArgs) -> Result<()> {
                 s(&e["address"]),
                 s(&e["port_path"]),
                 s(&e["status"]),
+                short_fingerprint(&e["fingerprint"]),
                 s(&e["discovered"]["at"]),
                 ended,
                 if holders.is_empty() {
@@ -418,6 +420,7 @@ pub async fn history(global: &Global, a: HistoryArgs) -> Result<()> {
             "ADDRESS",
             "PORT",
             "STATUS",
+            "FINGERPRINT",
             "DISCOVERED",
             "INVALIDATED",
             "HOLDERS",
@@ -425,6 +428,15 @@ pub async fn history(global: &Global, a: HistoryArgs) -> Result<()> {
         &rows,
     );
     Ok(())
+}
+
+/// The first 12 characters of a fingerprint, enough to tell two apart in a table (`-` when
+/// the enumeration has none).
+fn short_fingerprint(v: &Value) -> String {
+    match v.as_str() {
+        Some(f) => format!("{}…", f.chars().take(12).collect::<String>()),
+        None => "-".to_owned(),
+    }
 }
 
 /// `usbpt hypervisor show`.

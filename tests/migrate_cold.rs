@@ -111,6 +111,7 @@ fn key_at(port: &str, devnum: u16) -> Result<UsbDevice> {
         model_db: None,
         speed: Some("12".into()),
         usb_version: Some("2.00".into()),
+        fingerprint: None,
     })
 }
 

@@ -12,7 +12,7 @@
     'ServerStateChanged', 'ServerResized', 'ServerMigrationRefused', 'ServerDeleted',
     'ServerActionRequested', 'DeviceAttachFailed', 'DeviceClashDetected', 'ServerMigrated',
     'FlavorUsbSet', 'FlavorSized', 'ServerUpdated', 'ServerResizeVerifying',
-    'ServerResizeConfirmed', 'ServerResizeReverted',
+    'ServerResizeConfirmed', 'ServerResizeReverted', 'DeviceDiscoveredV2',
   ];
   const FEED_MAX = 300; // feed entries kept in the page
   const HISTORY_ON_LOAD = 50; // past events shown when the page opens
@@ -221,6 +221,7 @@
       case 'FlavorSized':
         return ['flavors', 'servers'];
       case 'DeviceDiscovered':
+      case 'DeviceDiscoveredV2':
       case 'DeviceInvalidated':
       case 'DeviceClashDetected':
         return ['hosts', 'devices', 'servers'];
@@ -567,6 +568,8 @@
           d.speed ? muted(` · ${d.speed} Mbit/s`) : null),
         el('div', { class: 'tl-line' }, 'discovered ', stamp(d.discovered),
           d.supersedes ? [' · after ', idChip(d.supersedes)] : null),
+        el('div', { class: 'tl-line fingerprint', title: 'SHA-256 of name, ids, serial and descriptors (USBGuard\u2019s hash)' },
+          'fingerprint ', d.fingerprint ? mono(d.fingerprint) : muted('none reported')),
         inv
           ? el('div', { class: 'tl-line ended' }, 'ended ', timeEl(inv.at), ' ', muted(`#${inv.seq}`), ': ',
               el('b', {}, inv.reason ? words(inv.reason) : 'superseded'),
@@ -592,11 +595,16 @@
     switch (kind) {
       case 'HostAgentStarted':
         return `agent ${b.agent_version} started on ${b.host} · ${b.hypervisor_uri} · boot ${String(b.boot_id).slice(0, 8)}`;
-      case 'DeviceDiscovered': {
+      case 'DeviceDiscovered':
+      case 'DeviceDiscoveredV2': {
+        // V2 is the discovery followed by the descriptor fingerprint (ADR 0011).
+        const fp = kind === 'DeviceDiscoveredV2' ? b.fingerprint : null;
+        if (fp) b = b.discovery;
         rememberDevice(b);
         const { name } = deviceName(b);
         const again = b.supersedes ? ` (re-enumeration of ${shortId(b.supersedes)})` : '';
-        return `${name} ${vp(b)} on ${b.host} at ${addr(b.address)}, port ${b.port_path}${again}`;
+        const print = fp ? ` · fingerprint ${fp.slice(0, 12)}\u2026` : '';
+        return `${name} ${vp(b)} on ${b.host} at ${addr(b.address)}, port ${b.port_path}${again}${print}`;
       }
       case 'DeviceInvalidated':
         return `${deviceLabel(b.device_id)} on ${b.host} is gone: ${words(b.reason)}` +
@@ -673,6 +681,7 @@
   const CATEGORY = {
     HostAgentStarted: 'host',
     DeviceDiscovered: 'device',
+    DeviceDiscoveredV2: 'device',
     DeviceInvalidated: 'gone',
     DeviceClashDetected: 'bad',
     FlavorCreated: 'flavor',

@@ -57,6 +57,7 @@ pub fn device(d: &Device) -> Value {
         "vendor_id": x.vendor_id,
         "product_id": x.product_id,
         "serial": x.serial,
+        "fingerprint": d.fingerprint,
         "device_class": x.device_class,
         "interface_classes": x.interface_classes,
         "manufacturer": x.manufacturer,
@@ -107,6 +108,9 @@ pub fn nova_device(d: &Device) -> Value {
         if let Some(s) = val {
             extra.insert(k.into(), json!(s));
         }
+    }
+    if let Some(f) = d.fingerprint {
+        extra.insert("fingerprint".into(), json!(f));
     }
     if let Some(r) = d.invalidation.and_then(|i| i.reason) {
         extra.insert("invalidation_reason".into(), json!(format!("{r:?}")));

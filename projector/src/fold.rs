@@ -771,6 +771,9 @@ impl FoldTxn {
             Event::DeviceDiscovered(e) if h.boot_id.is_none() => {
                 h.boot_id = Some(e.boot_id.clone());
             }
+            Event::DeviceDiscoveredV2(e) if h.boot_id.is_none() => {
+                h.boot_id = Some(e.discovery.boot_id.clone());
+            }
             Event::DeviceClashDetected(e) => {
                 let clash = Clash {
                     vendor_id: e.vendor_id,
@@ -881,7 +884,8 @@ fn handle(v: &mut FoldTxn, st: Stamp, body: &Event) -> R {
     match body {
         // The host record is all it changes (see `touch_host`).
         Event::HostAgentStarted(_) | Event::DeviceClashDetected(_) => Ok(()),
-        Event::DeviceDiscovered(e) => discovered(v, st, e),
+        Event::DeviceDiscovered(e) => discovered(v, st, e, None),
+        Event::DeviceDiscoveredV2(e) => discovered(v, st, &e.discovery, Some(e.fingerprint)),
         Event::DeviceInvalidated(e) => invalidated(v, st, e),
         Event::FlavorCreated(e) => flavor_created(v, st, e),
         Event::FlavorDeleted(e) => flavor_deleted(v, st, e),
@@ -1067,7 +1071,12 @@ fn not_deleted(s: &Server) -> R {
     }
 }
 
-fn discovered(v: &mut FoldTxn, st: Stamp, e: &DeviceDiscovered) -> R {
+fn discovered(
+    v: &mut FoldTxn,
+    st: Stamp,
+    e: &DeviceDiscovered,
+    fingerprint: Option<Fingerprint>,
+) -> R {
     if let Some(d) = v.device(e.device_id)? {
         return reject(
             QuarantineReason::Duplicate,
@@ -1099,6 +1108,7 @@ fn discovered(v: &mut FoldTxn, st: Stamp, e: &DeviceDiscovered) -> R {
         holders: Vec::new(),
         attach_error: None,
         last_change_seq: st.seq,
+        fingerprint,
     };
     // A claim survives re-enumeration: with `lineage` follow the new enumeration is claimed for
     // the same server (awaiting re-attach); with `strict` it is free and the server keeps the

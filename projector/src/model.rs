@@ -5,10 +5,10 @@
 
 use serde::{Deserialize, Serialize};
 use usbpt_schemas::{
-    AssignedDevice, AttachMethod, ControllerModel, DeviceDiscovered, DeviceId, FlavorId,
-    FlavorName, FollowPolicy, HostName, HostRejection, InvalidationReason, LineageId, LineageKind,
-    PortPath, ProductId, ReleaseReason, ServerAction, ServerId, ServerName, ServerState, Timestamp,
-    UsbAddress, UsbRequest, VendorId,
+    AssignedDevice, AttachMethod, ControllerModel, DeviceDiscovered, DeviceId, Fingerprint,
+    FlavorId, FlavorName, FollowPolicy, HostName, HostRejection, InvalidationReason, LineageId,
+    LineageKind, PortPath, ProductId, ReleaseReason, ServerAction, ServerId, ServerName,
+    ServerState, Timestamp, UsbAddress, UsbRequest, VendorId,
 };
 
 /// When something happened: the stream sequence of the event and the time the event carries.
@@ -134,6 +134,9 @@ pub struct Device {
     pub holders: Vec<Holding>,
     pub attach_error: Option<AttachError>,
     pub last_change_seq: u64,
+    /// The descriptor fingerprint (`DeviceDiscoveredV2`); `None` for an enumeration announced
+    /// without one (older agents, or descriptors that could not be read).
+    pub fingerprint: Option<Fingerprint>,
 }
 
 impl Device {
