@@ -48,6 +48,15 @@ pub struct HistoryArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct AlarmsArgs {
+    /// Cleared alarms too (the newest of each lineage), not only active ones.
+    #[arg(long)]
+    pub all: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum HypervisorCmd {
     /// The Nova-shaped hypervisor document with `usb_device_stats`.
@@ -665,6 +674,48 @@ pub async fn server_show(global: &Global, a: ShowArgs) -> Result<()> {
             },
             s(&m["reason"])
         );
+    }
+    Ok(())
+}
+
+/// `usbpt alarms`: one paragraph per alarm, its reason in full (it says what to do).
+pub async fn alarms(global: &Global, a: AlarmsArgs) -> Result<()> {
+    let path = if a.all {
+        "/v1/alarms?all=true"
+    } else {
+        "/v1/alarms"
+    };
+    let doc = Api::new(global)?.get(path).await?;
+    if a.json {
+        return print_json(&doc);
+    }
+    let list = doc["alarms"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no {}alarms", if a.all { "" } else { "active " });
+        return Ok(());
+    }
+    for al in &list {
+        let state = if al["active"].as_bool() == Some(true) {
+            "ACTIVE".to_owned()
+        } else {
+            format!(
+                "cleared seq {} at {}: {}",
+                s(&al["cleared"]["seq"]),
+                s(&al["cleared"]["at"]),
+                escape(&s(&al["cleared"]["reason"]))
+            )
+        };
+        println!(
+            "{} lineage {} ({}:{} serial {}) raised seq {} at {} — {state}",
+            s(&al["kind"]),
+            s(&al["lineage_id"]),
+            s(&al["vendor_id"]),
+            s(&al["product_id"]),
+            escape(&s(&al["serial"])),
+            s(&al["raised"]["seq"]),
+            s(&al["raised"]["at"]),
+        );
+        println!("  {}", escape(&s(&al["reason"])));
     }
     Ok(())
 }

@@ -202,6 +202,9 @@
     flavors: async () => {
       state.flavors = (await getJSON('/v2.1/flavors')).flavors || [];
     },
+    alarms: async () => {
+      state.alarms = (await getJSON('/v1/alarms')).alarms || [];
+    },
   };
 
   async function refresh(names) {
@@ -224,7 +227,7 @@
       case 'DeviceDiscoveredV2':
       case 'DeviceInvalidated':
       case 'DeviceClashDetected':
-        return ['hosts', 'devices', 'servers'];
+        return ['hosts', 'devices', 'servers', 'alarms'];
       case 'undecodable':
         return [];
       default:
@@ -475,7 +478,25 @@
     );
   }
 
+  // Identity alarms (GET /v1/alarms): each with its reason, which says what to do.
+  function renderAlarms() {
+    const list = state.alarms || [];
+    const root = $('alarms');
+    $('alarms-panel').hidden = !list.length;
+    root.replaceChildren(...list.map((a) => el('li', {
+      class: `alarm alarm-${a.kind}`,
+      'data-lineage-id': a.lineage_id,
+      'data-kind': a.kind,
+    },
+      el('b', {}, words(a.kind)), ' · ', mono(`${a.vendor_id}:${a.product_id}`),
+      a.serial ? [' serial ', mono(a.serial)] : null,
+      ' on ', (a.hosts || []).map((h) => mono(h)).reduce((acc, x) => (acc.length ? [...acc, ', ', x] : [x]), []),
+      ' · raised ', stamp(a.raised),
+      el('div', { class: 'sub' }, a.reason))));
+  }
+
   function render() {
+    renderAlarms();
     renderStats();
     renderHosts();
     renderServers();

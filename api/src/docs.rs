@@ -3,7 +3,8 @@
 
 use serde_json::{json, Map, Value};
 use usbpt_projector::{
-    Claim, Device, Flavor, HoldEnd, Host, Lineage, QuarantineEntry, Server, Snapshot, ViewError,
+    Alarm, Claim, Device, Flavor, HoldEnd, Host, Lineage, QuarantineEntry, Server, Snapshot,
+    ViewError,
 };
 use usbpt_schemas::{DeviceSelector, HostName, LineageKind, ServerState, UsbRequest};
 
@@ -58,6 +59,7 @@ pub fn device(d: &Device) -> Value {
         "product_id": x.product_id,
         "serial": x.serial,
         "fingerprint": d.fingerprint,
+        "blocked": d.blocked,
         "device_class": x.device_class,
         "interface_classes": x.interface_classes,
         "manufacturer": x.manufacturer,
@@ -168,6 +170,25 @@ pub fn lineage(l: &Lineage) -> Value {
         "current_device_id": l.current,
         "current_host": l.current_host,
         "first_seen": v(&l.first_seen),
+        "alarms": l.alarms.iter().map(|a| alarm(l, a)).collect::<Vec<_>>(),
+        "held_back_device_id": l.pending.as_ref().map(|p| p.discovery.device_id),
+    })
+}
+
+/// One alarm of a lineage (`GET /v1/alarms`, and on lineage documents).
+pub fn alarm(l: &Lineage, a: &Alarm) -> Value {
+    json!({
+        "kind": a.kind.as_str(),
+        "active": a.is_active(),
+        "lineage_id": l.id,
+        "vendor_id": l.vendor_id,
+        "product_id": l.product_id,
+        "serial": l.serial,
+        "reason": a.reason,
+        "hosts": a.hosts,
+        "devices": a.devices,
+        "raised": v(&a.raised),
+        "cleared": a.cleared.as_ref().map(|(st, why)| json!({"seq": st.seq, "at": st.at, "reason": why})),
     })
 }
 

@@ -23,6 +23,8 @@ use crate::model::*;
 use crate::stage::{Base, Map, Rows};
 use crate::tables::{self as t, encode, get_by_id, get_by_str, Id};
 
+mod alarms;
+
 /// What folding one event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -1093,6 +1095,9 @@ fn discovered(
         None => None,
     };
     if let (Some(l), Some(prev)) = (&lineage, &previous) {
+        if alarms::is_conflict(e, l, prev) {
+            return alarms::conflict_raised(v, st, e, fingerprint, l.clone(), prev.clone());
+        }
         check_lineage_move(e, l, prev)?;
     }
     let claim = v.claim(e.lineage_id)?;
@@ -1109,6 +1114,7 @@ fn discovered(
         attach_error: None,
         last_change_seq: st.seq,
         fingerprint,
+        blocked: lineage.as_ref().is_some_and(alarms::blocks),
     };
     // A claim survives re-enumeration: with `lineage` follow the new enumeration is claimed for
     // the same server (awaiting re-attach); with `strict` it is free and the server keeps the
@@ -1165,6 +1171,8 @@ fn discovered(
             current_host: e.host.clone(),
             enumerations: 1,
             first_seen: st,
+            alarms: Vec::new(),
+            pending: None,
         },
     };
     v.s.lineage_history.push((
@@ -1251,6 +1259,9 @@ fn check_lineage_move(e: &DeviceDiscovered, l: &Lineage, prev: &Device) -> R {
 }
 
 fn invalidated(v: &mut FoldTxn, st: Stamp, e: &DeviceInvalidated) -> R {
+    if alarms::pending_ended(v, st, e)? {
+        return Ok(());
+    }
     let d = v.known_device(e.device_id, Some(e.lineage_id), &e.host)?;
     if let Some(Invalidation {
         reason: Some(r),
@@ -1291,7 +1302,7 @@ fn invalidated(v: &mut FoldTxn, st: Stamp, e: &DeviceInvalidated) -> R {
             v.put_claim(c);
         }
     }
-    Ok(())
+    alarms::current_ended(v, st, e)
 }
 
 fn flavor_created(v: &mut FoldTxn, st: Stamp, e: &FlavorCreated) -> R {

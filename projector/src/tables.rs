@@ -120,6 +120,7 @@ struct DeviceStateOut<'a> {
     attach_error: &'a Option<AttachError>,
     last_change_seq: u64,
     fingerprint: Option<Fingerprint>,
+    blocked: bool,
 }
 
 /// [`DeviceStateOut`] read back (the same fields, owned).
@@ -135,6 +136,7 @@ struct DeviceStateIn {
     attach_error: Option<AttachError>,
     last_change_seq: u64,
     fingerprint: Option<Fingerprint>,
+    blocked: bool,
 }
 
 /// Encodes the `devices` row of a device.
@@ -152,6 +154,7 @@ pub fn encode_device_state(d: &Device) -> Result<Vec<u8>, ViewError> {
             attach_error: &d.attach_error,
             last_change_seq: d.last_change_seq,
             fingerprint: d.fingerprint,
+            blocked: d.blocked,
         },
     )
 }
@@ -195,6 +198,7 @@ pub fn device_from_state(
         attach_error: s.attach_error,
         last_change_seq: s.last_change_seq,
         fingerprint: s.fingerprint,
+        blocked: s.blocked,
     })
 }
 

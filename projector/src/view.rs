@@ -653,6 +653,30 @@ impl Snapshot {
         Ok(out)
     }
 
+    /// Every lineage with an alarm (active ones only, unless `all`), with those alarms, oldest
+    /// raised first. A scan of the lineages: alarms are rare, and this is read by an operator
+    /// (`GET /v1/alarms`), not by the fold.
+    pub fn alarms(&self, all: bool) -> Result<Vec<(Lineage, Vec<Alarm>)>, ViewError> {
+        let table = self.txn.open_table(t::LINEAGES)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            let id = k.value();
+            let l: Lineage = decode("lineages", || show_id(&id), v.value())?;
+            let alarms: Vec<Alarm> = l
+                .alarms
+                .iter()
+                .filter(|a| all || a.is_active())
+                .cloned()
+                .collect();
+            if !alarms.is_empty() {
+                out.push((l, alarms));
+            }
+        }
+        out.sort_by_key(|(_, a)| a.first().map(|a| a.raised.seq));
+        Ok(out)
+    }
+
     /// The last stream sequence stored on a control-plane subject (claim, flavor, server), 0
     /// when none: the expected sequence of a fenced publish on it.
     pub fn subject_seq(&self, subject: &str) -> Result<u64, ViewError> {

@@ -49,6 +49,8 @@ fn disc(dev: u128, host: &str, port: &str, serial: Option<&str>) -> DeviceDiscov
 struct Fold {
     view: View,
     seq: u64,
+    /// Every event folded, for replays.
+    events: Vec<RawEvent>,
     _dir: tempfile::TempDir,
 }
 
@@ -59,6 +61,7 @@ impl Fold {
         Self {
             view,
             seq: 0,
+            events: Vec::new(),
             _dir: dir,
         }
     }
@@ -75,6 +78,7 @@ impl Fold {
             subject: subject.unwrap_or_else(|| subjects::for_event(&env)),
             payload: Bytes::from(codec::encode(&env).unwrap()),
         };
+        self.events.push(raw.clone());
         self.view
             .apply_batch(&[raw], &BatchOptions::default())
             .unwrap();
@@ -115,4 +119,128 @@ fn a_v2_discovery_stores_its_fingerprint_and_an_old_one_folds_without() {
     assert_eq!(old.fingerprint, None);
     assert_eq!(new.fingerprint, Some(fp(7)));
     assert_eq!(new.discovery.serial.as_deref(), Some("K2"));
+}
+
+fn gone(dev: u128, host: &str, lineage: LineageId) -> Event {
+    Event::DeviceInvalidated(DeviceInvalidated {
+        device_id: DeviceId(id(dev)),
+        lineage_id: lineage,
+        host: common::host(host),
+        reason: InvalidationReason::Unplugged,
+        superseded_by: None,
+    })
+}
+
+fn active(f: &Fold, lineage: LineageId) -> Vec<usbpt_projector::Alarm> {
+    let l = f
+        .view
+        .snapshot()
+        .unwrap()
+        .lineage(&lineage)
+        .unwrap()
+        .unwrap();
+    l.alarms.into_iter().filter(|a| a.is_active()).collect()
+}
+
+fn counter(f: &Fold, key: &str) -> u64 {
+    let c = f.view.snapshot().unwrap().counters().unwrap();
+    c.get(key).copied().unwrap_or(0)
+}
+
+/// The conflict scenario: K1 on host-a, then on host-b while host-a's is present.
+fn conflict(f: &mut Fold) -> LineageId {
+    let first = disc(1, "host-a", "1-1", Some("K1"));
+    let lineage = first.lineage_id;
+    assert_eq!(f.fold(v2(first, 1), None), None);
+    assert_eq!(
+        f.fold(v2(disc(2, "host-b", "3-2", Some("K1")), 1), None),
+        None
+    );
+    lineage
+}
+
+#[test]
+fn a_serial_lineage_on_two_hosts_raises_a_conflict_that_clears_when_the_newcomer_leaves() {
+    let mut f = Fold::new();
+    let lineage = conflict(&mut f);
+    let alarms = active(&f, lineage);
+    assert_eq!(alarms.len(), 1);
+    let a = &alarms[0];
+    assert_eq!(a.kind, usbpt_projector::AlarmKind::LineageConflict);
+    assert_eq!(a.raised.seq, 2);
+    assert_eq!(a.hosts, [common::host("host-a"), common::host("host-b")]);
+    assert_eq!(a.devices, [DeviceId(id(1)), DeviceId(id(2))]);
+    assert!(
+        a.reason.contains("host-a") && a.reason.contains("unplugged"),
+        "{}",
+        a.reason
+    );
+    assert_eq!(counter(&f, "alarms_raised.lineage_conflict"), 1);
+    let snap = f.view.snapshot().unwrap();
+    assert!(snap
+        .free_devices_on_host(&common::host("host-a"))
+        .unwrap()
+        .is_empty());
+
+    // host-b's copy is unplugged: the conflict clears, host-a's device is free again.
+    assert_eq!(f.fold(gone(2, "host-b", lineage), None), None);
+    assert!(active(&f, lineage).is_empty());
+    let snap = f.view.snapshot().unwrap();
+    let l = snap.lineage(&lineage).unwrap().unwrap();
+    let (cleared, why) = l.alarms[0].cleared.clone().expect("cleared");
+    assert_eq!(cleared.seq, 3);
+    assert!(why.contains("stays on host host-a"), "{why}");
+    assert_eq!(l.current_host, common::host("host-a"));
+    assert_eq!(
+        snap.free_devices_on_host(&common::host("host-a"))
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(counter(&f, "alarms_cleared.lineage_conflict"), 1);
+}
+
+#[test]
+fn a_conflict_clears_when_the_first_host_reports_the_key_gone_and_the_other_host_takes_it() {
+    let mut f = Fold::new();
+    let lineage = conflict(&mut f);
+    assert_eq!(f.fold(gone(1, "host-a", lineage), None), None);
+    assert!(active(&f, lineage).is_empty());
+    let snap = f.view.snapshot().unwrap();
+    let l = snap.lineage(&lineage).unwrap().unwrap();
+    assert_eq!(l.current, DeviceId(id(2)));
+    assert_eq!(l.current_host, common::host("host-b"));
+    assert_eq!(l.enumerations, 2);
+    let d2 = snap.device(&DeviceId(id(2))).unwrap().unwrap();
+    assert!(d2.is_free(), "{d2:?}");
+    assert_eq!(d2.fingerprint, Some(fp(1)));
+    assert_eq!(d2.discovered.seq, 3, "promoted when host-a's ended");
+}
+
+#[test]
+fn alarms_replay_to_the_same_view() {
+    let mut f = Fold::new();
+    let lineage = conflict(&mut f);
+    assert_eq!(f.fold(gone(1, "host-a", lineage), None), None);
+    assert_eq!(
+        f.fold(v2(disc(3, "host-a", "1-1", Some("K1")), 1), None),
+        None
+    );
+    assert_eq!(
+        active(&f, lineage).len(),
+        1,
+        "host-a's return conflicts with host-b"
+    );
+    // Replay: the same events, in a fresh view, one per batch and all in one batch.
+    let events = f.events.clone();
+    for per_batch in [1, events.len()] {
+        let dir = tempfile::tempdir().unwrap();
+        let view = View::open(dir.path().join("r.redb")).unwrap();
+        for chunk in events.chunks(per_batch) {
+            view.apply_batch(chunk, &BatchOptions::default()).unwrap();
+        }
+        let a = usbpt_projector::digest::digest(&f.view.snapshot().unwrap()).unwrap();
+        let b = usbpt_projector::digest::digest(&view.snapshot().unwrap()).unwrap();
+        assert_eq!(a, b, "{per_batch} per batch");
+    }
 }

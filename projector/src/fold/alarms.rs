@@ -1,0 +1,183 @@
+//! Alarms the fold derives (ADR 0011, docs/identity.md "Alarms"): raised and cleared by events
+//! only, so a replay raises and clears them at the same sequences. Each alarm lives on its
+//! lineage's record ([`Lineage::alarms`]) with its raise and clear stamps; the counters
+//! `alarms_raised.{kind}` and `alarms_cleared.{kind}` give the active ones by kind (`/metrics`).
+//!
+//! `LineageConflict`: a serial lineage discovered on a host while its current enumeration is
+//! still present on another. The newcomer is held back ([`Lineage::pending`]) and the current
+//! enumeration is blocked from new claims: the lineage is not schedulable until one side ends.
+//! If the current one ends, the newcomer takes the lineage over (as if discovered then: the
+//! known gap of the carried key closes); if the newcomer ends first, it is dropped.
+
+use usbpt_schemas::{DeviceDiscovered, DeviceInvalidated, Fingerprint, LineageKind};
+
+use super::{discovered, FoldTxn, R};
+use crate::model::{Alarm, AlarmKind, Device, Lineage, PendingDiscovery, Stamp, ALARMS_KEPT};
+
+/// Whether discovering `e` while `prev` is its lineage's current enumeration is a conflict: a
+/// serial lineage whose current enumeration is still present on another host.
+pub(super) fn is_conflict(e: &DeviceDiscovered, l: &Lineage, prev: &Device) -> bool {
+    l.kind == LineageKind::Serial
+        && e.lineage_kind == LineageKind::Serial
+        && prev.host() != &e.host
+        && prev.invalidation.is_none()
+}
+
+/// Whether a new enumeration of `l` on its current host starts blocked: another host's is held
+/// back, the conflict lasts.
+pub(super) fn blocks(l: &Lineage) -> bool {
+    l.pending.is_some()
+}
+
+fn raise(v: &mut FoldTxn, l: &mut Lineage, alarm: Alarm) {
+    *v.s.deltas
+        .entry(("alarms_raised", alarm.kind.as_str()))
+        .or_default() += 1;
+    l.alarms.push(alarm);
+}
+
+fn clear(v: &mut FoldTxn, l: &mut Lineage, kind: AlarmKind, st: Stamp, why: String) {
+    for a in l
+        .alarms
+        .iter_mut()
+        .filter(|a| a.kind == kind && a.is_active())
+    {
+        a.cleared = Some((st, why.clone()));
+        *v.s.deltas
+            .entry(("alarms_cleared", kind.as_str()))
+            .or_default() += 1;
+    }
+    // Keep every active alarm and the newest cleared ones.
+    let cleared = l.alarms.iter().filter(|a| !a.is_active()).count();
+    let mut drop = cleared.saturating_sub(ALARMS_KEPT);
+    l.alarms.retain(|a| {
+        if drop > 0 && !a.is_active() {
+            drop -= 1;
+            false
+        } else {
+            true
+        }
+    });
+}
+
+/// Raises (or widens) the conflict: `e` is held back, `prev` is blocked.
+pub(super) fn conflict_raised(
+    v: &mut FoldTxn,
+    st: Stamp,
+    e: &DeviceDiscovered,
+    fingerprint: Option<Fingerprint>,
+    mut l: Lineage,
+    mut prev: Device,
+) -> R {
+    let here = prev.host().clone();
+    let reason = format!(
+        "serial lineage {} ({}:{} serial {}) is present on host {here} as device {} and was \
+         discovered on host {} as device {}: a clone, a hub trick, or a key moved before host \
+         {here} reported it gone. Neither side is schedulable until one is unplugged (the other \
+         then takes the lineage) or an operator keeps one host",
+        l.id,
+        l.vendor_id,
+        l.product_id,
+        l.serial.as_deref().unwrap_or("-"),
+        prev.id(),
+        e.host,
+        e.device_id,
+    );
+    // A newer newcomer replaces an older one (the older one's end is then not awaited).
+    clear(
+        v,
+        &mut l,
+        AlarmKind::LineageConflict,
+        st,
+        format!("superseded by the conflict with device {}", e.device_id),
+    );
+    raise(
+        v,
+        &mut l,
+        Alarm {
+            kind: AlarmKind::LineageConflict,
+            raised: st,
+            reason,
+            hosts: vec![here, e.host.clone()],
+            devices: vec![prev.id(), e.device_id],
+            cleared: None,
+        },
+    );
+    l.pending = Some(PendingDiscovery {
+        stamp: st,
+        discovery: e.clone(),
+        fingerprint,
+    });
+    v.put_lineage(l);
+    if !prev.blocked {
+        prev.blocked = true;
+        prev.last_change_seq = st.seq;
+        v.put_device(prev)?;
+    }
+    Ok(())
+}
+
+/// The held-back enumeration ended before the current one: the conflict clears, the current
+/// enumeration is schedulable again. `true` when `e` was that enumeration (nothing else to
+/// fold: the view never had it as a device).
+pub(super) fn pending_ended(v: &mut FoldTxn, st: Stamp, e: &DeviceInvalidated) -> R<bool> {
+    let Some(mut l) = v.lineage(e.lineage_id)? else {
+        return Ok(false);
+    };
+    let held = l
+        .pending
+        .as_ref()
+        .is_some_and(|p| p.discovery.device_id == e.device_id && p.discovery.host == e.host);
+    if !held {
+        return Ok(false);
+    }
+    l.pending = None;
+    let why = format!(
+        "device {} on host {} ended ({:?}); the lineage stays on host {}",
+        e.device_id, e.host, e.reason, l.current_host
+    );
+    clear(v, &mut l, AlarmKind::LineageConflict, st, why);
+    let current = l.current;
+    v.put_lineage(l);
+    unblock(v, st, current)?;
+    Ok(true)
+}
+
+/// The lineage's current enumeration ended (`e`, already folded) while another host's was held
+/// back: the conflict clears and the held-back one takes the lineage over.
+pub(super) fn current_ended(v: &mut FoldTxn, st: Stamp, e: &DeviceInvalidated) -> R {
+    let Some(mut l) = v.lineage(e.lineage_id)? else {
+        return Ok(());
+    };
+    if l.current != e.device_id {
+        return Ok(());
+    }
+    let Some(p) = l.pending.take() else {
+        return Ok(());
+    };
+    clear(
+        v,
+        &mut l,
+        AlarmKind::LineageConflict,
+        st,
+        format!(
+            "device {} on host {} ended ({:?}); device {} on host {} takes the lineage",
+            e.device_id, e.host, e.reason, p.discovery.device_id, p.discovery.host
+        ),
+    );
+    v.put_lineage(l);
+    unblock(v, st, e.device_id)?;
+    // As if discovered now: the lineage moves, a `lineage`-follow claim follows it.
+    discovered(v, st, &p.discovery, p.fingerprint)
+}
+
+fn unblock(v: &mut FoldTxn, st: Stamp, id: usbpt_schemas::DeviceId) -> R {
+    if let Some(mut d) = v.device(id)? {
+        if d.blocked {
+            d.blocked = false;
+            d.last_change_seq = st.seq;
+            v.put_device(d)?;
+        }
+    }
+    Ok(())
+}
