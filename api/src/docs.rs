@@ -187,6 +187,7 @@ pub fn alarm(l: &Lineage, a: &Alarm) -> Value {
         "reason": a.reason,
         "hosts": a.hosts,
         "devices": a.devices,
+        "fingerprints": a.fingerprints,
         "raised": v(&a.raised),
         "cleared": a.cleared.as_ref().map(|(st, why)| json!({"seq": st.seq, "at": st.at, "reason": why})),
     })

@@ -1094,6 +1094,7 @@ fn discovered(
         Some(l) => v.device(l.current)?,
         None => None,
     };
+    let fingerprint_before = previous.as_ref().and_then(|p| p.fingerprint);
     if let (Some(l), Some(prev)) = (&lineage, &previous) {
         if alarms::is_conflict(e, l, prev) {
             return alarms::conflict_raised(v, st, e, fingerprint, l.clone(), prev.clone());
@@ -1181,7 +1182,7 @@ fn discovered(
     ));
     v.put_lineage(l);
     v.put_device(new)?;
-    Ok(())
+    alarms::fingerprint_seen(v, st, e, fingerprint, fingerprint_before)
 }
 
 /// The lineage id must be the one derived from the discovery's own key, so a publisher cannot

@@ -204,13 +204,16 @@ pub const ALARMS_KEPT: usize = 8;
 pub enum AlarmKind {
     /// A serial lineage present on two hosts at once.
     LineageConflict,
+    /// A serial lineage re-enumerated with another descriptor fingerprint.
+    FingerprintChanged,
 }
 
 impl AlarmKind {
-    pub const ALL: [AlarmKind; 1] = [AlarmKind::LineageConflict];
+    pub const ALL: [AlarmKind; 2] = [AlarmKind::LineageConflict, AlarmKind::FingerprintChanged];
     pub fn as_str(self) -> &'static str {
         match self {
             AlarmKind::LineageConflict => "lineage_conflict",
+            AlarmKind::FingerprintChanged => "fingerprint_changed",
         }
     }
 }
@@ -225,6 +228,8 @@ pub struct Alarm {
     /// The hosts and enumerations involved.
     pub hosts: Vec<HostName>,
     pub devices: Vec<DeviceId>,
+    /// `FingerprintChanged`: the fingerprint the lineage had, then the one it reported.
+    pub fingerprints: Vec<Fingerprint>,
     /// When and why it cleared; `None` while active.
     pub cleared: Option<(Stamp, String)>,
 }

@@ -231,7 +231,11 @@ fn alarms_replay_to_the_same_view() {
         1,
         "host-a's return conflicts with host-b"
     );
-    // Replay: the same events, in a fresh view, one per batch and all in one batch.
+    assert_replays(&f);
+}
+
+/// A replay of the same events, one per batch and all in one batch, gives the same view.
+fn assert_replays(f: &Fold) {
     let events = f.events.clone();
     for per_batch in [1, events.len()] {
         let dir = tempfile::tempdir().unwrap();
@@ -243,4 +247,55 @@ fn alarms_replay_to_the_same_view() {
         let b = usbpt_projector::digest::digest(&view.snapshot().unwrap()).unwrap();
         assert_eq!(a, b, "{per_batch} per batch");
     }
+}
+
+#[test]
+fn another_fingerprint_on_a_serial_lineage_raises_an_alarm_until_the_expected_one_returns() {
+    let mut f = Fold::new();
+    let first = disc(1, "host-a", "1-1", Some("K1"));
+    let lineage = first.lineage_id;
+    let replug = |dev: u128, prev: u128| {
+        let mut d = disc(dev, "host-a", "1-1", Some("K1"));
+        d.supersedes = Some(DeviceId(id(prev)));
+        d
+    };
+    assert_eq!(f.fold(v2(first, 1), None), None);
+    assert_eq!(f.fold(gone(1, "host-a", lineage), None), None);
+    // The same fingerprint again: nothing.
+    assert_eq!(f.fold(v2(replug(2, 1), 1), None), None);
+    assert!(active(&f, lineage).is_empty());
+    assert_eq!(f.fold(gone(2, "host-a", lineage), None), None);
+    // Another one: raised, naming both.
+    assert_eq!(f.fold(v2(replug(3, 2), 9), None), None);
+    let alarms = active(&f, lineage);
+    assert_eq!(alarms.len(), 1);
+    assert_eq!(
+        alarms[0].kind,
+        usbpt_projector::AlarmKind::FingerprintChanged
+    );
+    assert_eq!(alarms[0].fingerprints, [fp(1), fp(9)]);
+    assert_eq!(alarms[0].raised.seq, 5);
+    assert!(
+        alarms[0].reason.contains(&fp(1).to_string()),
+        "{}",
+        alarms[0].reason
+    );
+    // An enumeration without a fingerprint (an old agent) and the changed one again: no new alarm.
+    assert_eq!(f.fold(gone(3, "host-a", lineage), None), None);
+    assert_eq!(f.fold(Event::DeviceDiscovered(replug(4, 3)), None), None);
+    assert_eq!(f.fold(gone(4, "host-a", lineage), None), None);
+    assert_eq!(f.fold(v2(replug(5, 4), 9), None), None);
+    assert_eq!(counter(&f, "alarms_raised.fingerprint_changed"), 1);
+    // The expected device is back: cleared.
+    assert_eq!(f.fold(gone(5, "host-a", lineage), None), None);
+    assert_eq!(f.fold(v2(replug(6, 5), 1), None), None);
+    assert!(active(&f, lineage).is_empty());
+    assert_eq!(counter(&f, "alarms_cleared.fingerprint_changed"), 1);
+    let metrics = usbpt_projector::ProjectorMetrics::default()
+        .render(&f.view.snapshot().unwrap().counters().unwrap());
+    assert!(
+        metrics.contains("usbpt_alarms_active{kind=\"fingerprint_changed\"} 0"),
+        "{metrics}"
+    );
+    assert_replays(&f);
 }

@@ -100,6 +100,7 @@ pub(super) fn conflict_raised(
             reason,
             hosts: vec![here, e.host.clone()],
             devices: vec![prev.id(), e.device_id],
+            fingerprints: Vec::new(),
             cleared: None,
         },
     );
@@ -178,6 +179,75 @@ fn unblock(v: &mut FoldTxn, st: Stamp, id: usbpt_schemas::DeviceId) -> R {
             d.last_change_seq = st.seq;
             v.put_device(d)?;
         }
+    }
+    Ok(())
+}
+
+/// After `e` (with `fingerprint`) became its serial lineage's current enumeration, following
+/// one whose fingerprint was `before`: a different fingerprint raises `FingerprintChanged`
+/// (a spoofed serial, or new firmware); the expected fingerprint coming back clears it. Only
+/// enumerations that report a fingerprint are compared.
+pub(super) fn fingerprint_seen(
+    v: &mut FoldTxn,
+    st: Stamp,
+    e: &DeviceDiscovered,
+    fingerprint: Option<Fingerprint>,
+    before: Option<Fingerprint>,
+) -> R {
+    if e.lineage_kind != LineageKind::Serial {
+        return Ok(());
+    }
+    let (Some(now), Some(mut l)) = (fingerprint, v.lineage(e.lineage_id)?) else {
+        return Ok(());
+    };
+    let active = l
+        .alarms
+        .iter()
+        .find(|a| a.kind == AlarmKind::FingerprintChanged && a.is_active());
+    let Some(expected) = active
+        .and_then(|a| a.fingerprints.first().copied())
+        .or(before)
+    else {
+        return Ok(());
+    };
+    match (now == expected, active.is_some()) {
+        (true, true) => {
+            let why = format!(
+                "device {} on host {} reports the expected fingerprint {expected} again",
+                e.device_id, e.host
+            );
+            clear(v, &mut l, AlarmKind::FingerprintChanged, st, why);
+            v.put_lineage(l);
+        }
+        (false, false) => {
+            let reason = format!(
+                "serial lineage {} ({}:{} serial {}) re-enumerated on host {} as device {} with \
+                 fingerprint {now}, not {expected}: the same serial with other descriptors (new \
+                 firmware, or a device that copies the serial). Check the device; the alarm \
+                 clears when a device with fingerprint {expected} is plugged again",
+                l.id,
+                l.vendor_id,
+                l.product_id,
+                l.serial.as_deref().unwrap_or("-"),
+                e.host,
+                e.device_id,
+            );
+            raise(
+                v,
+                &mut l,
+                Alarm {
+                    kind: AlarmKind::FingerprintChanged,
+                    raised: st,
+                    reason,
+                    hosts: vec![e.host.clone()],
+                    devices: vec![e.device_id],
+                    fingerprints: vec![expected, now],
+                    cleared: None,
+                },
+            );
+            v.put_lineage(l);
+        }
+        _ => {}
     }
     Ok(())
 }
