@@ -299,3 +299,35 @@ fn another_fingerprint_on_a_serial_lineage_raises_an_alarm_until_the_expected_on
     );
     assert_replays(&f);
 }
+
+#[test]
+fn a_third_host_replaces_the_held_back_enumeration_and_the_replaced_one_may_end_quietly() {
+    let mut f = Fold::new();
+    let lineage = conflict(&mut f);
+    assert_eq!(
+        f.fold(v2(disc(3, "host-c", "2-1", Some("K1")), 1), None),
+        None
+    );
+    let alarms = active(&f, lineage);
+    assert_eq!(alarms.len(), 1);
+    assert_eq!(
+        alarms[0].hosts,
+        [common::host("host-a"), common::host("host-c")]
+    );
+    // host-b's copy, replaced, is unplugged: not quarantined, the conflict with host-c lasts.
+    assert_eq!(f.fold(gone(2, "host-b", lineage), None), None);
+    assert_eq!(active(&f, lineage).len(), 1);
+    // host-a's ends: host-c's takes the lineage.
+    assert_eq!(f.fold(gone(1, "host-a", lineage), None), None);
+    assert!(active(&f, lineage).is_empty());
+    let l = f
+        .view
+        .snapshot()
+        .unwrap()
+        .lineage(&lineage)
+        .unwrap()
+        .unwrap();
+    assert_eq!(l.current, DeviceId(id(3)));
+    assert_eq!(l.current_host, common::host("host-c"));
+    assert_replays(&f);
+}

@@ -130,7 +130,14 @@ pub(super) fn pending_ended(v: &mut FoldTxn, st: Stamp, e: &DeviceInvalidated) -
         .as_ref()
         .is_some_and(|p| p.discovery.device_id == e.device_id && p.discovery.host == e.host);
     if !held {
-        return Ok(false);
+        // A held-back enumeration a later one replaced (a third host): its end is expected and
+        // changes nothing; the view never had it as a device.
+        let replaced = l.alarms.iter().any(|a| {
+            a.kind == AlarmKind::LineageConflict
+                && a.hosts.get(1) == Some(&e.host)
+                && a.devices.get(1) == Some(&e.device_id)
+        });
+        return Ok(replaced && v.device(e.device_id)?.is_none());
     }
     l.pending = None;
     let why = format!(
