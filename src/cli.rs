@@ -55,6 +55,8 @@ pub enum Cmd {
     Device(crate::cmd_query::DeviceCmd),
     /// Every enumeration of a device's lineage, in order, with addresses, times, reasons, holders.
     History(crate::cmd_query::HistoryArgs),
+    /// Identity alarms across the fleet (a serial lineage on two hosts …), with what to do.
+    Alarms(crate::cmd_query::AlarmsArgs),
     /// The Nova-shaped hypervisor document.
     #[command(subcommand)]
     Hypervisor(crate::cmd_query::HypervisorCmd),
@@ -186,6 +188,7 @@ pub async fn run(cli: Cli, loaded: &crate::config::Loaded) -> Result<()> {
         Cmd::Devices(a) => crate::cmd_query::devices(&cli.global, a).await,
         Cmd::Device(c) => crate::cmd_query::device(&cli.global, c).await,
         Cmd::History(a) => crate::cmd_query::history(&cli.global, a).await,
+        Cmd::Alarms(a) => crate::cmd_query::alarms(&cli.global, a).await,
         Cmd::Hypervisor(c) => crate::cmd_query::hypervisor(&cli.global, c).await,
         Cmd::Flavor(FlavorCmd::List(a)) => crate::cmd_query::flavor_list(&cli.global, a).await,
         Cmd::Flavor(FlavorCmd::Show(a)) => crate::cmd_query::flavor_show(&cli.global, a).await,

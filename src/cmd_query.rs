@@ -52,6 +52,15 @@ pub struct HistoryArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct AlarmsArgs {
+    /// Cleared alarms too (the newest of each lineage), not only active ones.
+    #[arg(long)]
+    pub all: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum HypervisorCmd {
     /// The Nova-shaped hypervisor document with `usb_device_stats`.
@@ -267,7 +276,7 @@ pub async fn device(global: &Global, cmd: DeviceCmd) -> Result<()> {
         return print_json(&doc);
     }
     let d = typed::<doc::DeviceShow>(doc, "device")?.device;
-    let fields: [(&str, String); 21] = [
+    let fields: [(&str, String); 22] = [
         ("id", c(&d.id)),
         ("lineage_id", c(&d.lineage_id)),
         (
@@ -283,6 +292,7 @@ pub async fn device(global: &Global, cmd: DeviceCmd) -> Result<()> {
         ("vendor_id", c(&d.vendor_id)),
         ("product_id", c(&d.product_id)),
         ("serial", c(&d.serial)),
+        ("fingerprint", c(&d.fingerprint)),
         ("manufacturer", c(&d.manufacturer)),
         ("product", c(&d.product)),
         ("vendor_db", c(&d.vendor_db)),
@@ -399,6 +409,7 @@ pub async fn history(global: &Global, a: HistoryArgs) -> Result<()> {
                 c(&d.address),
                 c(&d.port_path),
                 c(&d.status),
+                short_fingerprint(d.fingerprint.as_ref()),
                 c(&d.discovered.at),
                 ended,
                 if holders.is_empty() {
@@ -417,6 +428,7 @@ pub async fn history(global: &Global, a: HistoryArgs) -> Result<()> {
             "ADDRESS",
             "PORT",
             "STATUS",
+            "FINGERPRINT",
             "DISCOVERED",
             "INVALIDATED",
             "HOLDERS",
@@ -424,6 +436,15 @@ pub async fn history(global: &Global, a: HistoryArgs) -> Result<()> {
         &rows,
     );
     Ok(())
+}
+
+/// The first 12 characters of a fingerprint, enough to tell two apart in a table (`-` when
+/// the enumeration has none).
+fn short_fingerprint(f: Option<&usbpt_schemas::Fingerprint>) -> String {
+    match f {
+        Some(f) => format!("{}…", f.to_string().chars().take(12).collect::<String>()),
+        None => "-".to_owned(),
+    }
 }
 
 /// `usbpt hypervisor show`.
@@ -628,6 +649,48 @@ pub async fn server_show(global: &Global, a: ShowArgs) -> Result<()> {
             },
             c(&m.reason)
         );
+    }
+    Ok(())
+}
+
+/// `usbpt alarms`: one paragraph per alarm, its reason in full (it says what to do).
+pub async fn alarms(global: &Global, a: AlarmsArgs) -> Result<()> {
+    let path = if a.all {
+        "/v1/alarms?all=true"
+    } else {
+        "/v1/alarms"
+    };
+    let doc = Api::new(global)?.get(path).await?;
+    if a.json {
+        return print_json(&doc);
+    }
+    let list = doc["alarms"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no {}alarms", if a.all { "" } else { "active " });
+        return Ok(());
+    }
+    for al in &list {
+        let state = if al["active"].as_bool() == Some(true) {
+            "ACTIVE".to_owned()
+        } else {
+            format!(
+                "cleared seq {} at {}: {}",
+                s(&al["cleared"]["seq"]),
+                s(&al["cleared"]["at"]),
+                escape(&s(&al["cleared"]["reason"]))
+            )
+        };
+        println!(
+            "{} lineage {} ({}:{} serial {}) raised seq {} at {} — {state}",
+            s(&al["kind"]),
+            s(&al["lineage_id"]),
+            s(&al["vendor_id"]),
+            s(&al["product_id"]),
+            escape(&s(&al["serial"])),
+            s(&al["raised"]["seq"]),
+            s(&al["raised"]["at"]),
+        );
+        println!("  {}", escape(&s(&al["reason"])));
     }
     Ok(())
 }

@@ -6,7 +6,6 @@ use anyhow::{anyhow, Result};
 use serde_json::json;
 use usbpt_bus::{Bus, StartAt};
 use usbpt_schemas::text::{escape, escape_json, Escaped};
-use usbpt_schemas::Event;
 
 pub async fn tail(bus: &Bus, from_start: bool, as_json: bool, limit: Option<u64>) -> Result<()> {
     let start = if from_start {
@@ -34,17 +33,18 @@ pub async fn tail(bus: &Bus, from_start: bool, as_json: bool, limit: Option<u64>
                     env.occurred_at,
                     env.body.kind(),
                 );
-                if let Event::DeviceDiscovered(d) = &env.body {
+                if let Some((d, fingerprint)) = env.body.discovery() {
                     // What a person looks for in a hotplug, escaped: it came from the device.
                     let field = |v: &Option<String>| v.as_deref().map(|s| escape(s).into_owned());
                     let field = |v: &Option<String>| field(v).unwrap_or_else(|| "-".into());
                     line.push_str(&format!(
-                        "  {}:{} \"{}\" \"{}\" serial {}",
+                        "  {}:{} \"{}\" \"{}\" serial {} fingerprint {}",
                         d.vendor_id,
                         d.product_id,
                         field(&d.manufacturer),
                         field(&d.product),
                         field(&d.serial),
+                        fingerprint.map_or_else(|| "-".to_owned(), |f| f.to_string()),
                     ));
                 }
                 line

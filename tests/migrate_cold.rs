@@ -1,7 +1,8 @@
 //! A cold migration end to end: `usbpt serve` on a real nats-server, two hosts whose agents run
 //! the real agent loop (simulated device source, redb outbox) and the real libvirt executor on
-//! libvirt's test driver. A serial-identified key is moved from host-a to host-b (unplugged on
-//! one, plugged into the other: the same serial lineage), `usbpt migrate erp` is accepted, and
+//! libvirt's test driver. A serial-identified key is moved from host-a to host-b (plugged into
+//! host-b before host-a reports it unplugged: the same serial lineage, held back as a lineage
+//! conflict until host-a's report, then promoted), `usbpt migrate erp` is accepted, and
 //! then libvirt on both hosts, the view (`server show`, the API document) and a replay agree:
 //! the domain is gone from host-a and defined and running on host-b with a `<hostdev>` at the
 //! key's address there.
@@ -111,6 +112,7 @@ fn key_at(port: &str, devnum: u16) -> Result<UsbDevice> {
         model_db: None,
         speed: Some("12".into()),
         usb_version: Some("2.00".into()),
+        fingerprint: None,
     })
 }
 
@@ -123,10 +125,8 @@ fn seq_of(log: &StreamLog, pick: impl Fn(&Envelope) -> bool) -> Option<u64> {
 }
 
 fn discovered_on(e: &Envelope, host: &HostName) -> Option<DeviceId> {
-    match &e.body {
-        Event::DeviceDiscovered(d) if d.host == *host && d.serial.as_deref() == Some(SERIAL) => {
-            Some(d.device_id)
-        }
+    match e.body.discovery() {
+        Some((d, _)) if d.host == *host && d.serial.as_deref() == Some(SERIAL) => Some(d.device_id),
         _ => None,
     }
 }
@@ -209,25 +209,24 @@ async fn scenario() -> Result<()> {
     assert_eq!(a.executor.servers().await?, vec![server]);
     assert!(b.executor.servers().await?.is_empty());
 
-    // Move the key: unplugged from host-a, then plugged into host-b at bus 3 device 9, as a
-    // person carries it over. The plug waits for host-a's invalidation to be stored: a serial
-    // lineage discovered on host-b while its enumeration on host-a is still live is a clash the
-    // fold refuses to move (ADR 0005); when the two agents' events race, that refusal is final
-    // today (no later promotion of host-b's enumeration: issue 18's conflict handling).
+    // Move the key, in the order that used to lose it: plugged into host-b (bus 3 device 9)
+    // *before* host-a reports it gone (the two agents' events race; a person with two keys, or
+    // host-a's agent cut off, gives the same order). The fold holds host-b's enumeration back
+    // as a lineage conflict and promotes it when host-a's invalidation arrives (ADR 0011).
     let first = log
         .envelopes()
         .iter()
         .find_map(|e| discovered_on(e, &ha))
         .context("first key")?;
+    b.devices.plug(key_at("3-1", 9)?);
+    log.until("the key discovered on host-b", |es| {
+        es.iter().any(|e| discovered_on(e, &hb).is_some())
+    })
+    .await?;
     a.devices.unplug(&on_a.syspath);
     log.until("the key invalidated on host-a", |es| {
         es.iter()
             .any(|e| matches!(&e.body, Event::DeviceInvalidated(i) if i.device_id == first))
-    })
-    .await?;
-    b.devices.plug(key_at("3-1", 9)?);
-    log.until("the key discovered on host-b", |es| {
-        es.iter().any(|e| discovered_on(e, &hb).is_some())
     })
     .await?;
     let moved = log

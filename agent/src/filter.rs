@@ -459,6 +459,7 @@ mod tests {
             model_db: None,
             speed: None,
             usb_version: None,
+            fingerprint: None,
         }
     }
 

@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod filter;
+pub mod fingerprint;
 pub mod guard;
 pub mod heartbeat;
 pub mod libvirt;

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use usbpt_schemas::text::{bound, Escaped, DEVICE_STRING_MAX};
-use usbpt_schemas::{PortPath, ProductId, UsbAddress, VendorId};
+use usbpt_schemas::{Fingerprint, PortPath, ProductId, UsbAddress, VendorId};
 
 /// One interface of the active configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -55,6 +55,9 @@ pub struct UsbDevice {
     pub speed: Option<String>,
     /// sysfs `version` (bcdUSB), trimmed: `2.00`.
     pub usb_version: Option<String>,
+    /// The descriptor fingerprint ([`crate::fingerprint`]); `None` when the descriptors could
+    /// not be read (the device left before the agent looked).
+    pub fingerprint: Option<Fingerprint>,
 }
 
 impl UsbDevice {
@@ -105,6 +108,7 @@ impl UsbDevice {
             model_db: keep(other.model_db, &self.model_db),
             speed: keep(other.speed, &self.speed),
             usb_version: keep(other.usb_version, &self.usb_version),
+            fingerprint: other.fingerprint.or(self.fingerprint),
         }
     }
 
@@ -214,6 +218,7 @@ mod tests {
             model_db: Some("m".repeat(255)),
             speed: None,
             usb_version: None,
+            fingerprint: None,
         }
         .bounded();
         let serial = d.serial.as_deref().unwrap_or_default();

@@ -159,7 +159,7 @@ fn lineage_of(ctx: Context<'_>, d: &UsbDevice, serial_unique: bool) -> (LineageI
 
 fn discovered(ctx: Context<'_>, k: &Known, supersedes: Option<DeviceId>) -> Event {
     let d = &k.device;
-    Event::DeviceDiscovered(DeviceDiscovered {
+    let discovery = DeviceDiscovered {
         device_id: k.device_id,
         lineage_id: k.lineage_id,
         lineage_kind: k.lineage_kind,
@@ -180,7 +180,8 @@ fn discovered(ctx: Context<'_>, k: &Known, supersedes: Option<DeviceId>) -> Even
         usb_version: d.usb_version.clone(),
         syspath: d.syspath.clone(),
         supersedes,
-    })
+    };
+    Event::discovered(discovery, d.fingerprint)
 }
 
 fn invalidated(

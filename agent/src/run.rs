@@ -139,8 +139,8 @@ impl Agent {
     fn track(&mut self, envelopes: &[Envelope]) {
         let mut changed = false;
         for env in envelopes {
-            match &env.body {
-                Event::DeviceDiscovered(d) => {
+            match (&env.body, env.body.discovery()) {
+                (_, Some((d, _))) => {
                     let info = DeviceInfo {
                         vendor: d.vendor_id,
                         product: d.product_id,
@@ -159,7 +159,7 @@ impl Agent {
                         }
                     }
                 }
-                Event::DeviceInvalidated(d) => {
+                (Event::DeviceInvalidated(d), _) => {
                     if let Some(info) = self.devices.get_mut(&d.device_id) {
                         info.present = false;
                         changed = true;
@@ -311,8 +311,8 @@ fn describe(o: &Observation) -> String {
 }
 
 fn log_event(e: &Event) {
-    match e {
-        Event::DeviceDiscovered(d) => info!(
+    if let Some((d, fingerprint)) = e.discovery() {
+        info!(
             device_id = %d.device_id,
             lineage_id = %d.lineage_id,
             lineage = ?d.lineage_kind,
@@ -322,9 +322,13 @@ fn log_event(e: &Event) {
             manufacturer = %Escaped(d.manufacturer.as_deref().unwrap_or("-")),
             product = %Escaped(d.product.as_deref().unwrap_or("-")),
             serial = %Escaped(d.serial.as_deref().unwrap_or("-")),
+            fingerprint = %fingerprint.map(|f| f.to_string()).unwrap_or_else(|| "-".into()),
             supersedes = ?d.supersedes.map(|s| s.to_string()),
             "device discovered"
-        ),
+        );
+        return;
+    }
+    match e {
         Event::DeviceInvalidated(d) => info!(
             device_id = %d.device_id,
             reason = ?d.reason,

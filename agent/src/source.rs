@@ -22,7 +22,7 @@ use tokio::io::Interest;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use udev::AsRaw;
-use usbpt_schemas::{PortPath, ProductId, UsbAddress, VendorId};
+use usbpt_schemas::{Fingerprint, PortPath, ProductId, UsbAddress, VendorId};
 
 use crate::observation::{Action, Interface, Observation, UsbDevice};
 
@@ -374,6 +374,7 @@ pub fn device_from_properties(d: &udev::Device) -> Result<UsbDevice, String> {
         model_db: prop(d, "ID_MODEL_FROM_DATABASE"),
         speed: None,
         usb_version: None,
+        fingerprint: None,
     }
     .bounded())
 }
@@ -453,8 +454,30 @@ pub fn read_device(d: &udev::Device) -> Result<UsbDevice, String> {
         model_db: prop(d, "ID_MODEL_FROM_DATABASE"),
         speed: attr(d, "speed"),
         usb_version: attr(d, "version"),
+        fingerprint: fingerprint_of(d, vendor_id, product_id),
     }
     .bounded())
+}
+
+/// The descriptor fingerprint ([`crate::fingerprint`]) from the device's sysfs files, read
+/// directly (udev's attribute cache stops at a NUL byte, and `descriptors` is binary); `None`
+/// when `descriptors` cannot be read.
+fn fingerprint_of(
+    d: &udev::Device,
+    vendor_id: VendorId,
+    product_id: ProductId,
+) -> Option<Fingerprint> {
+    let dir = d.syspath();
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap_or_default();
+    let descriptors = std::fs::read(dir.join("descriptors")).ok()?;
+    let (name, serial) = (read("product"), read("serial"));
+    crate::fingerprint::fingerprint(crate::fingerprint::Reported {
+        name: crate::fingerprint::sysfs_value(&name),
+        vendor_id,
+        product_id,
+        serial: crate::fingerprint::sysfs_value(&serial),
+        descriptors: &descriptors,
+    })
 }
 
 /// The device's interfaces: its `usb_interface` children in interface order when sysfs has

@@ -30,9 +30,12 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox.sealed"
 /// [`OUTBOX`].
 const OUTBOX_V1: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 
-/// The layout version of this file. Version 1 is upgraded in place (its outbox rows are sealed);
-/// any other is refused, never guessed at.
+/// The layout version of this file. Layout 1 (device rows without the descriptor fingerprint,
+/// bare envelopes in the outbox) is upgraded in place when opened; any other is refused, never
+/// guessed at.
 const FORMAT: u32 = 2;
+
+mod v1;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -128,6 +131,7 @@ impl Store {
                         .map(u32::from_le_bytes)
                         .unwrap_or(u32::MAX);
                     if found == 1 {
+                        self.upgrade_from_v1(&tx)?;
                         self.upgrade_outbox(&tx)?;
                         meta.insert("format", FORMAT.to_le_bytes().as_slice())
                             .map_err(|x| e(x.into()))?;
@@ -147,7 +151,7 @@ impl Store {
         tx.commit().map_err(|x| e(x.into()))
     }
 
-    /// Layout 1 → 2, inside the opening transaction: each unpublished envelope is sealed once
+    /// Layout 1 → 2's outbox, inside the opening transaction: each unpublished envelope is sealed once
     /// (subject and bytes) into the new outbox under the same sequence number, and the old
     /// table is dropped. Nothing unpublished is lost by an upgrade.
     fn upgrade_outbox(&self, tx: &redb::WriteTransaction) -> Result<(), StoreError> {
@@ -184,6 +188,26 @@ impl Store {
     fn seal(&self, env: &Envelope) -> Result<Vec<u8>, StoreError> {
         let sealed = Sealed::seal(env).map_err(|x| self.encode_err(x))?;
         postcard::to_allocvec(&sealed).map_err(|x| self.encode_err(x))
+    }
+
+    /// Rewrites every `devices` row of a layout-1 file in layout 2 ([`v1`]).
+    fn upgrade_from_v1(&self, tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let e = self.err();
+        let mut devices = tx.open_table(DEVICES).map_err(|x| e(x.into()))?;
+        let mut rows = Vec::new();
+        for row in devices.iter().map_err(|x| e(x.into()))? {
+            let (k, v) = row.map_err(|x| e(x.into()))?;
+            let known = v1::known(v.value())
+                .map_err(|x| self.decode_err(&format!("layout-1 device {}", k.value()), x))?;
+            rows.push((k.value().to_owned(), known));
+        }
+        for (k, known) in rows {
+            let bytes = postcard::to_allocvec(&known).map_err(|x| self.encode_err(x))?;
+            devices
+                .insert(k.as_str(), bytes.as_slice())
+                .map_err(|x| e(x.into()))?;
+        }
+        Ok(())
     }
 
     fn load(&self) -> Result<State, StoreError> {
@@ -388,6 +412,7 @@ mod tests {
             model_db: None,
             speed: Some("480".into()),
             usb_version: Some("2.00".into()),
+            fingerprint: None,
         }
     }
 
@@ -533,5 +558,44 @@ mod tests {
         drop(db);
         let err = Store::open(&path).expect_err("format").to_string();
         assert!(err.contains("layout version 7"), "{err}");
+    }
+
+    #[test]
+    fn a_layout_1_file_is_upgraded_and_its_devices_have_no_fingerprint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent-h.redb");
+        drop(Store::open(&path).expect("create"));
+        let known = Known {
+            device_id: DeviceId::new_v7(),
+            lineage_id: LineageId::from_uuid(uuid::Uuid::from_u128(7)),
+            lineage_kind: usbpt_schemas::LineageKind::Serial,
+            device: device("1-1", 5, "SN"),
+            filtered: None,
+        };
+        // Layout 2 ends with `fingerprint: None` (0x00) then `filtered: None` (0x00): layout 1
+        // is the same row without the first of the two.
+        let mut v1 = postcard::to_allocvec(&known).expect("encode");
+        assert_eq!(v1.split_off(v1.len() - 1), [0]);
+        assert_eq!(v1.last(), Some(&0));
+        v1.pop();
+        v1.push(0);
+        let db = Database::create(&path).expect("db");
+        let tx = db.begin_write().expect("tx");
+        {
+            let mut meta = tx.open_table(META).expect("meta");
+            meta.insert("format", 1u32.to_le_bytes().as_slice())
+                .expect("insert");
+            let mut devices = tx.open_table(DEVICES).expect("devices");
+            devices
+                .insert(known.device.syspath.as_str(), v1.as_slice())
+                .expect("insert");
+        }
+        tx.commit().expect("commit");
+        drop(db);
+        let (store, state) = Store::open(&path).expect("upgraded");
+        assert_eq!(state.devices.get(&known.device.syspath), Some(&known));
+        drop(store);
+        let (_, again) = Store::open(&path).expect("reopen at layout 2");
+        assert_eq!(again.devices.get(&known.device.syspath), Some(&known));
     }
 }

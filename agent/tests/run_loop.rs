@@ -38,6 +38,7 @@ fn device(port: &str, devnum: u16, serial: &str) -> UsbDevice {
         model_db: None,
         speed: Some("12".into()),
         usb_version: Some("2.00".into()),
+        fingerprint: None,
     }
 }
 

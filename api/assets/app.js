@@ -12,7 +12,7 @@
     'ServerStateChanged', 'ServerResized', 'ServerMigrationRefused', 'ServerDeleted',
     'ServerActionRequested', 'DeviceAttachFailed', 'DeviceClashDetected', 'ServerMigrated',
     'FlavorUsbSet', 'FlavorSized', 'ServerUpdated', 'ServerResizeVerifying',
-    'ServerResizeConfirmed', 'ServerResizeReverted',
+    'ServerResizeConfirmed', 'ServerResizeReverted', 'DeviceDiscoveredV2',
   ];
   const FEED_MAX = 300; // feed entries kept in the page
   const HISTORY_ON_LOAD = 50; // past events shown when the page opens
@@ -202,6 +202,9 @@
     flavors: async () => {
       state.flavors = (await getJSON('/v2.1/flavors')).flavors || [];
     },
+    alarms: async () => {
+      state.alarms = (await getJSON('/v1/alarms')).alarms || [];
+    },
   };
 
   async function refresh(names) {
@@ -221,9 +224,10 @@
       case 'FlavorSized':
         return ['flavors', 'servers'];
       case 'DeviceDiscovered':
+      case 'DeviceDiscoveredV2':
       case 'DeviceInvalidated':
       case 'DeviceClashDetected':
-        return ['hosts', 'devices', 'servers'];
+        return ['hosts', 'devices', 'servers', 'alarms'];
       case 'undecodable':
         return [];
       default:
@@ -474,7 +478,25 @@
     );
   }
 
+  // Identity alarms (GET /v1/alarms): each with its reason, which says what to do.
+  function renderAlarms() {
+    const list = state.alarms || [];
+    const root = $('alarms');
+    $('alarms-panel').hidden = !list.length;
+    root.replaceChildren(...list.map((a) => el('li', {
+      class: `alarm alarm-${a.kind}`,
+      'data-lineage-id': a.lineage_id,
+      'data-kind': a.kind,
+    },
+      el('b', {}, words(a.kind)), ' · ', mono(`${a.vendor_id}:${a.product_id}`),
+      a.serial ? [' serial ', mono(a.serial)] : null,
+      ' on ', (a.hosts || []).map((h) => mono(h)).reduce((acc, x) => (acc.length ? [...acc, ', ', x] : [x]), []),
+      ' · raised ', stamp(a.raised),
+      el('div', { class: 'sub' }, a.reason))));
+  }
+
   function render() {
+    renderAlarms();
     renderStats();
     renderHosts();
     renderServers();
@@ -567,6 +589,8 @@
           d.speed ? muted(` · ${d.speed} Mbit/s`) : null),
         el('div', { class: 'tl-line' }, 'discovered ', stamp(d.discovered),
           d.supersedes ? [' · after ', idChip(d.supersedes)] : null),
+        el('div', { class: 'tl-line fingerprint', title: 'SHA-256 of name, ids, serial and descriptors (USBGuard\u2019s hash)' },
+          'fingerprint ', d.fingerprint ? mono(d.fingerprint) : muted('none reported')),
         inv
           ? el('div', { class: 'tl-line ended' }, 'ended ', timeEl(inv.at), ' ', muted(`#${inv.seq}`), ': ',
               el('b', {}, inv.reason ? words(inv.reason) : 'superseded'),
@@ -592,11 +616,16 @@
     switch (kind) {
       case 'HostAgentStarted':
         return `agent ${b.agent_version} started on ${b.host} · ${b.hypervisor_uri} · boot ${String(b.boot_id).slice(0, 8)}`;
-      case 'DeviceDiscovered': {
+      case 'DeviceDiscovered':
+      case 'DeviceDiscoveredV2': {
+        // V2 is the discovery followed by the descriptor fingerprint (ADR 0011).
+        const fp = kind === 'DeviceDiscoveredV2' ? b.fingerprint : null;
+        if (fp) b = b.discovery;
         rememberDevice(b);
         const { name } = deviceName(b);
         const again = b.supersedes ? ` (re-enumeration of ${shortId(b.supersedes)})` : '';
-        return `${name} ${vp(b)} on ${b.host} at ${addr(b.address)}, port ${b.port_path}${again}`;
+        const print = fp ? ` · fingerprint ${fp.slice(0, 12)}\u2026` : '';
+        return `${name} ${vp(b)} on ${b.host} at ${addr(b.address)}, port ${b.port_path}${again}${print}`;
       }
       case 'DeviceInvalidated':
         return `${deviceLabel(b.device_id)} on ${b.host} is gone: ${words(b.reason)}` +
@@ -673,6 +702,7 @@
   const CATEGORY = {
     HostAgentStarted: 'host',
     DeviceDiscovered: 'device',
+    DeviceDiscoveredV2: 'device',
     DeviceInvalidated: 'gone',
     DeviceClashDetected: 'bad',
     FlavorCreated: 'flavor',

@@ -12,12 +12,13 @@
 
 use serde::{Deserialize, Serialize};
 use usbpt_projector::{
-    AttachError, Claim, Clash, Device, DeviceStatus, HoldEnd, HoldKind, Holding, Host, Lineage,
-    MigrationRefusal, QuarantineEntry, ScheduleFailure, Stamp,
+    Alarm, AlarmKind, AttachError, Claim, Clash, Device, DeviceStatus, HoldEnd, HoldKind, Holding,
+    Host, Lineage, MigrationRefusal, QuarantineEntry, ScheduleFailure, Stamp,
 };
 use usbpt_schemas::{
-    AttachMethod, ControllerModel, DeviceId, FlavorId, FollowPolicy, HostName, InvalidationReason,
-    LineageId, LineageKind, PortPath, ProductId, ServerId, UsbRequest, VendorId,
+    AttachMethod, ControllerModel, DeviceId, Fingerprint, FlavorId, FollowPolicy, HostName,
+    InvalidationReason, LineageId, LineageKind, PortPath, ProductId, ServerId, Timestamp,
+    UsbRequest, VendorId,
 };
 
 /// A value's stable wire name: its serde form as a string (an enum variant's name).
@@ -103,6 +104,12 @@ pub struct DeviceDoc {
     pub vendor_id: VendorId,
     pub product_id: ProductId,
     pub serial: Option<String>,
+    /// The descriptor fingerprint (USBGuard's `hash`), when the agent reported one.
+    #[serde(default)]
+    pub fingerprint: Option<Fingerprint>,
+    /// Held out of scheduling by an alarm (docs/identity.md, "Alarms").
+    #[serde(default)]
+    pub blocked: bool,
     pub device_class: u8,
     pub interface_classes: Vec<u8>,
     pub manufacturer: Option<String>,
@@ -201,6 +208,8 @@ impl From<&Device> for DeviceDoc {
             vendor_id: x.vendor_id,
             product_id: x.product_id,
             serial: x.serial.clone(),
+            fingerprint: d.fingerprint,
+            blocked: d.blocked,
             device_class: x.device_class,
             interface_classes: x.interface_classes.clone(),
             manufacturer: x.manufacturer.clone(),
@@ -247,6 +256,59 @@ pub struct LineageDoc {
     pub current_device_id: DeviceId,
     pub current_host: HostName,
     pub first_seen: Stamp,
+    /// Its alarms, active and recently cleared.
+    #[serde(default)]
+    pub alarms: Vec<AlarmDoc>,
+    /// A discovery held back by a lineage conflict.
+    #[serde(default)]
+    pub held_back_device_id: Option<DeviceId>,
+}
+
+/// One alarm of a lineage (docs/identity.md, "Alarms").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlarmDoc {
+    pub kind: AlarmKind,
+    pub active: bool,
+    pub lineage_id: LineageId,
+    pub vendor_id: VendorId,
+    pub product_id: ProductId,
+    pub serial: Option<String>,
+    pub reason: String,
+    pub hosts: Vec<HostName>,
+    pub devices: Vec<DeviceId>,
+    pub fingerprints: Vec<Fingerprint>,
+    pub raised: Stamp,
+    pub cleared: Option<AlarmClearedDoc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlarmClearedDoc {
+    pub seq: u64,
+    pub at: Timestamp,
+    pub reason: String,
+}
+
+impl AlarmDoc {
+    pub fn new(l: &Lineage, a: &Alarm) -> Self {
+        Self {
+            kind: a.kind,
+            active: a.is_active(),
+            lineage_id: l.id,
+            vendor_id: l.vendor_id,
+            product_id: l.product_id,
+            serial: l.serial.clone(),
+            reason: a.reason.clone(),
+            hosts: a.hosts.clone(),
+            devices: a.devices.clone(),
+            fingerprints: a.fingerprints.clone(),
+            raised: a.raised,
+            cleared: a.cleared.as_ref().map(|(st, why)| AlarmClearedDoc {
+                seq: st.seq,
+                at: st.at,
+                reason: why.clone(),
+            }),
+        }
+    }
 }
 
 impl From<&Lineage> for LineageDoc {
@@ -261,6 +323,8 @@ impl From<&Lineage> for LineageDoc {
             current_device_id: l.current,
             current_host: l.current_host.clone(),
             first_seen: l.first_seen,
+            alarms: l.alarms.iter().map(|a| AlarmDoc::new(l, a)).collect(),
+            held_back_device_id: l.pending.as_ref().map(|p| p.discovery.device_id),
         }
     }
 }
@@ -370,6 +434,8 @@ pub struct NovaExtraInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usb_version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fingerprint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub invalidation_reason: Option<InvalidationReason>,
 }
 
@@ -396,6 +462,7 @@ impl From<&Device> for NovaUsbDevice {
                 model_db: x.model_db.clone(),
                 speed: x.speed.clone(),
                 usb_version: x.usb_version.clone(),
+                fingerprint: d.fingerprint,
                 invalidation_reason: d.invalidation.and_then(|i| i.reason),
             },
             instance_uuid: d.holder,

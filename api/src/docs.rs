@@ -3,7 +3,7 @@
 //! microversion) here, with usbpt's typed parts.
 
 use serde_json::{json, Map, Value};
-use usbpt_projector::{Claim, Device, Flavor, Host, Lineage, Server, Snapshot, ViewError};
+use usbpt_projector::{Alarm, Claim, Device, Flavor, Host, Lineage, Server, Snapshot, ViewError};
 use usbpt_schemas::{DeviceSelector, HostName, ServerState, UsbRequest};
 
 use crate::doc;
@@ -39,6 +39,16 @@ pub fn hypervisor(host: &Host, devices: &[Device]) -> Value {
 
 pub fn host(h: &Host, devices: usize) -> Value {
     v(&doc::HostDoc::new(h, devices))
+}
+
+/// A lineage, with its alarms ([`doc::LineageDoc`]).
+pub fn lineage(l: &Lineage) -> Value {
+    v(&doc::LineageDoc::from(l))
+}
+
+/// One alarm of a lineage (`GET /v1/alarms`, and on lineage documents; [`doc::AlarmDoc`]).
+pub fn alarm(l: &Lineage, a: &Alarm) -> Value {
+    v(&doc::AlarmDoc::new(l, a))
 }
 
 pub fn claim(c: &Claim) -> Value {

@@ -17,6 +17,7 @@
 
 #![recursion_limit = "256"]
 
+mod alarms;
 mod commands;
 pub mod dashboard;
 pub mod doc;
@@ -284,6 +285,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/hosts", get(hosts))
         .route("/v1/quarantine", get(quarantine))
         .route("/v1/status", get(status))
+        .route("/v1/alarms", get(alarms::list))
         .route("/v1/events", get(sse::events))
         .route("/v2.1/flavors", get(flavors))
         .route("/v2.1/flavors/detail", get(flavors))

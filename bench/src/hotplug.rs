@@ -44,6 +44,7 @@ fn device(slot: usize, devnum: u16) -> Result<UsbDevice> {
         model_db: None,
         speed: Some("12".into()),
         usb_version: Some("2.00".into()),
+        fingerprint: None,
     })
 }
 

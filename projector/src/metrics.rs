@@ -121,6 +121,23 @@ impl ProjectorMetrics {
                 .unwrap_or(0);
             let _ = writeln!(out, "{n}{{reason=\"{}\"}} {v}", r.as_str());
         }
+        let n = "usbpt_alarms_active";
+        family(
+            &mut out,
+            n,
+            "gauge",
+            "Active identity alarms by kind (raised minus cleared; docs/identity.md).",
+        );
+        for k in crate::model::AlarmKind::ALL {
+            let get = |what: &str| {
+                counters
+                    .get(&format!("{what}.{}", k.as_str()))
+                    .copied()
+                    .unwrap_or(0)
+            };
+            let active = get("alarms_raised").saturating_sub(get("alarms_cleared"));
+            let _ = writeln!(out, "{n}{{kind=\"{}\"}} {active}", k.as_str());
+        }
         let gauges: [(&str, &str, &AtomicU64); 3] = [
             (
                 "usbpt_projector_last_applied_sequence",

@@ -5,10 +5,10 @@
 
 use serde::{Deserialize, Serialize};
 use usbpt_schemas::{
-    AssignedDevice, AttachMethod, ControllerModel, DeviceDiscovered, DeviceId, FlavorId,
-    FlavorName, FollowPolicy, HostName, HostRejection, InvalidationReason, LineageId, LineageKind,
-    PortPath, ProductId, ReleaseReason, ServerAction, ServerId, ServerName, ServerState, Timestamp,
-    UsbAddress, UsbRequest, VendorId,
+    AssignedDevice, AttachMethod, ControllerModel, DeviceDiscovered, DeviceId, Fingerprint,
+    FlavorId, FlavorName, FollowPolicy, HostName, HostRejection, InvalidationReason, LineageId,
+    LineageKind, PortPath, ProductId, ReleaseReason, ServerAction, ServerId, ServerName,
+    ServerState, Timestamp, UsbAddress, UsbRequest, VendorId,
 };
 
 /// When something happened: the stream sequence of the event and the time the event carries.
@@ -134,6 +134,11 @@ pub struct Device {
     pub holders: Vec<Holding>,
     pub attach_error: Option<AttachError>,
     pub last_change_seq: u64,
+    /// The descriptor fingerprint (`DeviceDiscoveredV2`); `None` for an enumeration announced
+    /// without one (older agents, or descriptors that could not be read).
+    pub fingerprint: Option<Fingerprint>,
+    /// An alarm on its lineage keeps it from new claims (a conflict: ADR 0011).
+    pub blocked: bool,
 }
 
 impl Device {
@@ -163,7 +168,7 @@ impl Device {
     }
     /// Free for a new claim: available (which implies current).
     pub fn is_free(&self) -> bool {
-        self.status == DeviceStatus::Available && self.current
+        self.status == DeviceStatus::Available && self.current && !self.blocked
     }
 }
 
@@ -181,6 +186,66 @@ pub struct Lineage {
     /// How many enumerations it has had (its history's length).
     pub enumerations: u32,
     pub first_seen: Stamp,
+    /// Its alarms, raised and cleared, oldest first (the active ones and the newest
+    /// [`ALARMS_KEPT`] cleared ones).
+    pub alarms: Vec<Alarm>,
+    /// An enumeration of this serial lineage on another host, discovered while the current one
+    /// is still present (a `LineageConflict`): it takes the lineage over when the current one
+    /// ends, and is dropped if it ends first.
+    pub pending: Option<PendingDiscovery>,
+}
+
+/// How many cleared alarms a lineage keeps.
+pub const ALARMS_KEPT: usize = 8;
+
+/// What an alarm is about (docs/identity.md, "Alarms"). The names are stable: metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlarmKind {
+    /// A serial lineage present on two hosts at once.
+    LineageConflict,
+    /// A serial lineage re-enumerated with another descriptor fingerprint.
+    FingerprintChanged,
+}
+
+impl AlarmKind {
+    pub const ALL: [AlarmKind; 2] = [AlarmKind::LineageConflict, AlarmKind::FingerprintChanged];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlarmKind::LineageConflict => "lineage_conflict",
+            AlarmKind::FingerprintChanged => "fingerprint_changed",
+        }
+    }
+}
+
+/// One alarm on a lineage: raised by an event, cleared by a later one (never by the clock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alarm {
+    pub kind: AlarmKind,
+    pub raised: Stamp,
+    /// What happened and what the operator can do, in words.
+    pub reason: String,
+    /// The hosts and enumerations involved.
+    pub hosts: Vec<HostName>,
+    pub devices: Vec<DeviceId>,
+    /// `FingerprintChanged`: the fingerprint the lineage had, then the one it reported.
+    pub fingerprints: Vec<Fingerprint>,
+    /// When and why it cleared; `None` while active.
+    pub cleared: Option<(Stamp, String)>,
+}
+
+impl Alarm {
+    pub fn is_active(&self) -> bool {
+        self.cleared.is_none()
+    }
+}
+
+/// A discovery held back by a lineage conflict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingDiscovery {
+    pub stamp: Stamp,
+    pub discovery: DeviceDiscovered,
+    pub fingerprint: Option<Fingerprint>,
 }
 
 /// An active claim on a lineage.

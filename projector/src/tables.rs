@@ -6,7 +6,7 @@
 //! | table | key | value |
 //! |---|---|---|
 //! | `meta` | name | u64 (`last_applied_seq`, `format`) |
-//! | `devices` | device id | a [`crate::Device`] without its discovery: status, holder, holds, … |
+//! | `devices` | device id | a [`crate::Device`] without its discovery: status, holder, holds, fingerprint … |
 //! | `device_info` | device id | the device's `DeviceDiscovered` (written once, never changed) |
 //! | `lineages` | lineage id | [`crate::Lineage`] |
 //! | `lineage_history` | (lineage id, ordinal from 1) | device id |
@@ -26,7 +26,7 @@
 use redb::{Key, ReadableTable, TableDefinition, Value, WriteTransaction};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use usbpt_schemas::{DeviceDiscovered, ProductId, ServerId, VendorId};
+use usbpt_schemas::{DeviceDiscovered, Fingerprint, ProductId, ServerId, VendorId};
 
 use crate::error::ViewError;
 use crate::model::{AttachError, Attachment, Device, DeviceStatus, Holding, Invalidation, Stamp};
@@ -180,6 +180,8 @@ struct DeviceStateOut<'a> {
     holders: &'a [Holding],
     attach_error: &'a Option<AttachError>,
     last_change_seq: u64,
+    fingerprint: Option<Fingerprint>,
+    blocked: bool,
 }
 
 /// [`DeviceStateOut`] read back (the same fields, owned).
@@ -194,6 +196,8 @@ struct DeviceStateIn {
     holders: Vec<Holding>,
     attach_error: Option<AttachError>,
     last_change_seq: u64,
+    fingerprint: Option<Fingerprint>,
+    blocked: bool,
 }
 
 /// Encodes the `devices` row of a device.
@@ -210,6 +214,8 @@ pub fn encode_device_state(d: &Device) -> Result<Vec<u8>, ViewError> {
             holders: &d.holders,
             attach_error: &d.attach_error,
             last_change_seq: d.last_change_seq,
+            fingerprint: d.fingerprint,
+            blocked: d.blocked,
         },
     )
 }
@@ -252,6 +258,8 @@ pub fn device_from_state(
         holders: s.holders,
         attach_error: s.attach_error,
         last_change_seq: s.last_change_seq,
+        fingerprint: s.fingerprint,
+        blocked: s.blocked,
     })
 }
 

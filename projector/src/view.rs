@@ -23,7 +23,7 @@ use crate::tables::{self as t, decode, get_by_id, get_by_str, show_id, Id};
 
 /// The record format this build reads and writes. A view of another format is rebuilt by
 /// replaying the stream (the view is a pure fold: nothing in it is lost).
-pub const VIEW_FORMAT: u64 = 3;
+pub const VIEW_FORMAT: u64 = 4;
 
 /// One stored message: its stream sequence, subject and raw payload.
 #[derive(Debug, Clone)]
@@ -650,6 +650,30 @@ impl Snapshot {
             let id = k.value();
             out.push(decode("claims", || show_id(&id), v.value())?);
         }
+        Ok(out)
+    }
+
+    /// Every lineage with an alarm (active ones only, unless `all`), with those alarms, oldest
+    /// raised first. A scan of the lineages: alarms are rare, and this is read by an operator
+    /// (`GET /v1/alarms`), not by the fold.
+    pub fn alarms(&self, all: bool) -> Result<Vec<(Lineage, Vec<Alarm>)>, ViewError> {
+        let table = self.txn.open_table(t::LINEAGES)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            let id = k.value();
+            let l: Lineage = decode("lineages", || show_id(&id), v.value())?;
+            let alarms: Vec<Alarm> = l
+                .alarms
+                .iter()
+                .filter(|a| all || a.is_active())
+                .cloned()
+                .collect();
+            if !alarms.is_empty() {
+                out.push((l, alarms));
+            }
+        }
+        out.sort_by_key(|(_, a)| a.first().map(|a| a.raised.seq));
         Ok(out)
     }
 

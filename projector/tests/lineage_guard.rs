@@ -1,6 +1,6 @@
 //! A fold that cannot be lied to (ADR 0005), on real redb files without a bus: a lineage id
 //! that is not derived from its key is quarantined, a port lineage cannot be taken from another
-//! host, a serial lineage present on another host is not moved (a clash is recorded), and events
+//! host, a serial lineage present on another host is not moved (a conflict alarm holds it), and events
 //! on the wrong subject or with a lying envelope host stay quarantined.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -147,35 +147,45 @@ fn a_lineage_id_not_derived_from_its_key_is_quarantined() {
 }
 
 #[test]
-fn a_serial_lineage_present_on_another_host_is_not_moved() {
+fn a_serial_lineage_present_on_another_host_is_not_moved_but_held_back() {
     let mut f = Fold::new();
     let first = disc(1, "host-a", "1-1", Some("K1"));
     let lineage = first.lineage_id;
     assert_eq!(f.fold(Event::DeviceDiscovered(first), None), None);
 
-    // The same serial on host-b while host-a's device is still there: a clash, not a move.
+    // The same serial on host-b while host-a's device is still there: a conflict (ADR 0011),
+    // not a move. host-b's enumeration is held back, host-a's is blocked from new claims.
     assert_eq!(
         f.fold(
             Event::DeviceDiscovered(disc(2, "host-b", "3-2", Some("K1"))),
             None
         ),
-        Some(Q::LineageClash)
+        None
     );
     let snap = f.view.snapshot().unwrap();
     let l = snap.lineage(&lineage).unwrap().unwrap();
     assert_eq!(l.current, DeviceId(id(1)));
     assert_eq!(l.current_host, common::host("host-a"));
-    assert!(
-        snap.device(&DeviceId(id(1))).unwrap().unwrap().current,
-        "host-a's device is untouched"
-    );
+    assert_eq!(l.alarms.iter().filter(|a| a.is_active()).count(), 1);
+    let d1 = snap.device(&DeviceId(id(1))).unwrap().unwrap();
+    assert!(d1.current && d1.blocked && !d1.is_free(), "{d1:?}");
+    assert!(snap.device(&DeviceId(id(2))).unwrap().is_none());
 
-    // A re-enumeration on the same host still moves it.
+    // A re-enumeration on host-a still moves it there, and stays blocked while host-b's lasts.
     let mut again = disc(3, "host-a", "1-1", Some("K1"));
     again.supersedes = Some(DeviceId(id(1)));
     assert_eq!(f.fold(Event::DeviceDiscovered(again), None), None);
+    let d3 = f
+        .view
+        .snapshot()
+        .unwrap()
+        .device(&DeviceId(id(3)))
+        .unwrap()
+        .unwrap();
+    assert!(d3.blocked && !d3.is_free());
 
-    // Once host-a's device is unplugged, the key really moved: host-b takes it.
+    // Once host-a's device is unplugged, the key really moved: host-b's held-back enumeration
+    // takes the lineage (it is no longer lost, the gap of docs/identity.md).
     assert_eq!(
         f.fold(
             Event::DeviceInvalidated(DeviceInvalidated {
@@ -189,17 +199,23 @@ fn a_serial_lineage_present_on_another_host_is_not_moved() {
         ),
         None
     );
-    assert_eq!(
-        f.fold(
-            Event::DeviceDiscovered(disc(4, "host-b", "3-2", Some("K1"))),
-            None
-        ),
-        None
-    );
     let snap = f.view.snapshot().unwrap();
     let l = snap.lineage(&lineage).unwrap().unwrap();
-    assert_eq!(l.current, DeviceId(id(4)));
+    assert_eq!(l.current, DeviceId(id(2)));
     assert_eq!(l.current_host, common::host("host-b"));
+    assert!(l.alarms.iter().all(|a| !a.is_active()));
+    assert!(snap.device(&DeviceId(id(2))).unwrap().unwrap().is_free());
+    let mut next = disc(4, "host-b", "3-2", Some("K1"));
+    next.supersedes = Some(DeviceId(id(2)));
+    assert_eq!(f.fold(Event::DeviceDiscovered(next), None), None);
+    let l = f
+        .view
+        .snapshot()
+        .unwrap()
+        .lineage(&lineage)
+        .unwrap()
+        .unwrap();
+    assert_eq!(l.current, DeviceId(id(4)));
 }
 
 #[test]

@@ -7,11 +7,12 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::fingerprint::Fingerprint;
 use crate::ids::*;
 
 /// How many variants [`Event`] has; the codec refuses higher indexes as unknown. Keep in step
 /// with the enum (the golden tests check every index below it has a sample).
-pub const EVENT_VARIANTS: u32 = 26;
+pub const EVENT_VARIANTS: u32 = 27;
 
 /// Every event usbpt records. The variant order is the wire format.
 // DeviceDiscovered is the largest by far; events are built once and moved rarely, so plain
@@ -45,6 +46,10 @@ pub enum Event {
     ServerResizeVerifying(ServerResizeVerifying),
     ServerResizeConfirmed(ServerResizeConfirmed),
     ServerResizeReverted(ServerResizeReverted),
+    /// `DeviceDiscovered` with its descriptor fingerprint (ADR 0011): what agents publish when
+    /// they could read the device's descriptors; index 1 stays for older events and for an
+    /// enumeration whose descriptors could not be read.
+    DeviceDiscoveredV2(DeviceDiscoveredV2),
 }
 
 impl Event {
@@ -77,6 +82,7 @@ impl Event {
             Event::ServerResizeVerifying(_) => "ServerResizeVerifying",
             Event::ServerResizeConfirmed(_) => "ServerResizeConfirmed",
             Event::ServerResizeReverted(_) => "ServerResizeReverted",
+            Event::DeviceDiscoveredV2(_) => "DeviceDiscoveredV2",
         }
     }
 
@@ -86,6 +92,7 @@ impl Event {
         match self {
             Event::HostAgentStarted(e) => Some(&e.host),
             Event::DeviceDiscovered(e) => Some(&e.host),
+            Event::DeviceDiscoveredV2(e) => Some(&e.discovery.host),
             Event::DeviceInvalidated(e) => Some(&e.host),
             Event::DeviceAttached(e) => Some(&e.host),
             Event::DeviceReattached(e) => Some(&e.host),
@@ -93,6 +100,30 @@ impl Event {
             Event::DeviceClashDetected(e) => Some(&e.host),
             Event::ServerStateChanged(e) if e.reported_by_agent => e.host.as_ref(),
             _ => None,
+        }
+    }
+}
+
+impl Event {
+    /// The discovery this event reports, of either layout (`DeviceDiscovered`, or
+    /// `DeviceDiscoveredV2` with its fingerprint).
+    pub fn discovery(&self) -> Option<(&DeviceDiscovered, Option<&Fingerprint>)> {
+        match self {
+            Event::DeviceDiscovered(d) => Some((d, None)),
+            Event::DeviceDiscoveredV2(d) => Some((&d.discovery, Some(&d.fingerprint))),
+            _ => None,
+        }
+    }
+
+    /// The event announcing a discovery: `DeviceDiscoveredV2` when the fingerprint is known,
+    /// the original `DeviceDiscovered` when it is not.
+    pub fn discovered(discovery: DeviceDiscovered, fingerprint: Option<Fingerprint>) -> Event {
+        match fingerprint {
+            Some(fingerprint) => Event::DeviceDiscoveredV2(DeviceDiscoveredV2 {
+                discovery,
+                fingerprint,
+            }),
+            None => Event::DeviceDiscovered(discovery),
         }
     }
 }
@@ -137,6 +168,17 @@ pub struct DeviceDiscovered {
     pub syspath: String,
     /// The previous enumeration of the same lineage, when there was one.
     pub supersedes: Option<DeviceId>,
+}
+
+/// A device appeared, with its descriptor fingerprint: `DeviceDiscovered`'s fields (same
+/// bytes, in the same order) followed by the fingerprint. An append-only extension by a new
+/// variant (ADR 0011): postcard has no optional trailing fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceDiscoveredV2 {
+    pub discovery: DeviceDiscovered,
+    /// SHA-256 of name, ids, serial and the raw descriptors, as USBGuard's `hash`
+    /// (docs/identity.md).
+    pub fingerprint: Fingerprint,
 }
 
 /// Why an enumeration ended.

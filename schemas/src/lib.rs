@@ -9,6 +9,7 @@ pub mod codec;
 pub mod commands;
 pub mod envelope;
 pub mod events;
+pub mod fingerprint;
 pub mod heartbeat;
 pub mod ids;
 pub mod subjects;

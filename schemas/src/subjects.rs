@@ -5,7 +5,7 @@
 //! | subject | published by | events |
 //! |---|---|---|
 //! | `usbpt.evt.host.{host}.agent` | host agent | HostAgentStarted |
-//! | `usbpt.evt.host.{host}.device.{device_id}` | host agent | DeviceDiscovered, DeviceInvalidated |
+//! | `usbpt.evt.host.{host}.device.{device_id}` | host agent | DeviceDiscovered(V2), DeviceInvalidated |
 //! | `usbpt.evt.host.{host}.clash` | host agent | DeviceClashDetected |
 //! | `usbpt.evt.host.{host}.server.{server_id}` | host agent | DeviceAttached, DeviceReattached, DeviceAttachFailed, ServerStateChanged (observed) |
 //! | `usbpt.evt.claim.{lineage_id}` | control plane, fenced | DeviceClaimed, DeviceReleased |
@@ -267,6 +267,10 @@ pub fn route(body: &Event) -> Route<'_> {
     match body {
         Event::HostAgentStarted(e) => agent(&e.host, AgentSubject::Agent),
         Event::DeviceDiscovered(e) => agent(&e.host, AgentSubject::Device(&e.device_id)),
+        Event::DeviceDiscoveredV2(e) => agent(
+            &e.discovery.host,
+            AgentSubject::Device(&e.discovery.device_id),
+        ),
         Event::DeviceInvalidated(e) => agent(&e.host, AgentSubject::Device(&e.device_id)),
         Event::DeviceClashDetected(e) => agent(&e.host, AgentSubject::Clash),
         Event::DeviceAttached(e) => agent(&e.host, AgentSubject::Server(&e.server_id)),

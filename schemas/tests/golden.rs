@@ -86,3 +86,28 @@ fn postcard_is_much_smaller_than_json() {
         );
     }
 }
+
+/// `DeviceDiscoveredV2`'s body is `DeviceDiscovered`'s body, byte for byte, then the 32 bytes of
+/// the fingerprint (ADR 0011): a reader of the old layout is not needed to read the new one's
+/// first part, and an old event keeps folding as it did.
+#[test]
+fn the_v2_discovery_is_the_v1_discovery_then_the_fingerprint() {
+    let bodies = common::sample_bodies();
+    let v2 = bodies.last().expect("samples");
+    let (discovery, fingerprint) = v2.discovery().expect("a discovery");
+    let fingerprint = *fingerprint.expect("v2 has a fingerprint");
+    let v1 = usbpt_schemas::Event::DeviceDiscovered(discovery.clone());
+    let b1 = postcard::to_allocvec(&v1).expect("v1");
+    let b2 = postcard::to_allocvec(v2).expect("v2");
+    assert_eq!(b1[0], 1, "DeviceDiscovered is variant 1");
+    assert_eq!(b2[0], 26, "DeviceDiscoveredV2 is variant 26");
+    assert_eq!(&b2[1..b2.len() - 32], &b1[1..]);
+    assert_eq!(&b2[b2.len() - 32..], &fingerprint.0);
+    // The JSON of either layout carries the discovery's fields; V2's fingerprint is USBGuard's
+    // base64.
+    let json = serde_json::to_value(v2).expect("json");
+    assert_eq!(
+        json["DeviceDiscoveredV2"]["fingerprint"],
+        serde_json::json!(fingerprint.to_base64())
+    );
+}

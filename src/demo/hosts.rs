@@ -125,5 +125,6 @@ pub fn usb_device(
         model_db: None,
         speed: Some("12".into()),
         usb_version: Some("2.00".into()),
+        fingerprint: None,
     })
 }

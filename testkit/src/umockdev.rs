@@ -488,6 +488,8 @@ pub struct UsbDeviceSpec {
     pub model_db: Option<String>,
     pub speed: String,
     pub version: String,
+    /// The sysfs `descriptors` file (binary), when the device should have one.
+    pub descriptors: Option<Vec<u8>>,
 }
 
 impl UsbDeviceSpec {
@@ -516,7 +518,13 @@ impl UsbDeviceSpec {
             model_db: None,
             speed: "480".to_owned(),
             version: " 2.00".to_owned(),
+            descriptors: None,
         }
+    }
+    /// The raw descriptors the kernel would cache in sysfs `descriptors`.
+    pub fn descriptors(mut self, bytes: &[u8]) -> Self {
+        self.descriptors = Some(bytes.to_vec());
+        self
     }
     pub fn serial(mut self, s: &str) -> Self {
         self.serial = Some(s.to_owned());
@@ -644,6 +652,11 @@ impl UsbDeviceSpec {
         }
         if let Some(p) = &self.product_name {
             let _ = writeln!(out, "A: product={p}\\n");
+        }
+        if let Some(d) = &self.descriptors {
+            // `H:` is umockdev's binary attribute, in hex (as `umockdev-record` writes it).
+            let hex: String = d.iter().map(|b| format!("{b:02X}")).collect();
+            let _ = writeln!(out, "H: descriptors={hex}");
         }
         out
     }

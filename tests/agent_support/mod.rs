@@ -229,19 +229,26 @@ impl StreamLog {
     }
 }
 
+/// The fact an event records: its kind, with a discovery of either layout (`DeviceDiscovered`,
+/// `DeviceDiscoveredV2` with a fingerprint) read as `DeviceDiscovered`. The identity tests are
+/// about lineages, not layouts: a recorded device has descriptors (V2), a made-up one has none
+/// (V1). `tests/agent_fingerprint.rs` checks the layout and the fingerprint.
+pub fn fact(e: &Envelope) -> &'static str {
+    match e.body.discovery() {
+        Some(_) => "DeviceDiscovered",
+        None => e.body.kind(),
+    }
+}
 pub fn count(events: &[Envelope], kind: &str) -> usize {
-    events.iter().filter(|e| e.body.kind() == kind).count()
+    events.iter().filter(|e| fact(e) == kind).count()
 }
 pub fn kinds(events: &[Envelope]) -> Vec<&'static str> {
-    events.iter().map(|e| e.body.kind()).collect()
+    events.iter().map(fact).collect()
 }
 pub fn discovered(events: &[Envelope]) -> Vec<DeviceDiscovered> {
     events
         .iter()
-        .filter_map(|e| match &e.body {
-            Event::DeviceDiscovered(d) => Some(d.clone()),
-            _ => None,
-        })
+        .filter_map(|e| e.body.discovery().map(|(d, _)| d.clone()))
         .collect()
 }
 pub fn invalidated(events: &[Envelope]) -> Vec<DeviceInvalidated> {
@@ -258,11 +265,11 @@ pub fn invalidated(events: &[Envelope]) -> Vec<DeviceInvalidated> {
 pub fn live(events: &[Envelope]) -> BTreeMap<DeviceId, DeviceDiscovered> {
     let mut live = BTreeMap::new();
     for e in events {
-        match &e.body {
-            Event::DeviceDiscovered(d) => {
+        match (&e.body, e.body.discovery()) {
+            (_, Some((d, _))) => {
                 live.insert(d.device_id, d.clone());
             }
-            Event::DeviceInvalidated(i) => {
+            (Event::DeviceInvalidated(i), _) => {
                 live.remove(&i.device_id);
             }
             _ => {}
@@ -283,8 +290,8 @@ pub fn check_history(events: &[Envelope]) -> Result<()> {
         if !ids.insert(e.event_id) {
             bail!("event {} is in the stream twice", e.event_id);
         }
-        match &e.body {
-            Event::DeviceDiscovered(d) => {
+        match (&e.body, e.body.discovery()) {
+            (_, Some((d, _))) => {
                 if found.insert(d.device_id, d.clone()).is_some() {
                     bail!("device {} discovered twice", d.device_id);
                 }
@@ -297,7 +304,7 @@ pub fn check_history(events: &[Envelope]) -> Result<()> {
                     }
                 }
             }
-            Event::DeviceInvalidated(i) => {
+            (Event::DeviceInvalidated(i), _) => {
                 if !found.contains_key(&i.device_id) {
                     bail!(
                         "device {} invalidated before it was discovered",

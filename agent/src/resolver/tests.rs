@@ -53,6 +53,7 @@ fn dev(
         model_db: None,
         speed: Some("480".into()),
         usb_version: Some("2.00".into()),
+        fingerprint: None,
     }
 }
 

@@ -2,11 +2,17 @@
 
 use usbpt_schemas::*;
 
+use super::alarms;
 use super::semantics::{known_device, known_server, not_deleted, reject, server_exists, R};
 use super::state::State;
 use crate::model::*;
 
-pub(super) fn discovered<S: State>(v: &mut S, st: Stamp, e: &DeviceDiscovered) -> R {
+pub(super) fn discovered<S: State>(
+    v: &mut S,
+    st: Stamp,
+    e: &DeviceDiscovered,
+    fingerprint: Option<Fingerprint>,
+) -> R {
     if let Some(d) = v.device(e.device_id)? {
         return reject(
             QuarantineReason::Duplicate,
@@ -22,7 +28,11 @@ pub(super) fn discovered<S: State>(v: &mut S, st: Stamp, e: &DeviceDiscovered) -
         Some(l) => v.device(l.current)?,
         None => None,
     };
+    let fingerprint_before = previous.as_ref().and_then(|p| p.fingerprint);
     if let (Some(l), Some(prev)) = (&lineage, &previous) {
+        if alarms::is_conflict(e, l, prev) {
+            return alarms::conflict_raised(v, st, e, fingerprint, l.clone(), prev.clone());
+        }
         check_lineage_move(e, l, prev)?;
     }
     let claim = v.claim(e.lineage_id)?;
@@ -38,6 +48,8 @@ pub(super) fn discovered<S: State>(v: &mut S, st: Stamp, e: &DeviceDiscovered) -
         holders: Vec::new(),
         attach_error: None,
         last_change_seq: st.seq,
+        fingerprint,
+        blocked: lineage.as_ref().is_some_and(alarms::blocks),
     };
     // A claim survives re-enumeration: with `lineage` follow the new enumeration is claimed for
     // the same server (awaiting re-attach); with `strict` it is free and the server keeps the
@@ -94,12 +106,14 @@ pub(super) fn discovered<S: State>(v: &mut S, st: Stamp, e: &DeviceDiscovered) -
             current_host: e.host.clone(),
             enumerations: 1,
             first_seen: st,
+            alarms: Vec::new(),
+            pending: None,
         },
     };
     v.push_lineage_history(e.lineage_id, l.enumerations, e.device_id);
     v.put_lineage(l);
     v.put_device(new)?;
-    Ok(())
+    alarms::fingerprint_seen(v, st, e, fingerprint, fingerprint_before)
 }
 
 /// The lineage id must be the one derived from the discovery's own key, so a publisher cannot
@@ -177,6 +191,9 @@ fn check_lineage_move(e: &DeviceDiscovered, l: &Lineage, prev: &Device) -> R {
 }
 
 pub(super) fn invalidated<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidated) -> R {
+    if alarms::pending_ended(v, st, e)? {
+        return Ok(());
+    }
     let d = known_device(v, e.device_id, Some(e.lineage_id), &e.host)?;
     if let Some(Invalidation {
         reason: Some(r),
@@ -217,7 +234,7 @@ pub(super) fn invalidated<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidated)
             v.put_claim(c);
         }
     }
-    Ok(())
+    alarms::current_ended(v, st, e)
 }
 
 pub(super) fn claimed<S: State>(v: &mut S, st: Stamp, e: &DeviceClaimed) -> R {

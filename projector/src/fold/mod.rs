@@ -19,6 +19,7 @@
 //! or contradicts the view is recorded in the quarantine with a counted reason and changes
 //! nothing else.
 
+mod alarms;
 mod devices;
 mod flavors;
 #[cfg(test)]

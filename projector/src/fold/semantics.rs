@@ -179,7 +179,10 @@ fn handle<S: State>(v: &mut S, st: Stamp, body: &Event) -> R {
     match body {
         // The host record is all it changes (see `touch_host`).
         Event::HostAgentStarted(_) | Event::DeviceClashDetected(_) => Ok(()),
-        Event::DeviceDiscovered(e) => devices::discovered(v, st, e),
+        Event::DeviceDiscovered(e) => devices::discovered(v, st, e, None),
+        Event::DeviceDiscoveredV2(e) => {
+            devices::discovered(v, st, &e.discovery, Some(e.fingerprint))
+        }
         Event::DeviceInvalidated(e) => devices::invalidated(v, st, e),
         Event::FlavorCreated(e) => flavors::flavor_created(v, st, e),
         Event::FlavorDeleted(e) => flavors::flavor_deleted(v, st, e),
@@ -297,6 +300,9 @@ fn touch_host<S: State>(
         }
         Event::DeviceDiscovered(e) if h.boot_id.is_none() => {
             h.boot_id = Some(e.boot_id.clone());
+        }
+        Event::DeviceDiscoveredV2(e) if h.boot_id.is_none() => {
+            h.boot_id = Some(e.discovery.boot_id.clone());
         }
         Event::DeviceClashDetected(e) => {
             let clash = Clash {

@@ -55,10 +55,11 @@ pub fn variant_index(e: &Event) -> usize {
         Event::ServerResizeVerifying(_) => 23,
         Event::ServerResizeConfirmed(_) => 24,
         Event::ServerResizeReverted(_) => 25,
+        Event::DeviceDiscoveredV2(_) => 26,
     }
 }
 
-pub fn sample_bodies() -> Vec<Event> {
+fn sample_bodies_v1() -> Vec<Event> {
     let h = host("host-b");
     let dev = DeviceId(id(1));
     let lin = LineageId(id(2));
@@ -271,6 +272,21 @@ pub fn sample_bodies() -> Vec<Event> {
     ]
 }
 
+/// Every variant's sample: the first 26, then `DeviceDiscoveredV2` (sample 1's discovery with
+/// another serial and a fingerprint).
+pub fn sample_bodies() -> Vec<Event> {
+    let mut all = sample_bodies_v1();
+    let Event::DeviceDiscovered(mut discovery) = all[1].clone() else {
+        unreachable!("sample 1 is DeviceDiscovered")
+    };
+    discovery.serial = Some("SN124".into());
+    all.push(Event::DeviceDiscoveredV2(DeviceDiscoveredV2 {
+        discovery,
+        fingerprint: Fingerprint(std::array::from_fn(|i| i as u8 * 7)),
+    }));
+    all
+}
+
 pub fn sample_envelopes() -> Vec<Envelope> {
     sample_bodies()
         .into_iter()
@@ -356,6 +372,25 @@ fn a_request() -> impl Strategy<Value = UsbRequest> {
 
 /// Any event body: each variant's fields drawn at random.
 pub fn any_event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        20 => any_event_v1(),
+        1 => (any_event_v1(), any::<[u8; 32]>()).prop_filter_map(
+            "a discovery",
+            |(e, fp)| match e {
+                Event::DeviceDiscovered(discovery) => {
+                    Some(Event::DeviceDiscoveredV2(DeviceDiscoveredV2 {
+                        discovery,
+                        fingerprint: Fingerprint(fp),
+                    }))
+                }
+                _ => None,
+            }
+        ),
+    ]
+}
+
+/// Any event body of the first 26 variants.
+fn any_event_v1() -> impl Strategy<Value = Event> {
     let opt = |s: BoxedStrategy<String>| proptest::option::of(s);
     let txt = || a_text().boxed();
     prop_oneof![

@@ -1,0 +1,258 @@
+//! Alarms the fold derives (ADR 0011, docs/identity.md "Alarms"): raised and cleared by events
+//! only, so a replay raises and clears them at the same sequences. Each alarm lives on its
+//! lineage's record ([`Lineage::alarms`]) with its raise and clear stamps; the counters
+//! `alarms_raised.{kind}` and `alarms_cleared.{kind}` give the active ones by kind (`/metrics`).
+//!
+//! `LineageConflict`: a serial lineage discovered on a host while its current enumeration is
+//! still present on another. The newcomer is held back ([`Lineage::pending`]) and the current
+//! enumeration is blocked from new claims: the lineage is not schedulable until one side ends.
+//! If the current one ends, the newcomer takes the lineage over (as if discovered then: the
+//! known gap of the carried key closes); if the newcomer ends first, it is dropped.
+
+use usbpt_schemas::{DeviceDiscovered, DeviceInvalidated, Fingerprint, LineageKind};
+
+use super::devices::discovered;
+use super::semantics::R;
+use super::state::State;
+use crate::model::{Alarm, AlarmKind, Device, Lineage, PendingDiscovery, Stamp, ALARMS_KEPT};
+
+/// Whether discovering `e` while `prev` is its lineage's current enumeration is a conflict: a
+/// serial lineage whose current enumeration is still present on another host.
+pub(super) fn is_conflict(e: &DeviceDiscovered, l: &Lineage, prev: &Device) -> bool {
+    l.kind == LineageKind::Serial
+        && e.lineage_kind == LineageKind::Serial
+        && prev.host() != &e.host
+        && prev.invalidation.is_none()
+}
+
+/// Whether a new enumeration of `l` on its current host starts blocked: another host's is held
+/// back, the conflict lasts.
+pub(super) fn blocks(l: &Lineage) -> bool {
+    l.pending.is_some()
+}
+
+fn raise<S: State>(v: &mut S, l: &mut Lineage, alarm: Alarm) {
+    v.count("alarms_raised", alarm.kind.as_str());
+    l.alarms.push(alarm);
+}
+
+fn clear<S: State>(v: &mut S, l: &mut Lineage, kind: AlarmKind, st: Stamp, why: String) {
+    for a in l
+        .alarms
+        .iter_mut()
+        .filter(|a| a.kind == kind && a.is_active())
+    {
+        a.cleared = Some((st, why.clone()));
+        v.count("alarms_cleared", kind.as_str());
+    }
+    // Keep every active alarm and the newest cleared ones.
+    let cleared = l.alarms.iter().filter(|a| !a.is_active()).count();
+    let mut drop = cleared.saturating_sub(ALARMS_KEPT);
+    l.alarms.retain(|a| {
+        if drop > 0 && !a.is_active() {
+            drop -= 1;
+            false
+        } else {
+            true
+        }
+    });
+}
+
+/// Raises (or widens) the conflict: `e` is held back, `prev` is blocked.
+pub(super) fn conflict_raised<S: State>(
+    v: &mut S,
+    st: Stamp,
+    e: &DeviceDiscovered,
+    fingerprint: Option<Fingerprint>,
+    mut l: Lineage,
+    mut prev: Device,
+) -> R {
+    let here = prev.host().clone();
+    let reason = format!(
+        "serial lineage {} ({}:{} serial {}) is present on host {here} as device {} and was \
+         discovered on host {} as device {}: a clone, a hub trick, or a key moved before host \
+         {here} reported it gone. Neither side is schedulable until one is unplugged (the other \
+         then takes the lineage) or an operator keeps one host",
+        l.id,
+        l.vendor_id,
+        l.product_id,
+        l.serial.as_deref().unwrap_or("-"),
+        prev.id(),
+        e.host,
+        e.device_id,
+    );
+    // A newer newcomer replaces an older one (the older one's end is then not awaited).
+    clear(
+        v,
+        &mut l,
+        AlarmKind::LineageConflict,
+        st,
+        format!("superseded by the conflict with device {}", e.device_id),
+    );
+    raise(
+        v,
+        &mut l,
+        Alarm {
+            kind: AlarmKind::LineageConflict,
+            raised: st,
+            reason,
+            hosts: vec![here, e.host.clone()],
+            devices: vec![prev.id(), e.device_id],
+            fingerprints: Vec::new(),
+            cleared: None,
+        },
+    );
+    l.pending = Some(PendingDiscovery {
+        stamp: st,
+        discovery: e.clone(),
+        fingerprint,
+    });
+    v.put_lineage(l);
+    if !prev.blocked {
+        prev.blocked = true;
+        prev.last_change_seq = st.seq;
+        v.put_device(prev)?;
+    }
+    Ok(())
+}
+
+/// The held-back enumeration ended before the current one: the conflict clears, the current
+/// enumeration is schedulable again. `true` when `e` was that enumeration (nothing else to
+/// fold: the view never had it as a device).
+pub(super) fn pending_ended<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidated) -> R<bool> {
+    let Some(mut l) = v.lineage(e.lineage_id)? else {
+        return Ok(false);
+    };
+    let held = l
+        .pending
+        .as_ref()
+        .is_some_and(|p| p.discovery.device_id == e.device_id && p.discovery.host == e.host);
+    if !held {
+        // A held-back enumeration a later one replaced (a third host): its end is expected and
+        // changes nothing; the view never had it as a device.
+        let replaced = l.alarms.iter().any(|a| {
+            a.kind == AlarmKind::LineageConflict
+                && a.hosts.get(1) == Some(&e.host)
+                && a.devices.get(1) == Some(&e.device_id)
+        });
+        return Ok(replaced && v.device(e.device_id)?.is_none());
+    }
+    l.pending = None;
+    let why = format!(
+        "device {} on host {} ended ({:?}); the lineage stays on host {}",
+        e.device_id, e.host, e.reason, l.current_host
+    );
+    clear(v, &mut l, AlarmKind::LineageConflict, st, why);
+    let current = l.current;
+    v.put_lineage(l);
+    unblock(v, st, current)?;
+    Ok(true)
+}
+
+/// The lineage's current enumeration ended (`e`, already folded) while another host's was held
+/// back: the conflict clears and the held-back one takes the lineage over.
+pub(super) fn current_ended<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidated) -> R {
+    let Some(mut l) = v.lineage(e.lineage_id)? else {
+        return Ok(());
+    };
+    if l.current != e.device_id {
+        return Ok(());
+    }
+    let Some(p) = l.pending.take() else {
+        return Ok(());
+    };
+    clear(
+        v,
+        &mut l,
+        AlarmKind::LineageConflict,
+        st,
+        format!(
+            "device {} on host {} ended ({:?}); device {} on host {} takes the lineage",
+            e.device_id, e.host, e.reason, p.discovery.device_id, p.discovery.host
+        ),
+    );
+    v.put_lineage(l);
+    unblock(v, st, e.device_id)?;
+    // As if discovered now: the lineage moves, a `lineage`-follow claim follows it.
+    discovered(v, st, &p.discovery, p.fingerprint)
+}
+
+fn unblock<S: State>(v: &mut S, st: Stamp, id: usbpt_schemas::DeviceId) -> R {
+    if let Some(mut d) = v.device(id)? {
+        if d.blocked {
+            d.blocked = false;
+            d.last_change_seq = st.seq;
+            v.put_device(d)?;
+        }
+    }
+    Ok(())
+}
+
+/// After `e` (with `fingerprint`) became its serial lineage's current enumeration, following
+/// one whose fingerprint was `before`: a different fingerprint raises `FingerprintChanged`
+/// (a spoofed serial, or new firmware); the expected fingerprint coming back clears it. Only
+/// enumerations that report a fingerprint are compared.
+pub(super) fn fingerprint_seen<S: State>(
+    v: &mut S,
+    st: Stamp,
+    e: &DeviceDiscovered,
+    fingerprint: Option<Fingerprint>,
+    before: Option<Fingerprint>,
+) -> R {
+    if e.lineage_kind != LineageKind::Serial {
+        return Ok(());
+    }
+    let (Some(now), Some(mut l)) = (fingerprint, v.lineage(e.lineage_id)?) else {
+        return Ok(());
+    };
+    let active = l
+        .alarms
+        .iter()
+        .find(|a| a.kind == AlarmKind::FingerprintChanged && a.is_active());
+    let Some(expected) = active
+        .and_then(|a| a.fingerprints.first().copied())
+        .or(before)
+    else {
+        return Ok(());
+    };
+    match (now == expected, active.is_some()) {
+        (true, true) => {
+            let why = format!(
+                "device {} on host {} reports the expected fingerprint {expected} again",
+                e.device_id, e.host
+            );
+            clear(v, &mut l, AlarmKind::FingerprintChanged, st, why);
+            v.put_lineage(l);
+        }
+        (false, false) => {
+            let reason = format!(
+                "serial lineage {} ({}:{} serial {}) re-enumerated on host {} as device {} with \
+                 fingerprint {now}, not {expected}: the same serial with other descriptors (new \
+                 firmware, or a device that copies the serial). Check the device; the alarm \
+                 clears when a device with fingerprint {expected} is plugged again",
+                l.id,
+                l.vendor_id,
+                l.product_id,
+                l.serial.as_deref().unwrap_or("-"),
+                e.host,
+                e.device_id,
+            );
+            raise(
+                v,
+                &mut l,
+                Alarm {
+                    kind: AlarmKind::FingerprintChanged,
+                    raised: st,
+                    reason,
+                    hosts: vec![e.host.clone()],
+                    devices: vec![e.device_id],
+                    fingerprints: vec![expected, now],
+                    cleared: None,
+                },
+            );
+            v.put_lineage(l);
+        }
+        _ => {}
+    }
+    Ok(())
+}

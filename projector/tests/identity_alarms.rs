@@ -1,0 +1,333 @@
+//! Identity intelligence in the fold (issue 18, ADR 0011), on real redb files without a bus:
+//! the descriptor fingerprint of `DeviceDiscoveredV2` (and none for the original layout), and
+//! the alarms the fold derives, raised and cleared by events and equal on replay.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../schemas/tests/common/mod.rs"]
+mod common;
+
+use bytes::Bytes;
+use usbpt_projector::{BatchOptions, RawEvent, View};
+use usbpt_schemas::*;
+use uuid::Uuid;
+
+fn id(n: u128) -> Uuid {
+    Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 | n)
+}
+
+/// A discovery whose lineage is derived from its key, as a correct agent derives it.
+fn disc(dev: u128, host: &str, port: &str, serial: Option<&str>) -> DeviceDiscovered {
+    let Event::DeviceDiscovered(mut d) = common::sample_bodies().remove(1) else {
+        unreachable!()
+    };
+    d.device_id = DeviceId(id(dev));
+    d.host = common::host(host);
+    d.port_path = port.parse().unwrap();
+    d.serial = serial.map(str::to_owned);
+    d.supersedes = None;
+    d.lineage_kind = if serial.is_some() {
+        LineageKind::Serial
+    } else {
+        LineageKind::Port
+    };
+    d.lineage_id = LineageId::derive(&match &d.serial {
+        Some(s) => LineageKey::Serial {
+            vendor: d.vendor_id,
+            product: d.product_id,
+            serial: s,
+        },
+        None => LineageKey::Port {
+            host: &d.host,
+            port: &d.port_path,
+            vendor: d.vendor_id,
+            product: d.product_id,
+        },
+    });
+    d
+}
+
+struct Fold {
+    view: View,
+    seq: u64,
+    /// Every event folded, for replays.
+    events: Vec<RawEvent>,
+    _dir: tempfile::TempDir,
+}
+
+impl Fold {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let view = View::open(dir.path().join("v.redb")).unwrap();
+        Self {
+            view,
+            seq: 0,
+            events: Vec::new(),
+            _dir: dir,
+        }
+    }
+
+    /// Folds `body` on `subject` (its own subject when `None`); returns the quarantine reason.
+    fn fold(&mut self, body: Event, subject: Option<String>) -> Option<String> {
+        self.fold_env(Envelope::new(body), subject)
+    }
+
+    fn fold_env(&mut self, env: Envelope, subject: Option<String>) -> Option<String> {
+        self.seq += 1;
+        let raw = RawEvent {
+            seq: self.seq,
+            subject: subject.unwrap_or_else(|| subjects::for_event(&env)),
+            payload: Bytes::from(codec::encode(&env).unwrap()),
+        };
+        self.events.push(raw.clone());
+        self.view
+            .apply_batch(&[raw], &BatchOptions::default())
+            .unwrap();
+        let snap = self.view.snapshot().unwrap();
+        snap.quarantine(0, 1000)
+            .unwrap()
+            .into_iter()
+            .find(|q| q.seq == self.seq)
+            .map(|q| format!("{:?}: {}", q.reason, q.detail))
+    }
+}
+
+fn fp(n: u8) -> Fingerprint {
+    Fingerprint([n; 32])
+}
+
+fn v2(d: DeviceDiscovered, n: u8) -> Event {
+    Event::discovered(d, Some(fp(n)))
+}
+
+#[test]
+fn a_v2_discovery_stores_its_fingerprint_and_an_old_one_folds_without() {
+    let mut f = Fold::new();
+    assert_eq!(
+        f.fold(
+            Event::DeviceDiscovered(disc(1, "host-a", "1-1", Some("K1"))),
+            None
+        ),
+        None
+    );
+    assert_eq!(
+        f.fold(v2(disc(2, "host-a", "1-2", Some("K2")), 7), None),
+        None
+    );
+    let snap = f.view.snapshot().unwrap();
+    let old = snap.device(&DeviceId(id(1))).unwrap().unwrap();
+    let new = snap.device(&DeviceId(id(2))).unwrap().unwrap();
+    assert_eq!(old.fingerprint, None);
+    assert_eq!(new.fingerprint, Some(fp(7)));
+    assert_eq!(new.discovery.serial.as_deref(), Some("K2"));
+}
+
+fn gone(dev: u128, host: &str, lineage: LineageId) -> Event {
+    Event::DeviceInvalidated(DeviceInvalidated {
+        device_id: DeviceId(id(dev)),
+        lineage_id: lineage,
+        host: common::host(host),
+        reason: InvalidationReason::Unplugged,
+        superseded_by: None,
+    })
+}
+
+fn active(f: &Fold, lineage: LineageId) -> Vec<usbpt_projector::Alarm> {
+    let l = f
+        .view
+        .snapshot()
+        .unwrap()
+        .lineage(&lineage)
+        .unwrap()
+        .unwrap();
+    l.alarms.into_iter().filter(|a| a.is_active()).collect()
+}
+
+fn counter(f: &Fold, key: &str) -> u64 {
+    let c = f.view.snapshot().unwrap().counters().unwrap();
+    c.get(key).copied().unwrap_or(0)
+}
+
+/// The conflict scenario: K1 on host-a, then on host-b while host-a's is present.
+fn conflict(f: &mut Fold) -> LineageId {
+    let first = disc(1, "host-a", "1-1", Some("K1"));
+    let lineage = first.lineage_id;
+    assert_eq!(f.fold(v2(first, 1), None), None);
+    assert_eq!(
+        f.fold(v2(disc(2, "host-b", "3-2", Some("K1")), 1), None),
+        None
+    );
+    lineage
+}
+
+#[test]
+fn a_serial_lineage_on_two_hosts_raises_a_conflict_that_clears_when_the_newcomer_leaves() {
+    let mut f = Fold::new();
+    let lineage = conflict(&mut f);
+    let alarms = active(&f, lineage);
+    assert_eq!(alarms.len(), 1);
+    let a = &alarms[0];
+    assert_eq!(a.kind, usbpt_projector::AlarmKind::LineageConflict);
+    assert_eq!(a.raised.seq, 2);
+    assert_eq!(a.hosts, [common::host("host-a"), common::host("host-b")]);
+    assert_eq!(a.devices, [DeviceId(id(1)), DeviceId(id(2))]);
+    assert!(
+        a.reason.contains("host-a") && a.reason.contains("unplugged"),
+        "{}",
+        a.reason
+    );
+    assert_eq!(counter(&f, "alarms_raised.lineage_conflict"), 1);
+    let snap = f.view.snapshot().unwrap();
+    assert!(snap
+        .free_devices_on_host(&common::host("host-a"))
+        .unwrap()
+        .is_empty());
+
+    // host-b's copy is unplugged: the conflict clears, host-a's device is free again.
+    assert_eq!(f.fold(gone(2, "host-b", lineage), None), None);
+    assert!(active(&f, lineage).is_empty());
+    let snap = f.view.snapshot().unwrap();
+    let l = snap.lineage(&lineage).unwrap().unwrap();
+    let (cleared, why) = l.alarms[0].cleared.clone().expect("cleared");
+    assert_eq!(cleared.seq, 3);
+    assert!(why.contains("stays on host host-a"), "{why}");
+    assert_eq!(l.current_host, common::host("host-a"));
+    assert_eq!(
+        snap.free_devices_on_host(&common::host("host-a"))
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(counter(&f, "alarms_cleared.lineage_conflict"), 1);
+}
+
+#[test]
+fn a_conflict_clears_when_the_first_host_reports_the_key_gone_and_the_other_host_takes_it() {
+    let mut f = Fold::new();
+    let lineage = conflict(&mut f);
+    assert_eq!(f.fold(gone(1, "host-a", lineage), None), None);
+    assert!(active(&f, lineage).is_empty());
+    let snap = f.view.snapshot().unwrap();
+    let l = snap.lineage(&lineage).unwrap().unwrap();
+    assert_eq!(l.current, DeviceId(id(2)));
+    assert_eq!(l.current_host, common::host("host-b"));
+    assert_eq!(l.enumerations, 2);
+    let d2 = snap.device(&DeviceId(id(2))).unwrap().unwrap();
+    assert!(d2.is_free(), "{d2:?}");
+    assert_eq!(d2.fingerprint, Some(fp(1)));
+    assert_eq!(d2.discovered.seq, 3, "promoted when host-a's ended");
+}
+
+#[test]
+fn alarms_replay_to_the_same_view() {
+    let mut f = Fold::new();
+    let lineage = conflict(&mut f);
+    assert_eq!(f.fold(gone(1, "host-a", lineage), None), None);
+    assert_eq!(
+        f.fold(v2(disc(3, "host-a", "1-1", Some("K1")), 1), None),
+        None
+    );
+    assert_eq!(
+        active(&f, lineage).len(),
+        1,
+        "host-a's return conflicts with host-b"
+    );
+    assert_replays(&f);
+}
+
+/// A replay of the same events, one per batch and all in one batch, gives the same view.
+fn assert_replays(f: &Fold) {
+    let events = f.events.clone();
+    for per_batch in [1, events.len()] {
+        let dir = tempfile::tempdir().unwrap();
+        let view = View::open(dir.path().join("r.redb")).unwrap();
+        for chunk in events.chunks(per_batch) {
+            view.apply_batch(chunk, &BatchOptions::default()).unwrap();
+        }
+        let a = usbpt_projector::digest::digest(&f.view.snapshot().unwrap()).unwrap();
+        let b = usbpt_projector::digest::digest(&view.snapshot().unwrap()).unwrap();
+        assert_eq!(a, b, "{per_batch} per batch");
+    }
+}
+
+#[test]
+fn another_fingerprint_on_a_serial_lineage_raises_an_alarm_until_the_expected_one_returns() {
+    let mut f = Fold::new();
+    let first = disc(1, "host-a", "1-1", Some("K1"));
+    let lineage = first.lineage_id;
+    let replug = |dev: u128, prev: u128| {
+        let mut d = disc(dev, "host-a", "1-1", Some("K1"));
+        d.supersedes = Some(DeviceId(id(prev)));
+        d
+    };
+    assert_eq!(f.fold(v2(first, 1), None), None);
+    assert_eq!(f.fold(gone(1, "host-a", lineage), None), None);
+    // The same fingerprint again: nothing.
+    assert_eq!(f.fold(v2(replug(2, 1), 1), None), None);
+    assert!(active(&f, lineage).is_empty());
+    assert_eq!(f.fold(gone(2, "host-a", lineage), None), None);
+    // Another one: raised, naming both.
+    assert_eq!(f.fold(v2(replug(3, 2), 9), None), None);
+    let alarms = active(&f, lineage);
+    assert_eq!(alarms.len(), 1);
+    assert_eq!(
+        alarms[0].kind,
+        usbpt_projector::AlarmKind::FingerprintChanged
+    );
+    assert_eq!(alarms[0].fingerprints, [fp(1), fp(9)]);
+    assert_eq!(alarms[0].raised.seq, 5);
+    assert!(
+        alarms[0].reason.contains(&fp(1).to_string()),
+        "{}",
+        alarms[0].reason
+    );
+    // An enumeration without a fingerprint (an old agent) and the changed one again: no new alarm.
+    assert_eq!(f.fold(gone(3, "host-a", lineage), None), None);
+    assert_eq!(f.fold(Event::DeviceDiscovered(replug(4, 3)), None), None);
+    assert_eq!(f.fold(gone(4, "host-a", lineage), None), None);
+    assert_eq!(f.fold(v2(replug(5, 4), 9), None), None);
+    assert_eq!(counter(&f, "alarms_raised.fingerprint_changed"), 1);
+    // The expected device is back: cleared.
+    assert_eq!(f.fold(gone(5, "host-a", lineage), None), None);
+    assert_eq!(f.fold(v2(replug(6, 5), 1), None), None);
+    assert!(active(&f, lineage).is_empty());
+    assert_eq!(counter(&f, "alarms_cleared.fingerprint_changed"), 1);
+    let metrics = usbpt_projector::ProjectorMetrics::default()
+        .render(&f.view.snapshot().unwrap().counters().unwrap());
+    assert!(
+        metrics.contains("usbpt_alarms_active{kind=\"fingerprint_changed\"} 0"),
+        "{metrics}"
+    );
+    assert_replays(&f);
+}
+
+#[test]
+fn a_third_host_replaces_the_held_back_enumeration_and_the_replaced_one_may_end_quietly() {
+    let mut f = Fold::new();
+    let lineage = conflict(&mut f);
+    assert_eq!(
+        f.fold(v2(disc(3, "host-c", "2-1", Some("K1")), 1), None),
+        None
+    );
+    let alarms = active(&f, lineage);
+    assert_eq!(alarms.len(), 1);
+    assert_eq!(
+        alarms[0].hosts,
+        [common::host("host-a"), common::host("host-c")]
+    );
+    // host-b's copy, replaced, is unplugged: not quarantined, the conflict with host-c lasts.
+    assert_eq!(f.fold(gone(2, "host-b", lineage), None), None);
+    assert_eq!(active(&f, lineage).len(), 1);
+    // host-a's ends: host-c's takes the lineage.
+    assert_eq!(f.fold(gone(1, "host-a", lineage), None), None);
+    assert!(active(&f, lineage).is_empty());
+    let l = f
+        .view
+        .snapshot()
+        .unwrap()
+        .lineage(&lineage)
+        .unwrap()
+        .unwrap();
+    assert_eq!(l.current, DeviceId(id(3)));
+    assert_eq!(l.current_host, common::host("host-c"));
+    assert_replays(&f);
+}
