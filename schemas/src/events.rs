@@ -11,7 +11,7 @@ use crate::ids::*;
 
 /// How many variants [`Event`] has; the codec refuses higher indexes as unknown. Keep in step
 /// with the enum (the golden tests check every index below it has a sample).
-pub const EVENT_VARIANTS: u32 = 26;
+pub const EVENT_VARIANTS: u32 = 27;
 
 /// Every event usbpt records. The variant order is the wire format.
 // DeviceDiscovered is the largest by far; events are built once and moved rarely, so plain
@@ -45,6 +45,7 @@ pub enum Event {
     ServerResizeVerifying(ServerResizeVerifying),
     ServerResizeConfirmed(ServerResizeConfirmed),
     ServerResizeReverted(ServerResizeReverted),
+    LineageLabeled(LineageLabeled),
 }
 
 impl Event {
@@ -77,6 +78,7 @@ impl Event {
             Event::ServerResizeVerifying(_) => "ServerResizeVerifying",
             Event::ServerResizeConfirmed(_) => "ServerResizeConfirmed",
             Event::ServerResizeReverted(_) => "ServerResizeReverted",
+            Event::LineageLabeled(_) => "LineageLabeled",
         }
     }
 
@@ -548,4 +550,13 @@ pub struct ServerResizeConfirmed {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerResizeReverted {
     pub server_id: ServerId,
+}
+
+/// An operator named a lineage (`usbpt label`), or removed its name (`label: None`). The label
+/// is the operator's handle for the physical device ("ERP key #3"): shown wherever the device
+/// is and searchable (`usbpt find --label`). Valid labels: [`crate::label::check`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineageLabeled {
+    pub lineage_id: LineageId,
+    pub label: Option<String>,
 }

@@ -11,6 +11,7 @@ pub mod envelope;
 pub mod events;
 pub mod heartbeat;
 pub mod ids;
+pub mod label;
 pub mod subjects;
 pub mod text;
 pub mod time;

@@ -55,6 +55,7 @@ pub fn variant_index(e: &Event) -> usize {
         Event::ServerResizeVerifying(_) => 23,
         Event::ServerResizeConfirmed(_) => 24,
         Event::ServerResizeReverted(_) => 25,
+        Event::LineageLabeled(_) => 26,
     }
 }
 
@@ -268,6 +269,10 @@ pub fn sample_bodies() -> Vec<Event> {
         }),
         Event::ServerResizeConfirmed(ServerResizeConfirmed { server_id: srv }),
         Event::ServerResizeReverted(ServerResizeReverted { server_id: srv }),
+        Event::LineageLabeled(LineageLabeled {
+            lineage_id: lin,
+            label: Some("ERP key #3".into()),
+        }),
     ]
 }
 
@@ -657,6 +662,12 @@ pub fn any_event() -> impl Strategy<Value = Event> {
         a_uuid().prop_map(|s| Event::ServerResizeReverted(ServerResizeReverted {
             server_id: ServerId(s)
         })),
+        (a_uuid(), proptest::option::of(txt())).prop_map(|(l, label)| Event::LineageLabeled(
+            LineageLabeled {
+                lineage_id: LineageId(l),
+                label
+            }
+        )),
         (a_uuid(), any::<bool>(), txt()).prop_map(|(s, live, reason)| {
             Event::ServerMigrationRefused(ServerMigrationRefused {
                 server_id: ServerId(s),
