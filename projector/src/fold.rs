@@ -135,7 +135,7 @@ impl std::fmt::Debug for Staged {
 }
 
 /// Why a handler refused an event (internal: becomes a quarantine entry), or a storage failure.
-enum Fail {
+pub(crate) enum Fail {
     Reject(QuarantineReason, String),
     View(ViewError),
 }
@@ -146,9 +146,9 @@ impl<E: Into<ViewError>> From<E> for Fail {
     }
 }
 
-type R<T = ()> = Result<T, Fail>;
+pub(crate) type R<T = ()> = Result<T, Fail>;
 
-fn reject<T>(reason: QuarantineReason, detail: impl Into<String>) -> R<T> {
+pub(crate) fn reject<T>(reason: QuarantineReason, detail: impl Into<String>) -> R<T> {
     Err(Fail::Reject(reason, detail.into()))
 }
 
@@ -596,7 +596,7 @@ impl FoldTxn {
         Ok(())
     }
 
-    fn lineage(&mut self, id: LineageId) -> Result<Option<Lineage>, ViewError> {
+    pub(crate) fn lineage(&mut self, id: LineageId) -> Result<Option<Lineage>, ViewError> {
         staged_record(
             &mut self.s.lineages,
             &self.prior,
@@ -607,7 +607,7 @@ impl FoldTxn {
         )
     }
 
-    fn put_lineage(&mut self, l: Lineage) {
+    pub(crate) fn put_lineage(&mut self, l: Lineage) {
         self.s.lineages.put(l.id.to_bytes(), Some(l));
     }
 
@@ -887,6 +887,7 @@ fn handle(v: &mut FoldTxn, st: Stamp, body: &Event) -> R {
         Event::FlavorDeleted(e) => flavor_deleted(v, st, e),
         Event::FlavorUsbSet(e) => flavor_usb_set(v, e),
         Event::FlavorSized(e) => flavor_sized(v, e),
+        Event::LineageLabeled(e) => crate::identity::labeled(v, st, e),
         Event::ServerUpdated(e) => server_updated(v, st, e),
         Event::ServerResizeVerifying(e) => {
             let s = v.known_server_mut(e.server_id)?;
@@ -1155,6 +1156,8 @@ fn discovered(v: &mut FoldTxn, st: Stamp, e: &DeviceDiscovered) -> R {
             current_host: e.host.clone(),
             enumerations: 1,
             first_seen: st,
+            label: None,
+            label_changed: None,
         },
     };
     v.s.lineage_history.push((

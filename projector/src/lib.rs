@@ -18,9 +18,11 @@
 //!   and the first differing key between two views).
 //! - [`workload`]: a deterministic synthetic history for tests and benchmarks.
 
+pub mod custody;
 pub mod digest;
 mod error;
 pub mod fold;
+pub mod identity;
 pub mod metrics;
 mod model;
 pub mod pipeline;
@@ -31,8 +33,10 @@ pub mod tables;
 mod view;
 pub mod workload;
 
+pub use custody::{CustodyInterval, CustodySegment, CustodyStart};
 pub use error::ViewError;
 pub use fold::Staged;
+pub use identity::{FindError, FindKey, FindQuery, Found};
 pub use metrics::ProjectorMetrics;
 pub use model::*;
 pub use runner::{Folded, Projector, ProjectorConfig, ProjectorError};

@@ -181,6 +181,10 @@ pub struct Lineage {
     /// How many enumerations it has had (its history's length).
     pub enumerations: u32,
     pub first_seen: Stamp,
+    /// The operator's name for the device (`LineageLabeled`), if any.
+    pub label: Option<String>,
+    /// When the label was last set or removed.
+    pub label_changed: Option<Stamp>,
 }
 
 /// An active claim on a lineage.

@@ -1,0 +1,185 @@
+//! Fleet-wide identity reads and their one fold hook (issue 18 items 3 and 5): lineage labels
+//! (`LineageLabeled`, folded into the lineage's record) and "where is it" ([`Snapshot::find`]):
+//! every lineage matching a [`FindQuery`], with its newest enumeration — present or gone (its
+//! last known place). The custody ledger is [`crate::custody`].
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use usbpt_schemas::{label, LineageId, LineageLabeled, ProductId, VendorId};
+
+use crate::error::ViewError;
+use crate::fold::{reject, FoldTxn, R};
+use crate::model::{Device, DeviceStatus, Lineage, QuarantineReason, Stamp};
+use crate::tables::{self as t, decode, show_id};
+use crate::view::Snapshot;
+
+/// Folds `LineageLabeled`: the lineage must be known and the label valid ([`label::check`]);
+/// otherwise the event is quarantined (a forged or broken publisher: the command side checks
+/// the same rule first).
+pub(crate) fn labeled(v: &mut FoldTxn, st: Stamp, e: &LineageLabeled) -> R {
+    if let Some(l) = &e.label {
+        if let Err(err) = label::check(l) {
+            return reject(
+                QuarantineReason::Undecodable,
+                format!("lineage {}: {err}", e.lineage_id),
+            );
+        }
+    }
+    let Some(mut l) = v.lineage(e.lineage_id)? else {
+        return reject(
+            QuarantineReason::UnknownDevice,
+            format!("lineage {} was never discovered", e.lineage_id),
+        );
+    };
+    l.label.clone_from(&e.label);
+    l.label_changed = Some(st);
+    v.put_lineage(l);
+    Ok(())
+}
+
+/// What `usbpt find` / `GET /v1/find` looks for. Every key given must match (AND); at least one
+/// is needed. Serial and vendor/product are exact; the label matches as a case-insensitive
+/// substring.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FindQuery {
+    pub serial: Option<String>,
+    pub vendor: Option<VendorId>,
+    pub product: Option<ProductId>,
+    pub label: Option<String>,
+    /// A descriptor fingerprint (issue 18 item 1). Accepted and routed here; this build's
+    /// events carry no fingerprint, so [`FindKey::Fingerprint`] is refused in [`key_matches`].
+    pub fingerprint: Option<String>,
+}
+
+/// One key of a [`FindQuery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FindKey<'a> {
+    Serial(&'a str),
+    Vendor(VendorId),
+    Product(ProductId),
+    Label(&'a str),
+    Fingerprint(&'a str),
+}
+
+/// Why a find query cannot be answered. Messages start with the field they are about.
+#[derive(Debug, Error)]
+pub enum FindError {
+    #[error("query: give at least one of serial, vendor, product, label, fingerprint")]
+    NoKey,
+    #[error("fingerprint: this build records no descriptor fingerprints, so none can match")]
+    FingerprintUnsupported,
+    #[error(transparent)]
+    View(#[from] ViewError),
+}
+
+impl FindQuery {
+    /// The keys given, in a fixed order.
+    pub fn keys(&self) -> Vec<FindKey<'_>> {
+        let mut keys = Vec::new();
+        keys.extend(self.serial.as_deref().map(FindKey::Serial));
+        keys.extend(self.vendor.map(FindKey::Vendor));
+        keys.extend(self.product.map(FindKey::Product));
+        keys.extend(self.label.as_deref().map(FindKey::Label));
+        keys.extend(self.fingerprint.as_deref().map(FindKey::Fingerprint));
+        keys
+    }
+
+    /// Whether the lineage (with its newest enumeration) matches every key.
+    pub fn matches(&self, l: &Lineage, current: &Device) -> Result<bool, FindError> {
+        let keys = self.keys();
+        if keys.is_empty() {
+            return Err(FindError::NoKey);
+        }
+        for key in keys {
+            if !key_matches(key, l, current)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// One key against one lineage and its newest enumeration.
+pub fn key_matches(key: FindKey<'_>, l: &Lineage, current: &Device) -> Result<bool, FindError> {
+    Ok(match key {
+        FindKey::Serial(s) => current.serial() == Some(s) || l.serial.as_deref() == Some(s),
+        FindKey::Vendor(v) => l.vendor_id == v,
+        FindKey::Product(p) => l.product_id == p,
+        FindKey::Label(text) => l.label.as_deref().is_some_and(|x| label::matches(x, text)),
+        // After the descriptor fingerprint lands in `DeviceDiscovered`: compare
+        // `current.discovery.fingerprint` with `f` here.
+        FindKey::Fingerprint(_) => return Err(FindError::FingerprintUnsupported),
+    })
+}
+
+/// A lineage [`Snapshot::find`] found, with its newest enumeration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub lineage: Lineage,
+    pub current: Device,
+    /// When it was last known to be where it is: the stamp of its invalidation when it is gone,
+    /// else its host's last event (the agent still reported from there).
+    pub last_seen: Stamp,
+}
+
+impl Found {
+    /// Whether the device is still present (its newest enumeration is not invalidated).
+    pub fn present(&self) -> bool {
+        self.current.status != DeviceStatus::Invalidated
+    }
+}
+
+impl Snapshot {
+    /// Every lineage, in id order.
+    pub fn lineages(&self) -> Result<Vec<Lineage>, ViewError> {
+        let table = self.txn().open_table(t::LINEAGES)?;
+        let mut out = Vec::new();
+        for entry in redb::ReadableTable::iter(&table)? {
+            let (k, v) = entry?;
+            let id = k.value();
+            out.push(decode("lineages", || show_id(&id), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The lineages whose label is exactly `label` (labels need not be unique).
+    pub fn lineages_labeled(&self, label: &str) -> Result<Vec<LineageId>, ViewError> {
+        Ok(self
+            .lineages()?
+            .into_iter()
+            .filter(|l| l.label.as_deref() == Some(label))
+            .map(|l| l.id)
+            .collect())
+    }
+
+    /// Where the devices matching `q` are, fleet-wide: present ones first, then gone ones (their
+    /// last known place), each group by lineage id. Reads every lineage (no index: labels and
+    /// serials are few per fleet compared with what a scan of lineage records costs).
+    pub fn find(&self, q: &FindQuery) -> Result<Vec<Found>, FindError> {
+        if q.keys().is_empty() {
+            return Err(FindError::NoKey);
+        }
+        let mut out = Vec::new();
+        for l in self.lineages()? {
+            let Some(current) = self.device(&l.current)? else {
+                continue;
+            };
+            if !q.matches(&l, &current)? {
+                continue;
+            }
+            let last_seen = match current.invalidation {
+                Some(inv) => inv.stamp,
+                None => self
+                    .host(current.host())?
+                    .map_or(current.discovered, |h| h.last_seen),
+            };
+            out.push(Found {
+                lineage: l,
+                current,
+                last_seen,
+            });
+        }
+        out.sort_by_key(|f| !f.present());
+        Ok(out)
+    }
+}
