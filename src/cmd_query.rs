@@ -76,7 +76,7 @@ pub struct ShowArgs {
 }
 
 /// The API, as the CLI reads it.
-struct Api {
+pub(crate) struct Api {
     /// The API's URL as printed (without `user:password@`).
     base: String,
     url: String,
@@ -86,7 +86,7 @@ struct Api {
 }
 
 impl Api {
-    fn new(global: &Global) -> Result<Self> {
+    pub(crate) fn new(global: &Global) -> Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -100,7 +100,7 @@ impl Api {
     }
 
     /// GETs `path` and returns its JSON; an API error becomes its message.
-    async fn get(&self, path: &str) -> Result<Value> {
+    pub(crate) async fn get(&self, path: &str) -> Result<Value> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.get(format!("{}{path}", self.url));
         if let Some(t) = &self.token {
@@ -145,7 +145,7 @@ fn root_cause(e: &dyn std::error::Error) -> String {
 
 /// JSON for machines, with DEL, C1 and bidirectional controls `\u`-escaped as well (the same
 /// string once parsed), so even JSON on a terminal cannot drive it.
-fn print_json(v: &Value) -> Result<()> {
+pub(crate) fn print_json(v: &Value) -> Result<()> {
     println!("{}", escape_json(&serde_json::to_string_pretty(v)?));
     Ok(())
 }
@@ -153,7 +153,7 @@ fn print_json(v: &Value) -> Result<()> {
 /// A value as text for people: strings bare but escaped (device strings can carry terminal
 /// controls: `usbpt_schemas::text`), null as `-`. Every table cell and `show` line goes
 /// through here.
-fn s(v: &Value) -> String {
+pub(crate) fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".to_owned(),
         Value::String(s) => escape(s).into_owned(),
@@ -162,7 +162,7 @@ fn s(v: &Value) -> String {
 }
 
 /// Prints rows under headers, columns padded to their widest cell.
-fn table(headers: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -203,14 +203,15 @@ fn device_rows(devices: &[Value]) -> Vec<Vec<String>> {
                 s(&d["port_path"]),
                 s(&d["serial"]),
                 s(&d["holder"]),
+                s(&d["label"]),
                 s(&d["product"]),
             ]
         })
         .collect()
 }
 
-const DEVICE_HEADERS: [&str; 9] = [
-    "DEVICE", "HOST", "STATUS", "ID", "ADDRESS", "PORT", "SERIAL", "HOLDER", "PRODUCT",
+const DEVICE_HEADERS: [&str; 10] = [
+    "DEVICE", "HOST", "STATUS", "ID", "ADDRESS", "PORT", "SERIAL", "HOLDER", "LABEL", "PRODUCT",
 ];
 
 fn encode_query(pairs: &[(&str, String)]) -> String {
@@ -262,6 +263,7 @@ pub async fn device(global: &Global, cmd: DeviceCmd) -> Result<()> {
         "id",
         "lineage_id",
         "lineage_kind",
+        "label",
         "host",
         "status",
         "holder",
@@ -614,10 +616,15 @@ pub async fn server_show(global: &Global, a: ShowArgs) -> Result<()> {
     );
     for d in v["usb_devices"].as_array().into_iter().flatten() {
         println!(
-            "{:<12} #{} {} {} at {} on {} ({}, {}{})",
+            "{:<12} #{} {} {}{} at {} on {} ({}, {}{})",
             "usb",
             s(&d["request_index"]),
             s(&d["device_id"]),
+            if d["label"].is_string() {
+                format!("\"{}\" ", s(&d["label"]))
+            } else {
+                String::new()
+            },
             s(&d["status"]),
             s(&d["address"]),
             s(&d["host"]),

@@ -24,6 +24,7 @@ pub mod fanout;
 pub mod guard;
 mod history;
 mod hypervisors;
+pub mod identity;
 pub mod liveness;
 pub mod nova;
 mod sse;
@@ -285,6 +286,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v2.1/servers/{id}", get(server))
         .route("/metrics", get(metrics))
         .merge(dashboard::routes())
+        .merge(identity::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -341,9 +343,12 @@ async fn devices(
     };
     read(&st, move |snap| {
         let list = snap.devices(&filter)?;
-        Ok(Json(
-            json!({"devices": list.iter().map(docs::device).collect::<Vec<_>>()}),
-        ))
+        let mut labels = identity::Labels::new(snap);
+        let devices = list
+            .iter()
+            .map(|d| labels.add(docs::device(d), d.lineage_id()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Json(json!({ "devices": devices })))
     })
     .await
 }
@@ -351,7 +356,9 @@ async fn devices(
 async fn device(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
     let id: DeviceId = parse("device id", &id)?;
     read(&st, move |snap| match snap.device(&id)? {
-        Some(d) => Ok(Json(json!({"device": docs::device(&d)}))),
+        Some(d) => Ok(Json(json!({
+            "device": identity::Labels::new(snap).add(docs::device(&d), d.lineage_id())?
+        }))),
         None => Err(ApiError::not_found(format!("device {id} not found"))),
     })
     .await
