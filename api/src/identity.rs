@@ -319,40 +319,29 @@ async fn set_label(st: LabelState, id: String, label: Option<String>) -> Respons
     crate::commands::run_command(&st.handler, Command::LabelLineage { lineage, label }).await
 }
 
-/// Adds `"label"` to device documents, reading each lineage once.
-pub(crate) struct Labels<'a> {
-    snap: &'a Snapshot,
-    seen: HashMap<LineageId, Option<String>>,
-}
-
-impl<'a> Labels<'a> {
-    pub(crate) fn new(snap: &'a Snapshot) -> Self {
-        Self {
-            snap,
-            seen: HashMap::new(),
-        }
-    }
-
-    /// The label of `lineage`, if it has one.
-    pub(crate) fn of(&mut self, lineage: LineageId) -> Result<Option<String>, ApiError> {
-        if let Some(l) = self.seen.get(&lineage) {
-            return Ok(l.clone());
-        }
-        let label = self.snap.lineage(&lineage)?.and_then(|l| l.label);
-        self.seen.insert(lineage, label.clone());
-        Ok(label)
-    }
-
-    /// `doc` (a device document of an enumeration of `lineage`) with `"label"` added.
-    pub(crate) fn add(
-        &mut self,
-        mut doc: serde_json::Value,
-        lineage: LineageId,
-    ) -> Result<serde_json::Value, ApiError> {
-        let label = self.of(lineage)?;
+/// Device documents ([`crate::docs::device`]) with their lineage's `"label"`, each lineage read
+/// once: what `/v1/devices`, `/v1/devices/{id}` and `usbpt replay` show.
+pub fn labeled_devices(
+    snap: &Snapshot,
+    devices: &[usbpt_projector::Device],
+) -> Result<Vec<serde_json::Value>, usbpt_projector::ViewError> {
+    let mut seen: HashMap<LineageId, Option<String>> = HashMap::new();
+    let mut out = Vec::with_capacity(devices.len());
+    for d in devices {
+        let lineage = d.lineage_id();
+        let label = match seen.get(&lineage) {
+            Some(l) => l.clone(),
+            None => {
+                let l = snap.lineage(&lineage)?.and_then(|l| l.label);
+                seen.insert(lineage, l.clone());
+                l
+            }
+        };
+        let mut doc = crate::docs::device(d);
         if let serde_json::Value::Object(m) = &mut doc {
             m.insert("label".into(), serde_json::json!(label));
         }
-        Ok(doc)
+        out.push(doc);
     }
+    Ok(out)
 }

@@ -343,11 +343,7 @@ async fn devices(
     };
     read(&st, move |snap| {
         let list = snap.devices(&filter)?;
-        let mut labels = identity::Labels::new(snap);
-        let devices = list
-            .iter()
-            .map(|d| labels.add(docs::device(d), d.lineage_id()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let devices = identity::labeled_devices(snap, &list)?;
         Ok(Json(json!({ "devices": devices })))
     })
     .await
@@ -357,7 +353,7 @@ async fn device(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult
     let id: DeviceId = parse("device id", &id)?;
     read(&st, move |snap| match snap.device(&id)? {
         Some(d) => Ok(Json(json!({
-            "device": identity::Labels::new(snap).add(docs::device(&d), d.lineage_id())?
+            "device": identity::labeled_devices(snap, std::slice::from_ref(&d))?.pop()
         }))),
         None => Err(ApiError::not_found(format!("device {id} not found"))),
     })
