@@ -369,6 +369,9 @@ pub async fn history(global: &Global, a: HistoryArgs) -> Result<()> {
         s(&l["current_device_id"]),
         s(&l["current_host"]),
     );
+    if l["label"].is_string() {
+        println!("label {}", s(&l["label"]));
+    }
     let c = &doc["claim"];
     if !c.is_null() {
         println!(

@@ -196,13 +196,13 @@ async fn label_find_and_custody_through_the_cli_and_the_api() -> Result<()> {
         assert_eq!(found[0]["device_id"], DeviceId(id(12)).to_string());
         assert_eq!(found[0]["label"], "ERP key #3");
     }
-    let none = serve.cli_json(&["find", "--serial", "K2", "--json"]).await?;
+    let none = serve
+        .cli_json(&["find", "--serial", "K2", "--json"])
+        .await?;
     assert_eq!(none["devices"], json!([]));
 
     // The custody ledger by label: one interval, boot to delete, across the reboot.
-    let doc = serve
-        .cli_json(&["custody", "ERP key #3", "--json"])
-        .await?;
+    let doc = serve.cli_json(&["custody", "ERP key #3", "--json"]).await?;
     let intervals = doc["intervals"].as_array().unwrap();
     assert_eq!(intervals.len(), 1, "{doc}");
     let i = &intervals[0];
@@ -227,27 +227,45 @@ async fn label_find_and_custody_through_the_cli_and_the_api() -> Result<()> {
     assert!(ok, "{err}");
     let rows: Vec<&str> = csv.lines().collect();
     assert_eq!(rows.len(), 3, "header and one row per enumeration: {csv}");
-    assert!(rows[1].contains("ERP key #3") && rows[1].contains(",boot,"), "{csv}");
+    assert!(
+        rows[1].contains("ERP key #3") && rows[1].contains(",boot,"),
+        "{csv}"
+    );
     assert!(rows[2].contains("server_deleted"), "{csv}");
     // A window after the interval ended lists nothing.
     let later = serve
-        .cli_json(&["custody", &lineage, "--since", "2030-01-01T00:00:00Z", "--json"])
+        .cli_json(&[
+            "custody",
+            &lineage,
+            "--since",
+            "2030-01-01T00:00:00Z",
+            "--json",
+        ])
         .await?;
     assert_eq!(later["intervals"], json!([]));
 
     // HTTP: bad labels are 400 naming the field, an unknown lineage 404, then removal.
     let path = format!("/v1/lineages/{lineage}/label");
-    for bad in [json!({"label": "a\u{1b}[2Jb"}), json!({"label": "x".repeat(65)})] {
+    for bad in [
+        json!({"label": "a\u{1b}[2Jb"}),
+        json!({"label": "x".repeat(65)}),
+    ] {
         let (status, doc) = put_label(&serve, &path, bad.clone()).await?;
         assert_eq!(status, 400, "{bad}: {doc}");
         assert!(
-            doc["error"]["message"].as_str().unwrap().starts_with("label: "),
+            doc["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("label: "),
             "{doc}"
         );
     }
     let (status, doc) = put_label(&serve, &path, json!({"lable": "x"})).await?;
     assert_eq!(status, 400, "{doc}");
-    assert!(doc["error"]["message"].as_str().unwrap().contains("lable"), "{doc}");
+    assert!(
+        doc["error"]["message"].as_str().unwrap().contains("lable"),
+        "{doc}"
+    );
     let unknown = format!("/v1/lineages/{}/label", LineageId(id(999)));
     let (status, doc) = put_label(&serve, &unknown, json!({"label": "x"})).await?;
     assert_eq!(status, 404, "{doc}");

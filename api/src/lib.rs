@@ -1,7 +1,8 @@
 //! usbpt's HTTP API (axum), the read side: Nova's compute API as far as usbpt models it
 //! (version discovery and microversions in [`nova`], hypervisors, services, flavors and their
 //! `usb_devices` extra spec, servers, instance actions, migrations; `docs/openstack.md`),
-//! devices and their lineage history, live events as Server-Sent Events, Prometheus metrics.
+//! devices and their lineage history, lineage labels, custody and "where is it" ([`identity`]),
+//! live events as Server-Sent Events, Prometheus metrics.
 //! Errors are JSON with the status code, Nova's envelope and usbpt's own `error` key:
 //! `{"itemNotFound": {"code": 404, "message": "…"}, "error": {"code": 404, "message": "…"}}`.
 //! `GET /` is the live dashboard ([`dashboard`]), or the versions document for JSON clients.

@@ -149,9 +149,16 @@ fn label_lineage(
         usbpt_schemas::label::check(l).map_err(|e| Rejection::new(400, e.to_string()))?;
     }
     if view.current_enumeration(&lineage)?.is_none() {
+        let hint = match view.device(&usbpt_schemas::DeviceId(lineage.0))? {
+            Some(d) => format!(
+                " ({lineage} is a device (enumeration) id; its lineage is {})",
+                d.lineage_id
+            ),
+            None => String::new(),
+        };
         return Err(Rejection::new(
             404,
-            format!("lineage {lineage} does not exist"),
+            format!("lineage {lineage} does not exist{hint}"),
         ));
     }
     let reply = match label {

@@ -105,6 +105,19 @@ fn a_label_is_recorded_removed_validated_and_needs_a_known_lineage() {
     let e = decide(&v, &label(unknown, Some("x")), &ctx()).unwrap_err();
     assert_eq!(e.code, 404);
     assert!(e.reason.contains(&unknown.to_string()), "{}", e.reason);
+    // A device id given for a lineage: 404 naming the device's lineage.
+    let e = decide(
+        &v,
+        &label(LineageId(uuid::Uuid::from_u128(1)), Some("x")),
+        &ctx(),
+    )
+    .unwrap_err();
+    assert_eq!(e.code, 404);
+    assert!(
+        e.reason.contains(&format!("its lineage is {lineage}")),
+        "{}",
+        e.reason
+    );
     // Commands travel as JSON: a label and its removal.
     let json = format!(r#"{{"command":"label_lineage","lineage":"{lineage}","label":null}}"#);
     assert_eq!(

@@ -16,6 +16,9 @@
 //!   after its commit; resumes from the view's last applied sequence.
 //! - [`replay::rebuild`] (audit replay into a fresh file) and [`digest`] (canonical digests
 //!   and the first differing key between two views).
+//! - [`identity`] and [`custody`]: lineage labels (folded into the lineage record), "where is
+//!   it" ([`Snapshot::find`] over a [`FindQuery`]) and the custody ledger, derived purely from
+//!   the enumerations' holdings ([`Snapshot::custody`]).
 //! - [`workload`]: a deterministic synthetic history for tests and benchmarks.
 
 pub mod custody;
