@@ -305,3 +305,19 @@ pub async fn custody(global: &Global, a: CustodyArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_cells_are_quoted_and_never_formulas() {
+        assert_eq!(csv_field("erp-1"), "erp-1");
+        assert_eq!(csv_field("ERP key #3"), "ERP key #3");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("=HYPERLINK(1)"), "'=HYPERLINK(1)");
+        assert_eq!(csv_field("-1,2"), "\"'-1,2\"");
+        assert_eq!(pct("ERP key #3/ü"), "ERP%20key%20%233%2F%C3%BC");
+    }
+}
