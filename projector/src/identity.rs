@@ -161,6 +161,15 @@ impl Snapshot {
         }
         let mut out = Vec::new();
         for l in self.lineages()? {
+            // The keys the lineage record answers alone, before its device is read.
+            let cheap = q.vendor.is_none_or(|v| l.vendor_id == v)
+                && q.product.is_none_or(|p| l.product_id == p)
+                && q.label
+                    .as_deref()
+                    .is_none_or(|text| l.label.as_deref().is_some_and(|x| label::matches(x, text)));
+            if !cheap {
+                continue;
+            }
             let Some(current) = self.device(&l.current)? else {
                 continue;
             };
