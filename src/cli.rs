@@ -57,6 +57,13 @@ pub enum Cmd {
     History(crate::cmd_query::HistoryArgs),
     /// Identity alarms across the fleet (a serial lineage on two hosts …), with what to do.
     Alarms(crate::cmd_query::AlarmsArgs),
+    /// Name a device's lineage ("ERP key #3"), or remove its name (--remove); recorded as history.
+    Label(crate::cmd_identity::LabelArgs),
+    /// Where devices are across the fleet (present, or their last known place when gone).
+    Find(crate::cmd_identity::FindArgs),
+    /// Every interval in which a server held a device: server, host, enumerations, from, to,
+    /// why it started and ended (table, --json or --csv for an audit).
+    Custody(crate::cmd_identity::CustodyArgs),
     /// The Nova-shaped hypervisor document.
     #[command(subcommand)]
     Hypervisor(crate::cmd_query::HypervisorCmd),
@@ -189,6 +196,9 @@ pub async fn run(cli: Cli, loaded: &crate::config::Loaded) -> Result<()> {
         Cmd::Device(c) => crate::cmd_query::device(&cli.global, c).await,
         Cmd::History(a) => crate::cmd_query::history(&cli.global, a).await,
         Cmd::Alarms(a) => crate::cmd_query::alarms(&cli.global, a).await,
+        Cmd::Label(a) => send(&cli.global, a.command()?).await,
+        Cmd::Find(a) => crate::cmd_identity::find(&cli.global, a).await,
+        Cmd::Custody(a) => crate::cmd_identity::custody(&cli.global, a).await,
         Cmd::Hypervisor(c) => crate::cmd_query::hypervisor(&cli.global, c).await,
         Cmd::Flavor(FlavorCmd::List(a)) => crate::cmd_query::flavor_list(&cli.global, a).await,
         Cmd::Flavor(FlavorCmd::Show(a)) => crate::cmd_query::flavor_show(&cli.global, a).await,

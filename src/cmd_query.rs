@@ -89,7 +89,7 @@ pub struct ShowArgs {
 }
 
 /// The API, as the CLI reads it.
-struct Api {
+pub(crate) struct Api {
     /// The API's URL as printed (without `user:password@`).
     base: String,
     url: String,
@@ -99,7 +99,7 @@ struct Api {
 }
 
 impl Api {
-    fn new(global: &Global) -> Result<Self> {
+    pub(crate) fn new(global: &Global) -> Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -113,7 +113,7 @@ impl Api {
     }
 
     /// GETs `path` and returns its JSON; an API error becomes its message.
-    async fn get(&self, path: &str) -> Result<Value> {
+    pub(crate) async fn get(&self, path: &str) -> Result<Value> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.get(format!("{}{path}", self.url));
         if let Some(t) = &self.token {
@@ -162,7 +162,7 @@ fn root_cause(e: &dyn std::error::Error) -> String {
 
 /// JSON for machines, with DEL, C1 and bidirectional controls `\u`-escaped as well (the same
 /// string once parsed), so even JSON on a terminal cannot drive it.
-fn print_json(v: &Value) -> Result<()> {
+pub(crate) fn print_json(v: &Value) -> Result<()> {
     println!("{}", escape_json(&serde_json::to_string_pretty(v)?));
     Ok(())
 }
@@ -170,7 +170,7 @@ fn print_json(v: &Value) -> Result<()> {
 /// A value as text for people: strings bare but escaped (device strings can carry terminal
 /// controls: `usbpt_schemas::text`), null as `-`. Every table cell and `show` line goes
 /// through here.
-fn s(v: &Value) -> String {
+pub(crate) fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".to_owned(),
         Value::String(s) => escape(s).into_owned(),
@@ -179,7 +179,7 @@ fn s(v: &Value) -> String {
 }
 
 /// Prints rows under headers, columns padded to their widest cell.
-fn table(headers: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -221,14 +221,15 @@ fn device_rows(devices: &[doc::DeviceDoc]) -> Vec<Vec<String>> {
                 c(&d.port_path),
                 c(&d.serial),
                 c(&d.holder),
+                c(&d.label),
                 c(&d.product),
             ]
         })
         .collect()
 }
 
-const DEVICE_HEADERS: [&str; 9] = [
-    "DEVICE", "HOST", "STATUS", "ID", "ADDRESS", "PORT", "SERIAL", "HOLDER", "PRODUCT",
+const DEVICE_HEADERS: [&str; 10] = [
+    "DEVICE", "HOST", "STATUS", "ID", "ADDRESS", "PORT", "SERIAL", "HOLDER", "LABEL", "PRODUCT",
 ];
 
 fn encode_query(pairs: &[(&str, String)]) -> String {
@@ -276,13 +277,14 @@ pub async fn device(global: &Global, cmd: DeviceCmd) -> Result<()> {
         return print_json(&doc);
     }
     let d = typed::<doc::DeviceShow>(doc, "device")?.device;
-    let fields: [(&str, String); 22] = [
+    let fields: [(&str, String); 23] = [
         ("id", c(&d.id)),
         ("lineage_id", c(&d.lineage_id)),
         (
             "lineage_kind",
             doc::lineage_kind_name(d.lineage_kind).to_owned(),
         ),
+        ("label", c(&d.label)),
         ("host", c(&d.host)),
         ("status", c(&d.status)),
         ("holder", c(&d.holder)),
@@ -384,6 +386,9 @@ pub async fn history(global: &Global, a: HistoryArgs) -> Result<()> {
         c(&l.current_device_id),
         c(&l.current_host),
     );
+    if let Some(label) = &h.lineage.label {
+        println!("label {}", usbpt_schemas::text::escape(label));
+    }
     if let Some(cl) = &h.claim {
         println!(
             "claimed by server {} (follow {}, since seq {})",
@@ -619,10 +624,14 @@ pub async fn server_show(global: &Global, a: ShowArgs) -> Result<()> {
     );
     for d in &v.usb_devices {
         println!(
-            "{:<12} #{} {} {} at {} on {} ({}, {}{})",
+            "{:<12} #{} {} {}{} at {} on {} ({}, {}{})",
             "usb",
             d.request_index,
             c(&d.device_id),
+            d.label
+                .as_deref()
+                .map(|l| format!("\"{}\" ", usbpt_schemas::text::escape(l)))
+                .unwrap_or_default(),
             c(&d.status),
             c(&d.address),
             c(&d.host),

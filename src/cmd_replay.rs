@@ -158,7 +158,7 @@ fn world(snap: &Snapshot, api: &str) -> Result<Value> {
         servers.push(docs::server(snap, &s, &nova)?);
     }
     Ok(json!({
-        "devices": devices.iter().map(docs::device).collect::<Vec<_>>(),
+        "devices": usbpt_api::identity::labeled_devices(snap, &devices)?,
         "servers": servers,
         "claims": snap.claims()?.iter().map(docs::claim).collect::<Vec<_>>(),
     }))

@@ -12,6 +12,7 @@ mod cmd_agent;
 mod cmd_bench;
 mod cmd_creds;
 mod cmd_ctl;
+mod cmd_identity;
 mod cmd_query;
 mod cmd_replay;
 mod cmd_serve;

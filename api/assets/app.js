@@ -397,6 +397,7 @@
         d.current ? null : el('div', { class: 'sub' }, 'superseded')),
       el('td', { class: 'c-device' },
         el('div', { class: 'dev-name' }, name),
+        d.label ? el('div', { class: 'label', 'data-label': d.label }, el('b', {}, d.label)) : null,
         el('div', { class: 'sub' }, maker ? `${maker} · ` : '', mono(vp(d))),
         d.attach_error
           ? el('div', { class: 'sub error' }, 'attach failed: ', d.attach_error.error)
@@ -543,6 +544,7 @@
     const claim = doc.claim;
     const facts = [
       ['Lineage', [idChip(l.id), ' ', el('span', { class: `kind kind-${l.kind}` }, l.kind)]],
+      ['Label', l.label ? el('b', { class: 'label' }, l.label) : muted('none (usbpt label LINEAGE TEXT)')],
       ['Identity', l.kind === 'serial' ? 'vendor, product and serial: follows the device anywhere'
         : 'host, port path, vendor and product: the device has no usable serial'],
       ['Enumerations', String(l.enumerations)],
@@ -683,6 +685,10 @@
         return `resize of ${srv(b.server_id)} confirmed`;
       case 'ServerResizeReverted':
         return `resize of ${srv(b.server_id)} reverted`;
+      case 'LineageLabeled':
+        return b.label === null
+          ? `lineage ${shortId(b.lineage_id)} label removed`
+          : `lineage ${shortId(b.lineage_id)} labelled \u201c${b.label}\u201d`;
       default:
         return JSON.stringify(b).slice(0, 240);
     }

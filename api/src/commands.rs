@@ -48,11 +48,20 @@ pub fn command_routes(handler: Arc<Handler<View>>, view: Arc<View>) -> Router {
             "/v2.1/servers/{id}",
             delete(delete_server).put(update_server),
         )
-        .with_state(CmdState { handler, view })
+        .with_state(CmdState {
+            handler: Arc::clone(&handler),
+            view: Arc::clone(&view),
+        })
+        .merge(crate::identity::label_routes(handler, view))
 }
 
 async fn run(state: &CmdState, cmd: Command) -> Response {
-    match state.handler.execute(&cmd).await {
+    run_command(&state.handler, cmd).await
+}
+
+/// A command through the in-process handler: 202 `{"message", "events"}`, or the rejection.
+pub(crate) async fn run_command(handler: &Handler<View>, cmd: Command) -> Response {
+    match handler.execute(&cmd).await {
         CommandReply::Accepted { events, message } => (
             StatusCode::ACCEPTED,
             Json(json!({"message": message, "events": events})),

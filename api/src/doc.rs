@@ -110,6 +110,9 @@ pub struct DeviceDoc {
     /// Held out of scheduling by an alarm (docs/identity.md, "Alarms").
     #[serde(default)]
     pub blocked: bool,
+    /// The lineage's label (`usbpt label`); set where the document is built with the lineage.
+    #[serde(default)]
+    pub label: Option<String>,
     pub device_class: u8,
     pub interface_classes: Vec<u8>,
     pub manufacturer: Option<String>,
@@ -210,6 +213,7 @@ impl From<&Device> for DeviceDoc {
             serial: x.serial.clone(),
             fingerprint: d.fingerprint,
             blocked: d.blocked,
+            label: None,
             device_class: x.device_class,
             interface_classes: x.interface_classes.clone(),
             manufacturer: x.manufacturer.clone(),
@@ -252,6 +256,9 @@ pub struct LineageDoc {
     pub vendor_id: VendorId,
     pub product_id: ProductId,
     pub serial: Option<String>,
+    /// The operator's name for it (`usbpt label`).
+    #[serde(default)]
+    pub label: Option<String>,
     pub enumerations: u32,
     pub current_device_id: DeviceId,
     pub current_host: HostName,
@@ -319,6 +326,7 @@ impl From<&Lineage> for LineageDoc {
             vendor_id: l.vendor_id,
             product_id: l.product_id,
             serial: l.serial.clone(),
+            label: l.label.clone(),
             enumerations: l.enumerations,
             current_device_id: l.current,
             current_host: l.current_host.clone(),
@@ -491,6 +499,9 @@ pub struct ServerUsb {
     pub request_index: u16,
     pub device_id: DeviceId,
     pub lineage_id: LineageId,
+    /// The lineage's label (`usbpt label`).
+    #[serde(default)]
+    pub label: Option<String>,
     pub controller: ControllerModel,
     pub follow: FollowPolicy,
     /// `None` when the view no longer has the enumeration.

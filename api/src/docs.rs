@@ -228,6 +228,7 @@ pub fn server(snap: &Snapshot, s: &Server, nova: &Nova) -> Result<Value, ViewErr
             request_index: a.request_index,
             device_id: a.device_id,
             lineage_id: a.lineage_id,
+            label: snap.lineage(&a.lineage_id)?.and_then(|l| l.label),
             controller: a.controller,
             follow: a.follow,
             status: d.as_ref().map(|d| d.status),

@@ -1,7 +1,8 @@
 //! usbpt's HTTP API (axum), the read side: Nova's compute API as far as usbpt models it
 //! (version discovery and microversions in [`nova`], hypervisors, services, flavors and their
 //! `usb_devices` extra spec, servers, instance actions, migrations; `docs/openstack.md`),
-//! devices and their lineage history, live events as Server-Sent Events, Prometheus metrics.
+//! devices and their lineage history, lineage labels, custody and "where is it" ([`identity`]),
+//! live events as Server-Sent Events, Prometheus metrics.
 //! Errors are JSON with the status code, Nova's envelope and usbpt's own `error` key:
 //! `{"itemNotFound": {"code": 404, "message": "…"}, "error": {"code": 404, "message": "…"}}`.
 //! `GET /` is the live dashboard ([`dashboard`]), or the versions document for JSON clients.
@@ -26,6 +27,7 @@ pub mod fanout;
 pub mod guard;
 mod history;
 mod hypervisors;
+pub mod identity;
 pub mod liveness;
 pub mod nova;
 mod sse;
@@ -295,6 +297,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v2.1/servers/{id}", get(server))
         .route("/metrics", get(metrics))
         .merge(dashboard::routes())
+        .merge(identity::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -351,9 +354,8 @@ async fn devices(
     };
     read(&st, move |snap| {
         let list = snap.devices(&filter)?;
-        Ok(Json(
-            json!({"devices": list.iter().map(docs::device).collect::<Vec<_>>()}),
-        ))
+        let devices = identity::labeled_devices(snap, &list)?;
+        Ok(Json(json!({ "devices": devices })))
     })
     .await
 }
@@ -361,7 +363,9 @@ async fn devices(
 async fn device(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
     let id: DeviceId = parse("device id", &id)?;
     read(&st, move |snap| match snap.device(&id)? {
-        Some(d) => Ok(Json(json!({"device": docs::device(&d)}))),
+        Some(d) => Ok(Json(json!({
+            "device": identity::labeled_devices(snap, std::slice::from_ref(&d))?.pop()
+        }))),
         None => Err(ApiError::not_found(format!("device {id} not found"))),
     })
     .await

@@ -6,11 +6,11 @@
 use usbpt_schemas::commands::{Command, FlavorResources};
 use usbpt_schemas::{
     subjects, DeviceClaimed, DeviceReleased, DeviceSelector, Event, FlavorCreated, FlavorDeleted,
-    FlavorId, FlavorName, FlavorSized, FlavorUsbSet, HostName, LineageKind, ReleaseReason,
-    ServerAction, ServerActionRequested, ServerBootRequested, ServerDeleted, ServerId,
-    ServerMigrated, ServerMigrationRefused, ServerName, ServerResizeConfirmed,
-    ServerResizeReverted, ServerResizeVerifying, ServerResized, ServerScheduleFailed,
-    ServerScheduled, ServerState, ServerUpdated,
+    FlavorId, FlavorName, FlavorSized, FlavorUsbSet, HostName, LineageId, LineageKind,
+    LineageLabeled, ReleaseReason, ServerAction, ServerActionRequested, ServerBootRequested,
+    ServerDeleted, ServerId, ServerMigrated, ServerMigrationRefused, ServerName,
+    ServerResizeConfirmed, ServerResizeReverted, ServerResizeVerifying, ServerResized,
+    ServerScheduleFailed, ServerScheduled, ServerState, ServerUpdated,
 };
 
 use crate::schedule::{self, check_ports, Weigh};
@@ -134,7 +134,44 @@ pub fn decide(view: &dyn ViewRead, cmd: &Command, ctx: &Ctx) -> Result<Decision,
             new_name,
             description,
         } => update_server(view, name, new_name.as_ref(), description.as_ref()),
+        Command::LabelLineage { lineage, label } => label_lineage(view, *lineage, label.as_ref()),
     }
+}
+
+/// Names a lineage (or removes its name): 400 naming `label` when invalid, 404 for a lineage
+/// the view never saw. Always recorded, even when unchanged (the operator's act is history).
+fn label_lineage(
+    view: &dyn ViewRead,
+    lineage: LineageId,
+    label: Option<&String>,
+) -> Result<Decision, Rejection> {
+    if let Some(l) = label {
+        usbpt_schemas::label::check(l).map_err(|e| Rejection::new(400, e.to_string()))?;
+    }
+    if view.current_enumeration(&lineage)?.is_none() {
+        let hint = match view.device(&usbpt_schemas::DeviceId(lineage.0))? {
+            Some(d) => format!(
+                " ({lineage} is a device (enumeration) id; its lineage is {})",
+                d.lineage_id
+            ),
+            None => String::new(),
+        };
+        return Err(Rejection::new(
+            404,
+            format!("lineage {lineage} does not exist{hint}"),
+        ));
+    }
+    let reply = match label {
+        Some(l) => format!("lineage {lineage} labelled {l:?}"),
+        None => format!("lineage {lineage} label removed"),
+    };
+    Ok(Decision {
+        steps: vec![plain(Event::LineageLabeled(LineageLabeled {
+            lineage_id: lineage,
+            label: label.cloned(),
+        }))],
+        reply: Reply::Accepted(reply),
+    })
 }
 
 fn set_flavor_usb(

@@ -16,11 +16,16 @@
 //!   after its commit; resumes from the view's last applied sequence.
 //! - [`replay::rebuild`] (audit replay into a fresh file) and [`digest`] (canonical digests
 //!   and the first differing key between two views).
+//! - [`identity`] and [`custody`]: lineage labels (folded into the lineage record), "where is
+//!   it" ([`Snapshot::find`] over a [`FindQuery`]) and the custody ledger, derived purely from
+//!   the enumerations' holdings ([`Snapshot::custody`]).
 //! - [`workload`]: a deterministic synthetic history for tests and benchmarks.
 
+pub mod custody;
 pub mod digest;
 mod error;
 pub mod fold;
+pub mod identity;
 pub mod metrics;
 mod model;
 pub mod pipeline;
@@ -31,8 +36,10 @@ pub mod tables;
 mod view;
 pub mod workload;
 
+pub use custody::{CustodyInterval, CustodySegment, CustodyStart};
 pub use error::ViewError;
 pub use fold::Staged;
+pub use identity::{FindError, FindKey, FindQuery, Found};
 pub use metrics::ProjectorMetrics;
 pub use model::*;
 pub use runner::{Folded, Projector, ProjectorConfig, ProjectorError};

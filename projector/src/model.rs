@@ -193,6 +193,10 @@ pub struct Lineage {
     /// is still present (a `LineageConflict`): it takes the lineage over when the current one
     /// ends, and is dropped if it ends first.
     pub pending: Option<PendingDiscovery>,
+    /// The operator's name for the device (`LineageLabeled`), if any.
+    pub label: Option<String>,
+    /// When the label was last set or removed.
+    pub label_changed: Option<Stamp>,
 }
 
 /// How many cleared alarms a lineage keeps.

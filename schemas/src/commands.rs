@@ -76,6 +76,12 @@ pub enum Command {
         )]
         description: Option<Option<String>>,
     },
+    /// Name a lineage (`label`), or remove its name (`label: null`). The label must pass
+    /// [`crate::label::check`].
+    LabelLineage {
+        lineage: LineageId,
+        label: Option<String>,
+    },
 }
 
 /// A flavor's Nova resources; usbpt records and shows them (0 when not given).
@@ -132,6 +138,7 @@ impl Command {
             Command::Delete { .. } => "delete",
             Command::SetFlavorUsb { .. } => "flavor.usb",
             Command::UpdateServer { .. } => "server.update",
+            Command::LabelLineage { .. } => "lineage.label",
         }
     }
 }

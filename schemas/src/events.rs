@@ -12,7 +12,7 @@ use crate::ids::*;
 
 /// How many variants [`Event`] has; the codec refuses higher indexes as unknown. Keep in step
 /// with the enum (the golden tests check every index below it has a sample).
-pub const EVENT_VARIANTS: u32 = 27;
+pub const EVENT_VARIANTS: u32 = 28;
 
 /// Every event usbpt records. The variant order is the wire format.
 // DeviceDiscovered is the largest by far; events are built once and moved rarely, so plain
@@ -50,6 +50,7 @@ pub enum Event {
     /// they could read the device's descriptors; index 1 stays for older events and for an
     /// enumeration whose descriptors could not be read.
     DeviceDiscoveredV2(DeviceDiscoveredV2),
+    LineageLabeled(LineageLabeled),
 }
 
 impl Event {
@@ -83,6 +84,7 @@ impl Event {
             Event::ServerResizeConfirmed(_) => "ServerResizeConfirmed",
             Event::ServerResizeReverted(_) => "ServerResizeReverted",
             Event::DeviceDiscoveredV2(_) => "DeviceDiscoveredV2",
+            Event::LineageLabeled(_) => "LineageLabeled",
         }
     }
 
@@ -590,4 +592,13 @@ pub struct ServerResizeConfirmed {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerResizeReverted {
     pub server_id: ServerId,
+}
+
+/// An operator named a lineage (`usbpt label`), or removed its name (`label: None`). The label
+/// is the operator's handle for the physical device ("ERP key #3"): shown wherever the device
+/// is and searchable (`usbpt find --label`). Valid labels: [`crate::label::check`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineageLabeled {
+    pub lineage_id: LineageId,
+    pub label: Option<String>,
 }

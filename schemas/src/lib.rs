@@ -12,6 +12,7 @@ pub mod events;
 pub mod fingerprint;
 pub mod heartbeat;
 pub mod ids;
+pub mod label;
 pub mod subjects;
 pub mod text;
 pub mod time;

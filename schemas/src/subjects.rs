@@ -11,6 +11,7 @@
 //! | `usbpt.evt.claim.{lineage_id}` | control plane, fenced | DeviceClaimed, DeviceReleased |
 //! | `usbpt.evt.flavor.{name}` | control plane, fenced | FlavorCreated, FlavorDeleted, FlavorUsbSet, FlavorSized |
 //! | `usbpt.evt.ctl.{host}.server.{server_id}` | control plane, work for that host | ServerScheduled, ServerResized, ServerMigrated, ServerActionRequested, ServerDeleted (scheduled) |
+//! | `usbpt.evt.lineage.{lineage_id}` | control plane | LineageLabeled |
 //! | `usbpt.evt.server.{server_id}` | control plane | ServerBootRequested, ServerScheduleFailed, ServerMigrationRefused, ServerStateChanged (requested), ServerDeleted (never scheduled), ServerUpdated, ServerResizeVerifying, ServerResizeConfirmed, ServerResizeReverted |
 //!
 //! So an agent's credentials need publish on `usbpt.evt.host.{host}.>` and a consumer on
@@ -55,6 +56,10 @@ pub fn host_all(host: &HostName) -> String {
 }
 pub fn claim(lineage: &LineageId) -> String {
     format!("usbpt.evt.claim.{lineage}")
+}
+/// An operator's record about one physical device (its label); not fenced.
+pub fn lineage(lineage: &LineageId) -> String {
+    format!("usbpt.evt.lineage.{lineage}")
 }
 pub fn flavor(name: &FlavorName) -> String {
     format!("usbpt.evt.flavor.{name}")
@@ -184,6 +189,7 @@ pub fn for_body(body: &Event) -> String {
         },
         Route::Claim(l) => claim(l),
         Route::Flavor(f) => flavor(f),
+        Route::Lineage(l) => lineage(l),
         Route::Work(w) => control_for_host(w.host, &w.server),
         Route::Server(s) => server(s),
     }
@@ -204,6 +210,8 @@ pub enum Route<'a> {
     Claim(&'a LineageId),
     /// `usbpt.evt.flavor.{name}` (fenced).
     Flavor(&'a FlavorName),
+    /// `usbpt.evt.lineage.{lineage}`: the control plane's record about a physical device.
+    Lineage(&'a LineageId),
     /// `usbpt.evt.ctl.{host}.server.{server}`: work the control plane asks of one host.
     Work(HostWork<'a>),
     /// `usbpt.evt.server.{server}`: the control plane's record; no host has work to do.
@@ -286,6 +294,7 @@ pub fn route(body: &Event) -> Route<'_> {
         Event::FlavorDeleted(e) => Route::Flavor(&e.name),
         Event::FlavorUsbSet(e) => Route::Flavor(&e.name),
         Event::FlavorSized(e) => Route::Flavor(&e.name),
+        Event::LineageLabeled(e) => Route::Lineage(&e.lineage_id),
         Event::ServerUpdated(e) => Route::Server(&e.server_id),
         Event::ServerResizeVerifying(e) => Route::Server(&e.server_id),
         Event::ServerResizeConfirmed(e) => Route::Server(&e.server_id),

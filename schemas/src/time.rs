@@ -34,6 +34,17 @@ impl fmt::Display for Timestamp {
     }
 }
 
+/// An RFC 3339 time (`2026-12-02T14:00:00Z`), as JSON carries it and `--since`/`--until` take it.
+impl std::str::FromStr for Timestamp {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t: jiff::Timestamp = s
+            .parse()
+            .map_err(|e| format!("{s:?} is not an RFC 3339 time: {e}"))?;
+        Ok(Self(t.as_microsecond()))
+    }
+}
+
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         if s.is_human_readable() {

@@ -93,7 +93,10 @@ fn postcard_is_much_smaller_than_json() {
 #[test]
 fn the_v2_discovery_is_the_v1_discovery_then_the_fingerprint() {
     let bodies = common::sample_bodies();
-    let v2 = bodies.last().expect("samples");
+    let v2 = bodies
+        .iter()
+        .find(|b| b.kind() == "DeviceDiscoveredV2")
+        .expect("a DeviceDiscoveredV2 sample");
     let (discovery, fingerprint) = v2.discovery().expect("a discovery");
     let fingerprint = *fingerprint.expect("v2 has a fingerprint");
     let v1 = usbpt_schemas::Event::DeviceDiscovered(discovery.clone());

@@ -108,6 +108,8 @@ pub(super) fn discovered<S: State>(
             first_seen: st,
             alarms: Vec::new(),
             pending: None,
+            label: None,
+            label_changed: None,
         },
     };
     v.push_lineage_history(e.lineage_id, l.enumerations, e.device_id);
@@ -484,4 +486,28 @@ pub(super) fn attach_failed<S: State>(v: &mut S, st: Stamp, e: &DeviceAttachFail
     });
     d.last_change_seq = st.seq;
     Ok(v.put_device(d)?)
+}
+
+/// Folds `LineageLabeled`: the lineage must be known and the label valid ([`label::check`]);
+/// otherwise the event is quarantined (a forged or broken publisher: the command side checks
+/// the same rule first).
+pub(super) fn labeled<S: State>(v: &mut S, st: Stamp, e: &LineageLabeled) -> R {
+    if let Some(l) = &e.label {
+        if let Err(err) = usbpt_schemas::label::check(l) {
+            return reject(
+                QuarantineReason::Undecodable,
+                format!("lineage {}: {err}", e.lineage_id),
+            );
+        }
+    }
+    let Some(mut l) = v.lineage(e.lineage_id)? else {
+        return reject(
+            QuarantineReason::UnknownDevice,
+            format!("lineage {} was never discovered", e.lineage_id),
+        );
+    };
+    l.label.clone_from(&e.label);
+    l.label_changed = Some(st);
+    v.put_lineage(l);
+    Ok(())
 }

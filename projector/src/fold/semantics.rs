@@ -188,6 +188,7 @@ fn handle<S: State>(v: &mut S, st: Stamp, body: &Event) -> R {
         Event::FlavorDeleted(e) => flavors::flavor_deleted(v, st, e),
         Event::FlavorUsbSet(e) => flavors::flavor_usb_set(v, e),
         Event::FlavorSized(e) => flavors::flavor_sized(v, e),
+        Event::LineageLabeled(e) => devices::labeled(v, st, e),
         Event::ServerUpdated(e) => servers::server_updated(v, st, e),
         Event::ServerResizeVerifying(e) => servers::resize_verifying(v, st, e),
         Event::ServerResizeConfirmed(e) => servers::resize_ended(v, st, e.server_id, false),

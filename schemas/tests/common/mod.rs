@@ -56,6 +56,7 @@ pub fn variant_index(e: &Event) -> usize {
         Event::ServerResizeConfirmed(_) => 24,
         Event::ServerResizeReverted(_) => 25,
         Event::DeviceDiscoveredV2(_) => 26,
+        Event::LineageLabeled(_) => 27,
     }
 }
 
@@ -273,7 +274,7 @@ fn sample_bodies_v1() -> Vec<Event> {
 }
 
 /// Every variant's sample: the first 26, then `DeviceDiscoveredV2` (sample 1's discovery with
-/// another serial and a fingerprint).
+/// another serial and a fingerprint), then `LineageLabeled`.
 pub fn sample_bodies() -> Vec<Event> {
     let mut all = sample_bodies_v1();
     let Event::DeviceDiscovered(mut discovery) = all[1].clone() else {
@@ -283,6 +284,10 @@ pub fn sample_bodies() -> Vec<Event> {
     all.push(Event::DeviceDiscoveredV2(DeviceDiscoveredV2 {
         discovery,
         fingerprint: Fingerprint(std::array::from_fn(|i| i as u8 * 7)),
+    }));
+    all.push(Event::LineageLabeled(LineageLabeled {
+        lineage_id: LineageId(id(2)),
+        label: Some("ERP key #3".into()),
     }));
     all
 }
@@ -692,6 +697,12 @@ fn any_event_v1() -> impl Strategy<Value = Event> {
         a_uuid().prop_map(|s| Event::ServerResizeReverted(ServerResizeReverted {
             server_id: ServerId(s)
         })),
+        (a_uuid(), proptest::option::of(txt())).prop_map(|(l, label)| Event::LineageLabeled(
+            LineageLabeled {
+                lineage_id: LineageId(l),
+                label
+            }
+        )),
         (a_uuid(), any::<bool>(), txt()).prop_map(|(s, live, reason)| {
             Event::ServerMigrationRefused(ServerMigrationRefused {
                 server_id: ServerId(s),
