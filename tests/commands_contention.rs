@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command as Proc};
 use usbpt_bus::{Bus, StartAt};
 use usbpt_commands::handler::request;
-use usbpt_schemas::commands::{Command, CommandReply};
+use usbpt_schemas::commands::{Command, CommandReply, RejectKind};
 use usbpt_schemas::*;
 use usbpt_testkit::TestNats;
 
@@ -147,8 +147,8 @@ async fn two_hundred_boots_four_handlers_fifty_devices() -> Result<()> {
     for r in &replies {
         match r.as_ref().map_err(|e| anyhow::anyhow!("{e}"))? {
             CommandReply::Accepted { .. } => accepted += 1,
-            CommandReply::Rejected { code, reason } => {
-                assert_eq!(*code, 409, "{reason}");
+            CommandReply::Rejected { kind, reason } => {
+                assert_eq!(*kind, RejectKind::Conflict, "{reason}");
                 assert!(!reason.is_empty());
             }
         }

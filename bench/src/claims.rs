@@ -14,7 +14,7 @@ use usbpt_commands::handler::Handler;
 use usbpt_commands::schedule::Weigh;
 use usbpt_projector::workload::publish_all;
 use usbpt_projector::{Projector, ProjectorConfig, View};
-use usbpt_schemas::commands::{Command, CommandReply};
+use usbpt_schemas::commands::{Command, CommandReply, RejectKind};
 use usbpt_schemas::*;
 
 use crate::report::Figure;
@@ -152,10 +152,11 @@ pub async fn claims(
         lat.push(d);
         match reply {
             CommandReply::Accepted { .. } => accepted += 1,
-            CommandReply::Rejected { code: 409, reason } if reason.contains("no host") => {
-                no_device += 1
-            }
-            CommandReply::Rejected { code, reason } => other.push(format!("{code} {reason}")),
+            CommandReply::Rejected {
+                kind: RejectKind::Conflict,
+                reason,
+            } if reason.contains("no host") => no_device += 1,
+            CommandReply::Rejected { kind, reason } => other.push(format!("{kind}: {reason}")),
         }
     }
     let stat = |f: fn(&usbpt_commands::handler::HandlerStats) -> u64| -> u64 {
