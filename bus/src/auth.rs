@@ -100,7 +100,7 @@ impl Role {
                 allow_responses: false,
             },
             Role::Commands => {
-                let mut publish: Vec<String> = ["claim", "flavor", "ctl", "server"]
+                let mut publish: Vec<String> = ["claim", "flavor", "name", "ctl", "server"]
                     .iter()
                     .map(|kind| format!("usbpt.evt.{kind}.>"))
                     .collect();

@@ -675,7 +675,10 @@ mod tests {
             .parse::<UsbRequest>()
             .expect_err("serial with id")
             .to_string();
-        assert!(err.contains("serial goes with vendor and product only"), "{err}");
+        assert!(
+            err.contains("serial goes with vendor and product only"),
+            "{err}"
+        );
     }
 
     #[test]
