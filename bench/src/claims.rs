@@ -165,6 +165,17 @@ pub async fn claims(
     use std::sync::atomic::Ordering::Relaxed;
     let decisions = stat(|s| s.decisions.load(Relaxed));
     let conflicts = stat(|s| s.conflicts.load(Relaxed));
+    let commands = stat(|s| s.commands.load(Relaxed)).max(1) as f64;
+    let ms = |us: u64| us as f64 / commands / 1000.0;
+    let breakdown = format!(
+        "mean per boot: queue {:.1} ms, view to head {:.1} ms, decide {:.2} ms, append {:.2} ms, read-your-writes {:.1} ms, lost races {:.1} ms",
+        ms(stat(|s| s.queue_us.load(Relaxed))),
+        ms(stat(|s| s.head_us.load(Relaxed))),
+        ms(stat(|s| s.decide_us.load(Relaxed))),
+        ms(stat(|s| s.append_us.load(Relaxed))),
+        ms(stat(|s| s.view_us.load(Relaxed))),
+        ms(stat(|s| s.retry_us.load(Relaxed))),
+    );
     for s in sides {
         let _ = s.stop.send(());
         s.task.await.context("projector task")??;
@@ -182,7 +193,7 @@ pub async fn claims(
     .latency(lat.summary())
     .value(conflict_rate, "% lost")
     .note(format!(
-        "rate = claims won/s; {accepted} won, {no_device} refused (no free device), {} other{}; {conflicts} lost races in {decisions} decisions (value); latency per boot incl. read-your-writes",
+        "rate = claims won/s; {accepted} won, {no_device} refused (no free device), {} other{}; {conflicts} lost races in {decisions} decisions (value); latency per boot incl. read-your-writes; {breakdown}",
         other.len(),
         other.first().map(|o| format!(" (e.g. {o})")).unwrap_or_default()
     ))])

@@ -55,6 +55,26 @@ pub struct HandlerStats {
     pub decisions: AtomicU64,
     /// Fenced appends that lost their race to another writer (each is followed by a retry).
     pub conflicts: AtomicU64,
+    /// Where commands spent their time, summed in microseconds (`usbpt bench` breaks a boot
+    /// down with these): waiting for this process's turn to decide,
+    pub queue_us: AtomicU64,
+    /// for the view to reach the stream's head before deciding,
+    pub head_us: AtomicU64,
+    /// deciding (snapshot and `decide`),
+    pub decide_us: AtomicU64,
+    /// appending the steps,
+    pub append_us: AtomicU64,
+    /// for the view to apply what was appended (read-your-writes),
+    pub view_us: AtomicU64,
+    /// and undoing, backing off and catching up after lost races.
+    pub retry_us: AtomicU64,
+}
+
+/// Adds the time since `t` to `counter` (microseconds) and restarts `t`.
+fn lap(counter: &AtomicU64, t: &mut std::time::Instant) {
+    let now = std::time::Instant::now();
+    counter.fetch_add((now - *t).as_micros() as u64, Relaxed);
+    *t = now;
 }
 
 enum AppendError {
@@ -118,7 +138,9 @@ impl<V: ViewSource> Handler<V> {
             weigh: self.weigh,
         };
         self.stats.commands.fetch_add(1, Relaxed);
+        let mut t = std::time::Instant::now();
         let mut turn = Some(self.deciding.lock().await);
+        lap(&self.stats.queue_us, &mut t);
         // Plain undos of steps a retry does not repeat (the boot request's `ServerDeleted`): if
         // the command fails after them, they leave no half-created server behind.
         let mut kept: Vec<Undo> = Vec::new();
@@ -135,6 +157,7 @@ impl<V: ViewSource> Handler<V> {
             }
             Err(e) => return rejected(RejectKind::Unavailable, e.to_string()),
         }
+        lap(&self.stats.head_us, &mut t);
         for attempt in 1..=MAX_ATTEMPTS {
             self.stats.decisions.fetch_add(1, Relaxed);
             let decision = match self.view.snapshot() {
@@ -145,12 +168,16 @@ impl<V: ViewSource> Handler<V> {
                 Ok(d) => d,
                 Err(r) => return rejected(r.kind(), r.to_string()),
             };
-            match self.append(&decision.steps, correlation).await {
+            lap(&self.stats.decide_us, &mut t);
+            let appended = self.append(&decision.steps, correlation).await;
+            lap(&self.stats.append_us, &mut t);
+            match appended {
                 Ok((ids, last)) => {
                     turn.take();
                     if last > 0 && !self.view.wait_applied(last, READ_YOUR_WRITES).await {
                         warn!(seq = last, "view did not catch up before the reply");
                     }
+                    lap(&self.stats.view_us, &mut t);
                     return match decision.reply {
                         Reply::Accepted(message) => CommandReply::Accepted {
                             events: ids,
@@ -214,6 +241,7 @@ impl<V: ViewSource> Handler<V> {
                     let jitter = (ctx.server_id.0.as_u128() % 7) as u64 + 1;
                     tokio::time::sleep(Duration::from_millis(jitter * attempt as u64)).await;
                     self.view.wait_applied(head, READ_YOUR_WRITES).await;
+                    lap(&self.stats.retry_us, &mut t);
                 }
             }
         }

@@ -238,6 +238,9 @@ fn assign(
     Ok(devices)
 }
 
+/// How many fitting hosts pack draws among (the rest of the fleet stays packed).
+pub const PACK_SUBSET: usize = 4;
+
 /// Hosts whose rejection reasons are recorded one by one; beyond them, a count.
 const REJECTIONS_SHOWN: usize = 32;
 
@@ -263,6 +266,9 @@ fn first_fit(
     let mut rejections = Vec::new();
     let mut tried = 0usize;
     let mut after: Option<HostName> = None;
+    // Nova's host_subset_size: the first few hosts that fit, one of them drawn from the server
+    // id, so concurrent boots in several handlers mostly claim on different hosts (ADR 0010).
+    let mut fits: Vec<Placement> = Vec::new();
     while let Some(host) = view.next_host_with_free(*vendor_id, *product_id, after.as_ref())? {
         tried += 1;
         let mut lists = Vec::with_capacity(req.usb.len());
@@ -286,7 +292,15 @@ fn first_fit(
         }
         let slices: Vec<&[DeviceInfo]> = lists.iter().map(Vec::as_slice).collect();
         match assign(&host, req, &slices) {
-            Ok(devices) => return Ok(Ok(Placement { host, devices })),
+            Ok(devices) => {
+                fits.push(Placement {
+                    host: host.clone(),
+                    devices,
+                });
+                if fits.len() == PACK_SUBSET {
+                    break;
+                }
+            }
             Err(r) => {
                 if rejections.len() < REJECTIONS_SHOWN {
                     rejections.push(r);
@@ -294,6 +308,12 @@ fn first_fit(
             }
         }
         after = Some(host);
+    }
+    if !fits.is_empty() {
+        let pick = req
+            .server
+            .map_or(0, |s| ((s.0.as_u128() >> 7) % fits.len() as u128) as usize);
+        return Ok(Ok(fits.swap_remove(pick)));
     }
     let reason = if tried == 0 {
         format!(
