@@ -238,7 +238,7 @@ fn assign(
     Ok(devices)
 }
 
-/// How many fitting hosts pack draws among (the rest of the fleet stays packed).
+/// Among how many of the first hosts with a free match pack draws where to start.
 pub const PACK_SUBSET: usize = 4;
 
 /// Hosts whose rejection reasons are recorded one by one; beyond them, a count.
@@ -265,11 +265,34 @@ fn first_fit(
     };
     let mut rejections = Vec::new();
     let mut tried = 0usize;
-    let mut after: Option<HostName> = None;
-    // Nova's host_subset_size: the first few hosts that fit, one of them drawn from the server
-    // id, so concurrent boots in several handlers mostly claim on different hosts (ADR 0010).
-    let mut fits: Vec<Placement> = Vec::new();
-    while let Some(host) = view.next_host_with_free(*vendor_id, *product_id, after.as_ref())? {
+    // Nova's host_subset_size, on index keys only: of the first PACK_SUBSET hosts with a free
+    // match, one drawn from the server id is where first fit starts (wrapping round to the
+    // hosts before it), so concurrent boots in several handlers mostly claim on different
+    // hosts (ADR 0010) while reading one host's devices when it fits.
+    let mut firsts: Vec<HostName> = Vec::with_capacity(PACK_SUBSET);
+    while firsts.len() < PACK_SUBSET {
+        match view.next_host_with_free(*vendor_id, *product_id, firsts.last())? {
+            Some(h) => firsts.push(h),
+            None => break,
+        }
+    }
+    let pick = req.server.map_or(0, |s| {
+        ((s.0.as_u128() >> 7) % firsts.len().max(1) as u128) as usize
+    });
+    let start: Option<HostName> = pick.checked_sub(1).map(|i| firsts[i].clone());
+    let mut after = start.clone();
+    let mut wrapped = start.is_none();
+    loop {
+        let host = match view.next_host_with_free(*vendor_id, *product_id, after.as_ref())? {
+            Some(h) if wrapped && start.as_ref().is_some_and(|s| &h > s) => break,
+            Some(h) => h,
+            None if !wrapped => {
+                wrapped = true;
+                after = None;
+                continue;
+            }
+            None => break,
+        };
         tried += 1;
         let mut lists = Vec::with_capacity(req.usb.len());
         for r in req.usb {
@@ -292,15 +315,7 @@ fn first_fit(
         }
         let slices: Vec<&[DeviceInfo]> = lists.iter().map(Vec::as_slice).collect();
         match assign(&host, req, &slices) {
-            Ok(devices) => {
-                fits.push(Placement {
-                    host: host.clone(),
-                    devices,
-                });
-                if fits.len() == PACK_SUBSET {
-                    break;
-                }
-            }
+            Ok(devices) => return Ok(Ok(Placement { host, devices })),
             Err(r) => {
                 if rejections.len() < REJECTIONS_SHOWN {
                     rejections.push(r);
@@ -308,12 +323,6 @@ fn first_fit(
             }
         }
         after = Some(host);
-    }
-    if !fits.is_empty() {
-        let pick = req
-            .server
-            .map_or(0, |s| ((s.0.as_u128() >> 7) % fits.len() as u128) as usize);
-        return Ok(Ok(fits.swap_remove(pick)));
     }
     let reason = if tried == 0 {
         format!(
