@@ -90,8 +90,8 @@ fn later(
             CommandReply::Accepted { message, .. } => {
                 info!(%server, "resize_confirm_window passed: {message}");
             }
-            CommandReply::Rejected { code, reason } => {
-                info!(%server, code, "auto-confirm not needed: {reason}");
+            CommandReply::Rejected { kind, reason } => {
+                info!(%server, %kind, "auto-confirm not needed: {reason}");
             }
         }
     });

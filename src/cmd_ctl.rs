@@ -107,7 +107,7 @@ pub async fn send(global: &Global, cmd: Command, json: bool) -> Result<()> {
             Ok(())
         }
         // main escapes what it prints.
-        CommandReply::Rejected { code, reason } => bail!("rejected ({code}): {reason}"),
+        CommandReply::Rejected { kind, reason } => bail!("rejected ({kind}): {reason}"),
     }
 }
 

@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command as Proc};
 use usbpt_bus::{Bus, StartAt};
 use usbpt_commands::handler::request;
-use usbpt_schemas::commands::{Command, CommandReply};
+use usbpt_schemas::commands::{Command, CommandReply, RejectKind};
 use usbpt_schemas::*;
 use usbpt_testkit::TestNats;
 
@@ -147,8 +147,8 @@ async fn two_hundred_boots_four_handlers_fifty_devices() -> Result<()> {
     for r in &replies {
         match r.as_ref().map_err(|e| anyhow::anyhow!("{e}"))? {
             CommandReply::Accepted { .. } => accepted += 1,
-            CommandReply::Rejected { code, reason } => {
-                assert_eq!(*code, 409, "{reason}");
+            CommandReply::Rejected { kind, reason } => {
+                assert_eq!(*kind, RejectKind::Conflict, "{reason}");
                 assert!(!reason.is_empty());
             }
         }
@@ -190,4 +190,132 @@ async fn two_hundred_boots_four_handlers_fifty_devices() -> Result<()> {
     assert_eq!(holders.len(), 50, "one device per server");
     drop(handlers);
     Ok(())
+}
+
+/// A command handler with its own bus connection, projector and redb view, as a separate
+/// `usbpt commands` process has: two of them share nothing but the stream.
+struct OwnHandler {
+    handler: std::sync::Arc<usbpt_commands::handler::Handler<usbpt_projector::View>>,
+    view: std::sync::Arc<usbpt_projector::View>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), usbpt_projector::ProjectorError>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn own_handler(nats: &TestNats, k: usize, seen: u64) -> Result<OwnHandler> {
+    use usbpt_projector::{Projector, ProjectorConfig, View};
+    let dir = tempfile::tempdir()?;
+    let bus = nats.bus().await?;
+    let view = std::sync::Arc::new(View::open(dir.path().join("view.redb"))?);
+    let projector = Projector::new(
+        bus.clone(),
+        std::sync::Arc::clone(&view),
+        ProjectorConfig {
+            consumer: format!("names-{k}"),
+            ..ProjectorConfig::default()
+        },
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(projector.run(async move {
+        let _ = stopped.await;
+    }));
+    assert!(view.wait_applied(seen, Duration::from_secs(30)).await);
+    let handler = std::sync::Arc::new(usbpt_commands::handler::Handler::new(
+        bus,
+        std::sync::Arc::clone(&view),
+        usbpt_commands::schedule::Weigh::Pack,
+    ));
+    Ok(OwnHandler {
+        handler,
+        view,
+        stop,
+        task,
+        _dir: dir,
+    })
+}
+
+/// ADR 0003's known limit, closed (ADR 0010): boots of one name from four handlers, each with its
+/// own connection and view, at the same instant, 40 names over: exactly one boot per name wins,
+/// the others are told the name is in use, and the stream holds one boot request per name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_boots_of_one_name_in_four_handlers_one_wins() -> Result<()> {
+    const NAMES: usize = 40;
+    let nats = TestNats::start().await?;
+    let bus = nats.bus().await?;
+    seed_devices(&bus, 2, 0).await?;
+    let mut sides = Vec::new();
+    for k in 0..4 {
+        sides.push(own_handler(&nats, k, bus.last_sequence().await?).await?);
+    }
+    let flavor = FlavorName::new("plain")?;
+    let reply = sides[0]
+        .handler
+        .execute(&Command::CreateFlavor {
+            resources: Default::default(),
+            name: flavor.clone(),
+            usb: Vec::new(),
+        })
+        .await;
+    assert!(matches!(reply, CommandReply::Accepted { .. }), "{reply:?}");
+    let head = bus.last_sequence().await?;
+    for s in &sides {
+        assert!(s.handler_view_at(head).await);
+    }
+
+    for i in 0..NAMES {
+        let name = ServerName::new(format!("vm-{i:02}"))?;
+        let boots = sides.iter().map(|s| {
+            let cmd = Command::Boot {
+                name: name.clone(),
+                flavor: flavor.clone(),
+                host: None,
+            };
+            let handler = std::sync::Arc::clone(&s.handler);
+            async move { handler.execute(&cmd).await }
+        });
+        let replies = futures::future::join_all(boots).await;
+        let mut accepted = 0;
+        for r in &replies {
+            match r {
+                CommandReply::Accepted { .. } => accepted += 1,
+                CommandReply::Rejected { kind, reason } => {
+                    assert_eq!(*kind, RejectKind::Conflict, "{reason}");
+                    assert!(reason.contains("in use"), "{reason}");
+                }
+            }
+        }
+        assert_eq!(accepted, 1, "{name}: {replies:?}");
+    }
+
+    // The stream: one boot request per name, and no compensating deletions were needed.
+    let last = bus.last_sequence().await?;
+    let mut events = bus.reader(StartAt::Beginning, None).await?;
+    let mut requested: BTreeMap<ServerName, usize> = BTreeMap::new();
+    let mut seen = 0;
+    while seen < last {
+        let msg = events.next().await?;
+        seen = msg.seq;
+        match msg.decode()?.body {
+            Event::ServerBootRequested(b) => {
+                assert_eq!(msg.subject, subjects::name(&b.name));
+                *requested.entry(b.name).or_default() += 1;
+            }
+            Event::ServerDeleted(d) => panic!("a boot was undone: {d:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(requested.len(), NAMES);
+    assert!(requested.values().all(|n| *n == 1), "{requested:?}");
+    for s in sides {
+        let _ = s.stop.send(());
+        s.task.await??;
+    }
+    Ok(())
+}
+
+impl OwnHandler {
+    /// Whether this handler's view has applied `seq` (within 30 s).
+    async fn handler_view_at(&self, seq: u64) -> bool {
+        self.view.wait_applied(seq, Duration::from_secs(30)).await
+    }
 }

@@ -639,7 +639,7 @@ async fn sse_delivers_an_event_published_after_the_client_subscribed() -> Result
     assert_eq!(eid, Some(seq.to_string()));
     let doc: Value = serde_json::from_str(&data)?;
     assert_eq!(doc["seq"], seq);
-    assert_eq!(doc["subject"], subjects::server(&ServerId(id(30))));
+    assert_eq!(doc["subject"], subjects::name(&ServerName::new("erp-1")?));
     let env: Envelope = serde_json::from_value(doc["event"].clone())?;
     assert_eq!(env.body, boot(30, "erp-1", 20));
 

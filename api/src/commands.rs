@@ -17,7 +17,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use usbpt_commands::handler::Handler;
 use usbpt_projector::View;
-use usbpt_schemas::commands::{Command, CommandReply, FlavorResources, UsbRequestFields};
+use usbpt_schemas::commands::{
+    Command, CommandReply, FlavorResources, RejectKind, UsbRequestFields,
+};
 use usbpt_schemas::{
     ControllerModel, DeviceId, FlavorName, FollowPolicy, HostName, LineageId, ProductId,
     ServerAction, ServerName, UsbRequest, VendorId,
@@ -67,11 +69,20 @@ pub(crate) async fn run_command(handler: &Handler<View>, cmd: Command) -> Respon
             Json(json!({"message": message, "events": events})),
         )
             .into_response(),
-        CommandReply::Rejected { code, reason } => ApiError::new(
-            StatusCode::from_u16(code).unwrap_or(StatusCode::CONFLICT),
-            reason,
-        )
-        .into_response(),
+        CommandReply::Rejected { kind, reason } => {
+            ApiError::new(status(kind), reason).into_response()
+        }
+    }
+}
+
+/// The HTTP status of a command's refusal: chosen here only (the command side has kinds).
+fn status(kind: RejectKind) -> StatusCode {
+    match kind {
+        RejectKind::Invalid => StatusCode::BAD_REQUEST,
+        RejectKind::NotFound => StatusCode::NOT_FOUND,
+        RejectKind::Conflict => StatusCode::CONFLICT,
+        RejectKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        RejectKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

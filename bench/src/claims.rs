@@ -14,7 +14,7 @@ use usbpt_commands::handler::Handler;
 use usbpt_commands::schedule::Weigh;
 use usbpt_projector::workload::publish_all;
 use usbpt_projector::{Projector, ProjectorConfig, View};
-use usbpt_schemas::commands::{Command, CommandReply};
+use usbpt_schemas::commands::{Command, CommandReply, RejectKind};
 use usbpt_schemas::*;
 
 use crate::report::Figure;
@@ -152,10 +152,11 @@ pub async fn claims(
         lat.push(d);
         match reply {
             CommandReply::Accepted { .. } => accepted += 1,
-            CommandReply::Rejected { code: 409, reason } if reason.contains("no host") => {
-                no_device += 1
-            }
-            CommandReply::Rejected { code, reason } => other.push(format!("{code} {reason}")),
+            CommandReply::Rejected {
+                kind: RejectKind::Conflict,
+                reason,
+            } if reason.contains("no host") => no_device += 1,
+            CommandReply::Rejected { kind, reason } => other.push(format!("{kind}: {reason}")),
         }
     }
     let stat = |f: fn(&usbpt_commands::handler::HandlerStats) -> u64| -> u64 {
@@ -164,6 +165,17 @@ pub async fn claims(
     use std::sync::atomic::Ordering::Relaxed;
     let decisions = stat(|s| s.decisions.load(Relaxed));
     let conflicts = stat(|s| s.conflicts.load(Relaxed));
+    let commands = stat(|s| s.commands.load(Relaxed)).max(1) as f64;
+    let ms = |us: u64| us as f64 / commands / 1000.0;
+    let breakdown = format!(
+        "mean per boot: queue {:.1} ms, view to head {:.1} ms, decide {:.2} ms, append {:.2} ms, read-your-writes {:.1} ms, lost races {:.1} ms",
+        ms(stat(|s| s.queue_us.load(Relaxed))),
+        ms(stat(|s| s.head_us.load(Relaxed))),
+        ms(stat(|s| s.decide_us.load(Relaxed))),
+        ms(stat(|s| s.append_us.load(Relaxed))),
+        ms(stat(|s| s.view_us.load(Relaxed))),
+        ms(stat(|s| s.retry_us.load(Relaxed))),
+    );
     for s in sides {
         let _ = s.stop.send(());
         s.task.await.context("projector task")??;
@@ -181,7 +193,7 @@ pub async fn claims(
     .latency(lat.summary())
     .value(conflict_rate, "% lost")
     .note(format!(
-        "rate = claims won/s; {accepted} won, {no_device} refused (no free device), {} other{}; {conflicts} lost races in {decisions} decisions (value); latency per boot incl. read-your-writes",
+        "rate = claims won/s; {accepted} won, {no_device} refused (no free device), {} other{}; {conflicts} lost races in {decisions} decisions (value); latency per boot incl. read-your-writes; {breakdown}",
         other.len(),
         other.first().map(|o| format!(" (e.g. {o})")).unwrap_or_default()
     ))])

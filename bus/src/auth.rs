@@ -100,10 +100,11 @@ impl Role {
                 allow_responses: false,
             },
             Role::Commands => {
-                let mut publish: Vec<String> = ["claim", "flavor", "ctl", "server", "lineage"]
-                    .iter()
-                    .map(|kind| format!("usbpt.evt.{kind}.>"))
-                    .collect();
+                let mut publish: Vec<String> =
+                    ["claim", "flavor", "name", "ctl", "server", "lineage"]
+                        .iter()
+                        .map(|kind| format!("usbpt.evt.{kind}.>"))
+                        .collect();
                 publish.extend(read_stream());
                 Permissions {
                     publish,

@@ -3,7 +3,7 @@
 //! (each with its fence) and the reply, or a rejection that names its reason. No clock, no
 //! randomness, no I/O.
 
-use usbpt_schemas::commands::{Command, FlavorResources};
+use usbpt_schemas::commands::{Command, FlavorResources, RejectKind};
 use usbpt_schemas::{
     subjects, DeviceClaimed, DeviceReleased, DeviceSelector, Event, FlavorCreated, FlavorDeleted,
     FlavorId, FlavorName, FlavorSized, FlavorUsbSet, HostName, LineageId, LineageKind,
@@ -26,7 +26,8 @@ pub struct Ctx {
     pub weigh: Weigh,
 }
 
-/// How an event must be appended.
+/// How an event must be appended. Derived from its subject ([`subjects::is_fenced`]) by
+/// [`step`]; the handler refuses a step whose fence disagrees with its subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fence {
     /// Plain idempotent publish.
@@ -40,6 +41,10 @@ pub enum Fence {
 pub struct Step {
     pub event: Event,
     pub fence: Fence,
+    /// What undoes this step if a later step of the same decision fails: a claim's
+    /// `DeviceReleased{BootFailed}`, a boot request's `ServerDeleted`. Appended by the handler
+    /// (fenced on the sequence this step got when its subject is fenced).
+    pub undo: Option<Event>,
 }
 
 /// What the command's caller is told once the steps are appended.
@@ -47,10 +52,7 @@ pub struct Step {
 pub enum Reply {
     Accepted(String),
     /// Recorded (the steps are history, e.g. a refused migration) but not done.
-    Refused {
-        code: u16,
-        reason: String,
-    },
+    Refused(Rejection),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,19 +61,56 @@ pub struct Decision {
     pub reply: Reply,
 }
 
-/// A command that changes nothing. `code` is HTTP-style: 400 invalid, 404 unknown,
-/// 409 conflict with the current state, 503 the view could not be read.
+/// A command that changes nothing, with the values that explain why. Its [`kind`] is all a
+/// front end needs to choose a status (HTTP codes are chosen in `api` only).
+///
+/// [`kind`]: Rejection::kind
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{reason}")]
-pub struct Rejection {
-    pub code: u16,
-    pub reason: String,
+pub enum Rejection {
+    /// A malformed field.
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    /// Something named does not exist.
+    #[error("{what} {name} does not exist")]
+    NotFound { what: String, name: String },
+    /// A host no agent has announced.
+    #[error("host {host} is unknown (no agent has announced it)")]
+    UnknownHost { host: HostName },
+    /// The server name is held by another server (a live one, or a boot that claimed it).
+    #[error("server name {name} is in use by {by}")]
+    NameInUse { name: ServerName, by: ServerId },
+    #[error("flavor {name} already exists")]
+    FlavorExists { name: FlavorName },
+    /// The command conflicts with the server's state, or no placement fits.
+    #[error("{0}")]
+    Conflict(String),
+    /// The view could not be read.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl Rejection {
-    fn new(code: u16, reason: impl Into<String>) -> Self {
-        Self {
-            code,
+    pub fn kind(&self) -> RejectKind {
+        match self {
+            Rejection::Invalid { .. } => RejectKind::Invalid,
+            Rejection::NotFound { .. } | Rejection::UnknownHost { .. } => RejectKind::NotFound,
+            Rejection::NameInUse { .. }
+            | Rejection::FlavorExists { .. }
+            | Rejection::Conflict(_) => RejectKind::Conflict,
+            Rejection::Unavailable(_) => RejectKind::Unavailable,
+        }
+    }
+
+    fn not_found(what: impl Into<String>, name: impl ToString) -> Self {
+        Rejection::NotFound {
+            what: what.into(),
+            name: name.to_string(),
+        }
+    }
+
+    fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Rejection::Invalid {
+            field: field.into(),
             reason: reason.into(),
         }
     }
@@ -79,24 +118,34 @@ impl Rejection {
 
 impl From<ViewError> for Rejection {
     fn from(e: ViewError) -> Self {
-        Rejection::new(503, e.to_string())
+        Rejection::Unavailable(e.to_string())
     }
 }
 
-fn plain(event: Event) -> Step {
-    Step {
-        event,
-        fence: Fence::None,
-    }
-}
-
-/// A step fenced on its own subject at the sequence the view last saw there.
-fn fenced(view: &dyn ViewRead, event: Event) -> Result<Step, Rejection> {
+/// The step that appends `event`: fenced, at the sequence the view last saw on its subject,
+/// exactly when its subject is fenced ([`subjects::is_fenced`]); with what undoes it.
+pub fn step(view: &dyn ViewRead, event: Event) -> Result<Step, Rejection> {
     let subject = subjects::for_body(&event);
-    Ok(Step {
-        fence: Fence::Expect(view.subject_seq(&subject)?),
-        event,
-    })
+    let fence = if subjects::is_fenced(&subject) {
+        Fence::Expect(view.subject_seq(&subject)?)
+    } else {
+        Fence::None
+    };
+    let undo = match &event {
+        Event::DeviceClaimed(c) => Some(Event::DeviceReleased(DeviceReleased {
+            device_id: c.device_id,
+            lineage_id: c.lineage_id,
+            host: c.host.clone(),
+            server_id: c.server_id,
+            reason: ReleaseReason::BootFailed,
+        })),
+        Event::ServerBootRequested(b) => Some(Event::ServerDeleted(ServerDeleted {
+            server_id: b.server_id,
+            host: None,
+        })),
+        _ => None,
+    };
+    Ok(Step { event, fence, undo })
 }
 
 pub fn decide(view: &dyn ViewRead, cmd: &Command, ctx: &Ctx) -> Result<Decision, Rejection> {
@@ -109,9 +158,9 @@ pub fn decide(view: &dyn ViewRead, cmd: &Command, ctx: &Ctx) -> Result<Decision,
         Command::DeleteFlavor { name } => {
             let f = view
                 .flavor_by_name(name)?
-                .ok_or_else(|| Rejection::new(404, format!("flavor {name} does not exist")))?;
+                .ok_or_else(|| Rejection::not_found("flavor", name))?;
             Ok(Decision {
-                steps: vec![fenced(
+                steps: vec![step(
                     view,
                     Event::FlavorDeleted(FlavorDeleted {
                         flavor_id: f.flavor_id,
@@ -146,7 +195,10 @@ fn label_lineage(
     label: Option<&String>,
 ) -> Result<Decision, Rejection> {
     if let Some(l) = label {
-        usbpt_schemas::label::check(l).map_err(|e| Rejection::new(400, e.to_string()))?;
+        usbpt_schemas::label::check(l).map_err(|e| {
+            let reason = e.to_string();
+            Rejection::invalid("label", reason.trim_start_matches("label: "))
+        })?;
     }
     if view.current_enumeration(&lineage)?.is_none() {
         let hint = match view.device(&usbpt_schemas::DeviceId(lineage.0))? {
@@ -156,20 +208,20 @@ fn label_lineage(
             ),
             None => String::new(),
         };
-        return Err(Rejection::new(
-            404,
-            format!("lineage {lineage} does not exist{hint}"),
-        ));
+        return Err(Rejection::not_found("lineage", format!("{lineage}{hint}")));
     }
     let reply = match label {
         Some(l) => format!("lineage {lineage} labelled {l:?}"),
         None => format!("lineage {lineage} label removed"),
     };
     Ok(Decision {
-        steps: vec![plain(Event::LineageLabeled(LineageLabeled {
-            lineage_id: lineage,
-            label: label.cloned(),
-        }))],
+        steps: vec![step(
+            view,
+            Event::LineageLabeled(LineageLabeled {
+                lineage_id: lineage,
+                label: label.cloned(),
+            }),
+        )?],
         reply: Reply::Accepted(reply),
     })
 }
@@ -181,10 +233,10 @@ fn set_flavor_usb(
 ) -> Result<Decision, Rejection> {
     let f = view
         .flavor_by_name(name)?
-        .ok_or_else(|| Rejection::new(404, format!("flavor {name} does not exist")))?;
+        .ok_or_else(|| Rejection::not_found("flavor", name))?;
     check_usb(view, usb)?;
     Ok(Decision {
-        steps: vec![fenced(
+        steps: vec![step(
             view,
             Event::FlavorUsbSet(FlavorUsbSet {
                 flavor_id: f.flavor_id,
@@ -207,10 +259,10 @@ fn create_flavor(
     ctx: &Ctx,
 ) -> Result<Decision, Rejection> {
     if view.flavor_by_name(name)?.is_some() {
-        return Err(Rejection::new(409, format!("flavor {name} already exists")));
+        return Err(Rejection::FlavorExists { name: name.clone() });
     }
     check_usb(view, usb)?;
-    let mut steps = vec![fenced(
+    let mut steps = vec![step(
         view,
         Event::FlavorCreated(FlavorCreated {
             flavor_id: ctx.flavor_id,
@@ -220,7 +272,7 @@ fn create_flavor(
     )?];
     if !resources.is_zero() {
         // The same subject: the handler fences it on the sequence the first step got.
-        steps.push(fenced(
+        steps.push(step(
             view,
             Event::FlavorSized(FlavorSized {
                 flavor_id: ctx.flavor_id,
@@ -249,25 +301,25 @@ fn update_server(
     let s = live_server(view, name)?;
     if let Some(Some(d)) = description {
         if d.chars().count() > DESCRIPTION_MAX {
-            return Err(Rejection::new(
-                400,
-                format!("description: longer than {DESCRIPTION_MAX} characters"),
+            return Err(Rejection::invalid(
+                "description",
+                format!("longer than {DESCRIPTION_MAX} characters"),
             ));
         }
         if d.chars().any(char::is_control) {
-            return Err(Rejection::new(
-                400,
-                "description: control characters are not allowed",
+            return Err(Rejection::invalid(
+                "description",
+                "control characters are not allowed",
             ));
         }
     }
     let to = new_name.unwrap_or(name);
     if to != name {
         if let Some(other) = view.server_by_name(to)? {
-            return Err(Rejection::new(
-                409,
-                format!("server name {to} is in use by {}", other.server_id),
-            ));
+            return Err(Rejection::NameInUse {
+                name: to.clone(),
+                by: other.server_id,
+            });
         }
     }
     let description = description.cloned().unwrap_or(s.description.clone());
@@ -278,11 +330,14 @@ fn update_server(
         });
     }
     Ok(Decision {
-        steps: vec![plain(Event::ServerUpdated(ServerUpdated {
-            server_id: s.server_id,
-            name: to.clone(),
-            description,
-        }))],
+        steps: vec![step(
+            view,
+            Event::ServerUpdated(ServerUpdated {
+                server_id: s.server_id,
+                name: to.clone(),
+                description,
+            }),
+        )?],
         reply: Reply::Accepted(if to == name {
             format!("server {name} updated")
         } else {
@@ -295,8 +350,8 @@ fn update_server(
 /// counts of at least 1.
 fn check_usb(view: &dyn ViewRead, usb: &[usbpt_schemas::UsbRequest]) -> Result<(), Rejection> {
     if let Err((model, ports, need)) = check_ports(usb) {
-        return Err(Rejection::new(
-            400,
+        return Err(Rejection::invalid(
+            "usb",
             format!(
                 "controller {} has {ports} ports and the flavor needs {need}",
                 model.as_str()
@@ -306,20 +361,14 @@ fn check_usb(view: &dyn ViewRead, usb: &[usbpt_schemas::UsbRequest]) -> Result<(
     for (i, r) in usb.iter().enumerate() {
         // The same rules as the CLI's and the HTTP API's (a NATS client sends requests whole).
         if let Err(e) = r.check() {
-            return Err(Rejection::new(400, format!("request {i}: {e}")));
+            return Err(Rejection::invalid(format!("usb[{i}]"), e.to_string()));
         }
         match &r.selector {
             DeviceSelector::Enumeration(d) if view.device(d)?.is_none() => {
-                return Err(Rejection::new(
-                    404,
-                    format!("request {i}: device {d} is unknown"),
-                ))
+                return Err(Rejection::not_found(format!("usb[{i}]: device"), d))
             }
             DeviceSelector::Lineage(l) if view.current_enumeration(l)?.is_none() => {
-                return Err(Rejection::new(
-                    404,
-                    format!("request {i}: lineage {l} is unknown"),
-                ))
+                return Err(Rejection::not_found(format!("usb[{i}]: lineage"), l))
             }
             _ => {}
         }
@@ -329,18 +378,15 @@ fn check_usb(view: &dyn ViewRead, usb: &[usbpt_schemas::UsbRequest]) -> Result<(
 
 fn live_server(view: &dyn ViewRead, name: &ServerName) -> Result<ServerInfo, Rejection> {
     view.server_by_name(name)?
-        .ok_or_else(|| Rejection::new(404, format!("server {name} does not exist")))
+        .ok_or_else(|| Rejection::not_found("server", name))
 }
 
 fn scheduled_host(s: &ServerInfo) -> Result<HostName, Rejection> {
     s.host.clone().ok_or_else(|| {
-        Rejection::new(
-            409,
-            format!(
-                "server {} is not scheduled on any host (state {:?})",
-                s.name, s.state
-            ),
-        )
+        Rejection::Conflict(format!(
+            "server {} is not scheduled on any host (state {:?})",
+            s.name, s.state
+        ))
     })
 }
 
@@ -350,7 +396,7 @@ fn claim_step(
     host: &HostName,
     d: &usbpt_schemas::AssignedDevice,
 ) -> Result<Step, Rejection> {
-    fenced(
+    step(
         view,
         Event::DeviceClaimed(DeviceClaimed {
             device_id: d.device_id,
@@ -373,30 +419,30 @@ fn boot(
 ) -> Result<Decision, Rejection> {
     let f = view
         .flavor_by_name(flavor)?
-        .ok_or_else(|| Rejection::new(404, format!("flavor {flavor} does not exist")))?;
+        .ok_or_else(|| Rejection::not_found("flavor", flavor))?;
     let mut steps = Vec::new();
     match view.server_by_name(name)? {
         // A retry of our own boot after a lost race: the request is already recorded.
         Some(s) if s.server_id == ctx.server_id => {}
         Some(s) => {
-            return Err(Rejection::new(
-                409,
-                format!("server name {name} is in use by {}", s.server_id),
-            ))
+            return Err(Rejection::NameInUse {
+                name: name.clone(),
+                by: s.server_id,
+            })
         }
-        None => steps.push(plain(Event::ServerBootRequested(ServerBootRequested {
-            server_id: ctx.server_id,
-            name: name.clone(),
-            flavor_id: f.flavor_id,
-            requested_host: host.cloned(),
-        }))),
+        None => steps.push(step(
+            view,
+            Event::ServerBootRequested(ServerBootRequested {
+                server_id: ctx.server_id,
+                name: name.clone(),
+                flavor_id: f.flavor_id,
+                requested_host: host.cloned(),
+            }),
+        )?),
     }
     if let Some(h) = host {
         if !view.host_known(h)? {
-            return Err(Rejection::new(
-                404,
-                format!("host {h} is unknown (no agent has announced it)"),
-            ));
+            return Err(Rejection::UnknownHost { host: h.clone() });
         }
     }
     let req = schedule::Request {
@@ -412,12 +458,15 @@ fn boot(
             }
             let n = p.devices.len();
             let host = p.host.clone();
-            steps.push(plain(Event::ServerScheduled(ServerScheduled {
-                server_id: ctx.server_id,
-                host: p.host,
-                flavor_id: f.flavor_id,
-                devices: p.devices,
-            })));
+            steps.push(step(
+                view,
+                Event::ServerScheduled(ServerScheduled {
+                    server_id: ctx.server_id,
+                    host: p.host,
+                    flavor_id: f.flavor_id,
+                    devices: p.devices,
+                }),
+            )?);
             Ok(Decision {
                 steps,
                 reply: Reply::Accepted(format!(
@@ -431,14 +480,17 @@ fn boot(
             for r in &no.host_rejections {
                 reason.push_str(&format!("; {}: {}", r.host, r.reason));
             }
-            steps.push(plain(Event::ServerScheduleFailed(ServerScheduleFailed {
-                server_id: ctx.server_id,
-                reason: no.reason,
-                host_rejections: no.host_rejections,
-            })));
+            steps.push(step(
+                view,
+                Event::ServerScheduleFailed(ServerScheduleFailed {
+                    server_id: ctx.server_id,
+                    reason: no.reason,
+                    host_rejections: no.host_rejections,
+                }),
+            )?);
             Ok(Decision {
                 steps,
-                reply: Reply::Refused { code: 409, reason },
+                reply: Reply::Refused(Rejection::Conflict(reason)),
             })
         }
     }
@@ -475,9 +527,7 @@ fn held_of<'a>(
 
 fn no_pending_resize(s: &ServerInfo) -> Result<(), Rejection> {
     if s.resize_from.is_some() {
-        return Err(Rejection::new(
-            409,
-            format!(
+        return Err(Rejection::Conflict(format!(
                 "server {} has a resize awaiting confirmation (VERIFY_RESIZE): confirm or revert it first",
                 s.name
             ),
@@ -488,10 +538,10 @@ fn no_pending_resize(s: &ServerInfo) -> Result<(), Rejection> {
 
 fn pending_resize(s: &ServerInfo) -> Result<crate::view::ResizeFrom, Rejection> {
     s.resize_from.clone().ok_or_else(|| {
-        Rejection::new(
-            409,
-            format!("server {} has no resize awaiting confirmation", s.name),
-        )
+        Rejection::Conflict(format!(
+            "server {} has no resize awaiting confirmation",
+            s.name
+        ))
     })
 }
 
@@ -508,9 +558,12 @@ fn confirm_resize(view: &dyn ViewRead, name: &ServerName) -> Result<Decision, Re
     for d in &released {
         steps.push(release_step(view, &s, d, ReleaseReason::Resized)?);
     }
-    steps.push(plain(Event::ServerResizeConfirmed(ServerResizeConfirmed {
-        server_id: s.server_id,
-    })));
+    steps.push(step(
+        view,
+        Event::ServerResizeConfirmed(ServerResizeConfirmed {
+            server_id: s.server_id,
+        }),
+    )?);
     Ok(Decision {
         steps,
         reply: Reply::Accepted(format!(
@@ -535,9 +588,7 @@ fn revert_resize(view: &dyn ViewRead, name: &ServerName) -> Result<Decision, Rej
             .claim(&a.lineage_id)?
             .filter(|c| c.server_id == s.server_id)
         else {
-            return Err(Rejection::new(
-                409,
-                format!(
+            return Err(Rejection::Conflict(format!(
                     "cannot revert the resize of {name}: its old device {} (lineage {}) is no longer reserved for it; confirm the resize, or resize to a flavor that fits",
                     a.device_id, a.lineage_id
                 ),
@@ -548,14 +599,17 @@ fn revert_resize(view: &dyn ViewRead, name: &ServerName) -> Result<Decision, Rej
             ..a.clone()
         });
     }
-    let mut steps = vec![plain(Event::ServerResized(ServerResized {
-        server_id: s.server_id,
-        from_flavor: s.flavor_id,
-        to_flavor: from.flavor_id,
-        from_host: host.clone(),
-        host: from.host.clone(),
-        devices: devices.clone(),
-    }))];
+    let mut steps = vec![step(
+        view,
+        Event::ServerResized(ServerResized {
+            server_id: s.server_id,
+            from_flavor: s.flavor_id,
+            to_flavor: from.flavor_id,
+            from_host: host.clone(),
+            host: from.host.clone(),
+            devices: devices.clone(),
+        }),
+    )?];
     let gone = s
         .devices
         .iter()
@@ -564,15 +618,21 @@ fn revert_resize(view: &dyn ViewRead, name: &ServerName) -> Result<Decision, Rej
     for d in &released {
         steps.push(release_step(view, &s, d, ReleaseReason::Resized)?);
     }
-    steps.push(plain(Event::ServerResizeReverted(ServerResizeReverted {
-        server_id: s.server_id,
-    })));
-    if from.host != host {
-        steps.push(plain(Event::ServerActionRequested(ServerActionRequested {
+    steps.push(step(
+        view,
+        Event::ServerResizeReverted(ServerResizeReverted {
             server_id: s.server_id,
-            host,
-            action: ServerAction::Teardown,
-        })));
+        }),
+    )?);
+    if from.host != host {
+        steps.push(step(
+            view,
+            Event::ServerActionRequested(ServerActionRequested {
+                server_id: s.server_id,
+                host,
+                action: ServerAction::Teardown,
+            }),
+        )?);
     }
     Ok(Decision {
         steps,
@@ -591,7 +651,7 @@ fn release_step(
     d: &DeviceInfo,
     reason: ReleaseReason,
 ) -> Result<Step, Rejection> {
-    fenced(
+    step(
         view,
         Event::DeviceReleased(DeviceReleased {
             device_id: d.device_id,
@@ -614,12 +674,11 @@ fn resize(
     no_pending_resize(&s)?;
     let f = view
         .flavor_by_name(flavor)?
-        .ok_or_else(|| Rejection::new(404, format!("flavor {flavor} does not exist")))?;
+        .ok_or_else(|| Rejection::not_found("flavor", flavor))?;
     if f.flavor_id == s.flavor_id {
-        return Err(Rejection::new(
-            409,
-            format!("server {name} already has flavor {flavor}"),
-        ));
+        return Err(Rejection::Conflict(format!(
+            "server {name} already has flavor {flavor}"
+        )));
     }
     let held = held_devices(view, &s)?;
     let req = schedule::Request {
@@ -635,7 +694,7 @@ fn resize(
             for r in &no.host_rejections {
                 reason.push_str(&format!("; {}: {}", r.host, r.reason));
             }
-            return Err(Rejection::new(409, reason));
+            return Err(Rejection::Conflict(reason));
         }
     };
     let mut steps = Vec::new();
@@ -647,28 +706,37 @@ fn resize(
             steps.push(claim_step(view, s.server_id, &p.host, d)?);
         }
     }
-    steps.push(plain(Event::ServerResized(ServerResized {
-        server_id: s.server_id,
-        from_flavor: s.flavor_id,
-        to_flavor: f.flavor_id,
-        from_host: from_host.clone(),
-        host: p.host.clone(),
-        devices: p.devices.clone(),
-    })));
+    steps.push(step(
+        view,
+        Event::ServerResized(ServerResized {
+            server_id: s.server_id,
+            from_flavor: s.flavor_id,
+            to_flavor: f.flavor_id,
+            from_host: from_host.clone(),
+            host: p.host.clone(),
+            devices: p.devices.clone(),
+        }),
+    )?);
     // Nova's VERIFY_RESIZE: the old devices stay claimed until a confirm releases them or a
     // revert gives them back, so nothing can take them meanwhile.
-    steps.push(plain(Event::ServerResizeVerifying(ServerResizeVerifying {
-        server_id: s.server_id,
-        from_flavor: s.flavor_id,
-        from_host: from_host.clone(),
-        devices: s.devices.clone(),
-    })));
-    if p.host != from_host {
-        steps.push(plain(Event::ServerActionRequested(ServerActionRequested {
+    steps.push(step(
+        view,
+        Event::ServerResizeVerifying(ServerResizeVerifying {
             server_id: s.server_id,
-            host: from_host,
-            action: ServerAction::Teardown,
-        })));
+            from_flavor: s.flavor_id,
+            from_host: from_host.clone(),
+            devices: s.devices.clone(),
+        }),
+    )?);
+    if p.host != from_host {
+        steps.push(step(
+            view,
+            Event::ServerActionRequested(ServerActionRequested {
+                server_id: s.server_id,
+                host: from_host,
+                action: ServerAction::Teardown,
+            }),
+        )?);
     }
     Ok(Decision {
         steps,
@@ -690,23 +758,24 @@ fn migrate(
     let from_host = scheduled_host(&s)?;
     no_pending_resize(&s)?;
     let held = held_devices(view, &s)?;
-    let refuse = |reason: String| -> Decision {
-        Decision {
-            steps: vec![plain(Event::ServerMigrationRefused(
-                ServerMigrationRefused {
+    let refuse = |reason: String| -> Result<Decision, Rejection> {
+        Ok(Decision {
+            steps: vec![step(
+                view,
+                Event::ServerMigrationRefused(ServerMigrationRefused {
                     server_id: s.server_id,
                     live,
                     reason: reason.clone(),
-                },
-            ))],
-            reply: Reply::Refused { code: 409, reason },
-        }
+                }),
+            )?],
+            reply: Reply::Refused(Rejection::Conflict(reason)),
+        })
     };
     if live && !held.is_empty() {
-        return Ok(refuse(format!(
+        return refuse(format!(
             "live migration of {name} is impossible: it holds {} host USB device(s) on {from_host} that cannot be in two hosts at once; stop it and cold-migrate after moving a serial-identified device, or resize to a flavor without them",
             held.len()
-        )));
+        ));
     }
     // Cold (or live without devices): every held device must be a serial lineage whose current
     // enumeration is present on one other host.
@@ -718,21 +787,19 @@ fn migrate(
             continue;
         };
         if cur.lineage_kind != LineageKind::Serial {
-            return Ok(refuse(format!(
+            return refuse(format!(
                 "device {} is identified by its port on {}: it cannot follow {name} to another host",
                 cur.device_id, cur.host
-            )));
+            ));
         }
         if cur.status == DeviceStatus::Invalidated || cur.host == from_host {
-            return Ok(refuse(format!(
+            return refuse(format!(
                 "device {} (serial lineage {}) is still on {from_host}: move it to the destination host first",
                 cur.device_id, cur.lineage_id
-            )));
+            ));
         }
         if dest.as_ref().is_some_and(|d| d != &cur.host) {
-            return Ok(refuse(format!(
-                "{name}'s devices are now on different hosts"
-            )));
+            return refuse(format!("{name}'s devices are now on different hosts"));
         }
         dest = Some(cur.host.clone());
         let moved = usbpt_schemas::AssignedDevice {
@@ -744,32 +811,38 @@ fn migrate(
     }
     let host = match (dest, target) {
         (Some(d), Some(t)) if &d != t => {
-            return Ok(refuse(format!("{name}'s devices are on {d}, not on {t}")))
+            return refuse(format!("{name}'s devices are on {d}, not on {t}"))
         }
         (Some(d), _) => d,
         (None, Some(t)) if t != &from_host => {
             if !view.host_known(t)? {
-                return Err(Rejection::new(404, format!("host {t} is unknown")));
+                return Err(Rejection::UnknownHost { host: t.clone() });
             }
             t.clone()
         }
         _ => {
-            return Ok(refuse(format!(
+            return refuse(format!(
                 "no destination for {name}: give --host (it holds no USB device that moved)"
-            )))
+            ))
         }
     };
-    steps.push(plain(Event::ServerMigrated(ServerMigrated {
-        server_id: s.server_id,
-        from_host: from_host.clone(),
-        host: host.clone(),
-        devices,
-    })));
-    steps.push(plain(Event::ServerActionRequested(ServerActionRequested {
-        server_id: s.server_id,
-        host: from_host.clone(),
-        action: ServerAction::Teardown,
-    })));
+    steps.push(step(
+        view,
+        Event::ServerMigrated(ServerMigrated {
+            server_id: s.server_id,
+            from_host: from_host.clone(),
+            host: host.clone(),
+            devices,
+        }),
+    )?);
+    steps.push(step(
+        view,
+        Event::ServerActionRequested(ServerActionRequested {
+            server_id: s.server_id,
+            host: from_host.clone(),
+            action: ServerAction::Teardown,
+        }),
+    )?);
     Ok(Decision {
         steps,
         reply: Reply::Accepted(format!("server {name} migrated from {from_host} to {host}")),
@@ -801,29 +874,29 @@ fn act(
     action: ServerAction,
 ) -> Result<Decision, Rejection> {
     if action == ServerAction::Teardown {
-        return Err(Rejection::new(
-            400,
+        return Err(Rejection::invalid(
+            "action",
             "teardown is internal; use delete, resize or migrate",
         ));
     }
     let s = live_server(view, name)?;
     let host = scheduled_host(&s)?;
     if !allowed(action, s.state) {
-        return Err(Rejection::new(
-            409,
-            format!(
-                "cannot {} server {name} while it is {:?}",
-                action.as_str(),
-                s.state
-            ),
-        ));
+        return Err(Rejection::Conflict(format!(
+            "cannot {} server {name} while it is {:?}",
+            action.as_str(),
+            s.state
+        )));
     }
     Ok(Decision {
-        steps: vec![plain(Event::ServerActionRequested(ServerActionRequested {
-            server_id: s.server_id,
-            host: host.clone(),
-            action,
-        }))],
+        steps: vec![step(
+            view,
+            Event::ServerActionRequested(ServerActionRequested {
+                server_id: s.server_id,
+                host: host.clone(),
+                action,
+            }),
+        )?],
         reply: Reply::Accepted(format!(
             "{} requested for {name} on {host}; its USB claims are kept",
             action.as_str()
@@ -834,10 +907,13 @@ fn act(
 fn delete(view: &dyn ViewRead, name: &ServerName) -> Result<Decision, Rejection> {
     let s = live_server(view, name)?;
     let held = held_devices(view, &s)?;
-    let mut steps = vec![plain(Event::ServerDeleted(ServerDeleted {
-        server_id: s.server_id,
-        host: s.host.clone(),
-    }))];
+    let mut steps = vec![step(
+        view,
+        Event::ServerDeleted(ServerDeleted {
+            server_id: s.server_id,
+            host: s.host.clone(),
+        }),
+    )?];
     for d in &held {
         steps.push(release_step(view, &s, d, ReleaseReason::ServerDeleted)?);
     }

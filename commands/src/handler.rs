@@ -12,11 +12,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use tracing::{info, info_span, warn, Instrument};
 use usbpt_bus::{Bus, BusError};
-use usbpt_schemas::commands::{Command, CommandReply};
-use usbpt_schemas::{
-    subjects, CorrelationId, DeviceReleased, Envelope, Event, EventId, FlavorId, ReleaseReason,
-    ServerDeleted, ServerId,
-};
+use usbpt_schemas::commands::{Command, CommandReply, RejectKind};
+use usbpt_schemas::{subjects, CorrelationId, Envelope, Event, EventId, FlavorId, ServerId};
 
 use crate::decide::{decide, Ctx, Fence, Reply, Step};
 use crate::schedule::Weigh;
@@ -58,15 +55,31 @@ pub struct HandlerStats {
     pub decisions: AtomicU64,
     /// Fenced appends that lost their race to another writer (each is followed by a retry).
     pub conflicts: AtomicU64,
+    /// Where commands spent their time, summed in microseconds (`usbpt bench` breaks a boot
+    /// down with these): waiting for this process's turn to decide,
+    pub queue_us: AtomicU64,
+    /// for the view to reach the stream's head before deciding,
+    pub head_us: AtomicU64,
+    /// deciding (snapshot and `decide`),
+    pub decide_us: AtomicU64,
+    /// appending the steps,
+    pub append_us: AtomicU64,
+    /// for the view to apply what was appended (read-your-writes),
+    pub view_us: AtomicU64,
+    /// and undoing, backing off and catching up after lost races.
+    pub retry_us: AtomicU64,
+}
+
+/// Adds the time since `t` to `counter` (microseconds) and restarts `t`.
+fn lap(counter: &AtomicU64, t: &mut std::time::Instant) {
+    let now = std::time::Instant::now();
+    counter.fetch_add((now - *t).as_micros() as u64, Relaxed);
+    *t = now;
 }
 
 enum AppendError {
-    /// Lost a race on a fenced subject; `claimed` are the claims this attempt already stored.
-    Conflict {
-        subject: String,
-        claimed: Vec<(DeviceReleased, u64)>,
-        created: Option<ServerId>,
-    },
+    /// Lost a race on a fenced subject; `undo` undoes what this attempt already stored.
+    Conflict { subject: String, undo: Vec<Undo> },
     /// A step would be larger than the bus takes; nothing was appended.
     TooLarge {
         step: usize,
@@ -74,12 +87,22 @@ enum AppendError {
         bytes: usize,
         limit: usize,
     },
-    /// The bus refused or lost an append after `claimed` (and `created`) were stored.
-    Bus {
-        error: BusError,
-        claimed: Vec<(DeviceReleased, u64)>,
-        created: Option<ServerId>,
+    /// A step's fence disagrees with its subject ([`subjects::is_fenced`]): a claim without a
+    /// fence is never appended. Nothing from this step on was appended.
+    Unfenced {
+        step: usize,
+        subject: String,
+        undo: Vec<Undo>,
     },
+    /// The bus refused or lost an append after the steps `undo` undoes were stored.
+    Bus { error: BusError, undo: Vec<Undo> },
+}
+
+/// A stored step's compensation ([`Step::undo`]): fenced on the sequence the step got when its
+/// subject is fenced (a claim's release), plain otherwise (a boot request's `ServerDeleted`).
+struct Undo {
+    event: Event,
+    fence: Option<u64>,
 }
 
 /// Room left in a NATS message for usbpt's headers (message id, fence, signature).
@@ -115,45 +138,52 @@ impl<V: ViewSource> Handler<V> {
             weigh: self.weigh,
         };
         self.stats.commands.fetch_add(1, Relaxed);
+        let mut t = std::time::Instant::now();
         let mut turn = Some(self.deciding.lock().await);
-        // A server this command recorded (`ServerBootRequested`): if the command fails after
-        // that, a compensating `ServerDeleted` leaves no half-created server behind.
-        let mut created: Option<ServerId> = None;
+        lap(&self.stats.queue_us, &mut t);
+        // Plain undos of steps a retry does not repeat (the boot request's `ServerDeleted`): if
+        // the command fails after them, they leave no half-created server behind.
+        let mut kept: Vec<Undo> = Vec::new();
         // Decide on a view at least as fresh as the stream was when the command arrived, so a
         // command sees what any handler appended before it (read-your-writes across processes).
         match self.bus.last_sequence().await {
             Ok(head) => {
                 if !self.view.wait_applied(head, READ_YOUR_WRITES).await {
                     return rejected(
-                        503,
+                        RejectKind::Unavailable,
                         format!("the view is behind the stream (sequence {head}); try again"),
                     );
                 }
             }
-            Err(e) => return rejected(503, e.to_string()),
+            Err(e) => return rejected(RejectKind::Unavailable, e.to_string()),
         }
+        lap(&self.stats.head_us, &mut t);
         for attempt in 1..=MAX_ATTEMPTS {
             self.stats.decisions.fetch_add(1, Relaxed);
             let decision = match self.view.snapshot() {
                 Ok(snap) => decide(&snap, cmd, &ctx),
-                Err(e) => return rejected(503, e.to_string()),
+                Err(e) => return rejected(RejectKind::Unavailable, e.to_string()),
             };
             let decision = match decision {
                 Ok(d) => d,
-                Err(r) => return rejected(r.code, r.reason),
+                Err(r) => return rejected(r.kind(), r.to_string()),
             };
-            match self.append(&decision.steps, correlation).await {
+            lap(&self.stats.decide_us, &mut t);
+            let appended = self.append(&decision.steps, correlation).await;
+            lap(&self.stats.append_us, &mut t);
+            match appended {
                 Ok((ids, last)) => {
                     turn.take();
                     if last > 0 && !self.view.wait_applied(last, READ_YOUR_WRITES).await {
                         warn!(seq = last, "view did not catch up before the reply");
                     }
+                    lap(&self.stats.view_us, &mut t);
                     return match decision.reply {
                         Reply::Accepted(message) => CommandReply::Accepted {
                             events: ids,
                             message,
                         },
-                        Reply::Refused { code, reason } => rejected(code, reason),
+                        Reply::Refused(r) => rejected(r.kind(), r.to_string()),
                     };
                 }
                 Err(AppendError::TooLarge {
@@ -163,74 +193,87 @@ impl<V: ViewSource> Handler<V> {
                     limit,
                 }) => {
                     return rejected(
-                        413,
+                        RejectKind::TooLarge,
                         format!(
                             "step {step} ({kind}) would be {bytes} bytes; the bus takes at most \
                              {limit}: nothing was appended"
                         ),
                     )
                 }
-                Err(AppendError::Bus {
-                    error,
-                    claimed,
-                    created: made,
-                }) => {
-                    let created = created.or(made);
-                    warn!(%error, "an append failed part-way; undoing what this command appended");
-                    let undone = match self.undo(claimed, created, correlation).await {
-                        Ok(()) => "what it had appended was undone".to_owned(),
-                        Err(e) => format!("undoing what it had appended failed too: {e}"),
-                    };
-                    return rejected(503, format!("{error}; {undone}"));
-                }
-                Err(AppendError::Conflict {
+                Err(AppendError::Unfenced {
+                    step,
                     subject,
-                    claimed,
-                    created: made,
+                    mut undo,
                 }) => {
-                    created = created.or(made);
+                    undo.append(&mut kept);
+                    let undone = self.undone(undo, correlation).await;
+                    return rejected(
+                        RejectKind::Unavailable,
+                        format!(
+                            "step {step} on the fenced subject {subject} has no fence (a \
+                             defect in the decision); nothing from it on was appended, {undone}"
+                        ),
+                    );
+                }
+                Err(AppendError::Bus { error, mut undo }) => {
+                    warn!(%error, "an append failed part-way; undoing what this command appended");
+                    undo.append(&mut kept);
+                    let undone = self.undone(undo, correlation).await;
+                    return rejected(RejectKind::Unavailable, format!("{error}; {undone}"));
+                }
+                Err(AppendError::Conflict { subject, undo }) => {
                     self.stats.conflicts.fetch_add(1, Relaxed);
                     info!(attempt, %subject, "lost a race; releasing and deciding again");
-                    if let Err(e) = self.compensate(claimed, correlation).await {
-                        return rejected(503, e.to_string());
+                    let (now, later): (Vec<Undo>, Vec<Undo>) =
+                        undo.into_iter().partition(|u| u.fence.is_some());
+                    kept.extend(later);
+                    if let Err(e) = self.undo(now, correlation).await {
+                        return rejected(RejectKind::Unavailable, e.to_string());
                     }
                     let Ok(head) = self.bus.last_sequence().await else {
-                        return rejected(503, "cannot read the stream's head".into());
+                        return rejected(
+                            RejectKind::Unavailable,
+                            "cannot read the stream's head".into(),
+                        );
                     };
                     // Let the other process's writes land, with a jitter drawn from the
                     // server id so racing handlers do not retry in lockstep.
                     let jitter = (ctx.server_id.0.as_u128() % 7) as u64 + 1;
                     tokio::time::sleep(Duration::from_millis(jitter * attempt as u64)).await;
                     self.view.wait_applied(head, READ_YOUR_WRITES).await;
+                    lap(&self.stats.retry_us, &mut t);
                 }
             }
         }
-        let undone = match self.undo(Vec::new(), created, correlation).await {
+        let undone = match self.undo(kept, correlation).await {
             Ok(()) => "",
             Err(_) => " (and the server it recorded could not be removed)",
         };
         rejected(
-            409,
+            RejectKind::Conflict,
             format!("lost the race for a device {MAX_ATTEMPTS} times; try again{undone}"),
         )
     }
 
-    /// Releases `claimed` and removes the server this command `created`, if any: a command
-    /// that failed part-way leaves no claim and no half-created server.
-    async fn undo(
-        &self,
-        claimed: Vec<(DeviceReleased, u64)>,
-        created: Option<ServerId>,
-        correlation: CorrelationId,
-    ) -> Result<(), BusError> {
-        self.compensate(claimed, correlation).await?;
-        if let Some(server_id) = created {
-            let env = Envelope::new(Event::ServerDeleted(ServerDeleted {
-                server_id,
-                host: None,
-            }))
-            .with_correlation(correlation);
-            self.bus.publish(&env).await?;
+    /// Appends `undo` (in order: claims' releases before the server's removal) and says how
+    /// that went, for a reply.
+    async fn undone(&self, undo: Vec<Undo>, correlation: CorrelationId) -> String {
+        match self.undo(undo, correlation).await {
+            Ok(()) => "what it had appended was undone".to_owned(),
+            Err(e) => format!("undoing what it had appended failed too: {e}"),
+        }
+    }
+
+    /// Appends the compensations of stored steps, fenced releases first: a command that failed
+    /// part-way leaves no claim and no half-created server.
+    async fn undo(&self, mut undo: Vec<Undo>, correlation: CorrelationId) -> Result<(), BusError> {
+        undo.sort_by_key(|u| u.fence.is_none());
+        for u in undo {
+            let env = Envelope::new(u.event).with_correlation(correlation);
+            match u.fence {
+                Some(seq) => self.bus.publish_fenced(&env, seq).await?,
+                None => self.bus.publish(&env).await?,
+            };
         }
         Ok(())
     }
@@ -268,6 +311,8 @@ impl<V: ViewSource> Handler<V> {
     }
 
     /// Appends the steps in order. Returns the event ids and the last stream sequence written.
+    /// A step is fenced exactly when its subject is ([`subjects::is_fenced`]); a step whose
+    /// fence disagrees is not appended.
     async fn append(
         &self,
         steps: &[Step],
@@ -275,69 +320,45 @@ impl<V: ViewSource> Handler<V> {
     ) -> Result<(Vec<EventId>, u64), AppendError> {
         let envelopes = self.envelopes(steps, correlation)?;
         let mut written: HashMap<String, u64> = HashMap::new();
-        let mut claimed = Vec::new();
-        let mut created = None;
+        let mut undo = Vec::new();
         let mut ids = Vec::new();
         let mut last = 0;
-        for (step, env) in steps.iter().zip(envelopes) {
+        for (i, (step, env)) in steps.iter().zip(envelopes).enumerate() {
             let subject = subjects::for_event(&env);
-            let result = match step.fence {
-                Fence::None => self.bus.publish(&env).await,
-                Fence::Expect(seen) => {
+            let result = match (subjects::is_fenced(&subject), step.fence) {
+                (false, Fence::None) => self.bus.publish(&env).await,
+                (true, Fence::Expect(seen)) => {
                     let expected = written.get(&subject).copied().unwrap_or(seen);
                     self.bus.publish_fenced(&env, expected).await
+                }
+                _ => {
+                    return Err(AppendError::Unfenced {
+                        step: i,
+                        subject,
+                        undo,
+                    })
                 }
             };
             let published = match result {
                 Ok(p) => p,
                 Err(BusError::Conflict { subject, .. }) => {
-                    return Err(AppendError::Conflict {
-                        subject,
-                        claimed,
-                        created,
-                    })
+                    return Err(AppendError::Conflict { subject, undo })
                 }
-                Err(error) => {
-                    return Err(AppendError::Bus {
-                        error,
-                        claimed,
-                        created,
-                    })
-                }
+                Err(error) => return Err(AppendError::Bus { error, undo }),
             };
+            if let Some(event) = &step.undo {
+                let fence =
+                    subjects::is_fenced(&subjects::for_body(event)).then_some(published.sequence);
+                undo.push(Undo {
+                    event: event.clone(),
+                    fence,
+                });
+            }
             written.insert(subject, published.sequence);
-            if let Event::ServerBootRequested(b) = &step.event {
-                created = Some(b.server_id);
-            }
-            if let Event::DeviceClaimed(c) = &step.event {
-                claimed.push((
-                    DeviceReleased {
-                        device_id: c.device_id,
-                        lineage_id: c.lineage_id,
-                        host: c.host.clone(),
-                        server_id: c.server_id,
-                        reason: ReleaseReason::BootFailed,
-                    },
-                    published.sequence,
-                ));
-            }
             ids.push(env.event_id);
             last = last.max(published.sequence);
         }
         Ok((ids, last))
-    }
-
-    /// Undoes the claims of an attempt that lost a later race.
-    async fn compensate(
-        &self,
-        claimed: Vec<(DeviceReleased, u64)>,
-        correlation: CorrelationId,
-    ) -> Result<(), BusError> {
-        for (release, seq) in claimed {
-            let env = Envelope::new(Event::DeviceReleased(release)).with_correlation(correlation);
-            self.bus.publish_fenced(&env, seq).await?;
-        }
-        Ok(())
     }
 
     /// Serves commands over NATS request/reply (`usbpt.cmd.>`, queue group `usbpt-commands`)
@@ -355,7 +376,7 @@ impl<V: ViewSource> Handler<V> {
                 async move {
                     let reply = match serde_json::from_slice::<Command>(&msg.payload) {
                         Ok(cmd) => this.execute(&cmd).await,
-                        Err(e) => rejected(400, format!("invalid command: {e}")),
+                        Err(e) => rejected(RejectKind::Invalid, format!("invalid command: {e}")),
                     };
                     if let Some(to) = msg.reply {
                         let body = serde_json::to_vec(&reply).unwrap_or_default();
@@ -370,8 +391,8 @@ impl<V: ViewSource> Handler<V> {
     }
 }
 
-fn rejected(code: u16, reason: String) -> CommandReply {
-    CommandReply::Rejected { code, reason }
+fn rejected(kind: RejectKind, reason: String) -> CommandReply {
+    CommandReply::Rejected { kind, reason }
 }
 
 /// Sends a command over NATS and waits for the reply (the CLI's and tests' client side).

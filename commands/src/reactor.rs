@@ -55,7 +55,11 @@ fn release(
         reason,
     });
     let fence = Fence::Expect(view.subject_seq(&subjects::for_body(&event))?);
-    Ok(Some(Step { event, fence }))
+    Ok(Some(Step {
+        event,
+        fence,
+        undo: None,
+    }))
 }
 
 pub fn on_invalidated(view: &dyn ViewRead, inv: &DeviceInvalidated) -> Result<Reaction, ViewError> {

@@ -238,6 +238,9 @@ fn assign(
     Ok(devices)
 }
 
+/// Among how many of the first hosts with a free match pack draws where to start.
+pub const PACK_SUBSET: usize = 4;
+
 /// Hosts whose rejection reasons are recorded one by one; beyond them, a count.
 const REJECTIONS_SHOWN: usize = 32;
 
@@ -262,8 +265,34 @@ fn first_fit(
     };
     let mut rejections = Vec::new();
     let mut tried = 0usize;
-    let mut after: Option<HostName> = None;
-    while let Some(host) = view.next_host_with_free(*vendor_id, *product_id, after.as_ref())? {
+    // Nova's host_subset_size, on index keys only: of the first PACK_SUBSET hosts with a free
+    // match, one drawn from the server id is where first fit starts (wrapping round to the
+    // hosts before it), so concurrent boots in several handlers mostly claim on different
+    // hosts (ADR 0010) while reading one host's devices when it fits.
+    let mut firsts: Vec<HostName> = Vec::with_capacity(PACK_SUBSET);
+    while firsts.len() < PACK_SUBSET {
+        match view.next_host_with_free(*vendor_id, *product_id, firsts.last())? {
+            Some(h) => firsts.push(h),
+            None => break,
+        }
+    }
+    let pick = req.server.map_or(0, |s| {
+        ((s.0.as_u128() >> 7) % firsts.len().max(1) as u128) as usize
+    });
+    let start: Option<HostName> = pick.checked_sub(1).map(|i| firsts[i].clone());
+    let mut after = start.clone();
+    let mut wrapped = start.is_none();
+    loop {
+        let host = match view.next_host_with_free(*vendor_id, *product_id, after.as_ref())? {
+            Some(h) if wrapped && start.as_ref().is_some_and(|s| &h > s) => break,
+            Some(h) => h,
+            None if !wrapped => {
+                wrapped = true;
+                after = None;
+                continue;
+            }
+            None => break,
+        };
         tried += 1;
         let mut lists = Vec::with_capacity(req.usb.len());
         for r in req.usb {

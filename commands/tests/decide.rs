@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use usbpt_commands::decide::Reply;
 use usbpt_commands::schedule::Weigh;
 use usbpt_commands::*;
-use usbpt_schemas::commands::Command;
+use usbpt_schemas::commands::{Command, RejectKind};
 use usbpt_schemas::*;
 
 #[derive(Default, Clone)]
@@ -148,7 +148,7 @@ fn flavor_create_validates_ports_ids_and_names() {
         &ctx(),
     )
     .unwrap_err();
-    assert_eq!(dup.code, 409);
+    assert_eq!(dup.kind(), RejectKind::Conflict);
 
     // Two requests on one uhci controller: 3 devices > 2 ports.
     let ports = decide(
@@ -161,13 +161,13 @@ resources: Default::default(),
         &ctx(),
     )
     .unwrap_err();
-    assert_eq!(ports.code, 400);
+    assert_eq!(ports.kind(), RejectKind::Invalid);
     assert!(
         ports
-            .reason
+            .to_string()
             .contains("uhci has 2 ports and the flavor needs 3"),
         "{}",
-        ports.reason
+        ports.to_string()
     );
 
     let unknown = decide(
@@ -180,7 +180,7 @@ resources: Default::default(),
         &ctx(),
     )
     .unwrap_err();
-    assert_eq!(unknown.code, 404);
+    assert_eq!(unknown.kind(), RejectKind::NotFound);
 
     // A request sent whole over NATS meets the CLI's and HTTP's rules: serial only with
     // vendor/product, count at least 1.
@@ -217,8 +217,8 @@ resources: Default::default(),
             &ctx(),
         )
         .unwrap_err();
-        assert_eq!(r.code, 400, "{bad:?}");
-        assert!(r.reason.starts_with("request 1: "), "{}", r.reason);
+        assert_eq!(r.kind(), RejectKind::Invalid, "{bad:?}");
+        assert!(r.to_string().starts_with("usb[1]: "), "{}", r.to_string());
     }
 }
 
@@ -237,6 +237,22 @@ fn boot_goes_to_the_host_that_holds_the_device_and_fences_the_claim() {
         ["ServerBootRequested", "DeviceClaimed", "ServerScheduled"]
     );
     assert_eq!(d.steps[1].fence, Fence::Expect(41));
+    // Every step is fenced exactly when its subject is, and says what undoes it.
+    for s in &d.steps {
+        let fenced = subjects::is_fenced(&subjects::for_body(&s.event));
+        assert_eq!(matches!(s.fence, Fence::Expect(_)), fenced, "{s:?}");
+    }
+    let Some(Event::DeviceReleased(undo)) = &d.steps[1].undo else {
+        panic!("a claim's undo is its release: {:?}", d.steps[1].undo)
+    };
+    assert_eq!(
+        (undo.lineage_id, undo.reason),
+        (v.devices[1].lineage_id, ReleaseReason::BootFailed)
+    );
+    assert!(
+        matches!(&d.steps[0].undo, Some(Event::ServerDeleted(s)) if s.server_id == ctx().server_id)
+    );
+    assert_eq!(d.steps[2].undo, None);
     match &d.steps[2].event {
         Event::ServerScheduled(s) => {
             assert_eq!(s.host, h("host-b"));
@@ -267,10 +283,11 @@ fn a_claimed_device_cannot_be_booted_twice_and_each_host_says_why() {
         "{:?}",
         f.host_rejections
     );
-    let Reply::Refused { code, reason } = &d.reply else {
+    let Reply::Refused(r) = &d.reply else {
         panic!()
     };
-    assert_eq!(*code, 409);
+    assert_eq!(r.kind(), RejectKind::Conflict);
+    let reason = r.to_string();
     assert!(
         reason.contains("host-a") && reason.contains("host-b"),
         "{reason}"
@@ -293,9 +310,10 @@ fn a_claimed_device_cannot_be_booted_twice_and_each_host_says_why() {
     v.flavors
         .push(flavor("lin", &format!("lineage={}", d1.lineage_id)));
     let d = decide(&v, &boot("erp", "lin"), &ctx()).unwrap();
-    let Reply::Refused { reason, .. } = &d.reply else {
+    let Reply::Refused(r) = &d.reply else {
         panic!()
     };
+    let reason = r.to_string();
     assert!(reason.contains("already claimed"), "{reason}");
 }
 
@@ -349,9 +367,10 @@ fn an_enumeration_binding_follows_its_lineage_unless_strict() {
     };
     assert_eq!(c.device_id, new.device_id);
     let d = decide(&v, &boot("a", "strict"), &ctx()).unwrap();
-    let Reply::Refused { reason, .. } = &d.reply else {
+    let Reply::Refused(r) = &d.reply else {
         panic!()
     };
+    let reason = r.to_string();
     assert!(
         reason.contains("invalidated") && reason.contains("strict"),
         "{reason}"
@@ -455,8 +474,8 @@ fn resize_awaits_confirmation_keeping_the_old_device_then_confirm_or_revert() {
         },
     ] {
         let e = decide(&after, &cmd, &ctx()).unwrap_err();
-        assert_eq!(e.code, 409, "{cmd:?}");
-        assert!(e.reason.contains("VERIFY_RESIZE"), "{}", e.reason);
+        assert_eq!(e.kind(), RejectKind::Conflict, "{cmd:?}");
+        assert!(e.to_string().contains("VERIFY_RESIZE"), "{}", e.to_string());
     }
     // Confirm releases the old key.
     let c = decide(
@@ -508,8 +527,12 @@ fn resize_awaits_confirmation_keeping_the_old_device_then_confirm_or_revert() {
         ..after.clone()
     };
     let e = decide(&lost, &Command::RevertResize { name: name.clone() }, &ctx()).unwrap_err();
-    assert_eq!(e.code, 409);
-    assert!(e.reason.contains("no longer reserved"), "{}", e.reason);
+    assert_eq!(e.kind(), RejectKind::Conflict);
+    assert!(
+        e.to_string().contains("no longer reserved"),
+        "{}",
+        e.to_string()
+    );
     // Deleting while verifying releases both.
     let del = decide(&after, &Command::Delete { name: name.clone() }, &ctx()).unwrap();
     assert_eq!(
@@ -522,8 +545,10 @@ fn resize_awaits_confirmation_keeping_the_old_device_then_confirm_or_revert() {
         Command::RevertResize { name },
     ] {
         assert_eq!(
-            decide(&fresh(&s, &a, &fa), &cmd, &ctx()).unwrap_err().code,
-            409
+            decide(&fresh(&s, &a, &fa), &cmd, &ctx())
+                .unwrap_err()
+                .kind(),
+            RejectKind::Conflict
         );
     }
 }
@@ -559,9 +584,10 @@ fn live_migration_with_usb_is_refused_and_cold_follows_a_moved_serial_lineage() 
     )
     .unwrap();
     assert_eq!(kinds(&live), ["ServerMigrationRefused"]);
-    let Reply::Refused { reason, .. } = &live.reply else {
+    let Reply::Refused(r) = &live.reply else {
         panic!()
     };
+    let reason = r.to_string();
     assert!(
         reason.contains("live migration") && reason.contains("USB"),
         "{reason}"
@@ -641,11 +667,11 @@ fn actions_keep_claims_and_respect_state() {
         &ctx(),
     )
     .unwrap_err();
-    assert_eq!(unpause.code, 409);
+    assert_eq!(unpause.kind(), RejectKind::Conflict);
     assert!(
-        unpause.reason.contains("unpause") && unpause.reason.contains("Active"),
+        unpause.to_string().contains("unpause") && unpause.to_string().contains("Active"),
         "{}",
-        unpause.reason
+        unpause.to_string()
     );
     let gone = decide(
         &v,
@@ -656,7 +682,7 @@ fn actions_keep_claims_and_respect_state() {
         &ctx(),
     )
     .unwrap_err();
-    assert_eq!(gone.code, 404);
+    assert_eq!(gone.kind(), RejectKind::NotFound);
 }
 
 #[test]
@@ -796,15 +822,19 @@ fn update_server_renames_describes_and_refuses_a_taken_name() {
         .is_empty());
     let long = "x".repeat(256);
     let e = decide(&v, &update(None, Some(Some(&long))), &ctx()).unwrap_err();
-    assert_eq!(e.code, 400);
-    assert!(e.reason.starts_with("description:"), "{}", e.reason);
+    assert_eq!(e.kind(), RejectKind::Invalid);
+    assert!(
+        e.to_string().starts_with("description:"),
+        "{}",
+        e.to_string()
+    );
     v.servers.push(ServerInfo {
         server_id: ServerId(uuid::Uuid::from_u128(99)),
         name: ServerName::new("taken").unwrap(),
         ..s.clone()
     });
     let e = decide(&v, &update(Some("taken"), None), &ctx()).unwrap_err();
-    assert_eq!(e.code, 409);
+    assert_eq!(e.kind(), RejectKind::Conflict);
     let e = decide(
         &v,
         &Command::UpdateServer {
@@ -815,5 +845,5 @@ fn update_server_renames_describes_and_refuses_a_taken_name() {
         &ctx(),
     )
     .unwrap_err();
-    assert_eq!(e.code, 404);
+    assert_eq!(e.kind(), RejectKind::NotFound);
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use usbpt_commands::decide::Reply;
 use usbpt_commands::schedule::Weigh;
 use usbpt_commands::*;
-use usbpt_schemas::commands::Command;
+use usbpt_schemas::commands::{Command, RejectKind};
 use usbpt_schemas::*;
 
 /// A view that knows one enumeration of one lineage, and nothing else.
@@ -98,13 +98,13 @@ fn a_label_is_recorded_removed_validated_and_needs_a_known_lineage() {
     }
     for bad in ["", " padded", "a\x1b[31mred", &"x".repeat(65)] {
         let e = decide(&v, &label(lineage, Some(bad)), &ctx()).unwrap_err();
-        assert_eq!(e.code, 400, "{bad:?}");
-        assert!(e.reason.starts_with("label: "), "{}", e.reason);
+        assert_eq!(e.kind(), RejectKind::Invalid, "{bad:?}");
+        assert!(e.to_string().starts_with("label: "), "{e}");
     }
     let unknown = LineageId(uuid::Uuid::from_u128(9));
     let e = decide(&v, &label(unknown, Some("x")), &ctx()).unwrap_err();
-    assert_eq!(e.code, 404);
-    assert!(e.reason.contains(&unknown.to_string()), "{}", e.reason);
+    assert_eq!(e.kind(), RejectKind::NotFound);
+    assert!(e.to_string().contains(&unknown.to_string()), "{e}");
     // A device id given for a lineage: 404 naming the device's lineage.
     let e = decide(
         &v,
@@ -112,11 +112,10 @@ fn a_label_is_recorded_removed_validated_and_needs_a_known_lineage() {
         &ctx(),
     )
     .unwrap_err();
-    assert_eq!(e.code, 404);
+    assert_eq!(e.kind(), RejectKind::NotFound);
     assert!(
-        e.reason.contains(&format!("its lineage is {lineage}")),
-        "{}",
-        e.reason
+        e.to_string().contains(&format!("its lineage is {lineage}")),
+        "{e}"
     );
     // Commands travel as JSON: a label and its removal.
     let json = format!(r#"{{"command":"label_lineage","lineage":"{lineage}","label":null}}"#);

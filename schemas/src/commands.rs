@@ -153,10 +153,45 @@ pub enum CommandReply {
         message: String,
     },
     Rejected {
-        /// An HTTP-style status: 400 invalid, 404 unknown, 409 conflict, 503 unavailable.
-        code: u16,
+        /// What kind of refusal; a front end chooses its own status for it (HTTP: `api`).
+        kind: RejectKind,
         reason: String,
     },
+}
+
+/// Why a command changed nothing, as a kind. Only front ends turn it into a status (the HTTP
+/// API in `api`, the CLI's message), so the command side never speaks HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectKind {
+    /// The command is malformed; the reason names the field.
+    Invalid,
+    /// It names something that does not exist.
+    NotFound,
+    /// It conflicts with the current state (a name in use, a lost race, no host fits).
+    Conflict,
+    /// A step would be larger than the bus takes.
+    TooLarge,
+    /// The view or the bus could not be read or written; try again.
+    Unavailable,
+}
+
+impl RejectKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectKind::Invalid => "invalid",
+            RejectKind::NotFound => "not found",
+            RejectKind::Conflict => "conflict",
+            RejectKind::TooLarge => "too large",
+            RejectKind::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A `--usb SPEC` could not be parsed. The message names the offending part.
@@ -190,6 +225,13 @@ pub struct UsbRequestFields {
 pub enum UsbRequestError {
     #[error("give exactly one of an enumeration id, a lineage, or vendor with product (serial and count go with vendor and product only)")]
     Selector,
+    /// `serial` or `count` given with an `id` or `lineage` selector, which names one device:
+    /// refused rather than silently dropped.
+    #[error("{field} goes with vendor and product only, not with {selector}")]
+    NotWith {
+        field: &'static str,
+        selector: &'static str,
+    },
     #[error("serial is empty")]
     EmptySerial,
     #[error("serial is {0} bytes; at most {MAX_STRING_BYTES} (the longest a USB string descriptor holds)")]
@@ -228,6 +270,12 @@ impl UsbRequestFields {
             follow,
         } = self;
         let plain = serial.is_none() && count.is_none();
+        if !plain && (id.is_some() ^ lineage.is_some()) && vendor.is_none() && product.is_none() {
+            return Err(UsbRequestError::NotWith {
+                field: if serial.is_some() { "serial" } else { "count" },
+                selector: if id.is_some() { "id" } else { "lineage" },
+            });
+        }
         let selector = match (id, lineage, vendor, product) {
             (Some(d), None, None, None) if plain => DeviceSelector::Enumeration(d),
             (None, Some(l), None, None) if plain => DeviceSelector::Lineage(l),
@@ -392,6 +440,42 @@ impl FromStr for UsbRequest {
 mod tests {
     use super::*;
 
+    /// An `id` or `lineage` names one device: a `serial` or `count` with it is refused, naming
+    /// the field, by the one validator the CLI, HTTP and NATS share (HTTP used to drop them).
+    #[test]
+    fn serial_or_count_with_a_one_device_selector_is_refused_naming_the_field() {
+        let id = DeviceId::new_v7();
+        let with = |serial: Option<&str>, count: Option<u8>| UsbRequestFields {
+            id: Some(id),
+            serial: serial.map(str::to_owned),
+            count,
+            ..UsbRequestFields::default()
+        };
+        assert_eq!(
+            with(Some("K1"), None).validate(),
+            Err(UsbRequestError::NotWith {
+                field: "serial",
+                selector: "id"
+            })
+        );
+        assert_eq!(
+            with(None, Some(2)).validate(),
+            Err(UsbRequestError::NotWith {
+                field: "count",
+                selector: "id"
+            })
+        );
+        let e = format!("id={id},count=2")
+            .parse::<UsbRequest>()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("count goes with vendor and product only"),
+            "{e}"
+        );
+        assert!(with(None, None).validate().is_ok());
+    }
+
     #[test]
     fn serials_are_bounded_and_rejected_values_are_not_echoed_whole() {
         let fields = |serial: String| UsbRequestFields {
@@ -524,7 +608,10 @@ mod tests {
                     serial: Some("S".into()),
                     ..UsbRequestFields::default()
                 },
-                UsbRequestError::Selector,
+                UsbRequestError::NotWith {
+                    field: "serial",
+                    selector: "id",
+                },
             ),
             (
                 UsbRequestFields {
@@ -532,7 +619,10 @@ mod tests {
                     count: Some(2),
                     ..UsbRequestFields::default()
                 },
-                UsbRequestError::Selector,
+                UsbRequestError::NotWith {
+                    field: "count",
+                    selector: "id",
+                },
             ),
             (
                 UsbRequestFields { id, ..key.clone() },
@@ -592,7 +682,10 @@ mod tests {
             .parse::<UsbRequest>()
             .expect_err("serial with id")
             .to_string();
-        assert!(err.contains("exactly one"), "{err}");
+        assert!(
+            err.contains("serial goes with vendor and product only"),
+            "{err}"
+        );
     }
 
     #[test]

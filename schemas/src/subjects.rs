@@ -10,9 +10,10 @@
 //! | `usbpt.evt.host.{host}.server.{server_id}` | host agent | DeviceAttached, DeviceReattached, DeviceAttachFailed, ServerStateChanged (observed) |
 //! | `usbpt.evt.claim.{lineage_id}` | control plane, fenced | DeviceClaimed, DeviceReleased |
 //! | `usbpt.evt.flavor.{name}` | control plane, fenced | FlavorCreated, FlavorDeleted, FlavorUsbSet, FlavorSized |
+//! | `usbpt.evt.name.{server_name}` | control plane, fenced | ServerBootRequested, ServerUpdated (the name it gives) |
 //! | `usbpt.evt.ctl.{host}.server.{server_id}` | control plane, work for that host | ServerScheduled, ServerResized, ServerMigrated, ServerActionRequested, ServerDeleted (scheduled) |
 //! | `usbpt.evt.lineage.{lineage_id}` | control plane | LineageLabeled |
-//! | `usbpt.evt.server.{server_id}` | control plane | ServerBootRequested, ServerScheduleFailed, ServerMigrationRefused, ServerStateChanged (requested), ServerDeleted (never scheduled), ServerUpdated, ServerResizeVerifying, ServerResizeConfirmed, ServerResizeReverted |
+//! | `usbpt.evt.server.{server_id}` | control plane | ServerScheduleFailed, ServerMigrationRefused, ServerStateChanged (requested), ServerDeleted (never scheduled), ServerResizeVerifying, ServerResizeConfirmed, ServerResizeReverted |
 //!
 //! So an agent's credentials need publish on `usbpt.evt.host.{host}.>` and a consumer on
 //! `usbpt.evt.ctl.{host}.>`, nothing else.
@@ -25,7 +26,7 @@ use thiserror::Error;
 
 use crate::envelope::Envelope;
 use crate::events::{AssignedDevice, Event, ServerAction};
-use crate::ids::{DeviceId, FlavorName, HostName, LineageId, ServerId};
+use crate::ids::{DeviceId, FlavorName, HostName, LineageId, ServerId, ServerName};
 
 /// The stream that holds all of usbpt's history.
 pub const STREAM: &str = "USBPT_EVENTS";
@@ -63,6 +64,11 @@ pub fn lineage(lineage: &LineageId) -> String {
 }
 pub fn flavor(name: &FlavorName) -> String {
     format!("usbpt.evt.flavor.{name}")
+}
+/// A server name's subject (fenced, ADR 0003/0010): the events that give a server its name, so
+/// two boots (or a boot and a rename) taking one name race on one subject.
+pub fn name(name: &ServerName) -> String {
+    format!("usbpt.evt.name.{name}")
 }
 /// The prefix of every control-plane work subject (`usbpt.evt.ctl.{host}.…`): the only
 /// subjects whose events carry the command handler's signature (ADR 0005).
@@ -190,6 +196,7 @@ pub fn for_body(body: &Event) -> String {
         Route::Claim(l) => claim(l),
         Route::Flavor(f) => flavor(f),
         Route::Lineage(l) => lineage(l),
+        Route::Name(n) => name(n),
         Route::Work(w) => control_for_host(w.host, &w.server),
         Route::Server(s) => server(s),
     }
@@ -212,6 +219,8 @@ pub enum Route<'a> {
     Flavor(&'a FlavorName),
     /// `usbpt.evt.lineage.{lineage}`: the control plane's record about a physical device.
     Lineage(&'a LineageId),
+    /// `usbpt.evt.name.{server_name}` (fenced): the events that give a server its name.
+    Name(&'a ServerName),
     /// `usbpt.evt.ctl.{host}.server.{server}`: work the control plane asks of one host.
     Work(HostWork<'a>),
     /// `usbpt.evt.server.{server}`: the control plane's record; no host has work to do.
@@ -295,7 +304,7 @@ pub fn route(body: &Event) -> Route<'_> {
         Event::FlavorUsbSet(e) => Route::Flavor(&e.name),
         Event::FlavorSized(e) => Route::Flavor(&e.name),
         Event::LineageLabeled(e) => Route::Lineage(&e.lineage_id),
-        Event::ServerUpdated(e) => Route::Server(&e.server_id),
+        Event::ServerUpdated(e) => Route::Name(&e.name),
         Event::ServerResizeVerifying(e) => Route::Server(&e.server_id),
         Event::ServerResizeConfirmed(e) => Route::Server(&e.server_id),
         Event::ServerResizeReverted(e) => Route::Server(&e.server_id),
@@ -332,7 +341,7 @@ pub fn route(body: &Event) -> Route<'_> {
             Some(h) => work(h, e.server_id, WorkKind::Teardown),
             None => Route::Server(&e.server_id),
         },
-        Event::ServerBootRequested(e) => Route::Server(&e.server_id),
+        Event::ServerBootRequested(e) => Route::Name(&e.name),
         Event::ServerScheduleFailed(e) => Route::Server(&e.server_id),
         Event::ServerMigrationRefused(e) => Route::Server(&e.server_id),
     }
@@ -388,19 +397,26 @@ pub fn scope_of(subject: &str) -> Result<SubjectScope, SubjectError> {
 }
 
 /// Whether writers fence appends to `subject` on its last sequence (ADR 0003): claim subjects
-/// (one per lineage) and flavor subjects (one per name). The view tracks the last sequence of
-/// exactly these.
+/// (one per lineage), flavor subjects (one per name) and server-name subjects (one per name).
+/// The view tracks the last sequence of exactly these.
 pub fn is_fenced(subject: &str) -> bool {
     subject
         .strip_prefix("usbpt.evt.")
         .and_then(|rest| rest.split_once('.'))
-        .is_some_and(|(kind, name)| matches!(kind, "claim" | "flavor") && !name.is_empty())
+        .is_some_and(|(kind, name)| matches!(kind, "claim" | "flavor" | "name") && !name.is_empty())
 }
 
 /// Whether an envelope may legitimately arrive on `subject`: it must be the subject it would
 /// be published on, so a forged host or a misrouted event is caught.
 pub fn matches(envelope: &Envelope, subject: &str) -> bool {
-    for_event(envelope) == subject && envelope.host.as_ref() == envelope.body.agent_host()
+    let legacy = || match &envelope.body {
+        // Written before server names were fenced (ADR 0010): on the server's own subject.
+        Event::ServerBootRequested(e) => subject == server(&e.server_id),
+        Event::ServerUpdated(e) => subject == server(&e.server_id),
+        _ => false,
+    };
+    (for_event(envelope) == subject || legacy())
+        && envelope.host.as_ref() == envelope.body.agent_host()
 }
 
 #[cfg(test)]
@@ -442,6 +458,9 @@ mod tests {
         assert!(is_fenced(&flavor(&name)));
         let server = ServerId(uuid::Uuid::from_u128(9));
         assert!(!is_fenced(&self::server(&server)));
+        assert!(is_fenced(&self::name(
+            &ServerName::new("erp").expect("valid")
+        )));
         assert!(!is_fenced("usbpt.evt.host.host-a.agent"));
         assert!(!is_fenced("usbpt.evt.claim"));
         assert!(!is_fenced("usbpt.cmd.claim.x"));

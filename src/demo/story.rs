@@ -70,7 +70,7 @@ impl Story {
             .map_err(|e| anyhow!(e))?
         {
             CommandReply::Accepted { message, .. } => Ok(Ok(message)),
-            CommandReply::Rejected { code, reason } => Ok(Err(format!("{code}: {reason}"))),
+            CommandReply::Rejected { kind, reason } => Ok(Err(format!("{kind}: {reason}"))),
         }
     }
 
