@@ -192,6 +192,12 @@ pub async fn claims(
     .rate(accepted as f64 / elapsed.as_secs_f64())
     .latency(lat.summary())
     .value(conflict_rate, "% lost")
+    .floor(
+        "≥ 2,000 won/s, ≤ 5 % lost, p99 ≤ 50 ms",
+        accepted as f64 / elapsed.as_secs_f64() >= 2_000.0
+            && conflict_rate <= 5.0
+            && lat.summary().1 <= 50_000.0,
+    )
     .note(format!(
         "rate = claims won/s; {accepted} won, {no_device} refused (no free device), {} other{}; {conflicts} lost races in {decisions} decisions (value); latency per boot incl. read-your-writes; {breakdown}",
         other.len(),

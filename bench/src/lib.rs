@@ -384,7 +384,11 @@ async fn measure(
         report.compare_rate("fold_apply", "raw_redb_insert");
         if let Some(f) = report.figures.iter_mut().find(|f| f.key == "fold_live") {
             let share = f.vs_raw.as_ref().map_or(0.0, |r| r.ratio);
-            *f = f.clone().floor("≥ 50% of raw read + insert", share >= 0.5);
+            *f = f.clone().floor("≥ 70% of raw read + insert", share >= 0.7);
+        }
+        if let Some(f) = report.figures.iter_mut().find(|f| f.key == "replay") {
+            let rate = f.rate_per_s.unwrap_or(0.0);
+            *f = f.clone().floor("≥ 250,000/s", rate >= 250_000.0);
         }
     }
 
