@@ -39,7 +39,7 @@ async fn demo_tells_the_whole_story_and_exits_zero() -> Result<()> {
         "same lineage",
         "erp-1 holds device",
         "resized to erp-token",
-        "refused: 409: live migration",
+        "refused: conflict: live migration",
         "follow=strict",
         "is available; host-b's agent tears",
         "views identical",
