@@ -412,7 +412,8 @@ done""")
         return int(out[0]), int(out[1]), int(out[2]), held
 
     def kinds(self, evs=None):
-        return [next(iter(e["event"]["body"])) for e in (evs if evs is not None else self.events())]
+        """Each event's kind; both layouts of a discovery count as DeviceDiscovered."""
+        return [self.body_of(e)[0] for e in (evs if evs is not None else self.events())]
 
     def s2_replug(self):
         runs = [self.replug_timed("key", self.dom1) for _ in range(3)]
@@ -445,8 +446,16 @@ done""")
         raise LabError(f"{gadget} at {addr} is not in the view")
 
     @staticmethod
-    def lineage_in(e):
-        body = next(iter(e["event"]["body"].values()))
+    def body_of(e):
+        """An event's body; a DeviceDiscoveredV2's is its discovery (the fingerprint beside it)."""
+        kind, body = next(iter(e["event"]["body"].items()))
+        if kind == "DeviceDiscoveredV2" and isinstance(body, dict):
+            return "DeviceDiscovered", body["discovery"]
+        return kind, body
+
+    @classmethod
+    def lineage_in(cls, e):
+        _, body = cls.body_of(e)
         return body.get("lineage_id") if isinstance(body, dict) else None
 
     def wait_server(self, name, pred, what, timeout=180):
@@ -569,10 +578,8 @@ done""")
         seqs = [e["seq"] for e in evs]
         gaps = [b for a, b in zip(seqs, seqs[1:]) if b != a + 1]
         lineage = self.lineage_of("key")
-        disc = [next(iter(e["event"]["body"].values())) for e in storm
-                if "DeviceDiscovered" in e["event"]["body"]]
-        inval = [next(iter(e["event"]["body"].values())) for e in storm
-                 if "DeviceInvalidated" in e["event"]["body"]]
+        disc = [b for k, b in map(self.body_of, storm) if k == "DeviceDiscovered"]
+        inval = [b for k, b in map(self.body_of, storm) if k == "DeviceInvalidated"]
         key_disc = [d["device_id"] for d in disc if d["lineage_id"] == lineage]
         key_inval = [d["device_id"] for d in inval if d["lineage_id"] == lineage]
         # every enumeration of the key that began in the storm ended exactly once, but the last
