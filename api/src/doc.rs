@@ -256,9 +256,11 @@ pub struct LineageDoc {
     pub vendor_id: VendorId,
     pub product_id: ProductId,
     pub serial: Option<String>,
-    /// The operator's name for it (`usbpt label`).
+    /// The operator's name for it (`usbpt label`), and when it was last set or removed.
     #[serde(default)]
     pub label: Option<String>,
+    #[serde(default)]
+    pub label_changed: Option<Stamp>,
     pub enumerations: u32,
     pub current_device_id: DeviceId,
     pub current_host: HostName,
@@ -327,6 +329,7 @@ impl From<&Lineage> for LineageDoc {
             product_id: l.product_id,
             serial: l.serial.clone(),
             label: l.label.clone(),
+            label_changed: l.label_changed,
             enumerations: l.enumerations,
             current_device_id: l.current,
             current_host: l.current_host.clone(),

@@ -1,6 +1,6 @@
 //! Fleet-wide identity over HTTP (issue 18 items 3–5), with typed documents the CLI reads back:
 //!
-//! - `GET /v1/lineages/{id}`: a lineage with its label ([`LineageDoc`]);
+//! - `GET /v1/lineages/{id}`: a lineage with its label and alarms ([`LineageDoc`]);
 //! - `PUT /v1/lineages/{id}/label` `{"label": "ERP key #3"}` (or `{"label": null}`) and
 //!   `DELETE /v1/lineages/{id}/label`: the `label_lineage` command (400 naming `label`, 404 for
 //!   an unknown lineage);
@@ -29,57 +29,24 @@ use usbpt_schemas::{
     ServerName, Timestamp, VendorId,
 };
 
+use crate::doc::LineageDoc;
 use crate::{parse, read, ApiError, ApiState};
 
-/// A lineage as `GET /v1/lineages/{id}` serves it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LineageDoc {
-    pub id: LineageId,
-    pub kind: LineageKind,
-    pub vendor_id: VendorId,
-    pub product_id: ProductId,
-    pub serial: Option<String>,
-    pub label: Option<String>,
-    pub label_changed: Option<Stamp>,
-    pub enumerations: u32,
-    pub current_device_id: DeviceId,
-    pub current_host: HostName,
-    pub first_seen: Stamp,
-}
-
-impl From<&Lineage> for LineageDoc {
-    fn from(l: &Lineage) -> Self {
-        Self {
-            id: l.id,
-            kind: l.kind,
-            vendor_id: l.vendor_id,
-            product_id: l.product_id,
-            serial: l.serial.clone(),
-            label: l.label.clone(),
-            label_changed: l.label_changed,
-            enumerations: l.enumerations,
-            current_device_id: l.current,
-            current_host: l.current_host.clone(),
-            first_seen: l.first_seen,
-        }
-    }
-}
-
 /// `{"lineage": …}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LineageEnvelope {
     pub lineage: LineageDoc,
 }
 
 /// The body of `PUT /v1/lineages/{id}/label`: `null` removes the label.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LabelBody {
     pub label: Option<String>,
 }
 
 /// `GET /v1/lineages/{id}/custody`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CustodyDoc {
     pub lineage: LineageDoc,
     pub since: Option<Timestamp>,
@@ -89,7 +56,7 @@ pub struct CustodyDoc {
 }
 
 /// Where one device is (or was last).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FoundDoc {
     pub lineage_id: LineageId,
     pub lineage_kind: LineageKind,
@@ -114,7 +81,7 @@ pub struct FoundDoc {
 }
 
 /// `GET /v1/find`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FindDoc {
     pub query: FindQuery,
     /// Present devices first, then gone ones.
