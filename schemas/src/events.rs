@@ -12,7 +12,7 @@ use crate::ids::*;
 
 /// How many variants [`Event`] has; the codec refuses higher indexes as unknown. Keep in step
 /// with the enum (the golden tests check every index below it has a sample).
-pub const EVENT_VARIANTS: u32 = 28;
+pub const EVENT_VARIANTS: u32 = 34;
 
 /// Every event usbpt records. The variant order is the wire format.
 // DeviceDiscovered is the largest by far; events are built once and moved rarely, so plain
@@ -51,6 +51,12 @@ pub enum Event {
     /// enumeration whose descriptors could not be read.
     DeviceDiscoveredV2(DeviceDiscoveredV2),
     LineageLabeled(LineageLabeled),
+    PortFlapping(PortFlapping),
+    PortFlappingCleared(PortFlappingCleared),
+    LineageConflictResolved(LineageConflictResolved),
+    FingerprintAccepted(FingerprintAccepted),
+    DeviceReattachHeld(DeviceReattachHeld),
+    FlavorFingerprintPolicySet(FlavorFingerprintPolicySet),
 }
 
 impl Event {
@@ -85,6 +91,12 @@ impl Event {
             Event::ServerResizeReverted(_) => "ServerResizeReverted",
             Event::DeviceDiscoveredV2(_) => "DeviceDiscoveredV2",
             Event::LineageLabeled(_) => "LineageLabeled",
+            Event::PortFlapping(_) => "PortFlapping",
+            Event::PortFlappingCleared(_) => "PortFlappingCleared",
+            Event::LineageConflictResolved(_) => "LineageConflictResolved",
+            Event::FingerprintAccepted(_) => "FingerprintAccepted",
+            Event::DeviceReattachHeld(_) => "DeviceReattachHeld",
+            Event::FlavorFingerprintPolicySet(_) => "FlavorFingerprintPolicySet",
         }
     }
 
@@ -100,6 +112,9 @@ impl Event {
             Event::DeviceReattached(e) => Some(&e.host),
             Event::DeviceAttachFailed(e) => Some(&e.host),
             Event::DeviceClashDetected(e) => Some(&e.host),
+            Event::PortFlapping(e) => Some(&e.host),
+            Event::PortFlappingCleared(e) => Some(&e.host),
+            Event::DeviceReattachHeld(e) => Some(&e.host),
             Event::ServerStateChanged(e) if e.reported_by_agent => e.host.as_ref(),
             _ => None,
         }
@@ -601,4 +616,117 @@ pub struct ServerResizeReverted {
 pub struct LineageLabeled {
     pub lineage_id: LineageId,
     pub label: Option<String>,
+}
+
+/// A host agent saw one lineage re-enumerate more than its threshold within its window (a
+/// flapping hub port, autosuspend, a failing cable or power). While it flaps the agent does not
+/// re-attach it automatically and the scheduler does not pick it (ADR 0011). Published once per
+/// episode, on the host's `flap.{lineage_id}` subject.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortFlapping {
+    pub host: HostName,
+    pub lineage_id: LineageId,
+    /// The enumeration current when the threshold was crossed.
+    pub device_id: DeviceId,
+    pub port_path: PortPath,
+    /// Enumerations seen within the window, this one included.
+    pub enumerations: u32,
+    /// The detector's settings when it was raised.
+    pub window_secs: u32,
+    pub threshold: u32,
+}
+
+/// The lineage stayed enumerated (or stayed away) for the agent's quiet period: the episode its
+/// `PortFlapping` opened is over. Published once, on the same subject.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortFlappingCleared {
+    pub host: HostName,
+    pub lineage_id: LineageId,
+    /// The lineage's enumeration at that moment, if it is present.
+    pub device_id: Option<DeviceId>,
+    pub quiet_secs: u32,
+}
+
+/// An operator ended a `lineage_conflict` by keeping the enumeration on `keep_host` (`usbpt
+/// conflict resolve LINEAGE --keep HOST`), without unplugging the other copy. Recorded on the
+/// lineage's claim subject, fenced, so it is decided against the lineage's latest claims.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineageConflictResolved {
+    pub lineage_id: LineageId,
+    pub keep_host: HostName,
+    /// The enumeration that keeps (or takes over) the lineage.
+    pub kept_device: DeviceId,
+    /// The enumeration set aside: ignored until it ends.
+    pub dropped_device: DeviceId,
+}
+
+/// A serial lineage's new descriptor fingerprint is accepted as its own (`usbpt fingerprint
+/// accept LINEAGE`, or a flavor's `on_fingerprint_change=follow`): a `fingerprint_changed` alarm
+/// clears, and a re-attach held back for it (`DeviceReattachHeld`) is carried out by the agent of
+/// `host` for `server_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FingerprintAccepted {
+    pub lineage_id: LineageId,
+    pub fingerprint: Fingerprint,
+    /// The lineage's current enumeration and where it is, when it is present.
+    pub device_id: Option<DeviceId>,
+    pub host: Option<HostName>,
+    /// The server that holds the lineage there, if any: its agent re-attaches the enumeration.
+    pub server_id: Option<ServerId>,
+    /// True when a flavor's `on_fingerprint_change=follow` accepted it rather than an operator.
+    pub by_policy: bool,
+}
+
+/// An agent did not re-attach a re-enumerated device to the server that holds its lineage,
+/// because the new enumeration's fingerprint is not the one the server had (ADR 0011): the
+/// server keeps its claim; an accept (`FingerprintAccepted`) lets the re-attach go ahead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceReattachHeld {
+    pub host: HostName,
+    pub server_id: ServerId,
+    pub lineage_id: LineageId,
+    pub device_id: DeviceId,
+    pub expected: Fingerprint,
+    pub seen: Fingerprint,
+}
+
+/// What happens when a device held by a server of this flavor comes back with another
+/// fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FingerprintPolicy {
+    /// Keep the claim, do not re-attach until an operator accepts the new fingerprint.
+    #[default]
+    Hold,
+    /// Accept it and re-attach (the alarm is still raised and recorded).
+    Follow,
+}
+
+impl FingerprintPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FingerprintPolicy::Hold => "hold",
+            FingerprintPolicy::Follow => "follow",
+        }
+    }
+}
+
+impl std::str::FromStr for FingerprintPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "hold" => Ok(FingerprintPolicy::Hold),
+            "follow" => Ok(FingerprintPolicy::Follow),
+            other => Err(format!("{other:?} is not hold or follow")),
+        }
+    }
+}
+
+/// A flavor's `on_fingerprint_change` policy was set (`flavor create|set
+/// --on-fingerprint-change`). A flavor without this event holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlavorFingerprintPolicySet {
+    pub flavor_id: FlavorId,
+    pub name: FlavorName,
+    pub on_fingerprint_change: FingerprintPolicy,
 }

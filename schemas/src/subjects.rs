@@ -7,12 +7,13 @@
 //! | `usbpt.evt.host.{host}.agent` | host agent | HostAgentStarted |
 //! | `usbpt.evt.host.{host}.device.{device_id}` | host agent | DeviceDiscovered(V2), DeviceInvalidated |
 //! | `usbpt.evt.host.{host}.clash` | host agent | DeviceClashDetected |
-//! | `usbpt.evt.host.{host}.server.{server_id}` | host agent | DeviceAttached, DeviceReattached, DeviceAttachFailed, ServerStateChanged (observed) |
-//! | `usbpt.evt.claim.{lineage_id}` | control plane, fenced | DeviceClaimed, DeviceReleased |
-//! | `usbpt.evt.flavor.{name}` | control plane, fenced | FlavorCreated, FlavorDeleted, FlavorUsbSet, FlavorSized |
+//! | `usbpt.evt.host.{host}.server.{server_id}` | host agent | DeviceAttached, DeviceReattached, DeviceAttachFailed, DeviceReattachHeld, ServerStateChanged (observed) |
+//! | `usbpt.evt.host.{host}.flap.{lineage_id}` | host agent | PortFlapping, PortFlappingCleared |
+//! | `usbpt.evt.claim.{lineage_id}` | control plane, fenced | DeviceClaimed, DeviceReleased, LineageConflictResolved |
+//! | `usbpt.evt.flavor.{name}` | control plane, fenced | FlavorCreated, FlavorDeleted, FlavorUsbSet, FlavorSized, FlavorFingerprintPolicySet |
 //! | `usbpt.evt.name.{server_name}` | control plane, fenced | ServerBootRequested, ServerUpdated (the name it gives) |
-//! | `usbpt.evt.ctl.{host}.server.{server_id}` | control plane, work for that host | ServerScheduled, ServerResized, ServerMigrated, ServerActionRequested, ServerDeleted (scheduled) |
-//! | `usbpt.evt.lineage.{lineage_id}` | control plane | LineageLabeled |
+//! | `usbpt.evt.ctl.{host}.server.{server_id}` | control plane, work for that host | ServerScheduled, ServerResized, ServerMigrated, ServerActionRequested, ServerDeleted (scheduled), FingerprintAccepted (held by a server there) |
+//! | `usbpt.evt.lineage.{lineage_id}` | control plane | LineageLabeled, FingerprintAccepted (held by no server) |
 //! | `usbpt.evt.server.{server_id}` | control plane | ServerScheduleFailed, ServerMigrationRefused, ServerStateChanged (requested), ServerDeleted (never scheduled), ServerResizeVerifying, ServerResizeConfirmed, ServerResizeReverted |
 //!
 //! So an agent's credentials need publish on `usbpt.evt.host.{host}.>` and a consumer on
@@ -25,7 +26,7 @@
 use thiserror::Error;
 
 use crate::envelope::Envelope;
-use crate::events::{AssignedDevice, Event, ServerAction};
+use crate::events::{AssignedDevice, Event, Fingerprint, ServerAction};
 use crate::ids::{DeviceId, FlavorName, HostName, LineageId, ServerId, ServerName};
 
 /// The stream that holds all of usbpt's history.
@@ -50,6 +51,10 @@ pub fn host_clash(host: &HostName) -> String {
 }
 pub fn host_server(host: &HostName, server: &ServerId) -> String {
     format!("usbpt.evt.host.{host}.server.{server}")
+}
+/// A host's flapping episodes of one lineage (`PortFlapping`, `PortFlappingCleared`).
+pub fn host_flap(host: &HostName, lineage: &LineageId) -> String {
+    format!("usbpt.evt.host.{host}.flap.{lineage}")
 }
 /// Everything one host agent publishes (for permissions and per-host consumers).
 pub fn host_all(host: &HostName) -> String {
@@ -192,6 +197,7 @@ pub fn for_body(body: &Event) -> String {
             AgentSubject::Device(d) => host_device(host, d),
             AgentSubject::Clash => host_clash(host),
             AgentSubject::Server(s) => host_server(host, s),
+            AgentSubject::Flap(l) => host_flap(host, l),
         },
         Route::Claim(l) => claim(l),
         Route::Flavor(f) => flavor(f),
@@ -238,6 +244,8 @@ pub enum AgentSubject<'a> {
     Clash,
     /// `…server.{server}`
     Server(&'a ServerId),
+    /// `…flap.{lineage}`
+    Flap(&'a LineageId),
 }
 
 /// Work addressed to `host`'s agent about one server.
@@ -261,6 +269,14 @@ pub enum WorkKind<'a> {
     Action(ServerAction),
     /// The server was deleted: destroy and undefine its domain.
     Teardown,
+    /// A re-attach held back for a changed fingerprint (`DeviceReattachHeld`) may go ahead: attach
+    /// the lineage's current enumeration `device` to the server, and remember `fingerprint` as
+    /// the one it has.
+    Reattach {
+        lineage: &'a LineageId,
+        device: &'a DeviceId,
+        fingerprint: &'a Fingerprint,
+    },
 }
 
 /// Why a domain is (re)defined.
@@ -293,6 +309,23 @@ pub fn route(body: &Event) -> Route<'_> {
         Event::DeviceAttached(e) => agent(&e.host, AgentSubject::Server(&e.server_id)),
         Event::DeviceReattached(e) => agent(&e.host, AgentSubject::Server(&e.server_id)),
         Event::DeviceAttachFailed(e) => agent(&e.host, AgentSubject::Server(&e.server_id)),
+        Event::DeviceReattachHeld(e) => agent(&e.host, AgentSubject::Server(&e.server_id)),
+        Event::PortFlapping(e) => agent(&e.host, AgentSubject::Flap(&e.lineage_id)),
+        Event::PortFlappingCleared(e) => agent(&e.host, AgentSubject::Flap(&e.lineage_id)),
+        Event::LineageConflictResolved(e) => Route::Claim(&e.lineage_id),
+        Event::FlavorFingerprintPolicySet(e) => Route::Flavor(&e.name),
+        Event::FingerprintAccepted(e) => match (&e.host, &e.device_id, e.server_id) {
+            (Some(host), Some(device), Some(server)) => work(
+                host,
+                server,
+                WorkKind::Reattach {
+                    lineage: &e.lineage_id,
+                    device,
+                    fingerprint: &e.fingerprint,
+                },
+            ),
+            _ => Route::Lineage(&e.lineage_id),
+        },
         Event::ServerStateChanged(e) => match (&e.host, e.reported_by_agent) {
             (Some(h), true) => agent(h, AgentSubject::Server(&e.server_id)),
             _ => Route::Server(&e.server_id),

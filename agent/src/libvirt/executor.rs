@@ -82,6 +82,16 @@ impl Executor {
             } => self.define(server, &devices, lookup, &why, restart).await,
             Work::Action { server, action } => self.action(server, action, lookup).await,
             Work::Teardown { server, why } => self.teardown(server, &why).await,
+            // TODO(issue 18): record the accepted fingerprint in the domain's metadata.
+            Work::Reattach {
+                server,
+                lineage,
+                device,
+                fingerprint: _,
+            } => match lookup.device(&device) {
+                Some(info) if info.present => self.reattach(server, lineage, device, info).await,
+                _ => Vec::new(),
+            },
         }
     }
 

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use usbpt_schemas::subjects::{self, DefineWhy, WorkKind};
 use usbpt_schemas::{
-    AssignedDevice, DeviceId, Event, HostName, ProductId, ServerAction, ServerId, ServerName,
-    UsbAddress, VendorId,
+    AssignedDevice, DeviceId, Event, Fingerprint, HostName, LineageId, ProductId, ServerAction,
+    ServerId, ServerName, UsbAddress, VendorId,
 };
 
 use super::domain::{DomainSpec, Layout};
@@ -55,6 +55,14 @@ pub enum Work {
     },
     /// Destroy and undefine.
     Teardown { server: ServerId, why: String },
+    /// Attach the lineage's current enumeration `device` in place of the one the server had: a
+    /// re-attach held back for a changed fingerprint, now accepted.
+    Reattach {
+        server: ServerId,
+        lineage: LineageId,
+        device: DeviceId,
+        fingerprint: Fingerprint,
+    },
 }
 
 /// What `event` asks of the agent on `host`. Pure, and derived from the one routing-and-work
@@ -84,6 +92,16 @@ pub fn work_for(host: &HostName, event: &Event) -> Option<Work> {
         WorkKind::Teardown => Work::Teardown {
             server,
             why: "delete".into(),
+        },
+        WorkKind::Reattach {
+            lineage,
+            device,
+            fingerprint,
+        } => Work::Reattach {
+            server,
+            lineage: *lineage,
+            device: *device,
+            fingerprint: *fingerprint,
         },
     })
 }

@@ -179,6 +179,13 @@ fn handle<S: State>(v: &mut S, st: Stamp, body: &Event) -> R {
     match body {
         // The host record is all it changes (see `touch_host`).
         Event::HostAgentStarted(_) | Event::DeviceClashDetected(_) => Ok(()),
+        // TODO(issue 18): folded by the flapping and operator-command work in progress.
+        Event::PortFlapping(_)
+        | Event::PortFlappingCleared(_)
+        | Event::LineageConflictResolved(_)
+        | Event::FingerprintAccepted(_)
+        | Event::DeviceReattachHeld(_)
+        | Event::FlavorFingerprintPolicySet(_) => Ok(()),
         Event::DeviceDiscovered(e) => devices::discovered(v, st, e, None),
         Event::DeviceDiscoveredV2(e) => {
             devices::discovered(v, st, &e.discovery, Some(e.fingerprint))

@@ -57,6 +57,12 @@ pub fn variant_index(e: &Event) -> usize {
         Event::ServerResizeReverted(_) => 25,
         Event::DeviceDiscoveredV2(_) => 26,
         Event::LineageLabeled(_) => 27,
+        Event::PortFlapping(_) => 28,
+        Event::PortFlappingCleared(_) => 29,
+        Event::LineageConflictResolved(_) => 30,
+        Event::FingerprintAccepted(_) => 31,
+        Event::DeviceReattachHeld(_) => 32,
+        Event::FlavorFingerprintPolicySet(_) => 33,
     }
 }
 
@@ -289,6 +295,51 @@ pub fn sample_bodies() -> Vec<Event> {
         lineage_id: LineageId(id(2)),
         label: Some("ERP key #3".into()),
     }));
+    let fp = |k: u8| Fingerprint(std::array::from_fn(|i| (i as u8).wrapping_mul(k)));
+    all.push(Event::PortFlapping(PortFlapping {
+        host: host("host-a"),
+        lineage_id: LineageId(id(2)),
+        device_id: DeviceId(id(1)),
+        port_path: port("1-1.4"),
+        enumerations: 6,
+        window_secs: 60,
+        threshold: 5,
+    }));
+    all.push(Event::PortFlappingCleared(PortFlappingCleared {
+        host: host("host-a"),
+        lineage_id: LineageId(id(2)),
+        device_id: Some(DeviceId(id(1))),
+        quiet_secs: 120,
+    }));
+    all.push(Event::LineageConflictResolved(LineageConflictResolved {
+        lineage_id: LineageId(id(2)),
+        keep_host: host("host-b"),
+        kept_device: DeviceId(id(3)),
+        dropped_device: DeviceId(id(1)),
+    }));
+    all.push(Event::FingerprintAccepted(FingerprintAccepted {
+        lineage_id: LineageId(id(2)),
+        fingerprint: fp(3),
+        device_id: Some(DeviceId(id(1))),
+        host: Some(host("host-a")),
+        server_id: Some(ServerId(id(4))),
+        by_policy: false,
+    }));
+    all.push(Event::DeviceReattachHeld(DeviceReattachHeld {
+        host: host("host-a"),
+        server_id: ServerId(id(4)),
+        lineage_id: LineageId(id(2)),
+        device_id: DeviceId(id(1)),
+        expected: fp(7),
+        seen: fp(3),
+    }));
+    all.push(Event::FlavorFingerprintPolicySet(
+        FlavorFingerprintPolicySet {
+            flavor_id: FlavorId(id(5)),
+            name: FlavorName::new("erp").unwrap(),
+            on_fingerprint_change: FingerprintPolicy::Follow,
+        },
+    ));
     all
 }
 
@@ -391,6 +442,97 @@ pub fn any_event() -> impl Strategy<Value = Event> {
                 _ => None,
             }
         ),
+        6 => any_event_v3(),
+    ]
+}
+
+/// Any event body of the variants added for issue 18 (28 and up).
+fn any_event_v3() -> impl Strategy<Value = Event> {
+    let fp = || any::<[u8; 32]>().prop_map(Fingerprint);
+    prop_oneof![
+        (
+            a_host(),
+            a_uuid(),
+            a_uuid(),
+            a_port(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>()
+        )
+            .prop_map(
+                |(host, l, d, port_path, enumerations, window_secs, threshold)| {
+                    Event::PortFlapping(PortFlapping {
+                        host,
+                        lineage_id: LineageId(l),
+                        device_id: DeviceId(d),
+                        port_path,
+                        enumerations,
+                        window_secs,
+                        threshold,
+                    })
+                }
+            ),
+        (
+            a_host(),
+            a_uuid(),
+            proptest::option::of(a_uuid()),
+            any::<u32>()
+        )
+            .prop_map(|(host, l, d, quiet_secs)| Event::PortFlappingCleared(
+                PortFlappingCleared {
+                    host,
+                    lineage_id: LineageId(l),
+                    device_id: d.map(DeviceId),
+                    quiet_secs,
+                }
+            )),
+        (a_uuid(), a_host(), a_uuid(), a_uuid()).prop_map(|(l, keep_host, k, d)| {
+            Event::LineageConflictResolved(LineageConflictResolved {
+                lineage_id: LineageId(l),
+                keep_host,
+                kept_device: DeviceId(k),
+                dropped_device: DeviceId(d),
+            })
+        }),
+        (
+            a_uuid(),
+            fp(),
+            proptest::option::of(a_uuid()),
+            proptest::option::of(a_host()),
+            proptest::option::of(a_uuid()),
+            any::<bool>()
+        )
+            .prop_map(|(l, fingerprint, d, host, s, by_policy)| {
+                Event::FingerprintAccepted(FingerprintAccepted {
+                    lineage_id: LineageId(l),
+                    fingerprint,
+                    device_id: d.map(DeviceId),
+                    host,
+                    server_id: s.map(ServerId),
+                    by_policy,
+                })
+            }),
+        (a_host(), a_uuid(), a_uuid(), a_uuid(), fp(), fp()).prop_map(
+            |(host, s, l, d, expected, seen)| Event::DeviceReattachHeld(DeviceReattachHeld {
+                host,
+                server_id: ServerId(s),
+                lineage_id: LineageId(l),
+                device_id: DeviceId(d),
+                expected,
+                seen,
+            })
+        ),
+        (a_uuid(), a_flavor_name(), any::<bool>()).prop_map(|(f, name, follow)| {
+            Event::FlavorFingerprintPolicySet(FlavorFingerprintPolicySet {
+                flavor_id: FlavorId(f),
+                name,
+                on_fingerprint_change: if follow {
+                    FingerprintPolicy::Follow
+                } else {
+                    FingerprintPolicy::Hold
+                },
+            })
+        }),
     ]
 }
 
