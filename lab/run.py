@@ -170,7 +170,7 @@ After=libvirtd.service usbpt-lab-shell.service
 Wants=libvirtd.service
 [Service]
 Environment=PATH=/lab/bin:/usr/sbin:/usr/bin:/sbin:/bin USBPT_DATA_DIR=/var/lib/usbpt RUST_LOG=info
-ExecStart=/lab/bin/usbpt up --host labhost --hypervisor qemu:///system
+ExecStart=/lab/bin/usbpt up --host labhost --hypervisor qemu:///system --filter /etc/usbpt/lab-filter.toml
 Restart=on-failure
 [Install]
 WantedBy=multi-user.target
@@ -184,6 +184,26 @@ GADGETS = [
     ("ftdi2", "0403", "6001", "A50285BI", "FT232R USB UART", "acm"),  # …on two devices at once
     ("kbd", "046d", "c31c", "-", "USB Keyboard", "hid"),  # a keyboard: must be filtered
 ]
+
+# S7's two copies of one serial device: the same vendor, product and serial, told apart by their
+# function (CDC-ACM and HID), so each of the guest's two agents sees only one of them.
+TWINS = [
+    ("twina", "16d0", "0f9c", "LABTWIN0001", "usbpt twin", "acm"),
+    ("twinb", "16d0", "0f9c", "LABTWIN0001", "usbpt twin", "hid"),
+]
+# labhost's agent never passes a HID device through (its keyboards are filtered anyway): the HID
+# twin is for the second agent, labtwin, whose filter allows that and nothing else.
+LAB_FILTER = """[[rule]]
+action = "deny"
+class = "03"
+"""
+TWIN_FILTER = """default = "deny"
+
+[[rule]]
+action = "allow"
+vendor = "16d0"
+class = "03"
+"""
 
 
 class Lab:
@@ -337,6 +357,8 @@ done""")
                 "(mountpoint -q /sys/kernel/config || mount -t configfs none /sys/kernel/config)")
         for g in GADGETS:
             self.sh("gadget create " + " ".join(f"'{x}'" for x in g))
+        self.sh(f"mkdir -p /etc/usbpt && cat > /etc/usbpt/lab-filter.toml <<'F'\n{LAB_FILTER}F\n"
+                f"cat > /etc/usbpt/twin-filter.toml <<'F'\n{TWIN_FILTER}F\n")
         self.sh(f"cat > /etc/systemd/system/usbpt.service <<'UNIT'\n{UNIT}UNIT\n"
                 "systemctl daemon-reload && systemctl enable usbpt.service 2>&1")
         # libvirt-guests: shut guests down at host shutdown (briefly: the lab's domains sit in
@@ -604,6 +626,73 @@ done""")
                     f"{dup_ids == 0}, stream gaps: {gaps or 'none'}; replay --verify: "
                     f"{verify.strip().splitlines()[-2] if len(verify.strip().splitlines()) > 1 else verify.strip()}")
 
+    # -- S7: one serial on two hosts -------------------------------------------------------------
+    def alarms(self, all_=False):
+        doc = self.guest.json(f"{USBPT} alarms --json" + (" --all" if all_ else ""))
+        return doc["alarms"] if isinstance(doc, dict) and "alarms" in doc else doc
+
+    def s7_conflict(self):
+        """The same serial on two hosts at once (a clone): a second agent in the guest, `labtwin`,
+        sees only the HID copy, `labhost` only the ACM copy. The projector raises
+        `lineage_conflict` naming both hosts, the first copy is blocked from new claims and the
+        second held back; unplugging the second clears it, as an event."""
+        for g in TWINS:
+            self.sh("gadget create " + " ".join(f"'{x}'" for x in g))
+        added = self.sh(f"{USBPT} creds add-host labtwin")
+        m = re.search(r"--control-key (\S+)", added)
+        if not m:
+            raise LabError(f"creds add-host printed no control key: {added.strip()}")
+        self.sh("systemctl reset-failed usbpt-twin 2>/dev/null; "
+                "systemd-run --unit usbpt-twin -p Environment=PATH=/lab/bin:/usr/sbin:/usr/bin:/sbin:/bin "
+                "-p Environment=USBPT_DATA_DIR=/var/lib/usbpt-twin -p Environment=RUST_LOG=info "
+                "/lab/bin/usbpt agent --host labtwin --hypervisor test:///default "
+                "--filter /etc/usbpt/twin-filter.toml "
+                f"--creds /var/lib/usbpt/creds/agent-labtwin.nk --control-key {m.group(1)}")
+        self.sh("gadget plug twina")
+
+        def twin_on(host):
+            return [d for d in self.devices() if d.get("vendor_id") == "16d0"
+                    and d.get("host") == host and d.get("status") != "invalidated"]
+        first, _ = until("the ACM twin in the view on labhost", lambda: twin_on("labhost"), 60, 0.5)
+        lineage = first[0]["lineage_id"]
+        serial_kind = first[0].get("lineage_kind") == "serial"
+        # labtwin's agent discovers the HID twin whether it is plugged before or after the agent
+        # has started (its start-up reconcile, or the hotplug)
+        self.sh("gadget plug twinb")
+
+        def raised():
+            a = [x for x in self.alarms() if x["lineage_id"] == lineage
+                 and x["kind"] == "lineage_conflict" and x["active"]]
+            return a or None
+        try:
+            alarm, t_raise = until("lineage_conflict on the twins' lineage", raised, 120, 0.5)
+        except LabError as e:
+            twin_log = self.sh("journalctl -u usbpt-twin --no-pager | tail -n 20", 30, check=False)
+            raise LabError(f"{e}; labtwin's agent: {twin_log.strip()[-1500:]}")
+        alarm = alarm[0]
+        blocked = [d for d in twin_on("labhost") if d.get("blocked")]
+        held_out = not twin_on("labtwin")  # the newcomer is held back, not listed
+        self.sh("gadget unplug twinb")
+
+        def cleared():
+            a = [x for x in self.alarms(all_=True) if x["lineage_id"] == lineage
+                 and x["kind"] == "lineage_conflict"]
+            return a if a and not any(x["active"] for x in a) else None
+        done, _ = until("the conflict to clear", cleared, 60, 0.5)
+        free = [d for d in twin_on("labhost") if not d.get("blocked")]
+        verify = self.sh(f"{USBPT} replay --verify 2>&1; echo rc=$?", 300)
+        self.sh("gadget unplug twina; systemctl stop usbpt-twin; true")
+        ok = (serial_kind and sorted(alarm["hosts"]) == ["labhost", "labtwin"]
+              and len(blocked) == 1 and held_out
+              and len(free) == 1 and "rc=0" in verify)
+        self.record("S7", "one serial on two hosts: lineage_conflict raised naming both, the copy "
+                    "blocked, cleared by unplugging", ok,
+                    f"serial lineage: {serial_kind}; raised {t_raise:.1f} s after the plug; "
+                    f"alarm hosts {alarm['hosts']}, reason: {alarm['reason']}; labhost's copy "
+                    f"blocked: {len(blocked) == 1}; labtwin's held back: {held_out}; cleared: "
+                    f"{done[0].get('cleared', {}).get('reason')}; free again: {len(free) == 1}; "
+                    f"replay --verify rc=0: {'rc=0' in verify}")
+
     # -- S4: a real reboot -----------------------------------------------------------------------
     def s4_reboot(self):
         """Reboot the guest (new boot id, devnums renumbered): the servers' domains run again with
@@ -709,7 +798,8 @@ done""")
         only = set(self.args.only.split(",")) if self.args.only else None
         scenarios = [("S0", self.s0_inventory), ("S1", self.s1_boot), ("S2", self.s2_replug),
                      ("S3", self.s3_strict), ("S6", self.s6_missing_at_start),
-                     ("S5", self.s5_flap_storm), ("S4", self.s4_reboot),
+                     ("S5", self.s5_flap_storm), ("S7", self.s7_conflict),
+                     ("S4", self.s4_reboot),
                      ("P1", self.p1_package)]
         try:
             self.start_vm()
