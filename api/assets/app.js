@@ -12,7 +12,9 @@
     'ServerStateChanged', 'ServerResized', 'ServerMigrationRefused', 'ServerDeleted',
     'ServerActionRequested', 'DeviceAttachFailed', 'DeviceClashDetected', 'ServerMigrated',
     'FlavorUsbSet', 'FlavorSized', 'ServerUpdated', 'ServerResizeVerifying',
-    'ServerResizeConfirmed', 'ServerResizeReverted', 'DeviceDiscoveredV2',
+    'ServerResizeConfirmed', 'ServerResizeReverted', 'DeviceDiscoveredV2', 'LineageLabeled',
+    'PortFlapping', 'PortFlappingCleared', 'LineageConflictResolved', 'FingerprintAccepted',
+    'DeviceReattachHeld', 'FlavorFingerprintPolicySet',
   ];
   const FEED_MAX = 300; // feed entries kept in the page
   const HISTORY_ON_LOAD = 50; // past events shown when the page opens
@@ -222,7 +224,15 @@
       case 'FlavorDeleted':
       case 'FlavorUsbSet':
       case 'FlavorSized':
+      case 'FlavorFingerprintPolicySet':
         return ['flavors', 'servers'];
+      // Identity alarms are raised and cleared by these (ADR 0011).
+      case 'PortFlapping':
+      case 'PortFlappingCleared':
+      case 'LineageConflictResolved':
+      case 'FingerprintAccepted':
+      case 'DeviceReattachHeld':
+        return ['devices', 'servers', 'alarms'];
       case 'DeviceDiscovered':
       case 'DeviceDiscoveredV2':
       case 'DeviceInvalidated':
@@ -507,6 +517,56 @@
     document.body.dataset.ready = 'true';
   }
 
+  // ---------------------------------------------------------------- where is it (GET /v1/find)
+
+  // The query for what the operator typed: `vp` takes `VENDOR:PRODUCT` (or a vendor alone).
+  function findQuery(key, text) {
+    const q = new URLSearchParams();
+    if (key === 'vp') {
+      const [vendor, product] = text.split(':').map((x) => x.trim());
+      q.set('vendor', vendor);
+      if (product) q.set('product', product);
+    } else {
+      q.set(key, text);
+    }
+    return q;
+  }
+
+  async function find(ev) {
+    ev.preventDefault();
+    const key = $('find-key').value;
+    const text = $('find-text').value.trim();
+    const out = $('find-results');
+    if (!text) return;
+    try {
+      const doc = await getJSON(`/v1/find?${findQuery(key, text)}`);
+      const list = doc.devices || [];
+      fill(out, list.length ? list.map(found)
+        : el('li', { class: 'empty' }, `no device has ${key === 'vp' ? 'vendor:product' : key} `, mono(text)));
+    } catch (e) {
+      fill(out, el('li', { class: 'error' }, String(e && e.message ? e.message : e)));
+    }
+  }
+
+  // One device `find` returned: where it is now, or where it was last.
+  function found(f) {
+    const open = () => openLineage(f.lineage_id);
+    return el('li', {
+      class: `found ${f.present ? 'present' : 'gone'}`,
+      'data-lineage-id': f.lineage_id,
+      tabindex: '0',
+      on: { click: open, keydown: (e) => { if (e.key === 'Enter') open(); } },
+    },
+      f.label ? [el('b', { class: 'label' }, f.label), ' · '] : null,
+      mono(`${f.vendor_id}:${f.product_id}`), f.serial ? [' serial ', mono(f.serial)] : null,
+      ' ', statusPill(f.status), ' ',
+      f.present ? 'on ' : 'gone; last seen on ', mono(f.host), ' port ', mono(f.port_path),
+      ' at ', mono(f.address),
+      f.holder ? [' · held by ', el('b', {}, f.holder_name || serverName(f.holder))] : null,
+      !f.present && f.gone_reason ? [' · ', words(f.gone_reason)] : null,
+      ' · ', stamp(f.last_seen));
+  }
+
   // ---------------------------------------------------------------- lineage drawer
 
   async function openLineage(id) {
@@ -557,6 +617,11 @@
     ];
     $('lineage-facts').replaceChildren(...facts.flatMap(([k, v]) => [el('dt', {}, k), el('dd', {}, v)]));
     $('lineage-timeline').replaceChildren(...enums.slice().reverse().map(enumeration));
+    const custody = await getJSON(`/v1/lineages/${encodeURIComponent(l.id)}/custody`);
+    const intervals = custody.intervals || [];
+    fill($('lineage-custody'), intervals.length
+      ? intervals.slice().reverse().map(interval)
+      : el('li', { class: 'empty' }, muted('no server has held it')));
     $('lineage').dataset.lineageId = l.id;
     $('lineage').hidden = false;
     $('drawer-backdrop').hidden = false;
@@ -564,6 +629,21 @@
       r.classList.toggle('selected', r.dataset.lineageId === l.id);
     }
     if (!quiet) $('lineage-close').focus();
+  }
+
+  // Who asked: a command's origin (`started_by`, `ended_by`), when the history records one.
+  const askedBy = (o) => (o ? [' by ', el('b', {}, o.principal || o.via || '?'),
+    o.via ? muted(` (${o.via}${o.address ? ` ${o.address}` : ''})`) : null] : null);
+
+  // One custody interval (GET /v1/lineages/{id}/custody): which server held the device, where,
+  // from when to when, why it began and ended.
+  function interval(c) {
+    return el('li', { 'data-server-id': c.server_id, 'data-started': c.started },
+      el('b', {}, c.server_name || serverName(c.server_id)), ' on ', mono(c.host), ' · ',
+      words(c.started), askedBy(c.started_by), ' ', stamp(c.from), ' → ',
+      c.to ? [stamp(c.to), ' ', words(c.ended || 'released'), askedBy(c.ended_by)]
+        : el('span', { class: 'ok' }, 'holding'),
+      c.segments && c.segments.length > 1 ? muted(` · ${c.segments.length} enumerations`) : null);
   }
 
   function enumeration(d) {
@@ -689,6 +769,23 @@
         return b.label === null
           ? `lineage ${shortId(b.lineage_id)} label removed`
           : `lineage ${shortId(b.lineage_id)} labelled \u201c${b.label}\u201d`;
+      case 'PortFlapping':
+        return `${deviceLabel(b.device_id)} on ${b.host} port ${b.port_path} is flapping: ` +
+          `${b.enumerations} enumerations within ${b.window_secs} s; re-attach paused`;
+      case 'PortFlappingCleared':
+        return `lineage ${shortId(b.lineage_id)} on ${b.host} quiet for ${b.quiet_secs} s: flapping over`;
+      case 'LineageConflictResolved':
+        return `conflict on lineage ${shortId(b.lineage_id)} resolved: kept ${b.keep_host} ` +
+          `(${shortId(b.kept_device)}), set aside ${shortId(b.dropped_device)}`;
+      case 'FingerprintAccepted':
+        return `new fingerprint of lineage ${shortId(b.lineage_id)} accepted` +
+          (b.by_policy ? ' by flavor policy' : ' by an operator') +
+          (b.server_id ? `; ${srv(b.server_id)} gets it re-attached` : '');
+      case 'DeviceReattachHeld':
+        return `${srv(b.server_id)} did not get ${deviceLabel(b.device_id)} back on ${b.host}: ` +
+          'its fingerprint changed; waiting for an accept';
+      case 'FlavorFingerprintPolicySet':
+        return `flavor ${b.name}: on fingerprint change, ${b.on_fingerprint_change}`;
       default:
         return JSON.stringify(b).slice(0, 240);
     }
@@ -851,6 +948,7 @@
         showError(err);
       }
     });
+    $('find').addEventListener('submit', find);
     $('lineage-close').addEventListener('click', closeLineage);
     $('drawer-backdrop').addEventListener('click', closeLineage);
     document.addEventListener('keydown', (e) => {
