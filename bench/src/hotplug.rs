@@ -117,6 +117,7 @@ pub async fn hotplug_to_view(target: &Target, events: usize, api: bool) -> Resul
         bus: BusTarget::new(target.url()),
         progress: progress::silent(),
         drain_on_stop: Duration::from_secs(2),
+        flap: usbpt_agent::FlapSettings::default(),
     };
     let (stop_agent, agent_stopped) = oneshot::channel::<()>();
     let agent = tokio::spawn(usbpt_agent::run(config, source, async move {
