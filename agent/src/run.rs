@@ -155,15 +155,17 @@ impl Agent {
         let mut out = Vec::with_capacity(events.len());
         for e in events {
             let raised = e.discovery().and_then(|(d, _)| {
-                self.flap.enumerated(d.lineage_id, now).map(|n| PortFlapping {
-                    host: self.config.host.clone(),
-                    lineage_id: d.lineage_id,
-                    device_id: d.device_id,
-                    port_path: d.port_path.clone(),
-                    enumerations: n,
-                    window_secs: settings.window.as_secs().try_into().unwrap_or(u32::MAX),
-                    threshold: settings.threshold,
-                })
+                self.flap
+                    .enumerated(d.lineage_id, now)
+                    .map(|n| PortFlapping {
+                        host: self.config.host.clone(),
+                        lineage_id: d.lineage_id,
+                        device_id: d.device_id,
+                        port_path: d.port_path.clone(),
+                        enumerations: n,
+                        window_secs: settings.window.as_secs().try_into().unwrap_or(u32::MAX),
+                        threshold: settings.threshold,
+                    })
             });
             out.push(e);
             if let Some(f) = raised {

@@ -547,7 +547,8 @@ mod tests {
         next.devices.remove("/sys/devices/pci0000:00/usb1/1-3");
         next.clashes.clear();
         next.boot_id = Some("boot-2".into());
-        next.flapping.insert(LineageId::from_uuid(uuid::Uuid::from_u128(42)));
+        next.flapping
+            .insert(LineageId::from_uuid(uuid::Uuid::from_u128(42)));
         store
             .commit(&loaded, &next, &[started(&host)])
             .expect("commit");
@@ -561,7 +562,11 @@ mod tests {
         drop(store);
         let (store, reloaded) = Store::open(&path).expect("reopen");
         assert_eq!(reloaded, next);
-        assert_eq!(reloaded.flapping.len(), 1, "an open flapping episode is kept");
+        assert_eq!(
+            reloaded.flapping.len(),
+            1,
+            "an open flapping episode is kept"
+        );
 
         // The episode ends: the lineage leaves the flapping table.
         let mut ended = reloaded.clone();
