@@ -1,4 +1,5 @@
-//! `usbpt agent --host NAME [--hypervisor URI] [--filter FILE] [--boot-id-file PATH]`: the
+//! `usbpt agent --host NAME [--hypervisor URI] [--filter FILE] [--boot-id-file PATH]
+//! [--flap-threshold N --flap-window SECS --flap-quiet SECS]`: the
 //! udev-driven host agent. Progress goes to stdout as JSON lines, logs to stderr.
 
 use std::path::PathBuf;
@@ -30,6 +31,27 @@ pub struct AgentArgs {
     /// then carry its signature. `usbpt creds list` prints it.
     #[arg(long, env = "USBPT_CONTROL_KEY")]
     pub control_key: Option<String>,
+    /// A lineage enumerated more than this many times within --flap-window is flapping: its
+    /// automatic re-attach pauses and it is not scheduled until --flap-quiet passes without an
+    /// enumeration. 0 disables the detection.
+    #[arg(long, default_value_t = crate::defaults::FLAP.threshold)]
+    pub flap_threshold: u32,
+    /// The flapping detector's window, in seconds.
+    #[arg(long, default_value_t = crate::defaults::FLAP.window.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub flap_window: u64,
+    /// Seconds without an enumeration that end a flapping episode.
+    #[arg(long, default_value_t = crate::defaults::FLAP.quiet.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub flap_quiet: u64,
+}
+
+impl AgentArgs {
+    pub fn flap(&self) -> usbpt_agent::FlapSettings {
+        usbpt_agent::FlapSettings {
+            threshold: self.flap_threshold,
+            window: Duration::from_secs(self.flap_window),
+            quiet: Duration::from_secs(self.flap_quiet),
+        }
+    }
 }
 
 /// The command handler's public key from `--control-key` (the key itself or a file with it).
@@ -80,6 +102,7 @@ pub async fn run(global: &Global, args: AgentArgs) -> Result<()> {
         Some(path) => Filter::load(path)?,
         None => Filter::default(),
     };
+    let flap = args.flap();
     let config = AgentConfig {
         host: args.host,
         boot_id,
@@ -96,6 +119,7 @@ pub async fn run(global: &Global, args: AgentArgs) -> Result<()> {
         },
         progress: with_readiness(progress::stdout()),
         drain_on_stop: Duration::from_secs(2),
+        flap,
     };
     tracing::info!(?config, "starting the host agent");
     let source = UdevSource::open()?;

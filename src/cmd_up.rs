@@ -323,6 +323,7 @@ pub async fn run(global: &Global, args: UpArgs) -> Result<()> {
             },
             progress: progress::silent(),
             drain_on_stop: Duration::from_secs(2),
+            flap: usbpt_agent::FlapSettings::default(),
         };
         let source = UdevSource::open()?;
         let stopping = tasks.stopping();

@@ -97,6 +97,12 @@ pub struct AgentSection {
     /// The command handler's public key, or a file holding it.
     pub control_key: Option<String>,
     pub boot_id_file: Option<PathBuf>,
+    /// Enumerations of one lineage within `flap_window` above which it is flapping (0: off).
+    pub flap_threshold: Option<u32>,
+    /// The flapping detector's window, in seconds.
+    pub flap_window: Option<u64>,
+    /// Seconds without an enumeration that end a flapping episode.
+    pub flap_quiet: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
@@ -198,6 +204,9 @@ pub const KEYS: &[Key] = &[
     key("agent.filter", &["agent"], "filter"),
     key("agent.control_key", &["agent"], "control_key"),
     key("agent.boot_id_file", &["agent"], "boot_id_file"),
+    key("agent.flap_threshold", &["agent"], "flap_threshold"),
+    key("agent.flap_window", &["agent"], "flap_window"),
+    key("agent.flap_quiet", &["agent"], "flap_quiet"),
     key("serve.listen", &["serve", "up"], "listen"),
     Key {
         url: true,
@@ -260,6 +269,16 @@ impl FileConfig {
                 bail!("nats.stream_replicas = {r}: must be 1 to 5");
             }
         }
+        for (key, v) in [
+            ("agent.flap_window", self.agent.flap_window),
+            ("agent.flap_quiet", self.agent.flap_quiet),
+        ] {
+            if let Some(v) = v {
+                if !(1..=86_400).contains(&v) {
+                    bail!("{key} = {v}: must be 1 to 86400 seconds");
+                }
+            }
+        }
         if self.commands.concurrency == Some(0) {
             bail!("commands.concurrency = 0: must be at least 1");
         }
@@ -284,6 +303,9 @@ impl FileConfig {
             "agent.filter" => path(&self.agent.filter),
             "agent.control_key" => self.agent.control_key.clone(),
             "agent.boot_id_file" => path(&self.agent.boot_id_file),
+            "agent.flap_threshold" => shown(&self.agent.flap_threshold),
+            "agent.flap_window" => shown(&self.agent.flap_window),
+            "agent.flap_quiet" => shown(&self.agent.flap_quiet),
             "serve.listen" => shown(&self.serve.listen),
             "api.url" => self.api.url.clone(),
             "api.token_file" => path(&self.api.token_file),
@@ -656,6 +678,8 @@ mod tests {
     fn range_checks_name_the_key() {
         let err = FileConfig::parse("[projector]\nbatch = 0\n").expect_err("batch 0");
         assert!(format!("{err:#}").contains("projector.batch"), "{err:#}");
+        let err = FileConfig::parse("[agent]\nflap_quiet = 0\n").expect_err("quiet 0");
+        assert!(format!("{err:#}").contains("agent.flap_quiet"), "{err:#}");
         let err = FileConfig::parse("[nats]\nurls = [\"a,b\"]\n").expect_err("joined urls");
         assert!(format!("{err:#}").contains("nats.urls"), "{err:#}");
     }
@@ -683,6 +707,9 @@ mod tests {
             filter = "/f.toml"
             control_key = "/k"
             boot_id_file = "/b"
+            flap_threshold = 5
+            flap_window = 60
+            flap_quiet = 120
             [serve]
             listen = "127.0.0.1:8774"
             [api]

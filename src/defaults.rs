@@ -26,6 +26,8 @@ pub const PROJECTOR_BATCH: u64 = 1000;
 pub const SSE_MAX_CLIENTS: u64 = 1024;
 /// How long a claimed device may be gone before its claim is released.
 pub const GRACE: Duration = usbpt_commands::reactor::DEFAULT_GRACE;
+/// When a host agent calls a re-enumerating lineage flapping (threshold, window, quiet).
+pub const FLAP: usbpt_agent::FlapSettings = usbpt_agent::FlapSettings::DEFAULT;
 /// Commands handled at once by one process.
 pub const COMMAND_CONCURRENCY: usize = 32;
 

@@ -446,3 +446,144 @@ fn an_agent_down_while_devices_changed_reconciles_when_it_comes_back() {
         },
     );
 }
+
+/// Unplugs the recorded YubiKey and plugs it back with `devnum`, waiting for both events: one
+/// more enumeration of its port lineage.
+async fn replug_key(
+    tb: &Testbed,
+    rec: &str,
+    log: &mut StreamLog,
+    devnum: u16,
+) -> anyhow::Result<usbpt_schemas::DeviceDiscovered> {
+    let gone = count(&log.envelopes(), "DeviceInvalidated");
+    let found = count(&log.envelopes(), "DeviceDiscovered");
+    tb.unplug(recorded::YUBIKEY)?;
+    log.until_count("DeviceInvalidated", gone + 1).await?;
+    tb.add_recording(&relocate(rec, recorded::YUBIKEY, None, devnum)?)?;
+    log.until_count("DeviceDiscovered", found + 1).await?;
+    Ok(discovered(&log.envelopes()).pop().unwrap())
+}
+
+fn flap_events(log: &StreamLog) -> Vec<(String, Event)> {
+    log.events
+        .iter()
+        .filter(|(_, _, e)| {
+            matches!(
+                e.body,
+                Event::PortFlapping(_) | Event::PortFlappingCleared(_)
+            )
+        })
+        .map(|(_, s, e)| (s.clone(), e.body.clone()))
+        .collect()
+}
+
+/// Issue 18: a storm of re-plugs of one device raises `PortFlapping` once, at the enumeration
+/// that crosses the threshold, and `PortFlappingCleared` once after the quiet period; a restart
+/// in the middle of an episode still ends it (the episode is in the agent's state, not stuck).
+#[test]
+fn a_flap_storm_raises_port_flapping_once_and_clears_it_once_even_across_a_restart() {
+    umockdev_test(
+        "a_flap_storm_raises_port_flapping_once_and_clears_it_once_even_across_a_restart",
+        || async {
+            let tb = Testbed::new()?;
+            let rec = host_recording()?;
+            tb.add_recording(&rec)?;
+            let nats = TestNats::start().await?;
+            let home = AgentHome::new("host-a", "boot-1")?;
+            // More than 3 enumerations within 10 minutes; over after 5 quiet seconds.
+            let flags = [
+                "--flap-threshold",
+                "3",
+                "--flap-window",
+                "600",
+                "--flap-quiet",
+                "5",
+            ];
+            let agent = AgentProcess::start_with(&home, &nats.url(), &flags).await?;
+            let bus = nats.bus().await?;
+            let mut log = StreamLog::open(&bus).await?;
+            log.until_count("HostAgentStarted", 1).await?;
+            let key = by_port(&discovered(&log.envelopes()), "3-2.3").clone();
+            let lineage = key.lineage_id;
+
+            // The start's enumeration is the first; re-plugs 1 and 2 stay below the threshold.
+            let mut devnum = 20;
+            for _ in 0..2 {
+                replug_key(&tb, &rec, &mut log, devnum).await?;
+                devnum += 1;
+            }
+            assert!(flap_events(&log).is_empty(), "3 enumerations: not flapping");
+            // The third re-plug is the 4th enumeration: raised, right after its discovery.
+            let crossing = replug_key(&tb, &rec, &mut log, devnum).await?;
+            devnum += 1;
+            log.until_count("PortFlapping", 1).await?;
+            let events = log.envelopes();
+            let at = events
+                .iter()
+                .position(|e| matches!(e.body, Event::PortFlapping(_)))
+                .unwrap();
+            let Event::PortFlapping(raised) = &events[at].body else {
+                unreachable!()
+            };
+            assert_eq!(
+                events[at - 1].body.discovery().map(|(d, _)| d.device_id),
+                Some(crossing.device_id),
+                "published with the discovery that crossed the threshold"
+            );
+            assert_eq!(raised.lineage_id, lineage);
+            assert_eq!(raised.device_id, crossing.device_id);
+            assert_eq!(raised.port_path, port("3-2.3"));
+            assert_eq!(
+                (raised.enumerations, raised.threshold, raised.window_secs),
+                (4, 3, 600)
+            );
+            // The storm goes on: no second PortFlapping.
+            let mut latest = crossing;
+            for _ in 0..3 {
+                latest = replug_key(&tb, &rec, &mut log, devnum).await?;
+                devnum += 1;
+            }
+            // Quiet for 5 s: cleared once, naming the enumeration present.
+            log.until_count("PortFlappingCleared", 1).await?;
+            // One more re-plug (a new count, below the threshold) after the clear: everything
+            // the agent published before it is in the log, so the counts are final.
+            replug_key(&tb, &rec, &mut log, devnum).await?;
+            devnum += 1;
+            let flaps = flap_events(&log);
+            assert_eq!(flaps.len(), 2, "{flaps:?}");
+            let Event::PortFlappingCleared(cleared) = &flaps[1].1 else {
+                panic!("{flaps:?}")
+            };
+            assert_eq!(cleared.lineage_id, lineage);
+            assert_eq!(cleared.device_id, Some(latest.device_id));
+            assert_eq!(cleared.quiet_secs, 5);
+            let subject = format!("usbpt.evt.host.host-a.flap.{lineage}");
+            assert!(flaps.iter().all(|(s, _)| *s == subject), "{flaps:?}");
+
+            // A second episode (3 more re-plugs: 4 enumerations since the clear), then the agent
+            // stops before it is quiet: the restarted agent still clears it.
+            for _ in 0..3 {
+                replug_key(&tb, &rec, &mut log, devnum).await?;
+                devnum += 1;
+            }
+            log.until_count("PortFlapping", 2).await?;
+            agent.stop().await?;
+            let agent = AgentProcess::start_with(&home, &nats.url(), &flags).await?;
+            log.until_count("PortFlappingCleared", 2).await?;
+            replug_key(&tb, &rec, &mut log, devnum).await?;
+            let flaps = flap_events(&log);
+            assert_eq!(
+                flaps.iter().map(|(_, e)| e.kind()).collect::<Vec<_>>(),
+                [
+                    "PortFlapping",
+                    "PortFlappingCleared",
+                    "PortFlapping",
+                    "PortFlappingCleared"
+                ]
+            );
+            check_history(&log.envelopes())?;
+            agent.stop().await?;
+            Ok(())
+        },
+    );
+}

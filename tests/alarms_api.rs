@@ -139,3 +139,76 @@ async fn a_key_on_two_hosts_is_an_alarm_in_the_api_the_cli_and_metrics_until_one
     assert!(doc.to_string().contains("all"), "{doc}");
     Ok(())
 }
+
+/// Issue 18: `PortFlapping` from host-a's agent is a `port_flapping` alarm in the API, the CLI
+/// and `/metrics`, with the device blocked, until its `PortFlappingCleared`.
+#[tokio::test]
+async fn a_flapping_key_is_an_alarm_in_the_api_the_cli_and_metrics_until_the_agent_clears_it(
+) -> Result<()> {
+    let nats = TestNats::start().await?;
+    let bus = nats.bus().await?;
+    let data = tempfile::tempdir()?;
+    let serve = Serve::start(&nats.url(), data.path()).await?;
+
+    let Event::DeviceDiscoveredV2(d) = key_on(1, "host-a") else {
+        unreachable!()
+    };
+    publish(&bus, 1, Event::DeviceDiscoveredV2(d.clone())).await?;
+    let seq = publish(
+        &bus,
+        2,
+        Event::PortFlapping(PortFlapping {
+            host: common::host("host-a"),
+            lineage_id: lineage(),
+            device_id: DeviceId(id(1)),
+            port_path: d.discovery.port_path.clone(),
+            enumerations: 6,
+            window_secs: 60,
+            threshold: 5,
+        }),
+    )
+    .await?;
+    serve.wait_applied(seq).await?;
+
+    let (status, doc) = serve.get("/v1/alarms").await?;
+    assert_eq!(status, 200, "{doc}");
+    let alarms = doc["alarms"].as_array().unwrap();
+    assert_eq!(alarms.len(), 1, "{doc}");
+    assert_eq!(alarms[0]["kind"], "port_flapping");
+    assert_eq!(alarms[0]["hosts"], serde_json::json!(["host-a"]));
+    let reason = alarms[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("6 times within 60 s on host host-a"),
+        "{reason}"
+    );
+    let (_, dev) = serve.get(&format!("/v1/devices/{}", id(1))).await?;
+    assert_eq!(dev["device"]["blocked"], true, "{dev}");
+    let metrics = serve.get_text("/metrics").await?;
+    assert_eq!(gauge(&metrics, "port_flapping"), Some(1), "{metrics}");
+    let (ok, out, err) = serve.cli(&["alarms"]).await?;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("port_flapping") && out.contains("ACTIVE") && out.contains("host-a"),
+        "{out}"
+    );
+
+    let seq = publish(
+        &bus,
+        3,
+        Event::PortFlappingCleared(PortFlappingCleared {
+            host: common::host("host-a"),
+            lineage_id: lineage(),
+            device_id: Some(DeviceId(id(1))),
+            quiet_secs: 120,
+        }),
+    )
+    .await?;
+    serve.wait_applied(seq).await?;
+    let (_, doc) = serve.get("/v1/alarms").await?;
+    assert_eq!(doc["alarms"], serde_json::json!([]), "{doc}");
+    let (_, dev) = serve.get(&format!("/v1/devices/{}", id(1))).await?;
+    assert_eq!(dev["device"]["blocked"], false, "{dev}");
+    let metrics = serve.get_text("/metrics").await?;
+    assert_eq!(gauge(&metrics, "port_flapping"), Some(0), "{metrics}");
+    Ok(())
+}

@@ -88,6 +88,7 @@ async fn nats_killed_twice_during_a_hotplug_burst_loses_and_doubles_nothing_and_
             let _ = tx.send(p.clone());
         }),
         drain_on_stop: Duration::from_secs(2),
+        flap: usbpt_agent::FlapSettings::default(),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let agent = tokio::spawn(usbpt_agent::run(config, source, async move {

@@ -64,6 +64,7 @@ impl Host {
             bus: BusTarget::new(url),
             progress: progress::silent(),
             drain_on_stop: Duration::from_secs(2),
+            flap: usbpt_agent::FlapSettings::default(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let exec = Some(Arc::clone(&executor));

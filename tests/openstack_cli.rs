@@ -75,6 +75,7 @@ impl SimHost {
             bus: BusTarget::new(url.to_owned()),
             progress: progress::silent(),
             drain_on_stop: Duration::from_secs(2),
+            flap: usbpt_agent::FlapSettings::default(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let kept = Arc::clone(&executor);

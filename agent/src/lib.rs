@@ -11,6 +11,7 @@
 pub mod control;
 pub mod filter;
 pub mod fingerprint;
+pub mod flap;
 pub mod guard;
 pub mod heartbeat;
 pub mod libvirt;
@@ -23,6 +24,7 @@ pub mod source;
 pub mod store;
 
 pub use filter::{Decision, Filter, FilterError};
+pub use flap::FlapSettings;
 pub use observation::{Action, Interface, Observation, UsbDevice};
 pub use progress::{Progress, ProgressSink};
 pub use publisher::{BusTarget, WINDOW as PUBLISH_WINDOW};

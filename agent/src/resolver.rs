@@ -91,6 +91,9 @@ pub struct State {
     pub lineages: BTreeMap<LineageId, DeviceId>,
     /// Port paths last reported in a `DeviceClashDetected`, per clashing serial.
     pub clashes: BTreeMap<ClashKey, BTreeSet<PortPath>>,
+    /// Lineages in an open flapping episode ([`crate::flap`]): kept with the rest so that an
+    /// episode survives a restart and is always cleared. The resolver never changes it.
+    pub flapping: BTreeSet<LineageId>,
 }
 
 impl State {

@@ -15,12 +15,16 @@ use thiserror::Error;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tracing::{error, info, info_span, warn, Instrument};
-use usbpt_schemas::{DeviceId, Envelope, Event, HostAgentStarted, HostName};
+use usbpt_schemas::{
+    DeviceId, Envelope, Event, HostAgentStarted, HostName, LineageId, PortFlapping,
+    PortFlappingCleared,
+};
 
 use crate::control::{Control, Devices, Reenumerated};
 use crate::libvirt::{DeviceInfo, Executor};
 
 use crate::filter::Filter;
+use crate::flap::{Detector, FlapSettings};
 use crate::observation::Observation;
 use crate::progress::{Progress, ProgressSink};
 use crate::publisher::{BusTarget, Publisher};
@@ -45,6 +49,8 @@ pub struct AgentConfig {
     pub progress: ProgressSink,
     /// How long a stopping agent keeps publishing what is queued (the rest waits in the outbox).
     pub drain_on_stop: Duration,
+    /// When a re-enumerating lineage is flapping ([`crate::flap`]).
+    pub flap: FlapSettings,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -55,6 +61,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("hypervisor_uri", &self.hypervisor_uri)
             .field("data_dir", &self.data_dir)
             .field("bus", &self.bus)
+            .field("flap", &self.flap)
             .finish_non_exhaustive()
     }
 }
@@ -103,6 +110,8 @@ struct Agent {
     devices_tx: watch::Sender<Devices>,
     /// Re-enumerated lineages for the executor to re-attach (when there is one).
     reenumerated: Option<mpsc::UnboundedSender<Reenumerated>>,
+    /// Flapping lineages: not re-attached while their episode lasts.
+    flap: Detector,
 }
 
 /// How many ended enumerations the executor's device map remembers.
@@ -117,7 +126,10 @@ impl Agent {
     }
 
     /// Commits `events` with the state change from `before`, logs them and wakes the publisher.
+    /// Each discovery among them is counted by the flapping detector first: an episode it opens
+    /// is committed with them (`PortFlapping` right after the discovery that opened it).
     fn commit(&mut self, before: &State, events: Vec<Event>) -> Result<u64, StoreError> {
+        let events = self.detect_flapping(events);
         self.log_filtered(before);
         if events.is_empty() && *before == self.state {
             return self.store.outbox_len();
@@ -132,6 +144,105 @@ impl Agent {
         }
         self.track(&envelopes);
         self.store.outbox_len()
+    }
+
+    fn detect_flapping(&mut self, events: Vec<Event>) -> Vec<Event> {
+        if !self.flap.settings().enabled() {
+            return events;
+        }
+        let now = Instant::now();
+        let settings = self.flap.settings();
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            let raised = e.discovery().and_then(|(d, _)| {
+                self.flap
+                    .enumerated(d.lineage_id, now)
+                    .map(|n| PortFlapping {
+                        host: self.config.host.clone(),
+                        lineage_id: d.lineage_id,
+                        device_id: d.device_id,
+                        port_path: d.port_path.clone(),
+                        enumerations: n,
+                        window_secs: settings.window.as_secs().try_into().unwrap_or(u32::MAX),
+                        threshold: settings.threshold,
+                    })
+            });
+            out.push(e);
+            if let Some(f) = raised {
+                warn!(
+                    lineage_id = %f.lineage_id,
+                    port = %f.port_path,
+                    enumerations = f.enumerations,
+                    window_secs = f.window_secs,
+                    "port flapping: automatic re-attach paused for this lineage"
+                );
+                self.state.flapping.insert(f.lineage_id);
+                out.push(Event::PortFlapping(f));
+            }
+        }
+        out
+    }
+
+    /// Ends the flapping episodes that stayed quiet: `PortFlappingCleared` for each, and the
+    /// lineage's present enumeration re-attached once (the ones skipped meanwhile were not).
+    fn flap_quiet(&mut self) -> Result<(), StoreError> {
+        let ended = self.flap.quiet(Instant::now());
+        if ended.is_empty() {
+            return Ok(());
+        }
+        let before = self.state.clone();
+        let quiet_secs = self
+            .flap
+            .settings()
+            .quiet
+            .as_secs()
+            .try_into()
+            .unwrap_or(u32::MAX);
+        let mut events = Vec::new();
+        let mut reattach = Vec::new();
+        for lineage in ended {
+            self.state.flapping.remove(&lineage);
+            let present = self.present(lineage);
+            info!(%lineage, present = ?present.map(|(d, _)| d.to_string()), "port flapping cleared");
+            events.push(Event::PortFlappingCleared(PortFlappingCleared {
+                host: self.config.host.clone(),
+                lineage_id: lineage,
+                device_id: present.map(|(d, _)| d),
+                quiet_secs,
+            }));
+            if let Some((device, info)) = present {
+                reattach.push(Reenumerated {
+                    lineage,
+                    device,
+                    info,
+                });
+            }
+        }
+        self.commit(&before, events)?;
+        if let Some(tx) = &self.reenumerated {
+            for r in reattach {
+                let _ = tx.send(r);
+            }
+        }
+        Ok(())
+    }
+
+    /// The lineage's present (published) enumeration on this host.
+    fn present(&self, lineage: LineageId) -> Option<(DeviceId, DeviceInfo)> {
+        self.state
+            .candidates()
+            .find(|k| k.lineage_id == lineage)
+            .map(|k| {
+                (
+                    k.device_id,
+                    DeviceInfo {
+                        vendor: k.device.vendor_id,
+                        product: k.device.product_id,
+                        address: k.device.address,
+                        present: true,
+                    },
+                )
+            })
     }
 
     /// Keeps the executor's device map in step and hands re-enumerated lineages to it, after
@@ -149,7 +260,7 @@ impl Agent {
                     };
                     self.devices.insert(d.device_id, info);
                     changed = true;
-                    if d.supersedes.is_some() {
+                    if d.supersedes.is_some() && !self.flap.is_flapping(d.lineage_id) {
                         if let Some(tx) = &self.reenumerated {
                             let _ = tx.send(Reenumerated {
                                 lineage: d.lineage_id,
@@ -382,8 +493,20 @@ pub async fn run_with_executor<S: DeviceSource>(
             devices: HashMap::new(),
             devices_tx,
             reenumerated: executor.is_some().then_some(reenum_tx),
+            flap: Detector::new(config.flap),
             config,
         };
+        // Episodes open when the agent stopped go on; each ends after a quiet period from now.
+        let now = Instant::now();
+        for lineage in &agent.state.flapping {
+            agent.flap.resume(*lineage, now);
+        }
+        if !agent.state.flapping.is_empty() {
+            info!(
+                lineages = agent.state.flapping.len(),
+                "flapping episodes resumed"
+            );
+        }
         // A known boot id that differs from this one: the host rebooted while the agent was
         // away (an unknown one, on a first start or a lost state, proves nothing).
         let rebooted = agent
@@ -455,8 +578,14 @@ pub async fn run_with_executor<S: DeviceSource>(
 
         tokio::pin!(shutdown);
         let result: Result<(), AgentError> = loop {
+            let quiet_at = agent.flap.next_deadline();
             tokio::select! {
                 _ = &mut shutdown => break Ok(()),
+                _ = async { match quiet_at { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
+                    if let Err(e) = agent.flap_quiet() {
+                        break Err(e.into());
+                    }
+                }
                 Some(done) = async { match controlling.as_mut() { Some(c) => Some(c.await), None => std::future::pending().await } } => {
                     controlling = None;
                     break Err(match done {

@@ -23,6 +23,9 @@ const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const LINEAGES: TableDefinition<u128, u128> = TableDefinition::new("lineages");
 /// Clashing serials: postcard of (vendor, product, serial) → postcard of the reported ports.
 const CLASHES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("clashes");
+/// Lineages in an open flapping episode (as u128; the value is unused). A table added within
+/// layout 2: an older agent ignores it, this one creates it when absent.
+const FLAPPING: TableDefinition<u128, ()> = TableDefinition::new("flapping");
 /// The outbox: a sequence number (publishing order) → postcard of a [`Sealed`] (subject, event
 /// id, encoded envelope), published as stored.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox.sealed");
@@ -146,6 +149,7 @@ impl Store {
             tx.open_table(DEVICES).map_err(|x| e(x.into()))?;
             tx.open_table(LINEAGES).map_err(|x| e(x.into()))?;
             tx.open_table(CLASHES).map_err(|x| e(x.into()))?;
+            tx.open_table(FLAPPING).map_err(|x| e(x.into()))?;
             tx.open_table(OUTBOX).map_err(|x| e(x.into()))?;
         }
         tx.commit().map_err(|x| e(x.into()))
@@ -244,6 +248,13 @@ impl Store {
                 postcard::from_bytes(v.value()).map_err(|x| self.decode_err("clash ports", x))?;
             state.clashes.insert(key, ports.into_iter().collect());
         }
+        let flapping = tx.open_table(FLAPPING).map_err(|x| e(x.into()))?;
+        for row in flapping.iter().map_err(|x| e(x.into()))? {
+            let (k, _) = row.map_err(|x| e(x.into()))?;
+            state
+                .flapping
+                .insert(LineageId::from_uuid(uuid_of(k.value())));
+        }
         Ok(state)
     }
 
@@ -298,6 +309,19 @@ impl Store {
                     None => clashes.remove(k.as_slice()).map(|_| ()),
                 }
                 .map_err(|x| e(x.into()))?;
+            }
+            if before.flapping != after.flapping {
+                let mut flapping = tx.open_table(FLAPPING).map_err(|x| e(x.into()))?;
+                for l in after.flapping.difference(&before.flapping) {
+                    flapping
+                        .insert(l.as_uuid().as_u128(), ())
+                        .map_err(|x| e(x.into()))?;
+                }
+                for l in before.flapping.difference(&after.flapping) {
+                    flapping
+                        .remove(l.as_uuid().as_u128())
+                        .map_err(|x| e(x.into()))?;
+                }
             }
             let mut outbox = tx.open_table(OUTBOX).map_err(|x| e(x.into()))?;
             let first = outbox
@@ -523,6 +547,8 @@ mod tests {
         next.devices.remove("/sys/devices/pci0000:00/usb1/1-3");
         next.clashes.clear();
         next.boot_id = Some("boot-2".into());
+        next.flapping
+            .insert(LineageId::from_uuid(uuid::Uuid::from_u128(42)));
         store
             .commit(&loaded, &next, &[started(&host)])
             .expect("commit");
@@ -534,8 +560,22 @@ mod tests {
             .collect();
         assert_eq!(seqs, [2, 3, 4, 5, 6]);
         drop(store);
-        let (_, reloaded) = Store::open(&path).expect("reopen");
+        let (store, reloaded) = Store::open(&path).expect("reopen");
         assert_eq!(reloaded, next);
+        assert_eq!(
+            reloaded.flapping.len(),
+            1,
+            "an open flapping episode is kept"
+        );
+
+        // The episode ends: the lineage leaves the flapping table.
+        let mut ended = reloaded.clone();
+        ended.flapping.clear();
+        store.commit(&reloaded, &ended, &[]).expect("commit");
+        drop(store);
+        let (_, reloaded) = Store::open(&path).expect("reopen");
+        assert!(reloaded.flapping.is_empty());
+        assert_eq!(reloaded, ended);
     }
 
     #[test]

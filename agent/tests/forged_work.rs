@@ -88,6 +88,7 @@ async fn forged_control_work_is_refused_and_signed_work_is_done() {
             let _ = tx.send(p.clone());
         }),
         drain_on_stop: Duration::from_secs(2),
+        flap: usbpt_agent::FlapSettings::default(),
     };
     let (_, devices) = simulated(Vec::new());
     let (stop, stopped) = oneshot::channel::<()>();

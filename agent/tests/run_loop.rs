@@ -69,6 +69,7 @@ impl Running {
                 let _ = tx.send(p.clone());
             }),
             drain_on_stop: Duration::from_secs(2),
+            flap: usbpt_agent::FlapSettings::default(),
         };
         let source = host.source();
         let (stop_tx, stop_rx) = oneshot::channel();

@@ -117,6 +117,11 @@ pub async fn hotplug_to_view(target: &Target, events: usize, api: bool) -> Resul
         bus: BusTarget::new(target.url()),
         progress: progress::silent(),
         drain_on_stop: Duration::from_secs(2),
+        // Every slot is re-plugged many times a second: flapping by design, not measured here.
+        flap: usbpt_agent::FlapSettings {
+            threshold: 0,
+            ..usbpt_agent::FlapSettings::default()
+        },
     };
     let (stop_agent, agent_stopped) = oneshot::channel::<()>();
     let agent = tokio::spawn(usbpt_agent::run(config, source, async move {

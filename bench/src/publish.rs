@@ -48,6 +48,7 @@ pub async fn agent_publish(target: &Target, n: usize) -> Result<(Figure, usize)>
             let _ = tx.send(p.clone());
         }),
         drain_on_stop: Duration::from_secs(2),
+        flap: usbpt_agent::FlapSettings::default(),
     };
     let (source, _sim) = usbpt_agent::source::simulated(Vec::new());
     let (stop, stopped) = oneshot::channel::<()>();

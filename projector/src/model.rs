@@ -137,7 +137,8 @@ pub struct Device {
     /// The descriptor fingerprint (`DeviceDiscoveredV2`); `None` for an enumeration announced
     /// without one (older agents, or descriptors that could not be read).
     pub fingerprint: Option<Fingerprint>,
-    /// An alarm on its lineage keeps it from new claims (a conflict: ADR 0011).
+    /// An alarm on its lineage keeps it from new claims (a conflict, or the lineage flapping:
+    /// ADR 0011): the combination of every active cause, so clearing one keeps the others.
     pub blocked: bool,
 }
 
@@ -210,14 +211,21 @@ pub enum AlarmKind {
     LineageConflict,
     /// A serial lineage re-enumerated with another descriptor fingerprint.
     FingerprintChanged,
+    /// A lineage re-enumerating again and again on a host (`PortFlapping` from its agent).
+    PortFlapping,
 }
 
 impl AlarmKind {
-    pub const ALL: [AlarmKind; 2] = [AlarmKind::LineageConflict, AlarmKind::FingerprintChanged];
+    pub const ALL: [AlarmKind; 3] = [
+        AlarmKind::LineageConflict,
+        AlarmKind::FingerprintChanged,
+        AlarmKind::PortFlapping,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             AlarmKind::LineageConflict => "lineage_conflict",
             AlarmKind::FingerprintChanged => "fingerprint_changed",
+            AlarmKind::PortFlapping => "port_flapping",
         }
     }
 }

@@ -331,3 +331,141 @@ fn a_third_host_replaces_the_held_back_enumeration_and_the_replaced_one_may_end_
     assert_eq!(l.current_host, common::host("host-c"));
     assert_replays(&f);
 }
+
+fn flap(dev: u128, host: &str, port: &str, lineage: LineageId) -> Event {
+    Event::PortFlapping(PortFlapping {
+        host: common::host(host),
+        lineage_id: lineage,
+        device_id: DeviceId(id(dev)),
+        port_path: port.parse().unwrap(),
+        enumerations: 6,
+        window_secs: 60,
+        threshold: 5,
+    })
+}
+
+fn flap_cleared(dev: Option<u128>, host: &str, lineage: LineageId) -> Event {
+    Event::PortFlappingCleared(PortFlappingCleared {
+        host: common::host(host),
+        lineage_id: lineage,
+        device_id: dev.map(|d| DeviceId(id(d))),
+        quiet_secs: 120,
+    })
+}
+
+fn is_free(f: &Fold, dev: u128) -> bool {
+    let snap = f.view.snapshot().unwrap();
+    snap.device(&DeviceId(id(dev))).unwrap().unwrap().is_free()
+}
+
+#[test]
+fn port_flapping_is_raised_and_cleared_by_the_agent_and_blocks_the_device_meanwhile() {
+    let mut f = Fold::new();
+    let first = disc(1, "host-a", "1-4", None);
+    let lineage = first.lineage_id;
+    assert_eq!(f.fold(v2(first, 1), None), None);
+    assert!(is_free(&f, 1));
+    assert_eq!(f.fold(flap(1, "host-a", "1-4", lineage), None), None);
+    let alarms = active(&f, lineage);
+    assert_eq!(alarms.len(), 1);
+    let a = &alarms[0];
+    assert_eq!(a.kind, usbpt_projector::AlarmKind::PortFlapping);
+    assert_eq!(a.hosts, [common::host("host-a")]);
+    assert_eq!(a.devices, [DeviceId(id(1))]);
+    for words in [
+        "host-a",
+        "port 1-4",
+        "6 times",
+        "60 s",
+        "re-attach is paused",
+    ] {
+        assert!(a.reason.contains(words), "{words}: {}", a.reason);
+    }
+    assert!(!is_free(&f, 1), "not schedulable while flapping");
+    // The same episode published again: nothing more.
+    assert_eq!(f.fold(flap(1, "host-a", "1-4", lineage), None), None);
+    assert_eq!(counter(&f, "alarms_raised.port_flapping"), 1);
+
+    // It keeps re-enumerating: each new enumeration starts blocked.
+    assert_eq!(f.fold(gone(1, "host-a", lineage), None), None);
+    let mut again = disc(2, "host-a", "1-4", None);
+    again.supersedes = Some(DeviceId(id(1)));
+    assert_eq!(f.fold(v2(again, 1), None), None);
+    assert!(!is_free(&f, 2), "a new enumeration of a flapping lineage");
+
+    // The agent's quiet period passed: cleared once, the device is free.
+    assert_eq!(f.fold(flap_cleared(Some(2), "host-a", lineage), None), None);
+    assert!(active(&f, lineage).is_empty());
+    assert!(is_free(&f, 2));
+    let l = f
+        .view
+        .snapshot()
+        .unwrap()
+        .lineage(&lineage)
+        .unwrap()
+        .unwrap();
+    let (cleared, why) = l.alarms[0].cleared.clone().expect("cleared");
+    assert_eq!(cleared.seq, 6);
+    assert!(why.contains("120 s"), "{why}");
+    // A second clear (no active alarm) is a no-op, not quarantined.
+    assert_eq!(f.fold(flap_cleared(Some(2), "host-a", lineage), None), None);
+    assert_eq!(counter(&f, "alarms_cleared.port_flapping"), 1);
+    let metrics = usbpt_projector::ProjectorMetrics::default()
+        .render(&f.view.snapshot().unwrap().counters().unwrap());
+    assert!(
+        metrics.contains("usbpt_alarms_active{kind=\"port_flapping\"} 0"),
+        "{metrics}"
+    );
+    assert_replays(&f);
+}
+
+#[test]
+fn a_flapping_report_about_a_device_never_seen_or_of_another_lineage_is_quarantined() {
+    let mut f = Fold::new();
+    let first = disc(1, "host-a", "1-4", None);
+    let lineage = first.lineage_id;
+    let other = disc(2, "host-a", "1-5", None).lineage_id;
+    assert_eq!(f.fold(v2(first, 1), None), None);
+    let q = f
+        .fold(flap(9, "host-a", "1-4", lineage), None)
+        .expect("quarantined");
+    assert!(q.starts_with("UnknownDevice"), "{q}");
+    let q = f
+        .fold(flap(1, "host-a", "1-4", other), None)
+        .expect("quarantined");
+    assert!(q.starts_with("LineageMismatch"), "{q}");
+    assert!(active(&f, lineage).is_empty());
+    assert!(is_free(&f, 1));
+    // A clear for a lineage the view never saw: a no-op.
+    assert_eq!(f.fold(flap_cleared(None, "host-a", other), None), None);
+}
+
+#[test]
+fn a_device_stays_blocked_while_any_alarm_holds_it_back() {
+    let mut f = Fold::new();
+    // A conflict blocks host-a's K1, then it flaps too.
+    let lineage = conflict(&mut f);
+    assert_eq!(f.fold(flap(1, "host-a", "1-1", lineage), None), None);
+    assert_eq!(active(&f, lineage).len(), 2);
+    // The flapping ends first: the conflict still holds it back.
+    assert_eq!(f.fold(flap_cleared(Some(1), "host-a", lineage), None), None);
+    assert!(!is_free(&f, 1), "the conflict lasts");
+    // host-b's copy leaves: free.
+    assert_eq!(f.fold(gone(2, "host-b", lineage), None), None);
+    assert!(is_free(&f, 1));
+
+    // The other order: flapping, then a conflict that ends first.
+    assert_eq!(f.fold(flap(1, "host-a", "1-1", lineage), None), None);
+    assert_eq!(
+        f.fold(v2(disc(3, "host-c", "2-1", Some("K1")), 1), None),
+        None
+    );
+    assert_eq!(f.fold(gone(3, "host-c", lineage), None), None);
+    assert_eq!(active(&f, lineage).len(), 1);
+    assert!(!is_free(&f, 1), "still flapping");
+    assert_eq!(f.fold(flap_cleared(Some(1), "host-a", lineage), None), None);
+    assert!(is_free(&f, 1));
+    assert_eq!(counter(&f, "alarms_raised.port_flapping"), 2);
+    assert_eq!(counter(&f, "alarms_cleared.port_flapping"), 2);
+    assert_replays(&f);
+}

@@ -68,6 +68,7 @@ impl SimHost {
             bus: self.target.clone(),
             progress: progress::silent(),
             drain_on_stop: Duration::from_secs(2),
+            flap: usbpt_agent::FlapSettings::default(),
         };
         let (stop, stopped) = oneshot::channel();
         let source = self.devices.source();

@@ -8,13 +8,23 @@
 //! enumeration is blocked from new claims: the lineage is not schedulable until one side ends.
 //! If the current one ends, the newcomer takes the lineage over (as if discovered then: the
 //! known gap of the carried key closes); if the newcomer ends first, it is dropped.
+//!
+//! `PortFlapping`: raised and cleared by the host agent's events (the agent sees its hotplugs
+//! and owns the clock; ADR 0011). While active, the lineage's current enumeration is blocked
+//! from new claims. A device is blocked while any cause lasts ([`blocks`]): clearing one alarm
+//! does not free a device another still holds back.
 
-use usbpt_schemas::{DeviceDiscovered, DeviceInvalidated, Fingerprint, LineageKind};
+use usbpt_schemas::{
+    DeviceDiscovered, DeviceInvalidated, Fingerprint, LineageKind, PortFlapping,
+    PortFlappingCleared,
+};
 
 use super::devices::discovered;
-use super::semantics::R;
+use super::semantics::{reject, R};
 use super::state::State;
-use crate::model::{Alarm, AlarmKind, Device, Lineage, PendingDiscovery, Stamp, ALARMS_KEPT};
+use crate::model::{
+    Alarm, AlarmKind, Device, Lineage, PendingDiscovery, QuarantineReason, Stamp, ALARMS_KEPT,
+};
 
 /// Whether discovering `e` while `prev` is its lineage's current enumeration is a conflict: a
 /// serial lineage whose current enumeration is still present on another host.
@@ -25,10 +35,14 @@ pub(super) fn is_conflict(e: &DeviceDiscovered, l: &Lineage, prev: &Device) -> b
         && prev.invalidation.is_none()
 }
 
-/// Whether a new enumeration of `l` on its current host starts blocked: another host's is held
-/// back, the conflict lasts.
+/// Whether `l`'s enumerations are kept from new claims: another host's is held back (the
+/// conflict lasts), or the lineage is flapping. Every cause at once: a device is unblocked only
+/// when none is left.
 pub(super) fn blocks(l: &Lineage) -> bool {
     l.pending.is_some()
+        || l.alarms
+            .iter()
+            .any(|a| a.kind == AlarmKind::PortFlapping && a.is_active())
 }
 
 fn raise<S: State>(v: &mut S, l: &mut Lineage, alarm: Alarm) {
@@ -37,10 +51,22 @@ fn raise<S: State>(v: &mut S, l: &mut Lineage, alarm: Alarm) {
 }
 
 fn clear<S: State>(v: &mut S, l: &mut Lineage, kind: AlarmKind, st: Stamp, why: String) {
+    clear_where(v, l, kind, |_| true, st, why)
+}
+
+/// Clears the active alarms of `kind` that `which` selects.
+fn clear_where<S: State>(
+    v: &mut S,
+    l: &mut Lineage,
+    kind: AlarmKind,
+    which: impl Fn(&Alarm) -> bool,
+    st: Stamp,
+    why: String,
+) {
     for a in l
         .alarms
         .iter_mut()
-        .filter(|a| a.kind == kind && a.is_active())
+        .filter(|a| a.kind == kind && a.is_active() && which(a))
     {
         a.cleared = Some((st, why.clone()));
         v.count("alarms_cleared", kind.as_str());
@@ -144,8 +170,9 @@ pub(super) fn pending_ended<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidate
     );
     clear(v, &mut l, AlarmKind::LineageConflict, st, why);
     let current = l.current;
+    let still = blocks(&l);
     v.put_lineage(l);
-    unblock(v, st, current)?;
+    set_blocked(v, st, current, still)?;
     Ok(true)
 }
 
@@ -171,16 +198,17 @@ pub(super) fn current_ended<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidate
             e.device_id, e.host, e.reason, p.discovery.device_id, p.discovery.host
         ),
     );
+    let still = blocks(&l);
     v.put_lineage(l);
-    unblock(v, st, e.device_id)?;
+    set_blocked(v, st, e.device_id, still)?;
     // As if discovered now: the lineage moves, a `lineage`-follow claim follows it.
     discovered(v, st, &p.discovery, p.fingerprint)
 }
 
-fn unblock<S: State>(v: &mut S, st: Stamp, id: usbpt_schemas::DeviceId) -> R {
+fn set_blocked<S: State>(v: &mut S, st: Stamp, id: usbpt_schemas::DeviceId, blocked: bool) -> R {
     if let Some(mut d) = v.device(id)? {
-        if d.blocked {
-            d.blocked = false;
+        if d.blocked != blocked {
+            d.blocked = blocked;
             d.last_change_seq = st.seq;
             v.put_device(d)?;
         }
@@ -255,4 +283,102 @@ pub(super) fn fingerprint_seen<S: State>(
         _ => {}
     }
     Ok(())
+}
+
+/// A host agent reports `e.lineage_id` flapping: a `port_flapping` alarm on the lineage, and its
+/// current enumeration blocked from new claims until the agent clears it. The same episode
+/// reported again (an agent that re-published) changes nothing.
+pub(super) fn flapping<S: State>(v: &mut S, st: Stamp, e: &PortFlapping) -> R {
+    let Some(d) = v.device(e.device_id)? else {
+        return reject(
+            QuarantineReason::UnknownDevice,
+            format!(
+                "PortFlapping names device {}, never discovered",
+                e.device_id
+            ),
+        );
+    };
+    if d.lineage_id() != e.lineage_id || d.host() != &e.host {
+        return reject(
+            QuarantineReason::LineageMismatch,
+            format!(
+                "PortFlapping names device {} of lineage {} on host {}, but the device is of \
+                 lineage {} on host {}",
+                e.device_id,
+                e.lineage_id,
+                e.host,
+                d.lineage_id(),
+                d.host()
+            ),
+        );
+    }
+    let Some(mut l) = v.lineage(e.lineage_id)? else {
+        return Ok(());
+    };
+    let open = l
+        .alarms
+        .iter()
+        .any(|a| a.kind == AlarmKind::PortFlapping && a.is_active() && a.hosts == [e.host.clone()]);
+    if open {
+        return Ok(());
+    }
+    let what = match l.serial.as_deref() {
+        Some(serial) => format!("{}:{} serial {serial}", l.vendor_id, l.product_id),
+        None => format!("{}:{}", l.vendor_id, l.product_id),
+    };
+    let reason = format!(
+        "lineage {} ({what}) enumerated {} times within {} s on host {} port {} (more than {}): \
+         a failing port, hub, cable or power supply. Automatic re-attach is paused and the device \
+         is not scheduled; it clears by itself once the agent sees no enumeration for its quiet \
+         period. Check the cable and hub, or move the device to another port",
+        l.id, e.enumerations, e.window_secs, e.host, e.port_path, e.threshold,
+    );
+    raise(
+        v,
+        &mut l,
+        Alarm {
+            kind: AlarmKind::PortFlapping,
+            raised: st,
+            reason,
+            hosts: vec![e.host.clone()],
+            devices: vec![e.device_id],
+            fingerprints: Vec::new(),
+            cleared: None,
+        },
+    );
+    let current = l.current;
+    v.put_lineage(l);
+    set_blocked(v, st, current, true)
+}
+
+/// The host agent saw no enumeration of the lineage for its quiet period: the alarm clears and
+/// the current enumeration is free again unless another cause still blocks it. A clear with no
+/// active alarm (the agent's episode began before the view, or was already cleared) is a no-op.
+pub(super) fn flapping_cleared<S: State>(v: &mut S, st: Stamp, e: &PortFlappingCleared) -> R {
+    let Some(mut l) = v.lineage(e.lineage_id)? else {
+        return Ok(());
+    };
+    let host = e.host.clone();
+    let mine = |a: &Alarm| a.hosts.first() == Some(&host);
+    let open = l
+        .alarms
+        .iter()
+        .any(|a| a.kind == AlarmKind::PortFlapping && a.is_active() && mine(a));
+    if !open {
+        return Ok(());
+    }
+    let why = format!(
+        "no enumeration on host {} for {} s; {}",
+        e.host,
+        e.quiet_secs,
+        match e.device_id {
+            Some(d) => format!("device {d} is present"),
+            None => "the device is not plugged".to_owned(),
+        }
+    );
+    clear_where(v, &mut l, AlarmKind::PortFlapping, mine, st, why);
+    let current = l.current;
+    let still = blocks(&l);
+    v.put_lineage(l);
+    set_blocked(v, st, current, still)
 }

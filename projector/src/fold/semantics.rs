@@ -13,7 +13,7 @@ use usbpt_schemas::*;
 
 use super::state::State;
 use super::Outcome;
-use super::{devices, flavors, servers};
+use super::{alarms, devices, flavors, servers};
 use crate::error::ViewError;
 use crate::model::*;
 
@@ -179,10 +179,10 @@ fn handle<S: State>(v: &mut S, st: Stamp, body: &Event) -> R {
     match body {
         // The host record is all it changes (see `touch_host`).
         Event::HostAgentStarted(_) | Event::DeviceClashDetected(_) => Ok(()),
-        // TODO(issue 18): folded by the flapping and operator-command work in progress.
-        Event::PortFlapping(_)
-        | Event::PortFlappingCleared(_)
-        | Event::LineageConflictResolved(_)
+        Event::PortFlapping(e) => alarms::flapping(v, st, e),
+        Event::PortFlappingCleared(e) => alarms::flapping_cleared(v, st, e),
+        // TODO(issue 18): folded by the operator-command work in progress.
+        Event::LineageConflictResolved(_)
         | Event::FingerprintAccepted(_)
         | Event::DeviceReattachHeld(_)
         | Event::FlavorFingerprintPolicySet(_) => Ok(()),
