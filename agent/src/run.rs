@@ -140,12 +140,13 @@ impl Agent {
         let mut changed = false;
         for env in envelopes {
             match (&env.body, env.body.discovery()) {
-                (_, Some((d, _))) => {
+                (_, Some((d, fingerprint))) => {
                     let info = DeviceInfo {
                         vendor: d.vendor_id,
                         product: d.product_id,
                         address: d.address,
                         present: true,
+                        fingerprint: fingerprint.copied(),
                     };
                     self.devices.insert(d.device_id, info);
                     changed = true;
@@ -409,6 +410,7 @@ pub async fn run_with_executor<S: DeviceSource>(
                         product: k.device.product_id,
                         address: k.device.address,
                         present: true,
+                        fingerprint: k.device.fingerprint,
                     },
                 )
             })
