@@ -118,6 +118,7 @@ impl FlavorCreate {
                 resources: Default::default(),
                 name: self.name,
                 usb: self.usb,
+                on_fingerprint_change: None,
             },
             self.json,
         )

@@ -183,9 +183,9 @@ fn handle<S: State>(v: &mut S, st: Stamp, body: &Event) -> R {
         Event::PortFlapping(_)
         | Event::PortFlappingCleared(_)
         | Event::LineageConflictResolved(_)
-        | Event::FingerprintAccepted(_)
-        | Event::DeviceReattachHeld(_)
-        | Event::FlavorFingerprintPolicySet(_) => Ok(()),
+        | Event::FingerprintAccepted(_) => Ok(()),
+        Event::DeviceReattachHeld(e) => servers::reattach_held(v, st, e),
+        Event::FlavorFingerprintPolicySet(e) => flavors::fingerprint_policy_set(v, e),
         Event::DeviceDiscovered(e) => devices::discovered(v, st, e, None),
         Event::DeviceDiscoveredV2(e) => {
             devices::discovered(v, st, &e.discovery, Some(e.fingerprint))
@@ -205,8 +205,14 @@ fn handle<S: State>(v: &mut S, st: Stamp, body: &Event) -> R {
         Event::ServerScheduleFailed(e) => servers::schedule_failed(v, st, e),
         Event::DeviceClaimed(e) => devices::claimed(v, st, e),
         Event::DeviceAttached(e) => devices::attached(v, st, e),
-        Event::DeviceReattached(e) => devices::reattached(v, st, e),
-        Event::DeviceReleased(e) => devices::released(v, st, e),
+        Event::DeviceReattached(e) => {
+            devices::reattached(v, st, e)?;
+            servers::end_reattach_hold(v, st, e.server_id, e.lineage_id)
+        }
+        Event::DeviceReleased(e) => {
+            devices::released(v, st, e)?;
+            servers::end_reattach_hold(v, st, e.server_id, e.lineage_id)
+        }
         Event::ServerStateChanged(e) => servers::state_changed(v, st, e),
         Event::ServerResized(e) => servers::moved(
             v,
