@@ -281,9 +281,8 @@ fn push_capped<T>(list: &mut Vec<T>, item: T) {
 /// lineage's claim and the enumeration must be known on that host.
 pub(super) fn reattach_held<S: State>(v: &mut S, st: Stamp, e: &DeviceReattachHeld) -> R {
     known_device(v, e.device_id, Some(e.lineage_id), &e.host)?;
-    if !v
-        .claim(e.lineage_id)?
-        .is_some_and(|c| c.server_id == e.server_id)
+    if v.claim(e.lineage_id)?
+        .is_none_or(|c| c.server_id != e.server_id)
     {
         return reject(
             QuarantineReason::Conflict,
