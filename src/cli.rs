@@ -120,6 +120,8 @@ pub enum FlavorCmd {
     Create(crate::cmd_ctl::FlavorCreate),
     /// Delete a flavor.
     Delete(crate::cmd_ctl::FlavorDelete),
+    /// Change a flavor's policy: `--on-fingerprint-change hold|follow`.
+    Set(crate::cmd_ctl::FlavorSet),
     /// List live flavors.
     List(crate::cmd_query::ListArgs),
     /// One flavor, by name or id.
@@ -206,6 +208,7 @@ pub async fn run(cli: Cli, loaded: &crate::config::Loaded) -> Result<()> {
         Cmd::Server(ServerCmd::Show(a)) => crate::cmd_query::server_show(&cli.global, a).await,
         Cmd::Flavor(FlavorCmd::Create(a)) => send(&cli.global, a.command()).await,
         Cmd::Flavor(FlavorCmd::Delete(a)) => send(&cli.global, a.command()).await,
+        Cmd::Flavor(FlavorCmd::Set(a)) => send(&cli.global, a.command()).await,
         Cmd::Boot(a) => send(&cli.global, a.command()).await,
         Cmd::Resize(a) => send(&cli.global, a.command()).await,
         Cmd::Migrate(a) => send(&cli.global, a.command()).await,

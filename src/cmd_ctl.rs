@@ -1,4 +1,4 @@
-//! Operator commands (`flavor create|delete`, `boot`, `resize`, `migrate`, power actions,
+//! Operator commands (`flavor create|set|delete`, `boot`, `resize`, `migrate`, power actions,
 //! `delete`): sent to the command handlers over NATS request/reply.
 
 use std::time::Duration;
@@ -7,7 +7,9 @@ use anyhow::{bail, Result};
 use clap::Args;
 use usbpt_commands::handler::request;
 use usbpt_schemas::commands::{Command, CommandReply};
-use usbpt_schemas::{FlavorName, HostName, ServerAction, ServerName, UsbRequest};
+use usbpt_schemas::{
+    FingerprintPolicy, FlavorName, HostName, ServerAction, ServerName, UsbRequest,
+};
 
 use crate::global::Global;
 
@@ -21,8 +23,36 @@ pub struct FlavorCreate {
     /// each optionally with `,controller=uhci|ehci|xhci,follow=lineage|strict`. Repeatable.
     #[arg(long = "usb", value_name = "SPEC")]
     pub usb: Vec<UsbRequest>,
+    /// When a device held by a server of this flavor comes back with another descriptor
+    /// fingerprint: `hold` (default; re-attached once an operator accepts it) or `follow`
+    /// (accepted and re-attached at once; the alarm is still recorded).
+    #[arg(long, value_name = "hold|follow")]
+    pub on_fingerprint_change: Option<FingerprintPolicy>,
     #[arg(long)]
     pub json: bool,
+}
+
+/// `usbpt flavor set NAME --on-fingerprint-change hold|follow`.
+#[derive(Debug, Args)]
+pub struct FlavorSet {
+    pub name: FlavorName,
+    /// `hold` (re-attach once an operator accepts a changed fingerprint) or `follow`.
+    #[arg(long, value_name = "hold|follow")]
+    pub on_fingerprint_change: FingerprintPolicy,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl FlavorSet {
+    pub fn command(self) -> (Command, bool) {
+        (
+            Command::SetFlavorPolicy {
+                name: self.name,
+                on_fingerprint_change: self.on_fingerprint_change,
+            },
+            self.json,
+        )
+    }
 }
 
 #[derive(Debug, Args)]
@@ -118,6 +148,7 @@ impl FlavorCreate {
                 resources: Default::default(),
                 name: self.name,
                 usb: self.usb,
+                on_fingerprint_change: self.on_fingerprint_change,
             },
             self.json,
         )

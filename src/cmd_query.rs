@@ -564,6 +564,11 @@ pub async fn flavor_show(global: &Global, a: ShowArgs) -> Result<()> {
         f.created.seq,
         c(&f.created.at)
     );
+    println!(
+        "{:<10} on_fingerprint_change={}",
+        "policy",
+        f.on_fingerprint_change.as_str()
+    );
     for (i, r) in f.usb_devices.iter().enumerate() {
         println!(
             "{:<10} {}",
@@ -639,6 +644,17 @@ pub async fn server_show(global: &Global, a: ShowArgs) -> Result<()> {
             c(&d.follow),
             if d.held { ", held" } else { ", not held" }
         );
+        if let Some(h) = &d.reattach_held {
+            println!(
+                "{:<12}   {} (seq {}): {} came back with fingerprint {}, expected {}",
+                "",
+                c(&h.reason),
+                h.seq,
+                c(&h.device_id),
+                h.seen,
+                h.expected
+            );
+        }
     }
     for f in &v.schedule_failures {
         println!("{:<12} seq {}: {}", "not placed", f.stamp.seq, c(&f.reason));

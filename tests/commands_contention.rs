@@ -115,6 +115,7 @@ async fn two_hundred_boots_four_handlers_fifty_devices() -> Result<()> {
             resources: Default::default(),
             name: FlavorName::new("key")?,
             usb: vec!["vendor=136b,product=0003,controller=xhci".parse()?],
+            on_fingerprint_change: None,
         },
         Duration::from_secs(30),
     )
@@ -254,6 +255,7 @@ async fn simultaneous_boots_of_one_name_in_four_handlers_one_wins() -> Result<()
             resources: Default::default(),
             name: flavor.clone(),
             usb: Vec::new(),
+            on_fingerprint_change: None,
         })
         .await;
     assert!(matches!(reply, CommandReply::Accepted { .. }), "{reply:?}");

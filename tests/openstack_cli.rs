@@ -1154,6 +1154,49 @@ async fn discovery_microversions_errors_and_extra_specs_are_novas() -> Result<()
     let (_, _, body) = raw(Method::GET, &specs_url, &[], None).await?;
     assert_eq!(json(&body), serde_json::json!({"extra_specs": {}}));
 
+    // The fingerprint policy is a sibling extra spec: hold (the default) is not listed.
+    let (code, _, body) = raw(
+        Method::POST,
+        &specs_url,
+        &[],
+        Some(serde_json::json!({"extra_specs": {"usb:on_fingerprint_change": "sometimes"}})),
+    )
+    .await?;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        json(&body)["badRequest"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("extra_specs.usb:on_fingerprint_change"),
+        "{body}"
+    );
+    let (code, _, body) = raw(
+        Method::PUT,
+        &format!("{specs_url}/usb:on_fingerprint_change"),
+        &[],
+        Some(serde_json::json!({"usb:on_fingerprint_change": "follow"})),
+    )
+    .await?;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        json(&body),
+        serde_json::json!({"usb:on_fingerprint_change": "follow"})
+    );
+    let (_, _, body) = raw(Method::GET, &format!("{api}/v2.1/flavors/{fid}"), &[], None).await?;
+    assert_eq!(json(&body)["flavor"]["on_fingerprint_change"], "follow");
+    let (code, _, body) = raw(
+        Method::DELETE,
+        &format!("{specs_url}/usb:on_fingerprint_change"),
+        &[],
+        None,
+    )
+    .await?;
+    assert_eq!(code, 200, "{body}");
+    let (_, _, body) = raw(Method::GET, &format!("{api}/v2.1/flavors/{fid}"), &[], None).await?;
+    assert_eq!(json(&body)["flavor"]["on_fingerprint_change"], "hold");
+    let (_, _, body) = raw(Method::GET, &specs_url, &[], None).await?;
+    assert_eq!(json(&body), serde_json::json!({"extra_specs": {}}));
+
     // A boot no host can take: 202 with the server (and Location), which is then in ERROR with
     // a fault saying why, as Nova leaves it.
     let ghost = r#"[{"vendor_id":"0001","product_id":"0001"}]"#;

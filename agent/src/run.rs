@@ -240,6 +240,7 @@ impl Agent {
                         product: k.device.product_id,
                         address: k.device.address,
                         present: true,
+                        fingerprint: k.device.fingerprint,
                     },
                 )
             })
@@ -251,12 +252,13 @@ impl Agent {
         let mut changed = false;
         for env in envelopes {
             match (&env.body, env.body.discovery()) {
-                (_, Some((d, _))) => {
+                (_, Some((d, fingerprint))) => {
                     let info = DeviceInfo {
                         vendor: d.vendor_id,
                         product: d.product_id,
                         address: d.address,
                         present: true,
+                        fingerprint: fingerprint.copied(),
                     };
                     self.devices.insert(d.device_id, info);
                     changed = true;
@@ -532,6 +534,7 @@ pub async fn run_with_executor<S: DeviceSource>(
                         product: k.device.product_id,
                         address: k.device.address,
                         present: true,
+                        fingerprint: k.device.fingerprint,
                     },
                 )
             })

@@ -293,6 +293,186 @@ async fn reenumerated_device_is_reattached_by_redefinition_on_the_test_driver() 
     .expect("bounded");
 }
 
+/// ADR 0011's hold: a lineage that comes back with another fingerprint is not re-attached on the
+/// agent's own initiative; `FingerprintAccepted` for this host re-attaches it and records the
+/// new fingerprint in the domain's metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_fingerprint_holds_the_reattach_until_accepted() {
+    tokio::time::timeout(LIMIT, async {
+        let a = usbpt_schemas::Fingerprint([0xa; 32]);
+        let b = usbpt_schemas::Fingerprint([0xb; 32]);
+        let mut key = dev(1);
+        key.info.fingerprint = Some(a);
+        let h = host("host-fp", &[key]).await;
+        let mut lookup = Devices::with(&[key]);
+        let server = server();
+        let events = h
+            .exec
+            .handle(
+                &scheduled(
+                    &h.host,
+                    server,
+                    vec![assigned(&key, ControllerModel::Xhci, FollowPolicy::Lineage)],
+                ),
+                &lookup,
+            )
+            .await;
+        assert_eq!(state_of(&events).0, ServerState::Active);
+        let spec = h.exec.spec(server).await.expect("metadata");
+        assert_eq!(
+            spec.device_of_lineage(&key.lineage)
+                .and_then(|d| d.fingerprint),
+            Some(a),
+            "the definition records the fingerprint the server was given"
+        );
+        let inactive_before = h.exec.domain_xml(server, true).await.expect("xml");
+        assert!(
+            inactive_before.contains(&a.to_base64()),
+            "{inactive_before}"
+        );
+
+        // Re-enumerated with fingerprint B: held, nothing changes in the domain.
+        let mut spoof = key;
+        spoof.id = usbpt_schemas::DeviceId::new_v7();
+        spoof.info.address = usbpt_schemas::UsbAddress::new(3, 9).expect("valid");
+        spoof.info.fingerprint = Some(b);
+        lookup.map.insert(spoof.id, spoof.info);
+        let events = h
+            .exec
+            .reattach_lineage(key.lineage, spoof.id, spoof.info)
+            .await;
+        assert_eq!(
+            events,
+            vec![Event::DeviceReattachHeld(
+                usbpt_schemas::DeviceReattachHeld {
+                    host: h.host.clone(),
+                    server_id: server,
+                    lineage_id: key.lineage,
+                    device_id: spoof.id,
+                    expected: a,
+                    seen: b,
+                }
+            )]
+        );
+        assert_eq!(
+            h.exec.domain_xml(server, true).await.expect("xml"),
+            inactive_before,
+            "a held re-attach leaves the definition as it was"
+        );
+        let spec = h.exec.spec(server).await.expect("metadata");
+        let held = spec
+            .device_of_lineage(&key.lineage)
+            .expect("the lineage stays");
+        assert_eq!((held.device_id, held.fingerprint), (key.id, Some(a)));
+
+        // Accepted: FingerprintAccepted routed to this host is re-attach work.
+        let accept = Envelope::new(Event::FingerprintAccepted(
+            usbpt_schemas::FingerprintAccepted {
+                lineage_id: key.lineage,
+                fingerprint: b,
+                device_id: Some(spoof.id),
+                host: Some(h.host.clone()),
+                server_id: Some(server),
+                by_policy: false,
+            },
+        ));
+        let events = h.exec.handle(&accept, &lookup).await;
+        let [Event::DeviceReattached(r)] = events.as_slice() else {
+            panic!("{events:#?}")
+        };
+        assert_eq!((r.old_device_id, r.new_device_id), (key.id, spoof.id));
+        assert_eq!(r.address, spoof.info.address);
+        let spec = h.exec.spec(server).await.expect("metadata");
+        let now = spec.device_of_lineage(&key.lineage).expect("the lineage");
+        assert_eq!((now.device_id, now.fingerprint), (spoof.id, Some(b)));
+        let inactive =
+            observe_domain(&h.exec.domain_xml(server, true).await.expect("xml")).expect("parse");
+        assert_eq!(
+            (
+                inactive.hostdevs[0].host_bus,
+                inactive.hostdevs[0].host_device
+            ),
+            (Some(3), Some(9))
+        );
+        // Redelivered: nothing more to do.
+        assert!(h.exec.handle(&accept, &lookup).await.is_empty());
+
+        // An accept for an enumeration that has gone again: a failed attach naming why, and
+        // the domain untouched.
+        let mut gone = spoof;
+        gone.id = usbpt_schemas::DeviceId::new_v7();
+        gone.info.present = false;
+        lookup.map.insert(gone.id, gone.info);
+        let late = Envelope::new(Event::FingerprintAccepted(
+            usbpt_schemas::FingerprintAccepted {
+                lineage_id: key.lineage,
+                fingerprint: a,
+                device_id: Some(gone.id),
+                host: Some(h.host.clone()),
+                server_id: Some(server),
+                by_policy: true,
+            },
+        ));
+        let events = h.exec.handle(&late, &lookup).await;
+        let [Event::DeviceAttachFailed(f)] = events.as_slice() else {
+            panic!("{events:#?}")
+        };
+        assert_eq!((f.server_id, f.device_id), (server, gone.id));
+        assert!(f.error.contains("no longer present"), "{}", f.error);
+        let spec = h.exec.spec(server).await.expect("metadata");
+        let still = spec.device_of_lineage(&key.lineage).expect("the lineage");
+        assert_eq!((still.device_id, still.fingerprint), (spoof.id, Some(b)));
+    })
+    .await
+    .expect("bounded");
+}
+
+/// Domains without a recorded fingerprint (defined before it was recorded, or descriptors
+/// unreadable) re-attach as before, and then record the new enumeration's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_fingerprint_reattaches_as_before() {
+    tokio::time::timeout(LIMIT, async {
+        let key = dev(1); // no fingerprint
+        let h = host("host-nofp", &[key]).await;
+        let mut lookup = Devices::with(&[key]);
+        let server = server();
+        let events = h
+            .exec
+            .handle(
+                &scheduled(
+                    &h.host,
+                    server,
+                    vec![assigned(&key, ControllerModel::Xhci, FollowPolicy::Lineage)],
+                ),
+                &lookup,
+            )
+            .await;
+        assert_eq!(state_of(&events).0, ServerState::Active);
+        let xml = h.exec.domain_xml(server, true).await.expect("xml");
+        assert!(!xml.contains("fingerprint="), "{xml}");
+        let mut next = key;
+        next.id = usbpt_schemas::DeviceId::new_v7();
+        next.info.fingerprint = Some(usbpt_schemas::Fingerprint([0xb; 32]));
+        lookup.map.insert(next.id, next.info);
+        let events = h
+            .exec
+            .reattach_lineage(key.lineage, next.id, next.info)
+            .await;
+        assert!(
+            matches!(events.as_slice(), [Event::DeviceReattached(r)] if r.new_device_id == next.id),
+            "{events:#?}"
+        );
+        let spec = h.exec.spec(server).await.expect("metadata");
+        assert_eq!(
+            spec.device_of_lineage(&key.lineage)
+                .and_then(|d| d.fingerprint),
+            next.info.fingerprint
+        );
+    })
+    .await
+    .expect("bounded");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_bindings_are_optional_and_not_followed() {
     tokio::time::timeout(LIMIT, async {

@@ -28,6 +28,7 @@ fn hd(n: u16, controller: ControllerModel, follow: FollowPolicy, present: bool) 
         follow,
         present,
         port: None,
+        fingerprint: None,
     }
 }
 

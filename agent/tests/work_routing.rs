@@ -68,6 +68,7 @@ fn work_is_asked_exactly_of_the_host_an_event_is_routed_to() {
     assert_eq!(
         with_work,
         BTreeSet::from([
+            "FingerprintAccepted",
             "ServerActionRequested",
             "ServerDeleted",
             "ServerMigrated",

@@ -21,8 +21,8 @@ use usbpt_schemas::commands::{
     Command, CommandReply, FlavorResources, RejectKind, UsbRequestFields,
 };
 use usbpt_schemas::{
-    ControllerModel, DeviceId, FlavorName, FollowPolicy, HostName, LineageId, ProductId,
-    ServerAction, ServerName, UsbRequest, VendorId,
+    ControllerModel, DeviceId, FingerprintPolicy, FlavorName, FollowPolicy, HostName, LineageId,
+    ProductId, ServerAction, ServerName, UsbRequest, VendorId,
 };
 
 use crate::nova::Nova;
@@ -143,6 +143,9 @@ struct FlavorBody {
     disk: Option<u32>,
     #[serde(default)]
     usb_devices: Vec<UsbDeviceBody>,
+    /// usbpt's own key: `hold` (the default) or `follow`.
+    #[serde(default)]
+    on_fingerprint_change: Option<FingerprintPolicy>,
     /// Nova lets a client choose the id; usbpt's ids are UUIDv7s it draws itself.
     #[serde(default)]
     id: Option<Value>,
@@ -188,6 +191,7 @@ async fn create_flavor(
             name: name.clone(),
             usb,
             resources,
+            on_fingerprint_change: body.flavor.on_fingerprint_change,
         },
     )
     .await;
@@ -361,43 +365,98 @@ async fn create_server(
     }
 }
 
-/// `{"extra_specs": {"usb_devices": "[…]"}}`: the USB request, as a JSON string (extra specs
-/// are strings) holding the JSON list of USB requests. Other keys are refused: usbpt records none.
-fn usb_from_specs(specs: &serde_json::Map<String, Value>) -> Result<Vec<UsbRequest>, ApiError> {
-    if let Some(other) = specs.keys().find(|k| *k != "usb_devices") {
-        return Err(bad(format!(
-            "extra_specs.{other}: usbpt records only the usb_devices extra spec"
-        )));
-    }
-    let Some(raw) = specs.get("usb_devices") else {
-        return Err(bad("extra_specs: give usb_devices"));
-    };
-    let list: Vec<UsbDeviceBody> = match raw {
-        Value::String(text) => serde_json::from_str(text),
-        other => serde_json::from_value(other.clone()),
-    }
-    .map_err(|e| bad(format!("extra_specs.usb_devices: {e}")))?;
-    list.into_iter()
-        .enumerate()
-        .map(|(i, u)| u.request(i))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(format!("extra_specs.{}", e.message)))
+/// The extra spec that carries a flavor's USB request.
+pub const SPEC_USB: &str = "usb_devices";
+/// The extra spec that carries a flavor's `on_fingerprint_change` (`hold` or `follow`).
+pub const SPEC_FINGERPRINT: &str = "usb:on_fingerprint_change";
+
+/// The extra specs usbpt records: the USB request and/or the fingerprint policy.
+#[derive(Debug, Default)]
+struct Specs {
+    usb: Option<Vec<UsbRequest>>,
+    policy: Option<FingerprintPolicy>,
 }
 
-/// Records `usb` as the flavor's USB request and answers with its extra specs.
-async fn set_usb(
+/// `{"extra_specs": {"usb_devices": "[…]", "usb:on_fingerprint_change": "follow"}}`: the USB
+/// request, as a JSON string (extra specs are strings) holding the JSON list of USB requests,
+/// and the fingerprint policy. Other keys are refused: usbpt records none.
+fn specs_from(specs: &serde_json::Map<String, Value>) -> Result<Specs, ApiError> {
+    if let Some(other) = specs
+        .keys()
+        .find(|k| *k != SPEC_USB && *k != SPEC_FINGERPRINT)
+    {
+        return Err(bad(format!(
+            "extra_specs.{other}: usbpt records only the {SPEC_USB} and {SPEC_FINGERPRINT} extra specs"
+        )));
+    }
+    if specs.is_empty() {
+        return Err(bad(format!(
+            "extra_specs: give {SPEC_USB} or {SPEC_FINGERPRINT}"
+        )));
+    }
+    let usb = specs
+        .get(SPEC_USB)
+        .map(|raw| {
+            let list: Vec<UsbDeviceBody> = match raw {
+                Value::String(text) => serde_json::from_str(text),
+                other => serde_json::from_value(other.clone()),
+            }
+            .map_err(|e| bad(format!("extra_specs.{SPEC_USB}: {e}")))?;
+            list.into_iter()
+                .enumerate()
+                .map(|(i, u)| u.request(i))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(format!("extra_specs.{}", e.message)))
+        })
+        .transpose()?;
+    let policy = specs
+        .get(SPEC_FINGERPRINT)
+        .map(|raw| {
+            raw.as_str()
+                .ok_or_else(|| "expected \"hold\" or \"follow\"".to_owned())
+                .and_then(str::parse::<FingerprintPolicy>)
+                .map_err(|e| bad(format!("extra_specs.{SPEC_FINGERPRINT}: {e}")))
+        })
+        .transpose()?;
+    Ok(Specs { usb, policy })
+}
+
+/// Records the flavor's USB request and/or fingerprint policy and answers with its extra specs.
+async fn set_specs(
     state: &CmdState,
     id: String,
-    usb: Vec<UsbRequest>,
+    specs: Specs,
     answer: impl FnOnce(Value) -> Value,
 ) -> Response {
     let name = match name_of(state, id.clone(), flavor_name, "flavor").await {
         Ok(n) => n,
         Err(e) => return e.into_response(),
     };
-    let reply = run(state, Command::SetFlavorUsb { name, usb }).await;
-    if reply.status() != StatusCode::ACCEPTED {
-        return reply;
+    if let Some(usb) = specs.usb {
+        let reply = run(
+            state,
+            Command::SetFlavorUsb {
+                name: name.clone(),
+                usb,
+            },
+        )
+        .await;
+        if reply.status() != StatusCode::ACCEPTED {
+            return reply;
+        }
+    }
+    if let Some(policy) = specs.policy {
+        let reply = run(
+            state,
+            Command::SetFlavorPolicy {
+                name,
+                on_fingerprint_change: policy,
+            },
+        )
+        .await;
+        if reply.status() != StatusCode::ACCEPTED {
+            return reply;
+        }
     }
     let view = Arc::clone(&state.view);
     let specs = tokio::task::spawn_blocking(move || -> Result<Value, ApiError> {
@@ -414,7 +473,8 @@ async fn set_usb(
     }
 }
 
-/// `POST /v2.1/flavors/{id}/os-extra_specs` `{"extra_specs": {"usb_devices": "[…]"}}`.
+/// `POST /v2.1/flavors/{id}/os-extra_specs` `{"extra_specs": {"usb_devices": "[…]"}}` (and/or
+/// `usb:on_fingerprint_change`): the keys given are set, others are kept.
 async fn set_extra_specs(
     State(state): State<CmdState>,
     Path(id): Path<String>,
@@ -428,13 +488,14 @@ async fn set_extra_specs(
         return bad("extra_specs: expected {\"extra_specs\": {\"usb_devices\": \"[…]\"}}")
             .into_response();
     };
-    match usb_from_specs(specs) {
-        Ok(usb) => set_usb(&state, id, usb, |specs| json!({"extra_specs": specs})).await,
+    match specs_from(specs) {
+        Ok(specs) => set_specs(&state, id, specs, |specs| json!({"extra_specs": specs})).await,
         Err(e) => e.into_response(),
     }
 }
 
-/// `PUT /v2.1/flavors/{id}/os-extra_specs/usb_devices` `{"usb_devices": "[…]"}`.
+/// `PUT /v2.1/flavors/{id}/os-extra_specs/{key}` `{key: …}`, key `usb_devices` or
+/// `usb:on_fingerprint_change`.
 async fn put_extra_spec(
     State(state): State<CmdState>,
     Path((id, key)): Path<(String, String)>,
@@ -453,22 +514,33 @@ async fn put_extra_spec(
         ))
         .into_response();
     };
-    match usb_from_specs(specs) {
-        Ok(usb) => set_usb(&state, id, usb, |specs| specs).await,
+    match specs_from(specs) {
+        Ok(specs) => set_specs(&state, id, specs, |specs| specs).await,
         Err(e) => e.into_response(),
     }
 }
 
-/// `DELETE /v2.1/flavors/{id}/os-extra_specs/usb_devices`: the flavor asks for no devices.
+/// `DELETE /v2.1/flavors/{id}/os-extra_specs/{key}`: `usb_devices` (the flavor asks for no
+/// devices) or `usb:on_fingerprint_change` (back to the default, hold).
 async fn delete_extra_spec(
     State(state): State<CmdState>,
     Path((id, key)): Path<(String, String)>,
 ) -> Response {
-    if key != "usb_devices" {
-        return ApiError::not_found(format!("Flavor {id} has no extra specs with key {key}."))
-            .into_response();
-    }
-    set_usb(&state, id, Vec::new(), |_| json!({})).await
+    let specs = match key.as_str() {
+        SPEC_USB => Specs {
+            usb: Some(Vec::new()),
+            policy: None,
+        },
+        SPEC_FINGERPRINT => Specs {
+            usb: None,
+            policy: Some(FingerprintPolicy::Hold),
+        },
+        _ => {
+            return ApiError::not_found(format!("Flavor {id} has no extra specs with key {key}."))
+                .into_response()
+        }
+    };
+    set_specs(&state, id, specs, |_| json!({})).await
 }
 
 /// Nova's action bodies: exactly one key.

@@ -16,9 +16,9 @@ use usbpt_projector::{
     Host, Lineage, MigrationRefusal, QuarantineEntry, ScheduleFailure, Stamp,
 };
 use usbpt_schemas::{
-    AttachMethod, ControllerModel, DeviceId, Fingerprint, FlavorId, FollowPolicy, HostName,
-    InvalidationReason, LineageId, LineageKind, PortPath, ProductId, ServerId, Timestamp,
-    UsbRequest, VendorId,
+    AttachMethod, ControllerModel, DeviceId, Fingerprint, FingerprintPolicy, FlavorId,
+    FollowPolicy, HostName, InvalidationReason, LineageId, LineageKind, PortPath, ProductId,
+    ServerId, Timestamp, UsbRequest, VendorId,
 };
 
 /// A value's stable wire name: its serde form as a string (an enum variant's name).
@@ -513,6 +513,22 @@ pub struct ServerUsb {
     pub host: Option<HostName>,
     /// Whether the lineage's claim is this server's.
     pub held: bool,
+    /// "re-attach held: fingerprint changed": the lineage came back as `device_id` with
+    /// fingerprint `seen` instead of `expected`; the agent waits for an accept
+    /// (`usbpt fingerprint accept`, or the flavor's `on_fingerprint_change=follow`).
+    #[serde(default)]
+    pub reattach_held: Option<ReattachHeldDoc>,
+}
+
+/// A re-attach an agent held for a changed fingerprint (`DeviceReattachHeld`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReattachHeldDoc {
+    pub reason: String,
+    /// The new enumeration, not attached.
+    pub device_id: DeviceId,
+    pub expected: Fingerprint,
+    pub seen: Fingerprint,
+    pub seq: u64,
 }
 
 /// `GET /v2.1/servers` (read side).
@@ -574,6 +590,9 @@ pub struct FlavorView {
     pub id: FlavorId,
     pub name: String,
     pub usb_devices: Vec<UsbRequest>,
+    /// `hold` (the default) or `follow`.
+    #[serde(default)]
+    pub on_fingerprint_change: FingerprintPolicy,
     pub created: Stamp,
 }
 

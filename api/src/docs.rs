@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map, Value};
 use usbpt_projector::{Alarm, Claim, Device, Flavor, Host, Lineage, Server, Snapshot, ViewError};
-use usbpt_schemas::{DeviceSelector, HostName, ServerState, UsbRequest};
+use usbpt_schemas::{DeviceSelector, FingerprintPolicy, HostName, ServerState, UsbRequest};
 
 use crate::doc;
 use crate::nova::Nova;
@@ -110,12 +110,20 @@ pub fn usb_spec(usb: &[UsbRequest]) -> Value {
 
 /// A flavor's extra specs: `usb_devices` (a JSON string, as extra specs are strings) when it
 /// asks for devices.
+/// The flavor's extra specs: `usb_devices` when it asks for devices, and
+/// `usb:on_fingerprint_change` when it is not the default (hold).
 pub fn extra_specs(f: &Flavor) -> Value {
-    if f.usb.is_empty() {
-        json!({})
-    } else {
-        json!({"usb_devices": usb_spec(&f.usb).to_string()})
+    let mut specs = serde_json::Map::new();
+    if !f.usb.is_empty() {
+        specs.insert("usb_devices".into(), usb_spec(&f.usb).to_string().into());
     }
+    if f.on_fingerprint_change != FingerprintPolicy::default() {
+        specs.insert(
+            "usb:on_fingerprint_change".into(),
+            f.on_fingerprint_change.as_str().into(),
+        );
+    }
+    Value::Object(specs)
 }
 
 /// A flavor, Nova's fields (`ram`, `vcpus`, `disk` as recorded at creation, shown and not
@@ -134,6 +142,7 @@ pub fn flavor(f: &Flavor, nova: &Nova) -> Value {
         "rxtx_factor": 1.0,
         "links": nova.links(&format!("flavors/{}", f.id)),
         "usb_devices": v(&f.usb),
+        "on_fingerprint_change": f.on_fingerprint_change.as_str(),
         "created": v(&f.created),
         "deleted": v(&f.deleted),
     });
@@ -235,6 +244,17 @@ pub fn server(snap: &Snapshot, s: &Server, nova: &Nova) -> Result<Value, ViewErr
             address: d.as_ref().map(|d| d.address().nova_address()),
             host: d.as_ref().map(|d| d.host().clone()),
             held,
+            reattach_held: s
+                .reattach_held
+                .iter()
+                .find(|h| h.lineage_id == a.lineage_id)
+                .map(|h| doc::ReattachHeldDoc {
+                    reason: "re-attach held: fingerprint changed".into(),
+                    device_id: h.device_id,
+                    expected: h.expected,
+                    seen: h.seen,
+                    seq: h.stamp.seq,
+                }),
         });
     }
     let flavor = snap.flavor_by_id(&s.flavor_id)?;

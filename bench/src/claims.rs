@@ -122,6 +122,7 @@ pub async fn claims(
             resources: Default::default(),
             name: flavor.clone(),
             usb: vec!["vendor=136b,product=0003,controller=xhci".parse()?],
+            on_fingerprint_change: None,
         })
         .await;
     if !matches!(reply, CommandReply::Accepted { .. }) {

@@ -5,12 +5,13 @@
 
 use usbpt_schemas::commands::{Command, FlavorResources, RejectKind};
 use usbpt_schemas::{
-    subjects, DeviceClaimed, DeviceReleased, DeviceSelector, Event, FlavorCreated, FlavorDeleted,
-    FlavorId, FlavorName, FlavorSized, FlavorUsbSet, HostName, LineageId, LineageKind,
-    LineageLabeled, ReleaseReason, ServerAction, ServerActionRequested, ServerBootRequested,
-    ServerDeleted, ServerId, ServerMigrated, ServerMigrationRefused, ServerName,
-    ServerResizeConfirmed, ServerResizeReverted, ServerResizeVerifying, ServerResized,
-    ServerScheduleFailed, ServerScheduled, ServerState, ServerUpdated,
+    subjects, DeviceClaimed, DeviceReleased, DeviceSelector, Event, FingerprintPolicy,
+    FlavorCreated, FlavorDeleted, FlavorFingerprintPolicySet, FlavorId, FlavorName, FlavorSized,
+    FlavorUsbSet, HostName, LineageId, LineageKind, LineageLabeled, ReleaseReason, ServerAction,
+    ServerActionRequested, ServerBootRequested, ServerDeleted, ServerId, ServerMigrated,
+    ServerMigrationRefused, ServerName, ServerResizeConfirmed, ServerResizeReverted,
+    ServerResizeVerifying, ServerResized, ServerScheduleFailed, ServerScheduled, ServerState,
+    ServerUpdated,
 };
 
 use crate::schedule::{self, check_ports, Weigh};
@@ -154,7 +155,8 @@ pub fn decide(view: &dyn ViewRead, cmd: &Command, ctx: &Ctx) -> Result<Decision,
             name,
             usb,
             resources,
-        } => create_flavor(view, name, usb, *resources, ctx),
+            on_fingerprint_change,
+        } => create_flavor(view, name, usb, *resources, *on_fingerprint_change, ctx),
         Command::DeleteFlavor { name } => {
             let f = view
                 .flavor_by_name(name)?
@@ -178,6 +180,10 @@ pub fn decide(view: &dyn ViewRead, cmd: &Command, ctx: &Ctx) -> Result<Decision,
         Command::Act { name, action } => act(view, name, *action),
         Command::Delete { name } => delete(view, name),
         Command::SetFlavorUsb { name, usb } => set_flavor_usb(view, name, usb),
+        Command::SetFlavorPolicy {
+            name,
+            on_fingerprint_change,
+        } => set_flavor_policy(view, name, *on_fingerprint_change),
         Command::UpdateServer {
             name,
             new_name,
@@ -251,11 +257,47 @@ fn set_flavor_usb(
     })
 }
 
+/// A flavor's `on_fingerprint_change`: recorded (`FlavorFingerprintPolicySet`) only when it
+/// differs from the current one, so the history holds changes, not repeats.
+fn set_flavor_policy(
+    view: &dyn ViewRead,
+    name: &FlavorName,
+    policy: FingerprintPolicy,
+) -> Result<Decision, Rejection> {
+    let f = view
+        .flavor_by_name(name)?
+        .ok_or_else(|| Rejection::not_found("flavor", name))?;
+    if f.on_fingerprint_change == policy {
+        return Ok(Decision {
+            steps: Vec::new(),
+            reply: Reply::Accepted(format!(
+                "flavor {name} already has on_fingerprint_change={}",
+                policy.as_str()
+            )),
+        });
+    }
+    Ok(Decision {
+        steps: vec![step(
+            view,
+            Event::FlavorFingerprintPolicySet(FlavorFingerprintPolicySet {
+                flavor_id: f.flavor_id,
+                name: name.clone(),
+                on_fingerprint_change: policy,
+            }),
+        )?],
+        reply: Reply::Accepted(format!(
+            "flavor {name} now has on_fingerprint_change={}",
+            policy.as_str()
+        )),
+    })
+}
+
 fn create_flavor(
     view: &dyn ViewRead,
     name: &FlavorName,
     usb: &[usbpt_schemas::UsbRequest],
     resources: FlavorResources,
+    policy: Option<FingerprintPolicy>,
     ctx: &Ctx,
 ) -> Result<Decision, Rejection> {
     if view.flavor_by_name(name)?.is_some() {
@@ -280,6 +322,16 @@ fn create_flavor(
                 ram_mb: resources.ram_mb,
                 vcpus: resources.vcpus,
                 disk_gb: resources.disk_gb,
+            }),
+        )?);
+    }
+    if let Some(policy) = policy.filter(|p| *p != FingerprintPolicy::default()) {
+        steps.push(step(
+            view,
+            Event::FlavorFingerprintPolicySet(FlavorFingerprintPolicySet {
+                flavor_id: ctx.flavor_id,
+                name: name.clone(),
+                on_fingerprint_change: policy,
             }),
         )?);
     }

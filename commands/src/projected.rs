@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use usbpt_projector as p;
 use usbpt_schemas::{
-    DeviceId, FlavorId, FlavorName, HostName, LineageId, ProductId, ServerName, VendorId,
+    DeviceId, FlavorId, FlavorName, HostName, LineageId, ProductId, ServerId, ServerName, VendorId,
 };
 
 use crate::handler::ViewSource;
@@ -43,6 +43,7 @@ fn flavor(f: p::Flavor) -> Option<FlavorInfo> {
         flavor_id: f.id,
         name: f.name,
         usb: f.usb,
+        on_fingerprint_change: f.on_fingerprint_change,
     })
 }
 
@@ -73,6 +74,11 @@ impl ViewRead for p::Snapshot {
         Ok(p::Snapshot::flavor_by_id(self, id)
             .map_err(err)?
             .and_then(flavor))
+    }
+    fn server_by_id(&self, id: &ServerId) -> Result<Option<ServerInfo>, ViewError> {
+        Ok(p::Snapshot::server_by_id(self, id)
+            .map_err(err)?
+            .and_then(server))
     }
     fn server_by_name(&self, name: &ServerName) -> Result<Option<ServerInfo>, ViewError> {
         Ok(p::Snapshot::server_by_name(self, name)

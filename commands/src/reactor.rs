@@ -6,7 +6,13 @@
 //!   enumeration of the lineage has come within the grace window, the claim is released
 //!   (`GraceExpired`); if one came, the agent re-attaches it and the claim stays.
 //!
-//! Every command process may run the reactor; the releases are fenced, so one wins.
+//! - an agent held a re-attach because the lineage came back with another fingerprint
+//!   (`DeviceReattachHeld`): when the holding server's flavor says `on_fingerprint_change=follow`,
+//!   the new fingerprint is accepted for it (`FingerprintAccepted { by_policy: true }`, work for
+//!   that host: its agent re-attaches); with `hold` (the default) an operator accepts.
+//!
+//! Every command process may run the reactor; the releases are fenced, so one wins. An accept
+//! appended twice is harmless: the second re-attach finds the domain already done.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +20,8 @@ use std::time::Duration;
 use tracing::{info, warn};
 use usbpt_bus::{Bus, BusError, StartAt};
 use usbpt_schemas::{
-    subjects, DeviceId, DeviceInvalidated, DeviceReleased, Envelope, Event, FollowPolicy,
-    LineageId, ReleaseReason,
+    subjects, DeviceId, DeviceInvalidated, DeviceReattachHeld, DeviceReleased, Envelope, Event,
+    FingerprintAccepted, FingerprintPolicy, FollowPolicy, LineageId, ReleaseReason,
 };
 
 use crate::decide::{Fence, Step};
@@ -33,6 +39,8 @@ pub enum Reaction {
     Release(Box<Step>),
     /// Re-check after the grace window with [`grace_expired`].
     WaitGrace,
+    /// Accept a changed fingerprint by the flavor's policy ([`on_reattach_held`]).
+    Accept(Box<Step>),
 }
 
 fn release(
@@ -81,6 +89,57 @@ pub fn on_invalidated(view: &dyn ViewRead, inv: &DeviceInvalidated) -> Result<Re
     })
 }
 
+/// A re-attach held for a changed fingerprint: accepted by policy when the holding server's
+/// flavor follows, and the server still holds the lineage's claim; nothing otherwise (`hold`:
+/// the operator decides; a server gone or a claim moved: nothing left to re-attach). Pure.
+pub fn on_reattach_held(
+    view: &dyn ViewRead,
+    held: &DeviceReattachHeld,
+) -> Result<Reaction, ViewError> {
+    let Some(server) = view.server_by_id(&held.server_id)? else {
+        return Ok(Reaction::Nothing);
+    };
+    let Some(flavor) = view.flavor_by_id(&server.flavor_id)? else {
+        return Ok(Reaction::Nothing);
+    };
+    if flavor.on_fingerprint_change != FingerprintPolicy::Follow {
+        return Ok(Reaction::Nothing);
+    }
+    match view.claim(&held.lineage_id)? {
+        Some(c) if c.server_id == held.server_id => {}
+        _ => return Ok(Reaction::Nothing),
+    }
+    let event = Event::FingerprintAccepted(FingerprintAccepted {
+        lineage_id: held.lineage_id,
+        fingerprint: held.seen,
+        device_id: Some(held.device_id),
+        host: Some(held.host.clone()),
+        server_id: Some(held.server_id),
+        by_policy: true,
+    });
+    let subject = subjects::for_body(&event);
+    let fence = if subjects::is_fenced(&subject) {
+        Fence::Expect(view.subject_seq(&subject)?)
+    } else {
+        Fence::None
+    };
+    Ok(Reaction::Accept(Box::new(Step {
+        event,
+        fence,
+        undo: None,
+    })))
+}
+
+/// The reaction to one event of the stream; events the reactor does not watch give nothing.
+/// Pure.
+pub fn react(view: &dyn ViewRead, event: &Event) -> Result<Reaction, ViewError> {
+    match event {
+        Event::DeviceInvalidated(inv) => on_invalidated(view, inv),
+        Event::DeviceReattachHeld(held) => on_reattach_held(view, held),
+        _ => Ok(Reaction::Nothing),
+    }
+}
+
 /// After the grace window: release the claim if it still points at the invalidated enumeration
 /// and the lineage has no present enumeration.
 pub fn grace_expired(
@@ -103,7 +162,7 @@ async fn append(bus: &Bus, step: Step, cause: &Envelope) {
         Fence::None => bus.publish(&env).await,
     };
     match r {
-        Ok(_) => info!(kind = env.body.kind(), "reactor released a claim"),
+        Ok(_) => info!(kind = env.body.kind(), "reactor appended"),
         // Another command process released it first (or the claim moved): nothing to do.
         Err(BusError::Conflict { .. }) => {}
         Err(e) => warn!("reactor could not publish: {e}"),
@@ -118,13 +177,16 @@ pub async fn run<V: ViewSource>(bus: Bus, view: Arc<V>, grace: Duration) -> Resu
         let Ok(env) = msg.decode() else {
             continue;
         };
-        let Event::DeviceInvalidated(inv) = &env.body else {
+        if !matches!(
+            env.body,
+            Event::DeviceInvalidated(_) | Event::DeviceReattachHeld(_)
+        ) {
             continue;
-        };
+        }
         let seq = msg.seq;
-        // Decide against a view that has applied this invalidation.
+        // Decide against a view that has applied this event.
         view.wait_applied(seq, Duration::from_secs(10)).await;
-        let reaction = match view.snapshot().and_then(|s| on_invalidated(&s, inv)) {
+        let reaction = match view.snapshot().and_then(|s| react(&s, &env.body)) {
             Ok(r) => r,
             Err(e) => {
                 warn!("reactor: {e}");
@@ -133,8 +195,11 @@ pub async fn run<V: ViewSource>(bus: Bus, view: Arc<V>, grace: Duration) -> Resu
         };
         match reaction {
             Reaction::Nothing => {}
-            Reaction::Release(step) => append(&bus, *step, &env).await,
+            Reaction::Release(step) | Reaction::Accept(step) => append(&bus, *step, &env).await,
             Reaction::WaitGrace => {
+                let Event::DeviceInvalidated(inv) = &env.body else {
+                    continue;
+                };
                 let (bus, view, inv, env) =
                     (bus.clone(), Arc::clone(&view), inv.clone(), env.clone());
                 tokio::spawn(async move {

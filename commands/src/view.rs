@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 
 use usbpt_schemas::{
-    AssignedDevice, DeviceId, FlavorId, FlavorName, FollowPolicy, HostName, LineageId, LineageKind,
-    ProductId, ServerId, ServerName, ServerState, UsbAddress, UsbRequest, VendorId,
+    AssignedDevice, DeviceId, FingerprintPolicy, FlavorId, FlavorName, FollowPolicy, HostName,
+    LineageId, LineageKind, ProductId, ServerId, ServerName, ServerState, UsbAddress, UsbRequest,
+    VendorId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,8 @@ pub struct FlavorInfo {
     pub flavor_id: FlavorId,
     pub name: FlavorName,
     pub usb: Vec<UsbRequest>,
+    /// `FlavorFingerprintPolicySet`; hold when never set.
+    pub on_fingerprint_change: FingerprintPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +86,8 @@ pub trait ViewRead {
     fn flavor_by_id(&self, id: &FlavorId) -> Result<Option<FlavorInfo>, ViewError>;
     /// A live (not deleted) server of that name.
     fn server_by_name(&self, name: &ServerName) -> Result<Option<ServerInfo>, ViewError>;
+    /// A live (not deleted) server by id.
+    fn server_by_id(&self, id: &ServerId) -> Result<Option<ServerInfo>, ViewError>;
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceInfo>, ViewError>;
     /// The lineage's newest enumeration (which may be invalidated).
     fn current_enumeration(&self, lineage: &LineageId) -> Result<Option<DeviceInfo>, ViewError>;

@@ -29,6 +29,9 @@ impl ViewRead for MemView {
     fn server_by_name(&self, name: &ServerName) -> Result<Option<ServerInfo>, ViewError> {
         Ok(self.servers.iter().find(|s| &s.name == name).cloned())
     }
+    fn server_by_id(&self, id: &ServerId) -> Result<Option<ServerInfo>, ViewError> {
+        Ok(self.servers.iter().find(|s| &s.server_id == id).cloned())
+    }
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceInfo>, ViewError> {
         Ok(self.devices.iter().find(|d| &d.device_id == id).cloned())
     }
@@ -105,6 +108,7 @@ fn flavor(name: &str, spec: &str) -> FlavorInfo {
         flavor_id: FlavorId(uuid::Uuid::from_u128(name.len() as u128 + 500)),
         name: FlavorName::new(name).unwrap(),
         usb: usb(spec),
+        on_fingerprint_change: FingerprintPolicy::Hold,
     }
 }
 fn kinds(d: &Decision) -> Vec<&'static str> {
@@ -130,6 +134,7 @@ fn flavor_create_validates_ports_ids_and_names() {
             resources: Default::default(),
             name: FlavorName::new("key").unwrap(),
             usb: usb("vendor=136b,product=0003"),
+            on_fingerprint_change: None,
         },
         &ctx(),
     )
@@ -144,6 +149,7 @@ fn flavor_create_validates_ports_ids_and_names() {
             resources: Default::default(),
             name: FlavorName::new("key").unwrap(),
             usb: vec![],
+            on_fingerprint_change: None,
         },
         &ctx(),
     )
@@ -157,6 +163,7 @@ fn flavor_create_validates_ports_ids_and_names() {
 resources: Default::default(),
             name: FlavorName::new("big").unwrap(),
             usb: usb("vendor=136b,product=0003,count=2,controller=uhci;vendor=1050,product=0120,controller=uhci"),
+on_fingerprint_change: None,
         },
         &ctx(),
     )
@@ -176,6 +183,7 @@ resources: Default::default(),
             resources: Default::default(),
             name: FlavorName::new("ghost").unwrap(),
             usb: usb(&format!("id={}", DeviceId(uuid::Uuid::from_u128(99)))),
+            on_fingerprint_change: None,
         },
         &ctx(),
     )
@@ -213,6 +221,7 @@ resources: Default::default(),
                 resources: Default::default(),
                 name: FlavorName::new("nats").unwrap(),
                 usb: vec![usb(&format!("id={d1}")).remove(0), bad.clone()],
+                on_fingerprint_change: None,
             },
             &ctx(),
         )
@@ -767,6 +776,7 @@ fn a_sized_flavor_is_created_then_sized_on_its_subject() {
                 vcpus: 2,
                 disk_gb: 0,
             },
+            on_fingerprint_change: None,
         },
         &ctx(),
     )
@@ -846,4 +856,108 @@ fn update_server_renames_describes_and_refuses_a_taken_name() {
     )
     .unwrap_err();
     assert_eq!(e.kind(), RejectKind::NotFound);
+}
+
+#[test]
+fn flavor_fingerprint_policy_is_recorded_only_when_it_changes() {
+    let name = FlavorName::new("fp").unwrap();
+    let create = |p: Option<FingerprintPolicy>| Command::CreateFlavor {
+        name: name.clone(),
+        usb: Vec::new(),
+        resources: Default::default(),
+        on_fingerprint_change: p,
+    };
+    let v = MemView::default();
+    // The default (absent, or hold) adds nothing; follow is recorded on the flavor's subject.
+    for p in [None, Some(FingerprintPolicy::Hold)] {
+        let d = decide(&v, &create(p), &ctx()).unwrap();
+        assert_eq!(kinds(&d), ["FlavorCreated"]);
+    }
+    let d = decide(&v, &create(Some(FingerprintPolicy::Follow)), &ctx()).unwrap();
+    assert_eq!(kinds(&d), ["FlavorCreated", "FlavorFingerprintPolicySet"]);
+    let Event::FlavorFingerprintPolicySet(e) = &d.steps[1].event else {
+        panic!()
+    };
+    assert_eq!(
+        (e.flavor_id, &e.name, e.on_fingerprint_change),
+        (ctx().flavor_id, &name, FingerprintPolicy::Follow)
+    );
+
+    let mut v = MemView::default();
+    let mut f = flavor("fp", "vendor=136b,product=0003");
+    v.flavors.push(f.clone());
+    let set = |p| Command::SetFlavorPolicy {
+        name: name.clone(),
+        on_fingerprint_change: p,
+    };
+    let d = decide(&v, &set(FingerprintPolicy::Hold), &ctx()).unwrap();
+    assert!(d.steps.is_empty(), "unchanged: nothing recorded");
+    let d = decide(&v, &set(FingerprintPolicy::Follow), &ctx()).unwrap();
+    assert_eq!(kinds(&d), ["FlavorFingerprintPolicySet"]);
+    assert!(matches!(d.steps[0].fence, Fence::Expect(_)), "fenced");
+    f.on_fingerprint_change = FingerprintPolicy::Follow;
+    v.flavors[0] = f;
+    let d = decide(&v, &set(FingerprintPolicy::Follow), &ctx()).unwrap();
+    assert!(d.steps.is_empty());
+    let err = decide(
+        &v,
+        &Command::SetFlavorPolicy {
+            name: FlavorName::new("nope").unwrap(),
+            on_fingerprint_change: FingerprintPolicy::Follow,
+        },
+        &ctx(),
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), RejectKind::NotFound);
+}
+
+#[test]
+fn reactor_accepts_a_held_fingerprint_only_for_a_follow_flavor() {
+    use usbpt_commands::reactor::{react, Reaction};
+    let mut v = MemView::default();
+    let d = dev(1, "host-a", KEY, Some("SN1"));
+    let mut f = flavor("fp", "vendor=136b,product=0003");
+    v.flavors.push(f.clone());
+    let s = running(&mut v, &d, &f);
+    let held = Event::DeviceReattachHeld(DeviceReattachHeld {
+        host: d.host.clone(),
+        server_id: s.server_id,
+        lineage_id: d.lineage_id,
+        device_id: DeviceId(uuid::Uuid::from_u128(77)),
+        expected: Fingerprint([0xa; 32]),
+        seen: Fingerprint([0xb; 32]),
+    });
+    // hold (the default): the operator accepts.
+    assert_eq!(react(&v, &held).unwrap(), Reaction::Nothing);
+
+    f.on_fingerprint_change = FingerprintPolicy::Follow;
+    v.flavors[0] = f;
+    let Reaction::Accept(step) = react(&v, &held).unwrap() else {
+        panic!("follow accepts")
+    };
+    assert_eq!(
+        step.event,
+        Event::FingerprintAccepted(FingerprintAccepted {
+            lineage_id: d.lineage_id,
+            fingerprint: Fingerprint([0xb; 32]),
+            device_id: Some(DeviceId(uuid::Uuid::from_u128(77))),
+            host: Some(d.host.clone()),
+            server_id: Some(s.server_id),
+            by_policy: true,
+        })
+    );
+    // Work for that host's agent.
+    assert_eq!(
+        subjects::for_body(&step.event),
+        format!("usbpt.evt.ctl.host-a.server.{}", s.server_id)
+    );
+
+    // The claim has moved to another server (or was released): nothing to re-attach.
+    v.claims[0].server_id = ServerId(uuid::Uuid::from_u128(99));
+    assert_eq!(react(&v, &held).unwrap(), Reaction::Nothing);
+    v.claims.clear();
+    assert_eq!(react(&v, &held).unwrap(), Reaction::Nothing);
+    // An unknown server: nothing.
+    v.servers.clear();
+    assert_eq!(react(&v, &held).unwrap(), Reaction::Nothing);
 }

@@ -23,6 +23,9 @@ impl ViewRead for OneDevice {
     fn server_by_name(&self, _: &ServerName) -> Result<Option<ServerInfo>, ViewError> {
         Ok(None)
     }
+    fn server_by_id(&self, _: &ServerId) -> Result<Option<ServerInfo>, ViewError> {
+        Ok(None)
+    }
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceInfo>, ViewError> {
         Ok((self.0.device_id == *id).then(|| self.0.clone()))
     }

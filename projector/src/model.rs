@@ -6,9 +6,9 @@
 use serde::{Deserialize, Serialize};
 use usbpt_schemas::{
     AssignedDevice, AttachMethod, ControllerModel, DeviceDiscovered, DeviceId, Fingerprint,
-    FlavorId, FlavorName, FollowPolicy, HostName, HostRejection, InvalidationReason, LineageId,
-    LineageKind, PortPath, ProductId, ReleaseReason, ServerAction, ServerId, ServerName,
-    ServerState, Timestamp, UsbAddress, UsbRequest, VendorId,
+    FingerprintPolicy, FlavorId, FlavorName, FollowPolicy, HostName, HostRejection,
+    InvalidationReason, LineageId, LineageKind, PortPath, ProductId, ReleaseReason, ServerAction,
+    ServerId, ServerName, ServerState, Timestamp, UsbAddress, UsbRequest, VendorId,
 };
 
 /// When something happened: the stream sequence of the event and the time the event carries.
@@ -311,6 +311,8 @@ pub struct Flavor {
     pub ram_mb: u32,
     pub vcpus: u32,
     pub disk_gb: u32,
+    /// `FlavorFingerprintPolicySet`; hold for a flavor that never set it.
+    pub on_fingerprint_change: FingerprintPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -391,6 +393,21 @@ pub struct Server {
     /// A resize awaiting confirmation (`ServerResizeVerifying` until `ServerResizeConfirmed` or
     /// `ServerResizeReverted`): Nova's `VERIFY_RESIZE`.
     pub resize_from: Option<ResizeFrom>,
+    /// Re-attaches an agent held because the lineage came back with another fingerprint
+    /// (`DeviceReattachHeld`), one per lineage, until the lineage is re-attached or released.
+    pub reattach_held: Vec<ReattachHold>,
+}
+
+/// "re-attach held: fingerprint changed" for one of a server's lineages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReattachHold {
+    pub stamp: Stamp,
+    pub lineage_id: LineageId,
+    /// The new enumeration that was not re-attached.
+    pub device_id: DeviceId,
+    /// The fingerprint the server was given, and the one the new enumeration shows.
+    pub expected: Fingerprint,
+    pub seen: Fingerprint,
 }
 
 /// The flavor, host and devices a server had before its pending resize; it keeps their claims.

@@ -7,7 +7,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::events::{ControllerModel, DeviceSelector, FollowPolicy, ServerAction, UsbRequest};
+use crate::events::{
+    ControllerModel, DeviceSelector, FingerprintPolicy, FollowPolicy, ServerAction, UsbRequest,
+};
 use crate::ids::{
     DeviceId, EventId, FlavorName, HostName, IdError, LineageId, ProductId, ServerName, VendorId,
 };
@@ -21,6 +23,10 @@ pub enum Command {
         /// Nova's `ram`, `vcpus`, `disk`: recorded (`FlavorSized`) and shown, not scheduled on.
         #[serde(default, skip_serializing_if = "FlavorResources::is_zero")]
         resources: FlavorResources,
+        /// What happens when a device held by a server of this flavor comes back with another
+        /// fingerprint (`FlavorFingerprintPolicySet`); `None` (absent) is the default, hold.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        on_fingerprint_change: Option<FingerprintPolicy>,
     },
     DeleteFlavor {
         name: FlavorName,
@@ -62,6 +68,12 @@ pub enum Command {
     SetFlavorUsb {
         name: FlavorName,
         usb: Vec<UsbRequest>,
+    },
+    /// Set a flavor's `on_fingerprint_change` policy (`hold` or `follow`); recorded only when
+    /// it differs from the flavor's current one.
+    SetFlavorPolicy {
+        name: FlavorName,
+        on_fingerprint_change: FingerprintPolicy,
     },
     /// Rename a server and/or set its description (Nova's `PUT /servers/{id}`). `None` leaves
     /// a field as it is; `description: Some(None)` clears it.
@@ -137,6 +149,7 @@ impl Command {
             Command::Act { .. } => "action",
             Command::Delete { .. } => "delete",
             Command::SetFlavorUsb { .. } => "flavor.usb",
+            Command::SetFlavorPolicy { .. } => "flavor.policy",
             Command::UpdateServer { .. } => "server.update",
             Command::LabelLineage { .. } => "lineage.label",
         }

@@ -174,6 +174,7 @@ impl Story {
                 resources: Default::default(),
                 name: erp_key.clone(),
                 usb: vec![spec],
+                on_fingerprint_change: None,
             })
             .await
             .context("step 4 (flavor create)")?);
@@ -299,6 +300,7 @@ impl Story {
             resources: Default::default(),
             name: erp_token.clone(),
             usb: vec!["vendor=1050,product=0120,controller=xhci".parse()?],
+            on_fingerprint_change: None,
         })
         .await
         .context("step 8 (flavor create)")?;
@@ -372,6 +374,7 @@ impl Story {
             resources: Default::default(),
             name: strict.clone(),
             usb: vec![format!("id={},follow=strict", sc.id()).parse()?],
+            on_fingerprint_change: None,
         })
         .await
         .context("step 10 (flavor create)")?;

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 use usbpt_schemas::{
-    AttachMethod, DeviceId, FollowPolicy, HostName, LineageId, ServerAction, ServerId, ServerState,
+    AttachMethod, DeviceId, Fingerprint, FollowPolicy, HostName, LineageId, ServerAction, ServerId,
+    ServerState,
 };
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState, DomainStateEnum};
@@ -23,7 +24,7 @@ use super::domain::{
 use super::error::{ExecutorError, FailureKind, LibvirtError, VirtResultExt};
 use super::inspect::parse_metadata;
 use super::validate::XmlValidator;
-use super::work::DeviceInfo;
+use super::work::{reattach_or_hold, DeviceInfo, ReattachDecision};
 
 /// How the executor talks to libvirt.
 #[derive(Debug, Clone)]
@@ -84,6 +85,11 @@ pub(super) struct Inner {
 
 pub(super) enum Reattach {
     Unchanged,
+    /// Not re-attached: the fingerprint changed ([`super::work::reattach_or_hold`]).
+    Held {
+        expected: Fingerprint,
+        seen: Fingerprint,
+    },
     Done {
         old_device: DeviceId,
         method: AttachMethod,
@@ -424,6 +430,7 @@ impl Inner {
         lineage: LineageId,
         new_device: DeviceId,
         info: DeviceInfo,
+        accepted: Option<Fingerprint>,
     ) -> Result<Reattach, ExecutorError> {
         let conn = self.conn()?;
         let dom = self.domain(&conn, server)?;
@@ -432,12 +439,27 @@ impl Inner {
             return Err(ExecutorError::NoSuchLineage { server, lineage });
         };
         let old = spec.devices[pos].clone();
-        if old.device_id == new_device && old.address == info.address && old.present == info.present
+        let fingerprint = match accepted {
+            // Accepted (by an operator or the flavor's policy): recorded as the server's.
+            Some(f) => Some(f),
+            None => match reattach_or_hold(old.fingerprint, info.fingerprint) {
+                ReattachDecision::Reattach { fingerprint } => fingerprint,
+                ReattachDecision::Hold { expected, seen } => {
+                    info!(%server, %lineage, %new_device, "re-attach held: fingerprint changed");
+                    return Ok(Reattach::Held { expected, seen });
+                }
+            },
+        };
+        if old.device_id == new_device
+            && old.address == info.address
+            && old.present == info.present
+            && old.fingerprint == fingerprint
         {
             return Ok(Reattach::Unchanged);
         }
         let mut next = spec.clone();
         let new = &mut next.devices[pos];
+        new.fingerprint = fingerprint;
         new.device_id = new_device;
         new.vendor = info.vendor;
         new.product = info.product;

@@ -16,7 +16,8 @@ use quick_xml::events::BytesText;
 use quick_xml::Writer;
 use thiserror::Error;
 use usbpt_schemas::{
-    ControllerModel, DeviceId, FollowPolicy, LineageId, ProductId, ServerId, UsbAddress, VendorId,
+    ControllerModel, DeviceId, Fingerprint, FollowPolicy, LineageId, ProductId, ServerId,
+    UsbAddress, VendorId,
 };
 
 /// The namespace of usbpt's `<metadata>` element inside a domain.
@@ -114,6 +115,11 @@ pub struct HostdevSpec {
     pub present: bool,
     /// The controller port; `None` lets [`layout`] pick the lowest free one.
     pub port: Option<u8>,
+    /// The descriptor fingerprint of the enumeration the server was given (at definition, at a
+    /// re-attach, or accepted: `FingerprintAccepted`); metadata `fingerprint=`. `None` when it
+    /// was not known (descriptors unreadable, or a domain defined before fingerprints were
+    /// recorded): a re-attach then goes ahead unchecked.
+    pub fingerprint: Option<Fingerprint>,
 }
 
 impl HostdevSpec {
@@ -519,8 +525,14 @@ fn write_metadata(
                 ("port", p.port.to_string()),
                 ("present", d.present.to_string()),
             ];
+            let fingerprint = d.fingerprint.map(|f| ("fingerprint", f.to_base64()));
             w.create_element(format!("{METADATA_PREFIX}:device"))
-                .with_attributes(attrs.iter().map(|(k, v)| (*k, v.as_str())))
+                .with_attributes(
+                    attrs
+                        .iter()
+                        .chain(fingerprint.as_ref())
+                        .map(|(k, v)| (*k, v.as_str())),
+                )
                 .write_empty()?;
         }
         Ok(())
@@ -550,6 +562,7 @@ mod tests {
             follow: FollowPolicy::Lineage,
             present: true,
             port: None,
+            fingerprint: None,
         }
     }
     fn spec(devices: Vec<HostdevSpec>) -> DomainSpec {

@@ -9,8 +9,9 @@ use std::sync::{Arc, PoisonError};
 use tokio::sync::OwnedMutexGuard;
 use tracing::{info, warn};
 use usbpt_schemas::{
-    AssignedDevice, AttachMethod, DeviceAttachFailed, DeviceAttached, DeviceId, DeviceReattached,
-    Envelope, Event, HostName, LineageId, ServerAction, ServerId, ServerState, ServerStateChanged,
+    AssignedDevice, AttachMethod, DeviceAttachFailed, DeviceAttached, DeviceId, DeviceReattachHeld,
+    DeviceReattached, Envelope, Event, Fingerprint, HostName, LineageId, ServerAction, ServerId,
+    ServerState, ServerStateChanged,
 };
 
 use super::calls::{ExecutorConfig, Inner, Observed, Reattach};
@@ -82,15 +83,27 @@ impl Executor {
             } => self.define(server, &devices, lookup, &why, restart).await,
             Work::Action { server, action } => self.action(server, action, lookup).await,
             Work::Teardown { server, why } => self.teardown(server, &why).await,
-            // TODO(issue 18): record the accepted fingerprint in the domain's metadata.
             Work::Reattach {
                 server,
                 lineage,
                 device,
-                fingerprint: _,
+                fingerprint,
             } => match lookup.device(&device) {
-                Some(info) if info.present => self.reattach(server, lineage, device, info).await,
-                _ => Vec::new(),
+                Some(info) if info.present => {
+                    self.reattach_accepted(server, lineage, device, info, fingerprint)
+                        .await
+                }
+                // The accepted enumeration has gone again: nothing to attach. Said once, as a
+                // failed attach; the domain keeps what it has, and the lineage's next
+                // enumeration is compared with the fingerprint the domain records.
+                _ => vec![self.attach_failed(
+                    server,
+                    device,
+                    format!(
+                        "fingerprint {fingerprint} accepted for lineage {lineage}, but device {device} is no longer present on host {}; nothing re-attached",
+                        self.host()
+                    ),
+                )],
             },
         }
     }
@@ -254,7 +267,10 @@ impl Executor {
     /// domain in place of the old one (same controller port). Hot-plugs where the driver can
     /// (QEMU); where it cannot (libvirt's test driver answers `VIR_ERR_NO_SUPPORT`) redefines the
     /// domain with the same uuid and says so. The persistent definition is always updated.
-    #[tracing::instrument(skip(self, info), fields(host = %self.host()))]
+    ///
+    /// Held instead (`DeviceReattachHeld`, the domain left as it is) when the fingerprint the
+    /// server was given and the new enumeration's are both known and differ
+    /// ([`super::work::reattach_or_hold`]).
     pub async fn reattach(
         &self,
         server: ServerId,
@@ -262,12 +278,49 @@ impl Executor {
         new_device: DeviceId,
         info: DeviceInfo,
     ) -> Vec<Event> {
+        self.reattach_with(server, lineage, new_device, info, None)
+            .await
+    }
+
+    /// A held re-attach accepted (`FingerprintAccepted`): re-attach `new_device` whatever its
+    /// fingerprint, and record `fingerprint` as the one the server now has.
+    pub async fn reattach_accepted(
+        &self,
+        server: ServerId,
+        lineage: LineageId,
+        new_device: DeviceId,
+        info: DeviceInfo,
+        fingerprint: Fingerprint,
+    ) -> Vec<Event> {
+        self.reattach_with(server, lineage, new_device, info, Some(fingerprint))
+            .await
+    }
+
+    #[tracing::instrument(skip(self, info), fields(host = %self.host()))]
+    async fn reattach_with(
+        &self,
+        server: ServerId,
+        lineage: LineageId,
+        new_device: DeviceId,
+        info: DeviceInfo,
+        accepted: Option<Fingerprint>,
+    ) -> Vec<Event> {
         let _guard = self.lock(server).await;
         let result = self
-            .blocking(move |inner| inner.reattach(server, lineage, new_device, info))
+            .blocking(move |inner| inner.reattach(server, lineage, new_device, info, accepted))
             .await;
         match result {
             Ok(Reattach::Unchanged) => Vec::new(),
+            Ok(Reattach::Held { expected, seen }) => {
+                vec![Event::DeviceReattachHeld(DeviceReattachHeld {
+                    host: self.host().clone(),
+                    server_id: server,
+                    lineage_id: lineage,
+                    device_id: new_device,
+                    expected,
+                    seen,
+                })]
+            }
             Ok(Reattach::Done {
                 old_device,
                 method,
@@ -381,6 +434,7 @@ impl Executor {
                     follow: a.follow,
                     present: info.present,
                     port: None,
+                    fingerprint: info.fingerprint,
                 }),
                 None => events.push(self.attach_failed(
                     server,

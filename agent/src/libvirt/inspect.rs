@@ -8,7 +8,8 @@ use quick_xml::events::{BytesStart, Event};
 use quick_xml::{Reader, XmlVersion};
 use thiserror::Error;
 use usbpt_schemas::{
-    ControllerModel, DeviceId, FollowPolicy, LineageId, ProductId, ServerId, UsbAddress, VendorId,
+    ControllerModel, DeviceId, Fingerprint, FollowPolicy, LineageId, ProductId, ServerId,
+    UsbAddress, VendorId,
 };
 
 use super::domain::{DomainSpec, HostdevSpec, METADATA_VERSION};
@@ -163,6 +164,12 @@ fn device(a: &Attrs) -> Result<HostdevSpec, InspectError> {
         follow,
         present,
         port: Some(a.parse("port")?),
+        fingerprint: a
+            .map
+            .get("fingerprint")
+            .map(|v| v.parse::<Fingerprint>())
+            .transpose()
+            .map_err(|e| a.invalid("fingerprint", &e.to_string()))?,
     })
 }
 
@@ -310,6 +317,7 @@ mod tests {
                     follow: FollowPolicy::Strict,
                     present: false,
                     port: Some(4),
+                    fingerprint: Some(Fingerprint([7; 32])),
                 },
                 HostdevSpec {
                     device_id: DeviceId::from_uuid(uuid::Uuid::from_u128(3)),
@@ -321,6 +329,7 @@ mod tests {
                     follow: FollowPolicy::Lineage,
                     present: true,
                     port: None,
+                    fingerprint: None,
                 },
             ],
         );

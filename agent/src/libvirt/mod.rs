@@ -29,4 +29,4 @@ pub use error::{ExecutorError, FailureKind, LibvirtError};
 pub use executor::Executor;
 pub use inspect::{observe_domain, parse_metadata, ObservedDomain, ObservedHostdev};
 pub use validate::{ValidationError, XmlValidator};
-pub use work::{work_for, DeviceInfo, DeviceLookup, Work};
+pub use work::{reattach_or_hold, work_for, DeviceInfo, DeviceLookup, ReattachDecision, Work};

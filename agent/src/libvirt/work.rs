@@ -21,6 +21,8 @@ pub struct DeviceInfo {
     pub address: UsbAddress,
     /// False once the enumeration is invalidated (unplugged, host rebooted, …).
     pub present: bool,
+    /// Its descriptor fingerprint; `None` when the descriptors could not be read.
+    pub fingerprint: Option<Fingerprint>,
 }
 
 /// The agent's knowledge the executor needs: its devices, and server names when it has them.
@@ -106,6 +108,38 @@ pub fn work_for(host: &HostName, event: &Event) -> Option<Work> {
     })
 }
 
+/// Whether a re-enumerated device goes back to the server that holds its lineage. Pure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReattachDecision {
+    /// Re-attach, and record `fingerprint` in the domain's metadata (the new enumeration's, or
+    /// the recorded one when the new one is unknown).
+    Reattach { fingerprint: Option<Fingerprint> },
+    /// Leave the domain as it is: the fingerprint the server was given (`expected`) is not the
+    /// one the new enumeration shows (`seen`). An accept (`FingerprintAccepted`) lets it go on.
+    Hold {
+        expected: Fingerprint,
+        seen: Fingerprint,
+    },
+}
+
+/// The hold of ADR 0011 (`docs/identity.md`, "fingerprint_changed"): a re-attach the agent does
+/// on its own is held when both fingerprints are known and differ. Unknown on either side
+/// (a domain defined before fingerprints were recorded, descriptors unreadable) re-attaches as
+/// before: there is nothing to compare. Pure.
+pub fn reattach_or_hold(
+    recorded: Option<Fingerprint>,
+    seen: Option<Fingerprint>,
+) -> ReattachDecision {
+    match (recorded, seen) {
+        (Some(expected), Some(seen)) if expected != seen => {
+            ReattachDecision::Hold { expected, seen }
+        }
+        (recorded, seen) => ReattachDecision::Reattach {
+            fingerprint: seen.or(recorded),
+        },
+    }
+}
+
 /// `spec` with every device's current address and presence from `lookup` (an enumeration the
 /// agent no longer knows is absent), and the server's name when known. Pure.
 pub(super) fn with_current_devices(
@@ -158,4 +192,55 @@ pub(super) fn placement_text(l: &Layout, i: usize) -> Option<String> {
         c.index,
         p.port
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Fingerprint = Fingerprint([0xa; 32]);
+    const B: Fingerprint = Fingerprint([0xb; 32]);
+
+    #[test]
+    fn a_changed_fingerprint_is_held_naming_both() {
+        assert_eq!(
+            reattach_or_hold(Some(A), Some(B)),
+            ReattachDecision::Hold {
+                expected: A,
+                seen: B
+            }
+        );
+    }
+
+    #[test]
+    fn the_same_fingerprint_is_reattached_and_kept() {
+        assert_eq!(
+            reattach_or_hold(Some(A), Some(A)),
+            ReattachDecision::Reattach {
+                fingerprint: Some(A)
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_on_either_side_reattaches_keeping_what_is_known() {
+        // An old domain (nothing recorded): the new enumeration's fingerprint is recorded.
+        assert_eq!(
+            reattach_or_hold(None, Some(B)),
+            ReattachDecision::Reattach {
+                fingerprint: Some(B)
+            }
+        );
+        // Unreadable descriptors: nothing to compare, the recorded one stays.
+        assert_eq!(
+            reattach_or_hold(Some(A), None),
+            ReattachDecision::Reattach {
+                fingerprint: Some(A)
+            }
+        );
+        assert_eq!(
+            reattach_or_hold(None, None),
+            ReattachDecision::Reattach { fingerprint: None }
+        );
+    }
 }

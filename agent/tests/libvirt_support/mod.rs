@@ -35,6 +35,7 @@ pub fn dev(n: u16) -> Dev {
             product: ProductId(0x0400 + n),
             address: UsbAddress::new(1 + n / 100, n % 100 + 2).expect("valid address"),
             present: true,
+            fingerprint: None,
         },
     }
 }

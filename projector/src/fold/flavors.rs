@@ -33,6 +33,7 @@ pub(super) fn flavor_created<S: State>(v: &mut S, st: Stamp, e: &FlavorCreated) 
         ram_mb: 0,
         vcpus: 0,
         disk_gb: 0,
+        on_fingerprint_change: FingerprintPolicy::default(),
     };
     v.put_flavor(&f);
     v.name_flavor(f.name.as_str(), Some(f.id.to_bytes()));
@@ -87,6 +88,14 @@ pub(super) fn flavor_sized<S: State>(v: &mut S, e: &FlavorSized) -> R {
 pub(super) fn flavor_usb_set<S: State>(v: &mut S, e: &FlavorUsbSet) -> R {
     let mut f = live_flavor(v, e.flavor_id, &e.name, QuarantineReason::Conflict)?;
     f.usb = e.usb.clone();
+    v.put_flavor(&f);
+    Ok(())
+}
+
+/// A live flavor's `on_fingerprint_change` policy.
+pub(super) fn fingerprint_policy_set<S: State>(v: &mut S, e: &FlavorFingerprintPolicySet) -> R {
+    let mut f = live_flavor(v, e.flavor_id, &e.name, QuarantineReason::Conflict)?;
+    f.on_fingerprint_change = e.on_fingerprint_change;
     v.put_flavor(&f);
     Ok(())
 }

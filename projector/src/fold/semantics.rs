@@ -182,10 +182,9 @@ fn handle<S: State>(v: &mut S, st: Stamp, body: &Event) -> R {
         Event::PortFlapping(e) => alarms::flapping(v, st, e),
         Event::PortFlappingCleared(e) => alarms::flapping_cleared(v, st, e),
         // TODO(issue 18): folded by the operator-command work in progress.
-        Event::LineageConflictResolved(_)
-        | Event::FingerprintAccepted(_)
-        | Event::DeviceReattachHeld(_)
-        | Event::FlavorFingerprintPolicySet(_) => Ok(()),
+        Event::LineageConflictResolved(_) | Event::FingerprintAccepted(_) => Ok(()),
+        Event::DeviceReattachHeld(e) => servers::reattach_held(v, st, e),
+        Event::FlavorFingerprintPolicySet(e) => flavors::fingerprint_policy_set(v, e),
         Event::DeviceDiscovered(e) => devices::discovered(v, st, e, None),
         Event::DeviceDiscoveredV2(e) => {
             devices::discovered(v, st, &e.discovery, Some(e.fingerprint))
@@ -205,8 +204,14 @@ fn handle<S: State>(v: &mut S, st: Stamp, body: &Event) -> R {
         Event::ServerScheduleFailed(e) => servers::schedule_failed(v, st, e),
         Event::DeviceClaimed(e) => devices::claimed(v, st, e),
         Event::DeviceAttached(e) => devices::attached(v, st, e),
-        Event::DeviceReattached(e) => devices::reattached(v, st, e),
-        Event::DeviceReleased(e) => devices::released(v, st, e),
+        Event::DeviceReattached(e) => {
+            devices::reattached(v, st, e)?;
+            servers::end_reattach_hold(v, st, e.server_id, e.lineage_id)
+        }
+        Event::DeviceReleased(e) => {
+            devices::released(v, st, e)?;
+            servers::end_reattach_hold(v, st, e.server_id, e.lineage_id)
+        }
         Event::ServerStateChanged(e) => servers::state_changed(v, st, e),
         Event::ServerResized(e) => servers::moved(
             v,

@@ -2,7 +2,7 @@
 
 use usbpt_schemas::*;
 
-use super::semantics::{known_server, known_server_mut, not_deleted, reject, R};
+use super::semantics::{known_device, known_server, known_server_mut, not_deleted, reject, R};
 use super::state::State;
 use crate::model::*;
 use crate::tables as t;
@@ -52,6 +52,7 @@ pub(super) fn boot_requested<S: State>(v: &mut S, st: Stamp, e: &ServerBootReque
         last_change_seq: st.seq,
         description: None,
         resize_from: None,
+        reattach_held: Vec::new(),
     };
     v.name_server(s.name.as_str(), Some(s.id.to_bytes()));
     v.put_server(s);
@@ -273,4 +274,51 @@ fn push_capped<T>(list: &mut Vec<T>, item: T) {
     if list.len() > SERVER_HISTORY_KEEP {
         list.remove(0);
     }
+}
+
+/// An agent held a re-attach for a changed fingerprint: the server shows it (one record per
+/// lineage, the newest) until the lineage is re-attached or released. The server must hold the
+/// lineage's claim and the enumeration must be known on that host.
+pub(super) fn reattach_held<S: State>(v: &mut S, st: Stamp, e: &DeviceReattachHeld) -> R {
+    known_device(v, e.device_id, Some(e.lineage_id), &e.host)?;
+    if v.claim(e.lineage_id)?
+        .is_none_or(|c| c.server_id != e.server_id)
+    {
+        return reject(
+            QuarantineReason::Conflict,
+            format!(
+                "lineage {} has no claim by server {}",
+                e.lineage_id, e.server_id
+            ),
+        );
+    }
+    let s = known_server_mut(v, e.server_id)?;
+    s.reattach_held.retain(|h| h.lineage_id != e.lineage_id);
+    s.reattach_held.push(ReattachHold {
+        stamp: st,
+        lineage_id: e.lineage_id,
+        device_id: e.device_id,
+        expected: e.expected,
+        seen: e.seen,
+    });
+    s.last_change_seq = st.seq;
+    Ok(())
+}
+
+/// The lineage was re-attached or released: a held re-attach for it is over.
+pub(super) fn end_reattach_hold<S: State>(
+    v: &mut S,
+    st: Stamp,
+    server: ServerId,
+    lineage: LineageId,
+) -> R {
+    let held = v
+        .server(server)?
+        .is_some_and(|s| s.reattach_held.iter().any(|h| h.lineage_id == lineage));
+    if held {
+        let s = known_server_mut(v, server)?;
+        s.reattach_held.retain(|h| h.lineage_id != lineage);
+        s.last_change_seq = st.seq;
+    }
+    Ok(())
 }

@@ -382,3 +382,133 @@ fn a_deleted_server_frees_its_name_for_the_next() {
         Outcome::Quarantined(QuarantineReason::Conflict)
     );
 }
+
+fn held(d: &DeviceDiscovered) -> Event {
+    Event::DeviceReattachHeld(DeviceReattachHeld {
+        host: d.host.clone(),
+        server_id: ServerId(id(SERVER)),
+        lineage_id: d.lineage_id,
+        device_id: d.device_id,
+        expected: Fingerprint([0xa; 32]),
+        seen: Fingerprint([0xb; 32]),
+    })
+}
+
+#[test]
+fn a_held_reattach_shows_on_the_server_until_the_lineage_is_reattached() {
+    let mut f = Fold::default();
+    let first = disc(1, "host-a", "SN1");
+    let second = disc(2, "host-a", "SN1");
+    f.all([
+        flavor_created(),
+        boot_requested(),
+        Event::DeviceDiscovered(first.clone()),
+        claimed(&first, FollowPolicy::Lineage),
+        attached(&first),
+        invalidated(&first, InvalidationReason::Reenumerated),
+        Event::DeviceDiscovered(second.clone()),
+        held(&second),
+    ]);
+    let server = ServerId(id(SERVER));
+    let s = &f.s.servers[&server];
+    assert_eq!(s.reattach_held.len(), 1);
+    let h = &s.reattach_held[0];
+    assert_eq!(
+        (h.lineage_id, h.device_id, h.expected, h.seen, h.stamp.seq),
+        (
+            first.lineage_id,
+            second.device_id,
+            Fingerprint([0xa; 32]),
+            Fingerprint([0xb; 32]),
+            8
+        )
+    );
+    // The claim is kept: held, not released.
+    assert_eq!(f.s.claims[&first.lineage_id].device_id, first.device_id);
+    // A second hold for the lineage replaces the first (one record per lineage).
+    f.all([held(&second)]);
+    assert_eq!(f.s.servers[&server].reattach_held.len(), 1);
+    assert_eq!(f.s.servers[&server].reattach_held[0].stamp.seq, 9);
+
+    f.all([Event::DeviceReattached(DeviceReattached {
+        server_id: server,
+        host: host("host-a"),
+        lineage_id: first.lineage_id,
+        old_device_id: first.device_id,
+        new_device_id: second.device_id,
+        address: second.address,
+        method: AttachMethod::HotPlug,
+        detail: String::new(),
+    })]);
+    assert!(f.s.servers[&server].reattach_held.is_empty());
+}
+
+#[test]
+fn a_held_reattach_ends_with_the_release_and_needs_the_servers_claim() {
+    let mut f = Fold::default();
+    let first = disc(1, "host-a", "SN1");
+    let second = disc(2, "host-a", "SN1");
+    f.all([
+        flavor_created(),
+        boot_requested(),
+        Event::DeviceDiscovered(first.clone()),
+    ]);
+    // No claim by the server: quarantined, nothing recorded.
+    assert_eq!(
+        f.ev(held(&first)),
+        Outcome::Quarantined(QuarantineReason::Conflict)
+    );
+    assert!(f.s.servers[&ServerId(id(SERVER))].reattach_held.is_empty());
+    f.all([
+        claimed(&first, FollowPolicy::Lineage),
+        attached(&first),
+        invalidated(&first, InvalidationReason::Reenumerated),
+        Event::DeviceDiscovered(second.clone()),
+        held(&second),
+        released(&first),
+    ]);
+    assert!(f.s.servers[&ServerId(id(SERVER))].reattach_held.is_empty());
+}
+
+#[test]
+fn a_flavors_fingerprint_policy_is_folded_and_defaults_to_hold() {
+    let mut f = Fold::default();
+    f.all([flavor_created()]);
+    let fid = FlavorId(id(FLAVOR));
+    assert_eq!(
+        f.s.flavors[&fid].on_fingerprint_change,
+        FingerprintPolicy::Hold
+    );
+    let set = |p| {
+        Event::FlavorFingerprintPolicySet(FlavorFingerprintPolicySet {
+            flavor_id: fid,
+            name: FlavorName::new("erp-key").unwrap(),
+            on_fingerprint_change: p,
+        })
+    };
+    f.all([set(FingerprintPolicy::Follow)]);
+    assert_eq!(
+        f.s.flavors[&fid].on_fingerprint_change,
+        FingerprintPolicy::Follow
+    );
+    f.all([set(FingerprintPolicy::Hold)]);
+    assert_eq!(
+        f.s.flavors[&fid].on_fingerprint_change,
+        FingerprintPolicy::Hold
+    );
+    // On a name the flavor does not have, or for a flavor never created: refused.
+    assert_eq!(
+        f.ev(Event::FlavorFingerprintPolicySet(
+            FlavorFingerprintPolicySet {
+                flavor_id: fid,
+                name: FlavorName::new("other").unwrap(),
+                on_fingerprint_change: FingerprintPolicy::Follow,
+            }
+        )),
+        Outcome::Quarantined(QuarantineReason::Conflict)
+    );
+    assert_eq!(
+        f.s.flavors[&fid].on_fingerprint_change,
+        FingerprintPolicy::Hold
+    );
+}
