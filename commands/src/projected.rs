@@ -11,7 +11,8 @@ use usbpt_schemas::{
 
 use crate::handler::ViewSource;
 use crate::view::{
-    ClaimInfo, DeviceInfo, DeviceStatus, FlavorInfo, ResizeFrom, ServerInfo, ViewError, ViewRead,
+    ClaimInfo, ConflictInfo, DeviceInfo, DeviceStatus, FingerprintAlarmInfo, FlavorInfo,
+    LineageAlarms, ResizeFrom, ServerInfo, ViewError, ViewRead,
 };
 
 fn err(e: p::ViewError) -> ViewError {
@@ -150,6 +151,36 @@ impl ViewRead for p::Snapshot {
             .collect();
         hosts.sort();
         Ok(hosts)
+    }
+    fn lineage_alarms(&self, lineage: &LineageId) -> Result<LineageAlarms, ViewError> {
+        let Some(l) = p::Snapshot::lineage(self, lineage).map_err(err)? else {
+            return Ok(LineageAlarms::default());
+        };
+        let current_fingerprint = p::Snapshot::device(self, &l.current)
+            .map_err(err)?
+            .and_then(|d| d.fingerprint);
+        let active = |kind| l.alarms.iter().rev().find(|a| a.kind == kind && a.is_active());
+        // The fold names the current side first, the held-back one second.
+        let conflict = active(p::AlarmKind::LineageConflict).and_then(|a| {
+            match (&a.hosts[..], &a.devices[..]) {
+                ([h0, h1], [d0, d1]) => Some(ConflictInfo {
+                    current: (h0.clone(), *d0),
+                    held_back: (h1.clone(), *d1),
+                }),
+                _ => None,
+            }
+        });
+        let fingerprint = active(p::AlarmKind::FingerprintChanged).and_then(|a| {
+            match a.fingerprints[..] {
+                [expected, seen] => Some(FingerprintAlarmInfo { expected, seen }),
+                _ => None,
+            }
+        });
+        Ok(LineageAlarms {
+            conflict,
+            fingerprint,
+            current_fingerprint,
+        })
     }
 }
 

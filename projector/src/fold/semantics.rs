@@ -13,7 +13,7 @@ use usbpt_schemas::*;
 
 use super::state::State;
 use super::Outcome;
-use super::{devices, flavors, servers};
+use super::{alarms, devices, flavors, servers};
 use crate::error::ViewError;
 use crate::model::*;
 
@@ -182,8 +182,6 @@ fn handle<S: State>(v: &mut S, st: Stamp, body: &Event) -> R {
         // TODO(issue 18): folded by the flapping and operator-command work in progress.
         Event::PortFlapping(_)
         | Event::PortFlappingCleared(_)
-        | Event::LineageConflictResolved(_)
-        | Event::FingerprintAccepted(_)
         | Event::DeviceReattachHeld(_)
         | Event::FlavorFingerprintPolicySet(_) => Ok(()),
         Event::DeviceDiscovered(e) => devices::discovered(v, st, e, None),
@@ -196,6 +194,8 @@ fn handle<S: State>(v: &mut S, st: Stamp, body: &Event) -> R {
         Event::FlavorUsbSet(e) => flavors::flavor_usb_set(v, e),
         Event::FlavorSized(e) => flavors::flavor_sized(v, e),
         Event::LineageLabeled(e) => devices::labeled(v, st, e),
+        Event::LineageConflictResolved(e) => alarms::conflict_resolved(v, st, e),
+        Event::FingerprintAccepted(e) => alarms::fingerprint_accepted(v, st, e),
         Event::ServerUpdated(e) => servers::server_updated(v, st, e),
         Event::ServerResizeVerifying(e) => servers::resize_verifying(v, st, e),
         Event::ServerResizeConfirmed(e) => servers::resize_ended(v, st, e.server_id, false),
