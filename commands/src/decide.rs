@@ -6,12 +6,12 @@
 use usbpt_schemas::commands::{Command, FlavorResources, RejectKind};
 use usbpt_schemas::{
     subjects, DeviceClaimed, DeviceReleased, DeviceSelector, Event, FingerprintAccepted,
-    FlavorCreated, FlavorDeleted, LineageConflictResolved,
-    FlavorId, FlavorName, FlavorSized, FlavorUsbSet, HostName, LineageId, LineageKind,
-    LineageLabeled, ReleaseReason, ServerAction, ServerActionRequested, ServerBootRequested,
-    ServerDeleted, ServerId, ServerMigrated, ServerMigrationRefused, ServerName,
-    ServerResizeConfirmed, ServerResizeReverted, ServerResizeVerifying, ServerResized,
-    ServerScheduleFailed, ServerScheduled, ServerState, ServerUpdated,
+    FlavorCreated, FlavorDeleted, FlavorId, FlavorName, FlavorSized, FlavorUsbSet, HostName,
+    LineageConflictResolved, LineageId, LineageKind, LineageLabeled, ReleaseReason, ServerAction,
+    ServerActionRequested, ServerBootRequested, ServerDeleted, ServerId, ServerMigrated,
+    ServerMigrationRefused, ServerName, ServerResizeConfirmed, ServerResizeReverted,
+    ServerResizeVerifying, ServerResized, ServerScheduleFailed, ServerScheduled, ServerState,
+    ServerUpdated,
 };
 
 use crate::schedule::{self, check_ports, Weigh};

@@ -159,7 +159,12 @@ impl ViewRead for p::Snapshot {
         let current_fingerprint = p::Snapshot::device(self, &l.current)
             .map_err(err)?
             .and_then(|d| d.fingerprint);
-        let active = |kind| l.alarms.iter().rev().find(|a| a.kind == kind && a.is_active());
+        let active = |kind| {
+            l.alarms
+                .iter()
+                .rev()
+                .find(|a| a.kind == kind && a.is_active())
+        };
         // The fold names the current side first, the held-back one second.
         let conflict = active(p::AlarmKind::LineageConflict).and_then(|a| {
             match (&a.hosts[..], &a.devices[..]) {
@@ -170,12 +175,11 @@ impl ViewRead for p::Snapshot {
                 _ => None,
             }
         });
-        let fingerprint = active(p::AlarmKind::FingerprintChanged).and_then(|a| {
-            match a.fingerprints[..] {
+        let fingerprint =
+            active(p::AlarmKind::FingerprintChanged).and_then(|a| match a.fingerprints[..] {
                 [expected, seen] => Some(FingerprintAlarmInfo { expected, seen }),
                 _ => None,
-            }
-        });
+            });
         Ok(LineageAlarms {
             conflict,
             fingerprint,

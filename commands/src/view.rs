@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use usbpt_schemas::{
-    AssignedDevice, DeviceId, Fingerprint, FlavorId, FlavorName, FollowPolicy, HostName, LineageId, LineageKind,
-    ProductId, ServerId, ServerName, ServerState, UsbAddress, UsbRequest, VendorId,
+    AssignedDevice, DeviceId, Fingerprint, FlavorId, FlavorName, FollowPolicy, HostName, LineageId,
+    LineageKind, ProductId, ServerId, ServerName, ServerState, UsbAddress, UsbRequest, VendorId,
 };
 
 #[derive(Debug, thiserror::Error)]

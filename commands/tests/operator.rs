@@ -160,8 +160,12 @@ fn resolving_is_refused_for_an_unknown_lineage_no_conflict_or_a_host_on_neither_
     assert_eq!(e.kind(), RejectKind::NotFound);
     assert!(e.to_string().contains(&format!("lineage {unknown}")), "{e}");
 
-    let e = decide(&view(LineageAlarms::default()), &resolve(LINEAGE, "host-a"), &ctx())
-        .unwrap_err();
+    let e = decide(
+        &view(LineageAlarms::default()),
+        &resolve(LINEAGE, "host-a"),
+        &ctx(),
+    )
+    .unwrap_err();
     assert_eq!(e.kind(), RejectKind::Conflict);
     assert!(e.to_string().contains("no active lineage_conflict"), "{e}");
 
@@ -232,7 +236,10 @@ fn accepting_names_the_seen_fingerprint_the_present_enumeration_and_the_holding_
     let Event::FingerprintAccepted(a) = &one_step(&d).event else {
         panic!()
     };
-    assert_eq!((a.fingerprint, a.device_id, a.host.as_ref()), (fp(9), None, None));
+    assert_eq!(
+        (a.fingerprint, a.device_id, a.host.as_ref()),
+        (fp(9), None, None)
+    );
 }
 
 #[test]
@@ -250,7 +257,10 @@ fn accepting_is_refused_for_an_unknown_lineage_or_one_without_a_fingerprint_alar
     )
     .unwrap_err();
     assert_eq!(e.kind(), RejectKind::Conflict);
-    assert!(e.to_string().contains("no active fingerprint_changed"), "{e}");
+    assert!(
+        e.to_string().contains("no active fingerprint_changed"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -372,7 +372,10 @@ fn an_operator_keeps_the_current_host_the_held_back_copy_is_dropped_and_its_end_
     let l = snap.lineage(&lineage).unwrap().unwrap();
     assert_eq!(l.pending, None);
     assert_eq!(l.current, DeviceId(id(1)));
-    assert!(snap.device(&DeviceId(id(2))).unwrap().is_none(), "never listed");
+    assert!(
+        snap.device(&DeviceId(id(2))).unwrap().is_none(),
+        "never listed"
+    );
     assert_eq!(
         snap.free_devices_on_host(&common::host("host-a"))
             .unwrap()
@@ -395,13 +398,7 @@ fn an_operator_keeps_the_current_host_the_held_back_copy_is_dropped_and_its_end_
 fn an_operator_keeps_the_newcomer_it_takes_the_lineage_and_a_lineage_claim_follows_it() {
     let mut f = Fold::new();
     let samples = common::sample_bodies();
-    let pick = |kind: &str| {
-        samples
-            .iter()
-            .find(|e| e.kind() == kind)
-            .cloned()
-            .unwrap()
-    };
+    let pick = |kind: &str| samples.iter().find(|e| e.kind() == kind).cloned().unwrap();
     let first = disc(1, "host-a", "1-1", Some("K1"));
     let lineage = first.lineage_id;
     assert_eq!(f.fold(v2(first, 1), None), None);
@@ -488,7 +485,9 @@ fn a_resolve_that_no_longer_matches_the_conflict_is_a_counted_no_op_and_an_unkno
     );
     // A lineage the view never had: quarantined.
     let other = disc(9, "host-a", "1-9", Some("NOPE")).lineage_id;
-    let q = f.fold(resolved(other, "host-a", 1, 2), None).expect("quarantined");
+    let q = f
+        .fold(resolved(other, "host-a", 1, 2), None)
+        .expect("quarantined");
     assert!(q.contains("never discovered"), "{q}");
     assert_replays(&f);
 }
@@ -531,7 +530,10 @@ fn an_accepted_fingerprint_clears_the_alarm_and_becomes_the_expected_one() {
         .unwrap()
         .unwrap();
     let acc = l.fingerprint_accepted.unwrap();
-    assert_eq!((acc.stamp.seq, acc.fingerprint, acc.by_policy), (4, fp(9), false));
+    assert_eq!(
+        (acc.stamp.seq, acc.fingerprint, acc.by_policy),
+        (4, fp(9), false)
+    );
     // The accepted fingerprint is the expected one now: 9 again is quiet, 1 raises.
     assert_eq!(f.fold(gone(2, "host-a", lineage), None), None);
     assert_eq!(f.fold(v2(replug(3, 2), 9), None), None);

@@ -15,7 +15,7 @@
 //! accepts the new one (`FingerprintAccepted`).
 
 use usbpt_schemas::{
-    DeviceDiscovered, DeviceInvalidated, FingerprintAccepted, Fingerprint, LineageConflictResolved,
+    DeviceDiscovered, DeviceInvalidated, Fingerprint, FingerprintAccepted, LineageConflictResolved,
     LineageKind,
 };
 
@@ -206,18 +206,17 @@ fn promote<S: State>(v: &mut S, st: Stamp, mut l: Lineage, why: String) -> R {
 /// command side cannot fence against (discoveries and ends are not on the claim subject), not
 /// bad input, and the operator's intent is either done or about devices that are no longer in
 /// conflict. Counted as `stale.LineageConflictResolved`.
-pub(super) fn conflict_resolved<S: State>(
-    v: &mut S,
-    st: Stamp,
-    e: &LineageConflictResolved,
-) -> R {
+pub(super) fn conflict_resolved<S: State>(v: &mut S, st: Stamp, e: &LineageConflictResolved) -> R {
     let Some(mut l) = v.lineage(e.lineage_id)? else {
         return reject(
             QuarantineReason::UnknownDevice,
             format!("lineage {} was never discovered", e.lineage_id),
         );
     };
-    let held = l.pending.as_ref().map(|p| (p.discovery.host.clone(), p.discovery.device_id));
+    let held = l
+        .pending
+        .as_ref()
+        .map(|p| (p.discovery.host.clone(), p.discovery.device_id));
     let Some((held_host, held_id)) = held else {
         v.count("stale", "LineageConflictResolved");
         return Ok(());
@@ -265,11 +264,7 @@ pub(super) fn conflict_resolved<S: State>(
 /// another fingerprint (it re-enumerated after the command was decided), a new alarm is raised
 /// against the accepted one. A lineage the view never had is quarantined; an accept with no
 /// active alarm (a second accept of the same change) only records the acceptance.
-pub(super) fn fingerprint_accepted<S: State>(
-    v: &mut S,
-    st: Stamp,
-    e: &FingerprintAccepted,
-) -> R {
+pub(super) fn fingerprint_accepted<S: State>(v: &mut S, st: Stamp, e: &FingerprintAccepted) -> R {
     let Some(mut l) = v.lineage(e.lineage_id)? else {
         return reject(
             QuarantineReason::UnknownDevice,
