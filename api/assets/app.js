@@ -13,6 +13,7 @@
     'ServerActionRequested', 'DeviceAttachFailed', 'DeviceClashDetected', 'ServerMigrated',
     'FlavorUsbSet', 'FlavorSized', 'ServerUpdated', 'ServerResizeVerifying',
     'ServerResizeConfirmed', 'ServerResizeReverted', 'DeviceDiscoveredV2',
+    'LineageConflictResolved', 'FingerprintAccepted',
   ];
   const FEED_MAX = 300; // feed entries kept in the page
   const HISTORY_ON_LOAD = 50; // past events shown when the page opens
