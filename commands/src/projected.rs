@@ -165,16 +165,14 @@ impl ViewRead for p::Snapshot {
                 .rev()
                 .find(|a| a.kind == kind && a.is_active())
         };
-        // The fold names the current side first, the held-back one second.
-        let conflict = active(p::AlarmKind::LineageConflict).and_then(|a| {
-            match (&a.hosts[..], &a.devices[..]) {
-                ([h0, h1], [d0, d1]) => Some(ConflictInfo {
-                    current: (h0.clone(), *d0),
-                    held_back: (h1.clone(), *d1),
-                }),
-                _ => None,
-            }
-        });
+        // The sides as the lineage has them now: the alarm names the enumerations it was
+        // raised for, and the current side may have re-enumerated on its own host since.
+        let conflict = active(p::AlarmKind::LineageConflict)
+            .and(l.pending.as_ref())
+            .map(|p| ConflictInfo {
+                current: (l.current_host.clone(), l.current),
+                held_back: (p.discovery.host.clone(), p.discovery.device_id),
+            });
         let fingerprint =
             active(p::AlarmKind::FingerprintChanged).and_then(|a| match a.fingerprints[..] {
                 [expected, seen] => Some(FingerprintAlarmInfo { expected, seen }),

@@ -559,3 +559,34 @@ fn an_accepted_fingerprint_clears_the_alarm_and_becomes_the_expected_one() {
     assert!(f.fold(accepted(other, 1, false), None).is_some());
     assert_replays(&f);
 }
+
+#[test]
+fn a_resolve_keeps_the_current_enumeration_after_it_re_enumerated_on_its_host() {
+    let mut f = Fold::new();
+    let lineage = conflict(&mut f);
+    // host-a's key resets: its new enumeration arrives before the old one's end, on its own
+    // host. It is the lineage's current enumeration now, blocked: the conflict lasts, and the
+    // alarm still names device 1.
+    let mut reset = disc(3, "host-a", "1-1", Some("K1"));
+    reset.supersedes = Some(DeviceId(id(1)));
+    assert_eq!(f.fold(v2(reset, 1), None), None);
+    let alarms = active(&f, lineage);
+    assert_eq!(alarms.len(), 1);
+    assert_eq!(alarms[0].devices, [DeviceId(id(1)), DeviceId(id(2))]);
+    let snap = f.view.snapshot().unwrap();
+    assert_eq!(
+        snap.lineage(&lineage).unwrap().unwrap().current,
+        DeviceId(id(3))
+    );
+    assert!(snap.device(&DeviceId(id(3))).unwrap().unwrap().blocked);
+    // A resolve naming the alarm's old pair no longer matches: a counted no-op.
+    assert_eq!(f.fold(resolved(lineage, "host-a", 1, 2), None), None);
+    assert_eq!(counter(&f, "stale.LineageConflictResolved"), 1);
+    assert_eq!(active(&f, lineage).len(), 1);
+    // Naming the lineage's current enumeration (what the command side reads): resolved.
+    assert_eq!(f.fold(resolved(lineage, "host-a", 3, 2), None), None);
+    assert!(active(&f, lineage).is_empty());
+    let snap = f.view.snapshot().unwrap();
+    assert!(snap.device(&DeviceId(id(3))).unwrap().unwrap().is_free());
+    assert_replays(&f);
+}
