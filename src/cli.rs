@@ -59,6 +59,12 @@ pub enum Cmd {
     Alarms(crate::cmd_query::AlarmsArgs),
     /// Name a device's lineage ("ERP key #3"), or remove its name (--remove); recorded as history.
     Label(crate::cmd_identity::LabelArgs),
+    /// A serial lineage present on two hosts: keep one (`conflict resolve LINEAGE --keep HOST`).
+    #[command(subcommand)]
+    Conflict(crate::cmd_identity::ConflictCmd),
+    /// A serial lineage back with other descriptors: accept them (`fingerprint accept LINEAGE`).
+    #[command(subcommand)]
+    Fingerprint(crate::cmd_identity::FingerprintCmd),
     /// Where devices are across the fleet (present, or their last known place when gone).
     Find(crate::cmd_identity::FindArgs),
     /// Every interval in which a server held a device: server, host, enumerations, from, to,
@@ -199,6 +205,8 @@ pub async fn run(cli: Cli, loaded: &crate::config::Loaded) -> Result<()> {
         Cmd::History(a) => crate::cmd_query::history(&cli.global, a).await,
         Cmd::Alarms(a) => crate::cmd_query::alarms(&cli.global, a).await,
         Cmd::Label(a) => send(&cli.global, a.command()?).await,
+        Cmd::Conflict(c) => crate::cmd_identity::conflict(&cli.global, c).await,
+        Cmd::Fingerprint(c) => crate::cmd_identity::fingerprint(&cli.global, c).await,
         Cmd::Find(a) => crate::cmd_identity::find(&cli.global, a).await,
         Cmd::Custody(a) => crate::cmd_identity::custody(&cli.global, a).await,
         Cmd::Hypervisor(c) => crate::cmd_query::hypervisor(&cli.global, c).await,

@@ -1,14 +1,15 @@
-//! Fleet-wide identity from the CLI (issue 18 items 3–5): `label` (a command over NATS, like
-//! `boot`), `find` and `custody` (reads through the HTTP API's typed documents,
-//! [`usbpt_api::identity`]). Human output escapes every string that came from outside.
+//! Fleet-wide identity from the CLI (issue 18 items 2–5): `label`, `conflict resolve` and
+//! `fingerprint accept` (commands over NATS, like `boot`), `find` and `custody` (reads through
+//! the HTTP API's typed documents, [`usbpt_api::identity`]). Human output escapes every string
+//! that came from outside.
 
 use anyhow::{Context, Result};
-use clap::{Args, ValueEnum};
-use usbpt_api::identity::{CustodyDoc, FindDoc};
+use clap::{Args, Subcommand, ValueEnum};
+use usbpt_api::identity::{CustodyDoc, FindDoc, LineageEnvelope};
 use usbpt_projector::custody::end_str;
 use usbpt_schemas::commands::Command;
 use usbpt_schemas::text::escape;
-use usbpt_schemas::{LineageId, ProductId, Timestamp, VendorId};
+use usbpt_schemas::{HostName, LineageId, ProductId, Timestamp, VendorId};
 
 use crate::cmd_query::{print_json, table, Api};
 use crate::global::Global;
@@ -40,6 +41,82 @@ impl LabelArgs {
             self.json,
         ))
     }
+}
+
+/// `usbpt conflict …`: a serial lineage present on two hosts (`lineage_conflict`).
+#[derive(Debug, Subcommand)]
+pub enum ConflictCmd {
+    /// Keep the copy on HOST: the lineage's conflict clears, the copy on HOST is schedulable
+    /// (taking the lineage over if it was the one held back), the other is set aside until it
+    /// is unplugged. Recorded as history (`LineageConflictResolved`).
+    Resolve(ResolveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ResolveArgs {
+    /// A lineage id, or an exact label (`usbpt alarms` lists the conflicts).
+    pub lineage: String,
+    /// The host whose copy keeps the lineage: one of the two the alarm names.
+    #[arg(long)]
+    pub keep: HostName,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `usbpt fingerprint …`: a serial lineage that came back with other descriptors
+/// (`fingerprint_changed`).
+#[derive(Debug, Subcommand)]
+pub enum FingerprintCmd {
+    /// Accept the fingerprint the lineage now reports as its own: the alarm clears, and a
+    /// server holding the lineage has it re-attached. Recorded as history
+    /// (`FingerprintAccepted`).
+    Accept(AcceptArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AcceptArgs {
+    /// A lineage id, or an exact label (`usbpt alarms` lists the changed fingerprints).
+    pub lineage: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The lineage a LINEAGE argument names: a lineage id as given (the command side refuses an
+/// unknown one, and says when it is a device's id), anything else looked up as a label through
+/// the HTTP API (`GET /v1/lineages/{label}`, as `usbpt custody` does).
+async fn lineage_named(global: &Global, lineage: &str) -> Result<LineageId> {
+    if let Ok(id) = lineage.parse::<LineageId>() {
+        return Ok(id);
+    }
+    let raw = Api::new(global)?
+        .get(&format!("/v1/lineages/{}", pct(lineage)))
+        .await
+        .with_context(|| format!("looking up the lineage labelled {}", e(lineage)))?;
+    let doc: LineageEnvelope =
+        serde_json::from_value(raw).context("reading the lineage document")?;
+    Ok(doc.lineage.id)
+}
+
+/// `usbpt conflict`.
+pub async fn conflict(global: &Global, c: ConflictCmd) -> Result<()> {
+    let ConflictCmd::Resolve(a) = c;
+    let lineage = lineage_named(global, &a.lineage).await?;
+    crate::cmd_ctl::send(
+        global,
+        Command::ResolveConflict {
+            lineage,
+            keep: a.keep,
+        },
+        a.json,
+    )
+    .await
+}
+
+/// `usbpt fingerprint`.
+pub async fn fingerprint(global: &Global, c: FingerprintCmd) -> Result<()> {
+    let FingerprintCmd::Accept(a) = c;
+    let lineage = lineage_named(global, &a.lineage).await?;
+    crate::cmd_ctl::send(global, Command::AcceptFingerprint { lineage }, a.json).await
 }
 
 #[derive(Debug, Args)]

@@ -1033,3 +1033,131 @@ fn hostile_usb_strings_are_harmless_from_agent_to_cli_and_dashboard() {
         },
     );
 }
+
+/// Licence key K1 as enumeration `dev` on `host`, with fingerprint `[fp; 32]`.
+fn key_k1(dev: u128, host_name: &str, fp: u8, supersedes: Option<u128>) -> Event {
+    let Event::DeviceDiscovered(mut d) = common::sample_bodies().remove(1) else {
+        unreachable!()
+    };
+    d.device_id = DeviceId(uuid::Uuid::from_u128(
+        0x0190_0000_0000_7000_8000_0000_0000_0000 | dev,
+    ));
+    d.host = host(host_name);
+    d.serial = Some("K1".into());
+    d.supersedes = supersedes.map(|s| {
+        DeviceId(uuid::Uuid::from_u128(
+            0x0190_0000_0000_7000_8000_0000_0000_0000 | s,
+        ))
+    });
+    d.lineage_kind = LineageKind::Serial;
+    d.lineage_id = LineageId::derive(&LineageKey::Serial {
+        vendor: d.vendor_id,
+        product: d.product_id,
+        serial: "K1",
+    });
+    Event::discovered(d, Some(Fingerprint([fp; 32])))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alarm_panel_keeps_a_host_and_accepts_a_fingerprint() -> Result<()> {
+    let Some(chromium) = chromium_or_skip("the_alarm_panel_keeps_a_host_and_accepts_a_fingerprint")
+    else {
+        return Ok(());
+    };
+    let nats = TestNats::start().await?;
+    let bus = nats.bus().await?;
+    let data = tempfile::tempdir()?;
+    let serve = Serve::start(&nats.url(), data.path()).await?;
+    publish(&bus, key_k1(1, "host-a", 7, None)).await?;
+    let seq = publish(&bus, key_k1(2, "host-b", 7, None)).await?;
+    serve.wait_applied(seq).await?;
+    serve.commands_ready().await?;
+
+    let browser = dashboard_support::Browser::launch(&chromium).await?;
+    let page = browser.new_page(1200, 800).await?;
+    page.goto(&format!(
+        "{}/#token={}",
+        serve.api,
+        projector_support::API_TOKEN
+    ))
+    .await?;
+    let keep_b = "#alarms li[data-kind=\"lineage_conflict\"] button[data-host=\"host-b\"]";
+    page.wait_for(
+        "the conflict with a button per host",
+        &format!(
+            "!document.getElementById('alarms-panel').hidden && \
+             document.querySelector('{keep_b}') && \
+             document.querySelector('#alarms button[data-host=\"host-a\"]')"
+        ),
+        WAIT,
+    )
+    .await?;
+    // The operator confirms (the dialog is the browser's); the click sends the command with
+    // the tab's token.
+    page.eval(&format!(
+        "window.confirm = () => true; document.querySelector('{keep_b}').click(); true"
+    ))
+    .await?;
+    page.wait_for(
+        "the conflict resolved and gone from the panel",
+        "document.getElementById('alarms-panel').hidden && \
+         document.querySelector('#feed li[data-kind=\"LineageConflictResolved\"]')",
+        WAIT,
+    )
+    .await?;
+    let (_, all) = serve.get("/v1/alarms?all=true").await?;
+    assert!(
+        all["alarms"][0]["cleared"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("operator kept host host-b"),
+        "{all}"
+    );
+
+    // The key comes back on host-b with other descriptors: accept them from the panel.
+    publish(
+        &bus,
+        Event::DeviceInvalidated(DeviceInvalidated {
+            device_id: DeviceId(uuid::Uuid::from_u128(
+                0x0190_0000_0000_7000_8000_0000_0000_0000 | 2,
+            )),
+            lineage_id: match key_k1(2, "host-b", 7, None) {
+                Event::DeviceDiscoveredV2(d) => d.discovery.lineage_id,
+                _ => unreachable!(),
+            },
+            host: host("host-b"),
+            reason: InvalidationReason::Unplugged,
+            superseded_by: None,
+        }),
+    )
+    .await?;
+    publish(&bus, key_k1(3, "host-b", 9, Some(2))).await?;
+    let accept = "#alarms li[data-kind=\"fingerprint_changed\"] button[data-action=\"accept\"]";
+    page.wait_for(
+        "the changed fingerprint with its accept button",
+        &format!("document.querySelector('{accept}')"),
+        WAIT,
+    )
+    .await?;
+    page.eval(&format!(
+        "window.confirm = () => true; document.querySelector('{accept}').click(); true"
+    ))
+    .await?;
+    page.wait_for(
+        "the fingerprint accepted and the panel empty",
+        "document.getElementById('alarms-panel').hidden && \
+         document.querySelector('#feed li[data-kind=\"FingerprintAccepted\"]')",
+        WAIT,
+    )
+    .await?;
+    let (_, all) = serve.get("/v1/alarms?all=true").await?;
+    let text = all.to_string();
+    assert!(text.contains("accepted by operator"), "{all}");
+    let problems = browser.problems.lock().unwrap().clone();
+    assert!(
+        problems.is_empty(),
+        "the page reported problems: {problems:#?}"
+    );
+    browser.close().await?;
+    Ok(())
+}

@@ -179,6 +179,34 @@
     return body;
   }
 
+  // A command (ADR 0006: the same token header as every read). Resolves to the reply's JSON;
+  // a refusal throws with the API's message, which names the field.
+  async function postJSON(path, body) {
+    let resp;
+    try {
+      resp = await fetch(path, {
+        method: 'POST',
+        headers: authHeaders({ accept: 'application/json', 'content-type': 'application/json' }),
+        body: JSON.stringify(body || {}),
+        cache: 'no-store',
+      });
+    } catch (e) {
+      throw new Error(`the API is unreachable (${path}): ${e.message}`);
+    }
+    let reply = null;
+    try {
+      reply = await resp.json();
+    } catch (_) {
+      /* not JSON */
+    }
+    if (!resp.ok) {
+      const msg = reply && reply.error ? reply.error.message : resp.statusText;
+      const hint = resp.status === 401 || resp.status === 403 ? TOKEN_HINT : '';
+      throw new Error(`${path}: ${resp.status} ${msg}${hint}`);
+    }
+    return reply;
+  }
+
   function showError(e) {
     const b = $('banner');
     b.textContent = String(e && e.message ? e.message : e);
@@ -237,6 +265,8 @@
       case 'DeviceDiscoveredV2':
       case 'DeviceInvalidated':
       case 'DeviceClashDetected':
+      case 'LineageConflictResolved':
+      case 'FingerprintAccepted':
         return ['hosts', 'devices', 'servers', 'alarms'];
       case 'undecodable':
         return [];
@@ -489,7 +519,46 @@
     );
   }
 
-  // Identity alarms (GET /v1/alarms): each with its reason, which says what to do.
+  // The operator's way out of an alarm: keep one host of a conflict, accept a new fingerprint.
+  async function alarmCommand(path, body, question) {
+    if (!window.confirm(question)) return;
+    try {
+      await postJSON(path, body);
+      clearError();
+      await refresh(['alarms', 'devices', 'servers']);
+    } catch (e) {
+      showError(e);
+    }
+  }
+
+  function alarmActions(a) {
+    const lineage = encodeURIComponent(a.lineage_id);
+    if (a.kind === 'lineage_conflict') {
+      return el('div', { class: 'alarm-actions' }, (a.hosts || []).map((h) => el('button', {
+        type: 'button',
+        'data-action': 'keep',
+        'data-host': h,
+        on: {
+          click: () => alarmCommand(`/v1/lineages/${lineage}/conflict/resolve`, { keep: h },
+            `Keep the copy on ${h}? The other copy is set aside until it is unplugged.`),
+        },
+      }, 'Keep on ', h)));
+    }
+    if (a.kind === 'fingerprint_changed') {
+      return el('div', { class: 'alarm-actions' }, el('button', {
+        type: 'button',
+        'data-action': 'accept',
+        on: {
+          click: () => alarmCommand(`/v1/lineages/${lineage}/fingerprint/accept`, {},
+            'Accept the new fingerprint as this device\'s own? A server holding it gets it re-attached.'),
+        },
+      }, 'Accept new fingerprint'));
+    }
+    return null;
+  }
+
+  // Identity alarms (GET /v1/alarms): each with its reason, which says what to do, and a button
+  // for the command that clears it.
   function renderAlarms() {
     const list = state.alarms || [];
     const root = $('alarms');
@@ -503,7 +572,8 @@
       a.serial ? [' serial ', mono(a.serial)] : null,
       ' on ', (a.hosts || []).map((h) => mono(h)).reduce((acc, x) => (acc.length ? [...acc, ', ', x] : [x]), []),
       ' · raised ', stamp(a.raised),
-      el('div', { class: 'sub' }, a.reason))));
+      el('div', { class: 'sub' }, a.reason),
+      a.active ? alarmActions(a) : null)));
   }
 
   function render() {
@@ -765,6 +835,10 @@
         return `resize of ${srv(b.server_id)} confirmed`;
       case 'ServerResizeReverted':
         return `resize of ${srv(b.server_id)} reverted`;
+      case 'LineageConflictResolved':
+        return `lineage ${shortId(b.lineage_id)}: operator kept host ${b.keep_host}; device ${shortId(b.dropped_device)} set aside`;
+      case 'FingerprintAccepted':
+        return `lineage ${shortId(b.lineage_id)}: new fingerprint accepted ${b.by_policy ? 'by flavor policy' : 'by operator'}`;
       case 'LineageLabeled':
         return b.label === null
           ? `lineage ${shortId(b.lineage_id)} label removed`

@@ -12,8 +12,9 @@
 
 use serde::{Deserialize, Serialize};
 use usbpt_projector::{
-    Alarm, AlarmKind, AttachError, Claim, Clash, Device, DeviceStatus, HoldEnd, HoldKind, Holding,
-    Host, Lineage, MigrationRefusal, QuarantineEntry, ScheduleFailure, Stamp,
+    Alarm, AlarmKind, AttachError, Claim, Clash, Device, DeviceStatus, FingerprintAcceptance,
+    HoldEnd, HoldKind, Holding, Host, Lineage, MigrationRefusal, QuarantineEntry, ScheduleFailure,
+    Stamp,
 };
 use usbpt_schemas::{
     AttachMethod, ControllerModel, DeviceId, Fingerprint, FingerprintPolicy, FlavorId,
@@ -271,6 +272,10 @@ pub struct LineageDoc {
     /// A discovery held back by a lineage conflict.
     #[serde(default)]
     pub held_back_device_id: Option<DeviceId>,
+    /// The last fingerprint accepted as the lineage's own (`usbpt fingerprint accept`, or a
+    /// flavor's policy), when and by which.
+    #[serde(default)]
+    pub fingerprint_accepted: Option<FingerprintAcceptance>,
 }
 
 /// One alarm of a lineage (docs/identity.md, "Alarms").
@@ -336,6 +341,7 @@ impl From<&Lineage> for LineageDoc {
             first_seen: l.first_seen,
             alarms: l.alarms.iter().map(|a| AlarmDoc::new(l, a)).collect(),
             held_back_device_id: l.pending.as_ref().map(|p| p.discovery.device_id),
+            fingerprint_accepted: l.fingerprint_accepted.clone(),
         }
     }
 }

@@ -4,6 +4,11 @@
 //! - `PUT /v1/lineages/{id}/label` `{"label": "ERP key #3"}` (or `{"label": null}`) and
 //!   `DELETE /v1/lineages/{id}/label`: the `label_lineage` command (400 naming `label`, 404 for
 //!   an unknown lineage);
+//! - `POST /v1/lineages/{id}/conflict/resolve` `{"keep": "HOST"}`: the `resolve_conflict`
+//!   command (404 for an unknown lineage, 409 without an active `lineage_conflict`, 400 naming
+//!   `keep` for a host that is neither side);
+//! - `POST /v1/lineages/{id}/fingerprint/accept` (no body, or `{}`): the `accept_fingerprint`
+//!   command (404 for an unknown lineage, 409 without an active `fingerprint_changed`);
 //! - `GET /v1/lineages/{id}/custody[?since=T&until=T]`: the custody ledger ([`CustodyDoc`]);
 //! - `GET /v1/find?serial=&vendor=&product=&label=&fingerprint=`: where matching devices are,
 //!   present or gone ([`FindDoc`]).
@@ -16,7 +21,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use usbpt_commands::handler::Handler;
@@ -43,6 +48,14 @@ pub struct LineageEnvelope {
 #[serde(deny_unknown_fields)]
 pub struct LabelBody {
     pub label: Option<String>,
+}
+
+/// The body of `POST /v1/lineages/{id}/conflict/resolve`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveBody {
+    /// The host whose enumeration keeps the lineage.
+    pub keep: HostName,
 }
 
 /// `GET /v1/lineages/{id}/custody`.
@@ -102,13 +115,18 @@ struct LabelState {
     view: Arc<View>,
 }
 
-/// The label routes over an in-process command handler (merged into
-/// [`crate::command_routes`]).
+/// The lineage command routes (label, conflict resolve, fingerprint accept) over an
+/// in-process command handler (merged into [`crate::command_routes`]).
 pub fn label_routes(handler: Arc<Handler<View>>, view: Arc<View>) -> Router {
     Router::new()
         .route(
             "/v1/lineages/{id}/label",
             put(put_label).delete(delete_label),
+        )
+        .route("/v1/lineages/{id}/conflict/resolve", post(resolve_conflict))
+        .route(
+            "/v1/lineages/{id}/fingerprint/accept",
+            post(accept_fingerprint),
         )
         .with_state(LabelState { handler, view })
 }
@@ -273,17 +291,67 @@ async fn set_label(st: LabelState, id: String, label: Option<String>) -> Respons
             return ApiError::bad_request(e.to_string()).into_response();
         }
     }
-    let view = Arc::clone(&st.view);
-    let resolved = tokio::task::spawn_blocking(move || resolve(&view.snapshot()?, &id)).await;
-    let lineage = match resolved {
-        Ok(Ok(l)) => l.id,
-        Ok(Err(e)) => return e.into_response(),
-        Err(e) => {
-            return ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-                .into_response()
+    match lineage_id(&st, id).await {
+        Ok(lineage) => {
+            crate::commands::run_command(&st.handler, Command::LabelLineage { lineage, label })
+                .await
         }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The lineage `id` names ([`resolve`]), read off the blocking pool.
+async fn lineage_id(st: &LabelState, id: String) -> Result<LineageId, ApiError> {
+    let view = Arc::clone(&st.view);
+    match tokio::task::spawn_blocking(move || resolve(&view.snapshot()?, &id)).await {
+        Ok(r) => r.map(|l| l.id),
+        Err(e) => Err(ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+        )),
+    }
+}
+
+async fn resolve_conflict(
+    State(st): State<LabelState>,
+    Path(id): Path<String>,
+    body: Result<Json<ResolveBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(ResolveBody { keep }) = match body {
+        Ok(b) => b,
+        Err(e) => return crate::rejection(&e).into_response(),
     };
-    crate::commands::run_command(&st.handler, Command::LabelLineage { lineage, label }).await
+    match lineage_id(&st, id).await {
+        Ok(lineage) => {
+            crate::commands::run_command(&st.handler, Command::ResolveConflict { lineage, keep })
+                .await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The body of `POST /v1/lineages/{id}/fingerprint/accept`: nothing, or `{}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AcceptBody {}
+
+async fn accept_fingerprint(
+    State(st): State<LabelState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        if let Err(e) = serde_json::from_slice::<AcceptBody>(&body) {
+            return ApiError::bad_request(format!("the body must be empty or {{}}: {e}"))
+                .into_response();
+        }
+    }
+    match lineage_id(&st, id).await {
+        Ok(lineage) => {
+            crate::commands::run_command(&st.handler, Command::AcceptFingerprint { lineage }).await
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Device documents ([`crate::docs::device`]) with their lineage's `"label"`, each lineage read

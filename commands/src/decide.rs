@@ -5,9 +5,10 @@
 
 use usbpt_schemas::commands::{Command, FlavorResources, RejectKind};
 use usbpt_schemas::{
-    subjects, DeviceClaimed, DeviceReleased, DeviceSelector, Event, FingerprintPolicy,
-    FlavorCreated, FlavorDeleted, FlavorFingerprintPolicySet, FlavorId, FlavorName, FlavorSized,
-    FlavorUsbSet, HostName, LineageId, LineageKind, LineageLabeled, ReleaseReason, ServerAction,
+    subjects, DeviceClaimed, DeviceReleased, DeviceSelector, Event, FingerprintAccepted,
+    FingerprintPolicy, FlavorCreated, FlavorDeleted, FlavorFingerprintPolicySet, FlavorId,
+    FlavorName, FlavorSized, FlavorUsbSet, HostName, LineageConflictResolved, LineageId,
+    LineageKind, LineageLabeled, ReleaseReason, ServerAction,
     ServerActionRequested, ServerBootRequested, ServerDeleted, ServerId, ServerMigrated,
     ServerMigrationRefused, ServerName, ServerResizeConfirmed, ServerResizeReverted,
     ServerResizeVerifying, ServerResized, ServerScheduleFailed, ServerScheduled, ServerState,
@@ -190,7 +191,103 @@ pub fn decide(view: &dyn ViewRead, cmd: &Command, ctx: &Ctx) -> Result<Decision,
             description,
         } => update_server(view, name, new_name.as_ref(), description.as_ref()),
         Command::LabelLineage { lineage, label } => label_lineage(view, *lineage, label.as_ref()),
+        Command::ResolveConflict { lineage, keep } => resolve_conflict(view, *lineage, keep),
+        Command::AcceptFingerprint { lineage } => accept_fingerprint(view, *lineage),
     }
+}
+
+/// The lineage's current enumeration, or 404 naming `lineage` (with a hint when the id is an
+/// enumeration's).
+fn known_lineage(view: &dyn ViewRead, lineage: LineageId) -> Result<DeviceInfo, Rejection> {
+    if let Some(d) = view.current_enumeration(&lineage)? {
+        return Ok(d);
+    }
+    let hint = match view.device(&usbpt_schemas::DeviceId(lineage.0))? {
+        Some(d) => format!(
+            " ({lineage} is a device (enumeration) id; its lineage is {})",
+            d.lineage_id
+        ),
+        None => String::new(),
+    };
+    Err(Rejection::not_found("lineage", format!("{lineage}{hint}")))
+}
+
+/// Ends a `lineage_conflict` by keeping the enumeration on `keep`: 404 for an unknown lineage,
+/// 409 when it has no active conflict, `keep` invalid when it is neither of the alarm's hosts.
+/// Fenced on the lineage's claim subject, so a claim appended since the view was read makes
+/// the handler retry against the newer view.
+fn resolve_conflict(
+    view: &dyn ViewRead,
+    lineage: LineageId,
+    keep: &HostName,
+) -> Result<Decision, Rejection> {
+    known_lineage(view, lineage)?;
+    let Some(c) = view.lineage_alarms(&lineage)?.conflict else {
+        return Err(Rejection::Conflict(format!(
+            "lineage {lineage} has no active lineage_conflict alarm to resolve"
+        )));
+    };
+    let ((kept_host, kept), (_, dropped)) = if *keep == c.current.0 {
+        (c.current, c.held_back)
+    } else if *keep == c.held_back.0 {
+        (c.held_back, c.current)
+    } else {
+        return Err(Rejection::invalid(
+            "keep",
+            format!(
+                "host {keep} is neither side of lineage {lineage}'s conflict (hosts {} and {})",
+                c.current.0, c.held_back.0
+            ),
+        ));
+    };
+    Ok(Decision {
+        steps: vec![step(
+            view,
+            Event::LineageConflictResolved(LineageConflictResolved {
+                lineage_id: lineage,
+                keep_host: kept_host.clone(),
+                kept_device: kept,
+                dropped_device: dropped,
+            }),
+        )?],
+        reply: Reply::Accepted(format!(
+            "lineage {lineage}: kept device {kept} on host {kept_host}; device {dropped} is set \
+             aside until it ends"
+        )),
+    })
+}
+
+/// Accepts the fingerprint a serial lineage now reports: 404 for an unknown lineage, 409 when
+/// it has no active `fingerprint_changed` alarm. The event names the current enumeration (when
+/// present) and the server holding the lineage (if any), whose agent re-attaches it.
+fn accept_fingerprint(view: &dyn ViewRead, lineage: LineageId) -> Result<Decision, Rejection> {
+    let current = known_lineage(view, lineage)?;
+    let alarms = view.lineage_alarms(&lineage)?;
+    let Some(alarm) = alarms.fingerprint else {
+        return Err(Rejection::Conflict(format!(
+            "lineage {lineage} has no active fingerprint_changed alarm to accept"
+        )));
+    };
+    let fingerprint = alarms.current_fingerprint.unwrap_or(alarm.seen);
+    let present = (current.status != DeviceStatus::Invalidated).then_some(current);
+    let server_id = view.claim(&lineage)?.map(|c| c.server_id);
+    Ok(Decision {
+        steps: vec![step(
+            view,
+            Event::FingerprintAccepted(FingerprintAccepted {
+                lineage_id: lineage,
+                fingerprint,
+                device_id: present.as_ref().map(|d| d.device_id),
+                host: present.map(|d| d.host),
+                server_id,
+                by_policy: false,
+            }),
+        )?],
+        reply: Reply::Accepted(format!(
+            "lineage {lineage}: fingerprint {fingerprint} accepted (was {})",
+            alarm.expected
+        )),
+    })
 }
 
 /// Names a lineage (or removes its name): 400 naming `label` when invalid, 404 for a lineage
@@ -206,16 +303,7 @@ fn label_lineage(
             Rejection::invalid("label", reason.trim_start_matches("label: "))
         })?;
     }
-    if view.current_enumeration(&lineage)?.is_none() {
-        let hint = match view.device(&usbpt_schemas::DeviceId(lineage.0))? {
-            Some(d) => format!(
-                " ({lineage} is a device (enumeration) id; its lineage is {})",
-                d.lineage_id
-            ),
-            None => String::new(),
-        };
-        return Err(Rejection::not_found("lineage", format!("{lineage}{hint}")));
-    }
+    known_lineage(view, lineage)?;
     let reply = match label {
         Some(l) => format!("lineage {lineage} labelled {l:?}"),
         None => format!("lineage {lineage} label removed"),

@@ -13,4 +13,7 @@ pub mod schedule;
 pub mod view;
 
 pub use decide::{decide, Ctx, Decision, Fence, Rejection, Step};
-pub use view::{ClaimInfo, DeviceInfo, DeviceStatus, FlavorInfo, ServerInfo, ViewError, ViewRead};
+pub use view::{
+    ClaimInfo, ConflictInfo, DeviceInfo, DeviceStatus, FingerprintAlarmInfo, FlavorInfo,
+    LineageAlarms, ServerInfo, ViewError, ViewRead,
+};

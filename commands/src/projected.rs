@@ -11,7 +11,8 @@ use usbpt_schemas::{
 
 use crate::handler::ViewSource;
 use crate::view::{
-    ClaimInfo, DeviceInfo, DeviceStatus, FlavorInfo, ResizeFrom, ServerInfo, ViewError, ViewRead,
+    ClaimInfo, ConflictInfo, DeviceInfo, DeviceStatus, FingerprintAlarmInfo, FlavorInfo,
+    LineageAlarms, ResizeFrom, ServerInfo, ViewError, ViewRead,
 };
 
 fn err(e: p::ViewError) -> ViewError {
@@ -156,6 +157,38 @@ impl ViewRead for p::Snapshot {
             .collect();
         hosts.sort();
         Ok(hosts)
+    }
+    fn lineage_alarms(&self, lineage: &LineageId) -> Result<LineageAlarms, ViewError> {
+        let Some(l) = p::Snapshot::lineage(self, lineage).map_err(err)? else {
+            return Ok(LineageAlarms::default());
+        };
+        let current_fingerprint = p::Snapshot::device(self, &l.current)
+            .map_err(err)?
+            .and_then(|d| d.fingerprint);
+        let active = |kind| {
+            l.alarms
+                .iter()
+                .rev()
+                .find(|a| a.kind == kind && a.is_active())
+        };
+        // The sides as the lineage has them now: the alarm names the enumerations it was
+        // raised for, and the current side may have re-enumerated on its own host since.
+        let conflict = active(p::AlarmKind::LineageConflict)
+            .and(l.pending.as_ref())
+            .map(|p| ConflictInfo {
+                current: (l.current_host.clone(), l.current),
+                held_back: (p.discovery.host.clone(), p.discovery.device_id),
+            });
+        let fingerprint =
+            active(p::AlarmKind::FingerprintChanged).and_then(|a| match a.fingerprints[..] {
+                [expected, seen] => Some(FingerprintAlarmInfo { expected, seen }),
+                _ => None,
+            });
+        Ok(LineageAlarms {
+            conflict,
+            fingerprint,
+            current_fingerprint,
+        })
     }
 }
 

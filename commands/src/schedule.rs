@@ -106,26 +106,36 @@ fn candidates(
     view: &dyn ViewRead,
 ) -> Result<Result<Candidates, String>, ViewError> {
     let one = |d: DeviceInfo| -> Candidates { BTreeMap::from([(d.host.clone(), vec![d])]) };
-    let by_lineage =
-        |lineage: &LineageId, what: String| -> Result<Result<Candidates, String>, ViewError> {
-            let Some(cur) = view.current_enumeration(lineage)? else {
-                return Ok(Err(format!("{what} is unknown")));
-            };
-            if cur.status == DeviceStatus::Invalidated {
-                return Ok(Err(format!(
-                    "{what} has no present enumeration (its last, {} on {}, was invalidated)",
-                    cur.device_id, cur.host
-                )));
-            }
-            if !usable(&cur, req.server, view)? {
-                let holder = cur.holder.map(|s| s.to_string()).unwrap_or_default();
-                return Ok(Err(format!(
-                    "{what} (now {} on {}) is already claimed by server {holder}",
-                    cur.device_id, cur.host
-                )));
-            }
-            Ok(Ok(one(cur)))
+    let by_lineage = |lineage: &LineageId,
+                      what: String|
+     -> Result<Result<Candidates, String>, ViewError> {
+        let Some(cur) = view.current_enumeration(lineage)? else {
+            return Ok(Err(format!("{what} is unknown")));
         };
+        if cur.status == DeviceStatus::Invalidated {
+            return Ok(Err(format!(
+                "{what} has no present enumeration (its last, {} on {}, was invalidated)",
+                cur.device_id, cur.host
+            )));
+        }
+        // A lineage in conflict is not schedulable until one side goes or an operator
+        // keeps one (ADR 0011); matches by vendor and product skip it in the free index.
+        if let Some(c) = view.lineage_alarms(lineage)?.conflict {
+            return Ok(Err(format!(
+                    "{what} (now {} on {}) is also present on host {} (lineage_conflict): \
+                     unplug one copy or keep one with `usbpt conflict resolve {lineage} --keep HOST`",
+                    cur.device_id, cur.host, c.held_back.0
+                )));
+        }
+        if !usable(&cur, req.server, view)? {
+            let holder = cur.holder.map(|s| s.to_string()).unwrap_or_default();
+            return Ok(Err(format!(
+                "{what} (now {} on {}) is already claimed by server {holder}",
+                cur.device_id, cur.host
+            )));
+        }
+        Ok(Ok(one(cur)))
+    };
     match &r.selector {
         DeviceSelector::Enumeration(id) => {
             let Some(d) = view.device(id)? else {

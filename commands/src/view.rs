@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 
 use usbpt_schemas::{
-    AssignedDevice, DeviceId, FingerprintPolicy, FlavorId, FlavorName, FollowPolicy, HostName,
-    LineageId, LineageKind, ProductId, ServerId, ServerName, ServerState, UsbAddress, UsbRequest,
-    VendorId,
+    AssignedDevice, DeviceId, Fingerprint, FingerprintPolicy, FlavorId, FlavorName, FollowPolicy,
+    HostName, LineageId, LineageKind, ProductId, ServerId, ServerName, ServerState, UsbAddress,
+    UsbRequest, VendorId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +80,32 @@ pub struct ClaimInfo {
     pub follow: FollowPolicy,
 }
 
+/// A lineage's active alarms (ADR 0011), as the operator commands that clear them need them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LineageAlarms {
+    /// An active `lineage_conflict`.
+    pub conflict: Option<ConflictInfo>,
+    /// An active `fingerprint_changed`.
+    pub fingerprint: Option<FingerprintAlarmInfo>,
+    /// The fingerprint the lineage's current enumeration reported, if any.
+    pub current_fingerprint: Option<Fingerprint>,
+}
+
+/// The two sides of a `lineage_conflict`: the current enumeration (blocked) and the one held
+/// back on another host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConflictInfo {
+    pub current: (HostName, DeviceId),
+    pub held_back: (HostName, DeviceId),
+}
+
+/// A `fingerprint_changed` alarm: the fingerprint the lineage had and the one it reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FingerprintAlarmInfo {
+    pub expected: Fingerprint,
+    pub seen: Fingerprint,
+}
+
 /// One consistent snapshot of the view.
 pub trait ViewRead {
     fn flavor_by_name(&self, name: &FlavorName) -> Result<Option<FlavorInfo>, ViewError>;
@@ -133,5 +159,9 @@ pub trait ViewRead {
     /// requests may run. A view that cannot list hosts offers none.
     fn agent_hosts(&self) -> Result<Vec<HostName>, ViewError> {
         Ok(Vec::new())
+    }
+    /// The lineage's active alarms. A view that keeps no alarms has none.
+    fn lineage_alarms(&self, _lineage: &LineageId) -> Result<LineageAlarms, ViewError> {
+        Ok(LineageAlarms::default())
     }
 }

@@ -198,6 +198,17 @@ pub struct Lineage {
     pub label: Option<String>,
     /// When the label was last set or removed.
     pub label_changed: Option<Stamp>,
+    /// The last fingerprint accepted as the lineage's own (`FingerprintAccepted`), if any.
+    pub fingerprint_accepted: Option<FingerprintAcceptance>,
+}
+
+/// A fingerprint accepted as a serial lineage's own: the expected fingerprint from then on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FingerprintAcceptance {
+    pub stamp: Stamp,
+    pub fingerprint: Fingerprint,
+    /// By a flavor's `on_fingerprint_change=follow` rather than an operator.
+    pub by_policy: bool,
 }
 
 /// How many cleared alarms a lineage keeps.

@@ -469,3 +469,262 @@ fn a_device_stays_blocked_while_any_alarm_holds_it_back() {
     assert_eq!(counter(&f, "alarms_cleared.port_flapping"), 2);
     assert_replays(&f);
 }
+
+fn resolved(lineage: LineageId, keep: &str, kept: u128, dropped: u128) -> Event {
+    Event::LineageConflictResolved(LineageConflictResolved {
+        lineage_id: lineage,
+        keep_host: common::host(keep),
+        kept_device: DeviceId(id(kept)),
+        dropped_device: DeviceId(id(dropped)),
+    })
+}
+
+fn cleared_why(f: &Fold, lineage: LineageId, kind: usbpt_projector::AlarmKind) -> (u64, String) {
+    let l = f
+        .view
+        .snapshot()
+        .unwrap()
+        .lineage(&lineage)
+        .unwrap()
+        .unwrap();
+    let a = l
+        .alarms
+        .iter()
+        .rev()
+        .find(|a| a.kind == kind && !a.is_active())
+        .expect("a cleared alarm");
+    let (st, why) = a.cleared.clone().unwrap();
+    (st.seq, why)
+}
+
+#[test]
+fn an_operator_keeps_the_current_host_the_held_back_copy_is_dropped_and_its_end_is_quiet() {
+    let mut f = Fold::new();
+    let lineage = conflict(&mut f);
+    assert_eq!(f.fold(resolved(lineage, "host-a", 1, 2), None), None);
+    assert!(active(&f, lineage).is_empty());
+    let (seq, why) = cleared_why(&f, lineage, usbpt_projector::AlarmKind::LineageConflict);
+    assert_eq!(seq, 3);
+    assert!(why.contains("operator kept host host-a"), "{why}");
+    let snap = f.view.snapshot().unwrap();
+    let l = snap.lineage(&lineage).unwrap().unwrap();
+    assert_eq!(l.pending, None);
+    assert_eq!(l.current, DeviceId(id(1)));
+    assert!(
+        snap.device(&DeviceId(id(2))).unwrap().is_none(),
+        "never listed"
+    );
+    assert_eq!(
+        snap.free_devices_on_host(&common::host("host-a"))
+            .unwrap()
+            .len(),
+        1,
+        "host-a's copy is schedulable again"
+    );
+    assert!(snap
+        .free_devices_on_host(&common::host("host-b"))
+        .unwrap()
+        .is_empty());
+    // host-b's copy is unplugged later: expected, not quarantined, changes nothing.
+    assert_eq!(f.fold(gone(2, "host-b", lineage), None), None);
+    assert_eq!(counter(&f, "alarms_cleared.lineage_conflict"), 1);
+    assert_eq!(counter(&f, "quarantined.conflict"), 0);
+    assert_replays(&f);
+}
+
+#[test]
+fn an_operator_keeps_the_newcomer_it_takes_the_lineage_and_a_lineage_claim_follows_it() {
+    let mut f = Fold::new();
+    let samples = common::sample_bodies();
+    let pick = |kind: &str| samples.iter().find(|e| e.kind() == kind).cloned().unwrap();
+    let first = disc(1, "host-a", "1-1", Some("K1"));
+    let lineage = first.lineage_id;
+    assert_eq!(f.fold(v2(first, 1), None), None);
+    assert_eq!(f.fold(pick("FlavorCreated"), None), None);
+    let Event::ServerBootRequested(boot) = pick("ServerBootRequested") else {
+        unreachable!()
+    };
+    let server = boot.server_id;
+    assert_eq!(f.fold(Event::ServerBootRequested(boot), None), None);
+    let claim = Event::DeviceClaimed(DeviceClaimed {
+        device_id: DeviceId(id(1)),
+        lineage_id: lineage,
+        host: common::host("host-a"),
+        server_id: server,
+        request_index: 0,
+        controller: ControllerModel::Ehci,
+        follow: FollowPolicy::Lineage,
+    });
+    assert_eq!(f.fold(claim, None), None);
+    assert_eq!(
+        f.fold(v2(disc(2, "host-b", "3-2", Some("K1")), 1), None),
+        None
+    );
+    assert_eq!(active(&f, lineage).len(), 1);
+    // Kept the newcomer: on the lineage's claim subject, as the command publishes it.
+    assert_eq!(f.fold(resolved(lineage, "host-b", 2, 1), None), None);
+    assert!(active(&f, lineage).is_empty());
+    let (_, why) = cleared_why(&f, lineage, usbpt_projector::AlarmKind::LineageConflict);
+    assert!(why.contains("operator kept host host-b"), "{why}");
+    let snap = f.view.snapshot().unwrap();
+    let l = snap.lineage(&lineage).unwrap().unwrap();
+    assert_eq!(l.current, DeviceId(id(2)));
+    assert_eq!(l.current_host, common::host("host-b"));
+    assert_eq!(l.pending, None);
+    let new = snap.device(&DeviceId(id(2))).unwrap().unwrap();
+    assert!(!new.blocked);
+    assert_eq!(new.holder, Some(server), "the lineage claim follows it");
+    let c = snap.claim(&lineage).unwrap().unwrap();
+    assert_eq!(c.awaiting, Some(DeviceId(id(2))));
+    // host-a's copy is set aside: not free, superseded by the kept one.
+    let old = snap.device(&DeviceId(id(1))).unwrap().unwrap();
+    assert!(!old.is_free(), "{old:?}");
+    assert!(!old.blocked);
+    assert_eq!(
+        old.invalidation.as_ref().unwrap().superseded_by,
+        Some(DeviceId(id(2)))
+    );
+    assert!(snap
+        .free_devices_on_host(&common::host("host-a"))
+        .unwrap()
+        .is_empty());
+    // Its physical end later only adds why; the lineage stays on host-b.
+    assert_eq!(f.fold(gone(1, "host-a", lineage), None), None);
+    let l = f
+        .view
+        .snapshot()
+        .unwrap()
+        .lineage(&lineage)
+        .unwrap()
+        .unwrap();
+    assert_eq!(l.current, DeviceId(id(2)));
+    assert!(l.alarms.iter().all(|a| !a.is_active()));
+    assert_replays(&f);
+}
+
+#[test]
+fn a_resolve_that_no_longer_matches_the_conflict_is_a_counted_no_op_and_an_unknown_lineage_is_quarantined(
+) {
+    let mut f = Fold::new();
+    let lineage = conflict(&mut f);
+    // The devices swapped, or a host that is neither side: nothing changes.
+    assert_eq!(f.fold(resolved(lineage, "host-a", 2, 1), None), None);
+    assert_eq!(f.fold(resolved(lineage, "host-c", 1, 2), None), None);
+    assert_eq!(active(&f, lineage).len(), 1);
+    assert_eq!(counter(&f, "stale.LineageConflictResolved"), 2);
+    // The newcomer was unplugged before the operator's resolve was folded: a no-op.
+    assert_eq!(f.fold(gone(2, "host-b", lineage), None), None);
+    assert_eq!(f.fold(resolved(lineage, "host-b", 2, 1), None), None);
+    assert_eq!(counter(&f, "stale.LineageConflictResolved"), 3);
+    let snap = f.view.snapshot().unwrap();
+    assert_eq!(
+        snap.lineage(&lineage).unwrap().unwrap().current,
+        DeviceId(id(1))
+    );
+    // A lineage the view never had: quarantined.
+    let other = disc(9, "host-a", "1-9", Some("NOPE")).lineage_id;
+    let q = f
+        .fold(resolved(other, "host-a", 1, 2), None)
+        .expect("quarantined");
+    assert!(q.contains("never discovered"), "{q}");
+    assert_replays(&f);
+}
+
+fn accepted(lineage: LineageId, n: u8, by_policy: bool) -> Event {
+    Event::FingerprintAccepted(FingerprintAccepted {
+        lineage_id: lineage,
+        fingerprint: fp(n),
+        device_id: None,
+        host: None,
+        server_id: None,
+        by_policy,
+    })
+}
+
+#[test]
+fn an_accepted_fingerprint_clears_the_alarm_and_becomes_the_expected_one() {
+    let mut f = Fold::new();
+    let first = disc(1, "host-a", "1-1", Some("K1"));
+    let lineage = first.lineage_id;
+    let replug = |dev: u128, prev: u128| {
+        let mut d = disc(dev, "host-a", "1-1", Some("K1"));
+        d.supersedes = Some(DeviceId(id(prev)));
+        d
+    };
+    assert_eq!(f.fold(v2(first, 1), None), None);
+    assert_eq!(f.fold(gone(1, "host-a", lineage), None), None);
+    assert_eq!(f.fold(v2(replug(2, 1), 9), None), None);
+    assert_eq!(active(&f, lineage).len(), 1);
+    assert_eq!(f.fold(accepted(lineage, 9, false), None), None);
+    assert!(active(&f, lineage).is_empty());
+    let (seq, why) = cleared_why(&f, lineage, usbpt_projector::AlarmKind::FingerprintChanged);
+    assert_eq!(seq, 4);
+    assert!(why.contains("accepted by operator"), "{why}");
+    let l = f
+        .view
+        .snapshot()
+        .unwrap()
+        .lineage(&lineage)
+        .unwrap()
+        .unwrap();
+    let acc = l.fingerprint_accepted.unwrap();
+    assert_eq!(
+        (acc.stamp.seq, acc.fingerprint, acc.by_policy),
+        (4, fp(9), false)
+    );
+    // The accepted fingerprint is the expected one now: 9 again is quiet, 1 raises.
+    assert_eq!(f.fold(gone(2, "host-a", lineage), None), None);
+    assert_eq!(f.fold(v2(replug(3, 2), 9), None), None);
+    assert!(active(&f, lineage).is_empty());
+    assert_eq!(f.fold(gone(3, "host-a", lineage), None), None);
+    assert_eq!(f.fold(v2(replug(4, 3), 1), None), None);
+    let alarms = active(&f, lineage);
+    assert_eq!(alarms.len(), 1);
+    assert_eq!(alarms[0].fingerprints, [fp(9), fp(1)]);
+    // A flavor's policy accepts it: said so.
+    assert_eq!(f.fold(accepted(lineage, 1, true), None), None);
+    let (_, why) = cleared_why(&f, lineage, usbpt_projector::AlarmKind::FingerprintChanged);
+    assert!(why.contains("by flavor policy"), "{why}");
+    assert_eq!(counter(&f, "alarms_cleared.fingerprint_changed"), 2);
+    // An accept of a fingerprint the current enumeration no longer reports: the alarm is
+    // raised again against the accepted one.
+    assert_eq!(f.fold(accepted(lineage, 5, false), None), None);
+    let alarms = active(&f, lineage);
+    assert_eq!(alarms.len(), 1);
+    assert_eq!(alarms[0].fingerprints, [fp(5), fp(1)]);
+    // An unknown lineage is quarantined.
+    let other = disc(9, "host-a", "1-9", Some("NOPE")).lineage_id;
+    assert!(f.fold(accepted(other, 1, false), None).is_some());
+    assert_replays(&f);
+}
+
+#[test]
+fn a_resolve_keeps_the_current_enumeration_after_it_re_enumerated_on_its_host() {
+    let mut f = Fold::new();
+    let lineage = conflict(&mut f);
+    // host-a's key resets: its new enumeration arrives before the old one's end, on its own
+    // host. It is the lineage's current enumeration now, blocked: the conflict lasts, and the
+    // alarm still names device 1.
+    let mut reset = disc(3, "host-a", "1-1", Some("K1"));
+    reset.supersedes = Some(DeviceId(id(1)));
+    assert_eq!(f.fold(v2(reset, 1), None), None);
+    let alarms = active(&f, lineage);
+    assert_eq!(alarms.len(), 1);
+    assert_eq!(alarms[0].devices, [DeviceId(id(1)), DeviceId(id(2))]);
+    let snap = f.view.snapshot().unwrap();
+    assert_eq!(
+        snap.lineage(&lineage).unwrap().unwrap().current,
+        DeviceId(id(3))
+    );
+    assert!(snap.device(&DeviceId(id(3))).unwrap().unwrap().blocked);
+    // A resolve naming the alarm's old pair no longer matches: a counted no-op.
+    assert_eq!(f.fold(resolved(lineage, "host-a", 1, 2), None), None);
+    assert_eq!(counter(&f, "stale.LineageConflictResolved"), 1);
+    assert_eq!(active(&f, lineage).len(), 1);
+    // Naming the lineage's current enumeration (what the command side reads): resolved.
+    assert_eq!(f.fold(resolved(lineage, "host-a", 3, 2), None), None);
+    assert!(active(&f, lineage).is_empty());
+    let snap = f.view.snapshot().unwrap();
+    assert!(snap.device(&DeviceId(id(3))).unwrap().unwrap().is_free());
+    assert_replays(&f);
+}

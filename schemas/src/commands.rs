@@ -94,6 +94,18 @@ pub enum Command {
         lineage: LineageId,
         label: Option<String>,
     },
+    /// End a lineage's `lineage_conflict` by keeping the enumeration on `keep` (one of the two
+    /// hosts the alarm names); the other copy is set aside until it ends
+    /// (`LineageConflictResolved`).
+    ResolveConflict {
+        lineage: LineageId,
+        keep: HostName,
+    },
+    /// Accept the fingerprint a serial lineage now reports as its own: its `fingerprint_changed`
+    /// alarm clears (`FingerprintAccepted`).
+    AcceptFingerprint {
+        lineage: LineageId,
+    },
 }
 
 /// A flavor's Nova resources; usbpt records and shows them (0 when not given).
@@ -152,6 +164,8 @@ impl Command {
             Command::SetFlavorPolicy { .. } => "flavor.policy",
             Command::UpdateServer { .. } => "server.update",
             Command::LabelLineage { .. } => "lineage.label",
+            Command::ResolveConflict { .. } => "lineage.conflict.resolve",
+            Command::AcceptFingerprint { .. } => "lineage.fingerprint.accept",
         }
     }
 }

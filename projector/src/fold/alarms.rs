@@ -7,7 +7,12 @@
 //! still present on another. The newcomer is held back ([`Lineage::pending`]) and the current
 //! enumeration is blocked from new claims: the lineage is not schedulable until one side ends.
 //! If the current one ends, the newcomer takes the lineage over (as if discovered then: the
-//! known gap of the carried key closes); if the newcomer ends first, it is dropped.
+//! known gap of the carried key closes); if the newcomer ends first, it is dropped. An operator
+//! may keep either side without unplugging (`LineageConflictResolved`).
+//!
+//! `FingerprintChanged`: a serial lineage re-enumerated with another descriptor fingerprint.
+//! Cleared when the expected fingerprint comes back, or when an operator (or a flavor's policy)
+//! accepts the new one (`FingerprintAccepted`).
 //!
 //! `PortFlapping`: raised and cleared by the host agent's events (the agent sees its hotplugs
 //! and owns the clock; ADR 0011). While active, the lineage's current enumeration is blocked
@@ -15,15 +20,16 @@
 //! does not free a device another still holds back.
 
 use usbpt_schemas::{
-    DeviceDiscovered, DeviceInvalidated, Fingerprint, LineageKind, PortFlapping,
-    PortFlappingCleared,
+    DeviceDiscovered, DeviceInvalidated, Fingerprint, FingerprintAccepted, LineageConflictResolved,
+    LineageKind, PortFlapping, PortFlappingCleared,
 };
 
 use super::devices::discovered;
 use super::semantics::{reject, R};
 use super::state::State;
 use crate::model::{
-    Alarm, AlarmKind, Device, Lineage, PendingDiscovery, QuarantineReason, Stamp, ALARMS_KEPT,
+    Alarm, AlarmKind, Device, DeviceStatus, FingerprintAcceptance, Invalidation, Lineage,
+    PendingDiscovery, QuarantineReason, Stamp, ALARMS_KEPT,
 };
 
 /// Whether discovering `e` while `prev` is its lineage's current enumeration is a conflict: a
@@ -179,30 +185,160 @@ pub(super) fn pending_ended<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidate
 /// The lineage's current enumeration ended (`e`, already folded) while another host's was held
 /// back: the conflict clears and the held-back one takes the lineage over.
 pub(super) fn current_ended<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidated) -> R {
-    let Some(mut l) = v.lineage(e.lineage_id)? else {
+    let Some(l) = v.lineage(e.lineage_id)? else {
         return Ok(());
     };
     if l.current != e.device_id {
         return Ok(());
     }
+    let Some(p) = &l.pending else {
+        return Ok(());
+    };
+    let why = format!(
+        "device {} on host {} ended ({:?}); device {} on host {} takes the lineage",
+        e.device_id, e.host, e.reason, p.discovery.device_id, p.discovery.host
+    );
+    promote(v, st, l, why)
+}
+
+/// The held-back enumeration takes `l` over (its current one has ended or was set aside): the
+/// conflict clears with `why` and the held-back discovery is folded as if discovered now.
+fn promote<S: State>(v: &mut S, st: Stamp, mut l: Lineage, why: String) -> R {
     let Some(p) = l.pending.take() else {
         return Ok(());
+    };
+    clear(v, &mut l, AlarmKind::LineageConflict, st, why);
+    let current = l.current;
+    let still = blocks(&l);
+    v.put_lineage(l);
+    set_blocked(v, st, current, still)?;
+    // As if discovered now: the lineage moves, a `lineage`-follow claim follows it.
+    discovered(v, st, &p.discovery, p.fingerprint)
+}
+
+/// Folds `LineageConflictResolved`: the operator kept one side of the conflict.
+///
+/// Keeping the current enumeration drops the held-back one (its later end is expected and
+/// changes nothing) and unblocks the current one. Keeping the held-back one sets the current one
+/// aside (invalidated, superseded by the kept one: not free; its later end only adds why) and
+/// promotes the held-back one exactly as the current one's end would.
+///
+/// An event for a lineage the view never had is quarantined (nothing can be resolved there). An
+/// event that no longer matches the conflict (it ended by an unplug, or a third host replaced
+/// the held-back side, between the command's decision and this event) is a no-op: a race the
+/// command side cannot fence against (discoveries and ends are not on the claim subject), not
+/// bad input, and the operator's intent is either done or about devices that are no longer in
+/// conflict. Counted as `stale.LineageConflictResolved`.
+pub(super) fn conflict_resolved<S: State>(v: &mut S, st: Stamp, e: &LineageConflictResolved) -> R {
+    let Some(mut l) = v.lineage(e.lineage_id)? else {
+        return reject(
+            QuarantineReason::UnknownDevice,
+            format!("lineage {} was never discovered", e.lineage_id),
+        );
+    };
+    let held = l
+        .pending
+        .as_ref()
+        .map(|p| (p.discovery.host.clone(), p.discovery.device_id));
+    let Some((held_host, held_id)) = held else {
+        v.count("stale", "LineageConflictResolved");
+        return Ok(());
+    };
+    let current_host = l.current_host.clone();
+    if (e.kept_device, e.dropped_device) == (l.current, held_id) && e.keep_host == current_host {
+        l.pending = None;
+        let why = format!(
+            "an operator kept host {current_host} (device {}); device {held_id} on host \
+             {held_host} is set aside until it ends",
+            l.current
+        );
+        clear(v, &mut l, AlarmKind::LineageConflict, st, why);
+        let current = l.current;
+        let still = blocks(&l);
+        v.put_lineage(l);
+        return set_blocked(v, st, current, still);
+    }
+    if (e.kept_device, e.dropped_device) == (held_id, l.current) && e.keep_host == held_host {
+        let why = format!(
+            "an operator kept host {held_host} (device {held_id}), which takes the lineage; \
+             device {} on host {current_host} is set aside until it ends",
+            l.current
+        );
+        if let Some(mut old) = v.device(l.current)? {
+            if old.invalidation.is_none() {
+                old.status = DeviceStatus::Invalidated;
+                old.invalidation = Some(Invalidation {
+                    stamp: st,
+                    reason: None,
+                    superseded_by: Some(held_id),
+                });
+                old.last_change_seq = st.seq;
+                v.put_device(old)?;
+            }
+        }
+        return promote(v, st, l, why);
+    }
+    v.count("stale", "LineageConflictResolved");
+    Ok(())
+}
+
+/// Folds `FingerprintAccepted`: the accepted fingerprint is the lineage's own from now on. The
+/// active `fingerprint_changed` alarm clears ("accepted by operator", or "by flavor policy"),
+/// and the acceptance is recorded on the lineage. Should the current enumeration report yet
+/// another fingerprint (it re-enumerated after the command was decided), a new alarm is raised
+/// against the accepted one. A lineage the view never had is quarantined; an accept with no
+/// active alarm (a second accept of the same change) only records the acceptance.
+pub(super) fn fingerprint_accepted<S: State>(v: &mut S, st: Stamp, e: &FingerprintAccepted) -> R {
+    let Some(mut l) = v.lineage(e.lineage_id)? else {
+        return reject(
+            QuarantineReason::UnknownDevice,
+            format!("lineage {} was never discovered", e.lineage_id),
+        );
+    };
+    let by = if e.by_policy {
+        "by flavor policy"
+    } else {
+        "by operator"
     };
     clear(
         v,
         &mut l,
-        AlarmKind::LineageConflict,
+        AlarmKind::FingerprintChanged,
         st,
-        format!(
-            "device {} on host {} ended ({:?}); device {} on host {} takes the lineage",
-            e.device_id, e.host, e.reason, p.discovery.device_id, p.discovery.host
-        ),
+        format!("fingerprint {} accepted {by}", e.fingerprint),
     );
-    let still = blocks(&l);
+    l.fingerprint_accepted = Some(FingerprintAcceptance {
+        stamp: st,
+        fingerprint: e.fingerprint,
+        by_policy: e.by_policy,
+    });
+    let current = v.device(l.current)?;
+    if let Some(d) = current.filter(|d| d.fingerprint.is_some_and(|f| f != e.fingerprint)) {
+        let now = d.fingerprint.unwrap_or(e.fingerprint);
+        let reason = format!(
+            "serial lineage {} reports fingerprint {now} on host {} as device {}, not the \
+             fingerprint {} just accepted",
+            l.id,
+            d.host(),
+            d.id(),
+            e.fingerprint
+        );
+        raise(
+            v,
+            &mut l,
+            Alarm {
+                kind: AlarmKind::FingerprintChanged,
+                raised: st,
+                reason,
+                hosts: vec![d.host().clone()],
+                devices: vec![d.id()],
+                fingerprints: vec![e.fingerprint, now],
+                cleared: None,
+            },
+        );
+    }
     v.put_lineage(l);
-    set_blocked(v, st, e.device_id, still)?;
-    // As if discovered now: the lineage moves, a `lineage`-follow claim follows it.
-    discovered(v, st, &p.discovery, p.fingerprint)
+    Ok(())
 }
 
 fn set_blocked<S: State>(v: &mut S, st: Stamp, id: usbpt_schemas::DeviceId, blocked: bool) -> R {

@@ -110,6 +110,7 @@ pub(super) fn discovered<S: State>(
             pending: None,
             label: None,
             label_changed: None,
+            fingerprint_accepted: None,
         },
     };
     v.push_lineage_history(e.lineage_id, l.enumerations, e.device_id);

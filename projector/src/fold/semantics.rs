@@ -181,8 +181,6 @@ fn handle<S: State>(v: &mut S, st: Stamp, body: &Event) -> R {
         Event::HostAgentStarted(_) | Event::DeviceClashDetected(_) => Ok(()),
         Event::PortFlapping(e) => alarms::flapping(v, st, e),
         Event::PortFlappingCleared(e) => alarms::flapping_cleared(v, st, e),
-        // TODO(issue 18): folded by the operator-command work in progress.
-        Event::LineageConflictResolved(_) | Event::FingerprintAccepted(_) => Ok(()),
         Event::DeviceReattachHeld(e) => servers::reattach_held(v, st, e),
         Event::FlavorFingerprintPolicySet(e) => flavors::fingerprint_policy_set(v, e),
         Event::DeviceDiscovered(e) => devices::discovered(v, st, e, None),
@@ -195,6 +193,8 @@ fn handle<S: State>(v: &mut S, st: Stamp, body: &Event) -> R {
         Event::FlavorUsbSet(e) => flavors::flavor_usb_set(v, e),
         Event::FlavorSized(e) => flavors::flavor_sized(v, e),
         Event::LineageLabeled(e) => devices::labeled(v, st, e),
+        Event::LineageConflictResolved(e) => alarms::conflict_resolved(v, st, e),
+        Event::FingerprintAccepted(e) => alarms::fingerprint_accepted(v, st, e),
         Event::ServerUpdated(e) => servers::server_updated(v, st, e),
         Event::ServerResizeVerifying(e) => servers::resize_verifying(v, st, e),
         Event::ServerResizeConfirmed(e) => servers::resize_ended(v, st, e.server_id, false),
