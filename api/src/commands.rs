@@ -21,8 +21,8 @@ use usbpt_schemas::commands::{
     Command, CommandReply, FlavorResources, RejectKind, UsbRequestFields,
 };
 use usbpt_schemas::{
-    ControllerModel, DeviceId, FlavorName, FollowPolicy, HostName, LineageId, ProductId,
-    ServerAction, ServerName, UsbRequest, VendorId,
+    ControllerModel, DeviceId, FlavorName, FollowPolicy, HostName, LineageId, Origin, ProductId,
+    ServerAction, ServerName, UsbRequest, VendorId, Via,
 };
 
 use crate::nova::Nova;
@@ -57,13 +57,40 @@ pub fn command_routes(handler: Arc<Handler<View>>, view: Arc<View>) -> Router {
         .merge(crate::identity::label_routes(handler, view))
 }
 
-async fn run(state: &CmdState, cmd: Command) -> Response {
-    run_command(&state.handler, cmd).await
+async fn run(state: &CmdState, origin: HttpOrigin, cmd: Command) -> Response {
+    run_command(&state.handler, origin, cmd).await
+}
+
+/// Who asked, for the handler (ADR 0014): the [`Origin`] the front door ([`crate::guard`])
+/// made of the request — the token's identity, the peer, the `User-Agent`, the request id.
+/// A router driven without the front door (unit tests) records the principal `unguarded`.
+#[derive(Debug, Clone)]
+pub(crate) struct HttpOrigin(pub Origin);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for HttpOrigin {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(HttpOrigin(
+            parts
+                .extensions
+                .get::<Origin>()
+                .cloned()
+                .unwrap_or_else(|| Origin::new(Via::Http, "unguarded")),
+        ))
+    }
 }
 
 /// A command through the in-process handler: 202 `{"message", "events"}`, or the rejection.
-pub(crate) async fn run_command(handler: &Handler<View>, cmd: Command) -> Response {
-    match handler.execute(&cmd).await {
+pub(crate) async fn run_command(
+    handler: &Handler<View>,
+    HttpOrigin(origin): HttpOrigin,
+    cmd: Command,
+) -> Response {
+    match handler.execute(&cmd, origin).await {
         CommandReply::Accepted { events, message } => (
             StatusCode::ACCEPTED,
             Json(json!({"message": message, "events": events})),
@@ -150,6 +177,7 @@ struct FlavorBody {
 
 async fn create_flavor(
     State(state): State<CmdState>,
+    origin: HttpOrigin,
     nova: Nova,
     body: Result<Json<FlavorEnvelope>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -184,6 +212,7 @@ async fn create_flavor(
     let name = body.flavor.name;
     let reply = run(
         &state,
+        origin,
         Command::CreateFlavor {
             name: name.clone(),
             usb,
@@ -247,9 +276,13 @@ fn server_name(s: &usbpt_projector::Snapshot, id: &str) -> Result<Option<ServerN
         .map(|srv| srv.name))
 }
 
-async fn delete_flavor(State(state): State<CmdState>, Path(id): Path<String>) -> Response {
+async fn delete_flavor(
+    State(state): State<CmdState>,
+    origin: HttpOrigin,
+    Path(id): Path<String>,
+) -> Response {
     match name_of(&state, id, flavor_name, "flavor").await {
-        Ok(name) => run(&state, Command::DeleteFlavor { name }).await,
+        Ok(name) => run(&state, origin, Command::DeleteFlavor { name }).await,
         Err(e) => e.into_response(),
     }
 }
@@ -308,6 +341,7 @@ fn created_server(nova: &Nova, s: &usbpt_projector::Server) -> Response {
 
 async fn create_server(
     State(state): State<CmdState>,
+    origin: HttpOrigin,
     nova: Nova,
     body: Result<Json<ServerEnvelope>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -341,6 +375,7 @@ async fn create_server(
     };
     let reply = run(
         &state,
+        origin,
         Command::Boot {
             name: b.name.clone(),
             flavor,
@@ -387,6 +422,7 @@ fn usb_from_specs(specs: &serde_json::Map<String, Value>) -> Result<Vec<UsbReque
 /// Records `usb` as the flavor's USB request and answers with its extra specs.
 async fn set_usb(
     state: &CmdState,
+    origin: HttpOrigin,
     id: String,
     usb: Vec<UsbRequest>,
     answer: impl FnOnce(Value) -> Value,
@@ -395,7 +431,7 @@ async fn set_usb(
         Ok(n) => n,
         Err(e) => return e.into_response(),
     };
-    let reply = run(state, Command::SetFlavorUsb { name, usb }).await;
+    let reply = run(state, origin, Command::SetFlavorUsb { name, usb }).await;
     if reply.status() != StatusCode::ACCEPTED {
         return reply;
     }
@@ -417,6 +453,7 @@ async fn set_usb(
 /// `POST /v2.1/flavors/{id}/os-extra_specs` `{"extra_specs": {"usb_devices": "[…]"}}`.
 async fn set_extra_specs(
     State(state): State<CmdState>,
+    origin: HttpOrigin,
     Path(id): Path<String>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -429,7 +466,16 @@ async fn set_extra_specs(
             .into_response();
     };
     match usb_from_specs(specs) {
-        Ok(usb) => set_usb(&state, id, usb, |specs| json!({"extra_specs": specs})).await,
+        Ok(usb) => {
+            set_usb(
+                &state,
+                origin,
+                id,
+                usb,
+                |specs| json!({"extra_specs": specs}),
+            )
+            .await
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -437,6 +483,7 @@ async fn set_extra_specs(
 /// `PUT /v2.1/flavors/{id}/os-extra_specs/usb_devices` `{"usb_devices": "[…]"}`.
 async fn put_extra_spec(
     State(state): State<CmdState>,
+    origin: HttpOrigin,
     Path((id, key)): Path<(String, String)>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -454,7 +501,7 @@ async fn put_extra_spec(
         .into_response();
     };
     match usb_from_specs(specs) {
-        Ok(usb) => set_usb(&state, id, usb, |specs| specs).await,
+        Ok(usb) => set_usb(&state, origin, id, usb, |specs| specs).await,
         Err(e) => e.into_response(),
     }
 }
@@ -462,18 +509,20 @@ async fn put_extra_spec(
 /// `DELETE /v2.1/flavors/{id}/os-extra_specs/usb_devices`: the flavor asks for no devices.
 async fn delete_extra_spec(
     State(state): State<CmdState>,
+    origin: HttpOrigin,
     Path((id, key)): Path<(String, String)>,
 ) -> Response {
     if key != "usb_devices" {
         return ApiError::not_found(format!("Flavor {id} has no extra specs with key {key}."))
             .into_response();
     }
-    set_usb(&state, id, Vec::new(), |_| json!({})).await
+    set_usb(&state, origin, id, Vec::new(), |_| json!({})).await
 }
 
 /// Nova's action bodies: exactly one key.
 async fn server_action(
     State(state): State<CmdState>,
+    origin: HttpOrigin,
     nova: Nova,
     Path(id): Path<String>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
@@ -549,7 +598,7 @@ async fn server_action(
         Ok(cmd) => cmd,
         Err(e) => return e.into_response(),
     };
-    let reply = run(&state, cmd).await;
+    let reply = run(&state, origin, cmd).await;
     // Nova answers a confirmResize with 204.
     if key == "confirmResize" && reply.status() == StatusCode::ACCEPTED {
         return StatusCode::NO_CONTENT.into_response();
@@ -607,6 +656,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Strin
 /// `PUT /v2.1/servers/{id}`: rename and/or describe; 200 with the server, as Nova.
 async fn update_server(
     State(state): State<CmdState>,
+    origin: HttpOrigin,
     nova: Nova,
     Path(id): Path<String>,
     body: Result<Json<UpdateBody>, axum::extract::rejection::JsonRejection>,
@@ -630,6 +680,7 @@ async fn update_server(
     let shown = new_name.clone().unwrap_or_else(|| name.clone());
     let reply = run(
         &state,
+        origin,
         Command::UpdateServer {
             name,
             new_name,
@@ -657,10 +708,14 @@ async fn update_server(
 }
 
 /// Nova answers a server delete with 204 and no body.
-async fn delete_server(State(state): State<CmdState>, Path(id): Path<String>) -> Response {
+async fn delete_server(
+    State(state): State<CmdState>,
+    origin: HttpOrigin,
+    Path(id): Path<String>,
+) -> Response {
     match name_of(&state, id, server_name, "server").await {
         Ok(name) => {
-            let reply = run(&state, Command::Delete { name }).await;
+            let reply = run(&state, origin, Command::Delete { name }).await;
             if reply.status() == StatusCode::ACCEPTED {
                 StatusCode::NO_CONTENT.into_response()
             } else {

@@ -253,6 +253,7 @@ async fn find(
 
 async fn put_label(
     State(st): State<LabelState>,
+    origin: crate::commands::HttpOrigin,
     Path(id): Path<String>,
     body: Result<Json<LabelBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -260,14 +261,23 @@ async fn put_label(
         Ok(b) => b,
         Err(e) => return crate::rejection(&e).into_response(),
     };
-    set_label(st, id, body.label).await
+    set_label(st, origin, id, body.label).await
 }
 
-async fn delete_label(State(st): State<LabelState>, Path(id): Path<String>) -> Response {
-    set_label(st, id, None).await
+async fn delete_label(
+    State(st): State<LabelState>,
+    origin: crate::commands::HttpOrigin,
+    Path(id): Path<String>,
+) -> Response {
+    set_label(st, origin, id, None).await
 }
 
-async fn set_label(st: LabelState, id: String, label: Option<String>) -> Response {
+async fn set_label(
+    st: LabelState,
+    origin: crate::commands::HttpOrigin,
+    id: String,
+    label: Option<String>,
+) -> Response {
     if let Some(l) = &label {
         if let Err(e) = usbpt_schemas::label::check(l) {
             return ApiError::bad_request(e.to_string()).into_response();
@@ -283,7 +293,12 @@ async fn set_label(st: LabelState, id: String, label: Option<String>) -> Respons
                 .into_response()
         }
     };
-    crate::commands::run_command(&st.handler, Command::LabelLineage { lineage, label }).await
+    crate::commands::run_command(
+        &st.handler,
+        origin,
+        Command::LabelLineage { lineage, label },
+    )
+    .await
 }
 
 /// Device documents ([`crate::docs::device`]) with their lineage's `"label"`, each lineage read
