@@ -23,7 +23,7 @@ use crate::tables::{self as t, decode, get_by_id, get_by_str, show_id, Id};
 
 /// The record format this build reads and writes. A view of another format is rebuilt by
 /// replaying the stream (the view is a pure fold: nothing in it is lost).
-pub const VIEW_FORMAT: u64 = 4;
+pub const VIEW_FORMAT: u64 = 5;
 
 /// One stored message: its stream sequence, subject and raw payload.
 #[derive(Debug, Clone)]
