@@ -86,7 +86,13 @@ fn later(
                 return;
             }
         };
-        match handler.execute(&Command::ConfirmResize { name }).await {
+        match handler
+            .execute(
+                &Command::ConfirmResize { name },
+                usbpt_schemas::Origin::policy("auto-confirm"),
+            )
+            .await
+        {
             CommandReply::Accepted { message, .. } => {
                 info!(%server, "resize_confirm_window passed: {message}");
             }

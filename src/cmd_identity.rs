@@ -264,10 +264,17 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-/// The CSV export: one row per enumeration held, the interval's columns repeated.
+/// Who asked, for a table or CSV cell (ADR 0014): `via:principal[@address]`, empty when an
+/// agent's event or an event without an origin began or ended the interval.
+fn who(o: Option<&usbpt_schemas::Origin>) -> String {
+    o.map(usbpt_schemas::Origin::summary).unwrap_or_default()
+}
+
+/// The CSV export: one row per enumeration held, the interval's columns repeated; who asked
+/// (`started_by`, `ended_by`) last.
 pub fn custody_csv(doc: &CustodyDoc) -> String {
     let mut out = String::from(
-        "lineage_id,label,server_id,server_name,started,from,to,ended,segment,device_id,host,port_path,address,how,segment_from,attached,segment_to,invalidation\n",
+        "lineage_id,label,server_id,server_name,started,from,to,ended,segment,device_id,host,port_path,address,how,segment_from,attached,segment_to,invalidation,started_by,ended_by\n",
     );
     let stamp = |s: Option<usbpt_projector::Stamp>| s.map(|s| s.at.to_string()).unwrap_or_default();
     for i in &doc.intervals {
@@ -298,6 +305,8 @@ pub fn custody_csv(doc: &CustodyDoc) -> String {
                 stamp(g.attached),
                 stamp(g.to),
                 g.invalidation.map(|r| format!("{r:?}")).unwrap_or_default(),
+                who(i.started_by.as_ref()),
+                who(i.ended_by.as_ref()),
             ];
             let line: Vec<String> = row.iter().map(|f| csv_field(f)).collect();
             out.push_str(&line.join(","));
@@ -365,6 +374,8 @@ pub async fn custody(global: &Global, a: CustodyArgs) -> Result<()> {
                 ),
                 i.ended.map_or("-", end_str).to_owned(),
                 hosts.join(" → "),
+                e(&who(i.started_by.as_ref())),
+                e(&who(i.ended_by.as_ref())),
             ]
         })
         .collect();
@@ -377,6 +388,8 @@ pub async fn custody(global: &Global, a: CustodyArgs) -> Result<()> {
             "TO",
             "ENDED",
             "ENUMERATIONS",
+            "STARTED BY",
+            "ENDED BY",
         ],
         &rows,
     );

@@ -47,6 +47,10 @@ pub async fn tail(bus: &Bus, from_start: bool, as_json: bool, limit: Option<u64>
                         fingerprint.map_or_else(|| "-".to_owned(), |f| f.to_string()),
                     ));
                 }
+                if let Some(o) = &env.origin {
+                    // Who asked for the command (ADR 0014); client-supplied, escaped.
+                    line.push_str(&format!("  by {}", escape(&o.summary())));
+                }
                 line
             }
             Err(e) if as_json => {

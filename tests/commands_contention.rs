@@ -251,12 +251,15 @@ async fn simultaneous_boots_of_one_name_in_four_handlers_one_wins() -> Result<()
     let flavor = FlavorName::new("plain")?;
     let reply = sides[0]
         .handler
-        .execute(&Command::CreateFlavor {
-            resources: Default::default(),
-            name: flavor.clone(),
-            usb: Vec::new(),
-            on_fingerprint_change: None,
-        })
+        .execute(
+            &Command::CreateFlavor {
+                resources: Default::default(),
+                name: flavor.clone(),
+                usb: Vec::new(),
+                on_fingerprint_change: None,
+            },
+            usbpt_schemas::Origin::policy("test"),
+        )
         .await;
     assert!(matches!(reply, CommandReply::Accepted { .. }), "{reply:?}");
     let head = bus.last_sequence().await?;
@@ -273,7 +276,11 @@ async fn simultaneous_boots_of_one_name_in_four_handlers_one_wins() -> Result<()
                 host: None,
             };
             let handler = std::sync::Arc::clone(&s.handler);
-            async move { handler.execute(&cmd).await }
+            async move {
+                handler
+                    .execute(&cmd, usbpt_schemas::Origin::policy("test"))
+                    .await
+            }
         });
         let replies = futures::future::join_all(boots).await;
         let mut accepted = 0;

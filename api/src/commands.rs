@@ -22,7 +22,7 @@ use usbpt_schemas::commands::{
 };
 use usbpt_schemas::{
     ControllerModel, DeviceId, FingerprintPolicy, FlavorName, FollowPolicy, HostName, LineageId,
-    ProductId, ServerAction, ServerName, UsbRequest, VendorId,
+    Origin, ProductId, ServerAction, ServerName, UsbRequest, VendorId, Via,
 };
 
 use crate::nova::Nova;
@@ -57,13 +57,40 @@ pub fn command_routes(handler: Arc<Handler<View>>, view: Arc<View>) -> Router {
         .merge(crate::identity::label_routes(handler, view))
 }
 
-async fn run(state: &CmdState, cmd: Command) -> Response {
-    run_command(&state.handler, cmd).await
+async fn run(state: &CmdState, origin: HttpOrigin, cmd: Command) -> Response {
+    run_command(&state.handler, origin, cmd).await
+}
+
+/// Who asked, for the handler (ADR 0014): the [`Origin`] the front door ([`crate::guard`])
+/// made of the request — the token's identity, the peer, the `User-Agent`, the request id.
+/// A router driven without the front door (unit tests) records the principal `unguarded`.
+#[derive(Debug, Clone)]
+pub(crate) struct HttpOrigin(pub Origin);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for HttpOrigin {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(HttpOrigin(
+            parts
+                .extensions
+                .get::<Origin>()
+                .cloned()
+                .unwrap_or_else(|| Origin::new(Via::Http, "unguarded")),
+        ))
+    }
 }
 
 /// A command through the in-process handler: 202 `{"message", "events"}`, or the rejection.
-pub(crate) async fn run_command(handler: &Handler<View>, cmd: Command) -> Response {
-    match handler.execute(&cmd).await {
+pub(crate) async fn run_command(
+    handler: &Handler<View>,
+    HttpOrigin(origin): HttpOrigin,
+    cmd: Command,
+) -> Response {
+    match handler.execute(&cmd, origin).await {
         CommandReply::Accepted { events, message } => (
             StatusCode::ACCEPTED,
             Json(json!({"message": message, "events": events})),
@@ -153,6 +180,7 @@ struct FlavorBody {
 
 async fn create_flavor(
     State(state): State<CmdState>,
+    origin: HttpOrigin,
     nova: Nova,
     body: Result<Json<FlavorEnvelope>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -187,6 +215,7 @@ async fn create_flavor(
     let name = body.flavor.name;
     let reply = run(
         &state,
+        origin,
         Command::CreateFlavor {
             name: name.clone(),
             usb,
@@ -251,9 +280,13 @@ fn server_name(s: &usbpt_projector::Snapshot, id: &str) -> Result<Option<ServerN
         .map(|srv| srv.name))
 }
 
-async fn delete_flavor(State(state): State<CmdState>, Path(id): Path<String>) -> Response {
+async fn delete_flavor(
+    State(state): State<CmdState>,
+    origin: HttpOrigin,
+    Path(id): Path<String>,
+) -> Response {
     match name_of(&state, id, flavor_name, "flavor").await {
-        Ok(name) => run(&state, Command::DeleteFlavor { name }).await,
+        Ok(name) => run(&state, origin, Command::DeleteFlavor { name }).await,
         Err(e) => e.into_response(),
     }
 }
@@ -312,6 +345,7 @@ fn created_server(nova: &Nova, s: &usbpt_projector::Server) -> Response {
 
 async fn create_server(
     State(state): State<CmdState>,
+    origin: HttpOrigin,
     nova: Nova,
     body: Result<Json<ServerEnvelope>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -345,6 +379,7 @@ async fn create_server(
     };
     let reply = run(
         &state,
+        origin,
         Command::Boot {
             name: b.name.clone(),
             flavor,
@@ -424,6 +459,7 @@ fn specs_from(specs: &serde_json::Map<String, Value>) -> Result<Specs, ApiError>
 /// Records the flavor's USB request and/or fingerprint policy and answers with its extra specs.
 async fn set_specs(
     state: &CmdState,
+    origin: HttpOrigin,
     id: String,
     specs: Specs,
     answer: impl FnOnce(Value) -> Value,
@@ -435,6 +471,7 @@ async fn set_specs(
     if let Some(usb) = specs.usb {
         let reply = run(
             state,
+            origin.clone(),
             Command::SetFlavorUsb {
                 name: name.clone(),
                 usb,
@@ -448,6 +485,7 @@ async fn set_specs(
     if let Some(policy) = specs.policy {
         let reply = run(
             state,
+            origin,
             Command::SetFlavorPolicy {
                 name,
                 on_fingerprint_change: policy,
@@ -477,6 +515,7 @@ async fn set_specs(
 /// `usb:on_fingerprint_change`): the keys given are set, others are kept.
 async fn set_extra_specs(
     State(state): State<CmdState>,
+    origin: HttpOrigin,
     Path(id): Path<String>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -489,7 +528,7 @@ async fn set_extra_specs(
             .into_response();
     };
     match specs_from(specs) {
-        Ok(specs) => set_specs(&state, id, specs, |specs| json!({"extra_specs": specs})).await,
+        Ok(specs) => set_specs(&state, origin, id, specs, |specs| json!({"extra_specs": specs})).await,
         Err(e) => e.into_response(),
     }
 }
@@ -498,6 +537,7 @@ async fn set_extra_specs(
 /// `usb:on_fingerprint_change`.
 async fn put_extra_spec(
     State(state): State<CmdState>,
+    origin: HttpOrigin,
     Path((id, key)): Path<(String, String)>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -515,7 +555,7 @@ async fn put_extra_spec(
         .into_response();
     };
     match specs_from(specs) {
-        Ok(specs) => set_specs(&state, id, specs, |specs| specs).await,
+        Ok(specs) => set_specs(&state, origin, id, specs, |specs| specs).await,
         Err(e) => e.into_response(),
     }
 }
@@ -524,6 +564,7 @@ async fn put_extra_spec(
 /// devices) or `usb:on_fingerprint_change` (back to the default, hold).
 async fn delete_extra_spec(
     State(state): State<CmdState>,
+    origin: HttpOrigin,
     Path((id, key)): Path<(String, String)>,
 ) -> Response {
     let specs = match key.as_str() {
@@ -540,12 +581,13 @@ async fn delete_extra_spec(
                 .into_response()
         }
     };
-    set_specs(&state, id, specs, |_| json!({})).await
+    set_specs(&state, origin, id, specs, |_| json!({})).await
 }
 
 /// Nova's action bodies: exactly one key.
 async fn server_action(
     State(state): State<CmdState>,
+    origin: HttpOrigin,
     nova: Nova,
     Path(id): Path<String>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
@@ -621,7 +663,7 @@ async fn server_action(
         Ok(cmd) => cmd,
         Err(e) => return e.into_response(),
     };
-    let reply = run(&state, cmd).await;
+    let reply = run(&state, origin, cmd).await;
     // Nova answers a confirmResize with 204.
     if key == "confirmResize" && reply.status() == StatusCode::ACCEPTED {
         return StatusCode::NO_CONTENT.into_response();
@@ -679,6 +721,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Strin
 /// `PUT /v2.1/servers/{id}`: rename and/or describe; 200 with the server, as Nova.
 async fn update_server(
     State(state): State<CmdState>,
+    origin: HttpOrigin,
     nova: Nova,
     Path(id): Path<String>,
     body: Result<Json<UpdateBody>, axum::extract::rejection::JsonRejection>,
@@ -702,6 +745,7 @@ async fn update_server(
     let shown = new_name.clone().unwrap_or_else(|| name.clone());
     let reply = run(
         &state,
+        origin,
         Command::UpdateServer {
             name,
             new_name,
@@ -729,10 +773,14 @@ async fn update_server(
 }
 
 /// Nova answers a server delete with 204 and no body.
-async fn delete_server(State(state): State<CmdState>, Path(id): Path<String>) -> Response {
+async fn delete_server(
+    State(state): State<CmdState>,
+    origin: HttpOrigin,
+    Path(id): Path<String>,
+) -> Response {
     match name_of(&state, id, server_name, "server").await {
         Ok(name) => {
-            let reply = run(&state, Command::Delete { name }).await;
+            let reply = run(&state, origin, Command::Delete { name }).await;
             if reply.status() == StatusCode::ACCEPTED {
                 StatusCode::NO_CONTENT.into_response()
             } else {

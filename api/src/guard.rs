@@ -28,6 +28,8 @@ use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 
+use usbpt_schemas::{Origin, Via};
+
 use crate::ApiError;
 
 /// The largest request body accepted (a flavor with every USB request there can be is a few KiB).
@@ -336,6 +338,46 @@ pub fn admit(
     }
 }
 
+/// Who asked, for an admitted request (ADR 0014). The principal is what the front door
+/// checked: `token` when the request presented this API's token, `anonymous` otherwise (an API
+/// run without a token, or a public read). The peer address is the TCP peer's (a proxy's,
+/// behind one). The `User-Agent` is what the client says. The request id is the client's
+/// `X-Openstack-Request-Id` when it is Nova's form (`req-` and a UUID), else a fresh one; the
+/// response's `x-openstack-request-id` is the same (see [`crate::nova::layer`]).
+pub fn origin(policy: &HttpPolicy, headers: &HeaderMap, peer: Option<SocketAddr>) -> Origin {
+    let principal = match &policy.token {
+        Some(token) if matches!(presented(token, headers), Ok(Some(true))) => "token",
+        _ => "anonymous",
+    };
+    let mut o = Origin::new(Via::Http, principal);
+    if let Some(p) = peer {
+        o = o.with_address(p.to_string());
+    }
+    if let Some(ua) = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+    {
+        o = o.with_client(ua);
+    }
+    let sent = headers
+        .get("x-openstack-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| is_request_id(id));
+    o.with_request_id(
+        sent.map(str::to_owned)
+            .unwrap_or_else(|| format!("req-{}", uuid::Uuid::new_v4())),
+    )
+}
+
+/// Nova's request id form: `req-` and a lowercase hyphenated UUID.
+fn is_request_id(id: &str) -> bool {
+    id.strip_prefix("req-").is_some_and(|u| {
+        u.len() == 36
+            && uuid::Uuid::try_parse(u).is_ok()
+            && !u.bytes().any(|b| b.is_ascii_uppercase())
+    })
+}
+
 /// The front door as an axum middleware over [`HttpPolicy`].
 #[derive(Debug, Clone)]
 pub struct Guard {
@@ -352,11 +394,18 @@ impl Guard {
         }
     }
 
-    /// Runs the checks, then the handler under the concurrency limit and the timeout.
-    pub async fn run(self, req: Request, next: Next) -> Response {
+    /// Runs the checks, then the handler under the concurrency limit and the timeout. An
+    /// admitted request carries its [`Origin`] (an extension) to the command routes.
+    pub async fn run(self, mut req: Request, next: Next) -> Response {
         if let Some(refused) = admit(&self.policy, req.method(), req.uri().path(), req.headers()) {
             return refused;
         }
+        let peer = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<SocketAddr>>()
+            .map(|c| c.0);
+        let origin = origin(&self.policy, req.headers(), peer);
+        req.extensions_mut().insert(origin);
         let Ok(_slot) = Arc::clone(&self.slots).try_acquire_owned() else {
             let mut r = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -401,6 +450,38 @@ mod tests {
             listen: Some("192.0.2.7:8774".parse().expect("addr")),
             ..HttpPolicy::with_token(ApiToken::parse("0123456789abcdef0123", "t").expect("t"))
         }
+    }
+
+    #[test]
+    fn the_origin_names_what_the_front_door_checked() {
+        let p = policy();
+        let peer: SocketAddr = "198.51.100.4:40000".parse().expect("addr");
+        let id = "req-0190a000-0000-7000-8000-00000000004d";
+        let h = headers(&[
+            ("authorization", "Bearer 0123456789abcdef0123"),
+            ("user-agent", "python-novaclient"),
+            ("x-openstack-request-id", id),
+        ]);
+        let o = origin(&p, &h, Some(peer));
+        assert_eq!(o.via(), Via::Http);
+        assert_eq!(o.principal(), "token");
+        assert_eq!(o.address(), Some("198.51.100.4:40000"));
+        assert_eq!(o.client(), Some("python-novaclient"));
+        assert_eq!(o.request_id(), Some(id));
+        // No token presented (a public read), or an API without one: anonymous. A request id
+        // not in Nova's form is replaced by a fresh one.
+        let h = headers(&[("x-openstack-request-id", "req-<script>")]);
+        let o = origin(&p, &h, None);
+        assert_eq!(o.principal(), "anonymous");
+        assert_eq!(o.address(), None);
+        assert!(o
+            .request_id()
+            .is_some_and(|r| r.starts_with("req-") && r != "req-<script>" && r.len() == 40));
+        let open = HttpPolicy::without_token();
+        assert_eq!(
+            origin(&open, &HeaderMap::new(), None).principal(),
+            "anonymous"
+        );
     }
 
     #[test]

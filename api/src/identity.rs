@@ -271,6 +271,7 @@ async fn find(
 
 async fn put_label(
     State(st): State<LabelState>,
+    origin: crate::commands::HttpOrigin,
     Path(id): Path<String>,
     body: Result<Json<LabelBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -278,14 +279,23 @@ async fn put_label(
         Ok(b) => b,
         Err(e) => return crate::rejection(&e).into_response(),
     };
-    set_label(st, id, body.label).await
+    set_label(st, origin, id, body.label).await
 }
 
-async fn delete_label(State(st): State<LabelState>, Path(id): Path<String>) -> Response {
-    set_label(st, id, None).await
+async fn delete_label(
+    State(st): State<LabelState>,
+    origin: crate::commands::HttpOrigin,
+    Path(id): Path<String>,
+) -> Response {
+    set_label(st, origin, id, None).await
 }
 
-async fn set_label(st: LabelState, id: String, label: Option<String>) -> Response {
+async fn set_label(
+    st: LabelState,
+    origin: crate::commands::HttpOrigin,
+    id: String,
+    label: Option<String>,
+) -> Response {
     if let Some(l) = &label {
         if let Err(e) = usbpt_schemas::label::check(l) {
             return ApiError::bad_request(e.to_string()).into_response();
@@ -293,8 +303,12 @@ async fn set_label(st: LabelState, id: String, label: Option<String>) -> Respons
     }
     match lineage_id(&st, id).await {
         Ok(lineage) => {
-            crate::commands::run_command(&st.handler, Command::LabelLineage { lineage, label })
-                .await
+            crate::commands::run_command(
+                &st.handler,
+                origin,
+                Command::LabelLineage { lineage, label },
+            )
+            .await
         }
         Err(e) => e.into_response(),
     }
@@ -314,6 +328,7 @@ async fn lineage_id(st: &LabelState, id: String) -> Result<LineageId, ApiError> 
 
 async fn resolve_conflict(
     State(st): State<LabelState>,
+    origin: crate::commands::HttpOrigin,
     Path(id): Path<String>,
     body: Result<Json<ResolveBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -323,7 +338,7 @@ async fn resolve_conflict(
     };
     match lineage_id(&st, id).await {
         Ok(lineage) => {
-            crate::commands::run_command(&st.handler, Command::ResolveConflict { lineage, keep })
+            crate::commands::run_command(&st.handler, origin, Command::ResolveConflict { lineage, keep })
                 .await
         }
         Err(e) => e.into_response(),
@@ -337,6 +352,7 @@ struct AcceptBody {}
 
 async fn accept_fingerprint(
     State(st): State<LabelState>,
+    origin: crate::commands::HttpOrigin,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
@@ -348,7 +364,7 @@ async fn accept_fingerprint(
     }
     match lineage_id(&st, id).await {
         Ok(lineage) => {
-            crate::commands::run_command(&st.handler, Command::AcceptFingerprint { lineage }).await
+            crate::commands::run_command(&st.handler, origin, Command::AcceptFingerprint { lineage }).await
         }
         Err(e) => e.into_response(),
     }

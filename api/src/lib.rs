@@ -312,9 +312,12 @@ pub async fn serve(
     policy: HttpPolicy,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, secure(router, policy))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        secure(router, policy).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 /// `router` with Nova's headers and the front door: what [`serve`] runs (tests drive it

@@ -222,7 +222,13 @@ pub async fn identity_version_document(nova: Nova) -> Json<Value> {
 /// The middleware every route runs under: version discovery at `/` for JSON clients,
 /// microversion negotiation and echo on compute paths, `x-openstack-request-id` everywhere.
 pub async fn layer(mut req: Request, next: Next) -> Response {
-    let request_id = format!("req-{}", Uuid::new_v4());
+    // The id the front door recorded in the request's origin (ADR 0014), so a client can
+    // find its command's events by the id it was answered with.
+    let request_id = req
+        .extensions()
+        .get::<usbpt_schemas::Origin>()
+        .and_then(|o| o.request_id())
+        .map_or_else(|| format!("req-{}", Uuid::new_v4()), str::to_owned);
     let path = req.uri().path().to_owned();
     let compute = is_compute(&path);
     let mut resp = if path == "/" && wants_json(req.headers()) {

@@ -118,12 +118,15 @@ pub async fn claims(
     let flavor = FlavorName::new("bench-key")?;
     let reply = sides[0]
         .handler
-        .execute(&Command::CreateFlavor {
-            resources: Default::default(),
-            name: flavor.clone(),
-            usb: vec!["vendor=136b,product=0003,controller=xhci".parse()?],
-            on_fingerprint_change: None,
-        })
+        .execute(
+            &Command::CreateFlavor {
+                resources: Default::default(),
+                name: flavor.clone(),
+                usb: vec!["vendor=136b,product=0003,controller=xhci".parse()?],
+                on_fingerprint_change: None,
+            },
+            usbpt_schemas::Origin::policy("bench"),
+        )
         .await;
     if !matches!(reply, CommandReply::Accepted { .. }) {
         bail!("creating the bench flavor: {reply:?}");
@@ -140,7 +143,9 @@ pub async fn claims(
                 host: None,
             };
             let t = Instant::now();
-            let reply = handler.execute(&cmd).await;
+            let reply = handler
+                .execute(&cmd, usbpt_schemas::Origin::policy("bench"))
+                .await;
             Ok::<_, anyhow::Error>((t.elapsed(), reply))
         }
     });

@@ -13,7 +13,9 @@ use futures::StreamExt;
 use tracing::{info, info_span, warn, Instrument};
 use usbpt_bus::{Bus, BusError};
 use usbpt_schemas::commands::{Command, CommandReply, RejectKind};
-use usbpt_schemas::{subjects, CorrelationId, Envelope, Event, EventId, FlavorId, ServerId};
+use usbpt_schemas::{
+    subjects, CorrelationId, Envelope, Event, EventId, FlavorId, Origin, ServerId, Via,
+};
 
 use crate::decide::{decide, Ctx, Fence, Reply, Step};
 use crate::schedule::Weigh;
@@ -124,14 +126,26 @@ impl<V: ViewSource> Handler<V> {
         &self.stats
     }
 
-    /// Executes one command end to end.
-    pub async fn execute(&self, cmd: &Command) -> CommandReply {
+    /// Executes one command end to end. Every event it appends (compensations too) carries
+    /// `origin`, who asked (ADR 0014): the caller vouches for it — the HTTP API in-process, the
+    /// NATS server loop from the reply subject ([`nats_origin`]), a policy for itself.
+    pub async fn execute(&self, cmd: &Command, origin: Origin) -> CommandReply {
         let correlation = CorrelationId::new_v7();
-        let span = info_span!("command", kind = cmd.kind(), %correlation);
-        self.execute_inner(cmd, correlation).instrument(span).await
+        let span = info_span!(
+            "command",
+            kind = cmd.kind(),
+            %correlation,
+            via = origin.via().as_str(),
+            principal = %usbpt_schemas::text::Escaped(origin.principal()),
+        );
+        let stamp = Stamp {
+            correlation,
+            origin,
+        };
+        self.execute_inner(cmd, &stamp).instrument(span).await
     }
 
-    async fn execute_inner(&self, cmd: &Command, correlation: CorrelationId) -> CommandReply {
+    async fn execute_inner(&self, cmd: &Command, stamp: &Stamp) -> CommandReply {
         let ctx = Ctx {
             server_id: ServerId::new_v7(),
             flavor_id: FlavorId::new_v7(),
@@ -169,7 +183,7 @@ impl<V: ViewSource> Handler<V> {
                 Err(r) => return rejected(r.kind(), r.to_string()),
             };
             lap(&self.stats.decide_us, &mut t);
-            let appended = self.append(&decision.steps, correlation).await;
+            let appended = self.append(&decision.steps, stamp).await;
             lap(&self.stats.append_us, &mut t);
             match appended {
                 Ok((ids, last)) => {
@@ -206,7 +220,7 @@ impl<V: ViewSource> Handler<V> {
                     mut undo,
                 }) => {
                     undo.append(&mut kept);
-                    let undone = self.undone(undo, correlation).await;
+                    let undone = self.undone(undo, stamp).await;
                     return rejected(
                         RejectKind::Unavailable,
                         format!(
@@ -218,7 +232,7 @@ impl<V: ViewSource> Handler<V> {
                 Err(AppendError::Bus { error, mut undo }) => {
                     warn!(%error, "an append failed part-way; undoing what this command appended");
                     undo.append(&mut kept);
-                    let undone = self.undone(undo, correlation).await;
+                    let undone = self.undone(undo, stamp).await;
                     return rejected(RejectKind::Unavailable, format!("{error}; {undone}"));
                 }
                 Err(AppendError::Conflict { subject, undo }) => {
@@ -227,7 +241,7 @@ impl<V: ViewSource> Handler<V> {
                     let (now, later): (Vec<Undo>, Vec<Undo>) =
                         undo.into_iter().partition(|u| u.fence.is_some());
                     kept.extend(later);
-                    if let Err(e) = self.undo(now, correlation).await {
+                    if let Err(e) = self.undo(now, stamp).await {
                         return rejected(RejectKind::Unavailable, e.to_string());
                     }
                     let Ok(head) = self.bus.last_sequence().await else {
@@ -245,7 +259,7 @@ impl<V: ViewSource> Handler<V> {
                 }
             }
         }
-        let undone = match self.undo(kept, correlation).await {
+        let undone = match self.undo(kept, stamp).await {
             Ok(()) => "",
             Err(_) => " (and the server it recorded could not be removed)",
         };
@@ -257,8 +271,8 @@ impl<V: ViewSource> Handler<V> {
 
     /// Appends `undo` (in order: claims' releases before the server's removal) and says how
     /// that went, for a reply.
-    async fn undone(&self, undo: Vec<Undo>, correlation: CorrelationId) -> String {
-        match self.undo(undo, correlation).await {
+    async fn undone(&self, undo: Vec<Undo>, stamp: &Stamp) -> String {
+        match self.undo(undo, stamp).await {
             Ok(()) => "what it had appended was undone".to_owned(),
             Err(e) => format!("undoing what it had appended failed too: {e}"),
         }
@@ -266,10 +280,10 @@ impl<V: ViewSource> Handler<V> {
 
     /// Appends the compensations of stored steps, fenced releases first: a command that failed
     /// part-way leaves no claim and no half-created server.
-    async fn undo(&self, mut undo: Vec<Undo>, correlation: CorrelationId) -> Result<(), BusError> {
+    async fn undo(&self, mut undo: Vec<Undo>, stamp: &Stamp) -> Result<(), BusError> {
         undo.sort_by_key(|u| u.fence.is_none());
         for u in undo {
-            let env = Envelope::new(u.event).with_correlation(correlation);
+            let env = stamp.envelope(u.event);
             match u.fence {
                 Some(seq) => self.bus.publish_fenced(&env, seq).await?,
                 None => self.bus.publish(&env).await?,
@@ -280,11 +294,7 @@ impl<V: ViewSource> Handler<V> {
 
     /// Every step's envelope, built before the first append; each one's encoded size is
     /// checked against what the bus takes, so an oversized step is refused with nothing stored.
-    fn envelopes(
-        &self,
-        steps: &[Step],
-        correlation: CorrelationId,
-    ) -> Result<Vec<Envelope>, AppendError> {
+    fn envelopes(&self, steps: &[Step], stamp: &Stamp) -> Result<Vec<Envelope>, AppendError> {
         let limit = match self.bus.client().server_info().max_payload {
             0 => 1 << 20,
             n => n,
@@ -293,7 +303,7 @@ impl<V: ViewSource> Handler<V> {
         let mut cause: Option<EventId> = None;
         let mut out = Vec::with_capacity(steps.len());
         for (i, step) in steps.iter().enumerate() {
-            let mut env = Envelope::new(step.event.clone()).with_correlation(correlation);
+            let mut env = stamp.envelope(step.event.clone());
             env.causation_id = cause;
             let bytes = usbpt_schemas::encode(&env).map_or(usize::MAX, |b| b.len());
             if bytes > limit {
@@ -316,9 +326,9 @@ impl<V: ViewSource> Handler<V> {
     async fn append(
         &self,
         steps: &[Step],
-        correlation: CorrelationId,
+        stamp: &Stamp,
     ) -> Result<(Vec<EventId>, u64), AppendError> {
-        let envelopes = self.envelopes(steps, correlation)?;
+        let envelopes = self.envelopes(steps, stamp)?;
         let mut written: HashMap<String, u64> = HashMap::new();
         let mut undo = Vec::new();
         let mut ids = Vec::new();
@@ -365,6 +375,7 @@ impl<V: ViewSource> Handler<V> {
     /// until the connection closes. Up to `concurrency` commands run at once.
     pub async fn serve_nats(self: Arc<Self>, concurrency: usize) -> Result<(), BusError> {
         let client = self.bus.client().clone();
+        let authenticated = self.bus.public_key().is_some();
         let subscriber = client
             .queue_subscribe(subjects::ALL_COMMANDS, subjects::COMMAND_QUEUE.to_owned())
             .await
@@ -374,8 +385,9 @@ impl<V: ViewSource> Handler<V> {
                 let this = Arc::clone(&self);
                 let client = client.clone();
                 async move {
+                    let origin = nats_origin(msg.reply.as_deref(), authenticated);
                     let reply = match serde_json::from_slice::<Command>(&msg.payload) {
-                        Ok(cmd) => this.execute(&cmd).await,
+                        Ok(cmd) => this.execute(&cmd, origin).await,
                         Err(e) => rejected(RejectKind::Invalid, format!("invalid command: {e}")),
                     };
                     if let Some(to) = msg.reply {
@@ -388,6 +400,46 @@ impl<V: ViewSource> Handler<V> {
             })
             .await;
         Ok(())
+    }
+}
+
+/// What every envelope of one command carries: its correlation and who asked.
+struct Stamp {
+    correlation: CorrelationId,
+    origin: Origin,
+}
+
+impl Stamp {
+    fn envelope(&self, event: Event) -> Envelope {
+        Envelope::new(event)
+            .with_correlation(self.correlation)
+            .with_origin(Some(self.origin.clone()))
+    }
+}
+
+/// The origin of a command that arrived over NATS with reply subject `reply`: the requester's
+/// nkey public key, read from its reply inbox `_INBOX.{public key}.…` (ADR 0014).
+///
+/// What that proves: on a bus with nkey authentication (`authenticated`: this handler
+/// connected with one, so the server requires them) only the identity with that key may
+/// subscribe to that inbox (ADR 0005), so a requester naming another identity's inbox never
+/// gets the reply; and only `admin` identities may publish on `usbpt.cmd.>` at all. The
+/// command body cannot claim an origin (commands deny unknown fields). A request without a
+/// reply subject, or whose inbox is not an nkey's, or on a bus without nkeys, is recorded as
+/// `unverified`.
+pub fn nats_origin(reply: Option<&str>, authenticated: bool) -> Origin {
+    let key = reply
+        .and_then(|r| r.strip_prefix("_INBOX."))
+        .and_then(|r| r.split('.').next())
+        .filter(|k| {
+            k.len() == 56
+                && k.starts_with('U')
+                && k.bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        });
+    match key {
+        Some(k) if authenticated => Origin::new(Via::Nats, k),
+        _ => Origin::new(Via::Nats, "unverified"),
     }
 }
 
@@ -405,4 +457,23 @@ pub async fn request(bus: &Bus, cmd: &Command, timeout: Duration) -> Result<Comm
             format!("command request failed: {e} (is `usbpt serve` or `usbpt commands` running?)")
         })?;
     serde_json::from_slice(&reply).map_err(|e| format!("unreadable command reply: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nats_principal_is_the_reply_inbox_key_only_on_an_authenticated_bus() {
+        let key = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4";
+        let reply = format!("_INBOX.{key}.abc.1");
+        assert_eq!(nats_origin(Some(&reply), true), Origin::new(Via::Nats, key));
+        let unverified = Origin::new(Via::Nats, "unverified");
+        assert_eq!(nats_origin(Some(&reply), false), unverified);
+        assert_eq!(nats_origin(None, true), unverified);
+        assert_eq!(nats_origin(Some("_INBOX.abc.1"), true), unverified);
+        assert_eq!(nats_origin(Some("reply.to.me"), true), unverified);
+        let lower = format!("_INBOX.{}.x", key.to_lowercase());
+        assert_eq!(nats_origin(Some(&lower), true), unverified);
+    }
 }

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use usbpt_bus::{Bus, BusError, StartAt};
 use usbpt_schemas::{
     subjects, DeviceId, DeviceInvalidated, DeviceReattachHeld, DeviceReleased, Envelope, Event,
-    FingerprintAccepted, FingerprintPolicy, FollowPolicy, LineageId, ReleaseReason,
+    FingerprintAccepted, FingerprintPolicy, FollowPolicy, LineageId, Origin, ReleaseReason,
 };
 
 use crate::decide::{Fence, Step};
@@ -156,7 +156,10 @@ pub fn grace_expired(
 }
 
 async fn append(bus: &Bus, step: Step, cause: &Envelope) {
-    let env = Envelope::new(step.event).caused_by(cause);
+    // The reactor decides for itself (ADR 0014): its events say so.
+    let env = Envelope::new(step.event)
+        .caused_by(cause)
+        .with_origin(Some(Origin::policy("reactor")));
     let r = match step.fence {
         Fence::Expect(seq) => bus.publish_fenced(&env, seq).await,
         Fence::None => bus.publish(&env).await,

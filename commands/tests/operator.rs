@@ -29,6 +29,9 @@ impl ViewRead for Lineage {
     fn server_by_name(&self, _: &ServerName) -> Result<Option<ServerInfo>, ViewError> {
         Ok(None)
     }
+    fn server_by_id(&self, _: &ServerId) -> Result<Option<ServerInfo>, ViewError> {
+        Ok(None)
+    }
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceInfo>, ViewError> {
         Ok((self.current.device_id == *id).then(|| self.current.clone()))
     }

@@ -6,15 +6,16 @@
 //! records, so a view rebuilt by `replay --until SEQ` gives the ledger as it was at SEQ, and
 //! replay equality of the devices and servers tables is replay equality of the ledger.
 //!
-//! Not recorded by any event: who (which operator or API client) asked for the command that
-//! started or ended an interval. The interval names the server; the envelope's correlation id
-//! ties the events of one command together but is not kept in the view.
+//! Who asked (ADR 0014): an interval's `started_by` is the origin of the claim that began it,
+//! its `ended_by` the origin of the release that ended it — the HTTP client, the NATS identity,
+//! or a policy (the reactor). `None` where an agent's event began or ended it (a hold the view
+//! first saw re-attached) or the event was written before envelopes carried origins.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use usbpt_schemas::{
-    HostName, InvalidationReason, LineageId, PortPath, ReleaseReason, ServerId, ServerName,
+    HostName, InvalidationReason, LineageId, Origin, PortPath, ReleaseReason, ServerId, ServerName,
     Timestamp, UsbAddress,
 };
 
@@ -96,6 +97,12 @@ pub struct CustodyInterval {
     /// `None` while the server still holds it.
     pub to: Option<Stamp>,
     pub ended: Option<ReleaseReason>,
+    /// Who asked for the command that began it (the claim's origin); `None` for an interval an
+    /// agent's event began, or one recorded before origins were.
+    pub started_by: Option<Origin>,
+    /// Who asked for the release that ended it (an operator's delete, the reactor's grace
+    /// expiry); `None` while open or when the release carried no origin.
+    pub ended_by: Option<Origin>,
     /// The enumerations it held, in order (more than one after re-attaches).
     pub segments: Vec<CustodySegment>,
 }
@@ -185,6 +192,8 @@ pub fn ledger(history: &[Device], servers: &BTreeMap<ServerId, Server>) -> Vec<C
                     from: h.from,
                     to: None,
                     ended: None,
+                    started_by: h.started_by.clone(),
+                    ended_by: None,
                     segments: Vec::new(),
                 });
                 let last = out.len() - 1;
@@ -196,6 +205,7 @@ pub fn ledger(history: &[Device], servers: &BTreeMap<ServerId, Server>) -> Vec<C
             if interval.to.is_none_or(|to| st.seq >= to.seq) {
                 interval.to = Some(st);
                 interval.ended = Some(reason);
+                interval.ended_by = h.ended_by.clone();
             }
         }
     }

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use usbpt_schemas::{
     AssignedDevice, AttachMethod, ControllerModel, DeviceDiscovered, DeviceId, Fingerprint,
     FingerprintPolicy, FlavorId, FlavorName, FollowPolicy, HostName, HostRejection,
-    InvalidationReason, LineageId, LineageKind, PortPath, ProductId, ReleaseReason, ServerAction,
-    ServerId, ServerName, ServerState, Timestamp, UsbAddress, UsbRequest, VendorId,
+    InvalidationReason, LineageId, LineageKind, Origin, PortPath, ProductId, ReleaseReason,
+    ServerAction, ServerId, ServerName, ServerState, Timestamp, UsbAddress, UsbRequest, VendorId,
 };
 
 /// When something happened: the stream sequence of the event and the time the event carries.
@@ -106,6 +106,13 @@ pub struct Holding {
     pub from: Stamp,
     pub attached: Option<Stamp>,
     pub ended: Option<(Stamp, HoldEnd)>,
+    /// Who asked for the command whose event began it (ADR 0014): the claim's origin; `None`
+    /// for a hold an agent's event began (followed, re-attached, attached without a claim) or
+    /// a claim recorded before origins were.
+    pub started_by: Option<Origin>,
+    /// Who asked for the release that ended it; `None` when an agent's event ended it (the
+    /// claim moved on) or the release carried no origin.
+    pub ended_by: Option<Origin>,
 }
 
 /// The last time the hypervisor refused this device.

@@ -133,6 +133,28 @@ struct Story {
     s2: ServerId,
 }
 
+/// Who asked for the command events of the story (ADR 0014): erp-1's boot over HTTP, its resize
+/// over NATS by the admin identity, the resize's confirmation by the auto-confirm policy,
+/// erp-1's delete over HTTP, erp-2's boot over NATS. Agents' events carry none.
+fn http() -> Origin {
+    Origin::new(Via::Http, "token")
+        .with_address("192.0.2.9:50000")
+        .with_client("openstack")
+        .with_request_id("req-0190a000-0000-7000-8000-000000000005")
+}
+const ADMIN_KEY: &str = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4";
+fn nats() -> Origin {
+    Origin::new(Via::Nats, ADMIN_KEY)
+}
+fn origin_of(seq: u64) -> Option<Origin> {
+    match seq {
+        5..=7 | 20..=21 => Some(http()),
+        14..=15 | 22..=24 => Some(nats()),
+        18..=19 => Some(Origin::policy("auto-confirm")),
+        _ => None,
+    }
+}
+
 /// The scripted history; sequence numbers are the positions (1-based) noted beside each event.
 fn story() -> Story {
     let key = lineage(KEY, "KEY-A");
@@ -235,7 +257,8 @@ fn story() -> Story {
                     1_764_000_000_000_000 + i64::try_from(seq).unwrap() * 1_000_000,
                 ),
                 body,
-            );
+            )
+            .with_origin(origin_of(seq));
             RawEvent {
                 seq,
                 subject: subjects::for_event(&env),
@@ -351,6 +374,27 @@ fn the_custody_ledger_lists_exactly_the_intervals_of_the_story() {
             (HoldKind::Followed, 11, Some(13), Some(19), None),
         ]
     );
+    // Who asked: erp-1's HTTP boot began the key's first interval, the auto-confirm of its
+    // resize ended it; the admin's NATS boot of erp-2 began the second, still open.
+    let who: Vec<_> = snap
+        .custody(&st.key)
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.started_by, i.ended_by))
+        .collect();
+    assert_eq!(
+        who,
+        vec![
+            (Some(http()), Some(Origin::policy("auto-confirm"))),
+            (Some(nats()), None),
+        ]
+    );
+    let scanner = &snap.custody(&st.scanner).unwrap()[0];
+    assert_eq!(
+        (scanner.started_by.clone(), scanner.ended_by.clone()),
+        (Some(nats()), Some(http())),
+        "the resize (NATS) began it, the delete (HTTP) ended it"
+    );
     // The scanner: held by erp-1 from its resize until the server was deleted.
     assert_eq!(
         seqs(&snap, st.scanner),
@@ -396,6 +440,12 @@ fn the_custody_ledger_lists_exactly_the_intervals_of_the_story() {
     assert_eq!(
         seqs(&then, st.scanner),
         vec![(st.s1, CustodyStart::Resize, 14, None, None, vec![dev(4)])]
+    );
+    let then_key = &then.custody(&st.key).unwrap()[0];
+    assert_eq!(
+        (then_key.started_by.clone(), then_key.ended_by.clone()),
+        (Some(http()), None),
+        "open then: started by the boot, not yet ended"
     );
 }
 

@@ -13,12 +13,14 @@ pub mod fingerprint;
 pub mod heartbeat;
 pub mod ids;
 pub mod label;
+pub mod origin;
 pub mod subjects;
 pub mod text;
 pub mod time;
 
 pub use codec::{decode, encode, DecodeError, Sealed};
-pub use envelope::{Envelope, SCHEMA_VERSION};
+pub use envelope::{Envelope, SCHEMA_VERSION, SCHEMA_VERSION_V1};
 pub use events::*;
 pub use ids::*;
+pub use origin::{Origin, Via};
 pub use time::Timestamp;

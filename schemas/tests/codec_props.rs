@@ -5,7 +5,7 @@
 mod common;
 
 use proptest::prelude::*;
-use usbpt_schemas::{decode, encode, DecodeError, SCHEMA_VERSION};
+use usbpt_schemas::{decode, encode, DecodeError, SCHEMA_VERSION, SCHEMA_VERSION_V1};
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
@@ -17,6 +17,16 @@ proptest! {
         // JSON (what the API serves) round-trips too.
         let json = serde_json::to_string(&env).expect("json");
         prop_assert_eq!(serde_json::from_str::<usbpt_schemas::Envelope>(&json).expect("from json"), env);
+    }
+
+    /// The version on the wire follows the origin: 1 without one (the bytes every agent event
+    /// and every older vector has), 2 with one; decoding gives the same version back.
+    #[test]
+    fn the_version_follows_the_origin(env in common::any_envelope()) {
+        let bytes = encode(&env).expect("encode");
+        let want = if env.origin.is_some() { SCHEMA_VERSION } else { SCHEMA_VERSION_V1 };
+        prop_assert_eq!(u16::from(bytes[0]), want);
+        prop_assert_eq!(decode(&bytes).expect("decode").schema_version, want);
     }
 
     #[test]
@@ -51,7 +61,7 @@ proptest! {
 #[test]
 fn unknown_schema_version_is_named() {
     let mut bytes = encode(&common::sample_envelopes()[0]).expect("encode");
-    assert_eq!(bytes[0], SCHEMA_VERSION as u8);
+    assert_eq!(bytes[0], SCHEMA_VERSION_V1 as u8);
     bytes[0] = 9;
     assert_eq!(
         decode(&bytes),
@@ -73,6 +83,40 @@ fn unknown_variant_is_typed() {
     let mut patched = bytes.clone();
     patched[body_at] = 0x7f;
     assert_eq!(decode(&patched), Err(DecodeError::UnknownVariant));
+}
+
+#[test]
+fn unknown_variant_is_typed_in_v2() {
+    for env in common::sample_envelopes_v2() {
+        let bytes = encode(&env).expect("encode");
+        let body_at = bytes.len() - postcard::to_allocvec(&env.body).expect("body").len();
+        let mut patched = bytes.clone();
+        patched[body_at] = 0x7f;
+        assert_eq!(decode(&patched), Err(DecodeError::UnknownVariant));
+    }
+}
+
+/// A forged version-2 envelope cannot carry an origin longer than an honest one: the bound is
+/// checked when decoding, and the refusal is typed.
+#[test]
+fn an_overlong_origin_is_refused() {
+    let env = common::sample_envelopes_v2().remove(1);
+    let bytes = encode(&env).expect("encode");
+    let origin = postcard::to_allocvec(env.origin.as_ref().expect("origin")).expect("origin");
+    let at = bytes
+        .windows(origin.len())
+        .position(|w| w == origin.as_slice())
+        .expect("the origin is in the bytes");
+    // via (1 byte), then the principal's length (1 byte varint for < 128) and text.
+    let long = "U".repeat(usbpt_schemas::origin::PRINCIPAL_MAX + 1);
+    let mut forged = bytes[..at + 1].to_vec();
+    forged.extend_from_slice(&postcard::to_allocvec(&long).expect("text"));
+    forged.extend_from_slice(&bytes[at + 1 + 1 + env.origin.as_ref().unwrap().principal().len()..]);
+    assert!(
+        matches!(decode(&forged), Err(DecodeError::Invalid(_))),
+        "{:?}",
+        decode(&forged)
+    );
 }
 
 #[test]

@@ -74,6 +74,48 @@ fn wire_format_matches_golden_vectors() {
     );
 }
 
+/// Version 2 (ADR 0014): a command's events carry who asked. Their bytes are frozen like
+/// version 1's; each is the version-1 encoding of the same envelope without its origin with
+/// the version changed to 2 and the origin inserted before the body.
+#[test]
+fn v2_wire_format_matches_golden_vectors() {
+    let bless = std::env::var_os("USBPT_BLESS").is_some();
+    let mut missing = Vec::new();
+    for env in common::sample_envelopes_v2() {
+        let kind = env.body.kind();
+        let path = golden_dir().join(format!("v2-{kind}.hex"));
+        let bytes = encode(&env).expect("encode");
+        assert_eq!(
+            bytes[0], 2,
+            "{kind}: an envelope with an origin is version 2"
+        );
+        let origin = env.origin.clone().expect("a v2 sample has an origin");
+        let v1 = encode(&env.clone().with_origin(None)).expect("v1");
+        assert_eq!(v1[0], 1, "{kind}: without an origin, version 1");
+        let body = postcard::to_allocvec(&env.body).expect("body");
+        let head = &v1[1..v1.len() - body.len()];
+        let mut expected = vec![2u8];
+        expected.extend_from_slice(head);
+        expected.extend_from_slice(&postcard::to_allocvec(&origin).expect("origin"));
+        expected.extend_from_slice(&body);
+        assert_eq!(to_hex(&bytes), to_hex(&expected), "{kind}: v2 layout");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let golden = from_hex(&text);
+                assert_eq!(
+                    to_hex(&bytes),
+                    to_hex(&golden),
+                    "{kind}: v2 encoding changed"
+                );
+                assert_eq!(decode(&golden).expect("golden decodes"), env, "{kind}");
+            }
+            Err(_) if bless => std::fs::write(&path, to_hex(&bytes)).expect("write golden"),
+            Err(_) => missing.push(kind),
+        }
+    }
+    assert!(missing.is_empty(), "no v2 golden vector for {missing:?}");
+}
+
 #[test]
 fn postcard_is_much_smaller_than_json() {
     for env in common::sample_envelopes() {

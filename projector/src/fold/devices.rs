@@ -64,6 +64,8 @@ pub(super) fn discovered<S: State>(
                 from: st,
                 attached: None,
                 ended: None,
+                started_by: None,
+                ended_by: None,
             });
             c.awaiting = Some(e.device_id);
             v.put_claim(c);
@@ -240,7 +242,12 @@ pub(super) fn invalidated<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidated)
     alarms::current_ended(v, st, e)
 }
 
-pub(super) fn claimed<S: State>(v: &mut S, st: Stamp, e: &DeviceClaimed) -> R {
+pub(super) fn claimed<S: State>(
+    v: &mut S,
+    st: Stamp,
+    origin: Option<&Origin>,
+    e: &DeviceClaimed,
+) -> R {
     let s = known_server(v, e.server_id)?;
     not_deleted(&s)?;
     let d = known_device(v, e.device_id, Some(e.lineage_id), &e.host)?;
@@ -277,13 +284,19 @@ pub(super) fn claimed<S: State>(v: &mut S, st: Stamp, e: &DeviceClaimed) -> R {
         n.status = DeviceStatus::Claimed;
     }
     n.holder = Some(e.server_id);
-    open_holding(&mut n, e.server_id, HoldKind::Claimed, st);
+    open_holding(&mut n, e.server_id, HoldKind::Claimed, st, origin);
     n.last_change_seq = st.seq;
     Ok(v.put_device(n)?)
 }
 
-/// Starts a holding unless `server` already has an open one.
-fn open_holding(d: &mut Device, server: ServerId, how: HoldKind, st: Stamp) -> &mut Holding {
+/// Starts a holding unless `server` already has an open one; `origin` is who asked for it.
+fn open_holding<'d>(
+    d: &'d mut Device,
+    server: ServerId,
+    how: HoldKind,
+    st: Stamp,
+    origin: Option<&Origin>,
+) -> &'d mut Holding {
     let open = d
         .holders
         .iter()
@@ -297,6 +310,8 @@ fn open_holding(d: &mut Device, server: ServerId, how: HoldKind, st: Stamp) -> &
                 from: st,
                 attached: None,
                 ended: None,
+                started_by: origin.cloned(),
+                ended_by: None,
             });
             d.holders.len() - 1
         }
@@ -304,13 +319,15 @@ fn open_holding(d: &mut Device, server: ServerId, how: HoldKind, st: Stamp) -> &
     &mut d.holders[i]
 }
 
-fn end_holding(d: &mut Device, server: ServerId, st: Stamp, end: HoldEnd) {
+/// Ends `server`'s open holdings; `origin` is who asked for the end (`None`: an agent's event).
+fn end_holding(d: &mut Device, server: ServerId, st: Stamp, end: HoldEnd, origin: Option<&Origin>) {
     for h in d
         .holders
         .iter_mut()
         .filter(|h| h.server_id == server && h.ended.is_none())
     {
         h.ended = Some((st, end));
+        h.ended_by = origin.cloned();
     }
 }
 
@@ -335,7 +352,7 @@ fn attach(
         detail: detail.to_owned(),
         stamp: st,
     });
-    open_holding(d, server, how, st).attached = Some(st);
+    open_holding(d, server, how, st, None).attached = Some(st);
     d.last_change_seq = st.seq;
 }
 
@@ -412,7 +429,13 @@ pub(super) fn reattached<S: State>(v: &mut S, st: Stamp, e: &DeviceReattached) -
         let mut o = old;
         o.holder = None;
         o.attachment = None;
-        end_holding(&mut o, e.server_id, st, HoldEnd::MovedTo(e.new_device_id));
+        end_holding(
+            &mut o,
+            e.server_id,
+            st,
+            HoldEnd::MovedTo(e.new_device_id),
+            None,
+        );
         o.last_change_seq = st.seq;
         v.put_device(o)?;
     }
@@ -434,7 +457,12 @@ pub(super) fn reattached<S: State>(v: &mut S, st: Stamp, e: &DeviceReattached) -
     }
 }
 
-pub(super) fn released<S: State>(v: &mut S, st: Stamp, e: &DeviceReleased) -> R {
+pub(super) fn released<S: State>(
+    v: &mut S,
+    st: Stamp,
+    origin: Option<&Origin>,
+    e: &DeviceReleased,
+) -> R {
     let Some(c) = v.claim(e.lineage_id)? else {
         return reject(
             QuarantineReason::Conflict,
@@ -469,7 +497,7 @@ pub(super) fn released<S: State>(v: &mut S, st: Stamp, e: &DeviceReleased) -> R 
         if matches!(n.status, DeviceStatus::Claimed | DeviceStatus::Attached) {
             n.status = DeviceStatus::Available;
         }
-        end_holding(&mut n, e.server_id, st, HoldEnd::Released(e.reason));
+        end_holding(&mut n, e.server_id, st, HoldEnd::Released(e.reason), origin);
         n.last_change_seq = st.seq;
         v.put_device(n)?;
     }

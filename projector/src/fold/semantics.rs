@@ -82,7 +82,7 @@ pub(crate) fn apply<S: State>(
     };
     let result = match check_subject(subject, env) {
         Err(fail) => Err(fail),
-        Ok(()) => handle(v, st, &env.body),
+        Ok(()) => handle(v, st, env.origin.as_ref(), &env.body),
     };
     match result {
         Ok(()) => {
@@ -175,7 +175,9 @@ fn check_subject(subject: &str, env: &Envelope) -> R {
     }
 }
 
-fn handle<S: State>(v: &mut S, st: Stamp, body: &Event) -> R {
+/// `origin` is who asked for the command that appended the event (ADR 0014): kept where a
+/// hold begins (a claim) and ends (a release), for the custody ledger.
+fn handle<S: State>(v: &mut S, st: Stamp, origin: Option<&Origin>, body: &Event) -> R {
     match body {
         // The host record is all it changes (see `touch_host`).
         Event::HostAgentStarted(_) | Event::DeviceClashDetected(_) => Ok(()),
@@ -202,14 +204,14 @@ fn handle<S: State>(v: &mut S, st: Stamp, body: &Event) -> R {
         Event::ServerBootRequested(e) => servers::boot_requested(v, st, e),
         Event::ServerScheduled(e) => servers::scheduled(v, st, e),
         Event::ServerScheduleFailed(e) => servers::schedule_failed(v, st, e),
-        Event::DeviceClaimed(e) => devices::claimed(v, st, e),
+        Event::DeviceClaimed(e) => devices::claimed(v, st, origin, e),
         Event::DeviceAttached(e) => devices::attached(v, st, e),
         Event::DeviceReattached(e) => {
             devices::reattached(v, st, e)?;
             servers::end_reattach_hold(v, st, e.server_id, e.lineage_id)
         }
         Event::DeviceReleased(e) => {
-            devices::released(v, st, e)?;
+            devices::released(v, st, origin, e)?;
             servers::end_reattach_hold(v, st, e.server_id, e.lineage_id)
         }
         Event::ServerStateChanged(e) => servers::state_changed(v, st, e),

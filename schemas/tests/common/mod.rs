@@ -894,6 +894,31 @@ fn any_event_v1() -> impl Strategy<Value = Event> {
     ]
 }
 
+/// Origins of every kind, with any text (the constructors bound it).
+pub fn any_origin() -> impl Strategy<Value = Origin> {
+    (
+        prop_oneof![Just(Via::Http), Just(Via::Nats), Just(Via::Policy)],
+        ".{0,80}",
+        proptest::option::of(".{0,80}"),
+        proptest::option::of(".{0,200}"),
+        proptest::option::of(".{0,80}"),
+    )
+        .prop_map(|(via, principal, address, client, request_id)| {
+            let mut o = Origin::new(via, principal);
+            if let Some(a) = address {
+                o = o.with_address(a);
+            }
+            if let Some(c) = client {
+                o = o.with_client(c);
+            }
+            if let Some(r) = request_id {
+                o = o.with_request_id(r);
+            }
+            o
+        })
+}
+
+/// Envelopes of both versions: without an origin (version 1) and with one (version 2).
 pub fn any_envelope() -> impl Strategy<Value = Envelope> {
     (
         any_event(),
@@ -901,11 +926,37 @@ pub fn any_envelope() -> impl Strategy<Value = Envelope> {
         0i64..253_402_300_799_000_000,
         proptest::option::of(a_uuid()),
         proptest::option::of(a_uuid()),
+        proptest::option::of(any_origin()),
     )
-        .prop_map(|(body, e, t, c, k)| {
+        .prop_map(|(body, e, t, c, k, o)| {
             let mut env = Envelope::at(EventId(e), Timestamp::from_micros(t), body);
             env.causation_id = c.map(EventId);
             env.correlation_id = k.map(CorrelationId);
-            env
+            env.with_origin(o)
         })
+}
+
+/// The version-2 samples (ADR 0014): a command's events with an HTTP, a NATS and a policy
+/// origin. Golden vectors `v2-{kind}.hex`.
+pub fn sample_envelopes_v2() -> Vec<Envelope> {
+    let envs = sample_envelopes();
+    let pick = |kind: &str| {
+        envs.iter()
+            .find(|e| e.body.kind() == kind)
+            .cloned()
+            .expect("a sample")
+    };
+    vec![
+        pick("DeviceClaimed").with_origin(Some(
+            Origin::new(Via::Http, "token")
+                .with_address("192.0.2.7:51234")
+                .with_client("python-novaclient")
+                .with_request_id("req-0190a000-0000-7000-8000-00000000004d"),
+        )),
+        pick("ServerBootRequested").with_origin(Some(Origin::new(
+            Via::Nats,
+            "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4",
+        ))),
+        pick("DeviceReleased").with_origin(Some(Origin::policy("reactor"))),
+    ]
 }
