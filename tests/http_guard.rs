@@ -928,7 +928,7 @@ async fn an_event_too_large_for_the_bus_is_refused_before_the_first_append() -> 
         &usbpt_bus::StreamSettings::default(),
     )
     .await?;
-    assert_eq!(admin.client().server_info().max_payload, 4096);
+    assert_eq!(admin.server_info().max_payload, 4096);
 
     let data = tempfile::tempdir()?;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_usbpt"));
