@@ -25,7 +25,7 @@ fn key_on(dev: u128, host: &str) -> Event {
     };
     d.device_id = DeviceId(id(dev));
     d.host = common::host(host);
-    d.serial = Some("K1".into());
+    d.descriptors.serial = Some("K1".into());
     d.supersedes = None;
     d.lineage_kind = LineageKind::Serial;
     d.lineage_id = lineage();
@@ -38,8 +38,8 @@ fn lineage() -> LineageId {
         _ => unreachable!(),
     };
     LineageId::derive(&LineageKey::Serial {
-        vendor: d.vendor_id,
-        product: d.product_id,
+        vendor: d.descriptors.vendor_id,
+        product: d.descriptors.product_id,
         serial: "K1",
     })
 }

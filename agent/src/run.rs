@@ -142,9 +142,9 @@ impl Agent {
             match (&env.body, env.body.discovery()) {
                 (_, Some((d, _))) => {
                     let info = DeviceInfo {
-                        vendor: d.vendor_id,
-                        product: d.product_id,
-                        address: d.address,
+                        vendor: d.descriptors.vendor_id,
+                        product: d.descriptors.product_id,
+                        address: d.descriptors.address,
                         present: true,
                     };
                     self.devices.insert(d.device_id, info);
@@ -316,12 +316,12 @@ fn log_event(e: &Event) {
             device_id = %d.device_id,
             lineage_id = %d.lineage_id,
             lineage = ?d.lineage_kind,
-            port = %d.port_path,
-            address = %d.address,
-            ids = %format!("{}:{}", d.vendor_id, d.product_id),
-            manufacturer = %Escaped(d.manufacturer.as_deref().unwrap_or("-")),
-            product = %Escaped(d.product.as_deref().unwrap_or("-")),
-            serial = %Escaped(d.serial.as_deref().unwrap_or("-")),
+            port = %d.descriptors.port_path,
+            address = %d.descriptors.address,
+            ids = %format!("{}:{}", d.descriptors.vendor_id, d.descriptors.product_id),
+            manufacturer = %Escaped(d.descriptors.manufacturer.as_deref().unwrap_or("-")),
+            product = %Escaped(d.descriptors.product.as_deref().unwrap_or("-")),
+            serial = %Escaped(d.descriptors.serial.as_deref().unwrap_or("-")),
             fingerprint = %fingerprint.map(|f| f.to_string()).unwrap_or_else(|| "-".into()),
             supersedes = ?d.supersedes.map(|s| s.to_string()),
             "device discovered"
