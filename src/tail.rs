@@ -39,11 +39,11 @@ pub async fn tail(bus: &Bus, from_start: bool, as_json: bool, limit: Option<u64>
                     let field = |v: &Option<String>| field(v).unwrap_or_else(|| "-".into());
                     line.push_str(&format!(
                         "  {}:{} \"{}\" \"{}\" serial {} fingerprint {}",
-                        d.vendor_id,
-                        d.product_id,
-                        field(&d.manufacturer),
-                        field(&d.product),
-                        field(&d.serial),
+                        d.descriptors.vendor_id,
+                        d.descriptors.product_id,
+                        field(&d.descriptors.manufacturer),
+                        field(&d.descriptors.product),
+                        field(&d.descriptors.serial),
                         fingerprint.map_or_else(|| "-".to_owned(), |f| f.to_string()),
                     ));
                 }

@@ -10,7 +10,7 @@ mod agent_support;
 use std::collections::{HashMap, HashSet};
 
 use agent_support::*;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use futures::StreamExt;
 use usbpt_agent::store::{self, Store};
 use usbpt_bench::codec::sample_discovered_on;
@@ -75,14 +75,9 @@ fn a_queued_burst_survives_sigkill_of_agent_and_nats_exactly_once_in_order() {
             // Every publish the server receives is also seen by a plain subscriber: the test
             // waits on those, not on time.
             let watcher = nats.bus().await?;
-            let mut seen = watcher
-                .client()
-                .subscribe(subjects::host_all(&host))
-                .await
-                .map_err(|e| anyhow!("subscribe: {e}"))?;
-            // A round trip on the same connection: the server holds the subscription before
-            // the agent (another connection) publishes.
-            watcher.last_sequence().await?;
+            // `subscribe` returns after a round trip on the same connection: the server holds
+            // the subscription before the agent (another connection) publishes.
+            let mut seen = watcher.subscribe(&subjects::host_all(&host)).await?;
             let mut received = 0usize;
             let mut wait_for = async |n: usize| -> Result<()> {
                 while received < n {

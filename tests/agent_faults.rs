@@ -82,7 +82,7 @@ fn nats_killed_during_a_burst_of_hotplugs_every_event_is_stored_exactly_once() {
             // In the order they happened: the sticks' devnums come in plugging order.
             let devnums: Vec<u16> = discovered(&events[4..])
                 .iter()
-                .map(|d| d.address.devnum())
+                .map(|d| d.descriptors.address.devnum())
                 .collect();
             let expected: Vec<u16> = (0..70).map(|i| 2 + i % 120).collect();
             assert_eq!(devnums, expected);
@@ -199,7 +199,7 @@ fn a_storm_of_hotplugs_leaves_the_same_picture_as_a_fresh_enumeration() {
             let picture = |events: &[usbpt_schemas::Envelope]| -> BTreeSet<(String, u16, u16, Option<String>)> {
                 live(events)
                     .into_values()
-                    .map(|d| (d.syspath, d.address.bus(), d.address.devnum(), d.serial))
+                    .map(|d| (d.syspath, d.descriptors.address.bus(), d.descriptors.address.devnum(), d.descriptors.serial))
                     .collect()
             };
             log.until("the fresh enumeration's picture", |e| picture(e) == fresh)

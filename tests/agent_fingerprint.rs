@@ -65,7 +65,7 @@ fn recorded_devices_carry_usbguards_hash_and_a_replug_gives_the_same_one() {
             assert_eq!(found.len(), 3);
             let (camera, camera_fp) = found
                 .iter()
-                .find(|(d, _)| d.port_path.to_string() == "1-1.5.2.3")
+                .find(|(d, _)| d.descriptors.port_path.to_string() == "1-1.5.2.3")
                 .expect("the camera");
             let expected = usbguard_hash(
                 "Canon Digital Camera",

@@ -42,7 +42,7 @@ fn by_port<'a>(
 ) -> &'a usbpt_schemas::DeviceDiscovered {
     found
         .iter()
-        .find(|d| d.port_path == port(p))
+        .find(|d| d.descriptors.port_path == port(p))
         .unwrap_or_else(|| panic!("nothing discovered at {p}"))
 }
 
@@ -79,47 +79,56 @@ fn the_recorded_devices_give_three_candidates_with_their_lineage_kinds() {
 
             let key = by_port(&found, "3-2.3");
             assert_eq!(
-                (key.vendor_id, key.product_id),
+                (key.descriptors.vendor_id, key.descriptors.product_id),
                 (VendorId(0x1050), ProductId(0x0120))
             );
-            assert_eq!(key.serial, None);
+            assert_eq!(key.descriptors.serial, None);
             assert_eq!(
                 key.lineage_kind,
                 LineageKind::Port,
                 "no serial: port lineage"
             );
             assert_eq!(key.lineage_id, port_lineage("3-2.3", 0x1050, 0x0120));
-            assert_eq!(key.address, UsbAddress::new(3, 12)?);
-            assert_eq!(key.interface_classes, [3]);
-            assert_eq!(key.vendor_db.as_deref(), Some("Yubico.com"));
+            assert_eq!(key.descriptors.address, UsbAddress::new(3, 12)?);
+            assert_eq!(key.descriptors.interface_classes, [3]);
+            assert_eq!(key.descriptors.vendor_db.as_deref(), Some("Yubico.com"));
             assert_eq!(
-                key.model_db.as_deref(),
+                key.descriptors.model_db.as_deref(),
                 Some("Yubikey Touch U2F Security Key")
             );
-            assert_eq!(key.manufacturer.as_deref(), Some("Yubico"));
+            assert_eq!(key.descriptors.manufacturer.as_deref(), Some("Yubico"));
             assert_eq!(
-                (key.speed.as_deref(), key.usb_version.as_deref()),
+                (
+                    key.descriptors.speed.as_deref(),
+                    key.descriptors.usb_version.as_deref()
+                ),
                 (Some("12"), Some("2.00"))
             );
             assert_eq!(key.syspath, recorded::YUBIKEY);
             assert_eq!(key.boot_id, "boot-1");
 
             let phone = by_port(&found, "1-1.5.2.4");
-            assert_eq!(phone.serial.as_deref(), Some("0123456789ABCDEF"));
+            assert_eq!(
+                phone.descriptors.serial.as_deref(),
+                Some("0123456789ABCDEF")
+            );
             assert_eq!(
                 phone.lineage_kind,
                 LineageKind::Port,
                 "bogus serial: port lineage"
             );
             assert_eq!(phone.lineage_id, port_lineage("1-1.5.2.4", 0x0fce, 0x0166));
-            assert_eq!(phone.interface_classes, [0xff]);
+            assert_eq!(phone.descriptors.interface_classes, [0xff]);
 
             let camera = by_port(&found, "1-1.5.2.3");
-            assert_eq!(camera.serial.as_deref(), Some(CAMERA_SERIAL));
+            assert_eq!(camera.descriptors.serial.as_deref(), Some(CAMERA_SERIAL));
             assert_eq!(camera.lineage_kind, LineageKind::Serial);
             assert_eq!(camera.lineage_id, camera_lineage());
-            assert_eq!(camera.product.as_deref(), Some("Canon Digital Camera"));
-            assert_eq!(camera.interface_classes, [6]);
+            assert_eq!(
+                camera.descriptors.product.as_deref(),
+                Some("Canon Digital Camera")
+            );
+            assert_eq!(camera.descriptors.interface_classes, [6]);
             assert!(found
                 .iter()
                 .all(|d| d.supersedes.is_none() && d.host == host()));
@@ -171,8 +180,8 @@ fn a_replug_into_the_same_port_is_a_new_enumeration_of_the_same_lineage() {
             assert_ne!(new.device_id, old.device_id);
             assert_eq!(new.lineage_id, old.lineage_id);
             assert_eq!(new.supersedes, Some(old.device_id));
-            assert_eq!(new.address, UsbAddress::new(3, 13)?);
-            assert_eq!(new.port_path, port("3-2.3"));
+            assert_eq!(new.descriptors.address, UsbAddress::new(3, 13)?);
+            assert_eq!(new.descriptors.port_path, port("3-2.3"));
             check_history(&log.envelopes())?;
             agent.stop().await?;
             Ok(())
@@ -211,7 +220,7 @@ fn a_serial_device_moved_to_another_port_keeps_its_lineage() {
             assert_eq!(moved.lineage_id, camera.lineage_id);
             assert_eq!(moved.lineage_id, camera_lineage());
             assert_eq!(moved.supersedes, Some(camera.device_id));
-            assert_eq!(moved.address, UsbAddress::new(1, 40)?);
+            assert_eq!(moved.descriptors.address, UsbAddress::new(1, 40)?);
 
             let key_moved = by_port(&found, "3-2.4");
             assert_ne!(
@@ -255,7 +264,7 @@ fn two_devices_with_one_serial_both_take_port_lineages_and_the_clash_is_reported
                 let cam = by_port(&found, p);
                 assert_eq!(cam.lineage_kind, LineageKind::Port, "{p}");
                 assert_eq!(cam.lineage_id, port_lineage(p, 0x04a9, 0x31c0));
-                assert_eq!(cam.serial.as_deref(), Some(CAMERA_SERIAL));
+                assert_eq!(cam.descriptors.serial.as_deref(), Some(CAMERA_SERIAL));
             }
             let clash = |events: &[usbpt_schemas::Envelope]| {
                 events
@@ -352,7 +361,7 @@ fn a_reboot_with_renumbered_devices_invalidates_every_enumeration_and_links_the_
                     .expect("same lineage after the reboot");
                 assert_eq!(gone.superseded_by, Some(new.device_id));
                 assert_eq!(new.supersedes, Some(old.device_id));
-                assert_ne!(new.address, old.address);
+                assert_ne!(new.descriptors.address, old.descriptors.address);
                 assert_eq!(new.boot_id, "boot-2");
             }
             let Event::HostAgentStarted(s) = &after[6].body else {
@@ -432,10 +441,10 @@ fn an_agent_down_while_devices_changed_reconciles_when_it_comes_back() {
             let cam = by_port(&now, "1-1.5.2.3");
             assert_eq!(cam_gone.superseded_by, Some(cam.device_id));
             assert_eq!(cam.supersedes, Some(camera.device_id));
-            assert_eq!(cam.address, UsbAddress::new(1, 30)?);
+            assert_eq!(cam.descriptors.address, UsbAddress::new(1, 30)?);
             let st = by_port(&now, "3-2.4");
             assert_eq!(st.lineage_kind, LineageKind::Serial);
-            assert_eq!(st.interface_classes, [8]);
+            assert_eq!(st.descriptors.interface_classes, [8]);
             // The phone kept its enumeration: nothing about it.
             assert!(after.iter().all(|e| !matches!(&e.body,
                 Event::DeviceInvalidated(i) if i.device_id == phone.device_id)));

@@ -25,7 +25,7 @@ fn key_on(dev: u128, host: &str) -> Event {
     };
     d.device_id = DeviceId(id(dev));
     d.host = common::host(host);
-    d.serial = Some("K1".into());
+    d.descriptors.serial = Some("K1".into());
     d.supersedes = None;
     d.lineage_kind = LineageKind::Serial;
     d.lineage_id = lineage();
@@ -38,8 +38,8 @@ fn lineage() -> LineageId {
         _ => unreachable!(),
     };
     LineageId::derive(&LineageKey::Serial {
-        vendor: d.vendor_id,
-        product: d.product_id,
+        vendor: d.descriptors.vendor_id,
+        product: d.descriptors.product_id,
         serial: "K1",
     })
 }
@@ -161,7 +161,7 @@ async fn a_flapping_key_is_an_alarm_in_the_api_the_cli_and_metrics_until_the_age
             host: common::host("host-a"),
             lineage_id: lineage(),
             device_id: DeviceId(id(1)),
-            port_path: d.discovery.port_path.clone(),
+            port_path: d.discovery.descriptors.port_path.clone(),
             enumerations: 6,
             window_secs: 60,
             threshold: 5,

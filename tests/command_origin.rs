@@ -56,9 +56,9 @@ async fn seed(admin: &Bus) -> Result<()> {
     d.device_id = DeviceId::new_v7();
     d.host = common::host("host-a");
     d.lineage_kind = LineageKind::Serial;
-    d.vendor_id = VendorId(0x136b);
-    d.product_id = ProductId(0x0003);
-    d.serial = Some("ORIGIN-1".into());
+    d.descriptors.vendor_id = VendorId(0x136b);
+    d.descriptors.product_id = ProductId(0x0003);
+    d.descriptors.serial = Some("ORIGIN-1".into());
     d.supersedes = None;
     d.lineage_id = lineage();
     admin

@@ -71,19 +71,21 @@ impl Dev {
             },
             host: host(self.host),
             boot_id: boot.to_owned(),
-            address: UsbAddress::new(self.addr.0, self.addr.1).unwrap(),
-            port_path: self.port.parse().unwrap(),
-            vendor_id: VendorId(self.vp.0),
-            product_id: ProductId(self.vp.1),
-            serial: self.serial.map(str::to_owned),
-            device_class: 0,
-            interface_classes: vec![3],
-            manufacturer: Some(self.maker.to_owned()),
-            product: Some(self.product.to_owned()),
-            vendor_db: None,
-            model_db: None,
-            speed: Some("12".into()),
-            usb_version: Some("2.00".into()),
+            descriptors: UsbDescriptors {
+                address: UsbAddress::new(self.addr.0, self.addr.1).unwrap(),
+                port_path: self.port.parse().unwrap(),
+                vendor_id: VendorId(self.vp.0),
+                product_id: ProductId(self.vp.1),
+                serial: self.serial.map(str::to_owned),
+                device_class: 0,
+                interface_classes: vec![3],
+                manufacturer: Some(self.maker.to_owned()),
+                product: Some(self.product.to_owned()),
+                vendor_db: None,
+                model_db: None,
+                speed: Some("12".into()),
+                usb_version: Some("2.00".into()),
+            },
             syspath: format!("/sys/devices/pci0000:00/0000:00:14.0/usb1/{}", self.port),
             supersedes,
         }
@@ -1043,7 +1045,7 @@ fn key_k1(dev: u128, host_name: &str, fp: u8, supersedes: Option<u128>) -> Event
         0x0190_0000_0000_7000_8000_0000_0000_0000 | dev,
     ));
     d.host = host(host_name);
-    d.serial = Some("K1".into());
+    d.descriptors.serial = Some("K1".into());
     d.supersedes = supersedes.map(|s| {
         DeviceId(uuid::Uuid::from_u128(
             0x0190_0000_0000_7000_8000_0000_0000_0000 | s,
@@ -1051,8 +1053,8 @@ fn key_k1(dev: u128, host_name: &str, fp: u8, supersedes: Option<u128>) -> Event
     });
     d.lineage_kind = LineageKind::Serial;
     d.lineage_id = LineageId::derive(&LineageKey::Serial {
-        vendor: d.vendor_id,
-        product: d.product_id,
+        vendor: d.descriptors.vendor_id,
+        product: d.descriptors.product_id,
         serial: "K1",
     });
     Event::discovered(d, Some(Fingerprint([fp; 32])))

@@ -85,7 +85,7 @@ fn the_agent_sigkilled_repeatedly_while_devices_change_loses_and_doubles_nothing
             let picture = |events: &[usbpt_schemas::Envelope]| -> BTreeSet<(String, u16, u16, Option<String>)> {
                 live(events)
                     .into_values()
-                    .map(|d| (d.syspath, d.address.bus(), d.address.devnum(), d.serial))
+                    .map(|d| (d.syspath, d.descriptors.address.bus(), d.descriptors.address.devnum(), d.descriptors.serial))
                     .collect()
             };
             // The last run drained: everything it will ever publish is stored.

@@ -141,7 +141,7 @@ async fn nats_killed_twice_during_a_hotplug_burst_loses_and_doubles_nothing_and_
     // In the order they happened.
     let serials: Vec<String> = discovered(&events[4..])
         .iter()
-        .map(|d| d.serial.clone().unwrap_or_default())
+        .map(|d| d.descriptors.serial.clone().unwrap_or_default())
         .collect();
     let expected: Vec<String> = (0..PAIRS).map(|i| format!("STICK-{i:03}")).collect();
     assert_eq!(serials, expected);
@@ -155,7 +155,14 @@ async fn nats_killed_twice_during_a_hotplug_burst_loses_and_doubles_nothing_and_
     assert_eq!(present.len(), 3);
     let in_stream: BTreeSet<_> = live(&events)
         .into_values()
-        .map(|d| (d.syspath, d.address.bus(), d.address.devnum(), d.serial))
+        .map(|d| {
+            (
+                d.syspath,
+                d.descriptors.address.bus(),
+                d.descriptors.address.devnum(),
+                d.descriptors.serial,
+            )
+        })
         .collect();
     assert_eq!(in_stream, present);
     projector.caught_up(&bus).await?;

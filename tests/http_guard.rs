@@ -794,7 +794,7 @@ async fn applied(http: &reqwest::Client, serve: &Serve, seq: u64) -> Result<(u16
 async fn a_boot_that_fails_part_way_leaves_no_half_created_server() -> Result<()> {
     use usbpt_schemas::{
         DeviceDiscovered, DeviceId, Envelope, Event, HostAgentStarted, HostName, LineageId,
-        LineageKey, LineageKind, ProductId, UsbAddress, VendorId,
+        LineageKey, LineageKind, ProductId, UsbAddress, UsbDescriptors, VendorId,
     };
     let (mut nats, creds) = TestNats::start_secured(&["host-a"]).await?;
     let admin: Bus = nats.bus_as(&creds, &Role::Admin).await?;
@@ -821,19 +821,21 @@ async fn a_boot_that_fails_part_way_leaves_no_half_created_server() -> Result<()
             lineage_kind: LineageKind::Serial,
             host: host_a.clone(),
             boot_id: "boot-1".into(),
-            address: UsbAddress::new(1, 4)?,
-            port_path: "1-1.2".parse()?,
-            vendor_id: vendor,
-            product_id: product,
-            serial: Some("16284291".into()),
-            device_class: 0,
-            interface_classes: vec![3],
-            manufacturer: Some("Yubico".into()),
-            product: Some("YubiKey".into()),
-            vendor_db: None,
-            model_db: None,
-            speed: Some("12".into()),
-            usb_version: Some("2.00".into()),
+            descriptors: UsbDescriptors {
+                address: UsbAddress::new(1, 4)?,
+                port_path: "1-1.2".parse()?,
+                vendor_id: vendor,
+                product_id: product,
+                serial: Some("16284291".into()),
+                device_class: 0,
+                interface_classes: vec![3],
+                manufacturer: Some("Yubico".into()),
+                product: Some("YubiKey".into()),
+                vendor_db: None,
+                model_db: None,
+                speed: Some("12".into()),
+                usb_version: Some("2.00".into()),
+            },
             syspath: "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-1.2".into(),
             supersedes: None,
         })))
@@ -928,7 +930,7 @@ async fn an_event_too_large_for_the_bus_is_refused_before_the_first_append() -> 
         &usbpt_bus::StreamSettings::default(),
     )
     .await?;
-    assert_eq!(admin.client().server_info().max_payload, 4096);
+    assert_eq!(admin.server_info().max_payload, 4096);
 
     let data = tempfile::tempdir()?;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_usbpt"));

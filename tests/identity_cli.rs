@@ -38,11 +38,11 @@ fn discovered(dev: u128, devnum: u16, supersedes: Option<u128>) -> Event {
     d.device_id = DeviceId(id(dev));
     d.lineage_kind = LineageKind::Serial;
     d.host = common::host("host-a");
-    d.vendor_id = VendorId(KEY.0);
-    d.product_id = ProductId(KEY.1);
-    d.serial = Some("K1".into());
-    d.address = UsbAddress::new(1, devnum).unwrap();
-    d.port_path = "1-1.2".parse().unwrap();
+    d.descriptors.vendor_id = VendorId(KEY.0);
+    d.descriptors.product_id = ProductId(KEY.1);
+    d.descriptors.serial = Some("K1".into());
+    d.descriptors.address = UsbAddress::new(1, devnum).unwrap();
+    d.descriptors.port_path = "1-1.2".parse().unwrap();
     d.supersedes = supersedes.map(|s| DeviceId(id(s)));
     d.lineage_id = key_lineage();
     Event::DeviceDiscovered(d)

@@ -127,7 +127,9 @@ fn seq_of(log: &StreamLog, pick: impl Fn(&Envelope) -> bool) -> Option<u64> {
 
 fn discovered_on(e: &Envelope, host: &HostName) -> Option<DeviceId> {
     match e.body.discovery() {
-        Some((d, _)) if d.host == *host && d.serial.as_deref() == Some(SERIAL) => Some(d.device_id),
+        Some((d, _)) if d.host == *host && d.descriptors.serial.as_deref() == Some(SERIAL) => {
+            Some(d.device_id)
+        }
         _ => None,
     }
 }

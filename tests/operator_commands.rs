@@ -29,8 +29,8 @@ fn lineage() -> LineageId {
         unreachable!()
     };
     LineageId::derive(&LineageKey::Serial {
-        vendor: d.vendor_id,
-        product: d.product_id,
+        vendor: d.descriptors.vendor_id,
+        product: d.descriptors.product_id,
         serial: "K1",
     })
 }
@@ -42,7 +42,7 @@ fn key_on(dev: u128, host: &str, fp: u8, supersedes: Option<u128>) -> Event {
     };
     d.device_id = DeviceId(id(dev));
     d.host = common::host(host);
-    d.serial = Some("K1".into());
+    d.descriptors.serial = Some("K1".into());
     d.supersedes = supersedes.map(|s| DeviceId(id(s)));
     d.lineage_kind = LineageKind::Serial;
     d.lineage_id = lineage();

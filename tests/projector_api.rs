@@ -60,25 +60,25 @@ fn discovered(
         LineageKind::Port
     };
     d.host = common::host(host);
-    d.vendor_id = VendorId(vendor);
-    d.product_id = ProductId(product);
-    d.serial = serial.map(str::to_owned);
-    d.address = UsbAddress::new(bus, devnum).unwrap();
-    d.port_path = port.parse().unwrap();
+    d.descriptors.vendor_id = VendorId(vendor);
+    d.descriptors.product_id = ProductId(product);
+    d.descriptors.serial = serial.map(str::to_owned);
+    d.descriptors.address = UsbAddress::new(bus, devnum).unwrap();
+    d.descriptors.port_path = port.parse().unwrap();
     d.supersedes = supersedes.map(|s| DeviceId(id(s)));
     // The fold re-derives lineage ids from their keys (ADR 0005): derive it, and remember which
     // id the test's lineage number stands for.
-    d.lineage_id = LineageId::derive(&match &d.serial {
+    d.lineage_id = LineageId::derive(&match &d.descriptors.serial {
         Some(s) => LineageKey::Serial {
-            vendor: d.vendor_id,
-            product: d.product_id,
+            vendor: d.descriptors.vendor_id,
+            product: d.descriptors.product_id,
             serial: s,
         },
         None => LineageKey::Port {
             host: &d.host,
-            port: &d.port_path,
-            vendor: d.vendor_id,
-            product: d.product_id,
+            port: &d.descriptors.port_path,
+            vendor: d.descriptors.vendor_id,
+            product: d.descriptors.product_id,
         },
     });
     LINEAGES.with(|m| {

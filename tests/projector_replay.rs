@@ -94,7 +94,7 @@ async fn verify_names_the_first_key_where_a_view_differs_from_a_clean_replay() -
         let mut env = codec::decode(&payload)?;
         if let Event::DeviceDiscovered(d) = &mut env.body {
             if tampered.is_none() && d.host.as_str() == "host-00001" {
-                d.product = Some("tampered".into());
+                d.descriptors.product = Some("tampered".into());
                 tampered = Some(d.device_id);
                 payload = codec::encode(&env)?.into();
             }

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 use usbpt_schemas::heartbeat::{self, Heartbeat};
-use usbpt_schemas::{subjects, HostName};
+use usbpt_schemas::HostName;
 
 use crate::publisher::BusTarget;
 
@@ -25,11 +25,9 @@ pub struct Beating {
 pub fn start(host: HostName, target: BusTarget) -> Beating {
     let (stop, mut stopped) = watch::channel(false);
     let task = tokio::spawn(async move {
-        let subject = subjects::heartbeat(&host);
         let alive = Heartbeat::Alive {
             interval: heartbeat::INTERVAL,
-        }
-        .encode();
+        };
         let bus = loop {
             tokio::select! {
                 _ = until_stopped(&mut stopped) => return,
@@ -45,23 +43,19 @@ pub fn start(host: HostName, target: BusTarget) -> Beating {
                 },
             }
         };
-        let client = bus.client().clone();
         let mut tick = tokio::time::interval(heartbeat::INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = until_stopped(&mut stopped) => break,
                 _ = tick.tick() => {
-                    if let Err(e) = client.publish(subject.clone(), alive.clone().into()).await {
+                    if let Err(e) = bus.beat(&host, &alive).await {
                         debug!(error = %e, "heartbeat not sent");
                     }
                 }
             }
         }
-        let last = Heartbeat::Stopping.encode();
-        if client.publish(subject, last.into()).await.is_ok() {
-            let _ = client.flush().await;
-        }
+        let _ = bus.beat(&host, &Heartbeat::Stopping).await;
     });
     Beating {
         stop,

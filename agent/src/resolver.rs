@@ -22,7 +22,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use usbpt_schemas::{
     DeviceClashDetected, DeviceDiscovered, DeviceId, DeviceInvalidated, Event, HostName,
-    InvalidationReason, LineageId, LineageKey, LineageKind, PortPath, ProductId, VendorId,
+    InvalidationReason, LineageId, LineageKey, LineageKind, PortPath, ProductId, UsbDescriptors,
+    VendorId,
 };
 
 use crate::filter::{Decision, Filter};
@@ -168,19 +169,21 @@ fn discovered(ctx: Context<'_>, k: &Known, supersedes: Option<DeviceId>) -> Even
         lineage_kind: k.lineage_kind,
         host: ctx.host.clone(),
         boot_id: ctx.boot_id.to_owned(),
-        address: d.address,
-        port_path: d.port_path.clone(),
-        vendor_id: d.vendor_id,
-        product_id: d.product_id,
-        serial: d.serial.clone(),
-        device_class: d.device_class,
-        interface_classes: d.interfaces.iter().map(|i| i.class).collect(),
-        manufacturer: d.manufacturer.clone(),
-        product: d.product.clone(),
-        vendor_db: d.vendor_db.clone(),
-        model_db: d.model_db.clone(),
-        speed: d.speed.clone(),
-        usb_version: d.usb_version.clone(),
+        descriptors: UsbDescriptors {
+            address: d.address,
+            port_path: d.port_path.clone(),
+            vendor_id: d.vendor_id,
+            product_id: d.product_id,
+            serial: d.serial.clone(),
+            device_class: d.device_class,
+            interface_classes: d.interfaces.iter().map(|i| i.class).collect(),
+            manufacturer: d.manufacturer.clone(),
+            product: d.product.clone(),
+            vendor_db: d.vendor_db.clone(),
+            model_db: d.model_db.clone(),
+            speed: d.speed.clone(),
+            usb_version: d.usb_version.clone(),
+        },
         syspath: d.syspath.clone(),
         supersedes,
     };

@@ -161,7 +161,7 @@ impl Agent {
                         host: self.config.host.clone(),
                         lineage_id: d.lineage_id,
                         device_id: d.device_id,
-                        port_path: d.port_path.clone(),
+                        port_path: d.descriptors.port_path.clone(),
                         enumerations: n,
                         window_secs: settings.window.as_secs().try_into().unwrap_or(u32::MAX),
                         threshold: settings.threshold,
@@ -254,9 +254,9 @@ impl Agent {
             match (&env.body, env.body.discovery()) {
                 (_, Some((d, fingerprint))) => {
                     let info = DeviceInfo {
-                        vendor: d.vendor_id,
-                        product: d.product_id,
-                        address: d.address,
+                        vendor: d.descriptors.vendor_id,
+                        product: d.descriptors.product_id,
+                        address: d.descriptors.address,
                         present: true,
                         fingerprint: fingerprint.copied(),
                     };
@@ -429,12 +429,12 @@ fn log_event(e: &Event) {
             device_id = %d.device_id,
             lineage_id = %d.lineage_id,
             lineage = ?d.lineage_kind,
-            port = %d.port_path,
-            address = %d.address,
-            ids = %format!("{}:{}", d.vendor_id, d.product_id),
-            manufacturer = %Escaped(d.manufacturer.as_deref().unwrap_or("-")),
-            product = %Escaped(d.product.as_deref().unwrap_or("-")),
-            serial = %Escaped(d.serial.as_deref().unwrap_or("-")),
+            port = %d.descriptors.port_path,
+            address = %d.descriptors.address,
+            ids = %format!("{}:{}", d.descriptors.vendor_id, d.descriptors.product_id),
+            manufacturer = %Escaped(d.descriptors.manufacturer.as_deref().unwrap_or("-")),
+            product = %Escaped(d.descriptors.product.as_deref().unwrap_or("-")),
+            serial = %Escaped(d.descriptors.serial.as_deref().unwrap_or("-")),
             fingerprint = %fingerprint.map(|f| f.to_string()).unwrap_or_else(|| "-".into()),
             supersedes = ?d.supersedes.map(|s| s.to_string()),
             "device discovered"

@@ -174,7 +174,7 @@ async fn a_lost_events_report_makes_the_agent_rescan_and_reconcile() -> Result<(
     let re = events[5..]
         .iter()
         .find_map(|e| match &e.body {
-            Event::DeviceDiscovered(d) if d.address == a2.address => Some(d.clone()),
+            Event::DeviceDiscovered(d) if d.descriptors.address == a2.address => Some(d.clone()),
             _ => None,
         })
         .expect("a rediscovered");

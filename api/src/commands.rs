@@ -528,7 +528,16 @@ async fn set_extra_specs(
             .into_response();
     };
     match specs_from(specs) {
-        Ok(specs) => set_specs(&state, origin, id, specs, |specs| json!({"extra_specs": specs})).await,
+        Ok(specs) => {
+            set_specs(
+                &state,
+                origin,
+                id,
+                specs,
+                |specs| json!({"extra_specs": specs}),
+            )
+            .await
+        }
         Err(e) => e.into_response(),
     }
 }

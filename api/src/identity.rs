@@ -338,8 +338,12 @@ async fn resolve_conflict(
     };
     match lineage_id(&st, id).await {
         Ok(lineage) => {
-            crate::commands::run_command(&st.handler, origin, Command::ResolveConflict { lineage, keep })
-                .await
+            crate::commands::run_command(
+                &st.handler,
+                origin,
+                Command::ResolveConflict { lineage, keep },
+            )
+            .await
         }
         Err(e) => e.into_response(),
     }
@@ -364,7 +368,12 @@ async fn accept_fingerprint(
     }
     match lineage_id(&st, id).await {
         Ok(lineage) => {
-            crate::commands::run_command(&st.handler, origin, Command::AcceptFingerprint { lineage }).await
+            crate::commands::run_command(
+                &st.handler,
+                origin,
+                Command::AcceptFingerprint { lineage },
+            )
+            .await
         }
         Err(e) => e.into_response(),
     }

@@ -9,10 +9,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use futures::StreamExt;
-use tracing::{debug, warn};
 use usbpt_bus::Bus;
 use usbpt_schemas::heartbeat::Heartbeat;
-use usbpt_schemas::{subjects, HostName};
+use usbpt_schemas::HostName;
 
 /// A host's last beat and when it arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,27 +54,16 @@ impl Liveness {
         bus: Bus,
         stopping: impl std::future::Future<Output = ()>,
     ) -> Result<(), String> {
-        let mut beats = bus
-            .client()
-            .subscribe(subjects::ALL_HEARTBEATS)
-            .await
-            .map_err(|e| format!("subscribing to {}: {e}", subjects::ALL_HEARTBEATS))?;
+        let mut beats = bus.heartbeats().await.map_err(|e| e.to_string())?;
         tokio::pin!(stopping);
         loop {
             tokio::select! {
                 _ = &mut stopping => return Ok(()),
                 next = beats.next() => {
-                    let Some(msg) = next else {
+                    let Some(b) = next else {
                         return Err("the heartbeat subscription ended".into());
                     };
-                    let Some(host) = subjects::heartbeat_host(&msg.subject) else {
-                        debug!(subject = %msg.subject, "heartbeat on a malformed subject");
-                        continue;
-                    };
-                    match Heartbeat::parse(&msg.payload) {
-                        Ok(beat) => self.record(host, beat, Instant::now()),
-                        Err(e) => warn!(%host, error = %e, "heartbeat ignored"),
-                    }
+                    self.record(b.host, b.beat, Instant::now());
                 }
             }
         }

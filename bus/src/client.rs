@@ -17,7 +17,7 @@ use crate::stream::{StreamError, StreamSettings};
 /// A connection to the bus with the stream ensured.
 #[derive(Debug, Clone)]
 pub struct Bus {
-    client: async_nats::Client,
+    pub(crate) client: async_nats::Client,
     js: jetstream::Context,
     stream: Stream,
     /// The identity's nkey when it connected with one: it signs control work (ADR 0005).
@@ -303,9 +303,6 @@ impl Bus {
         self.signer.as_ref().map(|k| k.public_key())
     }
 
-    pub fn client(&self) -> &async_nats::Client {
-        &self.client
-    }
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
     }

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod auth;
 mod client;
+mod core_nats;
 mod durable;
 mod reader;
 pub mod server;
@@ -15,6 +16,7 @@ mod stream;
 pub use client::{
     Bus, BusError, ClientSecurity, PendingAck, PublishFailure, Published, StartAt, TlsClient,
 };
+pub use core_nats::{Beat, Beats, Message, Messages};
 pub use durable::{Acker, Durable, Received};
 pub use reader::{Delivery, Reader, ReaderOptions};
 pub use stream::{StreamError, StreamSettings};

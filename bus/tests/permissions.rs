@@ -12,6 +12,7 @@ use anyhow::Result;
 use futures::StreamExt;
 use usbpt_bus::auth::{self, Role};
 use usbpt_bus::{Bus, StreamSettings};
+use usbpt_schemas::heartbeat::Heartbeat;
 use usbpt_schemas::{subjects, Envelope, Event};
 use usbpt_testkit::TestNats;
 
@@ -65,7 +66,7 @@ async fn forgeries(nats: &TestNats, creds: &usbpt_bus::auth::CredsDir) -> Result
         .await
         .is_err());
     let admin = nats.bus_as(creds, &Role::Admin).await?;
-    assert!(admin.client().server_info().auth_required);
+    assert!(admin.server_info().auth_required);
     let a = nats.bus_as(creds, &agent("host-a")).await?;
 
     // Its own events are fine, and so is asking whether one is stored.
@@ -107,7 +108,7 @@ async fn forgeries(nats: &TestNats, creds: &usbpt_bus::auth::CredsDir) -> Result
         // A command request (an unauthenticated `usbpt.cmd.delete` deleted a server on main).
         tokio::time::timeout(
             Duration::from_secs(10),
-            a.client().request(subjects::command("delete"), "{}".into()),
+            a.request(subjects::command("delete"), b"{}".to_vec()),
         ),
         // Reading host-b's control work, or everything.
         a.pull_consumer("agent-host-a", Some(b_ctl), 0),
@@ -221,25 +222,18 @@ async fn own_work(nats: &TestNats, creds: &usbpt_bus::auth::CredsDir) -> Result<
     // Heartbeats (core NATS, ADR 0008): host-a beats on its own subject only; the readers see
     // it. The forged beat for host-b goes first: the server drops it, so host-a's own beat,
     // published after it on the same connection, is the first to arrive.
-    let mut beats = projector
-        .client()
-        .subscribe(subjects::ALL_HEARTBEATS)
-        .await?;
-    // `flush` only empties the socket buffer: a request on the same connection is what proves
-    // the server has the subscription before host-a (another connection) publishes.
-    projector.client().flush().await?;
-    projector.last_sequence().await?;
-    let b_beat = subjects::heartbeat(&common::host("host-b"));
-    let a_beat = subjects::heartbeat(&common::host("host-a"));
-    a.client().publish(b_beat, "alive 2000".into()).await?;
-    a.client()
-        .publish(a_beat.clone(), "alive 2000".into())
-        .await?;
-    a.client().flush().await?;
+    // `Bus::heartbeats` returns once the server holds the subscription (a request on the same
+    // connection after the SUB), so host-a (another connection) publishes after it.
+    let mut beats = projector.heartbeats().await?;
+    let alive = Heartbeat::Alive {
+        interval: Duration::from_millis(2000),
+    };
+    a.beat(&common::host("host-b"), &alive).await?;
+    a.beat(&common::host("host-a"), &alive).await?;
     let first = tokio::time::timeout(Duration::from_secs(5), beats.next())
         .await?
         .expect("a beat");
-    assert_eq!(first.subject.as_str(), a_beat);
+    assert_eq!(first.host, common::host("host-a"));
 
     let durable = projector.pull_consumer("usbpt-projector", None, 0).await?;
     assert!(durable.cached_info().config.filter_subject.is_empty());

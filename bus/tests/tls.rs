@@ -146,7 +146,7 @@ async fn only_clients_with_the_ca_and_a_client_certificate_get_in() -> Result<()
     };
 
     let bus = connect(tls(&d, true, true)).await?;
-    assert!(bus.client().server_info().tls_required);
+    assert!(bus.server_info().tls_required);
     assert_eq!(bus.last_sequence().await?, 0);
 
     assert!(

@@ -8,11 +8,10 @@ use usbpt_schemas::{
     subjects, DeviceClaimed, DeviceReleased, DeviceSelector, Event, FingerprintAccepted,
     FingerprintPolicy, FlavorCreated, FlavorDeleted, FlavorFingerprintPolicySet, FlavorId,
     FlavorName, FlavorSized, FlavorUsbSet, HostName, LineageConflictResolved, LineageId,
-    LineageKind, LineageLabeled, ReleaseReason, ServerAction,
-    ServerActionRequested, ServerBootRequested, ServerDeleted, ServerId, ServerMigrated,
-    ServerMigrationRefused, ServerName, ServerResizeConfirmed, ServerResizeReverted,
-    ServerResizeVerifying, ServerResized, ServerScheduleFailed, ServerScheduled, ServerState,
-    ServerUpdated,
+    LineageKind, LineageLabeled, ReleaseReason, ServerAction, ServerActionRequested,
+    ServerBootRequested, ServerDeleted, ServerId, ServerMigrated, ServerMigrationRefused,
+    ServerName, ServerResizeConfirmed, ServerResizeReverted, ServerResizeVerifying, ServerResized,
+    ServerScheduleFailed, ServerScheduled, ServerState, ServerUpdated,
 };
 
 use crate::schedule::{self, check_ports, Weigh};

@@ -295,7 +295,7 @@ impl<V: ViewSource> Handler<V> {
     /// Every step's envelope, built before the first append; each one's encoded size is
     /// checked against what the bus takes, so an oversized step is refused with nothing stored.
     fn envelopes(&self, steps: &[Step], stamp: &Stamp) -> Result<Vec<Envelope>, AppendError> {
-        let limit = match self.bus.client().server_info().max_payload {
+        let limit = match self.bus.server_info().max_payload {
             0 => 1 << 20,
             n => n,
         }
@@ -374,27 +374,23 @@ impl<V: ViewSource> Handler<V> {
     /// Serves commands over NATS request/reply (`usbpt.cmd.>`, queue group `usbpt-commands`)
     /// until the connection closes. Up to `concurrency` commands run at once.
     pub async fn serve_nats(self: Arc<Self>, concurrency: usize) -> Result<(), BusError> {
-        let client = self.bus.client().clone();
         let authenticated = self.bus.public_key().is_some();
-        let subscriber = client
-            .queue_subscribe(subjects::ALL_COMMANDS, subjects::COMMAND_QUEUE.to_owned())
-            .await
-            .map_err(|e| BusError::StreamRequest(e.to_string()))?;
-        subscriber
+        let requests = self
+            .bus
+            .requests(subjects::ALL_COMMANDS, subjects::COMMAND_QUEUE)
+            .await?;
+        requests
             .for_each_concurrent(concurrency, |msg| {
                 let this = Arc::clone(&self);
-                let client = client.clone();
                 async move {
                     let origin = nats_origin(msg.reply.as_deref(), authenticated);
                     let reply = match serde_json::from_slice::<Command>(&msg.payload) {
                         Ok(cmd) => this.execute(&cmd, origin).await,
                         Err(e) => rejected(RejectKind::Invalid, format!("invalid command: {e}")),
                     };
-                    if let Some(to) = msg.reply {
-                        let body = serde_json::to_vec(&reply).unwrap_or_default();
-                        if let Err(e) = client.publish(to, body.into()).await {
-                            warn!("cannot send a command reply: {e}");
-                        }
+                    let body = serde_json::to_vec(&reply).unwrap_or_default();
+                    if let Err(e) = this.bus.respond(&msg, body).await {
+                        warn!("cannot send a command reply: {e}");
                     }
                 }
             })

@@ -160,19 +160,19 @@ impl Device {
         &self.discovery.host
     }
     pub fn vendor_id(&self) -> VendorId {
-        self.discovery.vendor_id
+        self.discovery.descriptors.vendor_id
     }
     pub fn product_id(&self) -> ProductId {
-        self.discovery.product_id
+        self.discovery.descriptors.product_id
     }
     pub fn serial(&self) -> Option<&str> {
-        self.discovery.serial.as_deref()
+        self.discovery.descriptors.serial.as_deref()
     }
     pub fn address(&self) -> UsbAddress {
-        self.discovery.address
+        self.discovery.descriptors.address
     }
     pub fn port_path(&self) -> &PortPath {
-        &self.discovery.port_path
+        &self.discovery.descriptors.port_path
     }
     /// Free for a new claim: available (which implies current).
     pub fn is_free(&self) -> bool {

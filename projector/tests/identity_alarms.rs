@@ -22,25 +22,25 @@ fn disc(dev: u128, host: &str, port: &str, serial: Option<&str>) -> DeviceDiscov
     };
     d.device_id = DeviceId(id(dev));
     d.host = common::host(host);
-    d.port_path = port.parse().unwrap();
-    d.serial = serial.map(str::to_owned);
+    d.descriptors.port_path = port.parse().unwrap();
+    d.descriptors.serial = serial.map(str::to_owned);
     d.supersedes = None;
     d.lineage_kind = if serial.is_some() {
         LineageKind::Serial
     } else {
         LineageKind::Port
     };
-    d.lineage_id = LineageId::derive(&match &d.serial {
+    d.lineage_id = LineageId::derive(&match &d.descriptors.serial {
         Some(s) => LineageKey::Serial {
-            vendor: d.vendor_id,
-            product: d.product_id,
+            vendor: d.descriptors.vendor_id,
+            product: d.descriptors.product_id,
             serial: s,
         },
         None => LineageKey::Port {
             host: &d.host,
-            port: &d.port_path,
-            vendor: d.vendor_id,
-            product: d.product_id,
+            port: &d.descriptors.port_path,
+            vendor: d.descriptors.vendor_id,
+            product: d.descriptors.product_id,
         },
     });
     d
@@ -118,7 +118,7 @@ fn a_v2_discovery_stores_its_fingerprint_and_an_old_one_folds_without() {
     let new = snap.device(&DeviceId(id(2))).unwrap().unwrap();
     assert_eq!(old.fingerprint, None);
     assert_eq!(new.fingerprint, Some(fp(7)));
-    assert_eq!(new.discovery.serial.as_deref(), Some("K2"));
+    assert_eq!(new.discovery.descriptors.serial.as_deref(), Some("K2"));
 }
 
 fn gone(dev: u128, host: &str, lineage: LineageId) -> Event {

@@ -23,25 +23,25 @@ fn disc(dev: u128, host: &str, port: &str, serial: Option<&str>) -> DeviceDiscov
     };
     d.device_id = DeviceId(id(dev));
     d.host = common::host(host);
-    d.port_path = port.parse().unwrap();
-    d.serial = serial.map(str::to_owned);
+    d.descriptors.port_path = port.parse().unwrap();
+    d.descriptors.serial = serial.map(str::to_owned);
     d.supersedes = None;
     d.lineage_kind = if serial.is_some() {
         LineageKind::Serial
     } else {
         LineageKind::Port
     };
-    d.lineage_id = LineageId::derive(&match &d.serial {
+    d.lineage_id = LineageId::derive(&match &d.descriptors.serial {
         Some(s) => LineageKey::Serial {
-            vendor: d.vendor_id,
-            product: d.product_id,
+            vendor: d.descriptors.vendor_id,
+            product: d.descriptors.product_id,
             serial: s,
         },
         None => LineageKey::Port {
             host: &d.host,
-            port: &d.port_path,
-            vendor: d.vendor_id,
-            product: d.product_id,
+            port: &d.descriptors.port_path,
+            vendor: d.descriptors.vendor_id,
+            product: d.descriptors.product_id,
         },
     });
     d
@@ -124,7 +124,7 @@ fn a_lineage_id_not_derived_from_its_key_is_quarantined() {
     );
     // A serial lineage without a serial.
     let mut no_serial = disc(2, "host-a", "1-2", Some("SN-3"));
-    no_serial.serial = None;
+    no_serial.descriptors.serial = None;
     assert_eq!(
         f.fold(Event::DeviceDiscovered(no_serial), None),
         Some(Q::LineageMismatch)

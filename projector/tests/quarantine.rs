@@ -35,12 +35,12 @@ fn discovered(n: u128, host: &str) -> DeviceDiscovered {
     d.host = common::host(host);
     d.supersedes = None;
     // A lineage derived from its key, as the fold requires (ADR 0005).
-    d.serial = Some(format!("Q{n}"));
+    d.descriptors.serial = Some(format!("Q{n}"));
     d.lineage_kind = LineageKind::Serial;
     d.lineage_id = LineageId::derive(&LineageKey::Serial {
-        vendor: d.vendor_id,
-        product: d.product_id,
-        serial: d.serial.as_deref().unwrap_or_default(),
+        vendor: d.descriptors.vendor_id,
+        product: d.descriptors.product_id,
+        serial: d.descriptors.serial.as_deref().unwrap_or_default(),
     });
     d
 }

@@ -155,18 +155,21 @@ pub struct HostAgentStarted {
     pub hypervisor_uri: String,
 }
 
-/// A device appeared at an address: a new enumeration.
+/// One enumeration's descriptors as its host read them (sysfs and udev's properties): where
+/// the device sits and what it says of itself. Written once: the discovery event carries it, the
+/// agent's record of a present device and the API's device document hold it.
+///
+/// Its fields are in the order `DeviceDiscovered` always had them: postcard writes a nested
+/// struct's fields inline, so the event's bytes did not change when they moved here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceDiscovered {
-    pub device_id: DeviceId,
-    pub lineage_id: LineageId,
-    pub lineage_kind: LineageKind,
-    pub host: HostName,
-    pub boot_id: String,
+pub struct UsbDescriptors {
+    /// `busnum` and `devnum`: change on every re-enumeration.
     pub address: UsbAddress,
+    /// The kernel name (`1-2.3`): bus and hub ports.
     pub port_path: PortPath,
     pub vendor_id: VendorId,
     pub product_id: ProductId,
+    /// The `serial` attribute, trimmed; `None` when absent or blank.
     pub serial: Option<String>,
     /// `bDeviceClass`.
     pub device_class: u8,
@@ -182,9 +185,61 @@ pub struct DeviceDiscovered {
     pub speed: Option<String>,
     /// sysfs `version` (bcdUSB), e.g. `2.00`.
     pub usb_version: Option<String>,
+}
+
+/// A device appeared at an address: a new enumeration.
+///
+/// In JSON (the history, `usbpt events`, docs/events.md) the descriptors' fields stand in the
+/// event itself, as they did before they had a struct of their own ([`DiscoveredJson`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self")]
+pub struct DeviceDiscovered {
+    pub device_id: DeviceId,
+    pub lineage_id: LineageId,
+    pub lineage_kind: LineageKind,
+    pub host: HostName,
+    pub boot_id: String,
+    pub descriptors: UsbDescriptors,
     pub syspath: String,
     /// The previous enumeration of the same lineage, when there was one.
     pub supersedes: Option<DeviceId>,
+}
+
+/// `DeviceDiscovered` for human-readable formats: the descriptors flattened. `flatten` makes
+/// the struct a map, which postcard would write with its keys, so the binary form stays the
+/// derived struct. The compiler holds the two to the same fields (`remote`).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "DeviceDiscovered")]
+struct DiscoveredJson {
+    device_id: DeviceId,
+    lineage_id: LineageId,
+    lineage_kind: LineageKind,
+    host: HostName,
+    boot_id: String,
+    #[serde(flatten)]
+    descriptors: UsbDescriptors,
+    syspath: String,
+    supersedes: Option<DeviceId>,
+}
+
+impl Serialize for DeviceDiscovered {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            DiscoveredJson::serialize(self, s)
+        } else {
+            DeviceDiscovered::serialize(self, s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceDiscovered {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            DiscoveredJson::deserialize(d)
+        } else {
+            DeviceDiscovered::deserialize(d)
+        }
+    }
 }
 
 /// A device appeared, with its descriptor fingerprint: `DeviceDiscovered`'s fields (same

@@ -156,3 +156,47 @@ fn the_v2_discovery_is_the_v1_discovery_then_the_fingerprint() {
         serde_json::json!(fingerprint.to_base64())
     );
 }
+
+/// The descriptors have a struct of their own (`UsbDescriptors`, nested: the bytes above are
+/// unchanged), but the JSON (the history, `usbpt events`, docs/events.md) still carries their
+/// fields in the event itself, in the order the event always had them, and reads back.
+#[test]
+fn device_discovered_json_keeps_the_descriptor_fields_in_the_event() {
+    let usbpt_schemas::Event::DeviceDiscovered(d) = common::sample_bodies().remove(1) else {
+        unreachable!("sample 1 is a DeviceDiscovered")
+    };
+    let text = serde_json::to_string(&d).expect("json");
+    assert!(!text.contains("\"descriptors\""), "{text}");
+    let keys = [
+        "device_id",
+        "lineage_id",
+        "lineage_kind",
+        "host",
+        "boot_id",
+        "address",
+        "port_path",
+        "vendor_id",
+        "product_id",
+        "serial",
+        "device_class",
+        "interface_classes",
+        "manufacturer",
+        "product",
+        "vendor_db",
+        "model_db",
+        "speed",
+        "usb_version",
+        "syspath",
+        "supersedes",
+    ];
+    let at: Vec<usize> = keys
+        .iter()
+        .map(|k| {
+            text.find(&format!("\"{k}\":"))
+                .unwrap_or_else(|| panic!("{k} missing: {text}"))
+        })
+        .collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "key order: {text}");
+    let back: usbpt_schemas::DeviceDiscovered = serde_json::from_str(&text).expect("read back");
+    assert_eq!(back, d);
+}

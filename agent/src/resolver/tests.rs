@@ -234,7 +234,7 @@ fn first_start_discovers_candidates_with_the_right_lineages() {
     let by_product = |p: u16| {
         found
             .iter()
-            .find(|d| d.product_id == ProductId(p))
+            .find(|d| d.descriptors.product_id == ProductId(p))
             .copied()
             .expect("discovered")
     };
@@ -245,19 +245,25 @@ fn first_start_discovers_candidates_with_the_right_lineages() {
         "no serial → port lineage"
     );
     assert_eq!(key.lineage_id, port_lineage(&yubikey(12)));
-    assert_eq!(key.serial, None);
+    assert_eq!(key.descriptors.serial, None);
     let phone_ev = by_product(0x0166);
     assert_eq!(
         phone_ev.lineage_kind,
         LineageKind::Port,
         "bogus serial → port lineage"
     );
-    assert_eq!(phone_ev.serial.as_deref(), Some("0123456789ABCDEF"));
+    assert_eq!(
+        phone_ev.descriptors.serial.as_deref(),
+        Some("0123456789ABCDEF")
+    );
     let cam = by_product(0x31c0);
     assert_eq!(cam.lineage_kind, LineageKind::Serial);
     assert_eq!(cam.lineage_id, serial_lineage(&camera(11)));
-    assert_eq!(cam.interface_classes, vec![6]);
-    assert_eq!(cam.address, UsbAddress::new(1, 11).expect("addr"));
+    assert_eq!(cam.descriptors.interface_classes, vec![6]);
+    assert_eq!(
+        cam.descriptors.address,
+        UsbAddress::new(1, 11).expect("addr")
+    );
     assert_eq!(cam.boot_id, BOOT_1);
     assert!(found
         .iter()
@@ -331,7 +337,7 @@ fn restart_in_the_same_boot_reports_what_changed_while_down() {
     assert_eq!(cam.lineage_id, serial_lineage(&camera(30)));
     let st = new
         .iter()
-        .find(|d| d.product_id == ProductId(0x5567))
+        .find(|d| d.descriptors.product_id == ProductId(0x5567))
         .expect("stick");
     assert_eq!(st.supersedes, None);
     // The YubiKey is untouched and keeps its id.
@@ -383,7 +389,7 @@ fn new_boot_invalidates_everything_and_links_successors_by_lineage() {
     }
     let cam = discovered(&events)
         .into_iter()
-        .find(|d| d.product_id == ProductId(0x31c0))
+        .find(|d| d.descriptors.product_id == ProductId(0x31c0))
         .expect("camera");
     assert_eq!(
         cam.supersedes,
@@ -410,7 +416,10 @@ fn replug_into_the_same_port_is_a_new_enumeration_of_the_same_lineage() {
     assert_ne!(new[0].device_id, old.device_id);
     assert_eq!(new[0].lineage_id, old.lineage_id);
     assert_eq!(new[0].supersedes, Some(old.device_id));
-    assert_eq!(new[0].address, UsbAddress::new(3, 13).expect("addr"));
+    assert_eq!(
+        new[0].descriptors.address,
+        UsbAddress::new(3, 13).expect("addr")
+    );
 }
 
 #[test]
@@ -423,7 +432,7 @@ fn a_serial_device_keeps_its_lineage_on_another_port_and_a_port_device_does_not(
     let new = discovered(&events);
     assert_eq!(new[0].lineage_id, cam.lineage_id);
     assert_eq!(new[0].supersedes, Some(cam.device_id));
-    assert_eq!(new[0].port_path.to_string(), "1-1.5.2.1");
+    assert_eq!(new[0].descriptors.port_path.to_string(), "1-1.5.2.1");
 
     let key = a.known(&yubikey(12)).clone();
     a.remove(&yubikey(12));
@@ -554,7 +563,7 @@ fn two_devices_with_one_serial_both_take_port_lineages_at_start() {
     let events = a.start(snapshot.clone());
     let cams: Vec<_> = discovered(&events)
         .into_iter()
-        .filter(|d| d.product_id == ProductId(0x31c0))
+        .filter(|d| d.descriptors.product_id == ProductId(0x31c0))
         .collect();
     assert_eq!(cams.len(), 2);
     assert!(cams.iter().all(|d| d.lineage_kind == LineageKind::Port));

@@ -101,9 +101,9 @@ pub(super) fn discovered<S: State>(
         None => Lineage {
             id: e.lineage_id,
             kind: e.lineage_kind,
-            vendor_id: e.vendor_id,
-            product_id: e.product_id,
-            serial: e.serial.clone(),
+            vendor_id: e.descriptors.vendor_id,
+            product_id: e.descriptors.product_id,
+            serial: e.descriptors.serial.clone(),
             current: e.device_id,
             current_host: e.host.clone(),
             enumerations: 1,
@@ -125,10 +125,10 @@ pub(super) fn discovered<S: State>(
 /// name another host's lineage (and take over its claim): a port lineage's key holds the
 /// event's host, a serial lineage's the serial.
 fn check_lineage_key(e: &DeviceDiscovered) -> R {
-    let key = match (e.lineage_kind, e.serial.as_deref()) {
+    let key = match (e.lineage_kind, e.descriptors.serial.as_deref()) {
         (LineageKind::Serial, Some(serial)) => LineageKey::Serial {
-            vendor: e.vendor_id,
-            product: e.product_id,
+            vendor: e.descriptors.vendor_id,
+            product: e.descriptors.product_id,
             serial,
         },
         (LineageKind::Serial, None) => {
@@ -142,9 +142,9 @@ fn check_lineage_key(e: &DeviceDiscovered) -> R {
         }
         (LineageKind::Port, _) => LineageKey::Port {
             host: &e.host,
-            port: &e.port_path,
-            vendor: e.vendor_id,
-            product: e.product_id,
+            port: &e.descriptors.port_path,
+            vendor: e.descriptors.vendor_id,
+            product: e.descriptors.product_id,
         },
     };
     let derived = LineageId::derive(&key);

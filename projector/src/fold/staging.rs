@@ -324,7 +324,7 @@ impl Staged {
         }
         fn by_match(d: &DeviceDiscovered) -> (u64, &str, Id) {
             (
-                t::vp_key(d.vendor_id, d.product_id),
+                t::vp_key(d.descriptors.vendor_id, d.descriptors.product_id),
                 d.host.as_str(),
                 d.device_id.to_bytes(),
             )
@@ -395,7 +395,7 @@ impl Staged {
             let mut free_by_match = txn.open_table(t::FREE_BY_MATCH)?;
             for (d, on) in &w.free_by_match {
                 let key = (
-                    t::vp_key(d.vendor_id, d.product_id),
+                    t::vp_key(d.descriptors.vendor_id, d.descriptors.product_id),
                     d.host.as_str(),
                     d.device_id.to_bytes(),
                 );
