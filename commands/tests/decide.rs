@@ -847,3 +847,69 @@ fn update_server_renames_describes_and_refuses_a_taken_name() {
     .unwrap_err();
     assert_eq!(e.kind(), RejectKind::NotFound);
 }
+
+#[test]
+fn decisions_in_flight_claim_different_devices_and_free_them_when_done() {
+    use std::sync::Arc;
+    use usbpt_commands::inflight::{InFlight, Overlay};
+    // Three free keys on two hosts; boots decided one after another on the same (stale) view,
+    // each with the claims of the ones before it in flight.
+    let mut v = MemView::default();
+    v.devices.push(dev(1, "host-a", KEY, Some("S1")));
+    v.devices.push(dev(2, "host-a", KEY, Some("S2")));
+    v.devices.push(dev(3, "host-b", KEY, Some("S3")));
+    v.flavors.push(flavor("key", "vendor=136b,product=0003"));
+    let inflight = Arc::new(InFlight::default());
+    let claimed = |d: &Decision| -> Vec<LineageId> {
+        d.steps
+            .iter()
+            .filter_map(|s| match &s.event {
+                Event::DeviceClaimed(c) => Some(c.lineage_id),
+                _ => None,
+            })
+            .collect()
+    };
+    let overlay = Overlay {
+        view: &v,
+        inflight: &inflight,
+    };
+    let mut held = Vec::new();
+    let mut lineages = Vec::new();
+    for name in ["a", "b", "c"] {
+        let d = decide(&overlay, &boot(name, "key"), &ctx()).unwrap();
+        assert!(
+            matches!(d.reply, Reply::Accepted(_)),
+            "{name}: {:?}",
+            d.reply
+        );
+        lineages.extend(claimed(&d));
+        held.push(inflight.reserve(&d.steps));
+    }
+    lineages.sort();
+    lineages.dedup();
+    assert_eq!(
+        lineages.len(),
+        3,
+        "three boots in flight claim three devices"
+    );
+    assert_eq!(inflight.len(), 3);
+    // A fourth finds nothing free while the three are in flight: it claims nothing.
+    let d = decide(&overlay, &boot("d", "key"), &ctx()).unwrap();
+    assert!(claimed(&d).is_empty(), "{:?}", kinds(&d));
+    // Once the first is done (its reservation dropped; the stale view here still shows the
+    // device free, as a view that has not applied the claim would), its device is free again to
+    // this process's decisions: the next decision takes exactly that one (the fence then decides
+    // against other processes).
+    drop(held.remove(0));
+    assert_eq!(inflight.len(), 2);
+    let freed: Vec<LineageId> = lineages
+        .iter()
+        .copied()
+        .filter(|l| !inflight.contains(l))
+        .collect();
+    assert_eq!(freed.len(), 1, "{freed:?}");
+    let d = decide(&overlay, &boot("e", "key"), &ctx()).unwrap();
+    assert_eq!(claimed(&d), freed);
+    drop(held);
+    assert!(inflight.is_empty());
+}
