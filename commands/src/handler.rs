@@ -48,6 +48,8 @@ pub struct Handler<V> {
     /// view through them, so commands here do not race each other, only other processes (whom
     /// the fences stop).
     inflight: Arc<InFlight>,
+    /// This process's pack lane (`Ctx::lane`): drawn at random, never 0.
+    lane: u64,
     stats: Arc<HandlerStats>,
 }
 
@@ -122,6 +124,8 @@ impl<V: ViewSource> Handler<V> {
             weigh,
             deciding: Arc::new(tokio::sync::Mutex::new(())),
             inflight: Arc::default(),
+            // The random low bits of a fresh UUIDv7.
+            lane: (ServerId::new_v7().0.as_u128() as u64).max(1),
             stats: Arc::default(),
         }
     }
@@ -143,6 +147,7 @@ impl<V: ViewSource> Handler<V> {
             server_id: ServerId::new_v7(),
             flavor_id: FlavorId::new_v7(),
             weigh: self.weigh,
+            lane: self.lane,
         };
         self.stats.commands.fetch_add(1, Relaxed);
         let mut t = std::time::Instant::now();

@@ -95,6 +95,7 @@ fn ctx() -> Ctx {
         server_id: ServerId(uuid::Uuid::from_u128(7)),
         flavor_id: FlavorId(uuid::Uuid::from_u128(8)),
         weigh: Weigh::Pack,
+        lane: 0,
     }
 }
 fn usb(spec: &str) -> Vec<UsbRequest> {
@@ -912,4 +913,43 @@ fn decisions_in_flight_claim_different_devices_and_free_them_when_done() {
     assert_eq!(claimed(&d), freed);
     drop(held);
     assert!(inflight.is_empty());
+}
+
+#[test]
+fn pack_lanes_start_several_processes_at_different_hosts() {
+    // 40 hosts with one free key each; host names sort as h00 < h01 < … < h39.
+    let mut v = MemView::default();
+    for i in 0..40u128 {
+        v.devices
+            .push(dev(i + 1, &format!("h{i:02}"), KEY, Some(&format!("S{i}"))));
+    }
+    v.flavors.push(flavor("key", "vendor=136b,product=0003"));
+    let host_index = |lane: u64| -> usize {
+        let d = decide(&v, &boot("a", "key"), &Ctx { lane, ..ctx() }).unwrap();
+        let host = d
+            .steps
+            .iter()
+            .find_map(|s| match &s.event {
+                Event::DeviceClaimed(c) => Some(c.host.to_string()),
+                _ => None,
+            })
+            .expect("a claim");
+        host[1..].parse().unwrap()
+    };
+    // Lane 0 (a single handler): among the first PACK_SUBSET hosts, as before lanes.
+    assert!(host_index(0) < schedule::PACK_SUBSET);
+    // Other lanes start within the first PACK_LANES hosts, each at its own place.
+    let starts: Vec<usize> = [5u64, 13, 21, 29].iter().map(|&l| host_index(l)).collect();
+    assert!(
+        starts.iter().all(|&i| i < schedule::PACK_LANES),
+        "{starts:?}"
+    );
+    let mut distinct = starts.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        4,
+        "four lanes, four start hosts: {starts:?}"
+    );
 }
