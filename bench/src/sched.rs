@@ -77,6 +77,7 @@ pub fn scheduling(
         server_id: ServerId::new_v7(),
         flavor_id: FlavorId::new_v7(),
         weigh: Weigh::Pack,
+        lane: 0,
     };
     let free = view
         .snapshot()?

@@ -25,6 +25,10 @@ pub struct Ctx {
     /// The id a new flavor gets.
     pub flavor_id: FlavorId,
     pub weigh: Weigh,
+    /// This process's lane for pack (ADR 0010): where among the first hosts with a free match
+    /// its boots start packing, so handlers in several processes fill different hosts at once.
+    /// 0: the first hosts, as a single handler does.
+    pub lane: u64,
 }
 
 /// How an event must be appended. Derived from its subject ([`subjects::is_fenced`]) by
@@ -589,6 +593,7 @@ fn boot(
         host,
         server: Some(ctx.server_id),
         weigh: ctx.weigh,
+        lane: ctx.lane,
     };
     match schedule::schedule(&req, &[], view)? {
         Ok(p) => {
@@ -825,6 +830,7 @@ fn resize(
         host: None,
         server: Some(s.server_id),
         weigh: ctx.weigh,
+        lane: ctx.lane,
     };
     let p = match schedule::schedule(&req, &held, view)? {
         Ok(p) => p,

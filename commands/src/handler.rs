@@ -18,6 +18,7 @@ use usbpt_schemas::{
 };
 
 use crate::decide::{decide, Ctx, Fence, Reply, Step};
+use crate::inflight::{InFlight, Overlay};
 use crate::schedule::Weigh;
 use crate::view::{ViewError, ViewRead};
 
@@ -42,9 +43,15 @@ pub struct Handler<V> {
     bus: Bus,
     view: Arc<V>,
     weigh: Weigh,
-    /// One decision at a time in this process: commands here never race each other, only
-    /// other processes (whom the fences stop).
+    /// One decision at a time in this process (a snapshot and `decide`, ~0.1 ms); appends,
+    /// acks and waits for the view run for many commands at once.
     deciding: Arc<tokio::sync::Mutex<()>>,
+    /// This process's claims decided and not yet applied by the view: later decisions read the
+    /// view through them, so commands here do not race each other, only other processes (whom
+    /// the fences stop).
+    inflight: Arc<InFlight>,
+    /// This process's pack lane (`Ctx::lane`): drawn at random, never 0.
+    lane: u64,
     stats: Arc<HandlerStats>,
 }
 
@@ -58,7 +65,8 @@ pub struct HandlerStats {
     /// Fenced appends that lost their race to another writer (each is followed by a retry).
     pub conflicts: AtomicU64,
     /// Where commands spent their time, summed in microseconds (`usbpt bench` breaks a boot
-    /// down with these): waiting for this process's turn to decide,
+    /// down with these): waiting for this process's turn to decide (the decision alone is
+    /// serialized),
     pub queue_us: AtomicU64,
     /// for the view to reach the stream's head before deciding,
     pub head_us: AtomicU64,
@@ -117,6 +125,9 @@ impl<V: ViewSource> Handler<V> {
             view,
             weigh,
             deciding: Arc::new(tokio::sync::Mutex::new(())),
+            inflight: Arc::default(),
+            // The random low bits of a fresh UUIDv7.
+            lane: (ServerId::new_v7().0.as_u128() as u64).max(1),
             stats: Arc::default(),
         }
     }
@@ -150,11 +161,10 @@ impl<V: ViewSource> Handler<V> {
             server_id: ServerId::new_v7(),
             flavor_id: FlavorId::new_v7(),
             weigh: self.weigh,
+            lane: self.lane,
         };
         self.stats.commands.fetch_add(1, Relaxed);
         let mut t = std::time::Instant::now();
-        let mut turn = Some(self.deciding.lock().await);
-        lap(&self.stats.queue_us, &mut t);
         // Plain undos of steps a retry does not repeat (the boot request's `ServerDeleted`): if
         // the command fails after them, they leave no half-created server behind.
         let mut kept: Vec<Undo> = Vec::new();
@@ -173,24 +183,36 @@ impl<V: ViewSource> Handler<V> {
         }
         lap(&self.stats.head_us, &mut t);
         for attempt in 1..=MAX_ATTEMPTS {
+            let turn = self.deciding.lock().await;
+            lap(&self.stats.queue_us, &mut t);
             self.stats.decisions.fetch_add(1, Relaxed);
             let decision = match self.view.snapshot() {
-                Ok(snap) => decide(&snap, cmd, &ctx),
+                Ok(snap) => decide(
+                    &Overlay {
+                        view: &snap,
+                        inflight: &self.inflight,
+                    },
+                    cmd,
+                    &ctx,
+                ),
                 Err(e) => return rejected(RejectKind::Unavailable, e.to_string()),
             };
             let decision = match decision {
                 Ok(d) => d,
                 Err(r) => return rejected(r.kind(), r.to_string()),
             };
+            // In flight from here until the view shows them (or the command gives them up).
+            let reservation = self.inflight.reserve(&decision.steps);
+            drop(turn);
             lap(&self.stats.decide_us, &mut t);
             let appended = self.append(&decision.steps, stamp).await;
             lap(&self.stats.append_us, &mut t);
             match appended {
                 Ok((ids, last)) => {
-                    turn.take();
                     if last > 0 && !self.view.wait_applied(last, READ_YOUR_WRITES).await {
                         warn!(seq = last, "view did not catch up before the reply");
                     }
+                    drop(reservation);
                     lap(&self.stats.view_us, &mut t);
                     return match decision.reply {
                         Reply::Accepted(message) => CommandReply::Accepted {

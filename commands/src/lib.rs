@@ -7,6 +7,7 @@
 
 pub mod decide;
 pub mod handler;
+pub mod inflight;
 pub mod projected;
 pub mod reactor;
 pub mod schedule;

@@ -34,6 +34,8 @@ pub struct Request<'a> {
     /// The server being (re)scheduled: lineages it already holds count as free for it (resize).
     pub server: Option<ServerId>,
     pub weigh: Weigh,
+    /// The deciding process's pack lane ([`crate::decide::Ctx::lane`]).
+    pub lane: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +253,10 @@ fn assign(
 /// Among how many of the first hosts with a free match pack draws where to start.
 pub const PACK_SUBSET: usize = 4;
 
+/// Over how many of the first hosts with a free match the lanes of several processes spread
+/// (ADR 0010): each process's boots start at its own one of them.
+pub const PACK_LANES: usize = 32;
+
 /// Hosts whose rejection reasons are recorded one by one; beyond them, a count.
 const REJECTIONS_SHOWN: usize = 32;
 
@@ -279,16 +285,25 @@ fn first_fit(
     // match, one drawn from the server id is where first fit starts (wrapping round to the
     // hosts before it), so concurrent boots in several handlers mostly claim on different
     // hosts (ADR 0010) while reading one host's devices when it fits.
-    let mut firsts: Vec<HostName> = Vec::with_capacity(PACK_SUBSET);
-    while firsts.len() < PACK_SUBSET {
+    // A process with a lane other than 0 reads further (PACK_LANES keys) and starts its subset
+    // at its lane's host, so handlers in several processes pack different hosts at once.
+    let reach = if req.lane == 0 {
+        PACK_SUBSET
+    } else {
+        PACK_LANES
+    };
+    let mut firsts: Vec<HostName> = Vec::with_capacity(reach);
+    while firsts.len() < reach {
         match view.next_host_with_free(*vendor_id, *product_id, firsts.last())? {
             Some(h) => firsts.push(h),
             None => break,
         }
     }
-    let pick = req.server.map_or(0, |s| {
-        ((s.0.as_u128() >> 7) % firsts.len().max(1) as u128) as usize
-    });
+    let n = firsts.len().max(1);
+    let subset = req
+        .server
+        .map_or(0, |s| ((s.0.as_u128() >> 7) % PACK_SUBSET as u128) as usize);
+    let pick = (((req.lane % n as u64) as usize) + subset) % n;
     let start: Option<HostName> = pick.checked_sub(1).map(|i| firsts[i].clone());
     let mut after = start.clone();
     let mut wrapped = start.is_none();

@@ -160,8 +160,7 @@ pub trait ViewRead {
     fn agent_hosts(&self) -> Result<Vec<HostName>, ViewError> {
         Ok(Vec::new())
     }
-    /// The lineage's active alarms. A view that keeps no alarms has none.
-    fn lineage_alarms(&self, _lineage: &LineageId) -> Result<LineageAlarms, ViewError> {
-        Ok(LineageAlarms::default())
-    }
+    /// The lineage's active alarms. Required, with no default: a view that wraps another must
+    /// pass them on (a default of "none" would let a wrapper hide a conflict from the scheduler).
+    fn lineage_alarms(&self, lineage: &LineageId) -> Result<LineageAlarms, ViewError>;
 }

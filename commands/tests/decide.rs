@@ -70,6 +70,9 @@ impl ViewRead for MemView {
     fn host_known(&self, host: &HostName) -> Result<bool, ViewError> {
         Ok(self.devices.iter().any(|d| &d.host == host))
     }
+    fn lineage_alarms(&self, _: &LineageId) -> Result<LineageAlarms, ViewError> {
+        Ok(LineageAlarms::default())
+    }
 }
 
 fn h(s: &str) -> HostName {
@@ -98,6 +101,7 @@ fn ctx() -> Ctx {
         server_id: ServerId(uuid::Uuid::from_u128(7)),
         flavor_id: FlavorId(uuid::Uuid::from_u128(8)),
         weigh: Weigh::Pack,
+        lane: 0,
     }
 }
 fn usb(spec: &str) -> Vec<UsbRequest> {
@@ -960,4 +964,109 @@ fn reactor_accepts_a_held_fingerprint_only_for_a_follow_flavor() {
     // An unknown server: nothing.
     v.servers.clear();
     assert_eq!(react(&v, &held).unwrap(), Reaction::Nothing);
+}
+
+#[test]
+fn decisions_in_flight_claim_different_devices_and_free_them_when_done() {
+    use std::sync::Arc;
+    use usbpt_commands::inflight::{InFlight, Overlay};
+    // Three free keys on two hosts; boots decided one after another on the same (stale) view,
+    // each with the claims of the ones before it in flight.
+    let mut v = MemView::default();
+    v.devices.push(dev(1, "host-a", KEY, Some("S1")));
+    v.devices.push(dev(2, "host-a", KEY, Some("S2")));
+    v.devices.push(dev(3, "host-b", KEY, Some("S3")));
+    v.flavors.push(flavor("key", "vendor=136b,product=0003"));
+    let inflight = Arc::new(InFlight::default());
+    let claimed = |d: &Decision| -> Vec<LineageId> {
+        d.steps
+            .iter()
+            .filter_map(|s| match &s.event {
+                Event::DeviceClaimed(c) => Some(c.lineage_id),
+                _ => None,
+            })
+            .collect()
+    };
+    let overlay = Overlay {
+        view: &v,
+        inflight: &inflight,
+    };
+    let mut held = Vec::new();
+    let mut lineages = Vec::new();
+    for name in ["a", "b", "c"] {
+        let d = decide(&overlay, &boot(name, "key"), &ctx()).unwrap();
+        assert!(
+            matches!(d.reply, Reply::Accepted(_)),
+            "{name}: {:?}",
+            d.reply
+        );
+        lineages.extend(claimed(&d));
+        held.push(inflight.reserve(&d.steps));
+    }
+    lineages.sort();
+    lineages.dedup();
+    assert_eq!(
+        lineages.len(),
+        3,
+        "three boots in flight claim three devices"
+    );
+    assert_eq!(inflight.len(), 3);
+    // A fourth finds nothing free while the three are in flight: it claims nothing.
+    let d = decide(&overlay, &boot("d", "key"), &ctx()).unwrap();
+    assert!(claimed(&d).is_empty(), "{:?}", kinds(&d));
+    // Once the first is done (its reservation dropped; the stale view here still shows the
+    // device free, as a view that has not applied the claim would), its device is free again to
+    // this process's decisions: the next decision takes exactly that one (the fence then decides
+    // against other processes).
+    drop(held.remove(0));
+    assert_eq!(inflight.len(), 2);
+    let freed: Vec<LineageId> = lineages
+        .iter()
+        .copied()
+        .filter(|l| !inflight.contains(l))
+        .collect();
+    assert_eq!(freed.len(), 1, "{freed:?}");
+    let d = decide(&overlay, &boot("e", "key"), &ctx()).unwrap();
+    assert_eq!(claimed(&d), freed);
+    drop(held);
+    assert!(inflight.is_empty());
+}
+
+#[test]
+fn pack_lanes_start_several_processes_at_different_hosts() {
+    // 40 hosts with one free key each; host names sort as h00 < h01 < … < h39.
+    let mut v = MemView::default();
+    for i in 0..40u128 {
+        v.devices
+            .push(dev(i + 1, &format!("h{i:02}"), KEY, Some(&format!("S{i}"))));
+    }
+    v.flavors.push(flavor("key", "vendor=136b,product=0003"));
+    let host_index = |lane: u64| -> usize {
+        let d = decide(&v, &boot("a", "key"), &Ctx { lane, ..ctx() }).unwrap();
+        let host = d
+            .steps
+            .iter()
+            .find_map(|s| match &s.event {
+                Event::DeviceClaimed(c) => Some(c.host.to_string()),
+                _ => None,
+            })
+            .expect("a claim");
+        host[1..].parse().unwrap()
+    };
+    // Lane 0 (a single handler): among the first PACK_SUBSET hosts, as before lanes.
+    assert!(host_index(0) < schedule::PACK_SUBSET);
+    // Other lanes start within the first PACK_LANES hosts, each at its own place.
+    let starts: Vec<usize> = [5u64, 13, 21, 29].iter().map(|&l| host_index(l)).collect();
+    assert!(
+        starts.iter().all(|&i| i < schedule::PACK_LANES),
+        "{starts:?}"
+    );
+    let mut distinct = starts.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        4,
+        "four lanes, four start hosts: {starts:?}"
+    );
 }

@@ -49,6 +49,9 @@ impl ViewRead for OneDevice {
     fn host_known(&self, h: &HostName) -> Result<bool, ViewError> {
         Ok(self.0.host == *h)
     }
+    fn lineage_alarms(&self, _: &LineageId) -> Result<LineageAlarms, ViewError> {
+        Ok(LineageAlarms::default())
+    }
 }
 
 fn ctx() -> Ctx {
@@ -56,6 +59,7 @@ fn ctx() -> Ctx {
         server_id: ServerId(uuid::Uuid::from_u128(7)),
         flavor_id: FlavorId(uuid::Uuid::from_u128(8)),
         weigh: Weigh::Pack,
+        lane: 0,
     }
 }
 

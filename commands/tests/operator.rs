@@ -70,6 +70,7 @@ fn ctx() -> Ctx {
         server_id: ServerId(uuid::Uuid::from_u128(7)),
         flavor_id: FlavorId(uuid::Uuid::from_u128(8)),
         weigh: Weigh::Pack,
+        lane: 0,
     }
 }
 
