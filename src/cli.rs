@@ -204,7 +204,7 @@ pub async fn run(cli: Cli, loaded: &crate::config::Loaded) -> Result<()> {
         Cmd::Device(c) => crate::cmd_query::device(&cli.global, c).await,
         Cmd::History(a) => crate::cmd_query::history(&cli.global, a).await,
         Cmd::Alarms(a) => crate::cmd_query::alarms(&cli.global, a).await,
-        Cmd::Label(a) => send(&cli.global, a.command()?).await,
+        Cmd::Label(a) => send(&cli.global, a.command(&cli.global).await?).await,
         Cmd::Conflict(c) => crate::cmd_identity::conflict(&cli.global, c).await,
         Cmd::Fingerprint(c) => crate::cmd_identity::fingerprint(&cli.global, c).await,
         Cmd::Find(a) => crate::cmd_identity::find(&cli.global, a).await,

@@ -17,8 +17,9 @@ use crate::global::Global;
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["label", "remove"])))]
 pub struct LabelArgs {
-    /// The lineage to name (`usbpt history DEVICE` shows a device's lineage id).
-    pub lineage: LineageId,
+    /// The lineage to name: its id (`usbpt history DEVICE` shows a device's lineage id), or the
+    /// exact label it has now (to rename it).
+    pub lineage: String,
     /// The label: at most 64 bytes, no control characters, no leading or trailing space.
     pub label: Option<String>,
     /// Remove the lineage's label.
@@ -29,13 +30,15 @@ pub struct LabelArgs {
 }
 
 impl LabelArgs {
-    pub fn command(self) -> Result<(Command, bool)> {
+    /// The command, once LINEAGE is resolved ([`lineage_named`]); the new label is checked
+    /// first, so a bad one is refused without asking the API.
+    pub async fn command(self, global: &Global) -> Result<(Command, bool)> {
         if let Some(l) = &self.label {
             usbpt_schemas::label::check(l)?;
         }
         Ok((
             Command::LabelLineage {
-                lineage: self.lineage,
+                lineage: lineage_named(global, &self.lineage).await?,
                 label: self.label,
             },
             self.json,

@@ -232,6 +232,15 @@ async fn label_find_and_custody_through_the_cli_and_the_api() -> Result<()> {
         "{csv}"
     );
     assert!(rows[2].contains("server_deleted"), "{csv}");
+    // Renamed by its current label (LINEAGE may be the label it has), then back.
+    let (ok, _, err) = serve.cli(&["label", "ERP key #3", "ERP key #4"]).await?;
+    assert!(ok, "{err}");
+    label_becomes(&serve, Some("ERP key #4")).await?;
+    let (ok, _, err) = serve.cli(&["label", "no such label", "x"]).await?;
+    assert!(!ok && err.contains("no such label"), "{err}");
+    let (ok, _, err) = serve.cli(&["label", "ERP key #4", "ERP key #3"]).await?;
+    assert!(ok, "{err}");
+    label_becomes(&serve, Some("ERP key #3")).await?;
     // A window after the interval ended lists nothing.
     let later = serve
         .cli_json(&[
