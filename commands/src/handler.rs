@@ -35,6 +35,8 @@ pub trait ViewSource: Send + Sync + 'static {
 
 /// How many times a decision is retried after losing a race for a fenced subject.
 const MAX_ATTEMPTS: usize = 16;
+/// Commands of one handler past their decision at once ([`Handler::window`]).
+const IN_FLIGHT: usize = 8;
 /// How long a reply waits for the view to show what the command appended.
 const READ_YOUR_WRITES: Duration = Duration::from_secs(10);
 
@@ -46,6 +48,10 @@ pub struct Handler<V> {
     /// One decision at a time in this process (a snapshot and `decide`, ~0.1 ms); appends,
     /// acks and waits for the view run for many commands at once.
     deciding: Arc<tokio::sync::Mutex<()>>,
+    /// How many commands of this process may be past their decision and not yet done (ADR
+    /// 0010): enough to keep the acks and the view's commits busy, few enough that concurrent
+    /// decisions of several processes rarely pick the same device.
+    window: Arc<tokio::sync::Semaphore>,
     /// This process's claims decided and not yet applied by the view: later decisions read the
     /// view through them, so commands here do not race each other, only other processes (whom
     /// the fences stop).
@@ -125,6 +131,7 @@ impl<V: ViewSource> Handler<V> {
             view,
             weigh,
             deciding: Arc::new(tokio::sync::Mutex::new(())),
+            window: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
             inflight: Arc::default(),
             // The random low bits of a fresh UUIDv7.
             lane: (ServerId::new_v7().0.as_u128() as u64).max(1),
@@ -165,6 +172,13 @@ impl<V: ViewSource> Handler<V> {
         };
         self.stats.commands.fetch_add(1, Relaxed);
         let mut t = std::time::Instant::now();
+        // A place in this handler's window, held until the command is done. Taken before the
+        // stream-head wait: a decision made long after its head was read is made on a stale
+        // view, and loses its race to the handlers that appended meanwhile.
+        let Ok(_slot) = self.window.acquire().await else {
+            return rejected(RejectKind::Unavailable, "the handler is closing".into());
+        };
+        lap(&self.stats.queue_us, &mut t);
         // Plain undos of steps a retry does not repeat (the boot request's `ServerDeleted`): if
         // the command fails after them, they leave no half-created server behind.
         let mut kept: Vec<Undo> = Vec::new();

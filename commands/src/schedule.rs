@@ -255,7 +255,7 @@ pub const PACK_SUBSET: usize = 4;
 
 /// Over how many of the first hosts with a free match the lanes of several processes spread
 /// (ADR 0010): each process's boots start at its own one of them.
-pub const PACK_LANES: usize = 32;
+pub const PACK_LANES: usize = 64;
 
 /// Hosts whose rejection reasons are recorded one by one; beyond them, a count.
 const REJECTIONS_SHOWN: usize = 32;
@@ -285,8 +285,8 @@ fn first_fit(
     // match, one drawn from the server id is where first fit starts (wrapping round to the
     // hosts before it), so concurrent boots in several handlers mostly claim on different
     // hosts (ADR 0010) while reading one host's devices when it fits.
-    // A process with a lane other than 0 reads further (PACK_LANES keys) and starts its subset
-    // at its lane's host, so handlers in several processes pack different hosts at once.
+    // A process with a lane other than 0 reads further (PACK_LANES keys) and starts at its lane's
+    // host, so handlers in several processes pack different hosts at once.
     let reach = if req.lane == 0 {
         PACK_SUBSET
     } else {
@@ -300,10 +300,14 @@ fn first_fit(
         }
     }
     let n = firsts.len().max(1);
-    let subset = req
-        .server
-        .map_or(0, |s| ((s.0.as_u128() >> 7) % PACK_SUBSET as u128) as usize);
-    let pick = (((req.lane % n as u64) as usize) + subset) % n;
+    // Lane 0 draws among the first PACK_SUBSET hosts by server id; a lane starts at its own host
+    // (its process's decisions in flight spread by themselves: the overlay hides their devices).
+    let pick = if req.lane == 0 {
+        req.server
+            .map_or(0, |s| ((s.0.as_u128() >> 7) % n as u128) as usize)
+    } else {
+        (req.lane % n as u64) as usize
+    };
     let start: Option<HostName> = pick.checked_sub(1).map(|i| firsts[i].clone());
     let mut after = start.clone();
     let mut wrapped = start.is_none();
