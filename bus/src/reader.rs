@@ -89,9 +89,16 @@ impl Default for ReaderOptions {
     }
 }
 
+/// How long a reader keeps trying to make a new consumer before [`Reader::next`] gives up: a
+/// JetStream leader election in a cluster (a node died) refuses or times out consumer requests
+/// for a few seconds, and a reader must outlive it (the reactor did not, and took `usbpt serve`
+/// down with it).
+const CONSUMER_RETRY: Duration = Duration::from_secs(30);
+
 /// An ordered read of the stream from a position, optionally filtered to a subject pattern.
 /// [`Reader::next`] waits for the next event (for ever, on a live stream); it returns an error
-/// only when a new consumer cannot be made (the stream is gone, permissions refuse it).
+/// only when no new consumer could be made for [`CONSUMER_RETRY`] (the stream is gone,
+/// permissions refuse it, the cluster has no leader).
 pub struct Reader {
     stream: Stream,
     filter: String,
@@ -104,6 +111,8 @@ pub struct Reader {
     buffered: VecDeque<Delivery>,
     /// New consumers made after the first (gaps, lost fetches, dropped consumers).
     resets: u64,
+    /// Since when making a new consumer has failed, if it does.
+    failing_since: Option<tokio::time::Instant>,
 }
 
 impl std::fmt::Debug for Reader {
@@ -146,6 +155,7 @@ impl Reader {
             delivered: 0,
             buffered: VecDeque::new(),
             resets: 0,
+            failing_since: None,
         };
         // Fail now, not at the first `next`, when the consumer cannot be made.
         reader.consumer = Some(reader.make_consumer().await?);
@@ -185,7 +195,24 @@ impl Reader {
     async fn fill(&mut self, wait: Duration) -> Result<(), BusError> {
         let consumer = match self.consumer.take() {
             Some(c) => c,
-            None => self.make_consumer().await?,
+            None => match self.make_consumer().await {
+                Ok(c) => {
+                    self.failing_since = None;
+                    c
+                }
+                Err(e) => {
+                    let since = *self
+                        .failing_since
+                        .get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= CONSUMER_RETRY {
+                        return Err(e);
+                    }
+                    warn!(error = %e, next = self.next_seq, "stream reader: cannot make a consumer (a leader election?); trying again");
+                    // A short pause before the retry, not a wait for anything.
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    return Ok(());
+                }
+            },
         };
         let wait = wait.max(Duration::from_millis(100));
         let fetched = consumer
