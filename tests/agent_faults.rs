@@ -190,7 +190,14 @@ fn a_storm_of_hotplugs_leaves_the_same_picture_as_a_fresh_enumeration() {
             let fresh: BTreeSet<(String, u16, u16, Option<String>)> = source::enumerate()?
                 .into_iter()
                 .filter(|d| filter.decide(d).is_candidate())
-                .map(|d| (d.syspath, d.address.bus(), d.address.devnum(), d.serial))
+                .map(|d| {
+                    (
+                        d.syspath,
+                        d.descriptors.address.bus(),
+                        d.descriptors.address.devnum(),
+                        d.descriptors.serial,
+                    )
+                })
                 .collect();
             assert_eq!(fresh.len(), 52, "50 sticks, the phone and the camera");
 

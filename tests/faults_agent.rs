@@ -74,7 +74,14 @@ fn the_agent_sigkilled_repeatedly_while_devices_change_loses_and_doubles_nothing
             let fresh: BTreeSet<(String, u16, u16, Option<String>)> = source::enumerate()?
                 .into_iter()
                 .filter(|d| filter.decide(d).is_candidate())
-                .map(|d| (d.syspath, d.address.bus(), d.address.devnum(), d.serial))
+                .map(|d| {
+                    (
+                        d.syspath,
+                        d.descriptors.address.bus(),
+                        d.descriptors.address.devnum(),
+                        d.descriptors.serial,
+                    )
+                })
                 .collect();
             assert_eq!(
                 fresh.len(),

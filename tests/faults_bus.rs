@@ -17,7 +17,7 @@ use faults_support::LiveProjector;
 use tokio::sync::{mpsc, oneshot};
 use usbpt_agent::source::simulated;
 use usbpt_agent::{AgentConfig, BusTarget, Filter, Interface, Progress, UsbDevice};
-use usbpt_schemas::{HostName, PortPath, ProductId, UsbAddress, VendorId};
+use usbpt_schemas::{HostName, PortPath, ProductId, UsbAddress, UsbDescriptors, VendorId};
 use usbpt_testkit::TestNats;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -25,23 +25,19 @@ const PAIRS: usize = 60;
 
 fn device(port: &str, devnum: u16, serial: &str) -> UsbDevice {
     let port_path: PortPath = port.parse().unwrap();
-    UsbDevice {
-        syspath: format!("/sys/devices/sim/usb{}/{port}", port_path.bus()),
-        address: UsbAddress::new(port_path.bus(), devnum).unwrap(),
+    let syspath = format!("/sys/devices/sim/usb{}/{port}", port_path.bus());
+    let mut desc = UsbDescriptors::new(
+        UsbAddress::new(port_path.bus(), devnum).unwrap(),
         port_path,
-        vendor_id: VendorId(0x0781),
-        product_id: ProductId(0x5567),
-        serial: Some(serial.into()),
-        device_class: 0,
-        interfaces: vec![Interface::new(0x08, 0x06, 0x50)],
-        manufacturer: Some("SanDisk".into()),
-        product: Some("Cruzer Blade".into()),
-        vendor_db: None,
-        model_db: None,
-        speed: Some("480".into()),
-        usb_version: Some("2.00".into()),
-        fingerprint: None,
-    }
+        VendorId(0x0781),
+        ProductId(0x5567),
+    );
+    desc.serial = Some(serial.into());
+    desc.manufacturer = Some("SanDisk".into());
+    desc.product = Some("Cruzer Blade".into());
+    desc.speed = Some("480".into());
+    desc.usb_version = Some("2.00".into());
+    UsbDevice::new(syspath, desc, vec![Interface::new(0x08, 0x06, 0x50)])
 }
 
 async fn next_progress(
@@ -150,7 +146,14 @@ async fn nats_killed_twice_during_a_hotplug_burst_loses_and_doubles_nothing_and_
     let present: BTreeSet<_> = sim
         .present()
         .into_iter()
-        .map(|d| (d.syspath, d.address.bus(), d.address.devnum(), d.serial))
+        .map(|d| {
+            (
+                d.syspath,
+                d.descriptors.address.bus(),
+                d.descriptors.address.devnum(),
+                d.descriptors.serial,
+            )
+        })
         .collect();
     assert_eq!(present.len(), 3);
     let in_stream: BTreeSet<_> = live(&events)

@@ -27,7 +27,7 @@ use usbpt_agent::source::{simulated, SimulatedHost};
 use usbpt_agent::{progress, AgentConfig, BusTarget, Filter, Interface, UsbDevice};
 use usbpt_schemas::{
     DeviceId, Envelope, Event, HostName, PortPath, ProductId, ServerId, ServerState, UsbAddress,
-    VendorId,
+    UsbDescriptors, VendorId,
 };
 use usbpt_testkit::TestNats;
 
@@ -98,23 +98,22 @@ impl Host {
 fn key_at(port: &str, devnum: u16) -> Result<UsbDevice> {
     let port_path: PortPath = port.parse()?;
     let bus = port_path.bus();
-    Ok(UsbDevice {
-        syspath: format!("/sys/devices/pci0000:00/0000:00:14.0/usb{bus}/{port}"),
+    let mut desc = UsbDescriptors::new(
+        UsbAddress::new(bus, devnum)?,
         port_path,
-        address: UsbAddress::new(bus, devnum)?,
-        vendor_id: VendorId(KEY.0),
-        product_id: ProductId(KEY.1),
-        serial: Some(SERIAL.to_owned()),
-        device_class: 0,
-        interfaces: vec![Interface::new(3, 0, 0)],
-        manufacturer: Some("Yubico".into()),
-        product: Some("Security Key".into()),
-        vendor_db: None,
-        model_db: None,
-        speed: Some("12".into()),
-        usb_version: Some("2.00".into()),
-        fingerprint: None,
-    })
+        VendorId(KEY.0),
+        ProductId(KEY.1),
+    );
+    desc.serial = Some(SERIAL.to_owned());
+    desc.manufacturer = Some("Yubico".into());
+    desc.product = Some("Security Key".into());
+    desc.speed = Some("12".into());
+    desc.usb_version = Some("2.00".into());
+    Ok(UsbDevice::new(
+        format!("/sys/devices/pci0000:00/0000:00:14.0/usb{bus}/{port}"),
+        desc,
+        vec![Interface::new(3, 0, 0)],
+    ))
 }
 
 /// The stream sequence of the first event (read so far) that `pick` accepts.

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use usbpt_agent::libvirt::{test_driver_uri, Executor, ExecutorConfig};
 use usbpt_agent::source::{simulated, SimulatedHost};
 use usbpt_agent::{progress, AgentConfig, BusTarget, Filter, Interface, UsbDevice};
-use usbpt_schemas::{HostName, PortPath, ProductId, UsbAddress, VendorId};
+use usbpt_schemas::{HostName, PortPath, ProductId, UsbAddress, UsbDescriptors, VendorId};
 use usbpt_testkit::{eventually, TestNats};
 
 /// libvirt's test driver needs a node description.
@@ -123,23 +123,22 @@ fn usb_device(
 ) -> Result<UsbDevice> {
     let port_path: PortPath = port.parse()?;
     let bus = port_path.bus();
-    Ok(UsbDevice {
-        syspath: format!("/sys/devices/pci0000:00/0000:00:14.0/usb{bus}/{port}"),
+    let mut desc = UsbDescriptors::new(
+        UsbAddress::new(bus, devnum)?,
         port_path,
-        address: UsbAddress::new(bus, devnum)?,
-        vendor_id: VendorId(ids.0),
-        product_id: ProductId(ids.1),
-        serial: Some(serial.to_owned()),
-        device_class: 0,
-        interfaces: vec![Interface::new(3, 0, 0)],
-        manufacturer: Some(names.0.to_owned()),
-        product: Some(names.1.to_owned()),
-        vendor_db: None,
-        model_db: None,
-        speed: Some("12".into()),
-        usb_version: Some("2.00".into()),
-        fingerprint: None,
-    })
+        VendorId(ids.0),
+        ProductId(ids.1),
+    );
+    desc.serial = Some(serial.to_owned());
+    desc.manufacturer = Some(names.0.to_owned());
+    desc.product = Some(names.1.to_owned());
+    desc.speed = Some("12".into());
+    desc.usb_version = Some("2.00".into());
+    Ok(UsbDevice::new(
+        format!("/sys/devices/pci0000:00/0000:00:14.0/usb{bus}/{port}"),
+        desc,
+        vec![Interface::new(3, 0, 0)],
+    ))
 }
 
 /// One finished client run.

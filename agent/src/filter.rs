@@ -83,13 +83,13 @@ impl Match {
     }
 
     pub fn matches(&self, d: &UsbDevice) -> bool {
-        self.vendor.is_none_or(|v| v == d.vendor_id)
-            && self.product.is_none_or(|p| p == d.product_id)
+        self.vendor.is_none_or(|v| v == d.descriptors.vendor_id)
+            && self.product.is_none_or(|p| p == d.descriptors.product_id)
             && self.class.is_none_or(|c| has_class(d, c))
             && self
                 .port
                 .as_ref()
-                .is_none_or(|p| is_behind(&d.port_path, p))
+                .is_none_or(|p| is_behind(&d.descriptors.port_path, p))
     }
 }
 
@@ -113,7 +113,7 @@ impl fmt::Display for Match {
 }
 
 fn has_class(d: &UsbDevice, class: u8) -> bool {
-    d.device_class == class || d.interfaces.iter().any(|i| i.class == class)
+    d.descriptors.device_class == class || d.interfaces().iter().any(|i| i.class == class)
 }
 
 /// `port` is `base` or a port behind it (same bus, `base`'s chain is a prefix of its chain).
@@ -174,20 +174,20 @@ const LINUX_FOUNDATION: VendorId = VendorId(0x1d6b);
 
 /// The built-in verdict, if a built-in rule matches.
 fn builtin(d: &UsbDevice) -> Option<String> {
-    if d.port_path.is_root() || d.vendor_id == LINUX_FOUNDATION {
+    if d.descriptors.port_path.is_root() || d.descriptors.vendor_id == LINUX_FOUNDATION {
         return Some(format!(
             "built-in: root hub ({} at {})",
             d.ids(),
-            d.port_path
+            d.descriptors.port_path
         ));
     }
     if has_class(d, HUB) {
         return Some("built-in: hub (class 09)".to_owned());
     }
-    let all_hid = !d.interfaces.is_empty() && d.interfaces.iter().all(|i| i.class == HID);
+    let all_hid = !d.interfaces().is_empty() && d.interfaces().iter().all(|i| i.class == HID);
     if all_hid {
         let boot = |protocol| {
-            d.interfaces
+            d.interfaces()
                 .iter()
                 .any(|i| i.subclass == 1 && i.protocol == protocol)
         };
@@ -438,29 +438,23 @@ impl<'de> Deserialize<'de> for ClassByte {
 mod tests {
     use super::*;
     use crate::observation::Interface;
-    use usbpt_schemas::UsbAddress;
+    use usbpt_schemas::{UsbAddress, UsbDescriptors};
 
     fn dev(port: &str, vendor: u16, product: u16, class: u8, ifs: &[(u8, u8, u8)]) -> UsbDevice {
-        UsbDevice {
-            syspath: format!("/sys/devices/x/{port}"),
-            port_path: port.parse().expect("port"),
-            address: UsbAddress::new(1, 5).expect("address"),
-            vendor_id: VendorId(vendor),
-            product_id: ProductId(product),
-            serial: None,
-            device_class: class,
-            interfaces: ifs
-                .iter()
+        let mut desc = UsbDescriptors::new(
+            UsbAddress::new(1, 5).expect("address"),
+            port.parse().expect("port"),
+            VendorId(vendor),
+            ProductId(product),
+        );
+        desc.device_class = class;
+        UsbDevice::new(
+            format!("/sys/devices/x/{port}"),
+            desc,
+            ifs.iter()
                 .map(|&(c, s, p)| Interface::new(c, s, p))
                 .collect(),
-            manufacturer: None,
-            product: None,
-            vendor_db: None,
-            model_db: None,
-            speed: None,
-            usb_version: None,
-            fingerprint: None,
-        }
+        )
     }
 
     fn yubikey_fido() -> UsbDevice {

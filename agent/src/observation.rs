@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use usbpt_schemas::text::{bound, Escaped, DEVICE_STRING_MAX};
-use usbpt_schemas::{Fingerprint, PortPath, ProductId, UsbAddress, VendorId};
+use usbpt_schemas::{Fingerprint, PortPath, ProductId, UsbAddress, UsbDescriptors, VendorId};
 
 /// One interface of the active configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -29,38 +29,116 @@ impl Interface {
 
 /// One USB device (udev `usb`/`usb_device`) present on the host now: one enumeration's raw
 /// descriptors, read from sysfs and udev's properties.
+///
+/// Its bytes in the agent's state (layout 2, `crate::store`) are the fields it had before the
+/// descriptors were one struct, in the same order ([`Layout2`]); postcard writes a struct as its
+/// fields, so a tuple of them reads and writes the same rows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Layout2", into = "Layout2")]
 pub struct UsbDevice {
     /// `/sys/devices/…/1-2.3`: where the kernel put it; the key of the agent's local state.
     pub syspath: String,
-    /// The kernel name (`1-2.3`): bus and hub ports.
-    pub port_path: PortPath,
-    /// `busnum` and `devnum`: change on every re-enumeration.
-    pub address: UsbAddress,
-    pub vendor_id: VendorId,
-    pub product_id: ProductId,
-    /// The `serial` attribute, trimmed; `None` when absent or blank.
-    pub serial: Option<String>,
-    /// `bDeviceClass`.
-    pub device_class: u8,
+    /// What the device says of itself, as the discovery event carries it. Its
+    /// `interface_classes` are [`UsbDevice::interfaces`]' classes, always: only
+    /// [`UsbDevice::new`] and [`UsbDevice::set_interfaces`] write them.
+    pub descriptors: UsbDescriptors,
     /// The active configuration's interfaces, in interface order.
-    pub interfaces: Vec<Interface>,
-    pub manufacturer: Option<String>,
-    pub product: Option<String>,
-    /// hwdb's `ID_VENDOR_FROM_DATABASE`.
-    pub vendor_db: Option<String>,
-    /// hwdb's `ID_MODEL_FROM_DATABASE`.
-    pub model_db: Option<String>,
-    /// sysfs `speed` (Mbit/s as the kernel prints it).
-    pub speed: Option<String>,
-    /// sysfs `version` (bcdUSB), trimmed: `2.00`.
-    pub usb_version: Option<String>,
+    interfaces: Vec<Interface>,
     /// The descriptor fingerprint ([`crate::fingerprint`]); `None` when the descriptors could
     /// not be read (the device left before the agent looked).
     pub fingerprint: Option<Fingerprint>,
 }
 
+/// A device row of the agent's state in layout 1: syspath, port path, address, vendor,
+/// product, serial, device class, interfaces, and six strings (manufacturer, product,
+/// vendor_db, model_db, speed, usb_version).
+pub(crate) type Layout1 = (
+    String,
+    PortPath,
+    UsbAddress,
+    VendorId,
+    ProductId,
+    Option<String>,
+    u8,
+    Vec<Interface>,
+    [Option<String>; 6],
+);
+
+/// Layout 2: layout 1, then the fingerprint. Postcard writes a nested tuple inline, so this is
+/// the flat row the struct of layout 2 wrote.
+pub(crate) type Layout2 = (Layout1, Option<Fingerprint>);
+
+impl From<Layout2> for UsbDevice {
+    fn from((row, fingerprint): Layout2) -> Self {
+        let (syspath, port_path, address, vendor_id, product_id, serial, class, ifs, strings) = row;
+        let [manufacturer, product, vendor_db, model_db, speed, usb_version] = strings;
+        let mut d = UsbDescriptors::new(address, port_path, vendor_id, product_id);
+        d.serial = serial;
+        d.device_class = class;
+        (d.manufacturer, d.product, d.vendor_db, d.model_db) =
+            (manufacturer, product, vendor_db, model_db);
+        (d.speed, d.usb_version) = (speed, usb_version);
+        UsbDevice::new(syspath, d, ifs).with_fingerprint(fingerprint)
+    }
+}
+
+impl From<UsbDevice> for Layout2 {
+    fn from(u: UsbDevice) -> Self {
+        let d = u.descriptors;
+        let strings = [
+            d.manufacturer,
+            d.product,
+            d.vendor_db,
+            d.model_db,
+            d.speed,
+            d.usb_version,
+        ];
+        let row = (
+            u.syspath,
+            d.port_path,
+            d.address,
+            d.vendor_id,
+            d.product_id,
+            d.serial,
+            d.device_class,
+            u.interfaces,
+            strings,
+        );
+        (row, u.fingerprint)
+    }
+}
+
 impl UsbDevice {
+    /// A device at `syspath` with these descriptors and interfaces (the descriptors'
+    /// `interface_classes` are taken from `interfaces`), and no fingerprint yet.
+    pub fn new(syspath: String, descriptors: UsbDescriptors, interfaces: Vec<Interface>) -> Self {
+        let mut device = UsbDevice {
+            syspath,
+            descriptors,
+            interfaces: Vec::new(),
+            fingerprint: None,
+        };
+        device.set_interfaces(interfaces);
+        device
+    }
+
+    /// This device with a fingerprint (or none).
+    pub fn with_fingerprint(mut self, fingerprint: Option<Fingerprint>) -> Self {
+        self.fingerprint = fingerprint;
+        self
+    }
+
+    /// The active configuration's interfaces, in interface order.
+    pub fn interfaces(&self) -> &[Interface] {
+        &self.interfaces
+    }
+
+    /// Replaces the interfaces, and the descriptors' `interface_classes` with them.
+    pub fn set_interfaces(&mut self, interfaces: Vec<Interface>) {
+        self.descriptors.interface_classes = interfaces.iter().map(|i| i.class).collect();
+        self.interfaces = interfaces;
+    }
+
     /// True when `other` is the same enumeration: same syspath address (bus, devnum, port)
     /// and the same vendor and product. A different devnum at the same syspath is a
     /// re-enumeration. The serial is compared only when both sides have one: an event udevd
@@ -68,12 +146,13 @@ impl UsbDevice {
     /// when it was unplugged: the `unbind` carried no `ID_SERIAL_SHORT`, and sysfs was already
     /// gone) says nothing about the serial, and must not read as a new device.
     pub fn same_enumeration(&self, other: &UsbDevice) -> bool {
-        self.address == other.address
-            && self.port_path == other.port_path
-            && self.vendor_id == other.vendor_id
-            && self.product_id == other.product_id
-            && match (&self.serial, &other.serial) {
-                (Some(a), Some(b)) => a == b,
+        let (a, b) = (&self.descriptors, &other.descriptors);
+        a.address == b.address
+            && a.port_path == b.port_path
+            && a.vendor_id == b.vendor_id
+            && a.product_id == b.product_id
+            && match (&a.serial, &b.serial) {
+                (Some(x), Some(y)) => x == y,
                 _ => true,
             }
     }
@@ -84,32 +163,30 @@ impl UsbDevice {
     /// read before (interfaces not created yet) or misses what can no longer be read (sysfs
     /// removed, an event without udevd's properties).
     pub fn refreshed_by(&self, other: UsbDevice) -> UsbDevice {
-        let keep = |new: Option<String>, old: &Option<String>| new.or_else(|| old.clone());
-        UsbDevice {
-            syspath: other.syspath,
-            port_path: other.port_path,
-            address: other.address,
-            vendor_id: other.vendor_id,
-            product_id: other.product_id,
-            serial: keep(other.serial, &self.serial),
-            device_class: if other.interfaces.is_empty() && other.device_class == 0 {
-                self.device_class
-            } else {
-                other.device_class
-            },
-            interfaces: if other.interfaces.is_empty() {
-                self.interfaces.clone()
-            } else {
-                other.interfaces
-            },
-            manufacturer: keep(other.manufacturer, &self.manufacturer),
-            product: keep(other.product, &self.product),
-            vendor_db: keep(other.vendor_db, &self.vendor_db),
-            model_db: keep(other.model_db, &self.model_db),
-            speed: keep(other.speed, &self.speed),
-            usb_version: keep(other.usb_version, &self.usb_version),
-            fingerprint: other.fingerprint.or(self.fingerprint),
+        let keep = |new: &mut Option<String>, old: &Option<String>| {
+            if new.is_none() {
+                new.clone_from(old);
+            }
+        };
+        let (old, mut d) = (&self.descriptors, other.descriptors);
+        keep(&mut d.serial, &old.serial);
+        if other.interfaces.is_empty() && d.device_class == 0 {
+            d.device_class = old.device_class;
         }
+        keep(&mut d.manufacturer, &old.manufacturer);
+        keep(&mut d.product, &old.product);
+        keep(&mut d.vendor_db, &old.vendor_db);
+        keep(&mut d.model_db, &old.model_db);
+        keep(&mut d.speed, &old.speed);
+        keep(&mut d.usb_version, &old.usb_version);
+        let interfaces = if other.interfaces.is_empty() {
+            self.interfaces.clone()
+        } else {
+            other.interfaces
+        };
+        let mut device = UsbDevice::new(other.syspath, d, interfaces);
+        device.fingerprint = other.fingerprint.or(self.fingerprint);
+        device
     }
 
     /// This device with its strings (serial, manufacturer, product, hwdb names) cut to
@@ -121,12 +198,13 @@ impl UsbDevice {
     /// Control characters are kept: they are data, escaped by every printer
     /// ([`usbpt_schemas::text::escape`]).
     pub fn bounded(mut self) -> Self {
+        let d = &mut self.descriptors;
         for (name, field) in [
-            ("serial", &mut self.serial),
-            ("manufacturer", &mut self.manufacturer),
-            ("product", &mut self.product),
-            ("vendor_db", &mut self.vendor_db),
-            ("model_db", &mut self.model_db),
+            ("serial", &mut d.serial),
+            ("manufacturer", &mut d.manufacturer),
+            ("product", &mut d.product),
+            ("vendor_db", &mut d.vendor_db),
+            ("model_db", &mut d.model_db),
         ] {
             if let Some(v) = field.take() {
                 let (v, cut) = bound(v, DEVICE_STRING_MAX);
@@ -146,7 +224,10 @@ impl UsbDevice {
 
     /// `vvvv:pppp` for logs.
     pub fn ids(&self) -> String {
-        format!("{}:{}", self.vendor_id, self.product_id)
+        format!(
+            "{}:{}",
+            self.descriptors.vendor_id, self.descriptors.product_id
+        )
     }
 }
 
@@ -203,24 +284,19 @@ mod tests {
 
     #[test]
     fn device_strings_are_cut_to_255_bytes_and_say_so_but_keep_their_controls() {
-        let d = UsbDevice {
-            syspath: "/sys/devices/pci0000:00/usb1/1-2".into(),
-            port_path: "1-2".parse().expect("port"),
-            address: UsbAddress::new(1, 5).expect("address"),
-            vendor_id: VendorId(0x6666),
-            product_id: ProductId(0x4242),
-            serial: Some("S".repeat(900_000)),
-            device_class: 0,
-            interfaces: Vec::new(),
-            manufacturer: Some("Evil\x1b[2J Corp".into()),
-            product: Some("é".repeat(200)),
-            vendor_db: None,
-            model_db: Some("m".repeat(255)),
-            speed: None,
-            usb_version: None,
-            fingerprint: None,
-        }
-        .bounded();
+        let mut x = UsbDescriptors::new(
+            UsbAddress::new(1, 5).expect("address"),
+            "1-2".parse().expect("port"),
+            VendorId(0x6666),
+            ProductId(0x4242),
+        );
+        x.serial = Some("S".repeat(900_000));
+        x.manufacturer = Some("Evil\x1b[2J Corp".into());
+        x.product = Some("é".repeat(200));
+        x.model_db = Some("m".repeat(255));
+        let d = UsbDevice::new("/sys/devices/pci0000:00/usb1/1-2".into(), x, Vec::new())
+            .bounded()
+            .descriptors;
         let serial = d.serial.as_deref().unwrap_or_default();
         assert!(serial.len() <= DEVICE_STRING_MAX && serial.ends_with('…'));
         let product = d.product.as_deref().unwrap_or_default();

@@ -22,8 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use usbpt_schemas::{
     DeviceClashDetected, DeviceDiscovered, DeviceId, DeviceInvalidated, Event, HostName,
-    InvalidationReason, LineageId, LineageKey, LineageKind, PortPath, ProductId, UsbDescriptors,
-    VendorId,
+    InvalidationReason, LineageId, LineageKey, LineageKind, PortPath, ProductId, VendorId,
 };
 
 use crate::filter::{Decision, Filter};
@@ -137,25 +136,34 @@ pub fn is_bogus_serial(serial: &str) -> bool {
 
 /// The device's serial when it could name a lineage (present and not bogus).
 fn plausible_serial(d: &UsbDevice) -> Option<&str> {
-    d.serial.as_deref().filter(|s| !is_bogus_serial(s))
+    d.descriptors
+        .serial
+        .as_deref()
+        .filter(|s| !is_bogus_serial(s))
 }
 
 fn clash_key(d: &UsbDevice) -> Option<ClashKey> {
-    plausible_serial(d).map(|s| (d.vendor_id, d.product_id, s.to_owned()))
+    plausible_serial(d).map(|s| {
+        (
+            d.descriptors.vendor_id,
+            d.descriptors.product_id,
+            s.to_owned(),
+        )
+    })
 }
 
 fn lineage_of(ctx: Context<'_>, d: &UsbDevice, serial_unique: bool) -> (LineageId, LineageKind) {
     let key = match plausible_serial(d) {
         Some(serial) if serial_unique => LineageKey::Serial {
-            vendor: d.vendor_id,
-            product: d.product_id,
+            vendor: d.descriptors.vendor_id,
+            product: d.descriptors.product_id,
             serial,
         },
         _ => LineageKey::Port {
             host: ctx.host,
-            port: &d.port_path,
-            vendor: d.vendor_id,
-            product: d.product_id,
+            port: &d.descriptors.port_path,
+            vendor: d.descriptors.vendor_id,
+            product: d.descriptors.product_id,
         },
     };
     (LineageId::derive(&key), key.kind())
@@ -169,21 +177,7 @@ fn discovered(ctx: Context<'_>, k: &Known, supersedes: Option<DeviceId>) -> Even
         lineage_kind: k.lineage_kind,
         host: ctx.host.clone(),
         boot_id: ctx.boot_id.to_owned(),
-        descriptors: UsbDescriptors {
-            address: d.address,
-            port_path: d.port_path.clone(),
-            vendor_id: d.vendor_id,
-            product_id: d.product_id,
-            serial: d.serial.clone(),
-            device_class: d.device_class,
-            interface_classes: d.interfaces.iter().map(|i| i.class).collect(),
-            manufacturer: d.manufacturer.clone(),
-            product: d.product.clone(),
-            vendor_db: d.vendor_db.clone(),
-            model_db: d.model_db.clone(),
-            speed: d.speed.clone(),
-            usb_version: d.usb_version.clone(),
-        },
+        descriptors: d.descriptors.clone(),
         syspath: d.syspath.clone(),
         supersedes,
     };
@@ -303,7 +297,7 @@ fn clashes(state: &mut State, ctx: Context<'_>, out: &mut Vec<Event>) {
             groups
                 .entry(key)
                 .or_default()
-                .insert(k.device.port_path.clone());
+                .insert(k.device.descriptors.port_path.clone());
         }
     }
     let mut reported = BTreeMap::new();
@@ -346,7 +340,7 @@ pub fn observe(
             let Some(known) = state.devices.get(&syspath) else {
                 return out;
             };
-            if address.is_some_and(|a| a != known.device.address) {
+            if address.is_some_and(|a| a != known.device.descriptors.address) {
                 // A stale remove of an earlier enumeration at this syspath.
                 return out;
             }

@@ -236,9 +236,9 @@ impl Agent {
                 (
                     k.device_id,
                     DeviceInfo {
-                        vendor: k.device.vendor_id,
-                        product: k.device.product_id,
-                        address: k.device.address,
+                        vendor: k.device.descriptors.vendor_id,
+                        product: k.device.descriptors.product_id,
+                        address: k.device.descriptors.address,
                         present: true,
                         fingerprint: k.device.fingerprint,
                     },
@@ -302,9 +302,9 @@ impl Agent {
                 if new {
                     self.filtered_total += 1;
                     info!(
-                        port = %k.device.port_path,
+                        port = %k.device.descriptors.port_path,
                         ids = %k.device.ids(),
-                        address = %k.device.address,
+                        address = %k.device.descriptors.address,
                         %reason,
                         filtered_total = self.filtered_total,
                         "not a passthrough candidate"
@@ -414,7 +414,7 @@ impl Agent {
 fn describe(o: &Observation) -> String {
     match o {
         Observation::Present { action, device } => {
-            format!("{} {}", action.as_str(), device.port_path)
+            format!("{} {}", action.as_str(), device.descriptors.port_path)
         }
         Observation::Removed { syspath, .. } => {
             let name = syspath.rsplit('/').next().unwrap_or(syspath);
@@ -530,9 +530,9 @@ pub async fn run_with_executor<S: DeviceSource>(
                 (
                     k.device_id,
                     DeviceInfo {
-                        vendor: k.device.vendor_id,
-                        product: k.device.product_id,
-                        address: k.device.address,
+                        vendor: k.device.descriptors.vendor_id,
+                        product: k.device.descriptors.product_id,
+                        address: k.device.descriptors.address,
                         present: true,
                         fingerprint: k.device.fingerprint,
                     },

@@ -22,7 +22,7 @@ use tokio::io::Interest;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use udev::AsRaw;
-use usbpt_schemas::{Fingerprint, PortPath, ProductId, UsbAddress, VendorId};
+use usbpt_schemas::{Fingerprint, PortPath, ProductId, UsbAddress, UsbDescriptors, VendorId};
 
 use crate::observation::{Action, Interface, Observation, UsbDevice};
 
@@ -304,7 +304,7 @@ fn observation_of(event: &udev::Event) -> Result<Option<Observation>, String> {
     };
     let event_devnum = prop(event, "DEVNUM").and_then(|v| v.parse::<u16>().ok());
     match read_device(event) {
-        Ok(device) if event_devnum.is_none_or(|n| n == device.address.devnum()) => {
+        Ok(device) if event_devnum.is_none_or(|n| n == device.descriptors.address.devnum()) => {
             Ok(Some(Observation::Present { action, device }))
         }
         // sysfs no longer shows this enumeration: it was unplugged (or re-enumerated) before the
@@ -357,25 +357,20 @@ pub fn device_from_properties(d: &udev::Device) -> Result<UsbDevice, String> {
     let device_class = prop(d, "TYPE")
         .and_then(|t| t.split('/').next().and_then(|c| c.parse::<u8>().ok()))
         .unwrap_or(0);
-    Ok(UsbDevice {
-        syspath: d.syspath().to_string_lossy().into_owned(),
-        port_path,
-        address,
-        vendor_id,
-        product_id,
-        serial: prop(d, "ID_SERIAL_SHORT"),
-        device_class,
-        interfaces: prop(d, "ID_USB_INTERFACES")
+    let mut desc = UsbDescriptors::new(address, port_path, vendor_id, product_id);
+    desc.serial = prop(d, "ID_SERIAL_SHORT");
+    desc.device_class = device_class;
+    desc.manufacturer = prop(d, "ID_VENDOR_ENC").map(|v| unescape_udev(&v));
+    desc.product = prop(d, "ID_MODEL_ENC").map(|v| unescape_udev(&v));
+    desc.vendor_db = prop(d, "ID_VENDOR_FROM_DATABASE");
+    desc.model_db = prop(d, "ID_MODEL_FROM_DATABASE");
+    Ok(UsbDevice::new(
+        d.syspath().to_string_lossy().into_owned(),
+        desc,
+        prop(d, "ID_USB_INTERFACES")
             .map(|v| parse_usb_interfaces(&v))
             .unwrap_or_default(),
-        manufacturer: prop(d, "ID_VENDOR_ENC").map(|v| unescape_udev(&v)),
-        product: prop(d, "ID_MODEL_ENC").map(|v| unescape_udev(&v)),
-        vendor_db: prop(d, "ID_VENDOR_FROM_DATABASE"),
-        model_db: prop(d, "ID_MODEL_FROM_DATABASE"),
-        speed: None,
-        usb_version: None,
-        fingerprint: None,
-    }
+    )
     .bounded())
 }
 
@@ -439,23 +434,21 @@ pub fn read_device(d: &udev::Device) -> Result<UsbDevice, String> {
     let product_id: ProductId = id("idProduct", "ID_MODEL_ID")?
         .parse()
         .map_err(|e| format!("{e}"))?;
-    Ok(UsbDevice {
-        syspath: d.syspath().to_string_lossy().into_owned(),
-        port_path,
-        address,
-        vendor_id,
-        product_id,
-        serial: attr(d, "serial"),
-        device_class: hex_u8(d, "bDeviceClass")?,
-        interfaces: interfaces(d),
-        manufacturer: attr(d, "manufacturer"),
-        product: attr(d, "product"),
-        vendor_db: prop(d, "ID_VENDOR_FROM_DATABASE"),
-        model_db: prop(d, "ID_MODEL_FROM_DATABASE"),
-        speed: attr(d, "speed"),
-        usb_version: attr(d, "version"),
-        fingerprint: fingerprint_of(d, vendor_id, product_id),
-    }
+    let mut desc = UsbDescriptors::new(address, port_path, vendor_id, product_id);
+    desc.serial = attr(d, "serial");
+    desc.device_class = hex_u8(d, "bDeviceClass")?;
+    desc.manufacturer = attr(d, "manufacturer");
+    desc.product = attr(d, "product");
+    desc.vendor_db = prop(d, "ID_VENDOR_FROM_DATABASE");
+    desc.model_db = prop(d, "ID_MODEL_FROM_DATABASE");
+    desc.speed = attr(d, "speed");
+    desc.usb_version = attr(d, "version");
+    Ok(UsbDevice::new(
+        d.syspath().to_string_lossy().into_owned(),
+        desc,
+        interfaces(d),
+    )
+    .with_fingerprint(fingerprint_of(d, vendor_id, product_id))
     .bounded())
 }
 
@@ -609,7 +602,7 @@ impl SimulatedHost {
             let gone = sim.present.remove(syspath);
             let remove = Observation::Removed {
                 syspath: syspath.to_owned(),
-                address: gone.map(|d| d.address),
+                address: gone.map(|d| d.descriptors.address),
             };
             Self::send(sim, SourceEvent::Observed(vec![remove]));
         });

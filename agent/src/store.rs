@@ -418,26 +418,24 @@ mod tests {
     use crate::filter::Filter;
     use crate::observation::{Interface, UsbDevice};
     use crate::resolver::{reconcile, Context, Reconcile, V7Ids};
-    use usbpt_schemas::{Event, HostAgentStarted, HostName, UsbAddress};
+    use usbpt_schemas::{Event, HostAgentStarted, HostName, UsbAddress, UsbDescriptors};
 
     fn device(port: &str, devnum: u16, serial: &str) -> UsbDevice {
-        UsbDevice {
-            syspath: format!("/sys/devices/pci0000:00/usb1/{port}"),
-            port_path: port.parse().expect("port"),
-            address: UsbAddress::new(1, devnum).expect("address"),
-            vendor_id: VendorId(0x04a9),
-            product_id: ProductId(0x31c0),
-            serial: Some(serial.into()),
-            device_class: 0,
-            interfaces: vec![Interface::new(6, 1, 1)],
-            manufacturer: Some("Canon Inc.".into()),
-            product: None,
-            vendor_db: None,
-            model_db: None,
-            speed: Some("480".into()),
-            usb_version: Some("2.00".into()),
-            fingerprint: None,
-        }
+        let mut desc = UsbDescriptors::new(
+            UsbAddress::new(1, devnum).expect("address"),
+            port.parse().expect("port"),
+            VendorId(0x04a9),
+            ProductId(0x31c0),
+        );
+        desc.serial = Some(serial.into());
+        desc.manufacturer = Some("Canon Inc.".into());
+        desc.speed = Some("480".into());
+        desc.usb_version = Some("2.00".into());
+        UsbDevice::new(
+            format!("/sys/devices/pci0000:00/usb1/{port}"),
+            desc,
+            vec![Interface::new(6, 1, 1)],
+        )
     }
 
     fn started(host: &HostName) -> Envelope {

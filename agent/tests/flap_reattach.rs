@@ -15,7 +15,8 @@ use usbpt_agent::{AgentConfig, BusTarget, Filter, FlapSettings, Interface, Progr
 use usbpt_bus::{Bus, Reader, StartAt};
 use usbpt_schemas::{
     AssignedDevice, ControllerModel, DeviceDiscovered, Envelope, Event, FlavorId, FollowPolicy,
-    HostName, PortPath, ProductId, ServerId, ServerScheduled, ServerState, UsbAddress, VendorId,
+    HostName, PortPath, ProductId, ServerId, ServerScheduled, ServerState, UsbAddress,
+    UsbDescriptors, VendorId,
 };
 use usbpt_testkit::TestNats;
 
@@ -23,23 +24,22 @@ const WAIT: Duration = Duration::from_secs(30);
 
 fn key(devnum: u16) -> UsbDevice {
     let port_path: PortPath = "1-4".parse().unwrap();
-    UsbDevice {
-        syspath: "/sys/devices/sim/usb1/1-4".into(),
-        address: UsbAddress::new(1, devnum).unwrap(),
+    let mut desc = UsbDescriptors::new(
+        UsbAddress::new(1, devnum).unwrap(),
         port_path,
-        vendor_id: VendorId(0x1050),
-        product_id: ProductId(0x0407),
-        serial: Some("FLAPPY".into()),
-        device_class: 0,
-        interfaces: vec![Interface::new(0x0b, 0, 0)],
-        manufacturer: Some("Yubico".into()),
-        product: Some("YubiKey".into()),
-        vendor_db: None,
-        model_db: None,
-        speed: Some("12".into()),
-        usb_version: Some("2.00".into()),
-        fingerprint: None,
-    }
+        VendorId(0x1050),
+        ProductId(0x0407),
+    );
+    desc.serial = Some("FLAPPY".into());
+    desc.manufacturer = Some("Yubico".into());
+    desc.product = Some("YubiKey".into());
+    desc.speed = Some("12".into());
+    desc.usb_version = Some("2.00".into());
+    UsbDevice::new(
+        "/sys/devices/sim/usb1/1-4".into(),
+        desc,
+        vec![Interface::new(0x0b, 0, 0)],
+    )
 }
 
 /// The stream from its beginning, read as far as a test needs.

@@ -15,7 +15,7 @@ use usbpt_agent::{AgentConfig, BusTarget, Filter, Interface, Progress, UsbDevice
 use usbpt_bus::{Bus, StartAt, StreamSettings};
 use usbpt_schemas::{
     Envelope, Event, HostAgentStarted, HostName, InvalidationReason, PortPath, ProductId,
-    UsbAddress, VendorId,
+    UsbAddress, UsbDescriptors, VendorId,
 };
 use usbpt_testkit::TestNats;
 
@@ -23,23 +23,19 @@ const WAIT: Duration = Duration::from_secs(30);
 
 fn device(port: &str, devnum: u16, serial: &str) -> UsbDevice {
     let port_path: PortPath = port.parse().unwrap();
-    UsbDevice {
-        syspath: format!("/sys/devices/sim/usb{}/{port}", port_path.bus()),
-        address: UsbAddress::new(port_path.bus(), devnum).unwrap(),
+    let syspath = format!("/sys/devices/sim/usb{}/{port}", port_path.bus());
+    let mut desc = UsbDescriptors::new(
+        UsbAddress::new(port_path.bus(), devnum).unwrap(),
         port_path,
-        vendor_id: VendorId(0x1050),
-        product_id: ProductId(0x0407),
-        serial: Some(serial.into()),
-        device_class: 0,
-        interfaces: vec![Interface::new(0x0b, 0, 0)],
-        manufacturer: Some("Yubico".into()),
-        product: Some("YubiKey".into()),
-        vendor_db: None,
-        model_db: None,
-        speed: Some("12".into()),
-        usb_version: Some("2.00".into()),
-        fingerprint: None,
-    }
+        VendorId(0x1050),
+        ProductId(0x0407),
+    );
+    desc.serial = Some(serial.into());
+    desc.manufacturer = Some("Yubico".into());
+    desc.product = Some("YubiKey".into());
+    desc.speed = Some("12".into());
+    desc.usb_version = Some("2.00".into());
+    UsbDevice::new(syspath, desc, vec![Interface::new(0x0b, 0, 0)])
 }
 
 struct Running {
@@ -174,7 +170,9 @@ async fn a_lost_events_report_makes_the_agent_rescan_and_reconcile() -> Result<(
     let re = events[5..]
         .iter()
         .find_map(|e| match &e.body {
-            Event::DeviceDiscovered(d) if d.descriptors.address == a2.address => Some(d.clone()),
+            Event::DeviceDiscovered(d) if d.descriptors.address == a2.descriptors.address => {
+                Some(d.clone())
+            }
             _ => None,
         })
         .expect("a rediscovered");

@@ -28,7 +28,10 @@ fn enumeration_reads_the_recorded_devices() {
         let tb = Testbed::new()?;
         tb.add_recording(&four_recordings(&fixtures())?)?;
         let devices = source::enumerate()?;
-        let mut names: Vec<String> = devices.iter().map(|d| d.port_path.to_string()).collect();
+        let mut names: Vec<String> = devices
+            .iter()
+            .map(|d| d.descriptors.port_path.to_string())
+            .collect();
         names.sort();
         assert_eq!(
             names,
@@ -49,43 +52,62 @@ fn enumeration_reads_the_recorded_devices() {
 
         let key = find(&devices, recorded::YUBIKEY);
         assert_eq!(
-            (key.vendor_id, key.product_id),
+            (key.descriptors.vendor_id, key.descriptors.product_id),
             (VendorId(0x1050), ProductId(0x0120))
         );
-        assert_eq!(key.address, UsbAddress::new(3, 12)?);
-        assert_eq!(key.serial, None, "the YubiKey has no serial attribute");
-        assert_eq!(key.interfaces, [Interface::new(3, 0, 0)]);
-        assert_eq!(key.vendor_db.as_deref(), Some("Yubico.com"));
+        assert_eq!(key.descriptors.address, UsbAddress::new(3, 12)?);
         assert_eq!(
-            key.model_db.as_deref(),
+            key.descriptors.serial, None,
+            "the YubiKey has no serial attribute"
+        );
+        assert_eq!(key.interfaces(), [Interface::new(3, 0, 0)]);
+        assert_eq!(key.descriptors.vendor_db.as_deref(), Some("Yubico.com"));
+        assert_eq!(
+            key.descriptors.model_db.as_deref(),
             Some("Yubikey Touch U2F Security Key")
         );
-        assert_eq!(key.manufacturer.as_deref(), Some("Yubico"));
-        assert_eq!(key.product.as_deref(), Some("Security Key by Yubico"));
-        assert_eq!(key.speed.as_deref(), Some("12"));
-        assert_eq!(key.usb_version.as_deref(), Some("2.00"), "trimmed");
+        assert_eq!(key.descriptors.manufacturer.as_deref(), Some("Yubico"));
+        assert_eq!(
+            key.descriptors.product.as_deref(),
+            Some("Security Key by Yubico")
+        );
+        assert_eq!(key.descriptors.speed.as_deref(), Some("12"));
+        assert_eq!(
+            key.descriptors.usb_version.as_deref(),
+            Some("2.00"),
+            "trimmed"
+        );
 
         let phone = find(&devices, recorded::PHONE);
-        assert_eq!(phone.serial.as_deref(), Some("0123456789ABCDEF"));
         assert_eq!(
-            phone.interfaces,
+            phone.descriptors.serial.as_deref(),
+            Some("0123456789ABCDEF")
+        );
+        assert_eq!(
+            phone.interfaces(),
             [Interface::new(0xff, 0xff, 0)],
             "from ID_USB_INTERFACES"
         );
-        assert_eq!(phone.address, UsbAddress::new(1, 24)?);
+        assert_eq!(phone.descriptors.address, UsbAddress::new(1, 24)?);
 
         let camera = find(&devices, recorded::CAMERA);
         assert_eq!(
-            camera.serial.as_deref(),
+            camera.descriptors.serial.as_deref(),
             Some("C767F1C714174C309255F70E4A7B2EE2")
         );
-        assert_eq!(camera.interfaces, [Interface::new(6, 1, 1)]);
-        assert_eq!(camera.manufacturer.as_deref(), Some("Canon Inc."));
-        assert_eq!(camera.vendor_db, None, "not recorded for the camera");
+        assert_eq!(camera.interfaces(), [Interface::new(6, 1, 1)]);
+        assert_eq!(
+            camera.descriptors.manufacturer.as_deref(),
+            Some("Canon Inc.")
+        );
+        assert_eq!(
+            camera.descriptors.vendor_db, None,
+            "not recorded for the camera"
+        );
 
         let keyboard = find(&devices, recorded::KEYBOARD);
-        assert_eq!(keyboard.interfaces[0], Interface::new(3, 1, 1));
-        assert_eq!(keyboard.usb_version.as_deref(), Some("1.10"));
+        assert_eq!(keyboard.interfaces()[0], Interface::new(3, 1, 1));
+        assert_eq!(keyboard.descriptors.usb_version.as_deref(), Some("1.10"));
 
         let filter = Filter::default();
         let mut candidates: Vec<&str> = devices
@@ -136,10 +158,16 @@ fn the_monitor_reports_hotplug_of_usb_devices_only() {
                 bail!("expected one add, got {obs:?}")
             };
             assert_eq!(device.syspath, path);
-            assert_eq!(device.address, UsbAddress::new(3, 14)?);
-            assert_eq!(device.interfaces, [Interface::new(8, 6, 0x50)]);
-            assert_eq!(device.vendor_db.as_deref(), Some("SanDisk Corp."));
-            assert_eq!(device.serial.as_deref(), Some("4C530001230101116155"));
+            assert_eq!(device.descriptors.address, UsbAddress::new(3, 14)?);
+            assert_eq!(device.interfaces(), [Interface::new(8, 6, 0x50)]);
+            assert_eq!(
+                device.descriptors.vendor_db.as_deref(),
+                Some("SanDisk Corp.")
+            );
+            assert_eq!(
+                device.descriptors.serial.as_deref(),
+                Some("4C530001230101116155")
+            );
 
             // Unplugged, plugged back at the same place with a new devnum, unplugged again.
             let removed = |devnum| Observation::Removed {
@@ -151,7 +179,7 @@ fn the_monitor_reports_hotplug_of_usb_devices_only() {
             tb.plug(&stick.renumbered(15))?;
             let obs = next(&mut source).await?;
             assert!(
-                matches!(obs.as_slice(), [Observation::Present { action: Action::Add, device }] if device.address == UsbAddress::new(3, 15)?),
+                matches!(obs.as_slice(), [Observation::Present { action: Action::Add, device }] if device.descriptors.address == UsbAddress::new(3, 15)?),
                 "{obs:?}"
             );
             tb.unplug(&path)?;
@@ -169,15 +197,18 @@ fn the_monitor_reports_hotplug_of_usb_devices_only() {
             let Observation::Present { device: gone, .. } = &seen[0] else {
                 bail!("expected the add of devnum 16, got {seen:?}")
             };
-            assert_eq!(gone.address, UsbAddress::new(3, 16)?);
-            assert_eq!(gone.serial.as_deref(), Some("4C530001230101116155"));
-            assert_eq!(gone.interfaces, [Interface::new(8, 6, 0x50)]);
-            assert_eq!(gone.manufacturer.as_deref(), Some("SanDisk"));
-            assert_eq!(gone.product.as_deref(), Some("Cruzer Blade"));
-            assert_eq!(gone.speed, None, "not in the event");
+            assert_eq!(gone.descriptors.address, UsbAddress::new(3, 16)?);
+            assert_eq!(
+                gone.descriptors.serial.as_deref(),
+                Some("4C530001230101116155")
+            );
+            assert_eq!(gone.interfaces(), [Interface::new(8, 6, 0x50)]);
+            assert_eq!(gone.descriptors.manufacturer.as_deref(), Some("SanDisk"));
+            assert_eq!(gone.descriptors.product.as_deref(), Some("Cruzer Blade"));
+            assert_eq!(gone.descriptors.speed, None, "not in the event");
             assert_eq!(seen[1], removed(16));
             assert!(
-                matches!(&seen[2], Observation::Present { device, .. } if device.address.devnum() == 17 && device.speed.as_deref() == Some("480")),
+                matches!(&seen[2], Observation::Present { device, .. } if device.descriptors.address.devnum() == 17 && device.descriptors.speed.as_deref() == Some("480")),
                 "{seen:?}"
             );
 

@@ -19,8 +19,46 @@ use usbpt_projector::{
 use usbpt_schemas::{
     AttachMethod, ControllerModel, DeviceId, Fingerprint, FingerprintPolicy, FlavorId,
     FollowPolicy, HostName, InvalidationReason, LineageId, LineageKind, PortPath, ProductId,
-    ServerId, Timestamp, UsbRequest, VendorId,
+    ServerId, Timestamp, UsbDescriptors, UsbRequest, VendorId,
 };
+
+/// A device document's descriptors in JSON: `UsbDescriptors`' own fields, with the address as
+/// Nova writes it (`address`: `usb_<bus>_<devnum>`) and its two numbers beside it (`bus`,
+/// `devnum`), the shape the API has always had.
+mod descriptors_doc {
+    use serde::de::Error as _;
+    use serde::ser::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::{Map, Value};
+    use usbpt_schemas::{UsbAddress, UsbDescriptors};
+
+    pub fn serialize<S: Serializer>(d: &UsbDescriptors, s: S) -> Result<S::Ok, S::Error> {
+        let Value::Object(mut m) = serde_json::to_value(d).map_err(S::Error::custom)? else {
+            return Err(S::Error::custom("descriptors are not a JSON object"));
+        };
+        m.insert("address".into(), d.address.nova_address().into());
+        m.insert("bus".into(), d.address.bus().into());
+        m.insert("devnum".into(), d.address.devnum().into());
+        m.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<UsbDescriptors, D::Error> {
+        let mut m = Map::deserialize(d)?;
+        let number = |m: &mut Map<String, Value>, k: &str| {
+            m.remove(k)
+                .and_then(|v| v.as_u64())
+                .and_then(|n| u16::try_from(n).ok())
+                .ok_or_else(|| D::Error::custom(format!("`{k}`: expected a number")))
+        };
+        let (bus, devnum) = (number(&mut m, "bus")?, number(&mut m, "devnum")?);
+        let address = UsbAddress::new(bus, devnum).map_err(D::Error::custom)?;
+        m.insert(
+            "address".into(),
+            serde_json::to_value(address).map_err(D::Error::custom)?,
+        );
+        serde_json::from_value(Value::Object(m)).map_err(D::Error::custom)
+    }
+}
 
 /// A value's stable wire name: its serde form as a string (an enum variant's name).
 pub fn wire_name<T: Serialize>(x: &T) -> String {
@@ -97,14 +135,11 @@ pub struct DeviceDoc {
     pub status: DeviceStatus,
     pub holder: Option<ServerId>,
     pub current: bool,
-    /// `usb_<bus>_<devnum>`.
-    pub address: String,
-    pub bus: u16,
-    pub devnum: u16,
-    pub port_path: PortPath,
-    pub vendor_id: VendorId,
-    pub product_id: ProductId,
-    pub serial: Option<String>,
+    /// What the device says of itself, as its discovery event carries it. In JSON its fields
+    /// stand in the document itself, with the address as Nova writes it (`address`:
+    /// `usb_<bus>_<devnum>`, and `bus`, `devnum`) ([`descriptors_doc`]).
+    #[serde(flatten, with = "descriptors_doc")]
+    pub descriptors: UsbDescriptors,
     /// The descriptor fingerprint (USBGuard's `hash`), when the agent reported one.
     #[serde(default)]
     pub fingerprint: Option<Fingerprint>,
@@ -114,14 +149,6 @@ pub struct DeviceDoc {
     /// The lineage's label (`usbpt label`); set where the document is built with the lineage.
     #[serde(default)]
     pub label: Option<String>,
-    pub device_class: u8,
-    pub interface_classes: Vec<u8>,
-    pub manufacturer: Option<String>,
-    pub product: Option<String>,
-    pub vendor_db: Option<String>,
-    pub model_db: Option<String>,
-    pub speed: Option<String>,
-    pub usb_version: Option<String>,
     pub syspath: String,
     pub boot_id: String,
     pub supersedes: Option<DeviceId>,
@@ -205,24 +232,10 @@ impl From<&Device> for DeviceDoc {
             status: d.status,
             holder: d.holder,
             current: d.current,
-            address: x.descriptors.address.nova_address(),
-            bus: x.descriptors.address.bus(),
-            devnum: x.descriptors.address.devnum(),
-            port_path: x.descriptors.port_path.clone(),
-            vendor_id: x.descriptors.vendor_id,
-            product_id: x.descriptors.product_id,
-            serial: x.descriptors.serial.clone(),
+            descriptors: x.descriptors.clone(),
             fingerprint: d.fingerprint,
             blocked: d.blocked,
             label: None,
-            device_class: x.descriptors.device_class,
-            interface_classes: x.descriptors.interface_classes.clone(),
-            manufacturer: x.descriptors.manufacturer.clone(),
-            product: x.descriptors.product.clone(),
-            vendor_db: x.descriptors.vendor_db.clone(),
-            model_db: x.descriptors.model_db.clone(),
-            speed: x.descriptors.speed.clone(),
-            usb_version: x.descriptors.usb_version.clone(),
             syspath: x.syspath.clone(),
             boot_id: x.boot_id.clone(),
             supersedes: x.supersedes,
@@ -614,6 +627,54 @@ mod tests {
         assert_eq!(
             wire_name(&usbpt_schemas::ReleaseReason::GraceExpired),
             "GraceExpired"
+        );
+    }
+
+    /// A device document's descriptors stand in the document itself, with the address as Nova
+    /// writes it and its two numbers beside it; the document reads back as it was written.
+    #[test]
+    fn a_device_document_has_the_nova_address_and_reads_back() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Doc {
+            id: u32,
+            #[serde(flatten, with = "descriptors_doc")]
+            descriptors: UsbDescriptors,
+            syspath: String,
+        }
+        let mut descriptors = UsbDescriptors::new(
+            usbpt_schemas::UsbAddress::new(2, 3).expect("address"),
+            "2-1.4".parse().expect("port"),
+            VendorId(0x1050),
+            ProductId(0x0407),
+        );
+        descriptors.serial = Some("0001".into());
+        descriptors.interface_classes = vec![3, 11];
+        let doc = Doc {
+            id: 7,
+            descriptors,
+            syspath: "/sys/x".into(),
+        };
+        let json = serde_json::to_value(&doc).expect("writes");
+        assert_eq!(json["address"], "usb_2_3");
+        assert_eq!(
+            (json["bus"].as_u64(), json["devnum"].as_u64()),
+            (Some(2), Some(3))
+        );
+        assert_eq!(json["port_path"], "2-1.4");
+        assert_eq!(json["vendor_id"], "1050");
+        assert_eq!(json["serial"], "0001");
+        assert_eq!(json["interface_classes"], serde_json::json!([3, 11]));
+        assert_eq!(json["syspath"], "/sys/x");
+        assert_eq!(
+            serde_json::from_value::<Doc>(json.clone()).expect("reads"),
+            doc
+        );
+        let mut bad = json;
+        bad["devnum"] = 500.into();
+        let err = serde_json::from_value::<Doc>(bad).expect_err("devnum out of range");
+        assert!(
+            err.to_string().contains("devnum") || err.to_string().contains("500"),
+            "{err}"
         );
     }
 

@@ -15,7 +15,8 @@ use tokio::sync::{oneshot, watch};
 use usbpt_agent::{progress, AgentConfig, BusTarget, Filter, Interface, UsbDevice};
 use usbpt_projector::{DeviceStatus, Projector, ProjectorConfig, Snapshot, View};
 use usbpt_schemas::{
-    DeviceId, HostName, LineageId, LineageKey, PortPath, ProductId, UsbAddress, VendorId,
+    DeviceId, HostName, LineageId, LineageKey, PortPath, ProductId, UsbAddress, UsbDescriptors,
+    VendorId,
 };
 
 use crate::report::Figure;
@@ -29,23 +30,17 @@ const PRODUCT: ProductId = ProductId(0x0003);
 
 fn device(slot: usize, devnum: u16) -> Result<UsbDevice> {
     let port_path: PortPath = format!("1-{}", slot + 1).parse()?;
-    Ok(UsbDevice {
-        syspath: format!("/sys/devices/bench/usb1/1-{}", slot + 1),
-        address: UsbAddress::new(1, devnum)?,
-        port_path,
-        vendor_id: VENDOR,
-        product_id: PRODUCT,
-        serial: Some(serial(slot)),
-        device_class: 0,
-        interfaces: vec![Interface::new(0x0b, 0, 0)],
-        manufacturer: Some("Bench".into()),
-        product: Some("Licence key".into()),
-        vendor_db: None,
-        model_db: None,
-        speed: Some("12".into()),
-        usb_version: Some("2.00".into()),
-        fingerprint: None,
-    })
+    let mut desc = UsbDescriptors::new(UsbAddress::new(1, devnum)?, port_path, VENDOR, PRODUCT);
+    desc.serial = Some(serial(slot));
+    desc.manufacturer = Some("Bench".into());
+    desc.product = Some("Licence key".into());
+    desc.speed = Some("12".into());
+    desc.usb_version = Some("2.00".into());
+    Ok(UsbDevice::new(
+        format!("/sys/devices/bench/usb1/1-{}", slot + 1),
+        desc,
+        vec![Interface::new(0x0b, 0, 0)],
+    ))
 }
 
 fn serial(slot: usize) -> String {

@@ -187,6 +187,33 @@ pub struct UsbDescriptors {
     pub usb_version: Option<String>,
 }
 
+impl UsbDescriptors {
+    /// Descriptors with only where the device sits and its ids; every other field empty (a
+    /// source fills in what it reads).
+    pub fn new(
+        address: UsbAddress,
+        port_path: PortPath,
+        vendor_id: VendorId,
+        product_id: ProductId,
+    ) -> Self {
+        Self {
+            address,
+            port_path,
+            vendor_id,
+            product_id,
+            serial: None,
+            device_class: 0,
+            interface_classes: Vec::new(),
+            manufacturer: None,
+            product: None,
+            vendor_db: None,
+            model_db: None,
+            speed: None,
+            usb_version: None,
+        }
+    }
+}
+
 /// A device appeared at an address: a new enumeration.
 ///
 /// In JSON (the history, `usbpt events`, docs/events.md) the descriptors' fields stand in the

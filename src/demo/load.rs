@@ -151,12 +151,12 @@ pub async fn play(
                 continue;
             };
             let mut next = dev.clone();
-            let devnum = if dev.address.devnum() >= 127 {
+            let devnum = if dev.descriptors.address.devnum() >= 127 {
                 2
             } else {
-                dev.address.devnum() + 1
+                dev.descriptors.address.devnum() + 1
             };
-            next.address = UsbAddress::new(dev.address.bus(), devnum)?;
+            next.descriptors.address = UsbAddress::new(dev.descriptors.address.bus(), devnum)?;
             host.devices.unplug(&dev.syspath);
             host.devices.plug(next);
             replugs += 1;
@@ -205,7 +205,12 @@ fn mismatch(view: &View, hosts: &[SimHost]) -> Result<Option<String>> {
             .devices
             .present()
             .iter()
-            .map(|d| (d.port_path.to_string(), d.address.devnum()))
+            .map(|d| {
+                (
+                    d.descriptors.port_path.to_string(),
+                    d.descriptors.address.devnum(),
+                )
+            })
             .collect();
         let got: BTreeSet<(String, u16)> = snap
             .host_devices(&host.name)?

@@ -221,9 +221,12 @@ impl Story {
         step("host-b reboots: the key re-enumerates with a new device number");
         host_b.stop_agent().await;
         host_b.devices.change_silently(|present| {
-            if let Some(d) = present.values_mut().find(|d| d.vendor_id.0 == key.0) {
-                if let Ok(a) = usbpt_schemas::UsbAddress::new(d.address.bus(), 7) {
-                    d.address = a;
+            if let Some(d) = present
+                .values_mut()
+                .find(|d| d.descriptors.vendor_id.0 == key.0)
+            {
+                if let Ok(a) = usbpt_schemas::UsbAddress::new(d.descriptors.address.bus(), 7) {
+                    d.descriptors.address = a;
                 }
             }
         });

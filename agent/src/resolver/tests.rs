@@ -1,6 +1,8 @@
 //! Given a state, when an observation or a snapshot arrives, then these events.
 
-use usbpt_schemas::{Event, InvalidationReason, LineageKey, LineageKind, UsbAddress};
+use usbpt_schemas::{
+    Event, InvalidationReason, LineageKey, LineageKind, UsbAddress, UsbDescriptors,
+};
 use uuid::Uuid;
 
 use super::*;
@@ -35,26 +37,24 @@ fn dev(
     ifs: &[(u8, u8, u8)],
 ) -> UsbDevice {
     let port_path: PortPath = port.parse().expect("port");
-    UsbDevice {
-        syspath: format!("/sys/devices/pci0000:00/usb{}/{port}", port_path.bus()),
-        address: UsbAddress::new(port_path.bus(), devnum).expect("address"),
+    let syspath = format!("/sys/devices/pci0000:00/usb{}/{port}", port_path.bus());
+    let mut desc = UsbDescriptors::new(
+        UsbAddress::new(port_path.bus(), devnum).expect("address"),
         port_path,
-        vendor_id: VendorId(vendor),
-        product_id: ProductId(product),
-        serial: serial.map(str::to_owned),
-        device_class: class,
-        interfaces: ifs
-            .iter()
+        VendorId(vendor),
+        ProductId(product),
+    );
+    desc.serial = serial.map(str::to_owned);
+    desc.device_class = class;
+    desc.speed = Some("480".into());
+    desc.usb_version = Some("2.00".into());
+    UsbDevice::new(
+        syspath,
+        desc,
+        ifs.iter()
             .map(|&(c, s, p)| Interface::new(c, s, p))
             .collect(),
-        manufacturer: None,
-        product: None,
-        vendor_db: None,
-        model_db: None,
-        speed: Some("480".into()),
-        usb_version: Some("2.00".into()),
-        fingerprint: None,
-    }
+    )
 }
 
 // The four recordings (fido2 moved to bus 3, as the integration tests load them).
@@ -173,7 +173,7 @@ impl Agent {
     fn remove(&mut self, d: &UsbDevice) -> Vec<Event> {
         self.see(Observation::Removed {
             syspath: d.syspath.clone(),
-            address: Some(d.address),
+            address: Some(d.descriptors.address),
         })
     }
     fn see(&mut self, o: Observation) -> Vec<Event> {
@@ -211,17 +211,17 @@ fn kinds(events: &[Event]) -> Vec<&'static str> {
 }
 fn serial_lineage(d: &UsbDevice) -> LineageId {
     LineageId::derive(&LineageKey::Serial {
-        vendor: d.vendor_id,
-        product: d.product_id,
-        serial: d.serial.as_deref().expect("serial"),
+        vendor: d.descriptors.vendor_id,
+        product: d.descriptors.product_id,
+        serial: d.descriptors.serial.as_deref().expect("serial"),
     })
 }
 fn port_lineage(d: &UsbDevice) -> LineageId {
     LineageId::derive(&LineageKey::Port {
         host: &host(),
-        port: &d.port_path,
-        vendor: d.vendor_id,
-        product: d.product_id,
+        port: &d.descriptors.port_path,
+        vendor: d.descriptors.vendor_id,
+        product: d.descriptors.product_id,
     })
 }
 
@@ -303,7 +303,10 @@ fn restart_in_the_same_boot_reports_what_changed_while_down() {
     );
     let mut now: Vec<UsbDevice> = host_snapshot()
         .into_iter()
-        .filter(|d| d.product_id != ProductId(0x0166) && d.product_id != ProductId(0x31c0))
+        .filter(|d| {
+            d.descriptors.product_id != ProductId(0x0166)
+                && d.descriptors.product_id != ProductId(0x31c0)
+        })
         .collect();
     now.push(camera(30));
     now.push(stick.clone());
@@ -661,7 +664,10 @@ fn a_rescan_after_lost_events_reconciles_with_unplugged() {
     let key = a.known(&yubikey(12)).device_id;
     let mut now: Vec<UsbDevice> = host_snapshot()
         .into_iter()
-        .filter(|d| d.product_id != ProductId(0x31c0) && d.product_id != ProductId(0x0120))
+        .filter(|d| {
+            d.descriptors.product_id != ProductId(0x31c0)
+                && d.descriptors.product_id != ProductId(0x0120)
+        })
         .collect();
     now.push(yubikey(60));
     let events = a.rescan(now);
@@ -747,8 +753,8 @@ fn an_unbind_without_udev_properties_is_the_same_enumeration() {
     assert_eq!(first.lineage_kind, LineageKind::Serial);
 
     let mut bare = dev("4-1", 2, 0x1050, 0x0407, None, 0, &[]);
-    bare.speed = None;
-    bare.usb_version = None;
+    bare.descriptors.speed = None;
+    bare.descriptors.usb_version = None;
     let events = a.see(Observation::Present {
         action: Action::Unbind,
         device: bare,
@@ -791,5 +797,5 @@ fn a_later_report_fills_in_what_was_not_readable() {
         action: Action::Bind,
         device: full.clone(),
     });
-    assert_eq!(a.known(&early).device.interfaces, full.interfaces);
+    assert_eq!(a.known(&early).device.interfaces(), full.interfaces());
 }
