@@ -598,6 +598,30 @@ mod tests {
         assert!(err.contains("layout version 7"), "{err}");
     }
 
+    /// A device's bytes in the state file are layout 2's, as the agent wrote them when
+    /// `UsbDevice` listed every descriptor itself (the hex is that struct's postcard encoding
+    /// of this device): a file written before the descriptors became one struct reads back.
+    #[test]
+    fn a_device_row_has_the_bytes_of_layout_2() {
+        const LAYOUT_2: &str = "202f7379732f646576696365732f706369303030303a30302f757362312f\
+            312d3103312d310105a909c0630102534e0001060101010a43616e6f6e20496e632e0000000103343830\
+            0104322e303000";
+        let d = device("1-1", 5, "SN");
+        let hex: String = postcard::to_allocvec(&d)
+            .expect("encode")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hex, LAYOUT_2);
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&LAYOUT_2[i..i + 2], 16).expect("hex"))
+            .collect();
+        let back: UsbDevice = postcard::from_bytes(&bytes).expect("decode");
+        assert_eq!(back, d);
+        assert_eq!(back.descriptors.interface_classes, [6]);
+    }
+
     #[test]
     fn a_layout_1_file_is_upgraded_and_its_devices_have_no_fingerprint() {
         let dir = tempfile::tempdir().expect("tempdir");
