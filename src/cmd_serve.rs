@@ -37,6 +37,13 @@ pub struct ProjectorArgs {
     /// Events per fetch and per redb transaction.
     #[arg(long, default_value_t = defaults::PROJECTOR_BATCH, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub batch: u64,
+    /// How soon a commit of the view is on disk, in milliseconds: 0 makes every commit durable
+    /// (an fsync per commit); N makes commits visible at once and durable within N ms. The view
+    /// is rebuilt from the stream, so a crash loses no event either way: it refolds what was
+    /// not yet durable (ADR 0015, docs/performance.md). While N > 0 no other process can open
+    /// the view (`usbpt replay --verify` of it waits until the process stops).
+    #[arg(long, default_value_t = defaults::VIEW_SYNC_MS, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub view_sync_ms: u64,
     /// Live-event (`/v1/events`) clients the HTTP API serves at once; one more gets 503 with
     /// `Retry-After`. They all share one reader of the stream.
     #[arg(long, env = "USBPT_SSE_MAX_CLIENTS", default_value_t = defaults::SSE_MAX_CLIENTS, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
@@ -49,6 +56,7 @@ impl Default for ProjectorArgs {
         Self {
             consumer: defaults::PROJECTOR_CONSUMER.to_owned(),
             batch: defaults::PROJECTOR_BATCH,
+            view_sync_ms: defaults::VIEW_SYNC_MS,
             sse_max_clients: defaults::SSE_MAX_CLIENTS,
         }
     }
@@ -176,20 +184,29 @@ pub fn view_path(global: &Global) -> Result<PathBuf> {
 
 /// Opens (creating) the live view. A view of an older record format is moved aside and
 /// rebuilt from the stream: it is a pure fold, nothing is lost.
-pub fn open_view(global: &Global) -> Result<Arc<View>> {
+/// Opens (or creates) the live view. `private`: no other process may open it meanwhile, which
+/// commits that are not durable at once need (`--view-sync-ms`, ADR 0015).
+pub fn open_view(global: &Global, private: bool) -> Result<Arc<View>> {
+    let open = |path: &std::path::Path| {
+        if private {
+            View::open_private(path)
+        } else {
+            View::open(path)
+        }
+    };
     let path = view_path(global)?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the data directory {}", dir.display()))?;
     }
-    match View::open(&path) {
+    match open(&path) {
         Ok(v) => Ok(Arc::new(v)),
         Err(ViewError::Format { found, .. }) => {
             let aside = path.with_extension(format!("redb.format-{found}"));
             warn!(path = %path.display(), aside = %aside.display(), "view of another format: rebuilding it from the stream");
             std::fs::rename(&path, &aside)
                 .with_context(|| format!("moving {} aside", path.display()))?;
-            Ok(Arc::new(View::open(&path)?))
+            Ok(Arc::new(open(&path)?))
         }
         Err(e) => Err(e.into()),
     }
@@ -207,10 +224,11 @@ pub struct ReadSide {
 impl ReadSide {
     pub async fn open(global: &Global, args: &ProjectorArgs) -> Result<Self> {
         let bus = global.bus().await?;
-        let view = open_view(global)?;
+        let view = open_view(global, args.view_sync_ms > 0)?;
         let config = ProjectorConfig {
             consumer: args.consumer.clone(),
             batch_size: usize::try_from(args.batch).unwrap_or(1000),
+            view_sync: usbpt_projector::ViewSync::from_millis(args.view_sync_ms),
             ..ProjectorConfig::default()
         };
         let projector = Projector::new(bus.clone(), Arc::clone(&view), config);

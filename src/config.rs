@@ -130,6 +130,8 @@ pub struct ProjectorSection {
     pub batch: Option<u64>,
     /// Where `usbpt projector` serves reads and /metrics.
     pub listen: Option<SocketAddr>,
+    /// How soon a commit of the view is on disk, in ms (0: every commit; at most 60000).
+    pub view_sync_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
@@ -215,6 +217,7 @@ pub const KEYS: &[Key] = &[
     key("api.token_file", GLOBAL, "api_token_file"),
     key("projector.consumer", PROJECTORS, "consumer"),
     key("projector.batch", PROJECTORS, "batch"),
+    key("projector.view_sync_ms", PROJECTORS, "view_sync_ms"),
     key("projector.listen", &["projector"], "listen"),
     key("commands.weigh", COMMAND_HANDLERS, "weigh"),
     key("commands.grace", COMMAND_HANDLERS, "grace"),
@@ -249,6 +252,11 @@ impl FileConfig {
         if let Some(b) = self.projector.batch {
             if !(1..=10_000).contains(&b) {
                 bail!("projector.batch = {b}: must be 1 to 10000");
+            }
+        }
+        if let Some(ms) = self.projector.view_sync_ms {
+            if ms > 60_000 {
+                bail!("projector.view_sync_ms = {ms}: must be 0 to 60000");
             }
         }
         if let Some(urls) = &self.nats.urls {
@@ -311,6 +319,7 @@ impl FileConfig {
             "api.token_file" => path(&self.api.token_file),
             "projector.consumer" => self.projector.consumer.clone(),
             "projector.batch" => shown(&self.projector.batch),
+            "projector.view_sync_ms" => shown(&self.projector.view_sync_ms),
             "projector.listen" => shown(&self.projector.listen),
             "commands.weigh" => self.commands.weigh.map(|w| w.name().to_owned()),
             "commands.grace" => shown(&self.commands.grace),

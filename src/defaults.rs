@@ -22,6 +22,8 @@ pub const SYSTEM_DATA_DIR: &str = "/var/lib/usbpt";
 pub const PROJECTOR_CONSUMER: &str = usbpt_schemas::subjects::js::PROJECTOR_CONSUMER;
 /// Events per fetch and per redb transaction.
 pub const PROJECTOR_BATCH: u64 = 1000;
+/// `--view-sync-ms`: 0, every commit of the view is durable before it is acknowledged.
+pub const VIEW_SYNC_MS: u64 = 0;
 /// Live-event clients served at once.
 pub const SSE_MAX_CLIENTS: u64 = 1024;
 /// How long a claimed device may be gone before its claim is released.

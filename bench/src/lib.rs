@@ -328,7 +328,13 @@ async fn measure(
                     n(sizes.hotplug),
                     t.label
                 ));
-                let h = hotplug::hotplug_to_view(t, n(sizes.hotplug), i == 0).await?;
+                let h = hotplug::hotplug_to_view(
+                    t,
+                    n(sizes.hotplug),
+                    i == 0,
+                    usbpt_projector::ViewSync::EachCommit,
+                )
+                .await?;
                 for f in h.figures {
                     report.push(if f.key == "hotplug_to_view" {
                         tag(f)
@@ -342,6 +348,20 @@ async fn measure(
                 ));
                 report.compare_latency(&key("hotplug_to_view"), &key("raw_hotplug_path"));
                 if i == 0 {
+                    // The operator's trade-off (ADR 0015): the view's fsync off the path.
+                    let lazy = usbpt_projector::ViewSync::Within(hotplug::LAZY_VIEW_SYNC);
+                    progress(&format!(
+                        "hotplug → view, the view durable within {} ms ({} events; {})",
+                        hotplug::LAZY_VIEW_SYNC.as_millis(),
+                        n(sizes.hotplug),
+                        t.label
+                    ));
+                    let h = hotplug::hotplug_to_view(t, n(sizes.hotplug), false, lazy).await?;
+                    let lazy_key = h.figures.first().map(|f| f.key.clone());
+                    report.extend(h.figures);
+                    if let Some(k) = lazy_key {
+                        report.compare_latency(&k, "raw_hotplug_path");
+                    }
                     report.compare_latency("api_get_device", "view_device_lookup");
                 }
             }

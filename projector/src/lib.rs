@@ -42,6 +42,7 @@ pub use fold::Staged;
 pub use identity::{FindError, FindKey, FindQuery, Found};
 pub use metrics::ProjectorMetrics;
 pub use model::*;
+pub use pipeline::ViewSync;
 pub use runner::{Folded, Projector, ProjectorConfig, ProjectorError};
 pub use view::{
     Batch, BatchOptions, BatchReport, Chain, DeviceFilter, RawEvent, Snapshot, View, VIEW_FORMAT,

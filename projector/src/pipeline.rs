@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use redb::Durability;
 use tokio::sync::mpsc;
+use tracing::warn;
 
 use crate::error::ViewError;
 use crate::fold::Staged;
@@ -57,6 +58,34 @@ impl Folder {
 /// sequence), the caller's tag, and how long the write took.
 pub type Written<T> = (Result<u64, ViewError>, T, Duration);
 
+/// How soon a committed batch of the live view is on disk ([`Writer::spawn_syncing`]).
+///
+/// The view is derived from the stream and resumes from its own last applied sequence, so a
+/// commit that is visible but not yet durable loses nothing in a crash: the batches after the
+/// last durable commit are folded again from the stream (ADR 0015).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ViewSync {
+    /// Every commit is made durable (fsync) before it is reported: the default.
+    #[default]
+    EachCommit,
+    /// Commits are visible at once and made durable at most this long after the first one not
+    /// yet durable (a durable commit, or an empty durable one when the stream is quiet). Only
+    /// for a view no other process may open ([`View::open_private`]); on a shared one every
+    /// commit is durable.
+    Within(Duration),
+}
+
+impl ViewSync {
+    /// `0` is every commit, anything else a bound in milliseconds.
+    pub fn from_millis(ms: u64) -> Self {
+        if ms == 0 {
+            ViewSync::EachCommit
+        } else {
+            ViewSync::Within(Duration::from_millis(ms))
+        }
+    }
+}
+
 /// The write side of the pipeline: one blocking thread that writes frozen batches in the order
 /// it is given them, each committed with its own durability. It stops at the first failed
 /// write (reported like the others).
@@ -68,23 +97,89 @@ pub struct Writer<T> {
 
 impl<T: Send + 'static> Writer<T> {
     /// Starts the writer; `written` is called on its thread after each write (return false to
-    /// stop).
+    /// stop). Every batch is committed with the durability it is queued with.
     pub fn spawn(
         view: Arc<View>,
+        written: impl FnMut(Written<T>) -> bool + Send + 'static,
+    ) -> Self {
+        Self::spawn_syncing(view, ViewSync::EachCommit, written)
+    }
+
+    /// [`Writer::spawn`], with batches queued as durable made durable as `sync` says.
+    pub fn spawn_syncing(
+        view: Arc<View>,
+        sync: ViewSync,
         mut written: impl FnMut(Written<T>) -> bool + Send + 'static,
     ) -> Self {
         let (jobs, mut queued) = mpsc::channel::<(Arc<Staged>, Durability, T)>(1);
+        let runtime = tokio::runtime::Handle::current();
+        // redb refuses commits that are not durable on a file other processes may open.
+        let sync = match sync {
+            ViewSync::Within(_) if !view.is_private() => {
+                warn!("the view is shared with other processes: every commit is made durable");
+                ViewSync::EachCommit
+            }
+            other => other,
+        };
         let thread = tokio::task::spawn_blocking(move || {
-            while let Some((staged, durability, tag)) = queued.blocking_recv() {
+            // Since when commits are visible but not durable (`ViewSync::Within` only).
+            let mut pending: Option<Instant> = None;
+            // A quiet-time sync failed: wait for the next batch, whose commit is durable (its
+            // bound has passed) and reports the error.
+            let mut sync_failed = false;
+            loop {
+                let job = match (sync, pending) {
+                    (ViewSync::Within(bound), Some(since)) if !sync_failed => {
+                        let left = bound.saturating_sub(since.elapsed());
+                        match runtime.block_on(tokio::time::timeout(left, queued.recv())) {
+                            Ok(job) => job,
+                            // Quiet for the rest of the bound: make what is visible durable.
+                            Err(_) => {
+                                match view.sync() {
+                                    Ok(()) => pending = None,
+                                    Err(e) => {
+                                        warn!(error = %e, "making the view durable failed");
+                                        sync_failed = true;
+                                    }
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                    _ => queued.blocking_recv(),
+                };
+                let Some((staged, asked, tag)) = job else {
+                    break;
+                };
+                let durability = match (sync, asked) {
+                    (ViewSync::Within(bound), Durability::Immediate) => {
+                        let since = *pending.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= bound {
+                            Durability::Immediate
+                        } else {
+                            Durability::None
+                        }
+                    }
+                    _ => asked,
+                };
                 let started = Instant::now();
                 let result = view.write_staged(&staged, durability);
                 let took = started.elapsed();
+                if matches!(durability, Durability::Immediate) && result.is_ok() {
+                    (pending, sync_failed) = (None, false);
+                }
                 // Freed here, on the writer's thread: dropping a batch's rows is not work for
                 // the async runtime.
                 drop(staged);
                 let failed = result.is_err();
                 if !written((result, tag, took)) || failed {
                     break;
+                }
+            }
+            // Stopping: what is visible is made durable before the writer ends.
+            if pending.is_some() {
+                if let Err(e) = view.sync() {
+                    warn!(error = %e, "making the view durable at the end failed");
                 }
             }
         });

@@ -33,7 +33,7 @@ use usbpt_bus::{Acker, Bus, BusError, Durable, Received};
 
 use crate::error::ViewError;
 use crate::metrics::ProjectorMetrics;
-use crate::pipeline::{Folder, WriteQueue, Writer, Written};
+use crate::pipeline::{Folder, ViewSync, WriteQueue, Writer, Written};
 use crate::view::{BatchOptions, BatchReport, RawEvent, View};
 
 #[derive(Debug, Error)]
@@ -78,6 +78,9 @@ pub struct ProjectorConfig {
     /// Decoded rows of committed batches kept for the next batches to read (a cache: the
     /// projector is the view's only writer).
     pub cache_rows: usize,
+    /// How soon a commit of [`Projector::run`] is on disk (ADR 0015): every commit (the
+    /// default), or within a bound.
+    pub view_sync: ViewSync,
 }
 
 impl Default for ProjectorConfig {
@@ -90,6 +93,7 @@ impl Default for ProjectorConfig {
             ack_wait: Duration::from_secs(30),
             max_commit_events: 200_000,
             cache_rows: 300_000,
+            view_sync: ViewSync::EachCommit,
         }
     }
 }
@@ -286,8 +290,9 @@ impl Projector {
         let (done_tx, done_rx) = mpsc::unbounded_channel::<Result<Committed, ViewError>>();
         let writer = {
             let (metrics, done) = (Arc::clone(&self.metrics), done_tx.clone());
-            Writer::spawn(
+            Writer::spawn_syncing(
                 Arc::clone(&self.view),
+                self.config.view_sync,
                 move |(written, (report, fold_time), write_time): Written<(
                     BatchReport,
                     Duration,

@@ -81,6 +81,8 @@ pub struct View {
     db: Db,
     path: PathBuf,
     applied: watch::Sender<u64>,
+    /// Opened so that no other process may open it ([`View::open_private`]).
+    private: bool,
 }
 
 impl std::fmt::Debug for View {
@@ -105,8 +107,9 @@ impl View {
         Self::open_with(path.as_ref(), ConcurrencyMode::SingleWriter)
     }
 
-    /// Opens a view no other process will read while it is written (a replay's scratch file):
-    /// it may commit without fsync ([`BatchOptions::durability`] `None`).
+    /// Opens a view no other process will read while it is written (a replay's scratch file, a
+    /// live view made durable within a bound: ADR 0015): it may commit without fsync
+    /// ([`BatchOptions::durability`] `None`).
     pub fn open_private(path: impl AsRef<Path>) -> Result<Self, ViewError> {
         Self::open_with(path.as_ref(), ConcurrencyMode::ExclusiveWriter)
     }
@@ -143,6 +146,7 @@ impl View {
             db: Db::ReadWrite(db),
             path,
             applied: watch::Sender::new(last),
+            private: matches!(mode, ConcurrencyMode::ExclusiveWriter),
         })
     }
 
@@ -159,6 +163,7 @@ impl View {
             db: Db::ReadOnly(db),
             path,
             applied: watch::Sender::new(0),
+            private: false,
         };
         let snap = view.snapshot()?;
         let found = snap.meta(t::META_FORMAT)?;
@@ -327,6 +332,22 @@ impl Batch<'_> {
 }
 
 impl View {
+    /// Whether no other process may open this view ([`View::open_private`]): only then may it
+    /// commit without making the commit durable at once.
+    pub fn is_private(&self) -> bool {
+        self.private
+    }
+
+    /// Makes every commit so far durable: an empty durable commit (redb persists the
+    /// non-durable commits before it with it).
+    pub fn sync(&self) -> Result<(), ViewError> {
+        let db = self.writable()?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Writes a frozen batch in one redb write transaction and commits it with `durability`;
     /// readers of [`View::applied`] are told. Batches must be written in the order they were
     /// folded: one that does not start where the view ends is refused.
