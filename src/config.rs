@@ -687,6 +687,11 @@ mod tests {
     fn range_checks_name_the_key() {
         let err = FileConfig::parse("[projector]\nbatch = 0\n").expect_err("batch 0");
         assert!(format!("{err:#}").contains("projector.batch"), "{err:#}");
+        let err = FileConfig::parse("[projector]\nview_sync_ms = 60001\n").expect_err("too long");
+        assert!(
+            format!("{err:#}").contains("projector.view_sync_ms"),
+            "{err:#}"
+        );
         let err = FileConfig::parse("[agent]\nflap_quiet = 0\n").expect_err("quiet 0");
         assert!(format!("{err:#}").contains("agent.flap_quiet"), "{err:#}");
         let err = FileConfig::parse("[nats]\nurls = [\"a,b\"]\n").expect_err("joined urls");
@@ -728,6 +733,7 @@ mod tests {
             consumer = "p"
             batch = 10
             listen = "127.0.0.1:8775"
+            view_sync_ms = 100
             [commands]
             weigh = "spread"
             grace = 30
