@@ -186,6 +186,9 @@ fn two_thousand_idle_dashboards_leave_room_for_a_new_agent() {
             watcher.until("event: HostAgentStarted").await?;
             watcher.until("\"host\":\"late-host\"").await?;
             watcher.until("event: DeviceDiscovered").await?;
+            // The agent opens its control consumer beside publishing: awaited, not assumed.
+            let mut agent = agent;
+            agent.expect("listening").await?;
             let names = consumers(&bus).await?;
             assert!(
                 names.iter().any(|n| n == "agent-late-host"),

@@ -147,6 +147,9 @@ impl Control {
                 }
             }));
             info!(consumer = %durable, "control: listening for work");
+            (self.progress)(&Progress::Listening {
+                consumer: durable.clone(),
+            });
             loop {
                 tokio::select! {
                     Some(r) = self.reenumerated.recv() => self.reattach(r).await?,

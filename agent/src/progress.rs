@@ -34,6 +34,8 @@ pub enum Progress {
     Connected { url: String },
     /// The bus is unreachable; events wait in the outbox.
     Unreachable { error: String, outbox: u64 },
+    /// The control consumer is open: work addressed to this host is received from now on.
+    Listening { consumer: String },
     /// Every queued event is in the stream.
     Drained { published: u64 },
     /// Control work was refused (not this host's, not the command handler's); `refused`
