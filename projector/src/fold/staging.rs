@@ -6,7 +6,6 @@
 //! batches (newest first), then in the committed view; whatever answers first is the current
 //! value. What an event changes is decided in [`super::semantics`], never here.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
@@ -71,7 +70,7 @@ pub struct Staged {
     /// Events folded (applied or quarantined) in this batch.
     folded: u64,
     /// Counter increments of this batch.
-    deltas: BTreeMap<(&'static str, &'static str), u64>,
+    deltas: Map<(&'static str, &'static str), u64>,
     /// The changed rows encoded and in key order, prepared when folding ends (on the fold
     /// thread) so that writing the batch is only B-tree inserts.
     prepared: WriteSet,
@@ -270,7 +269,7 @@ impl Staged {
             start: last_applied,
             last_applied,
             folded: 0,
-            deltas: BTreeMap::new(),
+            deltas: Map::default(),
             prepared: WriteSet::default(),
         }
     }
@@ -442,7 +441,9 @@ impl Staged {
         }
         {
             let mut counters = txn.open_table(t::COUNTERS)?;
-            for ((group, name), n) in &self.deltas {
+            let mut deltas: Vec<_> = self.deltas.iter().collect();
+            deltas.sort_unstable();
+            for ((group, name), n) in deltas {
                 let key = format!("{group}.{name}");
                 let old = counters.get(key.as_str())?.map_or(0, |g| g.value());
                 counters.insert(key.as_str(), old + n)?;
