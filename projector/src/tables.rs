@@ -128,11 +128,22 @@ pub fn vp_key(vendor: VendorId, product: ProductId) -> u64 {
     (u64::from(vendor.value()) << 16) | u64::from(product.value())
 }
 
-/// Encodes a record.
+/// Encodes a record: into a scratch buffer kept by the thread, then copied out at its exact
+/// size (one allocation; growing a new `Vec` byte by byte reallocated it several times a row).
 pub fn encode<T: Serialize>(table: &'static str, value: &T) -> Result<Vec<u8>, ViewError> {
-    postcard::to_allocvec(value).map_err(|e| ViewError::Encode {
-        table,
-        message: e.to_string(),
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.clear();
+        let buf =
+            postcard::to_extend(value, std::mem::take(scratch)).map_err(|e| ViewError::Encode {
+                table,
+                message: e.to_string(),
+            })?;
+        let out = buf.clone();
+        *scratch = buf;
+        Ok(out)
     })
 }
 
