@@ -139,7 +139,7 @@ pub fn scheduling(
         let table = txn.open_table(tables::FREE_BY_MATCH)?;
         let vp = tables::vp_key(VENDOR, PRODUCT);
         keys = 0;
-        for e in table.range((vp, "", [0u8; 16])..(vp + 1, "", [0u8; 16]))? {
+        for e in table.range((vp, "", &[0u8; 16])..(vp + 1, "", &[0u8; 16]))? {
             std::hint::black_box(e?.0.value());
             keys += 1;
         }

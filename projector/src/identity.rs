@@ -123,7 +123,7 @@ impl Snapshot {
         for entry in redb::ReadableTable::iter(&table)? {
             let (k, v) = entry?;
             let id = k.value();
-            out.push(decode("lineages", || show_id(&id), v.value())?);
+            out.push(decode("lineages", || show_id(id), v.value())?);
         }
         Ok(out)
     }

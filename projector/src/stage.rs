@@ -20,20 +20,20 @@ use hashbrown::hash_map::RawEntryMut;
 use redb::{ReadOnlyTable, ReadTransaction, ReadableDatabase};
 
 use crate::error::ViewError;
-use crate::tables::{self as t, Id};
+use crate::tables::{self as t, IdKey};
 
 /// The committed view a batch reads: one read transaction, each table opened once.
 pub(crate) struct Base {
     pub meta: ReadOnlyTable<&'static str, u64>,
-    pub devices: ReadOnlyTable<Id, &'static [u8]>,
-    pub device_info: ReadOnlyTable<Id, &'static [u8]>,
-    pub lineages: ReadOnlyTable<Id, &'static [u8]>,
+    pub devices: ReadOnlyTable<IdKey, &'static [u8]>,
+    pub device_info: ReadOnlyTable<IdKey, &'static [u8]>,
+    pub lineages: ReadOnlyTable<IdKey, &'static [u8]>,
     pub hosts: ReadOnlyTable<&'static str, &'static [u8]>,
-    pub claims: ReadOnlyTable<Id, &'static [u8]>,
-    pub flavors: ReadOnlyTable<Id, &'static [u8]>,
-    pub flavor_names: ReadOnlyTable<&'static str, Id>,
-    pub servers: ReadOnlyTable<Id, &'static [u8]>,
-    pub server_names: ReadOnlyTable<&'static str, Id>,
+    pub claims: ReadOnlyTable<IdKey, &'static [u8]>,
+    pub flavors: ReadOnlyTable<IdKey, &'static [u8]>,
+    pub flavor_names: ReadOnlyTable<&'static str, IdKey>,
+    pub servers: ReadOnlyTable<IdKey, &'static [u8]>,
+    pub server_names: ReadOnlyTable<&'static str, IdKey>,
     /// Holds the snapshot the tables read (they keep it alive too; this makes it explicit).
     _txn: ReadTransaction,
 }

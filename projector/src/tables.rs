@@ -33,6 +33,12 @@ use crate::model::{AttachError, Attachment, Device, DeviceStatus, Holding, Inval
 
 pub type Id = [u8; 16];
 
+/// A UUID as a redb key or value: the same 16 bytes and the same type name as `[u8; 16]` (so a
+/// view written with either opens with the other), but compared as one byte string. redb's
+/// `[u8; 16]` compares element by element through a call per byte and copies the key into a
+/// `Vec` to insert it: that was a quarter of the fold's instructions.
+pub type IdKey = &'static Id;
+
 /// Declares every table once: its constant, and its place in [`visit_all`] (the view's fixed
 /// table order: creation, digests, comparisons).
 macro_rules! tables {
@@ -52,20 +58,20 @@ macro_rules! tables {
 
 tables! {
     META: &str => u64 = "meta", Str;
-    DEVICES: Id => &[u8] = "devices", Id;
-    DEVICE_INFO: Id => &[u8] = "device_info", Id;
-    LINEAGES: Id => &[u8] = "lineages", Id;
-    LINEAGE_HISTORY: (Id, u32) => Id = "lineage_history", IdOrdinal;
-    HOST_DEVICES: (&str, Id) => () = "host_devices", StrId;
-    FREE_BY_HOST: (&str, Id) => () = "free_by_host", StrId;
-    FREE_BY_MATCH: (u64, &str, Id) => () = "free_by_match", Match;
+    DEVICES: IdKey => &[u8] = "devices", Id;
+    DEVICE_INFO: IdKey => &[u8] = "device_info", Id;
+    LINEAGES: IdKey => &[u8] = "lineages", Id;
+    LINEAGE_HISTORY: (IdKey, u32) => IdKey = "lineage_history", IdOrdinal;
+    HOST_DEVICES: (&str, IdKey) => () = "host_devices", StrId;
+    FREE_BY_HOST: (&str, IdKey) => () = "free_by_host", StrId;
+    FREE_BY_MATCH: (u64, &str, IdKey) => () = "free_by_match", Match;
     HOSTS: &str => &[u8] = "hosts", Str;
-    CLAIMS: Id => &[u8] = "claims", Id;
+    CLAIMS: IdKey => &[u8] = "claims", Id;
     SUBJECT_SEQS: &str => u64 = "subject_seqs", Str;
-    FLAVORS: Id => &[u8] = "flavors", Id;
-    FLAVOR_NAMES: &str => Id = "flavor_names", Str;
-    SERVERS: Id => &[u8] = "servers", Id;
-    SERVER_NAMES: &str => Id = "server_names", Str;
+    FLAVORS: IdKey => &[u8] = "flavors", Id;
+    FLAVOR_NAMES: &str => IdKey = "flavor_names", Str;
+    SERVERS: IdKey => &[u8] = "servers", Id;
+    SERVER_NAMES: &str => IdKey = "server_names", Str;
     QUARANTINE: u64 => &[u8] = "quarantine", Seq;
     COUNTERS: &str => u64 = "counters", Str;
 }
@@ -122,11 +128,22 @@ pub fn vp_key(vendor: VendorId, product: ProductId) -> u64 {
     (u64::from(vendor.value()) << 16) | u64::from(product.value())
 }
 
-/// Encodes a record.
+/// Encodes a record: into a scratch buffer kept by the thread, then copied out at its exact
+/// size (one allocation; growing a new `Vec` byte by byte reallocated it several times a row).
 pub fn encode<T: Serialize>(table: &'static str, value: &T) -> Result<Vec<u8>, ViewError> {
-    postcard::to_allocvec(value).map_err(|e| ViewError::Encode {
-        table,
-        message: e.to_string(),
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.clear();
+        let buf =
+            postcard::to_extend(value, std::mem::take(scratch)).map_err(|e| ViewError::Encode {
+                table,
+                message: e.to_string(),
+            })?;
+        let out = buf.clone();
+        *scratch = buf;
+        Ok(out)
     })
 }
 
@@ -145,7 +162,7 @@ pub fn decode<T: DeserializeOwned>(
 
 /// Reads and decodes the record under a UUID key.
 pub fn get_by_id<T: DeserializeOwned>(
-    table: &impl ReadableTable<Id, &'static [u8]>,
+    table: &impl ReadableTable<IdKey, &'static [u8]>,
     name: &'static str,
     id: &Id,
 ) -> Result<Option<T>, ViewError> {
@@ -222,8 +239,8 @@ pub fn encode_device_state(d: &Device) -> Result<Vec<u8>, ViewError> {
 
 /// Reads a device: its `devices` row and its `device_info` row.
 pub fn get_device(
-    states: &impl ReadableTable<Id, &'static [u8]>,
-    infos: &impl ReadableTable<Id, &'static [u8]>,
+    states: &impl ReadableTable<IdKey, &'static [u8]>,
+    infos: &impl ReadableTable<IdKey, &'static [u8]>,
     id: &Id,
 ) -> Result<Option<Device>, ViewError> {
     match states.get(id)? {
@@ -234,7 +251,7 @@ pub fn get_device(
 
 /// Completes a `devices` row with its `device_info` row.
 pub fn device_from_state(
-    infos: &impl ReadableTable<Id, &'static [u8]>,
+    infos: &impl ReadableTable<IdKey, &'static [u8]>,
     id: &Id,
     state: &[u8],
 ) -> Result<Device, ViewError> {
@@ -266,4 +283,65 @@ pub fn device_from_state(
 /// A UUID key as text.
 pub fn show_id(id: &Id) -> String {
     uuid::Uuid::from_bytes(*id).hyphenated().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+    use super::IdKey;
+
+    /// A table written with `[u8; 16]` keys and values (views before `IdKey`) opens with
+    /// `IdKey`, in the same order with the same bytes, and the other way round.
+    #[test]
+    fn id_key_is_the_same_type_as_a_byte_array() -> Result<(), Box<dyn std::error::Error>> {
+        const OLD: TableDefinition<(&str, [u8; 16]), [u8; 16]> = TableDefinition::new("t");
+        const NEW: TableDefinition<(&str, IdKey), IdKey> = TableDefinition::new("t");
+        let dir = tempfile::tempdir()?;
+        let db = redb::Database::create(dir.path().join("v.redb"))?;
+        let ids = [[0u8; 16], [0xff; 16], [1; 16], [0x80; 16], [0x7f; 16]];
+        let txn = db.begin_write()?;
+        {
+            let mut t = txn.open_table(OLD)?;
+            for id in &ids {
+                t.insert(("h", *id), *id)?;
+            }
+        }
+        txn.commit()?;
+        let txn = db.begin_write()?;
+        {
+            let mut t = txn.open_table(NEW)?;
+            t.insert(("a", &[2u8; 16]), &[2u8; 16])?;
+        }
+        txn.commit()?;
+        let mut want: Vec<(&str, [u8; 16])> = ids.iter().map(|id| ("h", *id)).collect();
+        want.push(("a", [2; 16]));
+        want.sort();
+        let txn = db.begin_read()?;
+        let new: Vec<(String, [u8; 16], [u8; 16])> = txn
+            .open_table(NEW)?
+            .iter()?
+            .map(|e| {
+                let (k, v) = e?;
+                let (h, id) = k.value();
+                Ok((h.to_owned(), *id, *v.value()))
+            })
+            .collect::<Result<_, redb::StorageError>>()?;
+        let old: Vec<(String, [u8; 16], [u8; 16])> = txn
+            .open_table(OLD)?
+            .iter()?
+            .map(|e| {
+                let (k, v) = e?;
+                let (h, id) = k.value();
+                Ok((h.to_owned(), id, v.value()))
+            })
+            .collect::<Result<_, redb::StorageError>>()?;
+        let want: Vec<_> = want
+            .into_iter()
+            .map(|(h, id)| (h.to_owned(), id, id))
+            .collect();
+        assert_eq!(new, want);
+        assert_eq!(old, want);
+        Ok(())
+    }
 }

@@ -19,7 +19,7 @@ use usbpt_schemas::{
 use crate::error::ViewError;
 use crate::fold::{FoldTxn, Outcome, Staged};
 use crate::model::*;
-use crate::tables::{self as t, decode, get_by_id, get_by_str, show_id, Id};
+use crate::tables::{self as t, decode, get_by_id, get_by_str, show_id, Id, IdKey};
 
 /// The record format this build reads and writes. A view of another format is rebuilt by
 /// replaying the stream (the view is a pure fold: nothing in it is lost).
@@ -497,8 +497,8 @@ impl Snapshot {
         let table = self.txn.open_table(t::LINEAGE_HISTORY)?;
         let id = lineage.to_bytes();
         let mut ids = Vec::new();
-        for entry in table.range((id, 0u32)..=(id, u32::MAX))? {
-            ids.push(entry?.1.value());
+        for entry in table.range((&id, 0u32)..=(&id, u32::MAX))? {
+            ids.push(*entry?.1.value());
         }
         self.devices_by_ids(ids)
     }
@@ -514,8 +514,8 @@ impl Snapshot {
         let table = self.txn.open_table(t::FREE_BY_MATCH)?;
         let vp = t::vp_key(vendor, product);
         let mut ids = Vec::new();
-        for entry in table.range((vp, "", [0u8; 16])..(vp + 1, "", [0u8; 16]))? {
-            ids.push(entry?.0.value().2);
+        for entry in table.range((vp, "", &[0u8; 16])..(vp + 1, "", &[0u8; 16]))? {
+            ids.push(*entry?.0.value().2);
         }
         let mut out: BTreeMap<HostName, Vec<Device>> = BTreeMap::new();
         for d in self.devices_by_ids(ids)? {
@@ -538,13 +538,13 @@ impl Snapshot {
         let table = self.txn.open_table(t::FREE_BY_MATCH)?;
         let vp = t::vp_key(vendor, product);
         // Device ids are UUIDv7s, never all 0xff: this start is past every key of `after`.
-        let start = (vp, after.map_or("", HostName::as_str), [0xffu8; 16]);
+        let start = (vp, after.map_or("", HostName::as_str), &[0xffu8; 16]);
         let start = if after.is_some() {
             start
         } else {
-            (vp, "", [0u8; 16])
+            (vp, "", &[0u8; 16])
         };
-        if let Some(entry) = table.range(start..(vp + 1, "", [0u8; 16]))?.next() {
+        if let Some(entry) = table.range(start..(vp + 1, "", &[0u8; 16]))?.next() {
             let (key, _) = entry?;
             let host = key.value().1.to_owned();
             return HostName::new(host.clone())
@@ -571,9 +571,9 @@ impl Snapshot {
         let vp = t::vp_key(vendor, product);
         let mut ids = Vec::new();
         for entry in
-            table.range((vp, host.as_str(), [0u8; 16])..=(vp, host.as_str(), [0xffu8; 16]))?
+            table.range((vp, host.as_str(), &[0u8; 16])..=(vp, host.as_str(), &[0xffu8; 16]))?
         {
-            ids.push(entry?.0.value().2);
+            ids.push(*entry?.0.value().2);
         }
         Ok(self
             .devices_by_ids(ids)?
@@ -595,14 +595,14 @@ impl Snapshot {
 
     fn host_index(
         &self,
-        def: redb::TableDefinition<(&'static str, Id), ()>,
+        def: redb::TableDefinition<(&'static str, IdKey), ()>,
         host: &HostName,
     ) -> Result<Vec<Device>, ViewError> {
         let table = self.txn.open_table(def)?;
         let h = host.as_str();
         let mut ids = Vec::new();
-        for entry in table.range((h, [0u8; 16])..=(h, [0xffu8; 16]))? {
-            ids.push(entry?.0.value().1);
+        for entry in table.range((h, &[0u8; 16])..=(h, &[0xffu8; 16]))? {
+            ids.push(*entry?.0.value().1);
         }
         self.devices_by_ids(ids)
     }
@@ -616,7 +616,7 @@ impl Snapshot {
             for entry in table.iter()? {
                 let (k, v) = entry?;
                 let id = k.value();
-                let d = t::device_from_state(&infos, &id, v.value())?;
+                let d = t::device_from_state(&infos, id, v.value())?;
                 if filter.host.as_ref().is_none_or(|h| d.host() == h) {
                     all.push(d);
                 }
@@ -629,7 +629,7 @@ impl Snapshot {
             let table = self.txn.open_table(t::HOST_DEVICES)?;
             let mut ids = Vec::new();
             for entry in table.iter()? {
-                ids.push(entry?.0.value().1);
+                ids.push(*entry?.0.value().1);
             }
             self.devices_by_ids(ids)?
         };
@@ -669,7 +669,7 @@ impl Snapshot {
         for entry in table.iter()? {
             let (k, v) = entry?;
             let id = k.value();
-            out.push(decode("claims", || show_id(&id), v.value())?);
+            out.push(decode("claims", || show_id(id), v.value())?);
         }
         Ok(out)
     }
@@ -683,7 +683,7 @@ impl Snapshot {
         for entry in table.iter()? {
             let (k, v) = entry?;
             let id = k.value();
-            let l: Lineage = decode("lineages", || show_id(&id), v.value())?;
+            let l: Lineage = decode("lineages", || show_id(id), v.value())?;
             let alarms: Vec<Alarm> = l
                 .alarms
                 .iter()
@@ -713,7 +713,7 @@ impl Snapshot {
     /// The live (not deleted) flavor of that name.
     pub fn flavor_by_name(&self, name: &FlavorName) -> Result<Option<Flavor>, ViewError> {
         let names = self.txn.open_table(t::FLAVOR_NAMES)?;
-        let Some(id) = names.get(name.as_str())?.map(|g| g.value()) else {
+        let Some(id) = names.get(name.as_str())?.map(|g| *g.value()) else {
             return Ok(None);
         };
         self.flavor_by_id(&FlavorId::from_bytes(id))
@@ -726,7 +726,7 @@ impl Snapshot {
         for entry in table.iter()? {
             let (k, v) = entry?;
             let id = k.value();
-            let f: Flavor = decode("flavors", || show_id(&id), v.value())?;
+            let f: Flavor = decode("flavors", || show_id(id), v.value())?;
             if include_deleted || f.deleted.is_none() {
                 out.push(f);
             }
@@ -742,7 +742,7 @@ impl Snapshot {
     /// The live (not deleted) server of that name.
     pub fn server_by_name(&self, name: &ServerName) -> Result<Option<Server>, ViewError> {
         let names = self.txn.open_table(t::SERVER_NAMES)?;
-        let Some(id) = names.get(name.as_str())?.map(|g| g.value()) else {
+        let Some(id) = names.get(name.as_str())?.map(|g| *g.value()) else {
             return Ok(None);
         };
         self.server_by_id(&ServerId::from_bytes(id))
@@ -755,7 +755,7 @@ impl Snapshot {
         for entry in table.iter()? {
             let (k, v) = entry?;
             let id = k.value();
-            let s: Server = decode("servers", || show_id(&id), v.value())?;
+            let s: Server = decode("servers", || show_id(id), v.value())?;
             if include_deleted || s.deleted.is_none() {
                 out.push(s);
             }

@@ -286,11 +286,25 @@ impl PortPath {
     }
 
     fn render(bus: u16, ports: &[u8]) -> String {
-        if ports.is_empty() {
-            return format!("usb{bus}");
+        Rendered(bus, ports).to_string()
+    }
+}
+
+/// A port path as text (`usbN`, or `bus-port.port…`), written straight to the formatter: a
+/// discovery's lineage key and its stored record show it once each.
+struct Rendered<'a>(u16, &'a [u8]);
+
+impl fmt::Display for Rendered<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Rendered(bus, ports) = *self;
+        let Some((first, rest)) = ports.split_first() else {
+            return write!(f, "usb{bus}");
+        };
+        write!(f, "{bus}-{first}")?;
+        for port in rest {
+            write!(f, ".{port}")?;
         }
-        let chain: Vec<String> = ports.iter().map(u8::to_string).collect();
-        format!("{bus}-{}", chain.join("."))
+        Ok(())
     }
 }
 
@@ -341,7 +355,7 @@ impl From<PortPath> for String {
 }
 impl fmt::Display for PortPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&Self::render(self.bus, &self.ports))
+        Rendered(self.bus, &self.ports).fmt(f)
     }
 }
 

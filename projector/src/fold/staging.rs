@@ -6,7 +6,6 @@
 //! batches (newest first), then in the committed view; whatever answers first is the current
 //! value. What an event changes is decided in [`super::semantics`], never here.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
@@ -16,7 +15,7 @@ use super::state::State;
 use crate::error::ViewError;
 use crate::model::*;
 use crate::stage::{Base, Map, Rows};
-use crate::tables::{self as t, encode, get_by_id, get_by_str, Id};
+use crate::tables::{self as t, encode, get_by_id, get_by_str, Id, IdKey};
 
 /// A device's index membership as committed, kept when a batch first reads the device: at
 /// commit the indexes change only where the final row differs from it.
@@ -71,7 +70,7 @@ pub struct Staged {
     /// Events folded (applied or quarantined) in this batch.
     folded: u64,
     /// Counter increments of this batch.
-    deltas: BTreeMap<(&'static str, &'static str), u64>,
+    deltas: Map<(&'static str, &'static str), u64>,
     /// The changed rows encoded and in key order, prepared when folding ends (on the fold
     /// thread) so that writing the batch is only B-tree inserts.
     prepared: WriteSet,
@@ -150,7 +149,7 @@ fn staged_record<V: serde::de::DeserializeOwned + Clone>(
     rows: &mut Rows<Id, V>,
     prior: &[Arc<Staged>],
     pick: fn(&Staged) -> &Rows<Id, V>,
-    base: &redb::ReadOnlyTable<Id, &'static [u8]>,
+    base: &redb::ReadOnlyTable<IdKey, &'static [u8]>,
     table: &'static str,
     key: Id,
 ) -> Result<Option<V>, ViewError> {
@@ -162,7 +161,7 @@ fn staged_record<V: serde::de::DeserializeOwned + Clone>(
 fn unstaged_record<V: serde::de::DeserializeOwned + Clone>(
     prior: &[Arc<Staged>],
     pick: fn(&Staged) -> &Rows<Id, V>,
-    base: &redb::ReadOnlyTable<Id, &'static [u8]>,
+    base: &redb::ReadOnlyTable<IdKey, &'static [u8]>,
     table: &'static str,
     key: &Id,
 ) -> Result<Option<V>, ViewError> {
@@ -185,7 +184,7 @@ fn encode_records<V: serde::Serialize + Clone>(
 
 /// Writes encoded record rows (in key order).
 fn write_records(
-    table: &mut redb::Table<'_, Id, &'static [u8]>,
+    table: &mut redb::Table<'_, IdKey, &'static [u8]>,
     rows: &EncodedRows,
 ) -> Result<(), ViewError> {
     for (id, row) in rows {
@@ -199,7 +198,7 @@ fn write_records(
 
 /// Writes a staged name index's changed rows.
 fn write_names(
-    table: &mut redb::Table<'_, &'static str, Id>,
+    table: &mut redb::Table<'_, &'static str, IdKey>,
     rows: &Rows<String, Id>,
 ) -> Result<(), ViewError> {
     for (name, row) in rows.dirty() {
@@ -270,7 +269,7 @@ impl Staged {
             start: last_applied,
             last_applied,
             folded: 0,
-            deltas: BTreeMap::new(),
+            deltas: Map::default(),
             prepared: WriteSet::default(),
         }
     }
@@ -376,7 +375,7 @@ impl Staged {
             }
             let mut host_devices = txn.open_table(t::HOST_DEVICES)?;
             for (d, on) in &w.current {
-                let key = (d.host.as_str(), d.device_id.to_bytes());
+                let key = (d.host.as_str(), &d.device_id.to_bytes());
                 if *on {
                     host_devices.insert(key, ())?;
                 } else {
@@ -385,7 +384,7 @@ impl Staged {
             }
             let mut free_by_host = txn.open_table(t::FREE_BY_HOST)?;
             for (d, on) in &w.free_by_host {
-                let key = (d.host.as_str(), d.device_id.to_bytes());
+                let key = (d.host.as_str(), &d.device_id.to_bytes());
                 if *on {
                     free_by_host.insert(key, ())?;
                 } else {
@@ -397,7 +396,7 @@ impl Staged {
                 let key = (
                     t::vp_key(d.descriptors.vendor_id, d.descriptors.product_id),
                     d.host.as_str(),
-                    d.device_id.to_bytes(),
+                    &d.device_id.to_bytes(),
                 );
                 if *on {
                     free_by_match.insert(key, ())?;
@@ -411,8 +410,8 @@ impl Staged {
             let mut history = txn.open_table(t::LINEAGE_HISTORY)?;
             let mut rows = self.lineage_history.clone();
             rows.sort_unstable();
-            for (key, device) in rows {
-                history.insert(key, device)?;
+            for ((lineage, ordinal), device) in &rows {
+                history.insert((lineage, *ordinal), device)?;
             }
         }
         {
@@ -442,7 +441,9 @@ impl Staged {
         }
         {
             let mut counters = txn.open_table(t::COUNTERS)?;
-            for ((group, name), n) in &self.deltas {
+            let mut deltas: Vec<_> = self.deltas.iter().collect();
+            deltas.sort_unstable();
+            for ((group, name), n) in deltas {
                 let key = format!("{group}.{name}");
                 let old = counters.get(key.as_str())?.map_or(0, |g| g.value());
                 counters.insert(key.as_str(), old + n)?;
@@ -583,7 +584,7 @@ impl State for FoldTxn {
             .server_names
             .get(name, || match prior_row(prior, |p| &p.server_names, name) {
                 Some(row) => Ok(row),
-                None => Ok(base.get(name)?.map(|g| g.value())),
+                None => Ok(base.get(name)?.map(|g| *g.value())),
             })
     }
 
@@ -612,7 +613,7 @@ impl State for FoldTxn {
             .flavor_names
             .get(name, || match prior_row(prior, |p| &p.flavor_names, name) {
                 Some(row) => Ok(row),
-                None => Ok(base.get(name)?.map(|g| g.value())),
+                None => Ok(base.get(name)?.map(|g| *g.value())),
             })
     }
 
