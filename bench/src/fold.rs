@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 use redb::Durability;
 use usbpt_projector::workload::{publish_all, Workload};
 use usbpt_projector::{digest, replay, BatchOptions, Projector, ProjectorConfig, RawEvent, View};
-use usbpt_schemas::{codec, subjects};
+use usbpt_schemas::subjects;
 
 use crate::raw;
 use crate::report::Figure;
@@ -116,17 +116,7 @@ pub async fn fold_and_replay(target: &Target, events: usize) -> Result<Vec<Figur
     );
 
     // The fold alone, without the bus: one thread folds and writes, commits of the same size.
-    let events: Vec<RawEvent> = Workload::new(1, hosts, 16)
-        .take(events)
-        .enumerate()
-        .map(|(i, e)| {
-            Ok(RawEvent {
-                seq: i as u64 + 1,
-                subject: subjects::for_event(&e),
-                payload: codec::encode(&e)?.into(),
-            })
-        })
-        .collect::<Result<_>>()?;
+    let events: Vec<RawEvent> = Workload::new(1, hosts, 16).raw(events)?;
     let alone_path = dir.path().join("alone.redb");
     let alone = tokio::task::spawn_blocking(move || -> Result<f64> {
         let view = View::open(alone_path)?;

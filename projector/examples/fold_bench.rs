@@ -130,16 +130,7 @@ async fn main() -> Result<()> {
 /// batch (`FOLD_ONLY=1`).
 fn fold_only(events: usize, batch: usize, dir: &std::path::Path) -> Result<()> {
     use usbpt_projector::{BatchOptions, RawEvent};
-    use usbpt_schemas::{codec, subjects};
-    let raw: Vec<RawEvent> = Workload::new(1, 2000, 16)
-        .take(events)
-        .enumerate()
-        .map(|(i, e)| RawEvent {
-            seq: i as u64 + 1,
-            subject: subjects::for_event(&e),
-            payload: codec::encode(&e).expect("encode").into(),
-        })
-        .collect();
+    let raw: Vec<RawEvent> = Workload::new(1, 2000, 16).raw(events)?;
     let view = View::open(dir.join("fold.redb"))?;
     let t = Instant::now();
     for chunk in raw.chunks(batch) {

@@ -21,22 +21,13 @@ use std::time::Instant;
 use anyhow::Result;
 use usbpt_projector::workload::Workload;
 use usbpt_projector::{digest, BatchOptions, RawEvent, View};
-use usbpt_schemas::{codec, subjects};
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let events: usize = args.next().map_or(Ok(200_000), |a| a.parse())?;
     let commit: usize = args.next().map_or(Ok(200_000), |a| a.parse())?;
     let hosts = (events / 500).clamp(10, 2000);
-    let raw: Vec<RawEvent> = Workload::new(1, hosts, 16)
-        .take(events)
-        .enumerate()
-        .map(|(i, e)| RawEvent {
-            seq: i as u64 + 1,
-            subject: subjects::for_event(&e),
-            payload: codec::encode(&e).expect("encode").into(),
-        })
-        .collect();
+    let raw: Vec<RawEvent> = Workload::new(1, hosts, 16).raw(events)?;
     let dir = tempfile::tempdir()?;
     let view = View::open(dir.path().join("fold.redb"))?;
     let t = Instant::now();

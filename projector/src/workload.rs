@@ -65,6 +65,21 @@ impl std::fmt::Debug for Workload {
 }
 
 impl Workload {
+    /// The next `n` events as the stream would hold them (sequences from 1, subject, encoded
+    /// bytes): the input of the fold-alone measurements.
+    pub fn raw(self, n: usize) -> Result<Vec<crate::RawEvent>, codec::EncodeError> {
+        self.take(n)
+            .enumerate()
+            .map(|(i, e)| {
+                Ok(crate::RawEvent {
+                    seq: i as u64 + 1,
+                    subject: subjects::for_event(&e),
+                    payload: codec::encode(&e)?.into(),
+                })
+            })
+            .collect()
+    }
+
     /// `hosts` hosts with `devices_per_host` devices each.
     pub fn new(seed: u64, hosts: usize, devices_per_host: usize) -> Self {
         let mut w = Self {
