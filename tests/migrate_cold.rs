@@ -23,12 +23,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use usbpt_agent::libvirt::inspect::observe_domain;
 use usbpt_agent::libvirt::{test_driver_uri, Executor, ExecutorConfig, XmlValidator};
-use usbpt_agent::source::{simulated, SimulatedHost};
-use usbpt_agent::{progress, AgentConfig, BusTarget, Filter, Interface, UsbDevice};
-use usbpt_schemas::{
-    DeviceId, Envelope, Event, HostName, PortPath, ProductId, ServerId, ServerState, UsbAddress,
-    UsbDescriptors, VendorId,
-};
+use usbpt_agent::source::{simulated, simulated_device, SimulatedHost};
+use usbpt_agent::{progress, AgentConfig, BusTarget, Filter, UsbDevice};
+use usbpt_schemas::{DeviceId, Envelope, Event, HostName, ServerId, ServerState};
 use usbpt_testkit::TestNats;
 
 const NODE_XML: &str = "<node>\n  <cpu><mhz>2400</mhz><model>x86_64</model></cpu>\n  <memory>8388608</memory>\n</node>\n";
@@ -96,24 +93,8 @@ impl Host {
 }
 
 fn key_at(port: &str, devnum: u16) -> Result<UsbDevice> {
-    let port_path: PortPath = port.parse()?;
-    let bus = port_path.bus();
-    let mut desc = UsbDescriptors::new(
-        UsbAddress::new(bus, devnum)?,
-        port_path,
-        VendorId(KEY.0),
-        ProductId(KEY.1),
-    );
-    desc.serial = Some(SERIAL.to_owned());
-    desc.manufacturer = Some("Yubico".into());
-    desc.product = Some("Security Key".into());
-    desc.speed = Some("12".into());
-    desc.usb_version = Some("2.00".into());
-    Ok(UsbDevice::new(
-        format!("/sys/devices/pci0000:00/0000:00:14.0/usb{bus}/{port}"),
-        desc,
-        vec![Interface::new(3, 0, 0)],
-    ))
+    let names = ("Yubico", "Security Key");
+    Ok(simulated_device(port, devnum, KEY, Some(SERIAL), 3, names)?)
 }
 
 /// The stream sequence of the first event (read so far) that `pick` accepts.

@@ -18,9 +18,9 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use usbpt_agent::libvirt::{test_driver_uri, Executor, ExecutorConfig};
-use usbpt_agent::source::{simulated, SimulatedHost};
-use usbpt_agent::{progress, AgentConfig, BusTarget, Filter, Interface, UsbDevice};
-use usbpt_schemas::{HostName, PortPath, ProductId, UsbAddress, UsbDescriptors, VendorId};
+use usbpt_agent::source::{simulated, simulated_device, SimulatedHost};
+use usbpt_agent::{progress, AgentConfig, BusTarget, Filter, UsbDevice};
+use usbpt_schemas::HostName;
 use usbpt_testkit::{eventually, TestNats};
 
 /// libvirt's test driver needs a node description.
@@ -121,24 +121,7 @@ fn usb_device(
     serial: &str,
     names: (&str, &str),
 ) -> Result<UsbDevice> {
-    let port_path: PortPath = port.parse()?;
-    let bus = port_path.bus();
-    let mut desc = UsbDescriptors::new(
-        UsbAddress::new(bus, devnum)?,
-        port_path,
-        VendorId(ids.0),
-        ProductId(ids.1),
-    );
-    desc.serial = Some(serial.to_owned());
-    desc.manufacturer = Some(names.0.to_owned());
-    desc.product = Some(names.1.to_owned());
-    desc.speed = Some("12".into());
-    desc.usb_version = Some("2.00".into());
-    Ok(UsbDevice::new(
-        format!("/sys/devices/pci0000:00/0000:00:14.0/usb{bus}/{port}"),
-        desc,
-        vec![Interface::new(3, 0, 0)],
-    ))
+    Ok(simulated_device(port, devnum, ids, Some(serial), 3, names)?)
 }
 
 /// One finished client run.

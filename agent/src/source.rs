@@ -546,6 +546,32 @@ pub struct SimulatedHost {
     sim: Arc<Mutex<Sim>>,
 }
 
+/// A full-speed USB 2.0 device as the kernel would show it at `port` (`2-1.4`) with `devnum`,
+/// one interface of `class`: what the demo's and the tests' simulated hosts plug.
+pub fn simulated_device(
+    port: &str,
+    devnum: u16,
+    (vendor, product): (u16, u16),
+    serial: Option<&str>,
+    class: u8,
+    (manufacturer, name): (&str, &str),
+) -> Result<UsbDevice, usbpt_schemas::IdError> {
+    let port_path: PortPath = port.parse()?;
+    let bus = port_path.bus();
+    let address = UsbAddress::new(bus, devnum)?;
+    let mut desc = UsbDescriptors::new(address, port_path, VendorId(vendor), ProductId(product));
+    desc.serial = serial.map(str::to_owned);
+    desc.manufacturer = Some(manufacturer.to_owned());
+    desc.product = Some(name.to_owned());
+    desc.speed = Some("12".into());
+    desc.usb_version = Some("2.00".into());
+    Ok(UsbDevice::new(
+        format!("/sys/devices/pci0000:00/0000:00:14.0/usb{bus}/{port}"),
+        desc,
+        vec![Interface::new(class, 0, 0)],
+    ))
+}
+
 /// A simulated host starting with `devices` present, and the source for its first agent.
 pub fn simulated(devices: Vec<UsbDevice>) -> (SimulatedSource, SimulatedHost) {
     let host = SimulatedHost::default();

@@ -11,8 +11,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use usbpt_agent::libvirt::{test_driver_uri, Executor, ExecutorConfig, XmlValidator};
 use usbpt_agent::source::{simulated, SimulatedHost};
-use usbpt_agent::{progress, AgentConfig, BusTarget, Filter, Interface, UsbDevice};
-use usbpt_schemas::{HostName, PortPath, ProductId, UsbAddress, UsbDescriptors, VendorId};
+use usbpt_agent::{progress, AgentConfig, BusTarget, Filter, UsbDevice};
+use usbpt_schemas::HostName;
 
 /// libvirt's test driver needs a node description.
 const NODE_XML: &str = "<node>\n  <cpu><mhz>2400</mhz><model>x86_64</model></cpu>\n  <memory>8388608</memory>\n</node>\n";
@@ -109,22 +109,7 @@ pub fn usb_device(
     class: u8,
     names: (&str, &str),
 ) -> Result<UsbDevice> {
-    let port_path: PortPath = port.parse()?;
-    let bus = port_path.bus();
-    let mut desc = UsbDescriptors::new(
-        UsbAddress::new(bus, devnum)?,
-        port_path,
-        VendorId(ids.0),
-        ProductId(ids.1),
-    );
-    desc.serial = serial.map(str::to_owned);
-    desc.manufacturer = Some(names.0.to_owned());
-    desc.product = Some(names.1.to_owned());
-    desc.speed = Some("12".into());
-    desc.usb_version = Some("2.00".into());
-    Ok(UsbDevice::new(
-        format!("/sys/devices/pci0000:00/0000:00:14.0/usb{bus}/{port}"),
-        desc,
-        vec![Interface::new(class, 0, 0)],
-    ))
+    Ok(usbpt_agent::source::simulated_device(
+        port, devnum, ids, serial, class, names,
+    )?)
 }
