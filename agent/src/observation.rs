@@ -40,7 +40,7 @@ pub struct UsbDevice {
     pub syspath: String,
     /// What the device says of itself, as the discovery event carries it. Its
     /// `interface_classes` are [`UsbDevice::interfaces`]' classes, always: only
-    /// [`UsbDevice::new`] and [`UsbDevice::set_interfaces`] write them.
+    /// [`UsbDevice::new`] writes them.
     pub descriptors: UsbDescriptors,
     /// The active configuration's interfaces, in interface order.
     interfaces: Vec<Interface>,
@@ -111,15 +111,18 @@ impl From<UsbDevice> for Layout2 {
 impl UsbDevice {
     /// A device at `syspath` with these descriptors and interfaces (the descriptors'
     /// `interface_classes` are taken from `interfaces`), and no fingerprint yet.
-    pub fn new(syspath: String, descriptors: UsbDescriptors, interfaces: Vec<Interface>) -> Self {
-        let mut device = UsbDevice {
+    pub fn new(
+        syspath: String,
+        mut descriptors: UsbDescriptors,
+        interfaces: Vec<Interface>,
+    ) -> Self {
+        descriptors.interface_classes = interfaces.iter().map(|i| i.class).collect();
+        UsbDevice {
             syspath,
             descriptors,
-            interfaces: Vec::new(),
+            interfaces,
             fingerprint: None,
-        };
-        device.set_interfaces(interfaces);
-        device
+        }
     }
 
     /// This device with a fingerprint (or none).
@@ -131,12 +134,6 @@ impl UsbDevice {
     /// The active configuration's interfaces, in interface order.
     pub fn interfaces(&self) -> &[Interface] {
         &self.interfaces
-    }
-
-    /// Replaces the interfaces, and the descriptors' `interface_classes` with them.
-    pub fn set_interfaces(&mut self, interfaces: Vec<Interface>) {
-        self.descriptors.interface_classes = interfaces.iter().map(|i| i.class).collect();
-        self.interfaces = interfaces;
     }
 
     /// True when `other` is the same enumeration: same syspath address (bus, devnum, port)
