@@ -24,7 +24,7 @@ use usbpt_bus::Bus;
 use usbpt_commands::handler::Handler;
 use usbpt_commands::reactor;
 use usbpt_commands::schedule::Weigh;
-use usbpt_projector::{Projector, ProjectorConfig, View, ViewError, VIEW_FILE};
+use usbpt_projector::{Projector, ProjectorConfig, View, ViewError, ViewSync, VIEW_FILE};
 
 use crate::defaults;
 use crate::global::Global;
@@ -182,18 +182,11 @@ pub fn view_path(global: &Global) -> Result<PathBuf> {
     Ok(global.data_dir_or_default()?.join(VIEW_FILE))
 }
 
-/// Opens (creating) the live view. A view of an older record format is moved aside and
-/// rebuilt from the stream: it is a pure fold, nothing is lost.
-/// Opens (or creates) the live view. `private`: no other process may open it meanwhile, which
-/// commits that are not durable at once need (`--view-sync-ms`, ADR 0015).
-pub fn open_view(global: &Global, private: bool) -> Result<Arc<View>> {
-    let open = |path: &std::path::Path| {
-        if private {
-            View::open_private(path)
-        } else {
-            View::open(path)
-        }
-    };
+/// Opens (creating) the live view, for commits made durable as `sync` says (ADR 0015). A view
+/// of an older record format is moved aside and rebuilt from the stream: it is a pure fold,
+/// nothing is lost.
+pub fn open_view(global: &Global, sync: ViewSync) -> Result<Arc<View>> {
+    let open = |path: &std::path::Path| View::open_for(path, sync);
     let path = view_path(global)?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
@@ -224,11 +217,12 @@ pub struct ReadSide {
 impl ReadSide {
     pub async fn open(global: &Global, args: &ProjectorArgs) -> Result<Self> {
         let bus = global.bus().await?;
-        let view = open_view(global, args.view_sync_ms > 0)?;
+        let view_sync = ViewSync::from_millis(args.view_sync_ms);
+        let view = open_view(global, view_sync)?;
         let config = ProjectorConfig {
             consumer: args.consumer.clone(),
             batch_size: usize::try_from(args.batch).unwrap_or(1000),
-            view_sync: usbpt_projector::ViewSync::from_millis(args.view_sync_ms),
+            view_sync,
             ..ProjectorConfig::default()
         };
         let projector = Projector::new(bus.clone(), Arc::clone(&view), config);

@@ -96,11 +96,7 @@ pub async fn hotplug_to_view(
 ) -> Result<Hotplug> {
     let bus = target.fresh_bus().await?;
     let dir = tempfile::Builder::new().prefix("usbpt-bench-").tempdir()?;
-    let path = dir.path().join("view.redb");
-    let view = Arc::new(match view_sync {
-        ViewSync::EachCommit => View::open(path)?,
-        ViewSync::Within(_) => View::open_private(path)?,
-    });
+    let view = Arc::new(View::open_for(dir.path().join("view.redb"), view_sync)?);
     let projector = Projector::new(
         bus.clone(),
         Arc::clone(&view),

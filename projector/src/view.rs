@@ -107,6 +107,16 @@ impl View {
         Self::open_with(path.as_ref(), ConcurrencyMode::SingleWriter)
     }
 
+    /// Opens the live view for a projector whose commits are made durable as `sync` says: a
+    /// view durable only within a bound is private ([`View::open_private`]), since redb commits
+    /// without fsync only on a file no other process may open.
+    pub fn open_for(path: impl AsRef<Path>, sync: crate::ViewSync) -> Result<Self, ViewError> {
+        match sync {
+            crate::ViewSync::EachCommit => Self::open(path),
+            crate::ViewSync::Within(_) => Self::open_private(path),
+        }
+    }
+
     /// Opens a view no other process will read while it is written (a replay's scratch file, a
     /// live view made durable within a bound: ADR 0015): it may commit without fsync
     /// ([`BatchOptions::durability`] `None`).
