@@ -173,6 +173,8 @@ pub struct Sizes {
     pub sync_always_share: f64,
     pub claim_devices: usize,
     pub claim_boots: usize,
+    /// Boots one after the other through one handler (`boot_uncontended`).
+    pub boot_uncontended: usize,
     pub sched_hosts: usize,
     pub sched_min: usize,
     pub sched_budget: Duration,
@@ -191,8 +193,9 @@ impl Sizes {
             hotplug: 10_000,
             raw_hotplug: 10_000,
             sync_always_share: 1.0,
-            claim_devices: 200,
-            claim_boots: 400,
+            claim_devices: 1_000,
+            claim_boots: 2_000,
+            boot_uncontended: 500,
             sched_hosts: 10_000,
             sched_min: 200,
             sched_budget: Duration::from_secs(20),
@@ -212,6 +215,7 @@ impl Sizes {
             sync_always_share: 0.5,
             claim_devices: 12,
             claim_boots: 24,
+            boot_uncontended: 10,
             sched_hosts: 200,
             sched_min: 20,
             sched_budget: Duration::from_millis(500),
@@ -367,12 +371,51 @@ async fn measure(
             }
 
             if i == 0 && options.runs(Section::Claims) {
+                use claims::ClaimLoad;
+                let window = usbpt_commands::handler::IN_FLIGHT;
                 progress(&format!(
-                    "claims: 4 handlers, {} boots for {} devices",
-                    sizes.claim_boots, sizes.claim_devices
+                    "claims: one boot at a time ({} boots), then 4 handlers × {window} callers, {} boots for {} devices; each with durable and lazy views",
+                    sizes.boot_uncontended, sizes.claim_boots, sizes.claim_devices
                 ));
-                report.extend(claims::claims(t, 4, sizes.claim_devices, sizes.claim_boots).await?);
+                for view_sync in [
+                    usbpt_projector::ViewSync::EachCommit,
+                    usbpt_projector::ViewSync::from_millis(100),
+                ] {
+                    report.extend(
+                        claims::claims(
+                            t,
+                            ClaimLoad {
+                                handlers: 1,
+                                clients: 1,
+                                devices: sizes.boot_uncontended,
+                                boots: sizes.boot_uncontended,
+                                view_sync,
+                            },
+                        )
+                        .await?,
+                    );
+                }
+                for view_sync in [
+                    usbpt_projector::ViewSync::EachCommit,
+                    usbpt_projector::ViewSync::from_millis(100),
+                ] {
+                    report.extend(
+                        claims::claims(
+                            t,
+                            ClaimLoad {
+                                handlers: 4,
+                                clients: window,
+                                devices: sizes.claim_devices,
+                                boots: sizes.claim_boots,
+                                view_sync,
+                            },
+                        )
+                        .await?,
+                    );
+                }
                 report.push(raw::fenced_publish(t.url(), sizes.raw_fenced, size).await?);
+                report.compare_rate("claims", "raw_fenced_publish");
+                report.compare_rate("claims.view_sync_100ms", "raw_fenced_publish");
                 report.compare_rate("claims", "raw_fenced_publish");
             }
         }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +36,7 @@ pub trait ViewSource: Send + Sync + 'static {
 /// How many times a decision is retried after losing a race for a fenced subject.
 const MAX_ATTEMPTS: usize = 16;
 /// Commands of one handler past their decision at once ([`Handler::window`]).
-const IN_FLIGHT: usize = 8;
+pub const IN_FLIGHT: usize = 8;
 /// How long a reply waits for the view to show what the command appended.
 const READ_YOUR_WRITES: Duration = Duration::from_secs(10);
 
@@ -58,7 +58,47 @@ pub struct Handler<V> {
     inflight: Arc<InFlight>,
     /// This process's pack lane (`Ctx::lane`): drawn at random, never 0.
     lane: u64,
+    /// The stream-head reads, shared by the commands that wait for one at the same time.
+    head: Arc<HeadReads>,
     stats: Arc<HandlerStats>,
+}
+
+/// Reads of the stream's head, shared (ADR 0010). A command must decide on a view at least as
+/// new as the stream was when the command arrived, so it needs a head read that *started*
+/// after it arrived; any such read will do, whoever asked for it. One read runs at a time;
+/// the commands that arrive meanwhile share the next one. Under load that is one request per
+/// round trip instead of one per command, with the same guarantee.
+#[derive(Debug, Default)]
+struct HeadReads {
+    /// How many reads have started.
+    started: AtomicU64,
+    /// The last read done: its number (1 for the first) and the head it returned.
+    last: tokio::sync::Mutex<(u64, u64)>,
+}
+
+impl HeadReads {
+    async fn read(&self, bus: &Bus) -> Result<u64, BusError> {
+        self.read_with(|| bus.last_sequence()).await
+    }
+
+    /// [`HeadReads::read`] with the read itself given (tests count them).
+    async fn read_with<F, R>(&self, fetch: F) -> Result<u64, BusError>
+    where
+        F: FnOnce() -> R,
+        R: Future<Output = Result<u64, BusError>>,
+    {
+        let arrived = self.started.load(SeqCst);
+        let mut last = self.last.lock().await;
+        // Read number `n` took its number after this command loaded `arrived` exactly when
+        // `n > arrived`, so it started after the command arrived.
+        if last.0 > arrived {
+            return Ok(last.1);
+        }
+        let n = self.started.fetch_add(1, SeqCst) + 1;
+        let head = fetch().await?;
+        *last = (n, head);
+        Ok(head)
+    }
 }
 
 /// What a handler has done since it was made (`usbpt bench` reports the conflict rate).
@@ -135,6 +175,7 @@ impl<V: ViewSource> Handler<V> {
             inflight: Arc::default(),
             // The random low bits of a fresh UUIDv7.
             lane: (ServerId::new_v7().0.as_u128() as u64).max(1),
+            head: Arc::default(),
             stats: Arc::default(),
         }
     }
@@ -184,7 +225,7 @@ impl<V: ViewSource> Handler<V> {
         let mut kept: Vec<Undo> = Vec::new();
         // Decide on a view at least as fresh as the stream was when the command arrived, so a
         // command sees what any handler appended before it (read-your-writes across processes).
-        match self.bus.last_sequence().await {
+        match self.head.read(&self.bus).await {
             Ok(head) => {
                 if !self.view.wait_applied(head, READ_YOUR_WRITES).await {
                     return rejected(
@@ -280,7 +321,7 @@ impl<V: ViewSource> Handler<V> {
                     if let Err(e) = self.undo(now, stamp).await {
                         return rejected(RejectKind::Unavailable, e.to_string());
                     }
-                    let Ok(head) = self.bus.last_sequence().await else {
+                    let Ok(head) = self.head.read(&self.bus).await else {
                         return rejected(
                             RejectKind::Unavailable,
                             "cannot read the stream's head".into(),
@@ -494,6 +535,51 @@ pub async fn request(bus: &Bus, cmd: &Command, timeout: Duration) -> Result<Comm
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Commands waiting for a head read share the next one that starts after they arrived;
+    /// none is answered by a read that started before it arrived.
+    #[tokio::test]
+    async fn head_reads_are_shared_and_never_older_than_the_command() {
+        let reads = Arc::new(HeadReads::default());
+        let count = Arc::new(AtomicU64::new(0));
+        // The stream's head: each read returns how many reads have been made (1, 2, ...).
+        let fetch = |count: Arc<AtomicU64>, gate: Option<tokio::sync::oneshot::Receiver<()>>| {
+            move || async move {
+                if let Some(gate) = gate {
+                    let _ = gate.await;
+                }
+                Ok(count.fetch_add(1, SeqCst) + 1)
+            }
+        };
+        // Read 1 is in flight (held by its gate) when commands A and B arrive.
+        let (open, gate) = tokio::sync::oneshot::channel();
+        let first = tokio::spawn({
+            let (reads, count) = (Arc::clone(&reads), Arc::clone(&count));
+            async move { reads.read_with(fetch(count, Some(gate))).await }
+        });
+        while reads.started.load(SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let later: Vec<_> = (0..2)
+            .map(|_| {
+                let (reads, count) = (Arc::clone(&reads), Arc::clone(&count));
+                tokio::spawn(async move { reads.read_with(fetch(count, None)).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        open.send(()).ok();
+        assert_eq!(first.await.ok().and_then(Result::ok), Some(1));
+        let mut seen = Vec::new();
+        for t in later {
+            seen.push(t.await.ok().and_then(Result::ok));
+        }
+        // A and B arrived while read 1 ran: read 1 is too old for them; one read (2) serves both.
+        assert_eq!(seen, vec![Some(2), Some(2)]);
+        assert_eq!(count.load(SeqCst), 2);
+        // A command arriving now, with no read running, makes its own.
+        let c = reads.read_with(fetch(Arc::clone(&count), None)).await;
+        assert_eq!(c.ok(), Some(3));
+    }
 
     #[test]
     fn the_nats_principal_is_the_reply_inbox_key_only_on_an_authenticated_bus() {
