@@ -23,6 +23,8 @@
 //! addressed to a host (`ctl.{host}`), what work it asks of that host's agent. [`for_body`]
 //! and the agent's `work_for` are both derived from it.
 
+use std::fmt;
+
 use thiserror::Error;
 
 use crate::envelope::Envelope;
@@ -41,52 +43,52 @@ pub const ALL_COMMANDS: &str = "usbpt.cmd.>";
 pub const COMMAND_QUEUE: &str = "usbpt-commands";
 
 pub fn host_agent(host: &HostName) -> String {
-    format!("usbpt.evt.host.{host}.agent")
+    Subject::HostAgent(host).to_string()
 }
 pub fn host_device(host: &HostName, device: &DeviceId) -> String {
-    format!("usbpt.evt.host.{host}.device.{device}")
+    Subject::HostDevice(host, device).to_string()
 }
 pub fn host_clash(host: &HostName) -> String {
-    format!("usbpt.evt.host.{host}.clash")
+    Subject::HostClash(host).to_string()
 }
 pub fn host_server(host: &HostName, server: &ServerId) -> String {
-    format!("usbpt.evt.host.{host}.server.{server}")
+    Subject::HostServer(host, server).to_string()
 }
 /// A host's flapping episodes of one lineage (`PortFlapping`, `PortFlappingCleared`).
 pub fn host_flap(host: &HostName, lineage: &LineageId) -> String {
-    format!("usbpt.evt.host.{host}.flap.{lineage}")
+    Subject::HostFlap(host, lineage).to_string()
 }
 /// Everything one host agent publishes (for permissions and per-host consumers).
 pub fn host_all(host: &HostName) -> String {
     format!("usbpt.evt.host.{host}.>")
 }
 pub fn claim(lineage: &LineageId) -> String {
-    format!("usbpt.evt.claim.{lineage}")
+    Subject::Claim(lineage).to_string()
 }
 /// An operator's record about one physical device (its label); not fenced.
 pub fn lineage(lineage: &LineageId) -> String {
-    format!("usbpt.evt.lineage.{lineage}")
+    Subject::Lineage(lineage).to_string()
 }
 pub fn flavor(name: &FlavorName) -> String {
-    format!("usbpt.evt.flavor.{name}")
+    Subject::Flavor(name).to_string()
 }
 /// A server name's subject (fenced, ADR 0003/0010): the events that give a server its name, so
 /// two boots (or a boot and a rename) taking one name race on one subject.
 pub fn name(name: &ServerName) -> String {
-    format!("usbpt.evt.name.{name}")
+    Subject::Name(name).to_string()
 }
 /// The prefix of every control-plane work subject (`usbpt.evt.ctl.{host}.…`): the only
 /// subjects whose events carry the command handler's signature (ADR 0005).
 pub const CONTROL_PREFIX: &str = "usbpt.evt.ctl.";
 pub fn control_for_host(host: &HostName, server: &ServerId) -> String {
-    format!("usbpt.evt.ctl.{host}.server.{server}")
+    Subject::Control(host, *server).to_string()
 }
 /// Everything the control plane asks of one host (the agent's consumer filter).
 pub fn control_for_host_all(host: &HostName) -> String {
     format!("usbpt.evt.ctl.{host}.>")
 }
 pub fn server(server: &ServerId) -> String {
-    format!("usbpt.evt.server.{server}")
+    Subject::Server(server).to_string()
 }
 /// A command's request subject, e.g. `usbpt.cmd.boot`.
 pub fn command(kind: &str) -> String {
@@ -191,20 +193,82 @@ pub fn for_event(envelope: &Envelope) -> String {
 /// The subject an event body is published on (see [`for_event`]). Derived from [`route`], so a
 /// control subject (`usbpt.evt.ctl.{host}.…`) is only ever built for an event that asks work.
 pub fn for_body(body: &Event) -> String {
-    match route(body) {
-        Route::Agent { host, about } => match about {
-            AgentSubject::Agent => host_agent(host),
-            AgentSubject::Device(d) => host_device(host, d),
-            AgentSubject::Clash => host_clash(host),
-            AgentSubject::Server(s) => host_server(host, s),
-            AgentSubject::Flap(l) => host_flap(host, l),
-        },
-        Route::Claim(l) => claim(l),
-        Route::Flavor(f) => flavor(f),
-        Route::Lineage(l) => lineage(l),
-        Route::Name(n) => name(n),
-        Route::Work(w) => control_for_host(w.host, &w.server),
-        Route::Server(s) => server(s),
+    Subject::of(body).to_string()
+}
+
+/// One event subject, written by its [`fmt::Display`]: the one place each subject's layout is
+/// spelled out. The builders above render it to a `String`; [`matches`] compares it with a
+/// received subject as it is written, without building one.
+#[derive(Debug, Clone, Copy)]
+enum Subject<'a> {
+    HostAgent(&'a HostName),
+    HostDevice(&'a HostName, &'a DeviceId),
+    HostClash(&'a HostName),
+    HostServer(&'a HostName, &'a ServerId),
+    HostFlap(&'a HostName, &'a LineageId),
+    Claim(&'a LineageId),
+    Lineage(&'a LineageId),
+    Flavor(&'a FlavorName),
+    Name(&'a ServerName),
+    Control(&'a HostName, ServerId),
+    Server(&'a ServerId),
+}
+
+impl<'a> Subject<'a> {
+    /// The subject `body` is published on (from [`route`]).
+    fn of(body: &'a Event) -> Self {
+        match route(body) {
+            Route::Agent { host, about } => match about {
+                AgentSubject::Agent => Self::HostAgent(host),
+                AgentSubject::Device(d) => Self::HostDevice(host, d),
+                AgentSubject::Clash => Self::HostClash(host),
+                AgentSubject::Server(s) => Self::HostServer(host, s),
+                AgentSubject::Flap(l) => Self::HostFlap(host, l),
+            },
+            Route::Claim(l) => Self::Claim(l),
+            Route::Flavor(f) => Self::Flavor(f),
+            Route::Lineage(l) => Self::Lineage(l),
+            Route::Name(n) => Self::Name(n),
+            Route::Work(w) => Self::Control(w.host, w.server),
+            Route::Server(s) => Self::Server(s),
+        }
+    }
+
+    /// Whether `subject` is exactly this subject, compared piece by piece as it is written.
+    fn is(self, subject: &str) -> bool {
+        /// Consumes the expected subject's pieces from the front of a received one.
+        struct Eat<'s>(&'s str);
+        impl fmt::Write for Eat<'_> {
+            fn write_str(&mut self, piece: &str) -> fmt::Result {
+                match self.0.strip_prefix(piece) {
+                    Some(rest) => {
+                        self.0 = rest;
+                        Ok(())
+                    }
+                    None => Err(fmt::Error),
+                }
+            }
+        }
+        let mut eat = Eat(subject);
+        fmt::write(&mut eat, format_args!("{self}")).is_ok() && eat.0.is_empty()
+    }
+}
+
+impl fmt::Display for Subject<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::HostAgent(host) => write!(f, "usbpt.evt.host.{host}.agent"),
+            Self::HostDevice(host, device) => write!(f, "usbpt.evt.host.{host}.device.{device}"),
+            Self::HostClash(host) => write!(f, "usbpt.evt.host.{host}.clash"),
+            Self::HostServer(host, server) => write!(f, "usbpt.evt.host.{host}.server.{server}"),
+            Self::HostFlap(host, lineage) => write!(f, "usbpt.evt.host.{host}.flap.{lineage}"),
+            Self::Claim(lineage) => write!(f, "usbpt.evt.claim.{lineage}"),
+            Self::Lineage(lineage) => write!(f, "usbpt.evt.lineage.{lineage}"),
+            Self::Flavor(name) => write!(f, "usbpt.evt.flavor.{name}"),
+            Self::Name(name) => write!(f, "usbpt.evt.name.{name}"),
+            Self::Control(host, server) => write!(f, "usbpt.evt.ctl.{host}.server.{server}"),
+            Self::Server(server) => write!(f, "usbpt.evt.server.{server}"),
+        }
     }
 }
 
@@ -444,11 +508,11 @@ pub fn is_fenced(subject: &str) -> bool {
 pub fn matches(envelope: &Envelope, subject: &str) -> bool {
     let legacy = || match &envelope.body {
         // Written before server names were fenced (ADR 0010): on the server's own subject.
-        Event::ServerBootRequested(e) => subject == server(&e.server_id),
-        Event::ServerUpdated(e) => subject == server(&e.server_id),
+        Event::ServerBootRequested(e) => Subject::Server(&e.server_id).is(subject),
+        Event::ServerUpdated(e) => Subject::Server(&e.server_id).is(subject),
         _ => false,
     };
-    (for_event(envelope) == subject || legacy())
+    (Subject::of(&envelope.body).is(subject) || legacy())
         && envelope.host.as_ref() == envelope.body.agent_host()
 }
 
