@@ -26,6 +26,7 @@
 use std::fmt;
 
 use thiserror::Error;
+use uuid::Uuid;
 
 use crate::envelope::Envelope;
 use crate::events::{AssignedDevice, Event, Fingerprint, ServerAction};
@@ -196,9 +197,9 @@ pub fn for_body(body: &Event) -> String {
     Subject::of(body).to_string()
 }
 
-/// One event subject, written by its [`fmt::Display`]: the one place each subject's layout is
-/// spelled out. The builders above render it to a `String`; [`matches`] compares it with a
-/// received subject as it is written, without building one.
+/// One event subject. [`Subject::pieces`] is the one place each subject's layout is spelled
+/// out: the builders above write the pieces to a `String`; [`matches`] compares them with a
+/// received subject, without building one (or going through `fmt`) per event.
 #[derive(Debug, Clone, Copy)]
 enum Subject<'a> {
     HostAgent(&'a HostName),
@@ -212,6 +213,13 @@ enum Subject<'a> {
     Name(&'a ServerName),
     Control(&'a HostName, ServerId),
     Server(&'a ServerId),
+}
+
+/// A piece of a subject: literal text or a name, or a UUID (written hyphenated, lower case).
+#[derive(Debug, Clone, Copy)]
+enum Piece<'a> {
+    Text(&'a str),
+    Id(&'a Uuid),
 }
 
 impl<'a> Subject<'a> {
@@ -234,41 +242,82 @@ impl<'a> Subject<'a> {
         }
     }
 
-    /// Whether `subject` is exactly this subject, compared piece by piece as it is written.
+    /// The subject's pieces, in order (unused ones are empty text).
+    fn pieces(&self) -> [Piece<'_>; 4] {
+        use Piece::{Id, Text};
+        const NONE: Piece<'static> = Text("");
+        match self {
+            Self::HostAgent(h) => [
+                Text("usbpt.evt.host."),
+                Text(h.as_str()),
+                Text(".agent"),
+                NONE,
+            ],
+            Self::HostDevice(h, d) => [
+                Text("usbpt.evt.host."),
+                Text(h.as_str()),
+                Text(".device."),
+                Id(d.as_uuid()),
+            ],
+            Self::HostClash(h) => [
+                Text("usbpt.evt.host."),
+                Text(h.as_str()),
+                Text(".clash"),
+                NONE,
+            ],
+            Self::HostServer(h, s) => [
+                Text("usbpt.evt.host."),
+                Text(h.as_str()),
+                Text(".server."),
+                Id(s.as_uuid()),
+            ],
+            Self::HostFlap(h, l) => [
+                Text("usbpt.evt.host."),
+                Text(h.as_str()),
+                Text(".flap."),
+                Id(l.as_uuid()),
+            ],
+            Self::Claim(l) => [Text("usbpt.evt.claim."), Id(l.as_uuid()), NONE, NONE],
+            Self::Lineage(l) => [Text("usbpt.evt.lineage."), Id(l.as_uuid()), NONE, NONE],
+            Self::Flavor(f) => [Text("usbpt.evt.flavor."), Text(f.as_str()), NONE, NONE],
+            Self::Name(n) => [Text("usbpt.evt.name."), Text(n.as_str()), NONE, NONE],
+            Self::Control(h, s) => [
+                Text("usbpt.evt.ctl."),
+                Text(h.as_str()),
+                Text(".server."),
+                Id(s.as_uuid()),
+            ],
+            Self::Server(s) => [Text("usbpt.evt.server."), Id(s.as_uuid()), NONE, NONE],
+        }
+    }
+
+    /// Whether `subject` is exactly this subject, compared piece by piece.
     fn is(self, subject: &str) -> bool {
-        /// Consumes the expected subject's pieces from the front of a received one.
-        struct Eat<'s>(&'s str);
-        impl fmt::Write for Eat<'_> {
-            fn write_str(&mut self, piece: &str) -> fmt::Result {
-                match self.0.strip_prefix(piece) {
-                    Some(rest) => {
-                        self.0 = rest;
-                        Ok(())
-                    }
-                    None => Err(fmt::Error),
-                }
+        let mut rest = subject.as_bytes();
+        let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        for piece in self.pieces() {
+            let expected = match piece {
+                Piece::Text(t) => t.as_bytes(),
+                Piece::Id(u) => u.hyphenated().encode_lower(&mut uuid).as_bytes(),
+            };
+            match rest.strip_prefix(expected) {
+                Some(r) => rest = r,
+                None => return false,
             }
         }
-        let mut eat = Eat(subject);
-        fmt::write(&mut eat, format_args!("{self}")).is_ok() && eat.0.is_empty()
+        rest.is_empty()
     }
 }
 
 impl fmt::Display for Subject<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Self::HostAgent(host) => write!(f, "usbpt.evt.host.{host}.agent"),
-            Self::HostDevice(host, device) => write!(f, "usbpt.evt.host.{host}.device.{device}"),
-            Self::HostClash(host) => write!(f, "usbpt.evt.host.{host}.clash"),
-            Self::HostServer(host, server) => write!(f, "usbpt.evt.host.{host}.server.{server}"),
-            Self::HostFlap(host, lineage) => write!(f, "usbpt.evt.host.{host}.flap.{lineage}"),
-            Self::Claim(lineage) => write!(f, "usbpt.evt.claim.{lineage}"),
-            Self::Lineage(lineage) => write!(f, "usbpt.evt.lineage.{lineage}"),
-            Self::Flavor(name) => write!(f, "usbpt.evt.flavor.{name}"),
-            Self::Name(name) => write!(f, "usbpt.evt.name.{name}"),
-            Self::Control(host, server) => write!(f, "usbpt.evt.ctl.{host}.server.{server}"),
-            Self::Server(server) => write!(f, "usbpt.evt.server.{server}"),
+        for piece in self.pieces() {
+            match piece {
+                Piece::Text(t) => f.write_str(t)?,
+                Piece::Id(u) => fmt::Display::fmt(&u.hyphenated(), f)?,
+            }
         }
+        Ok(())
     }
 }
 
@@ -519,6 +568,61 @@ pub fn matches(envelope: &Envelope, subject: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subject_matches_exactly_what_it_writes() {
+        let h = HostName::new("host-a").expect("valid");
+        let d = DeviceId::from_uuid(uuid::Uuid::from_u128(
+            0x0123_4567_89ab_cdef_0123_4567_89ab_cdef,
+        ));
+        let s = ServerId::from_uuid(uuid::Uuid::from_u128(7));
+        let l = LineageId::from_uuid(uuid::Uuid::from_u128(u128::MAX));
+        let f = FlavorName::new("gold").expect("valid");
+        let n = ServerName::new("web-1").expect("valid");
+        let all = [
+            (
+                Subject::HostAgent(&h),
+                "usbpt.evt.host.host-a.agent".to_owned(),
+            ),
+            (
+                Subject::HostDevice(&h, &d),
+                format!("usbpt.evt.host.host-a.device.{d}"),
+            ),
+            (
+                Subject::HostClash(&h),
+                "usbpt.evt.host.host-a.clash".to_owned(),
+            ),
+            (
+                Subject::HostServer(&h, &s),
+                format!("usbpt.evt.host.host-a.server.{s}"),
+            ),
+            (
+                Subject::HostFlap(&h, &l),
+                format!("usbpt.evt.host.host-a.flap.{l}"),
+            ),
+            (Subject::Claim(&l), format!("usbpt.evt.claim.{l}")),
+            (Subject::Lineage(&l), format!("usbpt.evt.lineage.{l}")),
+            (Subject::Flavor(&f), "usbpt.evt.flavor.gold".to_owned()),
+            (Subject::Name(&n), "usbpt.evt.name.web-1".to_owned()),
+            (
+                Subject::Control(&h, s),
+                format!("usbpt.evt.ctl.host-a.server.{s}"),
+            ),
+            (Subject::Server(&s), format!("usbpt.evt.server.{s}")),
+        ];
+        for (subject, want) in &all {
+            assert_eq!(&subject.to_string(), want);
+            assert!(subject.is(want), "{want}");
+            assert!(!subject.is(&want[..want.len() - 1]), "{want} shortened");
+            assert!(!subject.is(&format!("{want}x")), "{want} extended");
+            assert!(!subject.is(&want.to_uppercase()), "{want} upper case");
+        }
+        assert_eq!(
+            format!("{d}"),
+            "01234567-89ab-cdef-0123-456789abcdef",
+            "UUIDs hyphenated, lower case"
+        );
+    }
 
     #[test]
     fn heartbeats_are_outside_the_stream() {
