@@ -1,4 +1,4 @@
-//! `usbpt bench [--quick] [--json] [--nats URL] [--only SECTIONS]`: the benchmark suite
+//! `usbpt bench [--quick] [--json] [--nats URL] [--only SECTIONS] [--fold-events N]`: the benchmark suite
 //! (`usbpt_bench`). Against private nats-servers in temp dirs (default fsync and
 //! `sync_interval: always`) unless `--nats`/`NATS_URL` names one. `--only codec,fold` measures
 //! just those sections (`codec`, `publish`, `hotplug`, `claims`, `sched`, `fold`, `idle`); the
@@ -24,6 +24,10 @@ pub struct BenchArgs {
     /// Measure only these sections (comma-separated, e.g. `hotplug,sched`); default: all.
     #[arg(long, value_name = "SECTIONS", value_delimiter = ',', value_parser = section_parser())]
     pub only: Vec<Section>,
+    /// Events of the synthetic history the fold section folds and replays (default 1,000,000;
+    /// 5,000 with --quick): how replay time and view size grow with the history.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub fold_events: Option<u64>,
 }
 
 /// `--only`'s values: the section names, each with what it measures in `--help`.
@@ -46,6 +50,10 @@ pub async fn run(global: &Global, args: BenchArgs) -> Result<()> {
         nats: crate::global::nats_given().then(|| global.nats.clone()),
         usbpt: std::env::current_exe().ok(),
         only: args.only,
+        fold_events: args
+            .fold_events
+            .map(|n| usize::try_from(n).context("--fold-events is too large"))
+            .transpose()?,
     };
     let started = std::time::Instant::now();
     let report = usbpt_bench::run(&options, |what| {

@@ -181,7 +181,7 @@ pub async fn fold_and_replay(target: &Target, events: usize) -> Result<Vec<Figur
         url,
         subjects::STREAM,
         last,
-        replay::REPLAY_BATCH,
+        replay::REPLAY_COMMIT,
         Durability::None,
         "raw_read_insert_nosync",
         best,
@@ -204,7 +204,7 @@ pub async fn fold_and_replay(target: &Target, events: usize) -> Result<Vec<Figur
     let insert = tokio::task::spawn_blocking(move || {
         raw::redb_batched_insert(
             &payloads,
-            replay::REPLAY_BATCH,
+            replay::REPLAY_COMMIT,
             Durability::None,
             "raw_redb_insert_nosync",
         )

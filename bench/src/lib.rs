@@ -44,6 +44,9 @@ pub struct Options {
     pub usbpt: Option<PathBuf>,
     /// The sections to measure (`usbpt bench --only`); empty: every section.
     pub only: Vec<Section>,
+    /// Events of the synthetic history the fold section folds and replays (`usbpt bench
+    /// --fold-events`); `None`: the mode's size ([`Sizes::fold_events`]).
+    pub fold_events: Option<usize>,
 }
 
 impl Options {
@@ -229,11 +232,14 @@ impl Sizes {
 /// `progress` hears what is being measured.
 pub async fn run(options: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
     let started = Instant::now();
-    let sizes = if options.quick {
+    let mut sizes = if options.quick {
         Sizes::quick()
     } else {
         Sizes::full()
     };
+    if let Some(n) = options.fold_events {
+        sizes.fold_events = n;
+    }
     let mut report = Report {
         usbpt_version: env!("CARGO_PKG_VERSION").to_owned(),
         mode: if options.quick { "quick" } else { "full" }.to_owned(),

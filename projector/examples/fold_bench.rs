@@ -5,7 +5,8 @@
 //! Publishes a synthetic history (the `workload` module: 2,000 hosts × 16 devices, boots,
 //! deletes, re-enumerations, reboots), then measures (1) the live projector path — durable
 //! consumer, fetch, one fsynced redb transaction per batch, ack — and (2) an audit replay
-//! (ordered consumer, unsynced intermediate commits) of the same stream.
+//! (ordered consumer, unsynced intermediate commits) of the same stream. `REPLAY_COMMITS=20000,200000`
+//! replays it again with each commit size.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -97,15 +98,18 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     let scratch = Arc::new(View::open_private(dir.path().join("replay.redb"))?);
+    let cpu0 = usbpt_projector::metrics::process_cpu_seconds();
     let t = Instant::now();
     let r = replay::rebuild(&bus, Arc::clone(&scratch), last, |_| {}).await?;
     let rep = t.elapsed();
+    let cpu = usbpt_projector::metrics::process_cpu_seconds() - cpu0;
     println!(
-        "full replay: {} events in {:.2} s = {:.0} events/s ({} quarantined)",
+        "full replay: {} events in {:.2} s = {:.0} events/s ({} quarantined); process CPU {cpu:.2} s ({:.1} µs per event)",
         r.last_seq,
         rep.as_secs_f64(),
         r.last_seq as f64 / rep.as_secs_f64(),
-        r.quarantined
+        r.quarantined,
+        cpu * 1e6 / r.last_seq as f64,
     );
     let t = Instant::now();
     let same = digest::first_difference(&live.snapshot()?, &scratch.snapshot()?)?;
@@ -114,7 +118,36 @@ async fn main() -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     let size = std::fs::metadata(dir.path().join("live.redb"))?.len();
-    println!("view file: {:.1} MiB", size as f64 / (1024.0 * 1024.0));
+    let replayed = std::fs::metadata(dir.path().join("replay.redb"))?.len();
+    println!(
+        "view file: {:.1} MiB (live), {:.1} MiB (replayed)",
+        size as f64 / (1024.0 * 1024.0),
+        replayed as f64 / (1024.0 * 1024.0)
+    );
+    // REPLAY_COMMITS=20000,200000: the replay again with each commit size, one after the other
+    // (what the commit size costs, under the same load).
+    if let Ok(sizes) = std::env::var("REPLAY_COMMITS") {
+        for commit in sizes.split(',').map(str::parse::<usize>) {
+            let commit = commit?;
+            let path = dir.path().join(format!("replay-{commit}.redb"));
+            let scratch = Arc::new(View::open_private(&path)?);
+            let cpu0 = usbpt_projector::metrics::process_cpu_seconds();
+            let t = Instant::now();
+            let r = replay::rebuild_in_commits_of(&bus, Arc::clone(&scratch), last, commit, |_| {})
+                .await?;
+            let rep = t.elapsed();
+            let cpu = usbpt_projector::metrics::process_cpu_seconds() - cpu0;
+            println!(
+                "full replay, commits of {commit}: {} events in {:.2} s = {:.0} events/s; process CPU {cpu:.2} s ({:.1} µs per event)",
+                r.last_seq,
+                rep.as_secs_f64(),
+                r.last_seq as f64 / rep.as_secs_f64(),
+                cpu * 1e6 / r.last_seq as f64,
+            );
+            drop(scratch);
+            std::fs::remove_file(&path)?;
+        }
+    }
     let snap = live.snapshot()?;
     println!(
         "view: {} hosts, {} claims, {} quarantined",

@@ -23,7 +23,10 @@
 //! addressed to a host (`ctl.{host}`), what work it asks of that host's agent. [`for_body`]
 //! and the agent's `work_for` are both derived from it.
 
+use std::fmt;
+
 use thiserror::Error;
+use uuid::Uuid;
 
 use crate::envelope::Envelope;
 use crate::events::{AssignedDevice, Event, Fingerprint, ServerAction};
@@ -41,52 +44,52 @@ pub const ALL_COMMANDS: &str = "usbpt.cmd.>";
 pub const COMMAND_QUEUE: &str = "usbpt-commands";
 
 pub fn host_agent(host: &HostName) -> String {
-    format!("usbpt.evt.host.{host}.agent")
+    Subject::HostAgent(host).to_string()
 }
 pub fn host_device(host: &HostName, device: &DeviceId) -> String {
-    format!("usbpt.evt.host.{host}.device.{device}")
+    Subject::HostDevice(host, device).to_string()
 }
 pub fn host_clash(host: &HostName) -> String {
-    format!("usbpt.evt.host.{host}.clash")
+    Subject::HostClash(host).to_string()
 }
 pub fn host_server(host: &HostName, server: &ServerId) -> String {
-    format!("usbpt.evt.host.{host}.server.{server}")
+    Subject::HostServer(host, server).to_string()
 }
 /// A host's flapping episodes of one lineage (`PortFlapping`, `PortFlappingCleared`).
 pub fn host_flap(host: &HostName, lineage: &LineageId) -> String {
-    format!("usbpt.evt.host.{host}.flap.{lineage}")
+    Subject::HostFlap(host, lineage).to_string()
 }
 /// Everything one host agent publishes (for permissions and per-host consumers).
 pub fn host_all(host: &HostName) -> String {
     format!("usbpt.evt.host.{host}.>")
 }
 pub fn claim(lineage: &LineageId) -> String {
-    format!("usbpt.evt.claim.{lineage}")
+    Subject::Claim(lineage).to_string()
 }
 /// An operator's record about one physical device (its label); not fenced.
 pub fn lineage(lineage: &LineageId) -> String {
-    format!("usbpt.evt.lineage.{lineage}")
+    Subject::Lineage(lineage).to_string()
 }
 pub fn flavor(name: &FlavorName) -> String {
-    format!("usbpt.evt.flavor.{name}")
+    Subject::Flavor(name).to_string()
 }
 /// A server name's subject (fenced, ADR 0003/0010): the events that give a server its name, so
 /// two boots (or a boot and a rename) taking one name race on one subject.
 pub fn name(name: &ServerName) -> String {
-    format!("usbpt.evt.name.{name}")
+    Subject::Name(name).to_string()
 }
 /// The prefix of every control-plane work subject (`usbpt.evt.ctl.{host}.…`): the only
 /// subjects whose events carry the command handler's signature (ADR 0005).
 pub const CONTROL_PREFIX: &str = "usbpt.evt.ctl.";
 pub fn control_for_host(host: &HostName, server: &ServerId) -> String {
-    format!("usbpt.evt.ctl.{host}.server.{server}")
+    Subject::Control(host, *server).to_string()
 }
 /// Everything the control plane asks of one host (the agent's consumer filter).
 pub fn control_for_host_all(host: &HostName) -> String {
     format!("usbpt.evt.ctl.{host}.>")
 }
 pub fn server(server: &ServerId) -> String {
-    format!("usbpt.evt.server.{server}")
+    Subject::Server(server).to_string()
 }
 /// A command's request subject, e.g. `usbpt.cmd.boot`.
 pub fn command(kind: &str) -> String {
@@ -191,20 +194,130 @@ pub fn for_event(envelope: &Envelope) -> String {
 /// The subject an event body is published on (see [`for_event`]). Derived from [`route`], so a
 /// control subject (`usbpt.evt.ctl.{host}.…`) is only ever built for an event that asks work.
 pub fn for_body(body: &Event) -> String {
-    match route(body) {
-        Route::Agent { host, about } => match about {
-            AgentSubject::Agent => host_agent(host),
-            AgentSubject::Device(d) => host_device(host, d),
-            AgentSubject::Clash => host_clash(host),
-            AgentSubject::Server(s) => host_server(host, s),
-            AgentSubject::Flap(l) => host_flap(host, l),
-        },
-        Route::Claim(l) => claim(l),
-        Route::Flavor(f) => flavor(f),
-        Route::Lineage(l) => lineage(l),
-        Route::Name(n) => name(n),
-        Route::Work(w) => control_for_host(w.host, &w.server),
-        Route::Server(s) => server(s),
+    Subject::of(body).to_string()
+}
+
+/// One event subject. [`Subject::pieces`] is the one place each subject's layout is spelled
+/// out: the builders above write the pieces to a `String`; [`matches`] compares them with a
+/// received subject, without building one (or going through `fmt`) per event.
+#[derive(Debug, Clone, Copy)]
+enum Subject<'a> {
+    HostAgent(&'a HostName),
+    HostDevice(&'a HostName, &'a DeviceId),
+    HostClash(&'a HostName),
+    HostServer(&'a HostName, &'a ServerId),
+    HostFlap(&'a HostName, &'a LineageId),
+    Claim(&'a LineageId),
+    Lineage(&'a LineageId),
+    Flavor(&'a FlavorName),
+    Name(&'a ServerName),
+    Control(&'a HostName, ServerId),
+    Server(&'a ServerId),
+}
+
+/// A piece of a subject: literal text or a name, or a UUID (written hyphenated, lower case).
+#[derive(Debug, Clone, Copy)]
+enum Piece<'a> {
+    Text(&'a str),
+    Id(&'a Uuid),
+}
+
+impl<'a> Subject<'a> {
+    /// The subject `body` is published on (from [`route`]).
+    fn of(body: &'a Event) -> Self {
+        match route(body) {
+            Route::Agent { host, about } => match about {
+                AgentSubject::Agent => Self::HostAgent(host),
+                AgentSubject::Device(d) => Self::HostDevice(host, d),
+                AgentSubject::Clash => Self::HostClash(host),
+                AgentSubject::Server(s) => Self::HostServer(host, s),
+                AgentSubject::Flap(l) => Self::HostFlap(host, l),
+            },
+            Route::Claim(l) => Self::Claim(l),
+            Route::Flavor(f) => Self::Flavor(f),
+            Route::Lineage(l) => Self::Lineage(l),
+            Route::Name(n) => Self::Name(n),
+            Route::Work(w) => Self::Control(w.host, w.server),
+            Route::Server(s) => Self::Server(s),
+        }
+    }
+
+    /// The subject's pieces, in order (unused ones are empty text).
+    fn pieces(&self) -> [Piece<'_>; 4] {
+        use Piece::{Id, Text};
+        const NONE: Piece<'static> = Text("");
+        match self {
+            Self::HostAgent(h) => [
+                Text("usbpt.evt.host."),
+                Text(h.as_str()),
+                Text(".agent"),
+                NONE,
+            ],
+            Self::HostDevice(h, d) => [
+                Text("usbpt.evt.host."),
+                Text(h.as_str()),
+                Text(".device."),
+                Id(d.as_uuid()),
+            ],
+            Self::HostClash(h) => [
+                Text("usbpt.evt.host."),
+                Text(h.as_str()),
+                Text(".clash"),
+                NONE,
+            ],
+            Self::HostServer(h, s) => [
+                Text("usbpt.evt.host."),
+                Text(h.as_str()),
+                Text(".server."),
+                Id(s.as_uuid()),
+            ],
+            Self::HostFlap(h, l) => [
+                Text("usbpt.evt.host."),
+                Text(h.as_str()),
+                Text(".flap."),
+                Id(l.as_uuid()),
+            ],
+            Self::Claim(l) => [Text("usbpt.evt.claim."), Id(l.as_uuid()), NONE, NONE],
+            Self::Lineage(l) => [Text("usbpt.evt.lineage."), Id(l.as_uuid()), NONE, NONE],
+            Self::Flavor(f) => [Text("usbpt.evt.flavor."), Text(f.as_str()), NONE, NONE],
+            Self::Name(n) => [Text("usbpt.evt.name."), Text(n.as_str()), NONE, NONE],
+            Self::Control(h, s) => [
+                Text("usbpt.evt.ctl."),
+                Text(h.as_str()),
+                Text(".server."),
+                Id(s.as_uuid()),
+            ],
+            Self::Server(s) => [Text("usbpt.evt.server."), Id(s.as_uuid()), NONE, NONE],
+        }
+    }
+
+    /// Whether `subject` is exactly this subject, compared piece by piece.
+    fn is(self, subject: &str) -> bool {
+        let mut rest = subject.as_bytes();
+        let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        for piece in self.pieces() {
+            let expected = match piece {
+                Piece::Text(t) => t.as_bytes(),
+                Piece::Id(u) => u.hyphenated().encode_lower(&mut uuid).as_bytes(),
+            };
+            match rest.strip_prefix(expected) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        }
+        rest.is_empty()
+    }
+}
+
+impl fmt::Display for Subject<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for piece in self.pieces() {
+            match piece {
+                Piece::Text(t) => f.write_str(t)?,
+                Piece::Id(u) => fmt::Display::fmt(&u.hyphenated(), f)?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -444,17 +557,72 @@ pub fn is_fenced(subject: &str) -> bool {
 pub fn matches(envelope: &Envelope, subject: &str) -> bool {
     let legacy = || match &envelope.body {
         // Written before server names were fenced (ADR 0010): on the server's own subject.
-        Event::ServerBootRequested(e) => subject == server(&e.server_id),
-        Event::ServerUpdated(e) => subject == server(&e.server_id),
+        Event::ServerBootRequested(e) => Subject::Server(&e.server_id).is(subject),
+        Event::ServerUpdated(e) => Subject::Server(&e.server_id).is(subject),
         _ => false,
     };
-    (for_event(envelope) == subject || legacy())
+    (Subject::of(&envelope.body).is(subject) || legacy())
         && envelope.host.as_ref() == envelope.body.agent_host()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subject_matches_exactly_what_it_writes() {
+        let h = HostName::new("host-a").expect("valid");
+        let d = DeviceId::from_uuid(uuid::Uuid::from_u128(
+            0x0123_4567_89ab_cdef_0123_4567_89ab_cdef,
+        ));
+        let s = ServerId::from_uuid(uuid::Uuid::from_u128(7));
+        let l = LineageId::from_uuid(uuid::Uuid::from_u128(u128::MAX));
+        let f = FlavorName::new("gold").expect("valid");
+        let n = ServerName::new("web-1").expect("valid");
+        let all = [
+            (
+                Subject::HostAgent(&h),
+                "usbpt.evt.host.host-a.agent".to_owned(),
+            ),
+            (
+                Subject::HostDevice(&h, &d),
+                format!("usbpt.evt.host.host-a.device.{d}"),
+            ),
+            (
+                Subject::HostClash(&h),
+                "usbpt.evt.host.host-a.clash".to_owned(),
+            ),
+            (
+                Subject::HostServer(&h, &s),
+                format!("usbpt.evt.host.host-a.server.{s}"),
+            ),
+            (
+                Subject::HostFlap(&h, &l),
+                format!("usbpt.evt.host.host-a.flap.{l}"),
+            ),
+            (Subject::Claim(&l), format!("usbpt.evt.claim.{l}")),
+            (Subject::Lineage(&l), format!("usbpt.evt.lineage.{l}")),
+            (Subject::Flavor(&f), "usbpt.evt.flavor.gold".to_owned()),
+            (Subject::Name(&n), "usbpt.evt.name.web-1".to_owned()),
+            (
+                Subject::Control(&h, s),
+                format!("usbpt.evt.ctl.host-a.server.{s}"),
+            ),
+            (Subject::Server(&s), format!("usbpt.evt.server.{s}")),
+        ];
+        for (subject, want) in &all {
+            assert_eq!(&subject.to_string(), want);
+            assert!(subject.is(want), "{want}");
+            assert!(!subject.is(&want[..want.len() - 1]), "{want} shortened");
+            assert!(!subject.is(&format!("{want}x")), "{want} extended");
+            assert!(!subject.is(&want.to_uppercase()), "{want} upper case");
+        }
+        assert_eq!(
+            format!("{d}"),
+            "01234567-89ab-cdef-0123-456789abcdef",
+            "UUIDs hyphenated, lower case"
+        );
+    }
 
     #[test]
     fn heartbeats_are_outside_the_stream() {
