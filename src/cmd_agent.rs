@@ -166,8 +166,8 @@ async fn shutdown_signal() {
 pub async fn connect_hypervisor(
     host: &HostName,
     uri: &str,
-) -> Option<std::sync::Arc<usbpt_agent::libvirt::Executor>> {
-    use usbpt_agent::libvirt::{Executor, ExecutorConfig};
+) -> Option<std::sync::Arc<usbpt_libvirt::Executor>> {
+    use usbpt_libvirt::{Executor, ExecutorConfig};
     match Executor::connect(ExecutorConfig::new(host.clone(), uri)).await {
         Ok(e) => {
             tracing::info!(
