@@ -46,6 +46,8 @@ const EXIT_WAIT: Duration = Duration::from_secs(5);
 pub struct ExecutorCommand {
     pub program: PathBuf,
     pub args: Vec<OsString>,
+    /// Set in the child's environment (which is otherwise the agent's).
+    pub envs: Vec<(OsString, OsString)>,
 }
 
 impl ExecutorCommand {
@@ -60,6 +62,7 @@ impl ExecutorCommand {
                 "--hypervisor".into(),
                 uri.into(),
             ],
+            envs: Vec::new(),
         }
     }
 }
@@ -180,6 +183,7 @@ impl ChildExecutor {
         let started = Instant::now();
         let mut process = Command::new(&self.command.program)
             .args(&self.command.args)
+            .envs(self.command.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
