@@ -55,6 +55,9 @@ where
         };
         let events = match request {
             Request::Handle { envelope, devices } => {
+                let envelope = usbpt_schemas::codec::decode(&envelope).map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+                })?;
                 let devices: HashMap<DeviceId, DeviceInfo> = devices.into_iter().collect();
                 executor.handle(&envelope, &devices).await
             }

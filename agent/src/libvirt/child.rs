@@ -369,9 +369,9 @@ impl Hands for ChildExecutor {
             let Some(work) = work_for(&self.host, &env.body) else {
                 return Vec::new();
             };
-            let request = Request::Handle {
-                envelope: env.clone(),
-                devices: device_list(devices),
+            let request = match Request::handle(env, devices) {
+                Ok(r) => r,
+                Err(e) => return self.failed(&work, &ChildError::Lost(e.to_string())),
             };
             match self.call_again_if_lost(env.body.kind(), &request).await {
                 Ok(events) => events,

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use usbpt_schemas::{DeviceId, Envelope, Event, LineageId};
+use usbpt_schemas::{codec, DeviceId, Envelope, Event, LineageId};
 
 use super::hands::DeviceMap;
 use super::work::DeviceInfo;
@@ -18,9 +18,10 @@ pub const MAX_FRAME: usize = 16 << 20;
 /// Work for the executor process.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
-    /// [`super::Hands::handle`].
+    /// [`super::Hands::handle`]: the envelope in the stream's own encoding
+    /// ([`usbpt_schemas::codec`], which writes the optional origin as its version says).
     Handle {
-        envelope: Envelope,
+        envelope: Vec<u8>,
         devices: Vec<(DeviceId, DeviceInfo)>,
     },
     /// [`super::Hands::reattach_lineage`].
@@ -44,6 +45,16 @@ pub enum Reply {
     Refused { error: String },
     /// The outcome of one request.
     Events(Vec<Event>),
+}
+
+impl Request {
+    /// The request for [`super::Hands::handle`].
+    pub fn handle(envelope: &Envelope, devices: &DeviceMap) -> Result<Self, codec::EncodeError> {
+        Ok(Self::Handle {
+            envelope: codec::encode(envelope)?,
+            devices: device_list(devices),
+        })
+    }
 }
 
 /// The device map as a request carries it.
