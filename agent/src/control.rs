@@ -100,7 +100,7 @@ impl<H: Hands + ?Sized> Control<H> {
         let durable = subjects::agent_consumer(&host);
         if self.resume_after_boot {
             let devices = self.devices.borrow().clone();
-            let events = self.executor.resume_after_host_boot(&*devices).await;
+            let events = self.executor.resume_after_host_boot(&devices).await;
             self.enqueue(events, None)?;
         }
         loop {
@@ -160,7 +160,7 @@ impl<H: Hands + ?Sized> Control<H> {
                             Ok(env) => match guard::check(&host, &d.subject, &d.payload, d.signature.as_deref(), &env, self.target.control_key.as_deref()) {
                                 Ok(()) => {
                                     let devices = self.devices.borrow().clone();
-                                    let events = self.executor.handle(&env, &*devices).await;
+                                    let events = self.executor.handle(&env, &devices).await;
                                     self.enqueue(events, Some(&env))?;
                                 }
                                 Err(reason) => self.refuse(&d.subject, env.body.kind(), reason),
