@@ -106,3 +106,55 @@ pub fn frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, postcard::Error> {
     out.extend_from_slice(&bytes);
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use usbpt_schemas::{HostName, ServerAction, ServerActionRequested, ServerId};
+
+    #[tokio::test]
+    async fn a_request_and_a_reply_go_through_a_pipe_as_sent() {
+        let env = Envelope::new(Event::ServerActionRequested(ServerActionRequested {
+            server_id: ServerId::new_v7(),
+            host: HostName::new("h1").unwrap(),
+            action: ServerAction::Stop,
+        }));
+        let request = Request::handle(&env, &DeviceMap::new()).unwrap();
+        let reply = Reply::Events(vec![env.body.clone()]);
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let (sent, got) = tokio::join!(
+            async {
+                write_frame(&mut a, &request).await.unwrap();
+                write_frame(&mut a, &reply).await.unwrap();
+                drop(a);
+            },
+            async {
+                let r: Request = read_frame(&mut b).await.unwrap().unwrap();
+                let e: Reply = read_frame(&mut b).await.unwrap().unwrap();
+                let end: Option<Reply> = read_frame(&mut b).await.unwrap();
+                (r, e, end)
+            }
+        );
+        let () = sent;
+        let (r, e, end) = got;
+        let Request::Handle { envelope, .. } = &r else {
+            panic!("not a Handle: {r:?}")
+        };
+        assert_eq!(codec::decode(envelope).unwrap(), env);
+        assert_eq!(e, reply);
+        assert_eq!(end, None, "a clean end of the stream");
+        assert_eq!(
+            frame(&reply).unwrap()[4..],
+            postcard::to_stdvec(&reply).unwrap()[..]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_is_refused() {
+        let mut bytes: &[u8] = &u32::MAX.to_le_bytes();
+        let err = read_frame::<_, Reply>(&mut bytes).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
+}
