@@ -27,6 +27,10 @@ pub struct Cli {
 pub enum Cmd {
     /// The host agent: watches udev and publishes this host's USB devices as events.
     Agent(crate::cmd_agent::AgentArgs),
+    /// The host agent's libvirt executor process: started by the agent when it has libvirt
+    /// work, speaks its protocol on stdin/stdout, ends at the end of its input (ADR 0016).
+    #[command(hide = true)]
+    AgentExecutor(crate::cmd_agent::ExecutorArgs),
     /// The event stream.
     #[command(subcommand)]
     Events(EventsCmd),
@@ -183,7 +187,11 @@ pub async fn run(cli: Cli, loaded: &crate::config::Loaded) -> Result<()> {
             Ok(())
         }
         Cmd::Manpages { dir } => crate::config::write_manpages::<Cli>(&dir),
-        Cmd::Agent(args) => crate::cmd_agent::run(&cli.global, args).await,
+        Cmd::Agent(args) => {
+            let log = crate::cmd_agent::Log::of(&cli.global, &cli.setup, loaded);
+            crate::cmd_agent::run(&cli.global, args, &log).await
+        }
+        Cmd::AgentExecutor(args) => crate::cmd_agent::executor(args).await,
         Cmd::Events(EventsCmd::Tail {
             from_start,
             json,

@@ -1,15 +1,21 @@
 //! `usbpt agent --host NAME [--hypervisor URI] [--filter FILE] [--boot-id-file PATH]
-//! [--flap-threshold N --flap-window SECS --flap-quiet SECS]`: the
+//! [--flap-threshold N --flap-window SECS --flap-quiet SECS] [--executor-idle SECS]`: the
 //! udev-driven host agent. Progress goes to stdout as JSON lines, logs to stderr.
+//!
+//! `usbpt agent` resolves its settings (flags, environment, config file) and executes
+//! `usbpt-agent`, the small binary installed beside it, with them (ADR 0016): same process,
+//! without the other roles' code and without libvirt. libvirt work runs in `usbpt
+//! agent-executor`, a child the agent starts when it has work and stops when idle. Without
+//! `usbpt-agent` beside it, `usbpt agent` runs the same agent itself.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use usbpt_agent::{progress, read_boot_id, AgentConfig, BusTarget, Filter, UdevSource};
+use usbpt_agent::{read_boot_id, Filter};
 use usbpt_schemas::HostName;
 
+use crate::agent_process::{AgentSpec, SPEC_ENV};
 use crate::global::Global;
 
 #[derive(Debug, Args)]
@@ -42,14 +48,37 @@ pub struct AgentArgs {
     /// Seconds without an enumeration that end a flapping episode.
     #[arg(long, default_value_t = crate::defaults::FLAP.quiet.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub flap_quiet: u64,
+    /// Seconds without libvirt work after which the agent stops its libvirt executor process
+    /// (started again for the next work).
+    #[arg(long, default_value_t = crate::defaults::EXECUTOR_IDLE.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub executor_idle: u64,
 }
 
-impl AgentArgs {
-    pub fn flap(&self) -> usbpt_agent::FlapSettings {
-        usbpt_agent::FlapSettings {
-            threshold: self.flap_threshold,
-            window: Duration::from_secs(self.flap_window),
-            quiet: Duration::from_secs(self.flap_quiet),
+/// `usbpt agent-executor --host NAME --hypervisor URI` (hidden; ADR 0016).
+#[derive(Debug, Args)]
+pub struct ExecutorArgs {
+    #[arg(long)]
+    pub host: HostName,
+    #[arg(long)]
+    pub hypervisor: String,
+}
+
+/// How the agent logs: its filter when `USBPT_LOG` is not set, JSON lines or text.
+#[derive(Debug, Clone)]
+pub struct Log {
+    pub filter: String,
+    pub json: bool,
+}
+
+impl Log {
+    pub fn of(
+        global: &Global,
+        setup: &crate::config::Setup,
+        loaded: &crate::config::Loaded,
+    ) -> Self {
+        Self {
+            filter: crate::log_filter(global.verbose, loaded.file.log.filter.as_deref()).to_owned(),
+            json: matches!(setup.log_format, crate::config::LogFormat::Json),
         }
     }
 }
@@ -72,14 +101,17 @@ pub fn control_key(arg: Option<&str>) -> Result<Option<String>> {
     Ok(Some(key))
 }
 
-/// Called first thing in `main`, for `usbpt agent` only. A host agent is small and long-lived:
+/// mimalloc's setting for transparent huge pages.
+const THP_KNOB: &str = "MIMALLOC_ALLOW_THP";
+
+/// Called in `main` for `usbpt agent` when it runs the agent itself. A host agent is small and long-lived:
 /// transparent huge pages round the allocator's few live megabytes up to whole 2 MiB pages
 /// (11 MiB of an idle agent's resident memory, `docs/performance.md`); the fold, the command
 /// handler and the bench keep them. mimalloc reads `MIMALLOC_ALLOW_THP` when the process loads,
 /// before `main`, so the agent sets it and executes itself again, once (same pid, same
 /// arguments). An operator's own setting of the variable is left as it is.
 pub fn lean_process() {
-    const KNOB: &str = "MIMALLOC_ALLOW_THP";
+    const KNOB: &str = THP_KNOB;
     if std::env::var_os(KNOB).is_some() {
         return;
     }
@@ -95,70 +127,84 @@ pub fn lean_process() {
     tracing::debug!(error = %err, "could not re-execute without transparent huge pages");
 }
 
-pub async fn run(global: &Global, args: AgentArgs) -> Result<()> {
+/// The agent's resolved settings; the same checks as ever (boot id, filter, control key).
+fn spec(global: &Global, args: &AgentArgs, log: &Log) -> Result<AgentSpec> {
     let data_dir = global.agent_data_dir()?;
     let boot_id = read_boot_id(&args.boot_id_file)?;
-    let filter = match &args.filter {
-        Some(path) => Filter::load(path)?,
-        None => Filter::default(),
-    };
-    let flap = args.flap();
-    let config = AgentConfig {
-        host: args.host,
+    if let Some(path) = &args.filter {
+        Filter::load(path)?;
+    }
+    let security = global.security();
+    Ok(AgentSpec {
+        host: args.host.clone(),
+        hypervisor: args.hypervisor.clone(),
         boot_id,
-        hypervisor_uri: args.hypervisor,
         data_dir,
-        filter,
-        bus: BusTarget {
-            url: global.nats.clone(),
-            creds: global.creds.clone(),
-            settings: global.stream_settings(),
-            require_auth: !global.insecure,
-            tls: global.security().tls,
-            control_key: control_key(args.control_key.as_deref())?,
-        },
-        progress: with_readiness(progress::stdout()),
-        drain_on_stop: Duration::from_secs(2),
-        flap,
-    };
-    tracing::info!(?config, "starting the host agent");
-    let source = UdevSource::open()?;
-    let executor = connect_hypervisor(&config.host, &config.hypervisor_uri).await;
-    usbpt_agent::run_with_executor(config, source, executor, shutdown_signal()).await?;
-    Ok(())
-}
-
-/// `sink`, and systemd told when the agent is ready (its start-up picture is in the outbox and
-/// udev is watched) and when it stops.
-fn with_readiness(sink: progress::ProgressSink) -> progress::ProgressSink {
-    std::sync::Arc::new(move |p: &progress::Progress| {
-        sink(p);
-        match p {
-            progress::Progress::Ready {
-                host, candidates, ..
-            } => crate::systemd::ready(&format!(
-                "host {host}: watching udev, {candidates} passthrough candidates"
-            )),
-            progress::Progress::Stopped { .. } => crate::systemd::stopping(),
-            _ => {}
-        }
+        filter: args.filter.clone(),
+        nats: global.nats.clone(),
+        creds: global.creds.clone(),
+        stream_replicas: global.stream_settings().replicas,
+        require_auth: !global.insecure,
+        tls_ca: security.tls.ca,
+        tls_cert: security.tls.cert,
+        tls_key: security.tls.key,
+        control_key: control_key(args.control_key.as_deref())?,
+        flap_threshold: args.flap_threshold,
+        flap_window_s: args.flap_window,
+        flap_quiet_s: args.flap_quiet,
+        executor_program: std::env::current_exe().context("the usbpt binary's path")?,
+        executor_idle_ms: args.executor_idle.saturating_mul(1000),
+        log_filter: log.filter.clone(),
+        log_json: log.json,
     })
 }
 
-/// SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process still dies on the default action.
-        return std::future::pending().await;
+/// The small agent binary beside this one.
+pub const AGENT_BINARY: &str = "usbpt-agent";
+
+/// Called first thing in `main` for `usbpt agent`: executes `usbpt-agent` (beside this binary)
+/// with the resolved settings, in this process (same pid, for systemd). Returns when there is
+/// no such binary, when the settings are wrong (the in-process path then reports it as
+/// ever), or when the exec fails.
+pub fn exec_agent_binary(global: &Global, args: &AgentArgs, log: &Log) {
+    use std::os::unix::process::CommandExt;
+    let Ok(exe) = std::env::current_exe() else {
+        return;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    let small = exe.with_file_name(AGENT_BINARY);
+    if !small.is_file() {
+        return;
     }
+    let Ok(spec) = spec(global, args, log) else {
+        return;
+    };
+    let Ok(json) = serde_json::to_string(&spec) else {
+        return;
+    };
+    let mut cmd = std::process::Command::new(&small);
+    cmd.arg0(AGENT_BINARY).env(SPEC_ENV, json);
+    // See `lean_process`: no transparent huge pages for the agent's allocator.
+    if std::env::var_os(THP_KNOB).is_none() {
+        cmd.env(THP_KNOB, "0");
+    }
+    let err = cmd.exec();
+    eprintln!(
+        "usbpt: could not execute {} ({err}); running the agent in this process",
+        small.display()
+    );
+}
+
+pub async fn run(global: &Global, args: AgentArgs, log: &Log) -> Result<()> {
+    let spec = spec(global, &args, log)?;
+    crate::agent_process::run(spec).await
+}
+
+/// `usbpt agent-executor`: the agent's libvirt executor on stdin/stdout.
+pub async fn executor(args: ExecutorArgs) -> Result<()> {
+    let config = usbpt_libvirt::ExecutorConfig::new(args.host, args.hypervisor);
+    usbpt_libvirt::serve::serve(config, tokio::io::stdin(), tokio::io::stdout())
+        .await
+        .context("agent-executor")
 }
 
 /// Connects the libvirt executor. Without a hypervisor the agent still publishes its devices
@@ -166,8 +212,8 @@ async fn shutdown_signal() {
 pub async fn connect_hypervisor(
     host: &HostName,
     uri: &str,
-) -> Option<std::sync::Arc<usbpt_agent::libvirt::Executor>> {
-    use usbpt_agent::libvirt::{Executor, ExecutorConfig};
+) -> Option<std::sync::Arc<usbpt_libvirt::Executor>> {
+    use usbpt_libvirt::{Executor, ExecutorConfig};
     match Executor::connect(ExecutorConfig::new(host.clone(), uri)).await {
         Ok(e) => {
             tracing::info!(

@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use usbpt_agent::libvirt::{test_driver_uri, Executor, ExecutorConfig};
 use usbpt_agent::{progress, read_boot_id, AgentConfig, BusTarget, Filter, UdevSource};
 use usbpt_bus::auth::{CredsDir, Role};
 use usbpt_bus::server::{NatsServer, ServerConfig};
 use usbpt_bus::StreamSettings;
+use usbpt_libvirt::{test_driver_uri, Executor, ExecutorConfig};
 use usbpt_schemas::HostName;
 
 use crate::cmd_serve::{control_plane, CommandArgs, ProjectorArgs, Tasks};

@@ -103,6 +103,8 @@ pub struct AgentSection {
     pub flap_window: Option<u64>,
     /// Seconds without an enumeration that end a flapping episode.
     pub flap_quiet: Option<u64>,
+    /// Seconds without libvirt work after which the executor process is stopped (ADR 0016).
+    pub executor_idle: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
@@ -209,6 +211,7 @@ pub const KEYS: &[Key] = &[
     key("agent.flap_threshold", &["agent"], "flap_threshold"),
     key("agent.flap_window", &["agent"], "flap_window"),
     key("agent.flap_quiet", &["agent"], "flap_quiet"),
+    key("agent.executor_idle", &["agent"], "executor_idle"),
     key("serve.listen", &["serve", "up"], "listen"),
     Key {
         url: true,
@@ -280,6 +283,7 @@ impl FileConfig {
         for (key, v) in [
             ("agent.flap_window", self.agent.flap_window),
             ("agent.flap_quiet", self.agent.flap_quiet),
+            ("agent.executor_idle", self.agent.executor_idle),
         ] {
             if let Some(v) = v {
                 if !(1..=86_400).contains(&v) {
@@ -314,6 +318,7 @@ impl FileConfig {
             "agent.flap_threshold" => shown(&self.agent.flap_threshold),
             "agent.flap_window" => shown(&self.agent.flap_window),
             "agent.flap_quiet" => shown(&self.agent.flap_quiet),
+            "agent.executor_idle" => shown(&self.agent.executor_idle),
             "serve.listen" => shown(&self.serve.listen),
             "api.url" => self.api.url.clone(),
             "api.token_file" => path(&self.api.token_file),
@@ -724,6 +729,7 @@ mod tests {
             flap_threshold = 5
             flap_window = 60
             flap_quiet = 120
+            executor_idle = 30
             [serve]
             listen = "127.0.0.1:8774"
             [api]

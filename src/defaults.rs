@@ -30,6 +30,9 @@ pub const SSE_MAX_CLIENTS: u64 = 1024;
 pub const GRACE: Duration = usbpt_commands::reactor::DEFAULT_GRACE;
 /// When a host agent calls a re-enumerating lineage flapping (threshold, window, quiet).
 pub const FLAP: usbpt_agent::FlapSettings = usbpt_agent::FlapSettings::DEFAULT;
+
+/// How long the agent's libvirt executor process may stay without work (ADR 0016).
+pub const EXECUTOR_IDLE: Duration = usbpt_agent::libvirt::child::DEFAULT_IDLE;
 /// Commands handled at once by one process.
 pub const COMMAND_CONCURRENCY: usize = 32;
 

@@ -5,6 +5,7 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod agent_process;
 mod api_auth;
 mod auto_confirm;
 mod cli;
@@ -21,6 +22,7 @@ mod config;
 mod defaults;
 mod demo;
 mod global;
+mod logging;
 mod systemd;
 mod tail;
 
@@ -38,7 +40,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if matches!(cli.command, cli::Cmd::Agent(_)) {
+    if let cli::Cmd::Agent(args) = &cli.command {
+        // The host agent runs as `usbpt-agent`, the small binary beside this one (ADR 0016):
+        // this returns only when there is none (or the agent's settings are wrong: the same
+        // path below then says why).
+        cmd_agent::exec_agent_binary(
+            &cli.global,
+            args,
+            &cmd_agent::Log::of(&cli.global, &cli.setup, &loaded),
+        );
         cmd_agent::lean_process();
     }
     init_tracing(
@@ -68,28 +78,21 @@ fn main() -> ExitCode {
 }
 
 /// Logs on stderr. Precedence of the filter: `USBPT_LOG`, then `-v`, then the config file's
-/// `log.filter`, then `warn`. Under systemd (stderr is the journal: `JOURNAL_STREAM` is set)
-/// text lines carry no timestamp, journald adds its own.
+/// `log.filter`, then `warn`.
 fn init_tracing(verbose: u8, format: config::LogFormat, file_filter: Option<&str>) {
-    let default = match (verbose, file_filter) {
+    logging::init(
+        log_filter(verbose, file_filter),
+        matches!(format, config::LogFormat::Json),
+    );
+}
+
+/// The filter when `USBPT_LOG` is not set: `-v`, then the config file's `log.filter`, then `warn`.
+pub(crate) fn log_filter(verbose: u8, file_filter: Option<&str>) -> &str {
+    match (verbose, file_filter) {
         (0, Some(f)) => f,
         (0, None) => "warn",
         (1, _) => "info",
         (2, _) => "debug",
         _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("USBPT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        config::LogFormat::Json => builder.json().with_current_span(false).init(),
-        config::LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => {
-            builder.with_ansi(false).without_time().init();
-        }
-        config::LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
     }
 }

@@ -21,10 +21,10 @@ use projector_support::Serve;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use usbpt_agent::libvirt::inspect::observe_domain;
-use usbpt_agent::libvirt::{test_driver_uri, Executor, ExecutorConfig, XmlValidator};
 use usbpt_agent::source::{simulated, simulated_device, SimulatedHost};
 use usbpt_agent::{progress, AgentConfig, BusTarget, Filter, UsbDevice};
+use usbpt_libvirt::inspect::observe_domain;
+use usbpt_libvirt::{test_driver_uri, Executor, ExecutorConfig, XmlValidator};
 use usbpt_schemas::{DeviceId, Envelope, Event, HostName, ServerId, ServerState};
 use usbpt_testkit::TestNats;
 

@@ -17,9 +17,9 @@ use projector_support::Serve;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use usbpt_agent::libvirt::{test_driver_uri, Executor, ExecutorConfig};
 use usbpt_agent::source::{simulated, simulated_device, SimulatedHost};
 use usbpt_agent::{progress, AgentConfig, BusTarget, Filter, UsbDevice};
+use usbpt_libvirt::{test_driver_uri, Executor, ExecutorConfig};
 use usbpt_schemas::HostName;
 use usbpt_testkit::{eventually, TestNats};
 

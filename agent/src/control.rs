@@ -1,6 +1,6 @@
 //! The agent's hands: work the control plane addresses to this host
 //! (`usbpt.evt.ctl.{host}.>`: boot, resize, actions, delete, teardown) is carried out through
-//! the libvirt [`Executor`], and a held lineage that re-enumerates is re-attached. Every outcome
+//! the libvirt executor ([`Hands`]: in a child process for the host agent, ADR 0016), and a held lineage that re-enumerates is re-attached. Every outcome
 //! is an event that goes through the same outbox as the device events, so it is published once,
 //! in order, even across NATS outages and agent restarts. A control message is acknowledged only
 //! after its outcome is in the outbox.
@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use usbpt_schemas::{subjects, DeviceId, Envelope, Event, LineageId};
 
 use crate::guard;
-use crate::libvirt::{DeviceInfo, Executor};
+use crate::libvirt::{DeviceInfo, Hands};
 use crate::progress::{Progress, ProgressSink};
 use crate::publisher::BusTarget;
 use crate::store::{Store, StoreError};
@@ -30,8 +30,8 @@ pub struct Reenumerated {
     pub info: DeviceInfo,
 }
 
-pub(crate) struct Control {
-    pub executor: Arc<Executor>,
+pub(crate) struct Control<H: Hands + ?Sized> {
+    pub executor: Arc<H>,
     pub store: Arc<Store>,
     pub wake: Arc<Notify>,
     pub target: BusTarget,
@@ -50,7 +50,7 @@ const CONTROL_FETCH_WAIT: Duration = Duration::from_secs(5);
 /// After how long unacknowledged work is delivered again (the consumer's setting).
 const CONTROL_ACK_WAIT: Duration = Duration::from_secs(30);
 
-impl Control {
+impl<H: Hands + ?Sized> Control<H> {
     fn enqueue(&self, events: Vec<Event>, cause: Option<&Envelope>) -> Result<(), StoreError> {
         if events.is_empty() {
             return Ok(());
@@ -100,7 +100,7 @@ impl Control {
         let durable = subjects::agent_consumer(&host);
         if self.resume_after_boot {
             let devices = self.devices.borrow().clone();
-            let events = self.executor.resume_after_host_boot(&*devices).await;
+            let events = self.executor.resume_after_host_boot(&devices).await;
             self.enqueue(events, None)?;
         }
         loop {
@@ -160,7 +160,7 @@ impl Control {
                             Ok(env) => match guard::check(&host, &d.subject, &d.payload, d.signature.as_deref(), &env, self.target.control_key.as_deref()) {
                                 Ok(()) => {
                                     let devices = self.devices.borrow().clone();
-                                    let events = self.executor.handle(&env, &*devices).await;
+                                    let events = self.executor.handle(&env, &devices).await;
                                     self.enqueue(events, Some(&env))?;
                                 }
                                 Err(reason) => self.refuse(&d.subject, env.body.kind(), reason),

@@ -21,7 +21,7 @@ use usbpt_schemas::{
 };
 
 use crate::control::{Control, Devices, Reenumerated};
-use crate::libvirt::{DeviceInfo, Executor};
+use crate::libvirt::{DeviceInfo, Hands};
 
 use crate::filter::Filter;
 use crate::flap::{Detector, FlapSettings};
@@ -465,15 +465,17 @@ pub async fn run<S: DeviceSource>(
     source: S,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
-    run_with_executor(config, source, None, shutdown).await
+    run_with_executor::<S, dyn Hands>(config, source, None, shutdown).await
 }
 
 /// [`run`], also carrying out the control plane's work for this host through `executor`
-/// (define and start domains, re-attach re-enumerated devices, power actions, teardown).
-pub async fn run_with_executor<S: DeviceSource>(
+/// (define and start domains, re-attach re-enumerated devices, power actions, teardown): the
+/// executor in this process (`usbpt_libvirt::Executor`) or in a child process
+/// ([`crate::libvirt::ChildExecutor`], the host agent's: ADR 0016).
+pub async fn run_with_executor<S: DeviceSource, H: Hands + ?Sized>(
     config: AgentConfig,
     mut source: S,
-    executor: Option<Arc<Executor>>,
+    executor: Option<Arc<H>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let span = info_span!("agent", host = %config.host);

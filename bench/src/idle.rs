@@ -1,6 +1,8 @@
-//! An idle `usbpt agent` (the real binary, real udev monitor, connected to the bus with its
-//! control-plane consumer): on-CPU time over a measured window and resident memory, read from
-//! `/proc/PID` (every thread's `schedstat`, and `status`).
+//! An idle `usbpt agent` (the real binary — `usbpt-agent` once it has executed it, ADR 0016 —,
+//! real udev monitor, connected to the bus with its control-plane consumer): on-CPU time over a
+//! measured window and resident memory, read from `/proc/PID` (every thread's `schedstat`,
+//! `status`, `smaps`, `smaps_rollup`); and its libvirt executor process while that is alive
+//! (the agent starts it once to check the hypervisor, and it stops when idle).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -69,6 +71,26 @@ fn memory(pid: u32) -> Result<(u64, u64, u64)> {
     Ok((field("VmRSS:"), field("VmHWM:"), field("Threads:")))
 }
 
+/// Proportional set size in KiB (`/proc/PID/smaps_rollup`): shared pages divided among the
+/// processes that map them.
+fn pss(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    Ok(s.lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
+/// The process ids of `pid`'s children.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 /// Resident KiB by kind of mapping, from `/proc/PID/smaps`.
 struct ResidentSplit {
     anon: u64,
@@ -76,9 +98,10 @@ struct ResidentSplit {
     libraries: u64,
 }
 
-fn resident_split(pid: u32, exe: &Path) -> Result<ResidentSplit> {
+fn resident_split(pid: u32) -> Result<ResidentSplit> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
-    let exe = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
+    // The binary the process runs now (`usbpt agent` executes `usbpt-agent`).
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
     let mut split = ResidentSplit {
         anon: 0,
         binary: 0,
@@ -117,6 +140,9 @@ pub async fn agent_idle(target: &Target, usbpt: &Path, window: Duration) -> Resu
             "bench-idle",
             "--hypervisor",
             "test:///default",
+            // The executor process the agent starts at start-up stops after this long idle.
+            "--executor-idle",
+            "2",
         ])
         .arg("--boot-id-file")
         .arg(&boot)
@@ -156,6 +182,20 @@ pub async fn agent_idle(target: &Target, usbpt: &Path, window: Duration) -> Resu
         n
     });
 
+    // The libvirt executor process, alive from the start-up check until it has been idle.
+    let executor = children(pid).into_iter().next();
+    let executor_mem = match executor {
+        Some(c) => Some((memory(c)?.0, pss(c)?)),
+        None => None,
+    };
+    let gone_by = Instant::now() + Duration::from_secs(30);
+    while executor.is_some_and(|c| Path::new(&format!("/proc/{c}")).exists()) {
+        if Instant::now() > gone_by {
+            bail!("the agent's executor process did not stop when idle");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     let before = threads(pid)?;
     let t0 = Instant::now();
     // A measured window: the time itself is what is measured.
@@ -163,7 +203,14 @@ pub async fn agent_idle(target: &Target, usbpt: &Path, window: Duration) -> Resu
     let (ns, switches) = delta(&before, &threads(pid)?);
     let secs = t0.elapsed().as_secs_f64();
     let (rss, hwm, threads) = memory(pid)?;
-    let split = resident_split(pid, usbpt)?;
+    let split = resident_split(pid)?;
+    let pss_kib = pss(pid)?;
+    let binary = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+    let binary = binary
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let children_now = children(pid).len();
     if let Some(status) = child.try_wait()? {
         bail!("usbpt agent exited during the idle window: {status}");
     }
@@ -171,7 +218,7 @@ pub async fn agent_idle(target: &Target, usbpt: &Path, window: Duration) -> Resu
     let _ = drain.await;
 
     let on_cpu_ms = ns as f64 / 1e6;
-    Ok(vec![
+    let mut figures = vec![
         Figure::new(
             "agent_idle_cpu",
             format!("agent idle: CPU over {:.0} s (usbpt agent)", secs),
@@ -185,12 +232,28 @@ pub async fn agent_idle(target: &Target, usbpt: &Path, window: Duration) -> Resu
         Figure::new("agent_rss", "agent idle: resident memory (VmRSS)", 1)
             .value(rss as f64 / 1024.0, "MiB")
             .note(format!(
-                "peak (VmHWM) {:.1} MiB; resident: {:.1} MiB anonymous (heap, stacks), {:.1} MiB the usbpt binary's pages, {:.1} MiB shared libraries (libvirt's client stack, libc; shared with libvirtd on a real host)",
+                "{binary}; PSS {:.1} MiB; peak (VmHWM) {:.1} MiB; resident: {:.1} MiB anonymous (heap, stacks), {:.1} MiB the {binary} binary's pages, {:.1} MiB shared libraries; {children_now} child processes",
+                pss_kib as f64 / 1024.0,
                 hwm as f64 / 1024.0,
                 split.anon as f64 / 1024.0,
                 split.binary as f64 / 1024.0,
                 split.libraries as f64 / 1024.0,
             ))
             .floor("≤ 16 MiB", rss as f64 / 1024.0 <= 16.0),
-    ])
+    ];
+    if let Some((rss, pss)) = executor_mem {
+        figures.push(
+            Figure::new(
+                "agent_executor_rss",
+                "agent's libvirt executor process while alive (VmRSS)",
+                1,
+            )
+            .value(rss as f64 / 1024.0, "MiB")
+            .note(format!(
+                "usbpt agent-executor connected to libvirt (test driver), PSS {:.1} MiB; started for libvirt work and stopped after --executor-idle (here 2 s) without any",
+                pss as f64 / 1024.0
+            )),
+        );
+    }
+    Ok(figures)
 }

@@ -9,9 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use usbpt_agent::libvirt::{test_driver_uri, Executor, ExecutorConfig, XmlValidator};
 use usbpt_agent::source::{simulated, SimulatedHost};
 use usbpt_agent::{progress, AgentConfig, BusTarget, Filter, UsbDevice};
+use usbpt_libvirt::{test_driver_uri, Executor, ExecutorConfig, XmlValidator};
 use usbpt_schemas::HostName;
 
 /// libvirt's test driver needs a node description.

@@ -540,7 +540,7 @@ fn write_metadata(
     Ok(())
 }
 
-pub(crate) fn follow_str(f: FollowPolicy) -> &'static str {
+pub fn follow_str(f: FollowPolicy) -> &'static str {
     match f {
         FollowPolicy::Lineage => "lineage",
         FollowPolicy::Strict => "strict",

@@ -1,10 +1,9 @@
-//! libvirt failures, classified by libvirt's error *code* (never by its text), and the
+//! libvirt failures, classified by libvirt's error *code* (never by its text; the
+//! classification itself is `usbpt_libvirt::virt_error`, beside the libvirt calls), and the
 //! executor's own error type.
 
 use thiserror::Error;
 use usbpt_schemas::ServerId;
-use virt::enumutil::Enum;
-use virt::error::ErrorNumber;
 
 use super::domain::DomainError;
 use super::inspect::InspectError;
@@ -45,55 +44,8 @@ pub struct LibvirtError {
 }
 
 impl LibvirtError {
-    pub fn from_virt(op: &'static str, e: &virt::error::Error) -> Self {
-        Self {
-            op,
-            kind: classify(e),
-            code: e.code().to_raw(),
-            text: e.to_string(),
-        }
-    }
     pub fn is(&self, kind: FailureKind) -> bool {
         self.kind == kind
-    }
-}
-
-/// Maps libvirt's error code to a [`FailureKind`].
-pub fn classify(e: &virt::error::Error) -> FailureKind {
-    match e.code() {
-        Enum::Known(n) => match n {
-            ErrorNumber::NoDomain => FailureKind::NoDomain,
-            ErrorNumber::NoSupport
-            | ErrorNumber::OperationUnsupported
-            | ErrorNumber::ArgumentUnsupported => FailureKind::Unsupported,
-            ErrorNumber::OperationInvalid => FailureKind::InvalidState,
-            ErrorNumber::DeviceMissing => FailureKind::DeviceMissing,
-            ErrorNumber::NoDomainMetadata => FailureKind::NoMetadata,
-            ErrorNumber::XmlError
-            | ErrorNumber::XmlDetail
-            | ErrorNumber::XmlInvalidSchema
-            | ErrorNumber::ConfigUnsupported
-            | ErrorNumber::DomExist => FailureKind::Config,
-            ErrorNumber::NoConnect
-            | ErrorNumber::InvalidConn
-            | ErrorNumber::Rpc
-            | ErrorNumber::AuthFailed
-            | ErrorNumber::AuthCancelled
-            | ErrorNumber::AuthUnavailable => FailureKind::Connection,
-            _ => FailureKind::Other,
-        },
-        Enum::Unknown(_) => FailureKind::Other,
-    }
-}
-
-/// Extension: `.op("virDomainCreate")?` on a virt result.
-pub(crate) trait VirtResultExt<T> {
-    fn op(self, op: &'static str) -> Result<T, LibvirtError>;
-}
-
-impl<T> VirtResultExt<T> for Result<T, virt::error::Error> {
-    fn op(self, op: &'static str) -> Result<T, LibvirtError> {
-        self.map_err(|e| LibvirtError::from_virt(op, &e))
     }
 }
 

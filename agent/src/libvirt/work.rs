@@ -13,7 +13,7 @@ use usbpt_schemas::{
 use super::domain::{DomainSpec, Layout};
 
 /// What the agent knows about one of its devices right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceInfo {
     pub vendor: VendorId,
     pub product: ProductId,
@@ -142,7 +142,7 @@ pub fn reattach_or_hold(
 
 /// `spec` with every device's current address and presence from `lookup` (an enumeration the
 /// agent no longer knows is absent), and the server's name when known. Pure.
-pub(super) fn with_current_devices(
+pub fn with_current_devices(
     mut spec: DomainSpec,
     server: ServerId,
     lookup: &dyn DeviceLookup,
@@ -165,7 +165,7 @@ pub(super) fn with_current_devices(
 }
 
 /// `; devices: 1 absent (optional), 1 at 003:005` for a state event's detail.
-pub(super) fn devices_note(spec: &DomainSpec) -> String {
+pub fn devices_note(spec: &DomainSpec) -> String {
     let absent = spec.devices.iter().filter(|d| !d.present).count();
     let present: Vec<String> = spec
         .devices
@@ -179,7 +179,7 @@ pub(super) fn devices_note(spec: &DomainSpec) -> String {
     )
 }
 
-pub(super) fn placement_text(l: &Layout, i: usize) -> Option<String> {
+pub fn placement_text(l: &Layout, i: usize) -> Option<String> {
     let p = l.placements.get(i)?;
     let c = l
         .controllers

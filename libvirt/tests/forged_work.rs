@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use usbpt_agent::libvirt::Executor;
 use usbpt_agent::source::simulated;
 use usbpt_agent::{AgentConfig, BusTarget, Filter, Progress};
 use usbpt_bus::auth::Role;
 use usbpt_bus::Bus;
+use usbpt_libvirt::Executor;
 use usbpt_schemas::{
     Envelope, Event, FlavorId, HostName, ServerAction, ServerActionRequested, ServerId,
     ServerScheduled,

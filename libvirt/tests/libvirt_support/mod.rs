@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tempfile::TempDir;
-use usbpt_agent::libvirt::{
+use usbpt_libvirt::{
     test_driver_uri, DeviceInfo, DeviceLookup, Executor, ExecutorConfig, XmlValidator,
 };
 use usbpt_schemas::{

@@ -1,7 +1,7 @@
 //! The libvirt executor's async facade: carries out what the control plane asks of this host
-//! ([`super::work`]: boot, resize, cold migration, power actions, delete) and re-attaches devices
+//! ([`usbpt_agent::libvirt::work`]: boot, resize, cold migration, power actions, delete) and re-attaches devices
 //! that re-enumerated, reporting every outcome as usbpt events. The libvirt calls themselves
-//! (`super::calls`) are blocking FFI and run on `spawn_blocking`; operations on one server are
+//! (`crate::calls`) are blocking FFI and run on `spawn_blocking`; operations on one server are
 //! serialised, different servers run in parallel.
 
 use std::sync::{Arc, PoisonError};
@@ -14,12 +14,13 @@ use usbpt_schemas::{
     ServerState, ServerStateChanged,
 };
 
-use super::calls::{ExecutorConfig, Inner, Observed, Reattach};
-use super::domain::{layout, DomainSpec, DomainType, HostdevSpec};
-use super::error::ExecutorError;
-use super::work::{
+use usbpt_agent::libvirt::domain::{layout, DomainSpec, DomainType, HostdevSpec};
+use usbpt_agent::libvirt::work::{
     devices_note, placement_text, with_current_devices, work_for, DeviceInfo, DeviceLookup, Work,
 };
+use usbpt_agent::libvirt::{ExecutorConfig, ExecutorError, Observed};
+
+use crate::calls::{Inner, Reattach};
 
 /// Drives libvirt for one host. Cheap to clone; share one per agent.
 #[derive(Clone)]
@@ -270,7 +271,7 @@ impl Executor {
     ///
     /// Held instead (`DeviceReattachHeld`, the domain left as it is) when the fingerprint the
     /// server was given and the new enumeration's are both known and differ
-    /// ([`super::work::reattach_or_hold`]).
+    /// ([`usbpt_agent::libvirt::reattach_or_hold`]).
     pub async fn reattach(
         &self,
         server: ServerId,

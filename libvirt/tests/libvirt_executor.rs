@@ -5,8 +5,8 @@
 mod libvirt_support;
 
 use libvirt_support::*;
-use usbpt_agent::libvirt::inspect::observe_domain;
-use usbpt_agent::libvirt::{domain_name, Executor, ExecutorConfig, ExecutorError, FailureKind};
+use usbpt_libvirt::inspect::observe_domain;
+use usbpt_libvirt::{domain_name, Executor, ExecutorConfig, ExecutorError, FailureKind};
 use usbpt_schemas::{
     AttachMethod, ControllerModel, Envelope, Event, FlavorId, FollowPolicy, HostName,
     ServerDeleted, ServerScheduled, ServerState,
@@ -718,7 +718,7 @@ async fn libvirt_failures_become_error_events_with_libvirts_text() {
         // A document the schema check refuses never reaches libvirt.
         let mut cfg = ExecutorConfig::new(h.host.clone(), h.exec.uri().to_owned());
         cfg.validator = Some(std::sync::Arc::new(
-            usbpt_agent::libvirt::XmlValidator::with_program("false"),
+            usbpt_libvirt::XmlValidator::with_program("false"),
         ));
         let strict = Executor::connect(cfg).await.expect("connect");
         let s3 = usbpt_schemas::ServerId::new_v7();

@@ -1,15 +1,14 @@
-//! The blocking side of the executor: how libvirt is reached ([`ExecutorConfig`]) and every
-//! libvirt call (`virt` crate, FFI), on the connection [`Inner`] holds. The async facade ([`super::executor`]) runs these on
+//! The blocking side of the executor: every
+//! libvirt call (`virt` crate, FFI), on the connection [`Inner`] holds. The async facade ([`crate::executor`]) runs these on
 //! `spawn_blocking`; nothing here awaits.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 use usbpt_schemas::{
-    AttachMethod, DeviceId, Fingerprint, FollowPolicy, HostName, LineageId, ServerAction, ServerId,
+    AttachMethod, DeviceId, Fingerprint, FollowPolicy, LineageId, ServerAction, ServerId,
     ServerState,
 };
 use virt::connect::Connect;
@@ -17,75 +16,26 @@ use virt::domain::{Domain, DomainState, DomainStateEnum};
 use virt::enumutil::Enum;
 use virt::sys;
 
-use super::domain::{
-    domain_xml, hostdev_xml, layout, placed, DomainSpec, DomainType, HostdevSpec,
-    DEFAULT_MEMORY_KIB, DEFAULT_VCPUS, METADATA_NS,
+use usbpt_agent::libvirt::domain::{
+    domain_xml, hostdev_xml, layout, placed, DomainSpec, DomainType, HostdevSpec, METADATA_NS,
 };
-use super::error::{ExecutorError, FailureKind, LibvirtError, VirtResultExt};
-use super::inspect::parse_metadata;
-use super::validate::XmlValidator;
-use super::work::{reattach_or_hold, DeviceInfo, ReattachDecision};
+use usbpt_agent::libvirt::inspect::parse_metadata;
+use usbpt_agent::libvirt::work::{reattach_or_hold, DeviceInfo, ReattachDecision};
+use usbpt_agent::libvirt::{ExecutorConfig, ExecutorError, FailureKind, LibvirtError, Observed};
 
-/// How the executor talks to libvirt.
-#[derive(Debug, Clone)]
-pub struct ExecutorConfig {
-    /// This agent's host: the executor only acts on work addressed to it.
-    pub host: HostName,
-    /// `qemu:///system` in production, `test:///abs/path/node.xml` in tests.
-    pub uri: String,
-    /// `<domain type=…>`; `None` picks it from the hypervisor's capabilities at connect time
-    /// ([`DomainType::from_capabilities`]: `kvm` where the host offers it, else `qemu`).
-    pub domain_type: Option<DomainType>,
-    pub memory_kib: u64,
-    pub vcpus: u32,
-    /// How long a graceful shutdown may take before the domain is destroyed.
-    pub shutdown_timeout: Duration,
-    /// Validate every generated domain XML against libvirt's schema before defining it.
-    pub validator: Option<Arc<XmlValidator>>,
-}
+use crate::virt_error::{from_virt, VirtResultExt};
 
-impl ExecutorConfig {
-    pub fn new(host: HostName, uri: impl Into<String>) -> Self {
-        Self {
-            host,
-            uri: uri.into(),
-            domain_type: None,
-            memory_kib: DEFAULT_MEMORY_KIB,
-            vcpus: DEFAULT_VCPUS,
-            shutdown_timeout: Duration::from_secs(60),
-            validator: None,
-        }
-    }
-}
-
-/// The URI of libvirt's test driver for a node description file (`test:///abs/path`). Each
-/// connection to a file URI gets private state; `test:///default` is shared in-process.
-pub fn test_driver_uri(node_xml: &Path) -> std::io::Result<String> {
-    Ok(format!(
-        "test://{}",
-        std::path::absolute(node_xml)?.display()
-    ))
-}
-
-/// A domain's state as usbpt reports it, with libvirt's own words.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Observed {
-    pub state: ServerState,
-    /// libvirt's state, e.g. `running`, `shut off (managed save)`.
-    pub libvirt: String,
-}
-
-pub(super) struct Inner {
-    pub(super) config: ExecutorConfig,
+pub(crate) struct Inner {
+    pub(crate) config: ExecutorConfig,
     /// The domain type in use: configured, or read from the capabilities at connect time.
-    pub(super) domain_type: DomainType,
-    pub(super) conn: Mutex<Option<Connect>>,
-    pub(super) locks: Mutex<HashMap<ServerId, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) domain_type: DomainType,
+    pub(crate) conn: Mutex<Option<Connect>>,
+    pub(crate) locks: Mutex<HashMap<ServerId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-pub(super) enum Reattach {
+pub(crate) enum Reattach {
     Unchanged,
-    /// Not re-attached: the fingerprint changed ([`super::work::reattach_or_hold`]).
+    /// Not re-attached: the fingerprint changed ([`reattach_or_hold`]).
     Held {
         expected: Fingerprint,
         seen: Fingerprint,
@@ -100,7 +50,7 @@ pub(super) enum Reattach {
     },
 }
 
-pub(super) fn state_name(s: &DomainStateEnum) -> &'static str {
+pub(crate) fn state_name(s: &DomainStateEnum) -> &'static str {
     match s {
         Enum::Known(DomainState::NoState) => "no state",
         Enum::Known(DomainState::Running) => "running",
@@ -144,14 +94,14 @@ pub fn observe(dom: &Domain) -> Result<Observed, LibvirtError> {
     })
 }
 
-pub(super) fn is_paused(dom: &Domain) -> Result<bool, LibvirtError> {
+pub(crate) fn is_paused(dom: &Domain) -> Result<bool, LibvirtError> {
     Ok(matches!(
         dom.state().op("virDomainGetState")?.0,
         Enum::Known(DomainState::Paused)
     ))
 }
 
-pub(super) const LIVE: u32 = sys::VIR_DOMAIN_AFFECT_LIVE;
+pub(crate) const LIVE: u32 = sys::VIR_DOMAIN_AFFECT_LIVE;
 
 static SILENCE_LIBVIRT: std::sync::Once = std::sync::Once::new();
 
@@ -159,7 +109,7 @@ impl Inner {
     /// Opens the connection (so a bad URI fails here, naming it) and settles the domain type:
     /// configured, or read from the hypervisor's capabilities.
     /// libvirt's default error printing is silenced: every error is reported through events.
-    pub(super) fn open(config: ExecutorConfig) -> Result<Self, LibvirtError> {
+    pub(crate) fn open(config: ExecutorConfig) -> Result<Self, LibvirtError> {
         SILENCE_LIBVIRT.call_once(virt::error::clear_error_callback);
         let conn = Connect::open(Some(&config.uri)).op("virConnectOpen")?;
         let domain_type = match config.domain_type {
@@ -177,13 +127,13 @@ impl Inner {
     }
 
     /// The server's domain's current state.
-    pub(super) fn observe(&self, server: ServerId) -> Result<Observed, ExecutorError> {
+    pub(crate) fn observe(&self, server: ServerId) -> Result<Observed, ExecutorError> {
         let conn = self.conn()?;
         Ok(observe(&self.domain(&conn, server)?)?)
     }
 
     /// Whether the server's domain runs.
-    pub(super) fn is_active(&self, server: ServerId) -> Result<bool, ExecutorError> {
+    pub(crate) fn is_active(&self, server: ServerId) -> Result<bool, ExecutorError> {
         let conn = self.conn()?;
         Ok(self
             .domain(&conn, server)?
@@ -192,7 +142,7 @@ impl Inner {
     }
 
     /// The domain XML libvirt holds: the persistent definition (`inactive`) or the running one.
-    pub(super) fn xml(&self, server: ServerId, inactive: bool) -> Result<String, ExecutorError> {
+    pub(crate) fn xml(&self, server: ServerId, inactive: bool) -> Result<String, ExecutorError> {
         let conn = self.conn()?;
         let flags = if inactive {
             sys::VIR_DOMAIN_XML_INACTIVE
@@ -206,7 +156,7 @@ impl Inner {
     }
 
     /// The shared connection, reopened when it died (libvirtd restarted).
-    pub(super) fn conn(&self) -> Result<Connect, LibvirtError> {
+    pub(crate) fn conn(&self) -> Result<Connect, LibvirtError> {
         let mut slot = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(c) = slot.as_ref() {
             if c.is_alive().unwrap_or(false) {
@@ -219,12 +169,12 @@ impl Inner {
         Ok(c)
     }
 
-    pub(super) fn domain(&self, conn: &Connect, server: ServerId) -> Result<Domain, LibvirtError> {
+    pub(crate) fn domain(&self, conn: &Connect, server: ServerId) -> Result<Domain, LibvirtError> {
         conn.lookup_domain_by_uuid_string(&server.to_string())
             .op("virDomainLookupByUUIDString")
     }
 
-    pub(super) fn find_domain(
+    pub(crate) fn find_domain(
         &self,
         conn: &Connect,
         server: ServerId,
@@ -236,7 +186,7 @@ impl Inner {
         }
     }
 
-    pub(super) fn spec_of(
+    pub(crate) fn spec_of(
         &self,
         dom: &Domain,
         server: ServerId,
@@ -248,7 +198,7 @@ impl Inner {
         ) {
             Ok(x) => x,
             Err(e) => {
-                let e = LibvirtError::from_virt("virDomainGetMetadata", &e);
+                let e = from_virt("virDomainGetMetadata", &e);
                 return Err(if e.is(FailureKind::NoMetadata) {
                     ExecutorError::NotOurs { server }
                 } else {
@@ -259,14 +209,14 @@ impl Inner {
         parse_metadata(&xml).map_err(|source| ExecutorError::Metadata { server, source })
     }
 
-    pub(super) fn read_spec(&self, server: ServerId) -> Result<DomainSpec, ExecutorError> {
+    pub(crate) fn read_spec(&self, server: ServerId) -> Result<DomainSpec, ExecutorError> {
         let conn = self.conn()?;
         let dom = self.domain(&conn, server)?;
         self.spec_of(&dom, server)
     }
 
     /// Writes `spec` as the persistent definition (the running domain, if any, is unchanged).
-    pub(super) fn redefine(&self, spec: &DomainSpec) -> Result<(), ExecutorError> {
+    pub(crate) fn redefine(&self, spec: &DomainSpec) -> Result<(), ExecutorError> {
         let xml = self.render(spec)?;
         self.conn()?
             .define_domain_xml(&xml)
@@ -275,7 +225,7 @@ impl Inner {
     }
 
     /// Pure checks (ports) and schema validation: nothing reaches libvirt before these pass.
-    pub(super) fn render(&self, spec: &DomainSpec) -> Result<String, ExecutorError> {
+    pub(crate) fn render(&self, spec: &DomainSpec) -> Result<String, ExecutorError> {
         let xml = domain_xml(spec, self.domain_type)?;
         if let Some(v) = &self.config.validator {
             v.validate_domain(&xml)?;
@@ -283,7 +233,7 @@ impl Inner {
         Ok(xml)
     }
 
-    pub(super) fn define_and_start(
+    pub(crate) fn define_and_start(
         &self,
         spec: &DomainSpec,
         restart: bool,
@@ -313,7 +263,7 @@ impl Inner {
     /// Graceful shutdown, destroy after the timeout (or at once for a paused guest, which cannot
     /// act on the shutdown request). libvirt's lifecycle events would need an event loop thread;
     /// a bounded state poll is enough here (the test driver stops synchronously).
-    pub(super) fn stop(&self, dom: &Domain) -> Result<String, LibvirtError> {
+    pub(crate) fn stop(&self, dom: &Domain) -> Result<String, LibvirtError> {
         if !dom.is_active().op("virDomainIsActive")? {
             return Ok("already shut off".into());
         }
@@ -345,7 +295,7 @@ impl Inner {
         }
     }
 
-    pub(super) fn power(
+    pub(crate) fn power(
         &self,
         server: ServerId,
         action: ServerAction,
@@ -401,7 +351,7 @@ impl Inner {
         Ok((observe(&dom)?, how))
     }
 
-    pub(super) fn teardown(&self, server: ServerId) -> Result<String, ExecutorError> {
+    pub(crate) fn teardown(&self, server: ServerId) -> Result<String, ExecutorError> {
         let conn = self.conn()?;
         let Some(dom) = self.find_domain(&conn, server)? else {
             return Ok("no domain (already gone)".into());
@@ -424,7 +374,7 @@ impl Inner {
         Ok(format!("domain {}", how.join(" and ")))
     }
 
-    pub(super) fn reattach(
+    pub(crate) fn reattach(
         &self,
         server: ServerId,
         lineage: LineageId,
@@ -513,12 +463,12 @@ impl Inner {
     }
 
     /// Live: unplug the old enumeration's hostdev, plug the new one.
-    pub(super) fn hot_swap(
+    pub(crate) fn hot_swap(
         &self,
         dom: &Domain,
         old: &HostdevSpec,
         new: &HostdevSpec,
-        placement: Option<super::domain::Placement>,
+        placement: Option<usbpt_agent::libvirt::domain::Placement>,
     ) -> Result<HotSwap, ExecutorError> {
         let old_xml = hostdev_xml(old, placement)?;
         match dom
@@ -541,7 +491,7 @@ impl Inner {
         }
     }
 
-    pub(super) fn detach(
+    pub(crate) fn detach(
         &self,
         server: ServerId,
         device: DeviceId,
@@ -577,7 +527,7 @@ impl Inner {
     }
 
     /// Every usbpt domain on this connection with its spec.
-    pub(super) fn our_domains(&self) -> Result<Vec<(ServerId, DomainSpec)>, ExecutorError> {
+    pub(crate) fn our_domains(&self) -> Result<Vec<(ServerId, DomainSpec)>, ExecutorError> {
         let conn = self.conn()?;
         let mut out = Vec::new();
         for dom in conn.list_all_domains(0).op("virConnectListAllDomains")? {
@@ -596,7 +546,7 @@ impl Inner {
         Ok(out)
     }
 
-    pub(super) fn holders(&self, lineage: LineageId) -> Result<Vec<ServerId>, ExecutorError> {
+    pub(crate) fn holders(&self, lineage: LineageId) -> Result<Vec<ServerId>, ExecutorError> {
         Ok(self
             .our_domains()?
             .into_iter()
@@ -610,7 +560,7 @@ impl Inner {
     }
 }
 
-pub(super) enum HotSwap {
+pub(crate) enum HotSwap {
     Done,
     Unsupported(String),
     Failed(String),
