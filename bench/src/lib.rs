@@ -383,46 +383,30 @@ async fn measure(
                     "claims: one boot at a time ({} boots), then 4 handlers × {window} callers, {} boots for {} devices; each with durable and lazy views",
                     sizes.boot_uncontended, sizes.claim_boots, sizes.claim_devices
                 ));
-                for view_sync in [
-                    usbpt_projector::ViewSync::EachCommit,
-                    usbpt_projector::ViewSync::from_millis(100),
-                ] {
-                    report.extend(
-                        claims::claims(
-                            t,
-                            ClaimLoad {
-                                handlers: 1,
-                                clients: 1,
-                                devices: sizes.boot_uncontended,
-                                boots: sizes.boot_uncontended,
-                                view_sync,
-                            },
-                        )
-                        .await?,
-                    );
-                }
-                for view_sync in [
-                    usbpt_projector::ViewSync::EachCommit,
-                    usbpt_projector::ViewSync::from_millis(100),
-                ] {
-                    report.extend(
-                        claims::claims(
-                            t,
-                            ClaimLoad {
-                                handlers: 4,
-                                clients: window,
-                                devices: sizes.claim_devices,
-                                boots: sizes.claim_boots,
-                                view_sync,
-                            },
-                        )
-                        .await?,
-                    );
+                // One boot at a time through one handler, then 4 handlers × the window; each with
+                // views durable at every commit and within 100 ms (ADR 0015).
+                let loads = [
+                    (1, 1, sizes.boot_uncontended, sizes.boot_uncontended),
+                    (4, window, sizes.claim_devices, sizes.claim_boots),
+                ];
+                for (handlers, clients, devices, boots) in loads {
+                    for view_sync in [
+                        usbpt_projector::ViewSync::EachCommit,
+                        usbpt_projector::ViewSync::from_millis(100),
+                    ] {
+                        let load = ClaimLoad {
+                            handlers,
+                            clients,
+                            devices,
+                            boots,
+                            view_sync,
+                        };
+                        report.extend(claims::claims(t, load).await?);
+                    }
                 }
                 report.push(raw::fenced_publish(t.url(), sizes.raw_fenced, size).await?);
                 report.compare_rate("claims", "raw_fenced_publish");
                 report.compare_rate("claims.view_sync_100ms", "raw_fenced_publish");
-                report.compare_rate("claims", "raw_fenced_publish");
             }
         }
     }
