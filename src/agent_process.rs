@@ -40,7 +40,7 @@ pub struct AgentSpec {
     pub flap_quiet_s: u64,
     /// The `usbpt` binary, run as `usbpt agent-executor` for libvirt work.
     pub executor_program: PathBuf,
-    /// Seconds without libvirt work after which the executor process is stopped.
+    /// Milliseconds without libvirt work after which the executor process is stopped.
     pub executor_idle_ms: u64,
     /// The log filter when `USBPT_LOG` is not set, and JSON lines or text.
     pub log_filter: String,

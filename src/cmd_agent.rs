@@ -111,8 +111,7 @@ const THP_KNOB: &str = "MIMALLOC_ALLOW_THP";
 /// before `main`, so the agent sets it and executes itself again, once (same pid, same
 /// arguments). An operator's own setting of the variable is left as it is.
 pub fn lean_process() {
-    const KNOB: &str = THP_KNOB;
-    if std::env::var_os(KNOB).is_some() {
+    if std::env::var_os(THP_KNOB).is_some() {
         return;
     }
     use std::os::unix::process::CommandExt;
@@ -121,7 +120,7 @@ pub fn lean_process() {
     let err = std::process::Command::new("/proc/self/exe")
         .arg0(argv0)
         .args(args)
-        .env(KNOB, "0")
+        .env(THP_KNOB, "0")
         .exec();
     // exec failed (no /proc): run as we are.
     tracing::debug!(error = %err, "could not re-execute without transparent huge pages");
