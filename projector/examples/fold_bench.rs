@@ -98,19 +98,8 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     let scratch = Arc::new(View::open_private(dir.path().join("replay.redb"))?);
-    let cpu0 = usbpt_projector::metrics::process_cpu_seconds();
-    let t = Instant::now();
-    let r = replay::rebuild(&bus, Arc::clone(&scratch), last, |_| {}).await?;
-    let rep = t.elapsed();
-    let cpu = usbpt_projector::metrics::process_cpu_seconds() - cpu0;
-    println!(
-        "full replay: {} events in {:.2} s = {:.0} events/s ({} quarantined); process CPU {cpu:.2} s ({:.1} µs per event)",
-        r.last_seq,
-        rep.as_secs_f64(),
-        r.last_seq as f64 / rep.as_secs_f64(),
-        r.quarantined,
-        cpu * 1e6 / r.last_seq as f64,
-    );
+    let r = timed_replay(&bus, &scratch, last, replay::REPLAY_COMMIT, "full replay").await?;
+    println!("  ({} quarantined)", r.quarantined);
     let t = Instant::now();
     let same = digest::first_difference(&live.snapshot()?, &scratch.snapshot()?)?;
     println!(
@@ -131,19 +120,8 @@ async fn main() -> Result<()> {
             let commit = commit?;
             let path = dir.path().join(format!("replay-{commit}.redb"));
             let scratch = Arc::new(View::open_private(&path)?);
-            let cpu0 = usbpt_projector::metrics::process_cpu_seconds();
-            let t = Instant::now();
-            let r = replay::rebuild_in_commits_of(&bus, Arc::clone(&scratch), last, commit, |_| {})
-                .await?;
-            let rep = t.elapsed();
-            let cpu = usbpt_projector::metrics::process_cpu_seconds() - cpu0;
-            println!(
-                "full replay, commits of {commit}: {} events in {:.2} s = {:.0} events/s; process CPU {cpu:.2} s ({:.1} µs per event)",
-                r.last_seq,
-                rep.as_secs_f64(),
-                r.last_seq as f64 / rep.as_secs_f64(),
-                cpu * 1e6 / r.last_seq as f64,
-            );
+            let label = format!("full replay, commits of {commit}");
+            timed_replay(&bus, &scratch, last, commit, &label).await?;
             drop(scratch);
             std::fs::remove_file(&path)?;
         }
@@ -176,4 +154,27 @@ fn fold_only(events: usize, batch: usize, dir: &std::path::Path) -> Result<()> {
         events as f64 / d.as_secs_f64()
     );
     Ok(())
+}
+
+/// Replays the stream up to `last` into `view` in commits of `commit` events, and prints how
+/// long it took and the process CPU per event under `label`.
+async fn timed_replay(
+    bus: &Bus,
+    view: &Arc<View>,
+    last: u64,
+    commit: usize,
+    label: &str,
+) -> Result<replay::ReplayReport> {
+    let cpu0 = usbpt_projector::metrics::process_cpu_seconds();
+    let t = Instant::now();
+    let r = replay::rebuild_in_commits_of(bus, Arc::clone(view), last, commit, |_| {}).await?;
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = usbpt_projector::metrics::process_cpu_seconds() - cpu0;
+    println!(
+        "{label}: {} events in {secs:.2} s = {:.0} events/s; process CPU {cpu:.2} s ({:.1} µs per event)",
+        r.last_seq,
+        r.last_seq as f64 / secs,
+        cpu * 1e6 / r.last_seq as f64,
+    );
+    Ok(r)
 }
