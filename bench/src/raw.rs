@@ -154,15 +154,23 @@ pub enum ReadPath {
     /// async-nats' ordered push consumer (flow control, idle heartbeats), with a large
     /// subscription buffer.
     OrderedPush,
+    /// A plain push consumer without acks (flow control, idle heartbeats) read through a core
+    /// subscription: no consumer recreation on a gap, so a gap fails the read.
+    PushNoAck,
 }
 
 impl ReadPath {
-    pub const ALL: [ReadPath; 2] = [ReadPath::OrderedPull, ReadPath::OrderedPush];
+    pub const ALL: [ReadPath; 3] = [
+        ReadPath::OrderedPull,
+        ReadPath::OrderedPush,
+        ReadPath::PushNoAck,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             ReadPath::OrderedPull => "ordered pull",
             ReadPath::OrderedPush => "ordered push",
+            ReadPath::PushNoAck => "plain push (no acks)",
         }
     }
 }
@@ -217,6 +225,56 @@ async fn open_read(
                 })
                 .boxed()
         }
+        ReadPath::PushNoAck => {
+            let inbox = client.new_inbox();
+            // Subscribed before the consumer exists, so its first delivery is not missed.
+            let subscription = client.subscribe(inbox.clone()).await?;
+            stream
+                .create_consumer(push::Config {
+                    deliver_subject: inbox,
+                    ack_policy: AckPolicy::None,
+                    flow_control: true,
+                    idle_heartbeat: Duration::from_secs(5),
+                    ..Default::default()
+                })
+                .await?;
+            let mut next = 1u64;
+            subscription
+                .then(move |m| {
+                    let client = client.clone();
+                    let js = js.clone();
+                    async move {
+                        if m.status.is_some() && m.payload.is_empty() {
+                            // Flow control asks for an empty reply; heartbeats carry no reply.
+                            if let Some(reply) = m.reply {
+                                client.publish(reply, Bytes::new()).await?;
+                            }
+                            return Ok(None);
+                        }
+                        let m = jetstream::Message {
+                            message: m,
+                            context: js,
+                        };
+                        let seq = seq_of(m.info())?;
+                        Ok(Some((seq, m.message.payload)))
+                    }
+                })
+                .filter_map(move |m: Result<Option<RawMessage>>| {
+                    let m = match m {
+                        Ok(None) => None,
+                        Ok(Some((seq, _))) if seq != next => Some(Err(anyhow::anyhow!(
+                            "push read: sequence {seq} where {next} was due"
+                        ))),
+                        Ok(Some(m)) => {
+                            next += 1;
+                            Some(Ok(m))
+                        }
+                        Err(e) => Some(Err(e)),
+                    };
+                    futures::future::ready(m)
+                })
+                .boxed()
+        }
     })
 }
 
@@ -239,6 +297,7 @@ pub async fn ordered_read(url: &str, stream: &str, n: u64, path: ReadPath) -> Re
     let key = match path {
         ReadPath::OrderedPull => "raw_ordered_read",
         ReadPath::OrderedPush => "raw_ordered_push_read",
+        ReadPath::PushNoAck => "raw_push_noack_read",
     };
     Ok(Figure::new(key, format!("raw: {} consumer read", path.name()), got).rate(rate))
 }
