@@ -92,12 +92,13 @@ pub async fn replay(global: &Global, a: ReplayArgs) -> Result<()> {
     let secs = report.elapsed.as_secs_f64().max(1e-9);
     let rate = (report.applied + report.quarantined) as f64 / secs;
     let snap = rebuilt.snapshot()?;
-    let replay_digest = digest::digest(&snap)?;
 
     if let Some((_, live_snap, seq)) = &live {
-        if let Some(diff) = digest::first_difference(live_snap, &snap)? {
-            bail!("the live view differs from a clean replay of sequences 1..={seq}: {diff} (first view: live, second: replay)");
-        }
+        // One pass over both views compares them and digests the replay.
+        let replay_digest = match digest::compare(live_snap, &snap)? {
+            Ok(d) => d,
+            Err(diff) => bail!("the live view differs from a clean replay of sequences 1..={seq}: {diff} (first view: live, second: replay)"),
+        };
         if a.json {
             println!(
                 "{}",
@@ -118,6 +119,7 @@ pub async fn replay(global: &Global, a: ReplayArgs) -> Result<()> {
         return Ok(());
     }
 
+    let replay_digest = digest::digest(&snap)?;
     let world = world(&snap, &global.api)?;
     if a.json {
         let mut doc = json!({

@@ -36,7 +36,10 @@ const RATES: &[&str] = &[
     "setup_publish_history",
     "fold_live",
     "replay",
+    "replay_verify",
     "raw_ordered_read",
+    "raw_ordered_push_read",
+    "raw_push_noack_read",
     "raw_read_insert",
     "raw_read_insert_nosync",
     "raw_redb_insert",
@@ -82,7 +85,12 @@ const RATIOS: &[&str] = &[
     "fold_live",
     "replay",
 ];
-const FLOORS: &[&str] = &["hotplug_to_view", "schedule_decide", "fold_live"];
+const FLOORS: &[&str] = &[
+    "hotplug_to_view",
+    "schedule_decide",
+    "fold_live",
+    "replay_verify",
+];
 
 fn positive(f: &Value, field: &str) -> bool {
     f[field].as_f64().is_some_and(|v| v > 0.0 && v.is_finite())

@@ -102,16 +102,20 @@ pub fn digest(snapshot: &Snapshot) -> Result<ViewDigest, ViewError> {
         tables: Vec::new(),
     };
     t::visit_all(&mut d)?;
+    Ok(view_digest(d.tables))
+}
+
+fn view_digest(tables: Vec<TableDigest>) -> ViewDigest {
     let mut h = Sha256::new();
-    for t in &d.tables {
+    for t in &tables {
         len_prefixed(&mut h, t.table.as_bytes());
         h.update(t.entries.to_be_bytes());
         len_prefixed(&mut h, t.sha256.as_bytes());
     }
-    Ok(ViewDigest {
-        tables: d.tables,
+    ViewDigest {
+        tables,
         sha256: hex(&h.finalize()),
-    })
+    }
 }
 
 /// How two views first differ.
@@ -168,6 +172,8 @@ struct Comparer<'a> {
     left: &'a ReadTransaction,
     right: &'a ReadTransaction,
     found: Option<Difference>,
+    /// The right view's table digests, taken in the same pass (until a difference is found).
+    right_tables: Vec<TableDigest>,
 }
 
 impl Visit for Comparer<'_> {
@@ -183,6 +189,7 @@ impl Visit for Comparer<'_> {
         let (mut li, mut ri) = (lt.iter()?, rt.iter()?);
         let raw = raw_entry::<K, V>;
         let (mut l, mut r) = (raw(li.next())?, raw(ri.next())?);
+        let mut h = Sha256::new();
         let diff = |key: &[u8], what| Difference {
             table: def.name().to_owned(),
             key: show_key(kind, key),
@@ -190,7 +197,14 @@ impl Visit for Comparer<'_> {
         };
         loop {
             match (&l, &r) {
-                (None, None) => return Ok(()),
+                (None, None) => {
+                    self.right_tables.push(TableDigest {
+                        table: def.name().to_owned(),
+                        entries: rt.len()?,
+                        sha256: hex(&h.finalize()),
+                    });
+                    return Ok(());
+                }
                 (Some((lk, _)), None) => {
                     self.found = Some(diff(lk, DifferenceKind::OnlyLeft));
                     return Ok(());
@@ -219,6 +233,8 @@ impl Visit for Comparer<'_> {
                         return Ok(());
                     }
                     Ordering::Equal => {
+                        len_prefixed(&mut h, rk);
+                        len_prefixed(&mut h, rv);
                         l = raw(li.next())?;
                         r = raw(ri.next())?;
                     }
@@ -234,11 +250,25 @@ pub fn first_difference(
     left: &Snapshot,
     right: &Snapshot,
 ) -> Result<Option<Difference>, ViewError> {
+    Ok(compare(left, right)?.err())
+}
+
+/// The right view's digest when both views hold the same bytes, or their first difference:
+/// [`first_difference`] and [`digest`] in one pass over both (what `usbpt replay --verify` does,
+/// so that verifying reads the replayed view once, as a plain replay's digest does).
+pub fn compare(
+    left: &Snapshot,
+    right: &Snapshot,
+) -> Result<Result<ViewDigest, Difference>, ViewError> {
     let mut c = Comparer {
         left: left.txn(),
         right: right.txn(),
         found: None,
+        right_tables: Vec::new(),
     };
     t::visit_all(&mut c)?;
-    Ok(c.found)
+    Ok(match c.found {
+        Some(d) => Err(d),
+        None => Ok(view_digest(c.right_tables)),
+    })
 }

@@ -145,6 +145,11 @@ fn batch_boundaries_and_redelivery_do_not_change_the_bytes() {
         digest::first_difference(&a.snapshot().unwrap(), &c.snapshot().unwrap()).unwrap(),
         None
     );
+    // Comparing and digesting in one pass gives the second view's digest.
+    assert_eq!(
+        digest::compare(&a.snapshot().unwrap(), &c.snapshot().unwrap()).unwrap(),
+        Ok(dc)
+    );
 }
 
 #[test]
@@ -173,6 +178,10 @@ fn first_difference_names_the_table_and_key() {
     let diff = digest::first_difference(&a.snapshot().unwrap(), &b.snapshot().unwrap())
         .unwrap()
         .expect("they differ");
+    assert_eq!(
+        digest::compare(&a.snapshot().unwrap(), &b.snapshot().unwrap()).unwrap(),
+        Err(diff.clone())
+    );
     let text = diff.to_string();
     assert!(
         text.starts_with("table meta, key last_applied_seq"),

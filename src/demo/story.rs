@@ -452,7 +452,7 @@ impl Story {
         // replaying again when the live view moved past the head the replay stopped at.
         let scratch = tempfile::tempdir()?;
         let mut attempt = 0;
-        let (report, rebuilt) = loop {
+        let (report, digest) = loop {
             attempt += 1;
             let head = self.bus.last_sequence().await?;
             self.view.wait_applied(head, STEP_LIMIT).await;
@@ -466,17 +466,15 @@ impl Story {
             if live.last_applied_seq()? != head && attempt < 5 {
                 continue;
             }
-            if let Some(d) = usbpt_projector::digest::first_difference(&rebuilt.snapshot()?, &live)?
-            {
-                bail!(
+            match usbpt_projector::digest::compare(&live, &rebuilt.snapshot()?)? {
+                Ok(digest) => break (report, digest),
+                Err(d) => bail!(
                     "step 12: the replayed view differs from the live one at {} {}",
                     d.table,
                     d.key
-                );
+                ),
             }
-            break (report, rebuilt);
         };
-        let digest = usbpt_projector::digest::digest(&rebuilt.snapshot()?)?;
         say(format!(
             "{} events replayed in {:.0} ms; views identical ({digest})",
             report.last_seq,
