@@ -87,8 +87,6 @@ struct WriteSet {
     device_info: Vec<(Id, Vec<u8>)>,
     /// `host_devices` rows to insert (`true`) or remove, by (host, device id).
     current: Vec<(Arc<DeviceDiscovered>, bool)>,
-    /// `free_by_host` rows, by (host, device id).
-    free_by_host: Vec<(Arc<DeviceDiscovered>, bool)>,
     /// `free_by_match` rows, by (vendor:product, host, device id).
     free_by_match: Vec<(Arc<DeviceDiscovered>, bool)>,
     lineages: EncodedRows,
@@ -311,7 +309,7 @@ impl Staged {
             let now = Indexed::of(d);
             let (was_free, was_current) = was.map_or((false, false), |w| (w.free, w.current));
             if was_free != now.free {
-                w.free_by_host.push((Arc::clone(&d.discovery), now.free));
+                w.free_by_match.push((Arc::clone(&d.discovery), now.free));
             }
             if was_current != now.current {
                 w.current.push((Arc::clone(&d.discovery), now.current));
@@ -330,9 +328,6 @@ impl Staged {
         }
         w.current
             .sort_unstable_by(|(a, _), (b, _)| by_host(a).cmp(&by_host(b)));
-        w.free_by_host
-            .sort_unstable_by(|(a, _), (b, _)| by_host(a).cmp(&by_host(b)));
-        w.free_by_match = w.free_by_host.clone();
         w.free_by_match
             .sort_unstable_by(|(a, _), (b, _)| by_match(a).cmp(&by_match(b)));
         w.lineages = encode_records("lineages", &self.lineages)?;
@@ -380,15 +375,6 @@ impl Staged {
                     host_devices.insert(key, ())?;
                 } else {
                     host_devices.remove(key)?;
-                }
-            }
-            let mut free_by_host = txn.open_table(t::FREE_BY_HOST)?;
-            for (d, on) in &w.free_by_host {
-                let key = (d.host.as_str(), &d.device_id.to_bytes());
-                if *on {
-                    free_by_host.insert(key, ())?;
-                } else {
-                    free_by_host.remove(key)?;
                 }
             }
             let mut free_by_match = txn.open_table(t::FREE_BY_MATCH)?;
