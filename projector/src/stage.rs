@@ -107,6 +107,20 @@ impl<K: Ord + Hash, V: Clone> Rows<K, V> {
         Ok(self.row(key, load)?.now.clone())
     }
 
+    /// The row under `key` as the batch sees it, borrowed (loaded on first use, not copied,
+    /// not marked as written).
+    pub fn get_ref<Q>(
+        &mut self,
+        key: &Q,
+        load: impl FnOnce() -> Result<Option<V>, ViewError>,
+    ) -> Result<Option<&V>, ViewError>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        Ok(self.row(key, load)?.now.as_ref())
+    }
+
     /// Whether the row under `key` exists as the batch sees it (loaded on first use, not copied).
     pub fn exists<Q>(
         &mut self,

@@ -3,7 +3,9 @@
 use usbpt_schemas::*;
 
 use super::alarms;
-use super::semantics::{known_device, known_server, not_deleted, reject, server_exists, R};
+use super::semantics::{
+    known_device, known_server_mut, known_server_ref, not_deleted, reject, server_exists, R,
+};
 use super::state::State;
 use crate::model::*;
 
@@ -248,8 +250,7 @@ pub(super) fn claimed<S: State>(
     origin: Option<&Origin>,
     e: &DeviceClaimed,
 ) -> R {
-    let s = known_server(v, e.server_id)?;
-    not_deleted(&s)?;
+    not_deleted(known_server_ref(v, e.server_id)?)?;
     let d = known_device(v, e.device_id, Some(e.lineage_id), &e.host)?;
     if let Some(c) = v.claim(e.lineage_id)? {
         if c.server_id != e.server_id {
@@ -395,7 +396,7 @@ pub(super) fn reattached<S: State>(v: &mut S, st: Stamp, e: &DeviceReattached) -
             format!("device {} was never discovered", e.old_device_id),
         );
     };
-    let mut s = known_server(v, e.server_id)?;
+    server_exists(v, e.server_id)?;
     let Some(mut c) = v
         .claim(e.lineage_id)?
         .filter(|c| c.server_id == e.server_id)
@@ -443,6 +444,7 @@ pub(super) fn reattached<S: State>(v: &mut S, st: Stamp, e: &DeviceReattached) -
     c.host = e.host.clone();
     c.awaiting = None;
     v.put_claim(c);
+    let s = known_server_mut(v, e.server_id)?;
     for a in s
         .devices
         .iter_mut()
@@ -451,10 +453,7 @@ pub(super) fn reattached<S: State>(v: &mut S, st: Stamp, e: &DeviceReattached) -
         a.device_id = e.new_device_id;
     }
     s.last_change_seq = st.seq;
-    {
-        v.put_server(s);
-        Ok(())
-    }
+    Ok(())
 }
 
 pub(super) fn released<S: State>(

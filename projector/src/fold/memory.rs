@@ -97,8 +97,8 @@ impl State for MemState {
         Ok(self.servers.get(&id).cloned())
     }
 
-    fn server_exists(&mut self, id: ServerId) -> Result<bool, ViewError> {
-        Ok(self.servers.contains_key(&id))
+    fn server_ref(&mut self, id: ServerId) -> Result<Option<&Server>, ViewError> {
+        Ok(self.servers.get(&id))
     }
 
     fn server_mut(&mut self, id: ServerId) -> Result<Option<&mut Server>, ViewError> {
@@ -119,6 +119,10 @@ impl State for MemState {
 
     fn flavor(&mut self, id: FlavorId) -> Result<Option<Flavor>, ViewError> {
         Ok(self.flavors.get(&id).cloned())
+    }
+
+    fn flavor_exists(&mut self, id: FlavorId) -> Result<bool, ViewError> {
+        Ok(self.flavors.contains_key(&id))
     }
 
     fn put_flavor(&mut self, f: &Flavor) {

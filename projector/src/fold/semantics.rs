@@ -242,6 +242,14 @@ pub(super) fn known_server<S: State>(v: &mut S, id: ServerId) -> R<Server> {
     }
 }
 
+/// A server that must exist, borrowed (no copy of its record; see [`State::server_ref`]).
+pub(super) fn known_server_ref<S: State>(v: &mut S, id: ServerId) -> R<&Server> {
+    match v.server_ref(id)? {
+        Some(s) => Ok(s),
+        None => unknown_server(id),
+    }
+}
+
 /// Refuses the event unless the server exists (without copying its record).
 pub(super) fn server_exists<S: State>(v: &mut S, id: ServerId) -> R {
     if v.server_exists(id)? {

@@ -546,11 +546,11 @@ impl State for FoldTxn {
         )
     }
 
-    fn server_exists(&mut self, id: ServerId) -> Result<bool, ViewError> {
+    fn server_ref(&mut self, id: ServerId) -> Result<Option<&Server>, ViewError> {
         let (prior, base) = (&self.prior, &self.base.servers);
         let key = id.to_bytes();
         let load = || unstaged_record(prior, |p| &p.servers, base, "servers", &key);
-        self.s.servers.exists(&key, load)
+        self.s.servers.get_ref(&key, load)
     }
 
     fn server_mut(&mut self, id: ServerId) -> Result<Option<&mut Server>, ViewError> {
@@ -587,6 +587,13 @@ impl State for FoldTxn {
             "flavors",
             id.to_bytes(),
         )
+    }
+
+    fn flavor_exists(&mut self, id: FlavorId) -> Result<bool, ViewError> {
+        let (prior, base) = (&self.prior, &self.base.flavors);
+        let key = id.to_bytes();
+        let load = || unstaged_record(prior, |p| &p.flavors, base, "flavors", &key);
+        self.s.flavors.exists(&key, load)
     }
 
     fn put_flavor(&mut self, f: &Flavor) {

@@ -55,8 +55,13 @@ pub(crate) trait State {
     // ---- servers ----
 
     fn server(&mut self, id: ServerId) -> Result<Option<Server>, ViewError>;
+    /// The server as the batch sees it, to read without copying its record and histories (the
+    /// row is not written for it).
+    fn server_ref(&mut self, id: ServerId) -> Result<Option<&Server>, ViewError>;
     /// Whether the server exists (without copying its record).
-    fn server_exists(&mut self, id: ServerId) -> Result<bool, ViewError>;
+    fn server_exists(&mut self, id: ServerId) -> Result<bool, ViewError> {
+        Ok(self.server_ref(id)?.is_some())
+    }
     /// The server to change in place (no copy of its record and its histories per event). The
     /// row counts as written, changed or not: a caller that may still refuse the event must
     /// not change it before its last check.
@@ -70,6 +75,8 @@ pub(crate) trait State {
     // ---- flavors ----
 
     fn flavor(&mut self, id: FlavorId) -> Result<Option<Flavor>, ViewError>;
+    /// Whether the flavor exists (without copying its record).
+    fn flavor_exists(&mut self, id: FlavorId) -> Result<bool, ViewError>;
     fn put_flavor(&mut self, f: &Flavor);
     /// The live flavor holding `name`.
     fn flavor_named(&mut self, name: &str) -> Result<Option<Id>, ViewError>;
