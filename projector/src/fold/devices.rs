@@ -24,12 +24,14 @@ pub(super) fn discovered<S: State>(
             ),
         );
     }
-    check_lineage_key(e)?;
     let lineage = v.lineage(e.lineage_id)?;
     let previous = match &lineage {
         Some(l) => v.device(l.current)?,
         None => None,
     };
+    if !same_lineage_key(e, previous.as_ref()) {
+        check_lineage_key(e)?;
+    }
     let fingerprint_before = previous.as_ref().and_then(|p| p.fingerprint);
     if let (Some(l), Some(prev)) = (&lineage, &previous) {
         if alarms::is_conflict(e, l, prev) {
@@ -160,6 +162,25 @@ fn check_lineage_key(e: &DeviceDiscovered) -> R {
         );
     }
     Ok(())
+}
+
+/// Whether `e` names its lineage with the very key of the lineage's current enumeration `prev`:
+/// then the id `e` names is the one its key derives, without deriving it again (a `format!`
+/// and a SHA-1 per discovery), since every enumeration in the view passed
+/// [`check_lineage_key`] when it was discovered. Otherwise the key is checked in full.
+fn same_lineage_key(e: &DeviceDiscovered, prev: Option<&Device>) -> bool {
+    let Some(p) = prev.map(|p| &*p.discovery) else {
+        return false;
+    };
+    let (a, b) = (&e.descriptors, &p.descriptors);
+    p.lineage_id == e.lineage_id
+        && p.lineage_kind == e.lineage_kind
+        && a.vendor_id == b.vendor_id
+        && a.product_id == b.product_id
+        && match e.lineage_kind {
+            LineageKind::Serial => a.serial.is_some() && a.serial == b.serial,
+            LineageKind::Port => e.host == p.host && a.port_path == b.port_path,
+        }
 }
 
 /// A known lineage moves to a new enumeration only when that cannot steal it: same kind, a port
