@@ -4,7 +4,8 @@ use usbpt_schemas::*;
 
 use super::alarms;
 use super::semantics::{
-    known_device, known_server_mut, known_server_ref, not_deleted, reject, server_exists, R,
+    known_device_mut, known_device_ref, known_server_mut, known_server_ref, not_deleted, reject,
+    server_exists, R,
 };
 use super::state::State;
 use crate::model::*;
@@ -222,7 +223,7 @@ pub(super) fn invalidated<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidated)
     if alarms::pending_ended(v, st, e)? {
         return Ok(());
     }
-    let d = known_device(v, e.device_id, Some(e.lineage_id), &e.host)?;
+    let d = known_device_ref(v, e.device_id, Some(e.lineage_id), &e.host)?;
     if let Some(Invalidation {
         reason: Some(r),
         stamp,
@@ -237,7 +238,7 @@ pub(super) fn invalidated<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidated)
             ),
         );
     }
-    let mut n = d;
+    let n = known_device_mut(v, e.device_id)?;
     n.status = DeviceStatus::Invalidated;
     n.invalidation = Some(match n.invalidation {
         // Superseded earlier: keep when that was, add why.
@@ -253,7 +254,6 @@ pub(super) fn invalidated<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidated)
         },
     });
     n.last_change_seq = st.seq;
-    v.put_device(n)?;
     // The lineage's claim stays (pointing at this enumeration) until released or re-attached;
     // a newer enumeration that was awaiting re-attach and died is no longer awaited.
     if let Some(mut c) = v.claim(e.lineage_id)? {
@@ -272,7 +272,7 @@ pub(super) fn claimed<S: State>(
     e: &DeviceClaimed,
 ) -> R {
     not_deleted(known_server_ref(v, e.server_id)?)?;
-    let d = known_device(v, e.device_id, Some(e.lineage_id), &e.host)?;
+    let holder = known_device_ref(v, e.device_id, Some(e.lineage_id), &e.host)?.holder;
     if let Some(c) = v.claim(e.lineage_id)? {
         if c.server_id != e.server_id {
             return reject(
@@ -284,7 +284,7 @@ pub(super) fn claimed<S: State>(
             );
         }
     }
-    if let Some(other) = d.holder.filter(|h| *h != e.server_id) {
+    if let Some(other) = holder.filter(|h| *h != e.server_id) {
         return reject(
             QuarantineReason::Conflict,
             format!("device {} is held by server {other}", e.device_id),
@@ -301,14 +301,14 @@ pub(super) fn claimed<S: State>(
         claimed: st,
         awaiting: None,
     });
-    let mut n = d;
+    let n = known_device_mut(v, e.device_id)?;
     if n.status == DeviceStatus::Available {
         n.status = DeviceStatus::Claimed;
     }
     n.holder = Some(e.server_id);
-    open_holding(&mut n, e.server_id, HoldKind::Claimed, st, origin);
+    open_holding(n, e.server_id, HoldKind::Claimed, st, origin);
     n.last_change_seq = st.seq;
-    Ok(v.put_device(n)?)
+    Ok(())
 }
 
 /// Starts a holding unless `server` already has an open one; `origin` is who asked for it.
@@ -379,17 +379,16 @@ fn attach(
 }
 
 pub(super) fn attached<S: State>(v: &mut S, st: Stamp, e: &DeviceAttached) -> R {
-    let d = known_device(v, e.device_id, Some(e.lineage_id), &e.host)?;
+    let holder = known_device_ref(v, e.device_id, Some(e.lineage_id), &e.host)?.holder;
     server_exists(v, e.server_id)?;
-    if let Some(other) = d.holder.filter(|h| *h != e.server_id) {
+    if let Some(other) = holder.filter(|h| *h != e.server_id) {
         return reject(
             QuarantineReason::Conflict,
             format!("device {} is held by server {other}", e.device_id),
         );
     }
-    let mut n = d;
     attach(
-        &mut n,
+        known_device_mut(v, e.device_id)?,
         e.server_id,
         e.address,
         e.method,
@@ -397,7 +396,6 @@ pub(super) fn attached<S: State>(v: &mut S, st: Stamp, e: &DeviceAttached) -> R 
         HoldKind::Attached,
         st,
     );
-    v.put_device(n)?;
     if let Some(mut c) = v.claim(e.lineage_id)? {
         if c.server_id == e.server_id && c.awaiting == Some(e.device_id) {
             c.device_id = e.device_id;
@@ -410,8 +408,8 @@ pub(super) fn attached<S: State>(v: &mut S, st: Stamp, e: &DeviceAttached) -> R 
 }
 
 pub(super) fn reattached<S: State>(v: &mut S, st: Stamp, e: &DeviceReattached) -> R {
-    let new = known_device(v, e.new_device_id, Some(e.lineage_id), &e.host)?;
-    let Some(old) = v.device(e.old_device_id)? else {
+    let new_holder = known_device_ref(v, e.new_device_id, Some(e.lineage_id), &e.host)?.holder;
+    let Some(old_holder) = v.device_ref(e.old_device_id)?.map(|d| d.holder) else {
         return reject(
             QuarantineReason::UnknownDevice,
             format!("device {} was never discovered", e.old_device_id),
@@ -430,15 +428,14 @@ pub(super) fn reattached<S: State>(v: &mut S, st: Stamp, e: &DeviceReattached) -
             ),
         );
     };
-    if let Some(other) = new.holder.filter(|h| *h != e.server_id) {
+    if let Some(other) = new_holder.filter(|h| *h != e.server_id) {
         return reject(
             QuarantineReason::Conflict,
             format!("device {} is held by server {other}", e.new_device_id),
         );
     }
-    let mut n = new;
     attach(
-        &mut n,
+        known_device_mut(v, e.new_device_id)?,
         e.server_id,
         e.address,
         e.method,
@@ -446,20 +443,12 @@ pub(super) fn reattached<S: State>(v: &mut S, st: Stamp, e: &DeviceReattached) -
         HoldKind::Reattached,
         st,
     );
-    v.put_device(n)?;
-    if old.holder == Some(e.server_id) {
-        let mut o = old;
+    if old_holder == Some(e.server_id) {
+        let o = known_device_mut(v, e.old_device_id)?;
         o.holder = None;
         o.attachment = None;
-        end_holding(
-            &mut o,
-            e.server_id,
-            st,
-            HoldEnd::MovedTo(e.new_device_id),
-            None,
-        );
+        end_holding(o, e.server_id, st, HoldEnd::MovedTo(e.new_device_id), None);
         o.last_change_seq = st.seq;
-        v.put_device(o)?;
     }
     c.device_id = e.new_device_id;
     c.host = e.host.clone();
@@ -507,34 +496,35 @@ pub(super) fn released<S: State>(
     ids.sort();
     ids.dedup();
     for id in ids {
-        let Some(d) = v.device(id)? else { continue };
-        if d.holder != Some(e.server_id) {
+        if v.device_ref(id)?
+            .is_none_or(|d| d.holder != Some(e.server_id))
+        {
             continue;
         }
-        let mut n = d;
+        let n = known_device_mut(v, id)?;
         n.holder = None;
         n.attachment = None;
         if matches!(n.status, DeviceStatus::Claimed | DeviceStatus::Attached) {
             n.status = DeviceStatus::Available;
         }
-        end_holding(&mut n, e.server_id, st, HoldEnd::Released(e.reason), origin);
+        end_holding(n, e.server_id, st, HoldEnd::Released(e.reason), origin);
         n.last_change_seq = st.seq;
-        v.put_device(n)?;
     }
     Ok(())
 }
 
 /// The hypervisor refused a device for a server.
 pub(super) fn attach_failed<S: State>(v: &mut S, st: Stamp, e: &DeviceAttachFailed) -> R {
-    let mut d = known_device(v, e.device_id, None, &e.host)?;
+    known_device_ref(v, e.device_id, None, &e.host)?;
     server_exists(v, e.server_id)?;
+    let d = known_device_mut(v, e.device_id)?;
     d.attach_error = Some(AttachError {
         server_id: e.server_id,
         error: e.error.clone(),
         stamp: st,
     });
     d.last_change_seq = st.seq;
-    Ok(v.put_device(d)?)
+    Ok(())
 }
 
 /// Folds `LineageLabeled`: the lineage must be known and the label valid ([`label::check`]);

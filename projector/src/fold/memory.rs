@@ -64,6 +64,14 @@ impl State for MemState {
         Ok(self.devices.get(&id).cloned())
     }
 
+    fn device_ref(&mut self, id: DeviceId) -> Result<Option<&Device>, ViewError> {
+        Ok(self.devices.get(&id))
+    }
+
+    fn device_mut(&mut self, id: DeviceId) -> Result<Option<&mut Device>, ViewError> {
+        Ok(self.devices.get_mut(&id))
+    }
+
     fn put_device(&mut self, d: Device) -> Result<(), ViewError> {
         self.devices.insert(d.id(), d);
         Ok(())

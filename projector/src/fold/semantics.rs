@@ -274,7 +274,29 @@ pub(super) fn known_device<S: State>(
     lineage: Option<LineageId>,
     host: &HostName,
 ) -> R<Device> {
-    let Some(d) = v.device(id)? else {
+    known_device_ref(v, id, lineage, host).cloned()
+}
+
+/// A device that must exist, to change in place after the handler's last check (see
+/// [`State::device_mut`]).
+pub(super) fn known_device_mut<S: State>(v: &mut S, id: DeviceId) -> R<&mut Device> {
+    match v.device_mut(id)? {
+        Some(d) => Ok(d),
+        None => reject(
+            QuarantineReason::UnknownDevice,
+            format!("device {id} was never discovered"),
+        ),
+    }
+}
+
+/// [`known_device`], borrowed (no copy of the device's holds).
+pub(super) fn known_device_ref<'v, S: State>(
+    v: &'v mut S,
+    id: DeviceId,
+    lineage: Option<LineageId>,
+    host: &HostName,
+) -> R<&'v Device> {
+    let Some(d) = v.device_ref(id)? else {
         return reject(
             QuarantineReason::UnknownDevice,
             format!("device {id} was never discovered"),

@@ -440,6 +440,24 @@ impl Staged {
         Ok(self.last_applied)
     }
 }
+impl FoldTxn {
+    /// Stages the device under `key` as the view has it (absent or not) the first time the
+    /// batch reads it, with its committed index membership.
+    fn load_device(&mut self, key: &Id) -> Result<(), ViewError> {
+        if !self.s.devices.contains(key) {
+            let found = match prior_row(&self.prior, |p| &p.devices, key) {
+                Some(row) => row,
+                None => t::get_device(&self.base.devices, &self.base.device_info, key)?,
+            };
+            self.s
+                .devices_indexed
+                .insert(*key, found.as_ref().map(Indexed::of));
+            self.s.devices.put_clean(*key, found);
+        }
+        Ok(())
+    }
+}
+
 impl State for FoldTxn {
     fn last_applied(&self) -> u64 {
         self.s.last_applied
@@ -471,26 +489,26 @@ impl State for FoldTxn {
     }
 
     fn device(&mut self, id: DeviceId) -> Result<Option<Device>, ViewError> {
+        Ok(self.device_ref(id)?.cloned())
+    }
+
+    fn device_ref(&mut self, id: DeviceId) -> Result<Option<&Device>, ViewError> {
         let key = id.to_bytes();
-        if !self.s.devices.contains(&key) {
-            let found = match prior_row(&self.prior, |p| &p.devices, &key) {
-                Some(row) => row,
-                None => t::get_device(&self.base.devices, &self.base.device_info, &key)?,
-            };
-            self.s
-                .devices_indexed
-                .insert(key, found.as_ref().map(Indexed::of));
-            self.s.devices.put_clean(key, found);
-        }
-        self.s.devices.get(&key, || Ok(None))
+        self.load_device(&key)?;
+        Ok(self.s.devices.peek(&key).and_then(|row| row.now.as_ref()))
+    }
+
+    /// Changed in place; its index rows follow at commit, like [`State::put_device`]'s.
+    fn device_mut(&mut self, id: DeviceId) -> Result<Option<&mut Device>, ViewError> {
+        let key = id.to_bytes();
+        self.load_device(&key)?;
+        Ok(self.s.devices.get_mut(&key, || Ok(None))?.as_mut())
     }
 
     /// Stages a device; its index rows follow at commit.
     fn put_device(&mut self, new: Device) -> Result<(), ViewError> {
         let key = new.id().to_bytes();
-        if !self.s.devices.contains(&key) {
-            self.device(new.id())?;
-        }
+        self.load_device(&key)?;
         self.s.devices.put(key, Some(new));
         Ok(())
     }

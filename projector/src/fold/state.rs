@@ -39,6 +39,11 @@ pub(crate) trait State {
     // ---- devices and lineages ----
 
     fn device(&mut self, id: DeviceId) -> Result<Option<Device>, ViewError>;
+    /// The device as the batch sees it, borrowed (no copy of its holds; not marked written).
+    fn device_ref(&mut self, id: DeviceId) -> Result<Option<&Device>, ViewError>;
+    /// The device to change in place; the row counts as written, changed or not (see
+    /// [`State::server_mut`]).
+    fn device_mut(&mut self, id: DeviceId) -> Result<Option<&mut Device>, ViewError>;
     /// Stages a device (devices are never removed).
     fn put_device(&mut self, d: Device) -> Result<(), ViewError>;
     fn lineage(&mut self, id: LineageId) -> Result<Option<Lineage>, ViewError>;
