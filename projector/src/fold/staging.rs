@@ -69,8 +69,10 @@ pub struct Staged {
     last_applied: u64,
     /// Events folded (applied or quarantined) in this batch.
     folded: u64,
-    /// Counter increments of this batch.
-    deltas: Map<(&'static str, &'static str), u64>,
+    /// Counter increments of this batch, one entry per counter (a few dozen at most: one per
+    /// event kind and quarantine reason), found by a short scan instead of hashing two strings
+    /// per event.
+    deltas: Vec<((&'static str, &'static str), u64)>,
     /// The changed rows encoded and in key order, prepared when folding ends (on the fold
     /// thread) so that writing the batch is only B-tree inserts.
     prepared: WriteSet,
@@ -267,7 +269,7 @@ impl Staged {
             start: last_applied,
             last_applied,
             folded: 0,
-            deltas: Map::default(),
+            deltas: Vec::new(),
             prepared: WriteSet::default(),
         }
     }
@@ -427,7 +429,7 @@ impl Staged {
         }
         {
             let mut counters = txn.open_table(t::COUNTERS)?;
-            let mut deltas: Vec<_> = self.deltas.iter().collect();
+            let mut deltas = self.deltas.clone();
             deltas.sort_unstable();
             for ((group, name), n) in deltas {
                 let key = format!("{group}.{name}");
@@ -478,7 +480,21 @@ impl State for FoldTxn {
     }
 
     fn count(&mut self, group: &'static str, name: &'static str) {
-        *self.s.deltas.entry((group, name)).or_default() += 1;
+        let deltas = &mut self.s.deltas;
+        // The same `&'static str`s come back event after event: compare addresses first, then
+        // text (another copy of the same name), and add a counter only when neither matches.
+        let i = deltas
+            .iter()
+            .position(|((g, n), _)| std::ptr::eq(*g, group) && std::ptr::eq(*n, name))
+            .or_else(|| {
+                deltas
+                    .iter()
+                    .position(|((g, n), _)| *g == group && *n == name)
+            });
+        match i {
+            Some(i) => deltas[i].1 += 1,
+            None => deltas.push(((group, name), 1)),
+        }
     }
 
     fn quarantine(&mut self, entry: QuarantineEntry) -> Result<(), ViewError> {
