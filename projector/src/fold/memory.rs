@@ -81,6 +81,10 @@ impl State for MemState {
         Ok(self.lineages.get(&id).cloned())
     }
 
+    fn lineage_ref(&mut self, id: LineageId) -> Result<Option<&Lineage>, ViewError> {
+        Ok(self.lineages.get(&id))
+    }
+
     fn put_lineage(&mut self, l: Lineage) {
         self.lineages.insert(l.id, l);
     }

@@ -540,6 +540,13 @@ impl State for FoldTxn {
         )
     }
 
+    fn lineage_ref(&mut self, id: LineageId) -> Result<Option<&Lineage>, ViewError> {
+        let (prior, base) = (&self.prior, &self.base.lineages);
+        let key = id.to_bytes();
+        let load = || unstaged_record(prior, |p| &p.lineages, base, "lineages", &key);
+        self.s.lineages.get_ref(&key, load)
+    }
+
     fn put_lineage(&mut self, l: Lineage) {
         self.s.lineages.put(l.id.to_bytes(), Some(l));
     }

@@ -47,6 +47,8 @@ pub(crate) trait State {
     /// Stages a device (devices are never removed).
     fn put_device(&mut self, d: Device) -> Result<(), ViewError>;
     fn lineage(&mut self, id: LineageId) -> Result<Option<Lineage>, ViewError>;
+    /// The lineage as the batch sees it, borrowed (no copy of its alarms; not marked written).
+    fn lineage_ref(&mut self, id: LineageId) -> Result<Option<&Lineage>, ViewError>;
     fn put_lineage(&mut self, l: Lineage);
     /// Appends `device` as the lineage's enumeration number `ordinal` (from 1).
     fn push_lineage_history(&mut self, lineage: LineageId, ordinal: u32, device: DeviceId);
