@@ -65,6 +65,11 @@ pub(crate) struct Row<V> {
     pub now: Option<V>,
     /// Changed by the batch: written (or removed) at commit.
     pub dirty: bool,
+    /// Whether the row existed before the batch (`None`: not known, the batch wrote it without
+    /// reading it first). A row absent before and after the batch is not written at all: a
+    /// server named and deleted, a claim made and released within one batch cost no redb
+    /// remove.
+    pub existed: Option<bool>,
 }
 
 /// The hash map the fold stages rows in: hashbrown with its default hasher (foldhash, seeded
@@ -102,6 +107,20 @@ impl<K: Ord + Hash, V: Clone> Rows<K, V> {
         Ok(self.row(key, load)?.now.clone())
     }
 
+    /// The row under `key` as the batch sees it, borrowed (loaded on first use, not copied,
+    /// not marked as written).
+    pub fn get_ref<Q>(
+        &mut self,
+        key: &Q,
+        load: impl FnOnce() -> Result<Option<V>, ViewError>,
+    ) -> Result<Option<&V>, ViewError>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        Ok(self.row(key, load)?.now.as_ref())
+    }
+
     /// Whether the row under `key` exists as the batch sees it (loaded on first use, not copied).
     pub fn exists<Q>(
         &mut self,
@@ -129,7 +148,16 @@ impl<K: Ord + Hash, V: Clone> Rows<K, V> {
             RawEntryMut::Occupied(o) => o.into_mut(),
             RawEntryMut::Vacant(v) => {
                 let now = load()?;
-                v.insert(key.to_owned(), Row { now, dirty: false }).1
+                let existed = Some(now.is_some());
+                v.insert(
+                    key.to_owned(),
+                    Row {
+                        now,
+                        dirty: false,
+                        existed,
+                    },
+                )
+                .1
             }
         })
     }
@@ -171,20 +199,42 @@ impl<K: Ord + Hash, V: Clone> Rows<K, V> {
 
     /// Records a row as committed (read from the view, unchanged).
     pub fn put_clean(&mut self, key: K, now: Option<V>) {
-        self.rows.insert(key, Row { now, dirty: false });
+        let existed = Some(now.is_some());
+        self.rows.insert(
+            key,
+            Row {
+                now,
+                dirty: false,
+                existed,
+            },
+        );
     }
 
     /// Sets the row (`None` removes it) for the commit.
     pub fn put(&mut self, key: K, now: Option<V>) {
-        self.rows.insert(key, Row { now, dirty: true });
+        match self.rows.entry(key) {
+            hashbrown::hash_map::Entry::Occupied(mut o) => {
+                let row = o.get_mut();
+                row.now = now;
+                row.dirty = true;
+            }
+            hashbrown::hash_map::Entry::Vacant(v) => {
+                v.insert(Row {
+                    now,
+                    dirty: true,
+                    existed: None,
+                });
+            }
+        }
     }
 
-    /// The changed rows, in key order (the order redb writes them fastest).
+    /// The changed rows, in key order (the order redb writes them fastest), less those absent
+    /// both before and after the batch (nothing to write).
     pub fn dirty(&self) -> Vec<(&K, Option<&V>)> {
         let mut rows: Vec<_> = self
             .rows
             .iter()
-            .filter(|(_, r)| r.dirty)
+            .filter(|(_, r)| r.dirty && (r.now.is_some() || r.existed != Some(false)))
             .map(|(k, r)| (k, r.now.as_ref()))
             .collect();
         rows.sort_unstable_by(|a, b| a.0.cmp(b.0));

@@ -11,7 +11,6 @@
 //! | `lineages` | lineage id | [`crate::Lineage`] |
 //! | `lineage_history` | (lineage id, ordinal from 1) | device id |
 //! | `host_devices` | (host, device id) | () — the current enumerations on a host |
-//! | `free_by_host` | (host, device id) | () — available devices on a host |
 //! | `free_by_match` | (vendor << 16 \| product, host, device id) | () — available devices by ids |
 //! | `hosts` | host | [`crate::Host`] |
 //! | `claims` | lineage id | [`crate::Claim`] |
@@ -63,7 +62,6 @@ tables! {
     LINEAGES: IdKey => &[u8] = "lineages", Id;
     LINEAGE_HISTORY: (IdKey, u32) => IdKey = "lineage_history", IdOrdinal;
     HOST_DEVICES: (&str, IdKey) => () = "host_devices", StrId;
-    FREE_BY_HOST: (&str, IdKey) => () = "free_by_host", StrId;
     FREE_BY_MATCH: (u64, &str, IdKey) => () = "free_by_match", Match;
     HOSTS: &str => &[u8] = "hosts", Str;
     CLAIMS: IdKey => &[u8] = "claims", Id;

@@ -23,7 +23,7 @@ use crate::tables::{self as t, decode, get_by_id, get_by_str, show_id, Id, IdKey
 
 /// The record format this build reads and writes. A view of another format is rebuilt by
 /// replaying the stream (the view is a pure fold: nothing in it is lost).
-pub const VIEW_FORMAT: u64 = 5;
+pub const VIEW_FORMAT: u64 = 6;
 
 /// One stored message: its stream sequence, subject and raw payload.
 #[derive(Debug, Clone)]
@@ -592,9 +592,14 @@ impl Snapshot {
             .collect())
     }
 
-    /// Available devices on one host.
+    /// Available devices on one host: its current enumerations that are free (a free device
+    /// is current, so these are all of them), in device id order. Format 5 kept them in an
+    /// index of their own, written by every claim, release and discovery and read by nothing
+    /// but this (ADR 0004, third addendum).
     pub fn free_devices_on_host(&self, host: &HostName) -> Result<Vec<Device>, ViewError> {
-        self.host_index(t::FREE_BY_HOST, host)
+        let mut devices = self.host_devices(host)?;
+        devices.retain(Device::is_free);
+        Ok(devices)
     }
 
     /// The current enumeration of every lineage last seen on this host, in any status (what

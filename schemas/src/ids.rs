@@ -50,9 +50,16 @@ fn is_token(s: &str) -> bool {
 macro_rules! token_name {
     ($(#[$m:meta])* $name:ident, $kind:literal) => {
         $(#[$m])*
-        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+        #[serde(try_from = "String")]
         pub struct $name(String);
+
+        /// Serialized as its text, borrowed (`into = "String"` copied the string per record).
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
 
         impl $name {
             /// Validates `value` as a subject-safe name.
@@ -240,8 +247,8 @@ impl fmt::Display for UsbAddress {
 
 /// The physical path of a device: its bus and the chain of hub ports, parsed from the kernel
 /// device name (`1-1.5.2.3` is bus 1, ports 1→5→2→3; `usb1` is bus 1's root hub).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
 pub struct PortPath {
     bus: u16,
     ports: Vec<u8>,
@@ -351,6 +358,42 @@ impl TryFrom<String> for PortPath {
 impl From<PortPath> for String {
     fn from(p: PortPath) -> String {
         p.to_string()
+    }
+}
+
+/// Serialized as its text (`1-1.5.2`), as `into = "String"` did, but rendered into a buffer on
+/// the stack: no copy of the path and no `String` per record (a `DeviceDiscovered` is encoded
+/// once per discovery by the agent and once more into the view).
+impl Serialize for PortPath {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        /// "255-255.255.255.255.255.255.255": 31 bytes at most ([`MAX_PORT_DEPTH`]).
+        struct Buf {
+            bytes: [u8; 32],
+            len: usize,
+        }
+        impl fmt::Write for Buf {
+            fn write_str(&mut self, s: &str) -> fmt::Result {
+                let end = self.len + s.len();
+                self.bytes
+                    .get_mut(self.len..end)
+                    .ok_or(fmt::Error)?
+                    .copy_from_slice(s.as_bytes());
+                self.len = end;
+                Ok(())
+            }
+        }
+        let mut buf = Buf {
+            bytes: [0; 32],
+            len: 0,
+        };
+        if fmt::Write::write_fmt(&mut buf, format_args!("{self}")).is_err() {
+            // Longer than a valid path can be: not reached, but never wrong.
+            return serializer.serialize_str(&self.to_string());
+        }
+        match std::str::from_utf8(&buf.bytes[..buf.len]) {
+            Ok(s) => serializer.serialize_str(s),
+            Err(_) => serializer.serialize_str(&self.to_string()),
+        }
     }
 }
 impl fmt::Display for PortPath {

@@ -152,7 +152,9 @@ pub(super) fn conflict_raised<S: State>(
 /// enumeration is schedulable again. `true` when `e` was that enumeration (nothing else to
 /// fold: the view never had it as a device).
 pub(super) fn pending_ended<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidated) -> R<bool> {
-    let Some(mut l) = v.lineage(e.lineage_id)? else {
+    // Read borrowed: nearly every invalidation ends here without a change, and a copy of the
+    // lineage (its alarms, its held-back discovery) per invalidation cost more than the check.
+    let Some(l) = v.lineage_ref(e.lineage_id)? else {
         return Ok(false);
     };
     let held = l
@@ -167,8 +169,11 @@ pub(super) fn pending_ended<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidate
                 && a.hosts.get(1) == Some(&e.host)
                 && a.devices.get(1) == Some(&e.device_id)
         });
-        return Ok(replaced && v.device(e.device_id)?.is_none());
+        return Ok(replaced && v.device_ref(e.device_id)?.is_none());
     }
+    let Some(mut l) = v.lineage(e.lineage_id)? else {
+        return Ok(false);
+    };
     l.pending = None;
     let why = format!(
         "device {} on host {} ended ({:?}); the lineage stays on host {}",
@@ -185,12 +190,16 @@ pub(super) fn pending_ended<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidate
 /// The lineage's current enumeration ended (`e`, already folded) while another host's was held
 /// back: the conflict clears and the held-back one takes the lineage over.
 pub(super) fn current_ended<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidated) -> R {
+    // Borrowed first, as in `pending_ended`: copied only when a held-back discovery takes over.
+    let Some(l) = v.lineage_ref(e.lineage_id)? else {
+        return Ok(());
+    };
+    if l.current != e.device_id || l.pending.is_none() {
+        return Ok(());
+    }
     let Some(l) = v.lineage(e.lineage_id)? else {
         return Ok(());
     };
-    if l.current != e.device_id {
-        return Ok(());
-    }
     let Some(p) = &l.pending else {
         return Ok(());
     };

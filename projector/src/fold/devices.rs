@@ -3,7 +3,10 @@
 use usbpt_schemas::*;
 
 use super::alarms;
-use super::semantics::{known_device, known_server, not_deleted, reject, server_exists, R};
+use super::semantics::{
+    known_device_mut, known_device_ref, known_server_mut, known_server_ref, not_deleted, reject,
+    server_exists, R,
+};
 use super::state::State;
 use crate::model::*;
 
@@ -22,12 +25,14 @@ pub(super) fn discovered<S: State>(
             ),
         );
     }
-    check_lineage_key(e)?;
     let lineage = v.lineage(e.lineage_id)?;
     let previous = match &lineage {
         Some(l) => v.device(l.current)?,
         None => None,
     };
+    if !same_lineage_key(e, previous.as_ref()) {
+        check_lineage_key(e)?;
+    }
     let fingerprint_before = previous.as_ref().and_then(|p| p.fingerprint);
     if let (Some(l), Some(prev)) = (&lineage, &previous) {
         if alarms::is_conflict(e, l, prev) {
@@ -160,6 +165,25 @@ fn check_lineage_key(e: &DeviceDiscovered) -> R {
     Ok(())
 }
 
+/// Whether `e` names its lineage with the very key of the lineage's current enumeration `prev`:
+/// then the id `e` names is the one its key derives, without deriving it again (a `format!`
+/// and a SHA-1 per discovery), since every enumeration in the view passed
+/// [`check_lineage_key`] when it was discovered. Otherwise the key is checked in full.
+fn same_lineage_key(e: &DeviceDiscovered, prev: Option<&Device>) -> bool {
+    let Some(p) = prev.map(|p| &*p.discovery) else {
+        return false;
+    };
+    let (a, b) = (&e.descriptors, &p.descriptors);
+    p.lineage_id == e.lineage_id
+        && p.lineage_kind == e.lineage_kind
+        && a.vendor_id == b.vendor_id
+        && a.product_id == b.product_id
+        && match e.lineage_kind {
+            LineageKind::Serial => a.serial.is_some() && a.serial == b.serial,
+            LineageKind::Port => e.host == p.host && a.port_path == b.port_path,
+        }
+}
+
 /// A known lineage moves to a new enumeration only when that cannot steal it: same kind, a port
 /// lineage only on its own host, a serial lineage only when its current enumeration is gone
 /// or on the same host (a re-enumeration there).
@@ -199,7 +223,7 @@ pub(super) fn invalidated<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidated)
     if alarms::pending_ended(v, st, e)? {
         return Ok(());
     }
-    let d = known_device(v, e.device_id, Some(e.lineage_id), &e.host)?;
+    let d = known_device_ref(v, e.device_id, Some(e.lineage_id), &e.host)?;
     if let Some(Invalidation {
         reason: Some(r),
         stamp,
@@ -214,7 +238,7 @@ pub(super) fn invalidated<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidated)
             ),
         );
     }
-    let mut n = d;
+    let n = known_device_mut(v, e.device_id)?;
     n.status = DeviceStatus::Invalidated;
     n.invalidation = Some(match n.invalidation {
         // Superseded earlier: keep when that was, add why.
@@ -230,7 +254,6 @@ pub(super) fn invalidated<S: State>(v: &mut S, st: Stamp, e: &DeviceInvalidated)
         },
     });
     n.last_change_seq = st.seq;
-    v.put_device(n)?;
     // The lineage's claim stays (pointing at this enumeration) until released or re-attached;
     // a newer enumeration that was awaiting re-attach and died is no longer awaited.
     if let Some(mut c) = v.claim(e.lineage_id)? {
@@ -248,9 +271,8 @@ pub(super) fn claimed<S: State>(
     origin: Option<&Origin>,
     e: &DeviceClaimed,
 ) -> R {
-    let s = known_server(v, e.server_id)?;
-    not_deleted(&s)?;
-    let d = known_device(v, e.device_id, Some(e.lineage_id), &e.host)?;
+    not_deleted(known_server_ref(v, e.server_id)?)?;
+    let holder = known_device_ref(v, e.device_id, Some(e.lineage_id), &e.host)?.holder;
     if let Some(c) = v.claim(e.lineage_id)? {
         if c.server_id != e.server_id {
             return reject(
@@ -262,7 +284,7 @@ pub(super) fn claimed<S: State>(
             );
         }
     }
-    if let Some(other) = d.holder.filter(|h| *h != e.server_id) {
+    if let Some(other) = holder.filter(|h| *h != e.server_id) {
         return reject(
             QuarantineReason::Conflict,
             format!("device {} is held by server {other}", e.device_id),
@@ -279,14 +301,14 @@ pub(super) fn claimed<S: State>(
         claimed: st,
         awaiting: None,
     });
-    let mut n = d;
+    let n = known_device_mut(v, e.device_id)?;
     if n.status == DeviceStatus::Available {
         n.status = DeviceStatus::Claimed;
     }
     n.holder = Some(e.server_id);
-    open_holding(&mut n, e.server_id, HoldKind::Claimed, st, origin);
+    open_holding(n, e.server_id, HoldKind::Claimed, st, origin);
     n.last_change_seq = st.seq;
-    Ok(v.put_device(n)?)
+    Ok(())
 }
 
 /// Starts a holding unless `server` already has an open one; `origin` is who asked for it.
@@ -357,17 +379,16 @@ fn attach(
 }
 
 pub(super) fn attached<S: State>(v: &mut S, st: Stamp, e: &DeviceAttached) -> R {
-    let d = known_device(v, e.device_id, Some(e.lineage_id), &e.host)?;
+    let holder = known_device_ref(v, e.device_id, Some(e.lineage_id), &e.host)?.holder;
     server_exists(v, e.server_id)?;
-    if let Some(other) = d.holder.filter(|h| *h != e.server_id) {
+    if let Some(other) = holder.filter(|h| *h != e.server_id) {
         return reject(
             QuarantineReason::Conflict,
             format!("device {} is held by server {other}", e.device_id),
         );
     }
-    let mut n = d;
     attach(
-        &mut n,
+        known_device_mut(v, e.device_id)?,
         e.server_id,
         e.address,
         e.method,
@@ -375,7 +396,6 @@ pub(super) fn attached<S: State>(v: &mut S, st: Stamp, e: &DeviceAttached) -> R 
         HoldKind::Attached,
         st,
     );
-    v.put_device(n)?;
     if let Some(mut c) = v.claim(e.lineage_id)? {
         if c.server_id == e.server_id && c.awaiting == Some(e.device_id) {
             c.device_id = e.device_id;
@@ -388,14 +408,14 @@ pub(super) fn attached<S: State>(v: &mut S, st: Stamp, e: &DeviceAttached) -> R 
 }
 
 pub(super) fn reattached<S: State>(v: &mut S, st: Stamp, e: &DeviceReattached) -> R {
-    let new = known_device(v, e.new_device_id, Some(e.lineage_id), &e.host)?;
-    let Some(old) = v.device(e.old_device_id)? else {
+    let new_holder = known_device_ref(v, e.new_device_id, Some(e.lineage_id), &e.host)?.holder;
+    let Some(old_holder) = v.device_ref(e.old_device_id)?.map(|d| d.holder) else {
         return reject(
             QuarantineReason::UnknownDevice,
             format!("device {} was never discovered", e.old_device_id),
         );
     };
-    let mut s = known_server(v, e.server_id)?;
+    server_exists(v, e.server_id)?;
     let Some(mut c) = v
         .claim(e.lineage_id)?
         .filter(|c| c.server_id == e.server_id)
@@ -408,15 +428,14 @@ pub(super) fn reattached<S: State>(v: &mut S, st: Stamp, e: &DeviceReattached) -
             ),
         );
     };
-    if let Some(other) = new.holder.filter(|h| *h != e.server_id) {
+    if let Some(other) = new_holder.filter(|h| *h != e.server_id) {
         return reject(
             QuarantineReason::Conflict,
             format!("device {} is held by server {other}", e.new_device_id),
         );
     }
-    let mut n = new;
     attach(
-        &mut n,
+        known_device_mut(v, e.new_device_id)?,
         e.server_id,
         e.address,
         e.method,
@@ -424,25 +443,18 @@ pub(super) fn reattached<S: State>(v: &mut S, st: Stamp, e: &DeviceReattached) -
         HoldKind::Reattached,
         st,
     );
-    v.put_device(n)?;
-    if old.holder == Some(e.server_id) {
-        let mut o = old;
+    if old_holder == Some(e.server_id) {
+        let o = known_device_mut(v, e.old_device_id)?;
         o.holder = None;
         o.attachment = None;
-        end_holding(
-            &mut o,
-            e.server_id,
-            st,
-            HoldEnd::MovedTo(e.new_device_id),
-            None,
-        );
+        end_holding(o, e.server_id, st, HoldEnd::MovedTo(e.new_device_id), None);
         o.last_change_seq = st.seq;
-        v.put_device(o)?;
     }
     c.device_id = e.new_device_id;
     c.host = e.host.clone();
     c.awaiting = None;
     v.put_claim(c);
+    let s = known_server_mut(v, e.server_id)?;
     for a in s
         .devices
         .iter_mut()
@@ -451,10 +463,7 @@ pub(super) fn reattached<S: State>(v: &mut S, st: Stamp, e: &DeviceReattached) -
         a.device_id = e.new_device_id;
     }
     s.last_change_seq = st.seq;
-    {
-        v.put_server(s);
-        Ok(())
-    }
+    Ok(())
 }
 
 pub(super) fn released<S: State>(
@@ -487,34 +496,35 @@ pub(super) fn released<S: State>(
     ids.sort();
     ids.dedup();
     for id in ids {
-        let Some(d) = v.device(id)? else { continue };
-        if d.holder != Some(e.server_id) {
+        if v.device_ref(id)?
+            .is_none_or(|d| d.holder != Some(e.server_id))
+        {
             continue;
         }
-        let mut n = d;
+        let n = known_device_mut(v, id)?;
         n.holder = None;
         n.attachment = None;
         if matches!(n.status, DeviceStatus::Claimed | DeviceStatus::Attached) {
             n.status = DeviceStatus::Available;
         }
-        end_holding(&mut n, e.server_id, st, HoldEnd::Released(e.reason), origin);
+        end_holding(n, e.server_id, st, HoldEnd::Released(e.reason), origin);
         n.last_change_seq = st.seq;
-        v.put_device(n)?;
     }
     Ok(())
 }
 
 /// The hypervisor refused a device for a server.
 pub(super) fn attach_failed<S: State>(v: &mut S, st: Stamp, e: &DeviceAttachFailed) -> R {
-    let mut d = known_device(v, e.device_id, None, &e.host)?;
+    known_device_ref(v, e.device_id, None, &e.host)?;
     server_exists(v, e.server_id)?;
+    let d = known_device_mut(v, e.device_id)?;
     d.attach_error = Some(AttachError {
         server_id: e.server_id,
         error: e.error.clone(),
         stamp: st,
     });
     d.last_change_seq = st.seq;
-    Ok(v.put_device(d)?)
+    Ok(())
 }
 
 /// Folds `LineageLabeled`: the lineage must be known and the label valid ([`label::check`]);

@@ -64,6 +64,14 @@ impl State for MemState {
         Ok(self.devices.get(&id).cloned())
     }
 
+    fn device_ref(&mut self, id: DeviceId) -> Result<Option<&Device>, ViewError> {
+        Ok(self.devices.get(&id))
+    }
+
+    fn device_mut(&mut self, id: DeviceId) -> Result<Option<&mut Device>, ViewError> {
+        Ok(self.devices.get_mut(&id))
+    }
+
     fn put_device(&mut self, d: Device) -> Result<(), ViewError> {
         self.devices.insert(d.id(), d);
         Ok(())
@@ -71,6 +79,10 @@ impl State for MemState {
 
     fn lineage(&mut self, id: LineageId) -> Result<Option<Lineage>, ViewError> {
         Ok(self.lineages.get(&id).cloned())
+    }
+
+    fn lineage_ref(&mut self, id: LineageId) -> Result<Option<&Lineage>, ViewError> {
+        Ok(self.lineages.get(&id))
     }
 
     fn put_lineage(&mut self, l: Lineage) {
@@ -97,8 +109,8 @@ impl State for MemState {
         Ok(self.servers.get(&id).cloned())
     }
 
-    fn server_exists(&mut self, id: ServerId) -> Result<bool, ViewError> {
-        Ok(self.servers.contains_key(&id))
+    fn server_ref(&mut self, id: ServerId) -> Result<Option<&Server>, ViewError> {
+        Ok(self.servers.get(&id))
     }
 
     fn server_mut(&mut self, id: ServerId) -> Result<Option<&mut Server>, ViewError> {
@@ -119,6 +131,10 @@ impl State for MemState {
 
     fn flavor(&mut self, id: FlavorId) -> Result<Option<Flavor>, ViewError> {
         Ok(self.flavors.get(&id).cloned())
+    }
+
+    fn flavor_exists(&mut self, id: FlavorId) -> Result<bool, ViewError> {
+        Ok(self.flavors.contains_key(&id))
     }
 
     fn put_flavor(&mut self, f: &Flavor) {

@@ -242,6 +242,14 @@ pub(super) fn known_server<S: State>(v: &mut S, id: ServerId) -> R<Server> {
     }
 }
 
+/// A server that must exist, borrowed (no copy of its record; see [`State::server_ref`]).
+pub(super) fn known_server_ref<S: State>(v: &mut S, id: ServerId) -> R<&Server> {
+    match v.server_ref(id)? {
+        Some(s) => Ok(s),
+        None => unknown_server(id),
+    }
+}
+
 /// Refuses the event unless the server exists (without copying its record).
 pub(super) fn server_exists<S: State>(v: &mut S, id: ServerId) -> R {
     if v.server_exists(id)? {
@@ -266,7 +274,29 @@ pub(super) fn known_device<S: State>(
     lineage: Option<LineageId>,
     host: &HostName,
 ) -> R<Device> {
-    let Some(d) = v.device(id)? else {
+    known_device_ref(v, id, lineage, host).cloned()
+}
+
+/// A device that must exist, to change in place after the handler's last check (see
+/// [`State::device_mut`]).
+pub(super) fn known_device_mut<S: State>(v: &mut S, id: DeviceId) -> R<&mut Device> {
+    match v.device_mut(id)? {
+        Some(d) => Ok(d),
+        None => reject(
+            QuarantineReason::UnknownDevice,
+            format!("device {id} was never discovered"),
+        ),
+    }
+}
+
+/// [`known_device`], borrowed (no copy of the device's holds).
+pub(super) fn known_device_ref<'v, S: State>(
+    v: &'v mut S,
+    id: DeviceId,
+    lineage: Option<LineageId>,
+    host: &HostName,
+) -> R<&'v Device> {
+    let Some(d) = v.device_ref(id)? else {
         return reject(
             QuarantineReason::UnknownDevice,
             format!("device {id} was never discovered"),

@@ -2,13 +2,15 @@
 
 use usbpt_schemas::*;
 
-use super::semantics::{known_device, known_server, known_server_mut, not_deleted, reject, R};
+use super::semantics::{
+    known_device, known_server, known_server_mut, known_server_ref, not_deleted, reject, R,
+};
 use super::state::State;
 use crate::model::*;
 use crate::tables as t;
 
 pub(super) fn boot_requested<S: State>(v: &mut S, st: Stamp, e: &ServerBootRequested) -> R {
-    if v.server(e.server_id)?.is_some() {
+    if v.server_exists(e.server_id)? {
         return reject(
             QuarantineReason::Duplicate,
             format!("server {} was already requested", e.server_id),
@@ -24,7 +26,7 @@ pub(super) fn boot_requested<S: State>(v: &mut S, st: Stamp, e: &ServerBootReque
             ),
         );
     }
-    if v.flavor(e.flavor_id)?.is_none() {
+    if !v.flavor_exists(e.flavor_id)? {
         return reject(
             QuarantineReason::UnknownFlavor,
             format!("flavor {} was never created", e.flavor_id),
@@ -194,7 +196,7 @@ pub(super) fn moved<S: State>(
     let mut s = known_server(v, server)?;
     not_deleted(&s)?;
     let (from_flavor, to_flavor) = flavors.unwrap_or((s.flavor_id, s.flavor_id));
-    if flavors.is_some() && v.flavor(to_flavor)?.is_none() {
+    if flavors.is_some() && !v.flavor_exists(to_flavor)? {
         return reject(
             QuarantineReason::UnknownFlavor,
             format!("flavor {to_flavor} was never created"),
@@ -252,20 +254,21 @@ pub(super) fn action_requested<S: State>(v: &mut S, st: Stamp, e: &ServerActionR
 
 /// A server deleted: its name is free again.
 pub(super) fn server_deleted<S: State>(v: &mut S, st: Stamp, e: &ServerDeleted) -> R {
-    let mut s = known_server(v, e.server_id)?;
+    let s = known_server_ref(v, e.server_id)?;
     if let Some(d) = s.deleted {
         return reject(
             QuarantineReason::Duplicate,
             format!("server {} was already deleted at seq {}", s.id, d.seq),
         );
     }
+    let name = s.name.clone();
+    let named = v.server_named(name.as_str())?;
+    if named == Some(e.server_id.to_bytes()) {
+        v.name_server(name.as_str(), None);
+    }
+    let s = known_server_mut(v, e.server_id)?;
     s.deleted = Some(st);
     s.last_change_seq = st.seq;
-    let named = v.server_named(s.name.as_str())?;
-    if named == Some(s.id.to_bytes()) {
-        v.name_server(s.name.as_str(), None);
-    }
-    v.put_server(s);
     Ok(())
 }
 
@@ -313,7 +316,7 @@ pub(super) fn end_reattach_hold<S: State>(
     lineage: LineageId,
 ) -> R {
     let held = v
-        .server(server)?
+        .server_ref(server)?
         .is_some_and(|s| s.reattach_held.iter().any(|h| h.lineage_id == lineage));
     if held {
         let s = known_server_mut(v, server)?;

@@ -69,8 +69,10 @@ pub struct Staged {
     last_applied: u64,
     /// Events folded (applied or quarantined) in this batch.
     folded: u64,
-    /// Counter increments of this batch.
-    deltas: Map<(&'static str, &'static str), u64>,
+    /// Counter increments of this batch, one entry per counter (a few dozen at most: one per
+    /// event kind and quarantine reason), found by a short scan instead of hashing two strings
+    /// per event.
+    deltas: Vec<((&'static str, &'static str), u64)>,
     /// The changed rows encoded and in key order, prepared when folding ends (on the fold
     /// thread) so that writing the batch is only B-tree inserts.
     prepared: WriteSet,
@@ -87,8 +89,6 @@ struct WriteSet {
     device_info: Vec<(Id, Vec<u8>)>,
     /// `host_devices` rows to insert (`true`) or remove, by (host, device id).
     current: Vec<(Arc<DeviceDiscovered>, bool)>,
-    /// `free_by_host` rows, by (host, device id).
-    free_by_host: Vec<(Arc<DeviceDiscovered>, bool)>,
     /// `free_by_match` rows, by (vendor:product, host, device id).
     free_by_match: Vec<(Arc<DeviceDiscovered>, bool)>,
     lineages: EncodedRows,
@@ -269,7 +269,7 @@ impl Staged {
             start: last_applied,
             last_applied,
             folded: 0,
-            deltas: Map::default(),
+            deltas: Vec::new(),
             prepared: WriteSet::default(),
         }
     }
@@ -311,7 +311,7 @@ impl Staged {
             let now = Indexed::of(d);
             let (was_free, was_current) = was.map_or((false, false), |w| (w.free, w.current));
             if was_free != now.free {
-                w.free_by_host.push((Arc::clone(&d.discovery), now.free));
+                w.free_by_match.push((Arc::clone(&d.discovery), now.free));
             }
             if was_current != now.current {
                 w.current.push((Arc::clone(&d.discovery), now.current));
@@ -330,9 +330,6 @@ impl Staged {
         }
         w.current
             .sort_unstable_by(|(a, _), (b, _)| by_host(a).cmp(&by_host(b)));
-        w.free_by_host
-            .sort_unstable_by(|(a, _), (b, _)| by_host(a).cmp(&by_host(b)));
-        w.free_by_match = w.free_by_host.clone();
         w.free_by_match
             .sort_unstable_by(|(a, _), (b, _)| by_match(a).cmp(&by_match(b)));
         w.lineages = encode_records("lineages", &self.lineages)?;
@@ -380,15 +377,6 @@ impl Staged {
                     host_devices.insert(key, ())?;
                 } else {
                     host_devices.remove(key)?;
-                }
-            }
-            let mut free_by_host = txn.open_table(t::FREE_BY_HOST)?;
-            for (d, on) in &w.free_by_host {
-                let key = (d.host.as_str(), &d.device_id.to_bytes());
-                if *on {
-                    free_by_host.insert(key, ())?;
-                } else {
-                    free_by_host.remove(key)?;
                 }
             }
             let mut free_by_match = txn.open_table(t::FREE_BY_MATCH)?;
@@ -441,7 +429,7 @@ impl Staged {
         }
         {
             let mut counters = txn.open_table(t::COUNTERS)?;
-            let mut deltas: Vec<_> = self.deltas.iter().collect();
+            let mut deltas = self.deltas.clone();
             deltas.sort_unstable();
             for ((group, name), n) in deltas {
                 let key = format!("{group}.{name}");
@@ -454,6 +442,24 @@ impl Staged {
         Ok(self.last_applied)
     }
 }
+impl FoldTxn {
+    /// Stages the device under `key` as the view has it (absent or not) the first time the
+    /// batch reads it, with its committed index membership.
+    fn load_device(&mut self, key: &Id) -> Result<(), ViewError> {
+        if !self.s.devices.contains(key) {
+            let found = match prior_row(&self.prior, |p| &p.devices, key) {
+                Some(row) => row,
+                None => t::get_device(&self.base.devices, &self.base.device_info, key)?,
+            };
+            self.s
+                .devices_indexed
+                .insert(*key, found.as_ref().map(Indexed::of));
+            self.s.devices.put_clean(*key, found);
+        }
+        Ok(())
+    }
+}
+
 impl State for FoldTxn {
     fn last_applied(&self) -> u64 {
         self.s.last_applied
@@ -474,7 +480,21 @@ impl State for FoldTxn {
     }
 
     fn count(&mut self, group: &'static str, name: &'static str) {
-        *self.s.deltas.entry((group, name)).or_default() += 1;
+        let deltas = &mut self.s.deltas;
+        // The same `&'static str`s come back event after event: compare addresses first, then
+        // text (another copy of the same name), and add a counter only when neither matches.
+        let i = deltas
+            .iter()
+            .position(|((g, n), _)| std::ptr::eq(*g, group) && std::ptr::eq(*n, name))
+            .or_else(|| {
+                deltas
+                    .iter()
+                    .position(|((g, n), _)| *g == group && *n == name)
+            });
+        match i {
+            Some(i) => deltas[i].1 += 1,
+            None => deltas.push(((group, name), 1)),
+        }
     }
 
     fn quarantine(&mut self, entry: QuarantineEntry) -> Result<(), ViewError> {
@@ -485,26 +505,26 @@ impl State for FoldTxn {
     }
 
     fn device(&mut self, id: DeviceId) -> Result<Option<Device>, ViewError> {
+        Ok(self.device_ref(id)?.cloned())
+    }
+
+    fn device_ref(&mut self, id: DeviceId) -> Result<Option<&Device>, ViewError> {
         let key = id.to_bytes();
-        if !self.s.devices.contains(&key) {
-            let found = match prior_row(&self.prior, |p| &p.devices, &key) {
-                Some(row) => row,
-                None => t::get_device(&self.base.devices, &self.base.device_info, &key)?,
-            };
-            self.s
-                .devices_indexed
-                .insert(key, found.as_ref().map(Indexed::of));
-            self.s.devices.put_clean(key, found);
-        }
-        self.s.devices.get(&key, || Ok(None))
+        self.load_device(&key)?;
+        Ok(self.s.devices.peek(&key).and_then(|row| row.now.as_ref()))
+    }
+
+    /// Changed in place; its index rows follow at commit, like [`State::put_device`]'s.
+    fn device_mut(&mut self, id: DeviceId) -> Result<Option<&mut Device>, ViewError> {
+        let key = id.to_bytes();
+        self.load_device(&key)?;
+        Ok(self.s.devices.get_mut(&key, || Ok(None))?.as_mut())
     }
 
     /// Stages a device; its index rows follow at commit.
     fn put_device(&mut self, new: Device) -> Result<(), ViewError> {
         let key = new.id().to_bytes();
-        if !self.s.devices.contains(&key) {
-            self.device(new.id())?;
-        }
+        self.load_device(&key)?;
         self.s.devices.put(key, Some(new));
         Ok(())
     }
@@ -518,6 +538,13 @@ impl State for FoldTxn {
             "lineages",
             id.to_bytes(),
         )
+    }
+
+    fn lineage_ref(&mut self, id: LineageId) -> Result<Option<&Lineage>, ViewError> {
+        let (prior, base) = (&self.prior, &self.base.lineages);
+        let key = id.to_bytes();
+        let load = || unstaged_record(prior, |p| &p.lineages, base, "lineages", &key);
+        self.s.lineages.get_ref(&key, load)
     }
 
     fn put_lineage(&mut self, l: Lineage) {
@@ -560,11 +587,11 @@ impl State for FoldTxn {
         )
     }
 
-    fn server_exists(&mut self, id: ServerId) -> Result<bool, ViewError> {
+    fn server_ref(&mut self, id: ServerId) -> Result<Option<&Server>, ViewError> {
         let (prior, base) = (&self.prior, &self.base.servers);
         let key = id.to_bytes();
         let load = || unstaged_record(prior, |p| &p.servers, base, "servers", &key);
-        self.s.servers.exists(&key, load)
+        self.s.servers.get_ref(&key, load)
     }
 
     fn server_mut(&mut self, id: ServerId) -> Result<Option<&mut Server>, ViewError> {
@@ -601,6 +628,13 @@ impl State for FoldTxn {
             "flavors",
             id.to_bytes(),
         )
+    }
+
+    fn flavor_exists(&mut self, id: FlavorId) -> Result<bool, ViewError> {
+        let (prior, base) = (&self.prior, &self.base.flavors);
+        let key = id.to_bytes();
+        let load = || unstaged_record(prior, |p| &p.flavors, base, "flavors", &key);
+        self.s.flavors.exists(&key, load)
     }
 
     fn put_flavor(&mut self, f: &Flavor) {

@@ -39,9 +39,16 @@ pub(crate) trait State {
     // ---- devices and lineages ----
 
     fn device(&mut self, id: DeviceId) -> Result<Option<Device>, ViewError>;
+    /// The device as the batch sees it, borrowed (no copy of its holds; not marked written).
+    fn device_ref(&mut self, id: DeviceId) -> Result<Option<&Device>, ViewError>;
+    /// The device to change in place; the row counts as written, changed or not (see
+    /// [`State::server_mut`]).
+    fn device_mut(&mut self, id: DeviceId) -> Result<Option<&mut Device>, ViewError>;
     /// Stages a device (devices are never removed).
     fn put_device(&mut self, d: Device) -> Result<(), ViewError>;
     fn lineage(&mut self, id: LineageId) -> Result<Option<Lineage>, ViewError>;
+    /// The lineage as the batch sees it, borrowed (no copy of its alarms; not marked written).
+    fn lineage_ref(&mut self, id: LineageId) -> Result<Option<&Lineage>, ViewError>;
     fn put_lineage(&mut self, l: Lineage);
     /// Appends `device` as the lineage's enumeration number `ordinal` (from 1).
     fn push_lineage_history(&mut self, lineage: LineageId, ordinal: u32, device: DeviceId);
@@ -55,8 +62,13 @@ pub(crate) trait State {
     // ---- servers ----
 
     fn server(&mut self, id: ServerId) -> Result<Option<Server>, ViewError>;
+    /// The server as the batch sees it, to read without copying its record and histories (the
+    /// row is not written for it).
+    fn server_ref(&mut self, id: ServerId) -> Result<Option<&Server>, ViewError>;
     /// Whether the server exists (without copying its record).
-    fn server_exists(&mut self, id: ServerId) -> Result<bool, ViewError>;
+    fn server_exists(&mut self, id: ServerId) -> Result<bool, ViewError> {
+        Ok(self.server_ref(id)?.is_some())
+    }
     /// The server to change in place (no copy of its record and its histories per event). The
     /// row counts as written, changed or not: a caller that may still refuse the event must
     /// not change it before its last check.
@@ -70,6 +82,8 @@ pub(crate) trait State {
     // ---- flavors ----
 
     fn flavor(&mut self, id: FlavorId) -> Result<Option<Flavor>, ViewError>;
+    /// Whether the flavor exists (without copying its record).
+    fn flavor_exists(&mut self, id: FlavorId) -> Result<bool, ViewError>;
     fn put_flavor(&mut self, f: &Flavor);
     /// The live flavor holding `name`.
     fn flavor_named(&mut self, name: &str) -> Result<Option<Id>, ViewError>;
