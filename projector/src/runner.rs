@@ -267,6 +267,18 @@ impl Projector {
         Ok(Folded { report, last })
     }
 
+    /// The deliveries that are here (up to `max_batch_size`), waiting up to `fetch_wait` for
+    /// the first, from the durable's standing pull request ([`Durable::next`]): the live run's
+    /// read, which pays no request per delivery while it is caught up.
+    async fn next_deliveries(&mut self) -> Result<Vec<Received>, ProjectorError> {
+        self.ensure_consumer().await?;
+        let max = self.config.max_batch_size.max(self.config.batch_size).max(1);
+        self.durable
+            .next(max, self.config.fetch_wait)
+            .await
+            .map_err(|e| ProjectorError::Stream(format!("fetch: {e}")))
+    }
+
     /// Fetches and folds one batch; `None` when nothing arrived within `fetch_wait`.
     pub async fn step(&mut self) -> Result<Option<Folded>, ProjectorError> {
         let messages = self.fetch().await?;
@@ -340,7 +352,7 @@ impl Projector {
             let fetched = tokio::select! {
                 _ = &mut shutdown => break,
                 r = &mut counter => { counter_result = Some(joined(r)); break }
-                r = self.fetch() => r,
+                r = self.next_deliveries() => r,
             };
             let messages = match fetched {
                 Ok(m) => {
