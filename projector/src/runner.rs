@@ -101,6 +101,10 @@ impl Default for ProjectorConfig {
 /// Fetched batches that may wait for the fold thread.
 const FETCH_QUEUE: usize = 2;
 
+/// The most events a batch may hold for the fold thread to write it itself (when nothing is
+/// fetched behind it and the write thread is idle): a caught-up projector's commits.
+const WRITE_HERE_MAX: u64 = 256;
+
 /// A folded, committed batch whose ack has not been sent yet.
 #[derive(Debug)]
 pub struct Folded {
@@ -272,7 +276,11 @@ impl Projector {
     /// read, which pays no request per delivery while it is caught up.
     async fn next_deliveries(&mut self) -> Result<Vec<Received>, ProjectorError> {
         self.ensure_consumer().await?;
-        let max = self.config.max_batch_size.max(self.config.batch_size).max(1);
+        let max = self
+            .config
+            .max_batch_size
+            .max(self.config.batch_size)
+            .max(1);
         self.durable
             .next(max, self.config.fetch_wait)
             .await
@@ -299,7 +307,9 @@ impl Projector {
         info!(consumer = %self.config.consumer, resume_after = last, "projector running");
 
         let (fetched_tx, fetched_rx) = mpsc::channel::<Fetched>(FETCH_QUEUE);
-        let (done_tx, done_rx) = mpsc::unbounded_channel::<Result<Committed, ViewError>>();
+        // Only a failed write is sent: the counts are kept on the thread that wrote, so a
+        // commit wakes no task.
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<ViewError>();
         let writer = {
             let (metrics, done) = (Arc::clone(&self.metrics), done_tx.clone());
             Writer::spawn_syncing(
@@ -312,12 +322,16 @@ impl Projector {
                     metrics
                         .write_micros
                         .fetch_add(write_time.as_micros() as u64, Relaxed);
-                    done.send(written.map(|_| Committed {
-                        report,
-                        fold_time,
-                        write_time,
-                    }))
-                    .is_ok()
+                    match written {
+                        Ok(_) => {
+                            count_committed(&metrics, &report, fold_time, write_time);
+                            true
+                        }
+                        Err(e) => {
+                            let _ = done.send(e);
+                            false
+                        }
+                    }
                 },
             )
         };
@@ -330,12 +344,12 @@ impl Projector {
             let queue = writer.queue();
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = fold_thread(&view, fetched_rx, &queue, &reset, limits, &metrics) {
-                    let _ = done.send(Err(e));
+                    let _ = done.send(e);
                 }
             })
         };
         drop(done_tx);
-        let counter = tokio::spawn(count_committed(done_rx, Arc::clone(&self.metrics)));
+        let counter = tokio::spawn(first_failure(done_rx));
         tokio::pin!(counter);
         let joined = |r: Result<Result<(), ProjectorError>, tokio::task::JoinError>| match r {
             Ok(r) => r,
@@ -468,14 +482,6 @@ struct Fetched {
     generation: u64,
 }
 
-/// What the write thread tells the counting task about a committed batch. (The batch itself
-/// stays with the threads: freeing its rows is not work for the async runtime.)
-struct Committed {
-    report: BatchReport,
-    fold_time: Duration,
-    write_time: Duration,
-}
-
 /// Folds fetched batches into staged batches, each read through the ones before it, and hands
 /// them to the write thread in order. A staged batch takes in every fetch already waiting, up
 /// to `max_events`; `cache_rows` bounds the committed batches kept to read through.
@@ -527,46 +533,61 @@ fn fold_thread(
             next = fetched.try_recv().ok();
         }
         let report = batch.report().clone();
+        let folded = batch.folded();
         let staged = folder.freeze(batch)?;
         let fold_time = started.elapsed();
         metrics
             .fold_micros
             .fetch_add(fold_time.as_micros() as u64, Relaxed);
-        if !queue.blocking_write(staged, Durability::Immediate, (report, fold_time)) {
+        // A small batch with nothing fetched behind it (a caught-up projector) is written here
+        // when the writer's thread is idle: one hand-off fewer per commit. While a backlog lasts
+        // the writer's thread writes, and this thread folds the next batch meanwhile.
+        let tag = (report, fold_time);
+        let going = if folded <= WRITE_HERE_MAX && fetched.is_empty() {
+            queue.write_here_or_queue(staged, Durability::Immediate, tag)
+        } else {
+            queue.blocking_write(staged, Durability::Immediate, tag)
+        };
+        if !going {
             break;
         }
     }
     Ok(())
 }
 
-/// Counts each committed batch; ends with the first storage error.
-async fn count_committed(
-    mut done: mpsc::UnboundedReceiver<Result<Committed, ViewError>>,
-    metrics: Arc<ProjectorMetrics>,
-) -> Result<(), ProjectorError> {
-    while let Some(job) = done.recv().await {
-        let job = job?;
-        let r = &job.report;
-        metrics.batches.fetch_add(1, Relaxed);
-        metrics.applied.fetch_add(r.applied, Relaxed);
-        metrics.quarantined.fetch_add(r.quarantined, Relaxed);
-        metrics.redelivered_skipped.fetch_add(r.skipped, Relaxed);
-        metrics.last_applied.store(r.last_applied, Relaxed);
-        let head = metrics.stream_last.load(Relaxed);
-        metrics
-            .lag
-            .store(head.saturating_sub(r.last_applied), Relaxed);
-        metrics.fold_batch.observe(job.fold_time + job.write_time);
-        debug!(
-            last_applied = r.last_applied,
-            applied = r.applied,
-            quarantined = r.quarantined,
-            skipped = r.skipped,
-            lag = metrics.lag.load(Relaxed),
-            fold_micros = job.fold_time.as_micros() as u64,
-            write_micros = job.write_time.as_micros() as u64,
-            "batch committed"
-        );
+/// Counts a committed batch (on the thread that wrote it).
+fn count_committed(
+    metrics: &ProjectorMetrics,
+    r: &BatchReport,
+    fold_time: Duration,
+    write_time: Duration,
+) {
+    metrics.batches.fetch_add(1, Relaxed);
+    metrics.applied.fetch_add(r.applied, Relaxed);
+    metrics.quarantined.fetch_add(r.quarantined, Relaxed);
+    metrics.redelivered_skipped.fetch_add(r.skipped, Relaxed);
+    metrics.last_applied.store(r.last_applied, Relaxed);
+    let head = metrics.stream_last.load(Relaxed);
+    metrics
+        .lag
+        .store(head.saturating_sub(r.last_applied), Relaxed);
+    metrics.fold_batch.observe(fold_time + write_time);
+    debug!(
+        last_applied = r.last_applied,
+        applied = r.applied,
+        quarantined = r.quarantined,
+        skipped = r.skipped,
+        lag = metrics.lag.load(Relaxed),
+        fold_micros = fold_time.as_micros() as u64,
+        write_micros = write_time.as_micros() as u64,
+        "batch committed"
+    );
+}
+
+/// Ends with the first storage error (of the fold or the write threads), or when both are gone.
+async fn first_failure(mut done: mpsc::UnboundedReceiver<ViewError>) -> Result<(), ProjectorError> {
+    match done.recv().await {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
     }
-    Ok(())
 }
