@@ -358,15 +358,27 @@ impl Projector {
 
         let mut backoff = Duration::from_millis(100);
         let mut counter_result = None;
+        // The last delivery handed on and not acked yet: since when, and how many before it.
+        let mut unacked: Option<Unacked> = None;
+        let ack_delay = ACK_DELAY.min(self.config.ack_wait / 4);
         loop {
             if reset.load(Relaxed) >= self.generation && self.durable.is_open() {
                 warn!("sequence gap in deliveries: re-creating the consumer");
                 self.drop_consumer().await;
+                unacked = None;
             }
+            let ack_due = unacked.as_ref().map(|u| u.since + ack_delay);
+            // `next_deliveries` loses nothing when cut short: a delivery is taken from the
+            // inbox only where it returns without waiting again.
             let fetched = tokio::select! {
                 _ = &mut shutdown => break,
                 r = &mut counter => { counter_result = Some(joined(r)); break }
                 r = self.next_deliveries() => r,
+                _ = tokio::time::sleep_until(ack_due.unwrap_or_else(Instant::now).into()),
+                    if ack_due.is_some() => {
+                    ack(unacked.take()).await;
+                    continue;
+                }
             };
             let messages = match fetched {
                 Ok(m) => {
@@ -386,6 +398,7 @@ impl Projector {
                 }
             };
             if messages.is_empty() {
+                ack(unacked.take()).await;
                 // A long poll came back empty: everything stored has been handed on.
                 if self.metrics.last_applied.load(Relaxed) >= self.metrics.stream_last.load(Relaxed)
                 {
@@ -393,14 +406,32 @@ impl Projector {
                 }
                 continue;
             }
-            let batch = self.hand_on(messages);
-            // Acked as soon as it is handed on (ADR 0004): the view's last applied sequence,
-            // not the consumer's ack floor, is where a restart resumes, so an ack here only
-            // keeps the server from tracking deliveries as pending.
-            if let Some(m) = &batch.last {
-                if let Err(e) = m.ack().await {
-                    warn!(error = %e, "ack failed; the batch may be redelivered and skipped");
-                }
+            let mut batch = self.hand_on(messages);
+            // Acked once handed on (ADR 0004): the view's last applied sequence, not the
+            // consumer's ack floor, is where a restart resumes, so an ack only keeps the server
+            // from tracking deliveries as pending. One ack covers every delivery before it, so
+            // it is sent every `ACK_EVENTS` events or `ack_delay` after the oldest one not
+            // acked, whichever comes first, not once per batch.
+            if let Some(last) = batch.last.take() {
+                let n = batch.events.len();
+                unacked = Some(match unacked.take() {
+                    Some(u) => Unacked {
+                        last,
+                        since: u.since,
+                        events: u.events + n,
+                    },
+                    None => Unacked {
+                        last,
+                        since: Instant::now(),
+                        events: n,
+                    },
+                });
+            }
+            if unacked
+                .as_ref()
+                .is_some_and(|u| u.events >= ACK_EVENTS || u.since.elapsed() >= ack_delay)
+            {
+                ack(unacked.take()).await;
             }
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -408,6 +439,7 @@ impl Projector {
                 sent = fetched_tx.send(batch) => if sent.is_err() { break },
             }
         }
+        ack(unacked.take()).await;
         // Drain: what was handed on is folded and committed before this returns.
         drop(fetched_tx);
         let folded = folder.await;
@@ -445,6 +477,29 @@ impl Projector {
             last,
             fresh,
             generation: self.generation,
+        }
+    }
+}
+
+/// The most events handed on before an ack is sent.
+const ACK_EVENTS: usize = 1000;
+/// The longest a delivery handed on waits for its ack (at most a quarter of the ack wait).
+const ACK_DELAY: Duration = Duration::from_millis(100);
+
+/// Deliveries handed on and not acked yet.
+struct Unacked {
+    /// The last one: acking it acks them all.
+    last: Acker,
+    /// When the oldest of them was handed on.
+    since: Instant,
+    events: usize,
+}
+
+/// Acks the deliveries handed on so far, if any.
+async fn ack(unacked: Option<Unacked>) {
+    if let Some(u) = unacked {
+        if let Err(e) = u.last.ack().await {
+            warn!(error = %e, "ack failed; the batch may be redelivered and skipped");
         }
     }
 }
