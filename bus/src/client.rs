@@ -590,7 +590,7 @@ impl Bus {
         filter: Option<String>,
         ack_wait: Duration,
     ) -> crate::Durable {
-        crate::Durable::new(self.js.clone(), self.stream.clone(), name, filter, ack_wait)
+        crate::Durable::new(self.stream.clone(), name, filter, ack_wait)
     }
 }
 

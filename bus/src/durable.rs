@@ -4,12 +4,9 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::pull::BatchConfig;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::stream::Stream;
-use async_nats::jetstream::Context;
-use async_nats::StatusCode;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tracing::{info, warn};
 
 use crate::client::BusError;
@@ -53,60 +50,29 @@ impl Acker {
     }
 }
 
-/// A named durable pull consumer, opened at a resume point and read a fetch at a time
-/// ([`Durable::fetch`]) or from a standing pull request ([`Durable::next`]).
+/// A named durable pull consumer, opened at a resume point and read a fetch at a time.
 #[derive(Debug)]
 pub struct Durable {
-    js: Context,
     stream: Stream,
     name: String,
     filter: Option<String>,
     ack_wait: Duration,
     consumer: Option<PullConsumer>,
-    /// The standing pull request of [`Durable::next`], if one was made.
-    pull: Option<Standing>,
-}
-
-/// One long-lived inbox and the pull request standing on it: the server delivers each message
-/// as it is stored, with no request, subscription or status message per delivery.
-#[derive(Debug)]
-struct Standing {
-    sub: async_nats::Subscriber,
-    inbox: async_nats::Subject,
-    /// Messages the request standing may still deliver (0: none stands).
-    left: usize,
-    /// By when the server answers the request standing (its expiry), with some slack: past it
-    /// the request is taken for lost.
-    answer_by: tokio::time::Instant,
-}
-
-/// What one message on a standing request's inbox is. (Not boxed: a delivery is moved straight
-/// into the caller's batch, and a box per event is the kind of cost the standing request saves.)
-#[allow(clippy::large_enum_variant)]
-enum Arrived {
-    Message(Received),
-    /// An idle heartbeat: nothing to do.
-    Beat,
-    /// The request ended (expired, or the server ended it): make another.
-    Ended,
 }
 
 impl Durable {
     pub(crate) fn new(
-        js: Context,
         stream: Stream,
         name: &str,
         filter: Option<String>,
         ack_wait: Duration,
     ) -> Self {
         Self {
-            js,
             stream,
             name: name.to_owned(),
             filter,
             ack_wait,
             consumer: None,
-            pull: None,
         }
     }
 
@@ -150,7 +116,6 @@ impl Durable {
         )
         .await?;
         self.consumer = Some(consumer);
-        self.pull = None;
         Ok(!reusable)
     }
 
@@ -167,7 +132,6 @@ impl Durable {
         )
         .await?;
         self.consumer = Some(consumer);
-        self.pull = None;
         Ok(())
     }
 
@@ -249,170 +213,5 @@ impl Durable {
             warn!(consumer = %self.name, error = %e, "deleting the consumer");
         }
         self.consumer = None;
-        self.pull = None;
-    }
-
-    /// The deliveries that are here, up to `max`, waiting up to `wait` for the first one, from a
-    /// pull request that stands between calls (a live follower's read: the projector's).
-    ///
-    /// [`Durable::fetch`] makes a subscription, a request and an end-of-batch status per call,
-    /// so a follower that is caught up pays all three for every event or two. Here one inbox
-    /// lives as long as the consumer handle, and one request for up to `max` messages stands for
-    /// up to `wait`; the server sends each message as it is stored, and the next request is made
-    /// when that one is used up or expires. A request the server does not answer by its expiry
-    /// (and a little more) closes the consumer, as a failed fetch does.
-    pub async fn next(&mut self, max: usize, wait: Duration) -> Result<Vec<Received>, BusError> {
-        let Some(consumer) = self.consumer.clone() else {
-            return Err(BusError::Consumer {
-                name: self.name.clone(),
-                message: "not open".into(),
-            });
-        };
-        let max = max.clamp(1, 10_000);
-        let until = tokio::time::Instant::now() + wait;
-        let mut out = Vec::new();
-        loop {
-            if self.pull.is_none() {
-                let client = self.js.client();
-                let inbox = async_nats::Subject::from(client.new_inbox());
-                match client.subscribe(inbox.clone()).await {
-                    Ok(sub) => {
-                        self.pull = Some(Standing {
-                            sub,
-                            inbox,
-                            left: 0,
-                            answer_by: tokio::time::Instant::now(),
-                        })
-                    }
-                    Err(e) => return Err(self.closed(e.to_string())),
-                }
-            }
-            let Some(pull) = self.pull.as_mut() else {
-                continue;
-            };
-            if pull.left == 0 {
-                let request = BatchConfig {
-                    batch: max,
-                    expires: Some(wait),
-                    ..BatchConfig::default()
-                };
-                if let Err(e) = consumer.request_batch(request, pull.inbox.clone()).await {
-                    return Err(self.closed(e.to_string()));
-                }
-                pull.left = max;
-                pull.answer_by = tokio::time::Instant::now() + wait + Duration::from_secs(2);
-            }
-            let answer_by = pull.answer_by;
-            let first = tokio::time::timeout_at(until.min(answer_by), pull.sub.next()).await;
-            let arrived = match first {
-                Ok(Some(m)) => self.arrived(m),
-                Ok(None) => Err("the inbox was closed".into()),
-                Err(_) if tokio::time::Instant::now() >= answer_by => {
-                    Err("the pull request got no answer in time".into())
-                }
-                // Nothing within `wait`; the request stands for the next call.
-                Err(_) => return Ok(out),
-            };
-            match arrived {
-                Ok(Arrived::Message(m)) => {
-                    out.push(m);
-                    break;
-                }
-                Ok(Arrived::Beat) => {}
-                Ok(Arrived::Ended) => {
-                    if tokio::time::Instant::now() >= until {
-                        return Ok(out);
-                    }
-                }
-                Err(e) => return Err(self.closed(e)),
-            }
-        }
-        // Everything already here, without waiting.
-        while out.len() < max {
-            let Some(pull) = self.pull.as_mut() else {
-                break;
-            };
-            if pull.left == 0 {
-                break;
-            }
-            let Some(next) = pull.sub.next().now_or_never() else {
-                break;
-            };
-            let arrived = match next {
-                Some(m) => self.arrived(m),
-                None => Err("the inbox was closed".into()),
-            };
-            match arrived {
-                Ok(Arrived::Message(m)) => out.push(m),
-                Ok(Arrived::Beat) => {}
-                Ok(Arrived::Ended) => break,
-                Err(e) => {
-                    // What was received is still good; the rest is delivered again.
-                    warn!(consumer = %self.name, error = %e, "standing pull ended early");
-                    self.consumer = None;
-                    self.pull = None;
-                    break;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Reads one message of the standing request's inbox.
-    fn arrived(&mut self, m: async_nats::Message) -> Result<Arrived, String> {
-        let Some(pull) = self.pull.as_mut() else {
-            return Err("no pull request stands".into());
-        };
-        match m.status.unwrap_or(StatusCode::OK) {
-            StatusCode::OK => {
-                pull.left = pull.left.saturating_sub(1);
-                let m = async_nats::jetstream::Message {
-                    message: m,
-                    context: self.js.clone(),
-                };
-                match m.info() {
-                    Ok(i) => {
-                        let (seq, pending) = (i.stream_sequence, i.pending);
-                        Ok(Arrived::Message(Received {
-                            delivery: Delivery::from_message(&m, seq),
-                            pending,
-                            message: m,
-                        }))
-                    }
-                    Err(e) => Err(format!("message metadata: {e}")),
-                }
-            }
-            StatusCode::IDLE_HEARTBEAT => Ok(Arrived::Beat),
-            // Expired (408), nothing to deliver (404), or ended by the server (409: a limit
-            // reached, the batch done); a deleted consumer is an error.
-            StatusCode::TIMEOUT | StatusCode::NOT_FOUND => {
-                pull.left = 0;
-                Ok(Arrived::Ended)
-            }
-            StatusCode::REQUEST_TERMINATED
-                if !m
-                    .description
-                    .as_deref()
-                    .is_some_and(|d| d.to_ascii_lowercase().contains("deleted")) =>
-            {
-                pull.left = 0;
-                Ok(Arrived::Ended)
-            }
-            status => Err(format!(
-                "pull request ended: {status} {}",
-                m.description.as_deref().unwrap_or_default()
-            )),
-        }
-    }
-
-    /// Closes the consumer handle after a failure of the standing request (the caller opens it
-    /// again at its resume point).
-    fn closed(&mut self, message: String) -> BusError {
-        self.consumer = None;
-        self.pull = None;
-        BusError::Consumer {
-            name: self.name.clone(),
-            message,
-        }
     }
 }

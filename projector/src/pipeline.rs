@@ -7,7 +7,6 @@
 //! writer ([`Writer`]), so a batch never lands before one it read through. A batch kept to read
 //! through is forgotten only once it is written (and the row budget says so).
 
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,102 +89,15 @@ impl ViewSync {
 /// The write side of the pipeline: one blocking thread that writes frozen batches in the order
 /// it is given them, each committed with its own durability. It stops at the first failed
 /// write (reported like the others).
-///
-/// A batch may also be written on the thread that froze it ([`WriteQueue::write_here_or_queue`])
-/// when nothing is queued before it: a caught-up projector's small batch then costs no hand-off
-/// to the writer's thread. Both ways go through one lock and one count of the batches queued
-/// and not yet written, so batches are still written one at a time, in the order they were
-/// frozen.
 #[derive(Debug)]
 pub struct Writer<T> {
     jobs: mpsc::Sender<(Arc<Staged>, Durability, T)>,
-    shared: Arc<Shared<T>>,
     thread: tokio::task::JoinHandle<()>,
 }
 
-/// What the writer's thread and the threads writing in its place share.
-struct Shared<T> {
-    view: Arc<View>,
-    sync: ViewSync,
-    state: std::sync::Mutex<WriteState<T>>,
-    /// Batches queued for the writer's thread and not yet written (raised before a batch is
-    /// queued, lowered under the lock once it is written).
-    queued: AtomicUsize,
-    /// Tells the writer's thread that a batch written elsewhere is visible and not yet durable
-    /// (it times the sync).
-    lazy: tokio::sync::Notify,
-}
-
-impl<T> std::fmt::Debug for Shared<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("sync", &self.sync).finish()
-    }
-}
-
-/// The writer's state, behind its lock.
-struct WriteState<T> {
-    written: Box<dyn FnMut(Written<T>) -> bool + Send>,
-    /// A write failed or `written` said stop: nothing more is written.
-    stopped: bool,
-    /// Since when commits are visible but not durable (`ViewSync::Within` only).
-    pending: Option<Instant>,
-    /// A quiet-time sync failed: wait for the next batch, whose commit is durable (its bound
-    /// has passed) and reports the error.
-    sync_failed: bool,
-}
-
-impl<T> Shared<T> {
-    /// Writes one batch (the lock held): the durability `sync` gives it, the commit, `written`.
-    /// False once the writer has stopped.
-    fn write(
-        &self,
-        st: &mut WriteState<T>,
-        staged: Arc<Staged>,
-        asked: Durability,
-        tag: T,
-    ) -> bool {
-        if st.stopped {
-            return false;
-        }
-        let durability = match (self.sync, asked) {
-            (ViewSync::Within(bound), Durability::Immediate) => {
-                let since = *st.pending.get_or_insert_with(Instant::now);
-                if since.elapsed() >= bound {
-                    Durability::Immediate
-                } else {
-                    Durability::None
-                }
-            }
-            _ => asked,
-        };
-        let started = Instant::now();
-        let result = self.view.write_staged(&staged, durability);
-        let took = started.elapsed();
-        if matches!(durability, Durability::Immediate) && result.is_ok() {
-            (st.pending, st.sync_failed) = (None, false);
-        }
-        // Freed here, on a blocking thread: dropping a batch's rows is not work for the async
-        // runtime.
-        drop(staged);
-        let failed = result.is_err();
-        if !(st.written)((result, tag, took)) || failed {
-            st.stopped = true;
-        }
-        !st.stopped
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, WriteState<T>> {
-        // A panic while writing leaves nothing half-done that the next write could see (a redb
-        // transaction not committed is rolled back): go on with the state as it is.
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
 impl<T: Send + 'static> Writer<T> {
-    /// Starts the writer; `written` is called after each write (return false to stop), on the
-    /// thread that wrote. Every batch is committed with the durability it is queued with.
+    /// Starts the writer; `written` is called on its thread after each write (return false to
+    /// stop). Every batch is committed with the durability it is queued with.
     pub fn spawn(
         view: Arc<View>,
         written: impl FnMut(Written<T>) -> bool + Send + 'static,
@@ -197,7 +109,7 @@ impl<T: Send + 'static> Writer<T> {
     pub fn spawn_syncing(
         view: Arc<View>,
         sync: ViewSync,
-        written: impl FnMut(Written<T>) -> bool + Send + 'static,
+        mut written: impl FnMut(Written<T>) -> bool + Send + 'static,
     ) -> Self {
         let (jobs, mut queued) = mpsc::channel::<(Arc<Staged>, Durability, T)>(1);
         let runtime = tokio::runtime::Handle::current();
@@ -209,103 +121,74 @@ impl<T: Send + 'static> Writer<T> {
             }
             other => other,
         };
-        let shared = Arc::new(Shared {
-            view,
-            sync,
-            state: std::sync::Mutex::new(WriteState {
-                written: Box::new(written),
-                stopped: false,
-                pending: None,
-                sync_failed: false,
-            }),
-            queued: AtomicUsize::new(0),
-            lazy: tokio::sync::Notify::new(),
-        });
-        let thread = {
-            let shared = Arc::clone(&shared);
-            tokio::task::spawn_blocking(move || {
-                loop {
-                    // How long the commits visible but not durable may stay so.
-                    let left = match sync {
-                        ViewSync::Within(bound) => {
-                            let st = shared.lock();
-                            match st.pending {
-                                Some(since) if !st.sync_failed => {
-                                    Some(bound.saturating_sub(since.elapsed()))
-                                }
-                                _ => None,
-                            }
-                        }
-                        ViewSync::EachCommit => None,
-                    };
-                    let job = match left {
-                        Some(left) => runtime.block_on(async {
-                            tokio::select! {
-                                job = queued.recv() => Some(job),
-                                _ = tokio::time::sleep(left) => None,
-                            }
-                        }),
-                        None if matches!(sync, ViewSync::Within(_)) => {
-                            runtime.block_on(async {
-                                tokio::select! {
-                                    job = queued.recv() => Some(job),
-                                    // A batch written elsewhere started a bound: time it.
-                                    _ = shared.lazy.notified() => None,
-                                }
-                            })
-                        }
-                        None => Some(queued.blocking_recv()),
-                    };
-                    let Some(job) = job else {
-                        // Quiet for the rest of the bound: make what is visible durable.
-                        let mut st = shared.lock();
-                        if let Some(since) = st.pending {
-                            let due = matches!(sync, ViewSync::Within(b) if since.elapsed() >= b);
-                            if due && !st.sync_failed {
-                                match shared.view.sync() {
-                                    Ok(()) => st.pending = None,
+        let thread = tokio::task::spawn_blocking(move || {
+            // Since when commits are visible but not durable (`ViewSync::Within` only).
+            let mut pending: Option<Instant> = None;
+            // A quiet-time sync failed: wait for the next batch, whose commit is durable (its
+            // bound has passed) and reports the error.
+            let mut sync_failed = false;
+            loop {
+                let job = match (sync, pending) {
+                    (ViewSync::Within(bound), Some(since)) if !sync_failed => {
+                        let left = bound.saturating_sub(since.elapsed());
+                        match runtime.block_on(tokio::time::timeout(left, queued.recv())) {
+                            Ok(job) => job,
+                            // Quiet for the rest of the bound: make what is visible durable.
+                            Err(_) => {
+                                match view.sync() {
+                                    Ok(()) => pending = None,
                                     Err(e) => {
                                         warn!(error = %e, "making the view durable failed");
-                                        st.sync_failed = true;
+                                        sync_failed = true;
                                     }
                                 }
+                                continue;
                             }
                         }
-                        continue;
-                    };
-                    let Some((staged, asked, tag)) = job else {
-                        break;
-                    };
-                    let mut st = shared.lock();
-                    let going = shared.write(&mut st, staged, asked, tag);
-                    shared.queued.fetch_sub(1, SeqCst);
-                    if !going {
-                        break;
                     }
-                }
-                // Stopping: what is visible is made durable before the writer ends.
-                let mut st = shared.lock();
-                st.stopped = true;
-                if st.pending.take().is_some() {
-                    if let Err(e) = shared.view.sync() {
-                        warn!(error = %e, "making the view durable at the end failed");
+                    _ => queued.blocking_recv(),
+                };
+                let Some((staged, asked, tag)) = job else {
+                    break;
+                };
+                let durability = match (sync, asked) {
+                    (ViewSync::Within(bound), Durability::Immediate) => {
+                        let since = *pending.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= bound {
+                            Durability::Immediate
+                        } else {
+                            Durability::None
+                        }
                     }
+                    _ => asked,
+                };
+                let started = Instant::now();
+                let result = view.write_staged(&staged, durability);
+                let took = started.elapsed();
+                if matches!(durability, Durability::Immediate) && result.is_ok() {
+                    (pending, sync_failed) = (None, false);
                 }
-            })
-        };
-        Self {
-            jobs,
-            shared,
-            thread,
-        }
+                // Freed here, on the writer's thread: dropping a batch's rows is not work for
+                // the async runtime.
+                drop(staged);
+                let failed = result.is_err();
+                if !written((result, tag, took)) || failed {
+                    break;
+                }
+            }
+            // Stopping: what is visible is made durable before the writer ends.
+            if pending.is_some() {
+                if let Err(e) = view.sync() {
+                    warn!(error = %e, "making the view durable at the end failed");
+                }
+            }
+        });
+        Self { jobs, thread }
     }
 
     /// Where batches are queued for this writer; clone it for another thread.
     pub fn queue(&self) -> WriteQueue<T> {
-        WriteQueue {
-            jobs: self.jobs.clone(),
-            shared: Arc::clone(&self.shared),
-        }
+        WriteQueue(self.jobs.clone())
     }
 
     /// Waits until everything queued is written (or the writer stopped); every
@@ -320,17 +203,11 @@ impl<T: Send + 'static> Writer<T> {
 
 /// A place in a [`Writer`]'s queue.
 #[derive(Debug)]
-pub struct WriteQueue<T> {
-    jobs: mpsc::Sender<(Arc<Staged>, Durability, T)>,
-    shared: Arc<Shared<T>>,
-}
+pub struct WriteQueue<T>(mpsc::Sender<(Arc<Staged>, Durability, T)>);
 
 impl<T> Clone for WriteQueue<T> {
     fn clone(&self) -> Self {
-        Self {
-            jobs: self.jobs.clone(),
-            shared: Arc::clone(&self.shared),
-        }
+        Self(self.0.clone())
     }
 }
 
@@ -338,35 +215,11 @@ impl<T> WriteQueue<T> {
     /// Queues a frozen batch (waiting while the previous one is written); false once the
     /// writer has stopped.
     pub async fn write(&self, staged: Arc<Staged>, durability: Durability, tag: T) -> bool {
-        self.shared.queued.fetch_add(1, SeqCst);
-        self.jobs.send((staged, durability, tag)).await.is_ok()
+        self.0.send((staged, durability, tag)).await.is_ok()
     }
 
     /// [`WriteQueue::write`] from a blocking thread (the fold thread).
     pub fn blocking_write(&self, staged: Arc<Staged>, durability: Durability, tag: T) -> bool {
-        self.shared.queued.fetch_add(1, SeqCst);
-        self.jobs.blocking_send((staged, durability, tag)).is_ok()
-    }
-
-    /// From a blocking thread, and only from the one thread that queues this writer's
-    /// batches: writes the batch here when nothing is queued before it (every batch queued
-    /// before it is written) and the writer's thread is idle, and queues it otherwise (the
-    /// writer's thread is busy: this thread goes on folding meanwhile). False once the writer
-    /// has stopped.
-    pub fn write_here_or_queue(&self, staged: Arc<Staged>, durability: Durability, tag: T) -> bool {
-        let shared = &self.shared;
-        // Only this thread raises `queued`: 0 here stays 0 until this thread queues again.
-        if shared.queued.load(SeqCst) == 0 {
-            if let Ok(mut st) = shared.state.try_lock() {
-                let was_durable = st.pending.is_none();
-                let going = shared.write(&mut st, staged, durability, tag);
-                if was_durable && st.pending.is_some() {
-                    // Visible, not durable: the writer's thread makes it durable in time.
-                    shared.lazy.notify_one();
-                }
-                return going;
-            }
-        }
-        self.blocking_write(staged, durability, tag)
+        self.0.blocking_send((staged, durability, tag)).is_ok()
     }
 }

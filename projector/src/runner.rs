@@ -101,10 +101,6 @@ impl Default for ProjectorConfig {
 /// Fetched batches that may wait for the fold thread.
 const FETCH_QUEUE: usize = 2;
 
-/// The most events a batch may hold for the fold thread to write it itself (when nothing is
-/// fetched behind it and the write thread is idle): a caught-up projector's commits.
-const WRITE_HERE_MAX: u64 = 256;
-
 /// A folded, committed batch whose ack has not been sent yet.
 #[derive(Debug)]
 pub struct Folded {
@@ -271,22 +267,6 @@ impl Projector {
         Ok(Folded { report, last })
     }
 
-    /// The deliveries that are here (up to `max_batch_size`), waiting up to `fetch_wait` for
-    /// the first, from the durable's standing pull request ([`Durable::next`]): the live run's
-    /// read, which pays no request per delivery while it is caught up.
-    async fn next_deliveries(&mut self) -> Result<Vec<Received>, ProjectorError> {
-        self.ensure_consumer().await?;
-        let max = self
-            .config
-            .max_batch_size
-            .max(self.config.batch_size)
-            .max(1);
-        self.durable
-            .next(max, self.config.fetch_wait)
-            .await
-            .map_err(|e| ProjectorError::Stream(format!("fetch: {e}")))
-    }
-
     /// Fetches and folds one batch; `None` when nothing arrived within `fetch_wait`.
     pub async fn step(&mut self) -> Result<Option<Folded>, ProjectorError> {
         let messages = self.fetch().await?;
@@ -307,9 +287,7 @@ impl Projector {
         info!(consumer = %self.config.consumer, resume_after = last, "projector running");
 
         let (fetched_tx, fetched_rx) = mpsc::channel::<Fetched>(FETCH_QUEUE);
-        // Only a failed write is sent: the counts are kept on the thread that wrote, so a
-        // commit wakes no task.
-        let (done_tx, done_rx) = mpsc::unbounded_channel::<ViewError>();
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<Result<Committed, ViewError>>();
         let writer = {
             let (metrics, done) = (Arc::clone(&self.metrics), done_tx.clone());
             Writer::spawn_syncing(
@@ -322,16 +300,12 @@ impl Projector {
                     metrics
                         .write_micros
                         .fetch_add(write_time.as_micros() as u64, Relaxed);
-                    match written {
-                        Ok(_) => {
-                            count_committed(&metrics, &report, fold_time, write_time);
-                            true
-                        }
-                        Err(e) => {
-                            let _ = done.send(e);
-                            false
-                        }
-                    }
+                    done.send(written.map(|_| Committed {
+                        report,
+                        fold_time,
+                        write_time,
+                    }))
+                    .is_ok()
                 },
             )
         };
@@ -344,12 +318,12 @@ impl Projector {
             let queue = writer.queue();
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = fold_thread(&view, fetched_rx, &queue, &reset, limits, &metrics) {
-                    let _ = done.send(e);
+                    let _ = done.send(Err(e));
                 }
             })
         };
         drop(done_tx);
-        let counter = tokio::spawn(first_failure(done_rx));
+        let counter = tokio::spawn(count_committed(done_rx, Arc::clone(&self.metrics)));
         tokio::pin!(counter);
         let joined = |r: Result<Result<(), ProjectorError>, tokio::task::JoinError>| match r {
             Ok(r) => r,
@@ -358,27 +332,15 @@ impl Projector {
 
         let mut backoff = Duration::from_millis(100);
         let mut counter_result = None;
-        // The last delivery handed on and not acked yet: since when, and how many before it.
-        let mut unacked: Option<Unacked> = None;
-        let ack_delay = ACK_DELAY.min(self.config.ack_wait / 4);
         loop {
             if reset.load(Relaxed) >= self.generation && self.durable.is_open() {
                 warn!("sequence gap in deliveries: re-creating the consumer");
                 self.drop_consumer().await;
-                unacked = None;
             }
-            let ack_due = unacked.as_ref().map(|u| u.since + ack_delay);
-            // `next_deliveries` loses nothing when cut short: a delivery is taken from the
-            // inbox only where it returns without waiting again.
             let fetched = tokio::select! {
                 _ = &mut shutdown => break,
                 r = &mut counter => { counter_result = Some(joined(r)); break }
-                r = self.next_deliveries() => r,
-                _ = tokio::time::sleep_until(ack_due.unwrap_or_else(Instant::now).into()),
-                    if ack_due.is_some() => {
-                    ack(unacked.take()).await;
-                    continue;
-                }
+                r = self.fetch() => r,
             };
             let messages = match fetched {
                 Ok(m) => {
@@ -398,7 +360,6 @@ impl Projector {
                 }
             };
             if messages.is_empty() {
-                ack(unacked.take()).await;
                 // A long poll came back empty: everything stored has been handed on.
                 if self.metrics.last_applied.load(Relaxed) >= self.metrics.stream_last.load(Relaxed)
                 {
@@ -406,32 +367,14 @@ impl Projector {
                 }
                 continue;
             }
-            let mut batch = self.hand_on(messages);
-            // Acked once handed on (ADR 0004): the view's last applied sequence, not the
-            // consumer's ack floor, is where a restart resumes, so an ack only keeps the server
-            // from tracking deliveries as pending. One ack covers every delivery before it, so
-            // it is sent every `ACK_EVENTS` events or `ack_delay` after the oldest one not
-            // acked, whichever comes first, not once per batch.
-            if let Some(last) = batch.last.take() {
-                let n = batch.events.len();
-                unacked = Some(match unacked.take() {
-                    Some(u) => Unacked {
-                        last,
-                        since: u.since,
-                        events: u.events + n,
-                    },
-                    None => Unacked {
-                        last,
-                        since: Instant::now(),
-                        events: n,
-                    },
-                });
-            }
-            if unacked
-                .as_ref()
-                .is_some_and(|u| u.events >= ACK_EVENTS || u.since.elapsed() >= ack_delay)
-            {
-                ack(unacked.take()).await;
+            let batch = self.hand_on(messages);
+            // Acked as soon as it is handed on (ADR 0004): the view's last applied sequence,
+            // not the consumer's ack floor, is where a restart resumes, so an ack here only
+            // keeps the server from tracking deliveries as pending.
+            if let Some(m) = &batch.last {
+                if let Err(e) = m.ack().await {
+                    warn!(error = %e, "ack failed; the batch may be redelivered and skipped");
+                }
             }
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -439,7 +382,6 @@ impl Projector {
                 sent = fetched_tx.send(batch) => if sent.is_err() { break },
             }
         }
-        ack(unacked.take()).await;
         // Drain: what was handed on is folded and committed before this returns.
         drop(fetched_tx);
         let folded = folder.await;
@@ -481,29 +423,6 @@ impl Projector {
     }
 }
 
-/// The most events handed on before an ack is sent.
-const ACK_EVENTS: usize = 1000;
-/// The longest a delivery handed on waits for its ack (at most a quarter of the ack wait).
-const ACK_DELAY: Duration = Duration::from_millis(100);
-
-/// Deliveries handed on and not acked yet.
-struct Unacked {
-    /// The last one: acking it acks them all.
-    last: Acker,
-    /// When the oldest of them was handed on.
-    since: Instant,
-    events: usize,
-}
-
-/// Acks the deliveries handed on so far, if any.
-async fn ack(unacked: Option<Unacked>) {
-    if let Some(u) = unacked {
-        if let Err(e) = u.last.ack().await {
-            warn!(error = %e, "ack failed; the batch may be redelivered and skipped");
-        }
-    }
-}
-
 /// A message's stream sequence and how many messages were pending after it.
 type SeqPending = (u64, u64);
 
@@ -535,6 +454,14 @@ struct Fetched {
     fresh: bool,
     /// The consumer handle that delivered it.
     generation: u64,
+}
+
+/// What the write thread tells the counting task about a committed batch. (The batch itself
+/// stays with the threads: freeing its rows is not work for the async runtime.)
+struct Committed {
+    report: BatchReport,
+    fold_time: Duration,
+    write_time: Duration,
 }
 
 /// Folds fetched batches into staged batches, each read through the ones before it, and hands
@@ -588,61 +515,46 @@ fn fold_thread(
             next = fetched.try_recv().ok();
         }
         let report = batch.report().clone();
-        let folded = batch.folded();
         let staged = folder.freeze(batch)?;
         let fold_time = started.elapsed();
         metrics
             .fold_micros
             .fetch_add(fold_time.as_micros() as u64, Relaxed);
-        // A small batch with nothing fetched behind it (a caught-up projector) is written here
-        // when the writer's thread is idle: one hand-off fewer per commit. While a backlog lasts
-        // the writer's thread writes, and this thread folds the next batch meanwhile.
-        let tag = (report, fold_time);
-        let going = if folded <= WRITE_HERE_MAX && fetched.is_empty() {
-            queue.write_here_or_queue(staged, Durability::Immediate, tag)
-        } else {
-            queue.blocking_write(staged, Durability::Immediate, tag)
-        };
-        if !going {
+        if !queue.blocking_write(staged, Durability::Immediate, (report, fold_time)) {
             break;
         }
     }
     Ok(())
 }
 
-/// Counts a committed batch (on the thread that wrote it).
-fn count_committed(
-    metrics: &ProjectorMetrics,
-    r: &BatchReport,
-    fold_time: Duration,
-    write_time: Duration,
-) {
-    metrics.batches.fetch_add(1, Relaxed);
-    metrics.applied.fetch_add(r.applied, Relaxed);
-    metrics.quarantined.fetch_add(r.quarantined, Relaxed);
-    metrics.redelivered_skipped.fetch_add(r.skipped, Relaxed);
-    metrics.last_applied.store(r.last_applied, Relaxed);
-    let head = metrics.stream_last.load(Relaxed);
-    metrics
-        .lag
-        .store(head.saturating_sub(r.last_applied), Relaxed);
-    metrics.fold_batch.observe(fold_time + write_time);
-    debug!(
-        last_applied = r.last_applied,
-        applied = r.applied,
-        quarantined = r.quarantined,
-        skipped = r.skipped,
-        lag = metrics.lag.load(Relaxed),
-        fold_micros = fold_time.as_micros() as u64,
-        write_micros = write_time.as_micros() as u64,
-        "batch committed"
-    );
-}
-
-/// Ends with the first storage error (of the fold or the write threads), or when both are gone.
-async fn first_failure(mut done: mpsc::UnboundedReceiver<ViewError>) -> Result<(), ProjectorError> {
-    match done.recv().await {
-        Some(e) => Err(e.into()),
-        None => Ok(()),
+/// Counts each committed batch; ends with the first storage error.
+async fn count_committed(
+    mut done: mpsc::UnboundedReceiver<Result<Committed, ViewError>>,
+    metrics: Arc<ProjectorMetrics>,
+) -> Result<(), ProjectorError> {
+    while let Some(job) = done.recv().await {
+        let job = job?;
+        let r = &job.report;
+        metrics.batches.fetch_add(1, Relaxed);
+        metrics.applied.fetch_add(r.applied, Relaxed);
+        metrics.quarantined.fetch_add(r.quarantined, Relaxed);
+        metrics.redelivered_skipped.fetch_add(r.skipped, Relaxed);
+        metrics.last_applied.store(r.last_applied, Relaxed);
+        let head = metrics.stream_last.load(Relaxed);
+        metrics
+            .lag
+            .store(head.saturating_sub(r.last_applied), Relaxed);
+        metrics.fold_batch.observe(job.fold_time + job.write_time);
+        debug!(
+            last_applied = r.last_applied,
+            applied = r.applied,
+            quarantined = r.quarantined,
+            skipped = r.skipped,
+            lag = metrics.lag.load(Relaxed),
+            fold_micros = job.fold_time.as_micros() as u64,
+            write_micros = job.write_time.as_micros() as u64,
+            "batch committed"
+        );
     }
+    Ok(())
 }
