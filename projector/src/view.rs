@@ -19,7 +19,7 @@ use usbpt_schemas::{
 use crate::error::ViewError;
 use crate::fold::{FoldTxn, Outcome, Staged};
 use crate::model::*;
-use crate::tables::{self as t, decode, get_by_id, get_by_str, show_id, Id, IdKey};
+use crate::tables::{self as t, decode, get_by_id, get_by_str, show_id, Id};
 
 /// The record format this build reads and writes. A view of another format is rebuilt by
 /// replaying the stream (the view is a pure fold: nothing in it is lost).
@@ -605,15 +605,7 @@ impl Snapshot {
     /// The current enumeration of every lineage last seen on this host, in any status (what
     /// the Nova hypervisor document lists).
     pub fn host_devices(&self, host: &HostName) -> Result<Vec<Device>, ViewError> {
-        self.host_index(t::HOST_DEVICES, host)
-    }
-
-    fn host_index(
-        &self,
-        def: redb::TableDefinition<(&'static str, IdKey), ()>,
-        host: &HostName,
-    ) -> Result<Vec<Device>, ViewError> {
-        let table = self.txn.open_table(def)?;
+        let table = self.txn.open_table(t::HOST_DEVICES)?;
         let h = host.as_str();
         let mut ids = Vec::new();
         for entry in table.range((h, &[0u8; 16])..=(h, &[0xffu8; 16]))? {

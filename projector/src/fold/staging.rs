@@ -442,6 +442,7 @@ impl Staged {
         Ok(self.last_applied)
     }
 }
+
 impl FoldTxn {
     /// Stages the device under `key` as the view has it (absent or not) the first time the
     /// batch reads it, with its committed index membership.
@@ -481,16 +482,7 @@ impl State for FoldTxn {
 
     fn count(&mut self, group: &'static str, name: &'static str) {
         let deltas = &mut self.s.deltas;
-        // The same `&'static str`s come back event after event: compare addresses first, then
-        // text (another copy of the same name), and add a counter only when neither matches.
-        let i = deltas
-            .iter()
-            .position(|((g, n), _)| std::ptr::eq(*g, group) && std::ptr::eq(*n, name))
-            .or_else(|| {
-                deltas
-                    .iter()
-                    .position(|((g, n), _)| *g == group && *n == name)
-            });
+        let i = deltas.iter().position(|(k, _)| *k == (group, name));
         match i {
             Some(i) => deltas[i].1 += 1,
             None => deltas.push(((group, name), 1)),
