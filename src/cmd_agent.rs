@@ -101,31 +101,6 @@ pub fn control_key(arg: Option<&str>) -> Result<Option<String>> {
     Ok(Some(key))
 }
 
-/// mimalloc's setting for transparent huge pages.
-const THP_KNOB: &str = "MIMALLOC_ALLOW_THP";
-
-/// Called in `main` for `usbpt agent` when it runs the agent itself. A host agent is small and long-lived:
-/// transparent huge pages round the allocator's few live megabytes up to whole 2 MiB pages
-/// (11 MiB of an idle agent's resident memory, `docs/performance.md`); the fold, the command
-/// handler and the bench keep them. mimalloc reads `MIMALLOC_ALLOW_THP` when the process loads,
-/// before `main`, so the agent sets it and executes itself again, once (same pid, same
-/// arguments). An operator's own setting of the variable is left as it is.
-pub fn lean_process() {
-    if std::env::var_os(THP_KNOB).is_some() {
-        return;
-    }
-    use std::os::unix::process::CommandExt;
-    let mut args = std::env::args_os();
-    let argv0 = args.next().unwrap_or_else(|| "usbpt".into());
-    let err = std::process::Command::new("/proc/self/exe")
-        .arg0(argv0)
-        .args(args)
-        .env(THP_KNOB, "0")
-        .exec();
-    // exec failed (no /proc): run as we are.
-    tracing::debug!(error = %err, "could not re-execute without transparent huge pages");
-}
-
 /// The agent's resolved settings; the same checks as ever (boot id, filter, control key).
 fn spec(global: &Global, args: &AgentArgs, log: &Log) -> Result<AgentSpec> {
     let data_dir = global.agent_data_dir()?;
@@ -182,10 +157,6 @@ pub fn exec_agent_binary(global: &Global, args: &AgentArgs, log: &Log) {
     };
     let mut cmd = std::process::Command::new(&small);
     cmd.arg0(AGENT_BINARY).env(SPEC_ENV, json);
-    // See `lean_process`: no transparent huge pages for the agent's allocator.
-    if std::env::var_os(THP_KNOB).is_none() {
-        cmd.env(THP_KNOB, "0");
-    }
     let err = cmd.exec();
     eprintln!(
         "usbpt: could not execute {} ({err}); running the agent in this process",

@@ -22,6 +22,7 @@ mod config;
 mod defaults;
 mod demo;
 mod global;
+mod huge_pages;
 mod logging;
 mod systemd;
 mod tail;
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
     // Everything usbpt creates (views, outboxes, identities, the private nats-server's store,
     // config and log) is the invoking user's alone: directories 0700, files 0600.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    huge_pages::turn_off();
     let (cli, loaded) = match config::parse_args::<cli::Cli>(std::env::args_os().collect()) {
         Ok(parsed) => parsed,
         Err(config::ArgsError::Clap(e)) => e.exit(),
@@ -49,7 +51,6 @@ fn main() -> ExitCode {
             args,
             &cmd_agent::Log::of(&cli.global, &cli.setup, &loaded),
         );
-        cmd_agent::lean_process();
     }
     init_tracing(
         cli.global.verbose,

@@ -24,6 +24,10 @@ use usbpt_projector::{digest, replay, Projector, ProjectorConfig, View};
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // As the `usbpt` binary does (ADR 0017); `MIMALLOC_ALLOW_THP=1` keeps them, to compare.
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        nix::sys::prctl::set_thp_disable(true)?;
+    }
     let mut args = std::env::args().skip(1);
     let events: usize = args.next().map_or(Ok(1_000_000), |a| a.parse())?;
     let batch: usize = args.next().map_or(Ok(1000), |a| a.parse())?;

@@ -10,6 +10,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "../agent_process.rs"]
 mod agent_process;
+#[path = "../huge_pages.rs"]
+mod huge_pages;
 #[path = "../logging.rs"]
 mod logging;
 #[path = "../systemd.rs"]
@@ -20,6 +22,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     // As `usbpt`: everything the agent creates is the invoking user's alone.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    huge_pages::turn_off();
     let Some(json) = std::env::var_os(agent_process::SPEC_ENV) else {
         eprintln!(
             "usbpt-agent: started by `usbpt agent`, which passes the settings in {}; run `usbpt agent --help`",
