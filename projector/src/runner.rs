@@ -402,8 +402,10 @@ impl Projector {
         // The deliveries' bytes move into the events; only the last one's acker is kept.
         let mut events = Vec::with_capacity(messages.len());
         let mut last = None;
+        let mut behind = 0;
         for m in messages {
             let pending = m.pending;
+            behind = pending;
             let (d, acker) = m.into_parts();
             self.metrics.stream_last.store(d.seq + pending, Relaxed);
             events.push(RawEvent {
@@ -417,11 +419,20 @@ impl Projector {
         Fetched {
             events,
             last,
+            behind,
             fresh,
             generation: self.generation,
         }
     }
 }
+
+/// A fetched batch with at least this many messages stored behind it is part of a catch-up:
+/// the fold thread waits up to [`CATCH_UP_WAIT`] for the next fetch rather than commit what it
+/// has (ADR 0004, fourth addendum). A follower that is caught up, or nearly, commits each batch
+/// as it comes.
+const CATCH_UP_BEHIND: u64 = 1_000;
+/// How long a catching-up fold waits for the next fetch before it commits what it has.
+const CATCH_UP_WAIT: Duration = Duration::from_millis(50);
 
 /// A message's stream sequence and how many messages were pending after it.
 type SeqPending = (u64, u64);
@@ -449,6 +460,8 @@ struct Fetched {
     events: Vec<RawEvent>,
     /// The batch's last message: acking it acks everything before it.
     last: Option<Acker>,
+    /// Messages stored after its last one and not delivered yet (the consumer's pending).
+    behind: u64,
     /// The first batch of a consumer just created at the resume point (a jump in sequence
     /// before its first event is a hole in the stream, not a lost delivery).
     fresh: bool,
@@ -465,8 +478,10 @@ struct Committed {
 }
 
 /// Folds fetched batches into staged batches, each read through the ones before it, and hands
-/// them to the write thread in order. A staged batch takes in every fetch already waiting, up
-/// to `max_events`; `cache_rows` bounds the committed batches kept to read through.
+/// them to the write thread in order. A staged batch takes in every fetch already waiting (and,
+/// while catching up, the fetches still to come), up to `max_events` (only a single fetch
+/// larger than that makes a larger one); `cache_rows` bounds the committed batches kept to read
+/// through.
 fn fold_thread(
     view: &View,
     mut fetched: mpsc::Receiver<Fetched>,
@@ -482,11 +497,17 @@ fn fold_thread(
     // jump in sequence before it is a hole in the stream (its first batches may hold only
     // redeliveries of what a batch in flight already folded).
     let mut fresh = None;
-    while let Some(first) = fetched.blocking_recv() {
+    // For a catch-up's short waits on the fetch (this is one of the runtime's blocking threads).
+    let runtime = tokio::runtime::Handle::current();
+    // A fetch that would have taken a staged batch past `max_events`: the next batch's first.
+    let mut carried: Option<Fetched> = None;
+    while let Some(first) = carried.take().or_else(|| fetched.blocking_recv()) {
         if first.generation <= stale {
             continue;
         }
         let started = Instant::now();
+        // Time spent waiting for fetches, not folding.
+        let mut waited = Duration::ZERO;
         let mut batch = folder.begin(view)?;
         let mut next = Some(first);
         while let Some(f) = next.take() {
@@ -512,11 +533,30 @@ fn fold_thread(
             if batch.folded() >= max_events as u64 {
                 break;
             }
-            next = fetched.try_recv().ok();
+            next = match fetched.try_recv() {
+                Ok(f) => Some(f),
+                // Catching up: more is stored and on its way, so the commit waits a little for
+                // it (up to `max_events`) rather than end with what had been fetched so far.
+                Err(_) if f.behind >= CATCH_UP_BEHIND => {
+                    let t = Instant::now();
+                    let got = runtime
+                        .block_on(tokio::time::timeout(CATCH_UP_WAIT, fetched.recv()))
+                        .ok()
+                        .flatten();
+                    waited += t.elapsed();
+                    got
+                }
+                Err(_) => None,
+            };
+            if next.as_ref().is_some_and(|n| {
+                batch.folded() > 0 && batch.folded() + n.events.len() as u64 > max_events as u64
+            }) {
+                carried = next.take();
+            }
         }
         let report = batch.report().clone();
         let staged = folder.freeze(batch)?;
-        let fold_time = started.elapsed();
+        let fold_time = started.elapsed().saturating_sub(waited);
         metrics
             .fold_micros
             .fetch_add(fold_time.as_micros() as u64, Relaxed);
