@@ -243,27 +243,11 @@ impl Projector {
             );
             self.drop_consumer().await;
         }
-        let m = &self.metrics;
-        m.batches.fetch_add(1, Relaxed);
-        m.applied.fetch_add(report.applied, Relaxed);
-        m.quarantined.fetch_add(report.quarantined, Relaxed);
-        m.redelivered_skipped.fetch_add(report.skipped, Relaxed);
-        m.last_applied.store(report.last_applied, Relaxed);
         if let Some((seq, pending)) = pending {
-            m.stream_last.store(seq + pending, Relaxed);
-            m.lag
-                .store((seq + pending).saturating_sub(report.last_applied), Relaxed);
+            self.metrics.stream_last.store(seq + pending, Relaxed);
         }
-        m.fold_batch.observe(elapsed);
-        debug!(
-            last_applied = report.last_applied,
-            applied = report.applied,
-            quarantined = report.quarantined,
-            skipped = report.skipped,
-            lag = m.lag.load(Relaxed),
-            micros = elapsed.as_micros() as u64,
-            "batch committed"
-        );
+        // Folded and written in one go: the whole time is counted as the fold's.
+        count_committed(&self.metrics, &report, elapsed, Duration::ZERO);
         Ok(Folded { report, last })
     }
 
@@ -323,7 +307,7 @@ impl Projector {
             })
         };
         drop(done_tx);
-        let counter = tokio::spawn(count_committed(done_rx, Arc::clone(&self.metrics)));
+        let counter = tokio::spawn(count_commits(done_rx, Arc::clone(&self.metrics)));
         tokio::pin!(counter);
         let joined = |r: Result<Result<(), ProjectorError>, tokio::task::JoinError>| match r {
             Ok(r) => r,
@@ -568,33 +552,43 @@ fn fold_thread(
 }
 
 /// Counts each committed batch; ends with the first storage error.
-async fn count_committed(
+async fn count_commits(
     mut done: mpsc::UnboundedReceiver<Result<Committed, ViewError>>,
     metrics: Arc<ProjectorMetrics>,
 ) -> Result<(), ProjectorError> {
     while let Some(job) = done.recv().await {
         let job = job?;
-        let r = &job.report;
-        metrics.batches.fetch_add(1, Relaxed);
-        metrics.applied.fetch_add(r.applied, Relaxed);
-        metrics.quarantined.fetch_add(r.quarantined, Relaxed);
-        metrics.redelivered_skipped.fetch_add(r.skipped, Relaxed);
-        metrics.last_applied.store(r.last_applied, Relaxed);
-        let head = metrics.stream_last.load(Relaxed);
-        metrics
-            .lag
-            .store(head.saturating_sub(r.last_applied), Relaxed);
-        metrics.fold_batch.observe(job.fold_time + job.write_time);
-        debug!(
-            last_applied = r.last_applied,
-            applied = r.applied,
-            quarantined = r.quarantined,
-            skipped = r.skipped,
-            lag = metrics.lag.load(Relaxed),
-            fold_micros = job.fold_time.as_micros() as u64,
-            write_micros = job.write_time.as_micros() as u64,
-            "batch committed"
-        );
+        count_committed(&metrics, &job.report, job.fold_time, job.write_time);
     }
     Ok(())
+}
+
+/// Counts one committed batch: its events, where the view is, and the lag behind the stream's
+/// last known sequence.
+fn count_committed(
+    metrics: &ProjectorMetrics,
+    r: &BatchReport,
+    fold_time: Duration,
+    write_time: Duration,
+) {
+    metrics.batches.fetch_add(1, Relaxed);
+    metrics.applied.fetch_add(r.applied, Relaxed);
+    metrics.quarantined.fetch_add(r.quarantined, Relaxed);
+    metrics.redelivered_skipped.fetch_add(r.skipped, Relaxed);
+    metrics.last_applied.store(r.last_applied, Relaxed);
+    let head = metrics.stream_last.load(Relaxed);
+    metrics
+        .lag
+        .store(head.saturating_sub(r.last_applied), Relaxed);
+    metrics.fold_batch.observe(fold_time + write_time);
+    debug!(
+        last_applied = r.last_applied,
+        applied = r.applied,
+        quarantined = r.quarantined,
+        skipped = r.skipped,
+        lag = metrics.lag.load(Relaxed),
+        fold_micros = fold_time.as_micros() as u64,
+        write_micros = write_time.as_micros() as u64,
+        "batch committed"
+    );
 }
